@@ -1,0 +1,240 @@
+//! Every setting of the server, from flags and `ROOMD_*` environment variables.
+//!
+//! `ServeArgs` is the clap surface (`roomd serve --help`); [`Config`] is the validated
+//! result that `server::run` and everything below it receive explicitly. No other module
+//! reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::store::Durability;
+
+/// Flags of `roomd serve`. Each flag can also come from the environment variable named
+/// next to it; a flag on the command line wins over the environment.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on. Port 0 picks a free port; the bound address is printed as
+    /// `roomd listening on ADDR` on stdout.
+    #[arg(long, env = "ROOMD_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Folder for the log, snapshots and metadata (created if missing; one server at a
+    /// time: a second one on the same folder refuses to start).
+    #[arg(long, env = "ROOMD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// HS256 secret for JWT auth. Without it auth is off: user ids come from `?user=` and
+    /// every caller is an admin, which is only allowed on a loopback address.
+    #[arg(long, env = "ROOMD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Allow running without auth on a non-loopback address (anyone can act as anyone).
+    #[arg(long, env = "ROOMD_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Browser origins allowed to upgrade besides the server's own host (comma
+    /// separated, e.g. `https://app.example.com`). Upgrades without Origin are allowed.
+    #[arg(long, env = "ROOMD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Ping interval; a connection silent for two intervals is closed with 4008.
+    #[arg(long, env = "ROOMD_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Largest client message in bytes, after continuation frames are joined. A frame
+    /// header declaring more is closed with 1009 before its payload is read.
+    #[arg(long, env = "ROOMD_MAX_FRAME", default_value_t = 65_536)]
+    pub max_frame: u32,
+
+    /// Subscriptions per connection.
+    #[arg(long, env = "ROOMD_MAX_SUBS", default_value_t = 100)]
+    pub max_subs: usize,
+
+    /// Sustained ops per second per connection (and per user over HTTP); `create`
+    /// counts as an op. Ops over the limit are nacked `rate_limited`.
+    #[arg(long, env = "ROOMD_OP_RATE", default_value_t = 200)]
+    pub op_rate: u32,
+
+    /// Burst of ops allowed above the sustained rate.
+    #[arg(long, env = "ROOMD_OP_BURST", default_value_t = 400)]
+    pub op_burst: u32,
+
+    /// Bytes queued for one connection before it is closed with 4001 (slow consumer).
+    #[arg(long, env = "ROOMD_OUTBOUND_QUEUE", default_value_t = 1 << 20)]
+    pub outbound_queue: usize,
+
+    /// When commits reach the disk: `immediate` fsyncs before every ack; `none` fsyncs
+    /// at least every --sync-interval and can lose that window on a crash.
+    #[arg(long, env = "ROOMD_DURABILITY", value_enum, default_value_t = DurabilityArg::Immediate)]
+    pub durability: DurabilityArg,
+
+    /// Longest time between fsyncs under `--durability none`.
+    #[arg(long, env = "ROOMD_SYNC_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub sync_interval: Duration,
+
+    /// redb page cache in MiB.
+    #[arg(long, env = "ROOMD_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: usize,
+
+    /// Keys per `state` room.
+    #[arg(long, env = "ROOMD_MAX_KEYS", default_value_t = 100_000)]
+    pub max_keys: usize,
+
+    /// Bytes per room (keys plus values as JSON).
+    #[arg(long, env = "ROOMD_MAX_ROOM_BYTES", default_value_t = 64 << 20)]
+    pub max_room_bytes: usize,
+
+    /// Events for which deleted keys are remembered, so a client that far behind still
+    /// gets `resumed`; older positions get a snapshot.
+    #[arg(long, env = "ROOMD_HISTORY_EVENTS", default_value_t = 10_000)]
+    pub history_events: u64,
+
+    /// Worker threads for rooms and connections (default: one per core).
+    #[arg(long, env = "ROOMD_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Serve `/ws/echo`, an echo endpoint behind the same frame guard and limits (for
+    /// the Autobahn conformance suite).
+    #[arg(long, env = "ROOMD_ENABLE_ECHO")]
+    pub enable_echo: bool,
+
+    /// Log filter, in `tracing` syntax (e.g. `info`, `roomd=debug`).
+    #[arg(long, env = "ROOMD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurabilityArg {
+    Immediate,
+    None,
+}
+
+/// Parses `15s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 15s or 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// The validated settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    /// None: auth off (every caller an admin, user from `?user=`).
+    pub jwt_secret: Option<String>,
+    pub allowed_origins: Vec<String>,
+    pub heartbeat: Duration,
+    pub max_frame: usize,
+    pub max_subs: usize,
+    pub op_rate: u32,
+    pub op_burst: u32,
+    pub outbound_queue: usize,
+    pub durability: Durability,
+    pub cache_bytes: usize,
+    pub limits: crate::room::state::Limits,
+    pub history_events: u64,
+    pub workers: usize,
+    pub enable_echo: bool,
+}
+
+/// A setting that cannot work, with the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "refusing to serve {0} without auth: set --jwt-secret, bind a loopback address, \
+         or pass --insecure-no-auth"
+    )]
+    NoAuthOnPublicAddress(SocketAddr),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("--max-frame of {0} bytes is below the 1024 bytes a client needs")]
+    FrameTooSmall(u32),
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        if self.jwt_secret.is_none() && !self.bind.ip().is_loopback() && !self.insecure_no_auth {
+            return Err(ConfigError::NoAuthOnPublicAddress(self.bind));
+        }
+        for (name, value) in [
+            ("--op-rate", self.op_rate as usize),
+            ("--op-burst", self.op_burst as usize),
+            ("--outbound-queue", self.outbound_queue),
+            ("--max-subs", self.max_subs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.max_frame < 1024 {
+            return Err(ConfigError::FrameTooSmall(self.max_frame));
+        }
+        let workers = self
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        Ok(Config {
+            bind: self.bind,
+            data_dir: self.data_dir,
+            jwt_secret: self.jwt_secret.filter(|s| !s.is_empty()),
+            allowed_origins: self.allowed_origins,
+            heartbeat: self.heartbeat.max(Duration::from_millis(50)),
+            max_frame: self.max_frame as usize,
+            max_subs: self.max_subs,
+            op_rate: self.op_rate,
+            op_burst: self.op_burst.max(1),
+            outbound_queue: self.outbound_queue,
+            durability: match self.durability {
+                DurabilityArg::Immediate => Durability::Immediate,
+                DurabilityArg::None => Durability::None {
+                    sync_interval: self.sync_interval,
+                },
+            },
+            cache_bytes: self.cache_mb.max(1) << 20,
+            limits: crate::room::state::Limits {
+                max_keys: self.max_keys,
+                max_room_bytes: self.max_room_bytes,
+                ..Default::default()
+            },
+            history_events: self.history_events.max(1),
+            workers,
+            enable_echo: self.enable_echo,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_common_units() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 days").is_err());
+    }
+}

@@ -1,0 +1,67 @@
+//! The `roomd` binary: flags -> `Config` -> `server::run`. The only place for anyhow.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use roomd::config::ServeArgs;
+
+/// roomd: durable, authoritative real-time rooms over WebSocket.
+///
+/// Run with no arguments to serve on 127.0.0.1:8080 with data in ./data. Every flag of
+/// `serve` can also come from a ROOMD_* environment variable (the flag wins).
+#[derive(Parser)]
+#[command(name = "roomd", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve rooms over WebSocket and HTTP (the default).
+    Serve(ServeArgs),
+}
+
+/// Parses `serve`'s flags from no arguments, so the environment still applies.
+#[derive(Parser)]
+struct DefaultServe {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => DefaultServe::parse_from(["roomd"]).serve,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("bad --log filter `{}`", args.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = args.into_config()?;
+    let listener = std::net::TcpListener::bind(config.bind)
+        .with_context(|| format!("cannot bind {}", config.bind))?;
+    let bound = listener.local_addr().context("bound address")?;
+    let config = roomd::config::Config {
+        bind: bound,
+        ..config
+    };
+
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let started = roomd::server::run(config, listener, async move {
+            // The line tests and scripts wait for; printed once the server is set up.
+            println!("roomd listening on {bound}");
+            let _ = std::io::stdout().flush();
+            roomd::server::shutdown_signal().await;
+        });
+        started.await
+    })?;
+    Ok(())
+}

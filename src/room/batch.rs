@@ -1,0 +1,145 @@
+//! A room's batch of uncommitted events: what the store commits together and what goes
+//! out together once it has (the acks, in arrival order, and one coalesced diff).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::messages::{OpDone, ReplyTo};
+use super::state::{Changes, RoomState, Slot, Undo};
+use super::wire_entry;
+use crate::protocol::codes::Code;
+use crate::protocol::message::WireEntry;
+use crate::store::{EventRecord, RoomMeta};
+
+/// A reply held back until the batch it follows is committed, so replies to one caller
+/// leave in the order its ops arrived.
+#[derive(Debug)]
+pub enum Reply {
+    Ack(ReplyTo, OpDone),
+    Nack(ReplyTo, Code, String),
+}
+
+impl Reply {
+    pub fn send(self) {
+        match self {
+            Reply::Ack(to, done) => to.ack(done),
+            Reply::Nack(to, code, msg) => to.nack(code, msg),
+        }
+    }
+}
+
+/// One accepted event waiting for its commit.
+pub struct BatchEvent {
+    pub record: EventRecord,
+    /// Restores the working state if the commit fails.
+    pub undo: Undo,
+}
+
+/// Events applied to the working state and not yet committed.
+pub struct Batch {
+    /// Seq of the first event (the previous batch's last + 1).
+    pub first_seq: u64,
+    /// Set in the batch that creates the room.
+    pub create: Option<RoomMeta>,
+    pub events: Vec<BatchEvent>,
+    /// Acks and nacks in arrival order; sent after the commit.
+    pub replies: Vec<Reply>,
+    /// Each public key this batch changed, with its slot before the batch (None: the
+    /// key did not exist). Lays the committed view over the working state.
+    pub priors: BTreeMap<String, Option<Slot>>,
+    /// Each public key this batch changed, at its last value: the batch's diff.
+    pub coalesced: BTreeMap<String, Slot>,
+    /// Op ids of this batch's events, remembered once committed.
+    pub op_ids: Vec<(Arc<str>, String, u64)>,
+}
+
+impl Batch {
+    pub fn new(first_seq: u64) -> Batch {
+        Batch {
+            first_seq,
+            create: None,
+            events: Vec::new(),
+            replies: Vec::new(),
+            priors: BTreeMap::new(),
+            coalesced: BTreeMap::new(),
+            op_ids: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.replies.is_empty()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.events
+            .last()
+            .map_or(self.first_seq.saturating_sub(1), |e| e.record.seq)
+    }
+
+    /// Records the prior slot of every public key `changes` touches, before they apply.
+    pub fn note_priors(&mut self, state: &RoomState, changes: &Changes) {
+        for (key, _) in &changes.public {
+            if !self.priors.contains_key(key) {
+                self.priors.insert(key.clone(), state.get(key).cloned());
+            }
+        }
+    }
+
+    /// Adds an applied event, its ack (in arrival order) and its op id.
+    pub fn add_event(
+        &mut self,
+        record: EventRecord,
+        undo: Undo,
+        op_key: Option<(Arc<str>, String)>,
+        reply: ReplyTo,
+        epoch: u64,
+    ) {
+        let seq = record.seq;
+        for (key, value) in &record.changes.public {
+            self.coalesced.insert(
+                key.clone(),
+                Slot {
+                    value: value.clone(),
+                    ver: seq,
+                },
+            );
+        }
+        if let Some((user, id)) = op_key {
+            self.op_ids.push((user, id, seq));
+        }
+        self.replies.push(Reply::Ack(reply, OpDone { seq, epoch }));
+        self.events.push(BatchEvent { record, undo });
+    }
+
+    /// The seq of an uncommitted event carrying this op id.
+    pub fn seq_of(&self, key: &(Arc<str>, String)) -> Option<u64> {
+        self.op_ids
+            .iter()
+            .find(|(user, id, _)| *user == key.0 && *id == key.1)
+            .map(|(_, _, seq)| *seq)
+    }
+
+    /// The diff's entries, sorted by key.
+    pub fn coalesced_entries(&self) -> Vec<WireEntry> {
+        self.coalesced
+            .iter()
+            .map(|(k, slot)| wire_entry(k, slot))
+            .collect()
+    }
+
+    /// The commit failed: undo this batch's events (newest first) and answer every
+    /// reply; acks of events that are not committed become `unavailable` nacks.
+    pub fn fail(self, state: &mut RoomState, committed: u64, msg: &str) {
+        for event in self.events.into_iter().rev() {
+            state.undo(event.undo);
+        }
+        for reply in self.replies {
+            match reply {
+                Reply::Ack(to, done) if done.seq > committed => {
+                    to.nack(Code::Unavailable, msg.to_owned());
+                }
+                other => other.send(),
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The messages a Room actor accepts: intents from sessions and the HTTP API.
+//!
+//! Replies to ops travel back through [`ReplyTo`], not through the actor response, so a
+//! Room never waits on a caller and acks leave only after their commit (log before send).
+
+use std::sync::Arc;
+
+use actix::Message;
+use tokio::sync::oneshot;
+
+use crate::protocol::codes::Code;
+use crate::protocol::message::{ServerMsg, WireEntry};
+use crate::protocol::{Encoding, Since};
+use crate::session::outbound::{Charge, Frame, Outbound};
+use crate::value::Value;
+
+/// What a Room needs to know of a connection: who it is and where its frames go.
+#[derive(Clone, Debug)]
+pub struct SessionRef {
+    pub session_id: u64,
+    pub user: Arc<str>,
+    /// False for generated guest ids: their ops are never deduplicated.
+    pub dedup: bool,
+    pub encoding: Encoding,
+    pub outbound: Arc<Outbound>,
+}
+
+impl SessionRef {
+    /// Encodes and queues one message for this connection alone.
+    pub fn send(&self, msg: &ServerMsg, charge: Charge) {
+        self.outbound.push(encode(msg, self.encoding), charge);
+    }
+}
+
+/// Encodes one message in one encoding.
+pub fn encode(msg: &ServerMsg, encoding: Encoding) -> Frame {
+    match encoding {
+        Encoding::Json => Frame::Text(crate::protocol::json::encode(msg).into()),
+        Encoding::Rkyv => Frame::Binary(crate::protocol::binary::encode(msg)),
+    }
+}
+
+/// Who is waiting for an op's outcome. Every op gets exactly one answer: a `ReplyTo`
+/// dropped unanswered (its room stopped with the message still queued) answers
+/// `unavailable`, so a client never waits forever.
+#[derive(Debug)]
+pub struct ReplyTo(Option<Target>);
+
+#[derive(Debug)]
+enum Target {
+    /// A WebSocket op with its client-chosen id.
+    Session(SessionRef, String),
+    /// An HTTP request; the sender is dropped if the request went away.
+    Http(oneshot::Sender<Result<OpDone, (Code, String)>>),
+}
+
+/// A successful op or create.
+#[derive(Debug, Clone, Copy)]
+pub struct OpDone {
+    pub seq: u64,
+    pub epoch: u64,
+}
+
+impl ReplyTo {
+    pub fn session(session: SessionRef, id: String) -> ReplyTo {
+        ReplyTo(Some(Target::Session(session, id)))
+    }
+
+    pub fn http(tx: oneshot::Sender<Result<OpDone, (Code, String)>>) -> ReplyTo {
+        ReplyTo(Some(Target::Http(tx)))
+    }
+
+    pub fn ack(mut self, done: OpDone) {
+        match self.0.take() {
+            Some(Target::Session(session, id)) => {
+                session.send(&ServerMsg::Ack { id, seq: done.seq }, Charge::Full)
+            }
+            Some(Target::Http(tx)) => {
+                // The HTTP caller may have gone away; the op stands either way.
+                let _ = tx.send(Ok(done));
+            }
+            None => {}
+        }
+    }
+
+    pub fn nack(mut self, code: Code, msg: String) {
+        self.nack_in_place(code, msg);
+    }
+
+    fn nack_in_place(&mut self, code: Code, msg: String) {
+        match self.0.take() {
+            Some(Target::Session(session, id)) => {
+                session.send(&ServerMsg::Nack { id, code, msg }, Charge::Full)
+            }
+            Some(Target::Http(tx)) => {
+                let _ = tx.send(Err((code, msg)));
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        self.nack_in_place(Code::Unavailable, "the room restarted; retry the op".into());
+    }
+}
+
+/// Create the room (the first event). Answered through `reply`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Create {
+    pub user: Arc<str>,
+    /// `(user, op id)` for dedup; None for guests and HTTP callers without identity.
+    pub op_id: Option<String>,
+    pub kind: String,
+    pub init: Value,
+    pub now_ms: i64,
+    pub reply: ReplyTo,
+}
+
+/// Apply an op. Answered through `reply`, in arrival order per caller.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Submit {
+    pub user: Arc<str>,
+    pub op_id: Option<String>,
+    pub op: Value,
+    pub now_ms: i64,
+    pub reply: ReplyTo,
+}
+
+/// Subscribe a connection: answered on its outbound queue with `snapshot` or `resumed`
+/// (or `error`); the result says whether the subscription now exists.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Subscribe {
+    pub session: SessionRef,
+    pub presence: bool,
+    pub since: Option<Since>,
+}
+
+/// Remove a connection's subscription (silently: the session answers `unsub` itself).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub session_id: u64,
+}
+
+/// An ephemeral message to the room's other subscribers.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Signal {
+    pub session_id: u64,
+    pub user: Arc<str>,
+    pub data: Value,
+}
+
+/// Read the committed state (HTTP `GET /api/rooms/{room}`).
+#[derive(Message)]
+#[rtype(result = "Result<RoomView, (Code, String)>")]
+pub struct Read;
+
+/// A room's committed state.
+#[derive(Debug, Clone)]
+pub struct RoomView {
+    pub kind: &'static str,
+    pub epoch: u64,
+    pub seq: u64,
+    pub entries: Vec<WireEntry>,
+}
+
+/// How many ops this room holds that are not yet committed (shutdown waits for 0).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Uncommitted;

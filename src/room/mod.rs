@@ -1,0 +1,853 @@
+//! The Room actor: the single owner and mutator of one room's state.
+//!
+//! A Room loads itself from the store on start (blocking reads run on the blocking pool,
+//! never on its arbiter thread), validates ops through the pure reducers of
+//! [`state`], assigns seq, hands the resulting events to the store writer, and only when
+//! the writer confirms the commit does it send acks and the batch's diff (log before
+//! send). While a batch is being committed, new ops keep being validated and applied on
+//! top (the in-flight part); they form the next batch. A failed commit nacks every
+//! uncommitted op `unavailable` and undoes them, in reverse order.
+//!
+//! Two views of the state: the working state (committed plus in-flight) that ops are
+//! validated against, and the committed view that snapshots, `resumed` and HTTP reads
+//! serve. The committed view is the working state with the in-flight keys' prior slots
+//! laid over it ([`batch::Batch::priors`]), so it costs no copy of the room.
+//!
+//! This module knows nothing of sockets: frames go out through each subscriber's
+//! byte-bounded [`Outbound`](crate::session::outbound::Outbound) queue.
+
+pub mod batch;
+pub mod messages;
+pub mod presence;
+pub mod registry;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use self::batch::Batch;
+use self::messages::*;
+use self::presence::Presence;
+use self::registry::Registry;
+use self::state::{Ctx, Kind, Limits, RoomState, Slot};
+use crate::protocol::codes::Code;
+use crate::protocol::message::{ServerMsg, WireEntry, WireValue};
+use crate::protocol::Encoding;
+use crate::session::outbound::{Charge, Frame, Pushed};
+use crate::store::{self, EventRecord, LoadedRoom, OpIdRecord, RoomMeta, Store};
+
+/// Settings every room shares, from the server `Config`.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    pub limits: Limits,
+    /// Tombstones are kept for this many events so `resumed` can be answered in memory.
+    pub history_events: u64,
+    /// Acked op ids remembered per room (at least 10,000 by the contract).
+    pub op_ids_kept: usize,
+    /// Largest `signal` payload, as JSON bytes.
+    pub max_signal_bytes: usize,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            limits: Limits::default(),
+            history_events: 10_000,
+            op_ids_kept: 10_000,
+            max_signal_bytes: 1024,
+        }
+    }
+}
+
+/// One connection subscribed to this room.
+struct Subscriber {
+    session: SessionRef,
+    presence: bool,
+}
+
+/// A room that exists: its state and its commit pipeline.
+struct Live {
+    kind: Kind,
+    epoch: u64,
+    state: RoomState,
+    /// Seq of the last event applied to `state` (committed or not).
+    head: u64,
+    /// Seq of the last committed event; 0 while the creation is being committed.
+    committed: u64,
+    /// The batch the store is committing now (at most one per room, so commits, acks
+    /// and diffs happen in seq order).
+    in_flight: Option<Batch>,
+    /// Ops applied after `in_flight`, waiting to be submitted when it completes.
+    pending: Batch,
+    /// Acked op ids: `(user, id)` -> seq, and their order for expiry.
+    op_ids: HashMap<(Arc<str>, String), u64>,
+    op_order: VecDeque<(Arc<str>, String)>,
+}
+
+enum Status {
+    /// Reading the store; the mailbox is paused (`ctx.wait`) until this ends.
+    Loading,
+    /// No such room in the store.
+    Absent,
+    Live(Box<Live>),
+    /// The store could not be read; every request is answered `unavailable`.
+    Failed(String),
+}
+
+/// The actor owning one room.
+pub struct Room {
+    room_id: Arc<str>,
+    registry: Arc<Registry>,
+    store: Store,
+    config: Arc<RoomConfig>,
+    status: Status,
+    subscribers: HashMap<u64, Subscriber>,
+    presence: Presence,
+    /// Subscriptions that arrived while the creation was being committed.
+    deferred_subs: Vec<Subscribe>,
+}
+
+impl Room {
+    pub fn new(
+        room_id: Arc<str>,
+        registry: Arc<Registry>,
+        store: Store,
+        config: Arc<RoomConfig>,
+    ) -> Room {
+        Room {
+            room_id,
+            registry,
+            store,
+            config,
+            status: Status::Loading,
+            subscribers: HashMap::new(),
+            presence: Presence::default(),
+            deferred_subs: Vec::new(),
+        }
+    }
+
+    fn loaded(&mut self, loaded: Result<Option<LoadedRoom>, String>) {
+        self.status = match loaded {
+            Ok(None) => Status::Absent,
+            Ok(Some(room)) => Status::Live(Box::new(rebuild(room, &self.config))),
+            Err(e) => {
+                tracing::error!(room = %self.room_id, error = %e, "cannot load room");
+                Status::Failed(e)
+            }
+        };
+    }
+
+    /// Stops an absent room that nobody waits on, so unknown ids cost no memory.
+    fn stop_if_unused(&self, ctx: &mut Context<Self>) {
+        if matches!(self.status, Status::Absent | Status::Failed(_))
+            && self.subscribers.is_empty()
+            && self.deferred_subs.is_empty()
+        {
+            ctx.stop();
+        }
+    }
+}
+
+/// Rebuilds a room from its log: recorded changes are applied, no reducer runs.
+fn rebuild(room: LoadedRoom, config: &RoomConfig) -> Live {
+    let mut state = RoomState::new(room.meta.kind);
+    for event in &room.events {
+        // Undo records are only needed for uncommitted events.
+        let _ = state.apply(event.seq, &event.changes);
+    }
+    if room.head > config.history_events {
+        state.prune_tombstones(room.head - config.history_events);
+    }
+    let mut op_ids = HashMap::new();
+    let mut op_order = VecDeque::new();
+    for rec in room.op_ids {
+        let key: (Arc<str>, String) = (Arc::from(rec.user.as_str()), rec.op_id);
+        op_ids.insert(key.clone(), rec.seq);
+        op_order.push_back(key);
+    }
+    Live {
+        kind: room.meta.kind,
+        epoch: room.meta.epoch,
+        state,
+        head: room.head,
+        committed: room.head,
+        in_flight: None,
+        pending: Batch::new(room.head + 1),
+        op_ids,
+        op_order,
+    }
+}
+
+impl Actor for Room {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Bounded: rooms answer quickly and never wait on a socket; senders that find
+        // the mailbox full wait (`Addr::send`) or drop the message (signals).
+        ctx.set_mailbox_capacity(256);
+        let store = self.store.clone();
+        let room_id = self.room_id.clone();
+        let load = async move {
+            match tokio::task::spawn_blocking(move || store.load_room(&room_id)).await {
+                Ok(Ok(room)) => Ok(room),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("room load task failed: {e}")),
+            }
+        };
+        // `wait` pauses the mailbox: no message is handled before the room is loaded.
+        ctx.wait(
+            load.into_actor(self)
+                .map(|loaded, room, _| room.loaded(loaded)),
+        );
+    }
+
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.registry.remove(&self.room_id, &ctx.address());
+    }
+}
+
+impl Handler<Create> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Create, ctx: &mut Context<Self>) {
+        let op_key = msg.op_id.map(|id| (msg.user.clone(), id));
+        match &mut self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => msg
+                .reply
+                .nack(Code::Unavailable, format!("room unavailable: {e}")),
+            Status::Live(live) => {
+                // A re-sent create is answered from the op-id record, with seq 1.
+                if let Some(key) = &op_key {
+                    if let Some(seq) = live.op_ids.get(key).copied() {
+                        return live.reply_ack(msg.reply, seq);
+                    }
+                    if let Some(seq) = live.uncommitted_seq(key) {
+                        return live.pending.replies.push(batch::Reply::Ack(
+                            msg.reply,
+                            OpDone {
+                                seq,
+                                epoch: live.epoch,
+                            },
+                        ));
+                    }
+                }
+                live.reply_nack(
+                    msg.reply,
+                    Code::Exists,
+                    format!("room {} exists", self.room_id),
+                );
+            }
+            Status::Absent => {
+                let Some(kind) = Kind::parse(&msg.kind) else {
+                    msg.reply.nack(
+                        Code::Invalid,
+                        format!("unknown kind `{}` (use chat, poll or state)", msg.kind),
+                    );
+                    return self.stop_if_unused(ctx);
+                };
+                let seq_ctx = Ctx {
+                    user: &msg.user,
+                    now_ms: msg.now_ms,
+                    seq: 1,
+                };
+                let changes =
+                    match RoomState::create(kind, &msg.init, &seq_ctx, &self.config.limits) {
+                        Ok(changes) => changes,
+                        Err(refusal) => {
+                            msg.reply.nack(refusal.code.into(), refusal.msg);
+                            return self.stop_if_unused(ctx);
+                        }
+                    };
+                let epoch = rand::random::<u64>();
+                let mut live = Live {
+                    kind,
+                    epoch,
+                    state: RoomState::new(kind),
+                    head: 0,
+                    committed: 0,
+                    in_flight: None,
+                    pending: Batch::new(1),
+                    op_ids: HashMap::new(),
+                    op_order: VecDeque::new(),
+                };
+                live.pending.create = Some(RoomMeta { kind, epoch });
+                let op = crate::value::Value::map([
+                    ("type", crate::value::Value::Str("create".into())),
+                    ("kind", crate::value::Value::Str(kind.as_str().into())),
+                    ("init", msg.init),
+                ]);
+                live.apply_event(&msg.user, msg.now_ms, op, changes, op_key, msg.reply);
+                self.status = Status::Live(Box::new(live));
+                self.flush(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<Submit> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        let live = match &mut self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => {
+                return msg
+                    .reply
+                    .nack(Code::Unavailable, format!("room unavailable: {e}"));
+            }
+            Status::Absent => {
+                msg.reply
+                    .nack(Code::NotFound, format!("no room {}", self.room_id));
+                return self.stop_if_unused(ctx);
+            }
+            Status::Live(live) if live.committed == 0 && live.in_flight.is_some() => {
+                // The creation is not durable yet; an op now would be a race the client
+                // cannot see, so it waits in line like any other op.
+                live
+            }
+            Status::Live(live) => live,
+        };
+        let op_key = msg.op_id.map(|id| (msg.user.clone(), id));
+        if let Some(key) = &op_key {
+            if let Some(seq) = live.op_ids.get(key).copied() {
+                return live.reply_ack(msg.reply, seq);
+            }
+            // A re-send of an op still in flight is answered when the original is.
+            if let Some(seq) = live.uncommitted_seq(key) {
+                return live.pending.replies.push(batch::Reply::Ack(
+                    msg.reply,
+                    OpDone {
+                        seq,
+                        epoch: live.epoch,
+                    },
+                ));
+            }
+        }
+        let seq = live.head + 1;
+        let seq_ctx = Ctx {
+            user: &msg.user,
+            now_ms: msg.now_ms,
+            seq,
+        };
+        match live.state.reduce(&msg.op, &seq_ctx, &self.config.limits) {
+            Ok(changes) => {
+                live.apply_event(&msg.user, msg.now_ms, msg.op, changes, op_key, msg.reply);
+                self.flush(ctx);
+            }
+            Err(refusal) => live.reply_nack(msg.reply, refusal.code.into(), refusal.msg),
+        }
+    }
+}
+
+impl Live {
+    /// Applies an accepted event to the working state and adds it to the pending batch.
+    fn apply_event(
+        &mut self,
+        user: &Arc<str>,
+        now_ms: i64,
+        op: crate::value::Value,
+        changes: state::Changes,
+        op_key: Option<(Arc<str>, String)>,
+        reply: ReplyTo,
+    ) {
+        self.head += 1;
+        let seq = self.head;
+        self.pending.note_priors(&self.state, &changes);
+        let undo = self.state.apply(seq, &changes);
+        let record = EventRecord {
+            seq,
+            user: user.to_string(),
+            ts_ms: now_ms,
+            op,
+            changes,
+        };
+        self.pending
+            .add_event(record, undo, op_key, reply, self.epoch);
+    }
+
+    /// The seq of an op id that is applied but not yet committed.
+    fn uncommitted_seq(&self, key: &(Arc<str>, String)) -> Option<u64> {
+        self.in_flight
+            .as_ref()
+            .and_then(|batch| batch.seq_of(key))
+            .or_else(|| self.pending.seq_of(key))
+    }
+
+    /// Acks now if nothing is in line before this reply, else in order after the batch.
+    fn reply_ack(&mut self, reply: ReplyTo, seq: u64) {
+        let done = OpDone {
+            seq,
+            epoch: self.epoch,
+        };
+        if self.in_flight.is_none() && self.pending.is_empty() {
+            reply.ack(done);
+        } else {
+            self.pending.replies.push(batch::Reply::Ack(reply, done));
+        }
+    }
+
+    /// Nacks now if nothing is in line before this reply, else in order after the batch.
+    fn reply_nack(&mut self, reply: ReplyTo, code: Code, msg: String) {
+        if self.in_flight.is_none() && self.pending.is_empty() {
+            reply.nack(code, msg);
+        } else {
+            self.pending
+                .replies
+                .push(batch::Reply::Nack(reply, code, msg));
+        }
+    }
+
+    /// The committed value of every public key, sorted: the working state with the
+    /// uncommitted keys' prior slots laid over it.
+    fn committed_entries(&self) -> Vec<WireEntry> {
+        let overlay = self.overlay();
+        let mut out = Vec::new();
+        let mut overlay_iter = overlay.iter().peekable();
+        for (key, slot) in self.state.entries() {
+            while let Some((okey, oslot)) = overlay_iter.peek() {
+                if okey.as_str() < key {
+                    push_live(&mut out, okey, oslot);
+                    overlay_iter.next();
+                } else {
+                    break;
+                }
+            }
+            if overlay.contains_key(key) {
+                continue;
+            }
+            out.push(wire_entry(key, slot));
+        }
+        for (okey, oslot) in overlay_iter {
+            push_live(&mut out, okey, oslot);
+        }
+        // Overlay keys equal to a working key were skipped above and are pushed here or
+        // in the loop; sort once to keep the contract's key order.
+        out.sort_by(|a, b| a.k.cmp(&b.k));
+        out.dedup_by(|a, b| a.k == b.k);
+        out
+    }
+
+    /// Committed entries and tombstones with ver > since, or None when tombstones that
+    /// old are gone (the caller answers with a snapshot).
+    fn committed_changes_since(&self, since: u64) -> Option<Vec<WireEntry>> {
+        let overlay = self.overlay();
+        let working = self.state.changed_since(since)?;
+        let mut out: Vec<WireEntry> = working
+            .into_iter()
+            .filter(|(k, _)| !overlay.contains_key(*k))
+            .map(|(k, slot)| wire_entry(k, slot))
+            .collect();
+        for (key, prior) in &overlay {
+            if let Some(slot) = prior {
+                if slot.ver > since {
+                    out.push(wire_entry(key, slot));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.k.cmp(&b.k));
+        Some(out)
+    }
+
+    /// For each key changed by uncommitted events, its committed slot (None: absent).
+    fn overlay(&self) -> BTreeMap<String, Option<Slot>> {
+        let mut overlay = BTreeMap::new();
+        for batch in self.in_flight.iter().chain(std::iter::once(&self.pending)) {
+            for (key, prior) in &batch.priors {
+                overlay.entry(key.clone()).or_insert_with(|| prior.clone());
+            }
+        }
+        overlay
+    }
+
+    /// Remembers a committed op id (expiry happens when batches are submitted).
+    fn remember_op_id(&mut self, key: (Arc<str>, String), seq: u64) {
+        if self.op_ids.insert(key.clone(), seq).is_none() {
+            self.op_order.push_back(key);
+        }
+    }
+}
+
+fn push_live(out: &mut Vec<WireEntry>, key: &str, prior: &Option<Slot>) {
+    if let Some(slot) = prior {
+        if slot.value.is_some() {
+            out.push(wire_entry(key, slot));
+        }
+    }
+}
+
+/// A state slot as a wire entry (`v: None` is a deleted key).
+pub fn wire_entry(key: &str, slot: &Slot) -> WireEntry {
+    WireEntry {
+        k: key.to_owned(),
+        v: slot.value.as_ref().map(WireValue::from_value),
+        ver: slot.ver,
+    }
+}
+
+impl Room {
+    /// Submits the pending batch if no commit is in flight; answers what waits on nothing.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        if live.in_flight.is_some() {
+            return;
+        }
+        if live.pending.events.is_empty() {
+            // Only replies wait (nacks or acks of already committed ids): send them.
+            for reply in live.pending.replies.drain(..) {
+                reply.send();
+            }
+            return;
+        }
+        let next_first = live.head + 1;
+        let batch = std::mem::replace(&mut live.pending, Batch::new(next_first));
+        let mut expire = Vec::new();
+        // Expiry is decided at submit time so the store forgets ids in the same commit.
+        let kept = self.config.op_ids_kept;
+        let overflow = (live.op_order.len() + batch.op_ids.len()).saturating_sub(kept + kept / 10);
+        for _ in 0..overflow {
+            if let Some(old) = live.op_order.pop_front() {
+                live.op_ids.remove(&old);
+                expire.push((old.0.to_string(), old.1));
+            }
+        }
+        let store_batch = store::Batch {
+            room: self.room_id.to_string(),
+            create: batch.create,
+            events: batch.events.iter().map(|e| e.record.clone()).collect(),
+            op_ids: batch
+                .op_ids
+                .iter()
+                .map(|(user, id, seq)| OpIdRecord {
+                    user: user.to_string(),
+                    op_id: id.clone(),
+                    seq: *seq,
+                })
+                .collect(),
+            expire_op_ids: expire,
+        };
+        match self.store.submit(store_batch) {
+            Ok(done) => {
+                live.in_flight = Some(batch);
+                let wait = async move {
+                    match done.await {
+                        Ok(result) => result.map_err(|e| e.to_string()),
+                        Err(_) => Err("the store writer stopped".to_owned()),
+                    }
+                };
+                ctx.spawn(
+                    wait.into_actor(self)
+                        .map(|result, room, ctx| room.committed(result, ctx)),
+                );
+            }
+            Err(e) => {
+                live.in_flight = Some(batch);
+                self.committed(Err(e.to_string()), ctx);
+            }
+        }
+    }
+
+    /// The store answered for the in-flight batch.
+    fn committed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        let Some(mut batch) = live.in_flight.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                live.committed = batch.last_seq();
+                for (user, id, seq) in std::mem::take(&mut batch.op_ids) {
+                    live.remember_op_id((user, id), seq);
+                }
+                let epoch = live.epoch;
+                for reply in batch.replies.drain(..) {
+                    reply.send();
+                }
+                if live.committed > self.config.history_events {
+                    live.state
+                        .prune_tombstones(live.committed - self.config.history_events);
+                }
+                let diff = ServerMsg::Diff {
+                    room: self.room_id.to_string(),
+                    epoch,
+                    from: batch.first_seq,
+                    to: live.committed,
+                    changes: batch.coalesced_entries(),
+                };
+                self.broadcast(&diff, None);
+                if !self.deferred_subs.is_empty() {
+                    for sub in std::mem::take(&mut self.deferred_subs) {
+                        let _ = self.subscribe(sub, ctx);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(room = %self.room_id, error = %e, "commit failed; nacking uncommitted ops");
+                let msg = format!("store failure, nothing applied: {e}");
+                // Undo newest first: the pending batch was applied on top of this one.
+                let pending = std::mem::replace(&mut live.pending, Batch::new(0));
+                for failed in [pending, batch] {
+                    failed.fail(&mut live.state, live.committed, &msg);
+                }
+                live.head = live.committed;
+                live.pending = Batch::new(live.head + 1);
+                if live.committed == 0 {
+                    // The creation itself failed: the room does not exist.
+                    self.status = Status::Absent;
+                    for sub in std::mem::take(&mut self.deferred_subs) {
+                        sub.session.send(
+                            &ServerMsg::Error {
+                                code: Code::Unavailable,
+                                room: Some(self.room_id.to_string()),
+                                msg: msg.clone(),
+                            },
+                            Charge::Full,
+                        );
+                    }
+                    return self.stop_if_unused(ctx);
+                }
+            }
+        }
+        self.flush(ctx);
+    }
+
+    /// Queues one message to every subscriber (or those wanting presence), encoding it
+    /// once per encoding in use. Subscribers whose queue overflowed are dropped.
+    fn broadcast(&mut self, msg: &ServerMsg, only: Option<fn(&Subscriber) -> bool>) {
+        let mut encoded: [Option<Frame>; 2] = [None, None];
+        let mut gone = Vec::new();
+        for (id, sub) in &self.subscribers {
+            if let Some(only) = only {
+                if !only(sub) {
+                    continue;
+                }
+            }
+            let slot = match sub.session.encoding {
+                Encoding::Json => 0,
+                Encoding::Rkyv => 1,
+            };
+            let frame = encoded[slot]
+                .get_or_insert_with(|| encode(msg, sub.session.encoding))
+                .clone();
+            if matches!(
+                sub.session.outbound.push(frame, Charge::Full),
+                Pushed::Overflowed | Pushed::Closed
+            ) {
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            self.remove_subscriber(id);
+        }
+    }
+
+    fn remove_subscriber(&mut self, session_id: u64) {
+        if let Some(sub) = self.subscribers.remove(&session_id) {
+            self.presence.leave(&sub.session.user);
+        }
+    }
+}
+
+impl Handler<Subscribe> for Room {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> bool {
+        let ok = self.subscribe(msg, ctx);
+        self.schedule_presence(ctx);
+        if !ok {
+            self.stop_if_unused(ctx);
+        }
+        ok
+    }
+}
+
+impl Room {
+    fn subscribe(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> bool {
+        let error = |code: Code, text: String| ServerMsg::Error {
+            code,
+            room: Some(self.room_id.to_string()),
+            msg: text,
+        };
+        let live = match &self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => {
+                msg.session.send(
+                    &error(Code::Unavailable, format!("room unavailable: {e}")),
+                    Charge::Full,
+                );
+                return false;
+            }
+            Status::Absent => {
+                msg.session.send(
+                    &error(Code::NotFound, format!("no room {}", self.room_id)),
+                    Charge::Full,
+                );
+                return false;
+            }
+            Status::Live(live) if live.committed == 0 => {
+                // The creation is being committed: answer once it is durable.
+                self.deferred_subs.push(msg);
+                return true;
+            }
+            Status::Live(live) => live,
+        };
+        let resumed = msg.since.and_then(|since| {
+            let (Some(epoch), Some(seq)) = (since.epoch, since.seq) else {
+                return None;
+            };
+            if epoch != live.epoch || seq > live.committed {
+                return None;
+            }
+            live.committed_changes_since(seq)
+                .map(|changes| ServerMsg::Resumed {
+                    room: self.room_id.to_string(),
+                    epoch: live.epoch,
+                    from: seq + 1,
+                    to: live.committed,
+                    changes,
+                })
+        });
+        let reply = resumed.unwrap_or_else(|| ServerMsg::Snapshot {
+            room: self.room_id.to_string(),
+            kind: live.kind.as_str().to_owned(),
+            epoch: live.epoch,
+            seq: live.committed,
+            entries: live.committed_entries(),
+            recovered: false,
+        });
+        if matches!(
+            msg.session
+                .outbound
+                .push(encode(&reply, msg.session.encoding), Charge::Catchup),
+            Pushed::Overflowed | Pushed::Closed
+        ) {
+            self.remove_subscriber(msg.session.session_id);
+            return false;
+        }
+        let session_id = msg.session.session_id;
+        let user = msg.session.user.clone();
+        let is_new = !self.subscribers.contains_key(&session_id);
+        if is_new {
+            self.presence.join(&user);
+        }
+        if msg.presence {
+            // Announce what others have not heard yet before this subscriber's list, so
+            // every presence subscriber's view is its list plus later changes.
+            self.flush_presence();
+            let members = ServerMsg::PresenceMembers {
+                room: self.room_id.to_string(),
+                members: self.presence.members(),
+            };
+            msg.session.send(&members, Charge::Full);
+        }
+        self.subscribers.insert(
+            session_id,
+            Subscriber {
+                session: msg.session,
+                presence: msg.presence,
+            },
+        );
+        true
+    }
+
+    fn schedule_presence(&mut self, ctx: &mut Context<Self>) {
+        if self.presence.needs_flush() && self.presence.schedule() {
+            ctx.run_later(presence::FLUSH_DELAY, |room, ctx| {
+                room.presence.unschedule();
+                room.flush_presence();
+                room.stop_if_unused(ctx);
+            });
+        }
+    }
+
+    /// Sends the coalesced member changes to presence subscribers.
+    fn flush_presence(&mut self) {
+        let Some((join, leave)) = self.presence.take_changes() else {
+            return;
+        };
+        let change = ServerMsg::PresenceChange {
+            room: self.room_id.to_string(),
+            join,
+            leave,
+        };
+        self.broadcast(&change, Some(|sub| sub.presence));
+    }
+}
+
+impl Handler<Unsubscribe> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
+        self.remove_subscriber(msg.session_id);
+        self.schedule_presence(ctx);
+    }
+}
+
+impl Handler<Signal> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Signal, _ctx: &mut Context<Self>) {
+        if !self.subscribers.contains_key(&msg.session_id) {
+            return;
+        }
+        let signal = ServerMsg::Signal {
+            room: self.room_id.to_string(),
+            user: msg.user.to_string(),
+            data: WireValue::from_value(&msg.data),
+        };
+        let mut encoded: [Option<Frame>; 2] = [None, None];
+        for (id, sub) in &self.subscribers {
+            if *id == msg.session_id {
+                continue;
+            }
+            let slot = match sub.session.encoding {
+                Encoding::Json => 0,
+                Encoding::Rkyv => 1,
+            };
+            let frame = encoded[slot]
+                .get_or_insert_with(|| encode(&signal, sub.session.encoding))
+                .clone();
+            // Signals are the first thing dropped under load.
+            sub.session.outbound.push(frame, Charge::Droppable);
+        }
+    }
+}
+
+impl Handler<Read> for Room {
+    type Result = Result<RoomView, (Code, String)>;
+
+    fn handle(&mut self, _msg: Read, ctx: &mut Context<Self>) -> Self::Result {
+        match &self.status {
+            Status::Live(live) if live.committed > 0 => Ok(RoomView {
+                kind: live.kind.as_str(),
+                epoch: live.epoch,
+                seq: live.committed,
+                entries: live.committed_entries(),
+            }),
+            Status::Failed(e) => Err((Code::Unavailable, format!("room unavailable: {e}"))),
+            _ => {
+                self.stop_if_unused(ctx);
+                Err((Code::NotFound, format!("no room {}", self.room_id)))
+            }
+        }
+    }
+}
+
+impl Handler<Uncommitted> for Room {
+    type Result = usize;
+
+    fn handle(&mut self, _msg: Uncommitted, _ctx: &mut Context<Self>) -> usize {
+        match &self.status {
+            Status::Live(live) => {
+                live.pending.events.len() + live.in_flight.as_ref().map_or(0, |b| b.events.len())
+            }
+            _ => 0,
+        }
+    }
+}

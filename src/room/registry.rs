@@ -1,0 +1,84 @@
+//! The room registry: room id -> `Addr<Room>`, and where new rooms are started.
+//!
+//! Architecture invariant: the map holds addresses only, never state, and no map guard
+//! lives across an await or an actor send (DashMap shards are locked only inside the
+//! synchronous calls below).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::{Actor, Addr, ArbiterHandle};
+use dashmap::DashMap;
+
+use super::{Room, RoomConfig};
+use crate::store::Store;
+
+/// Every live Room actor, by room id.
+pub struct Registry {
+    rooms: DashMap<Arc<str>, Addr<Room>>,
+    /// One arbiter (thread) per core; rooms are spread round-robin.
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: AtomicUsize,
+    store: Store,
+    config: Arc<RoomConfig>,
+}
+
+impl Registry {
+    pub fn new(arbiters: Vec<ArbiterHandle>, store: Store, config: RoomConfig) -> Arc<Registry> {
+        assert!(!arbiters.is_empty(), "rooms need at least one arbiter");
+        Arc::new(Registry {
+            rooms: DashMap::new(),
+            arbiters,
+            next_arbiter: AtomicUsize::new(0),
+            store,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The room's actor, started (and loading from the store) if it is not running.
+    pub fn get(self: &Arc<Self>, room_id: &str) -> Addr<Room> {
+        if let Some(addr) = self.rooms.get(room_id) {
+            if addr.connected() {
+                return addr.clone();
+            }
+        }
+        let room_id: Arc<str> = Arc::from(room_id);
+        let mut entry = self
+            .rooms
+            .entry(room_id.clone())
+            .or_insert_with(|| self.start(&room_id));
+        if !entry.connected() {
+            *entry = self.start(&room_id);
+        }
+        entry.clone()
+    }
+
+    fn start(self: &Arc<Self>, room_id: &Arc<str>) -> Addr<Room> {
+        let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let room = Room::new(
+            room_id.clone(),
+            self.clone(),
+            self.store.clone(),
+            self.config.clone(),
+        );
+        Room::start_in_arbiter(&self.arbiters[i], move |_| room)
+    }
+
+    /// Forgets a stopping room, unless the id already maps to a newer actor.
+    pub fn remove(&self, room_id: &str, addr: &Addr<Room>) {
+        self.rooms.remove_if(room_id, |_, current| current == addr);
+    }
+
+    /// Addresses of every running room (for shutdown).
+    pub fn all(&self) -> Vec<Addr<Room>> {
+        self.rooms.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+}

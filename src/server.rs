@@ -1,0 +1,200 @@
+//! Wires the store, the room registry, HTTP and WebSocket together, and owns the
+//! shutdown order.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the future passed to [`run`]), in this order:
+//! 1. stop accepting connections;
+//! 2. close every session with 4002 (their writers send the close frame);
+//! 3. wait for every room's uncommitted ops to commit, then flush and close the store;
+//! 4. stop the HTTP server and return (the process exits 0).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Arbiter;
+use actix_web::{web, App, HttpServer};
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::protocol::codes::close;
+use crate::room::messages::Uncommitted;
+use crate::room::registry::Registry;
+use crate::room::RoomConfig;
+use crate::session::outbound::Outbound;
+use crate::store::{Store, StoreConfig, StoreError};
+
+/// What every handler and session shares.
+pub struct Shared {
+    pub config: Config,
+    pub room_config: RoomConfig,
+    pub registry: Arc<Registry>,
+    pub store: Store,
+    pub auth: Auth,
+    /// Open sessions' outbound queues, for the 4002 at shutdown. Written by sessions
+    /// on start and stop.
+    pub sessions: DashMap<u64, Arc<Outbound>>,
+    pub next_session_id: AtomicU64,
+    /// HTTP ops per user (per IP for guests).
+    pub http_limiter: DefaultKeyedRateLimiter<String>,
+    /// Set at shutdown: new upgrades are refused.
+    pub shutting_down: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How long shutdown waits for sessions to close and rooms to commit.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs the server on `listener` until `shutdown` resolves, then shuts down in order.
+/// Must be called inside an actix `System`.
+pub async fn run(
+    config: Config,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let store_config = StoreConfig {
+        data_dir: config.data_dir.clone(),
+        cache_bytes: config.cache_bytes,
+        queue_len: 4096,
+        durability: config.durability,
+    };
+    // Opening takes the lock and may repair the file: blocking work, off this thread.
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await
+        .map_err(|e| std::io::Error::other(format!("store open task failed: {e}")))??;
+
+    let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
+    let room_config = RoomConfig {
+        limits: config.limits.clone(),
+        history_events: config.history_events,
+        ..RoomConfig::default()
+    };
+    let registry = Registry::new(
+        arbiters.iter().map(|a| a.handle()).collect(),
+        store.clone(),
+        room_config.clone(),
+    );
+    let http_quota = Quota::per_second(
+        std::num::NonZeroU32::new(config.op_rate).unwrap_or(std::num::NonZeroU32::MIN),
+    )
+    .allow_burst(std::num::NonZeroU32::new(config.op_burst).unwrap_or(std::num::NonZeroU32::MIN));
+    let shared = web::Data::new(Shared {
+        auth: Auth::new(config.jwt_secret.as_deref()),
+        room_config,
+        registry: registry.clone(),
+        store: store.clone(),
+        sessions: DashMap::new(),
+        next_session_id: AtomicU64::new(1),
+        http_limiter: RateLimiter::keyed(http_quota),
+        shutting_down: AtomicBool::new(false),
+        config: config.clone(),
+    });
+
+    let app_shared = shared.clone();
+    let enable_echo = config.enable_echo;
+    let server = HttpServer::new(move || {
+        let mut app = App::new()
+            .app_data(app_shared.clone())
+            .app_data(web::PayloadConfig::new(app_shared.config.max_frame))
+            .configure(crate::http::routes)
+            .route("/ws", web::get().to(crate::session::upgrade::ws_rooms));
+        if enable_echo {
+            app = app.route("/ws/echo", web::get().to(crate::session::upgrade::ws_echo));
+        }
+        app
+    })
+    .workers(config.workers)
+    // We run the shutdown order ourselves (actix's own never sends 4002).
+    .disable_signals()
+    // 0: a closed WebSocket's TCP connection ends at once instead of lingering 1 s.
+    .client_disconnect_timeout(Duration::ZERO)
+    .shutdown_timeout(1)
+    .max_connections(100_000)
+    .backlog(4096)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    let served = actix_rt::spawn(server);
+
+    let addr = config.bind;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), auth = shared.auth.enabled(), "roomd serving");
+
+    // Prune idle HTTP rate-limit keys now and then so the map stays bounded.
+    let pruning = shared.clone();
+    actix_rt::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            pruning.http_limiter.retain_recent();
+            pruning.http_limiter.shrink_to_fit();
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections");
+    shared.shutting_down.store(true, Ordering::Release);
+    handle.pause().await;
+
+    tracing::info!(
+        sessions = shared.sessions.len(),
+        "closing sessions with 4002"
+    );
+    for entry in shared.sessions.iter() {
+        entry
+            .value()
+            .close(close::SHUTTING_DOWN, "server shutting down");
+    }
+    let deadline = Instant::now() + DRAIN_DEADLINE;
+    while !shared.sessions.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Rooms keep committing what they accepted; wait until none is left.
+    loop {
+        let mut uncommitted = 0;
+        for room in registry.all() {
+            uncommitted += room.send(Uncommitted).await.unwrap_or(0);
+        }
+        if uncommitted == 0 || Instant::now() >= deadline {
+            if uncommitted > 0 {
+                tracing::warn!(uncommitted, "shutdown deadline passed with ops uncommitted");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.shutdown()).await;
+    tracing::info!("store flushed and closed");
+
+    handle.stop(false).await;
+    let _ = served.await;
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop roomd");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}

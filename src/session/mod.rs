@@ -1,0 +1,434 @@
+//! The Session actor: one per WebSocket connection.
+//!
+//! It decodes and validates client frames, enforces the per-connection limits (bad
+//! frames, op rate, subscriptions, heartbeat, token expiry), routes requests to rooms,
+//! and feeds the connection's byte-bounded [`outbound::Outbound`] queue, which a writer
+//! task drains into the socket. It holds no room state: only the addresses of the rooms
+//! it subscribes to.
+//!
+//! Requests to rooms are awaited one at a time (`ctx.wait`), so ops from one connection
+//! reach each room in the order they arrived, and a client that floods requests is
+//! slowed to the rooms' pace instead of growing a queue.
+
+pub mod frame_guard;
+pub mod outbound;
+pub mod upgrade;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{AggregatedMessage, ProtocolError};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use self::frame_guard::GuardHandle;
+use self::outbound::{Charge, Frame};
+use crate::protocol::codes::{close, Code};
+use crate::protocol::message::ServerMsg;
+use crate::protocol::{ids, Encoding, Inbound};
+use crate::room::messages::{self as room_msg, ReplyTo, SessionRef};
+use crate::room::registry::Registry;
+use crate::room::Room;
+use crate::server::Shared;
+
+/// Bad frames tolerated within [`BAD_FRAME_WINDOW`]; the next one closes with 4400.
+const MAX_BAD_FRAMES: usize = 10;
+const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
+
+/// The actor owning one connection.
+pub struct Session {
+    /// This connection's frames; shared with every room it subscribes to.
+    session: SessionRef,
+    shared: Arc<Shared>,
+    /// Rooms this connection subscribes to (address kept for unsubscribe on close).
+    subs: HashMap<String, Addr<Room>>,
+    limiter: DefaultDirectRateLimiter,
+    /// Times of recent bad frames, oldest first, at most [`MAX_BAD_FRAMES`].
+    bad_frames: VecDeque<Instant>,
+    /// Last time the client sent anything (a pong counts).
+    last_seen: Instant,
+    /// Reports a frame the guard refused (1009).
+    guard: GuardHandle,
+    /// The token's `exp` in seconds since the epoch.
+    expires_at: Option<u64>,
+}
+
+impl Session {
+    pub fn new(
+        session: SessionRef,
+        shared: Arc<Shared>,
+        guard: GuardHandle,
+        expires_at: Option<u64>,
+    ) -> Session {
+        let config = &shared.config;
+        let quota = Quota::per_second(
+            std::num::NonZeroU32::new(config.op_rate).unwrap_or(std::num::NonZeroU32::MIN),
+        )
+        .allow_burst(
+            std::num::NonZeroU32::new(config.op_burst).unwrap_or(std::num::NonZeroU32::MIN),
+        );
+        Session {
+            session,
+            limiter: RateLimiter::direct(quota),
+            shared,
+            subs: HashMap::new(),
+            bad_frames: VecDeque::new(),
+            last_seen: Instant::now(),
+            guard,
+            expires_at,
+        }
+    }
+
+    fn send(&self, msg: &ServerMsg) {
+        self.session.send(msg, Charge::Full);
+    }
+
+    fn error(&self, code: Code, room: Option<&str>, msg: impl Into<String>) {
+        self.send(&ServerMsg::Error {
+            code,
+            room: room.map(str::to_owned),
+            msg: msg.into(),
+        });
+    }
+
+    fn nack(&self, id: String, code: Code, msg: impl Into<String>) {
+        self.send(&ServerMsg::Nack {
+            id,
+            code,
+            msg: msg.into(),
+        });
+    }
+
+    /// Closes the connection with `code` and stops the actor.
+    fn close(&mut self, ctx: &mut Context<Self>, code: u16, reason: impl Into<String>) {
+        self.session.outbound.close(code, reason);
+        ctx.stop();
+    }
+
+    fn bad_frame(&mut self, ctx: &mut Context<Self>, why: String) {
+        let now = Instant::now();
+        while self
+            .bad_frames
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > BAD_FRAME_WINDOW)
+        {
+            self.bad_frames.pop_front();
+        }
+        if self.bad_frames.len() + 1 >= MAX_BAD_FRAMES {
+            return self.close(ctx, close::PROTOCOL_VIOLATION, "too many bad frames");
+        }
+        self.bad_frames.push_back(now);
+        self.error(Code::BadFrame, None, why);
+    }
+
+    fn user_ref(&self) -> Arc<str> {
+        self.session.user.clone()
+    }
+
+    /// The op id used for dedup: guests' ops are never deduplicated.
+    fn op_key(&self, id: &str) -> Option<String> {
+        self.session.dedup.then(|| id.to_owned())
+    }
+
+    fn handle_inbound(&mut self, inbound: Inbound, ctx: &mut Context<Self>) {
+        match inbound {
+            Inbound::Create {
+                id,
+                room,
+                kind,
+                init,
+            } => {
+                if !self.check_op(&id, &room) {
+                    return;
+                }
+                let init = match init {
+                    Ok(init) => init,
+                    Err(why) => return self.nack(id, Code::Invalid, format!("init: {why}")),
+                };
+                let msg = room_msg::Create {
+                    user: self.user_ref(),
+                    op_id: self.op_key(&id),
+                    kind,
+                    init,
+                    now_ms: now_ms(),
+                    reply: ReplyTo::session(self.session.clone(), id),
+                };
+                self.deliver(ctx, room, msg);
+            }
+            Inbound::Op { id, room, op } => {
+                if !self.check_op(&id, &room) {
+                    return;
+                }
+                let op = match op {
+                    Ok(op) => op,
+                    Err(why) => return self.nack(id, Code::Invalid, format!("op: {why}")),
+                };
+                let msg = room_msg::Submit {
+                    user: self.user_ref(),
+                    op_id: self.op_key(&id),
+                    op,
+                    now_ms: now_ms(),
+                    reply: ReplyTo::session(self.session.clone(), id),
+                };
+                self.deliver(ctx, room, msg);
+            }
+            Inbound::Sub {
+                room,
+                presence,
+                since,
+            } => {
+                if !ids::valid_room_id(&room) {
+                    return self.error(
+                        Code::Invalid,
+                        Some(&room),
+                        "room id must match ^[A-Za-z0-9_.:-]{1,128}$",
+                    );
+                }
+                if !self.subs.contains_key(&room) && self.subs.len() >= self.shared.config.max_subs
+                {
+                    let limit = self.shared.config.max_subs;
+                    return self.error(
+                        Code::Limit,
+                        Some(&room),
+                        format!("subscriptions limited to {limit} per connection"),
+                    );
+                }
+                let registry = self.shared.registry.clone();
+                let msg = room_msg::Subscribe {
+                    session: self.session.clone(),
+                    presence,
+                    since,
+                };
+                let room_id = room.clone();
+                let fut = async move {
+                    let addr = registry.get(&room_id);
+                    let result = match addr.send(msg).await {
+                        Ok(ok) => Ok(ok),
+                        Err(MailboxError::Closed) => Err(()),
+                        Err(MailboxError::Timeout) => Err(()),
+                    };
+                    (addr, result)
+                };
+                ctx.wait(fut.into_actor(self).map(
+                    move |(addr, result), session, _ctx| match result {
+                        Ok(true) => {
+                            session.subs.insert(room, addr);
+                        }
+                        Ok(false) => {
+                            session.subs.remove(&room);
+                        }
+                        Err(()) => session.error(
+                            Code::Unavailable,
+                            Some(&room),
+                            "room restarted, subscribe again",
+                        ),
+                    },
+                ));
+            }
+            Inbound::Unsub { room } => match self.subs.remove(&room) {
+                Some(addr) => {
+                    // Rare, small lifecycle message: `do_send` is fine here.
+                    addr.do_send(room_msg::Unsubscribe {
+                        session_id: self.session.session_id,
+                    });
+                }
+                None => self.error(Code::NotFound, Some(&room), "not subscribed to this room"),
+            },
+            Inbound::Signal { room, data } => {
+                let Some(addr) = self.subs.get(&room) else {
+                    return self.error(
+                        Code::NotFound,
+                        Some(&room),
+                        "signal to a room not subscribed",
+                    );
+                };
+                let data = match data {
+                    Ok(data) => data,
+                    Err(why) => {
+                        return self.error(Code::Invalid, Some(&room), format!("data: {why}"))
+                    }
+                };
+                let size = data.json_size();
+                let limit = self.shared.room_config.max_signal_bytes;
+                if size > limit {
+                    return self.error(
+                        Code::TooLarge,
+                        Some(&room),
+                        format!("signal of {size} bytes exceeds limit of {limit}"),
+                    );
+                }
+                // Signals are dropped first under load: a full room mailbox drops it.
+                let _ = addr.try_send(room_msg::Signal {
+                    session_id: self.session.session_id,
+                    user: self.user_ref(),
+                    data,
+                });
+            }
+        }
+    }
+
+    /// Checks an op or create before it goes to a room: room id and rate.
+    fn check_op(&mut self, id: &str, room: &str) -> bool {
+        if !ids::valid_room_id(room) {
+            self.nack(
+                id.to_owned(),
+                Code::Invalid,
+                "room id must match ^[A-Za-z0-9_.:-]{1,128}$",
+            );
+            return false;
+        }
+        if self.limiter.check().is_err() {
+            let (rate, burst) = (self.shared.config.op_rate, self.shared.config.op_burst);
+            self.nack(
+                id.to_owned(),
+                Code::RateLimited,
+                format!("ops limited to {rate}/s with burst {burst}"),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Sends an op-like message to its room. The mailbox keeps arrival order; when it
+    /// is full the session waits (and stops reading the socket) until there is room. A
+    /// room that stopped meanwhile is started again and gets the message.
+    fn deliver<M>(&mut self, ctx: &mut Context<Self>, room: String, msg: M)
+    where
+        M: Message<Result = ()> + Send + 'static,
+        Room: Handler<M>,
+    {
+        let registry: Arc<Registry> = self.shared.registry.clone();
+        let addr = registry.get(&room);
+        let msg = match addr.try_send(msg) {
+            Ok(()) => return,
+            Err(SendError::Full(msg)) => msg,
+            Err(SendError::Closed(msg)) => msg,
+        };
+        // If this send fails too, the message is dropped and its `ReplyTo` answers the
+        // client `unavailable` on drop.
+        let fut = async move {
+            let _ = registry.get(&room).send(msg).await;
+        };
+        ctx.wait(fut.into_actor(self));
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Control messages only (close requests at shutdown); frames never go through it.
+        ctx.set_mailbox_capacity(16);
+        let config = &self.shared.config;
+        self.send(&ServerMsg::Welcome {
+            proto: crate::protocol::PROTO_VERSION,
+            session: format!("{:016x}", self.session.session_id),
+            user: self.session.user.to_string(),
+            heartbeat_ms: config.heartbeat.as_millis() as u64,
+            max_frame: config.max_frame as u32,
+        });
+        let heartbeat = config.heartbeat;
+        ctx.run_interval(heartbeat, move |session, ctx| {
+            if session.last_seen.elapsed() >= heartbeat * 2 {
+                return session.close(ctx, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+            }
+            session.session.outbound.push(Frame::Ping, Charge::Full);
+        });
+        if let Some(exp) = self.expires_at {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            ctx.run_later(
+                Duration::from_secs(exp.saturating_sub(now)),
+                |session, ctx| {
+                    session.close(ctx, close::UNAUTHORIZED, "token expired");
+                },
+            );
+        }
+        self.shared
+            .sessions
+            .insert(self.session.session_id, self.session.outbound.clone());
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for addr in self.subs.values() {
+            // One per subscription when a connection ends: a rare lifecycle message.
+            addr.do_send(room_msg::Unsubscribe {
+                session_id: self.session.session_id,
+            });
+        }
+        self.shared.sessions.remove(&self.session.session_id);
+        // If the actor stopped for any other reason, the connection ends too.
+        self.session.outbound.close(1000, "");
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+        self.last_seen = Instant::now();
+        let msg = match item {
+            Ok(msg) => msg,
+            Err(err) => {
+                let (code, reason) =
+                    upgrade::close_for(&err, &self.guard, self.shared.config.max_frame);
+                return self.close(ctx, code, reason);
+            }
+        };
+        match msg {
+            AggregatedMessage::Text(text) => match self.session.encoding {
+                Encoding::Json => match crate::protocol::json::decode(&text) {
+                    Ok(inbound) => self.handle_inbound(inbound, ctx),
+                    Err(bad) => self.bad_frame(ctx, bad.0),
+                },
+                Encoding::Rkyv => self.bad_frame(
+                    ctx,
+                    "this connection speaks roomd.v1.rkyv: send binary frames".into(),
+                ),
+            },
+            AggregatedMessage::Binary(bytes) => match self.session.encoding {
+                Encoding::Rkyv => match crate::protocol::binary::decode(&bytes) {
+                    Ok(inbound) => self.handle_inbound(inbound, ctx),
+                    Err(bad) => self.bad_frame(ctx, bad.0),
+                },
+                Encoding::Json => self.bad_frame(
+                    ctx,
+                    "this connection speaks roomd.v1.json: send text frames".into(),
+                ),
+            },
+            AggregatedMessage::Ping(bytes) => {
+                self.session.outbound.push(Frame::Pong(bytes), Charge::Full);
+            }
+            AggregatedMessage::Pong(_) => {}
+            AggregatedMessage::Close(reason) => {
+                self.close(ctx, upgrade::reply_close_code(reason.as_ref()), "");
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        if let Some(violation) = self.guard.violation() {
+            return self.close(ctx, close::TOO_LARGE, violation.to_string());
+        }
+        ctx.stop();
+    }
+}
+
+/// Asks a session to close (shutdown: 4002).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSession(pub u16, pub &'static str);
+
+impl Handler<CloseSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseSession, ctx: &mut Context<Self>) {
+        self.close(ctx, msg.0, msg.1);
+    }
+}

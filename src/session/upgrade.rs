@@ -1,0 +1,222 @@
+//! The WebSocket upgrade: `/ws` (rooms) and `/ws/echo` (conformance testing).
+//!
+//! Both go through the same path: Origin check, subprotocol choice, identity, the
+//! [`frame_guard`](super::frame_guard) in front of actix-ws, the byte-bounded outbound
+//! queue with its writer task, and a response body that can be cut
+//! ([`KillableBody`]) so a close never waits on a client that does not read.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::{Actor, AsyncContext};
+use actix_http::BoxedPayloadStream;
+use actix_web::body::MessageBody;
+use actix_web::dev::Payload as DevPayload;
+use actix_web::http::header;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, ProtocolError};
+use futures_util::StreamExt;
+
+use super::frame_guard::{self, GuardHandle};
+use super::outbound::{run_writer, Charge, Frame, KillSwitch, KillableBody, Outbound};
+use super::Session;
+use crate::auth::{origin_allowed, AuthError};
+use crate::protocol::codes::close;
+use crate::protocol::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_RKYV};
+use crate::room::messages::SessionRef;
+use crate::server::Shared;
+
+/// The subprotocol a client asked for: None when it offered only others (HTTP 400).
+fn choose_encoding(req: &HttpRequest) -> Option<(Encoding, Option<&'static str>)> {
+    let mut offered = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    if offered.peek().is_none() {
+        return Some((Encoding::Json, None));
+    }
+    // The client's order is its preference.
+    offered.find_map(|p| match p {
+        SUBPROTOCOL_JSON => Some((Encoding::Json, Some(SUBPROTOCOL_JSON))),
+        SUBPROTOCOL_RKYV => Some((Encoding::Rkyv, Some(SUBPROTOCOL_RKYV))),
+        _ => None,
+    })
+}
+
+fn error_response(status: u16, code: &str, msg: impl Into<String>) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
+    HttpResponse::build(status).json(serde_json::json!({ "code": code, "msg": msg.into() }))
+}
+
+/// What an accepted upgrade hands to the connection's owner.
+struct Upgraded {
+    response: HttpResponse,
+    outbound: Arc<Outbound>,
+    messages: AggregatedMessageStream,
+    guard: GuardHandle,
+}
+
+/// Performs the upgrade with the frame guard in front and the writer task started.
+async fn upgrade(
+    req: &HttpRequest,
+    payload: web::Payload,
+    protocol: Option<&'static str>,
+    shared: &Shared,
+) -> Result<Upgraded, actix_web::Error> {
+    let max = shared.config.max_frame;
+    let (guarded, guard) = frame_guard::guard(payload.into_inner(), max);
+    let mut dev_payload = DevPayload::from(Box::pin(guarded) as BoxedPayloadStream);
+    let payload = web::Payload::from_request(req, &mut dev_payload).await?;
+    let protocols: Vec<&str> = protocol.into_iter().collect();
+    let (response, ws_session, messages) =
+        actix_ws::handle_with_protocols(req, payload, &protocols)?;
+    let kill = KillSwitch::default();
+    let killable = kill.clone();
+    let response = response
+        .map_body(move |_, body| KillableBody::new(body, killable).boxed())
+        .map_into_boxed_body();
+    let outbound = Outbound::new(shared.config.outbound_queue);
+    actix_rt::spawn(run_writer(outbound.clone(), ws_session, kill));
+    let messages = messages
+        .max_frame_size(max)
+        .aggregate_continuations()
+        .max_continuation_size(max);
+    Ok(Upgraded {
+        response,
+        outbound,
+        messages,
+        guard,
+    })
+}
+
+/// `GET /ws`: a room session.
+pub async fn ws_rooms(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let shared = shared.into_inner();
+    if shared.shutting_down.load(Ordering::Acquire) {
+        return Ok(error_response(503, "unavailable", "server shutting down"));
+    }
+    if !origin_allowed(&req, &shared.config.allowed_origins) {
+        return Ok(error_response(
+            403,
+            "forbidden",
+            "Origin does not match Host and is not in --allowed-origins",
+        ));
+    }
+    let Some((encoding, protocol)) = choose_encoding(&req) else {
+        return Ok(error_response(
+            400,
+            "invalid",
+            format!("offer {SUBPROTOCOL_JSON} or {SUBPROTOCOL_RKYV}"),
+        ));
+    };
+    let identity = shared.auth.identify(&req, false);
+    if let Err(e @ (AuthError::UserTooLong(_) | AuthError::EmptyUser)) = &identity {
+        if !shared.auth.enabled() {
+            return Ok(error_response(400, "invalid", e.to_string()));
+        }
+    }
+    let up = upgrade(&req, payload, protocol, &shared).await?;
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => {
+            // The contract answers a bad token on the socket: close 4401.
+            up.outbound.close(close::UNAUTHORIZED, e.to_string());
+            return Ok(up.response);
+        }
+    };
+    let session_ref = SessionRef {
+        session_id: shared.next_session_id.fetch_add(1, Ordering::Relaxed),
+        user: identity.user,
+        dedup: !identity.guest,
+        encoding,
+        outbound: up.outbound,
+    };
+    let guard = up.guard;
+    let messages = up.messages;
+    let expires_at = identity.expires_at;
+    Session::create(move |ctx| {
+        ctx.add_stream(messages);
+        Session::new(session_ref, shared, guard, expires_at)
+    });
+    Ok(up.response)
+}
+
+/// The close code for a failed inbound stream.
+pub fn close_for(err: &ProtocolError, guard: &GuardHandle, max_frame: usize) -> (u16, String) {
+    match (guard.violation(), err) {
+        (Some(violation), _) => (close::TOO_LARGE, violation.to_string()),
+        (None, ProtocolError::Overflow) => (
+            close::TOO_LARGE,
+            format!("message exceeds limit of {max_frame} bytes"),
+        ),
+        (None, ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => (
+            close::INVALID_UTF8,
+            "invalid UTF-8 in a text frame".to_owned(),
+        ),
+        (None, other) => (close::PROTOCOL_ERROR, other.to_string()),
+    }
+}
+
+/// The code to answer a client's close with: its own code when valid (RFC 6455 7.4),
+/// 1000 when it sent none, 1002 for a code no endpoint may send.
+pub fn reply_close_code(reason: Option<&actix_ws::CloseReason>) -> u16 {
+    let Some(reason) = reason else { return 1000 };
+    let code = u16::from(reason.code);
+    match code {
+        1000..=1003 | 1007..=1011 | 3000..=4999 => code,
+        _ => close::PROTOCOL_ERROR,
+    }
+}
+
+/// `GET /ws/echo` (only with `--enable-echo`): echoes every message through the same
+/// guard, limits and writer as `/ws`. Exists for the Autobahn conformance suite.
+pub async fn ws_echo(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let shared = shared.into_inner();
+    let up = upgrade(&req, payload, None, &shared).await?;
+    let Upgraded {
+        response,
+        outbound,
+        mut messages,
+        guard,
+    } = up;
+    let max = shared.config.max_frame;
+    actix_rt::spawn(async move {
+        while let Some(item) = messages.next().await {
+            let frame = match item {
+                Ok(AggregatedMessage::Text(text)) => Frame::Text(text.into_bytes()),
+                Ok(AggregatedMessage::Binary(bytes)) => Frame::Binary(bytes),
+                Ok(AggregatedMessage::Ping(bytes)) => Frame::Pong(bytes),
+                Ok(AggregatedMessage::Pong(_)) => continue,
+                Ok(AggregatedMessage::Close(reason)) => {
+                    outbound.close(reply_close_code(reason.as_ref()), "");
+                    return;
+                }
+                Err(err) => {
+                    let (code, reason) = close_for(&err, &guard, max);
+                    outbound.close(code, reason);
+                    return;
+                }
+            };
+            outbound.push(frame, Charge::Full);
+        }
+        if let Some(violation) = guard.violation() {
+            outbound.close(close::TOO_LARGE, violation.to_string());
+        } else {
+            outbound.close(1000, "");
+        }
+    });
+    Ok(response)
+}

@@ -1,0 +1,108 @@
+//! The data dir's format version, in `DIR/FORMAT`.
+//!
+//! A roomd refuses a data dir written in a format it does not read, instead of
+//! misreading it. The file is written once, before the database is created, and
+//! atomically (temp file, fsync, rename, fsync of the dir), so a dir with a database but
+//! no FORMAT file did not come from this code and is refused too. The per-row version
+//! byte (`record.rs`) is a separate, finer-grained check.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+use super::StoreError;
+
+/// The data dir format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The database file's name inside the data dir.
+pub const DB_FILE: &str = "roomd.redb";
+
+/// Checks `dir`'s FORMAT file, writing it first if the dir is new (holds no database).
+/// The caller holds the dir lock, so nothing races this check.
+pub fn check_or_write(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join("FORMAT");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let found = text.trim();
+            if found.parse::<u32>() == Ok(FORMAT_VERSION) {
+                Ok(())
+            } else {
+                Err(StoreError::FormatVersion {
+                    path,
+                    found: found.to_owned(),
+                    expected: FORMAT_VERSION,
+                })
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if dir.join(DB_FILE).exists() {
+                return Err(StoreError::FormatMissing {
+                    dir: dir.to_owned(),
+                });
+            }
+            write_atomically(dir, &path)
+        }
+        Err(source) => Err(StoreError::Io {
+            what: "cannot read format file",
+            path,
+            source,
+        }),
+    }
+}
+
+fn write_atomically(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let tmp = dir.join("FORMAT.tmp");
+    let io_error = |what, source| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::create(&tmp).map_err(|e| io_error("cannot create format file", e))?;
+    file.write_all(format!("{FORMAT_VERSION}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error("cannot write format file", e))?;
+    fs::rename(&tmp, path).map_err(|e| io_error("cannot rename format file into", e))?;
+    // The rename is durable only once the directory entry is.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("cannot sync the data dir after writing", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_dir_gets_format_and_passes_the_check_again() {
+        let dir = tempfile::tempdir().unwrap();
+        check_or_write(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+            "1\n"
+        );
+        check_or_write(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn other_format_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("FORMAT"), "2\n").unwrap();
+        let err = check_or_write(dir.path()).unwrap_err();
+        let expected = format!(
+            "{} says format version \"2\", but this roomd reads format version 1",
+            dir.path().join("FORMAT").display()
+        );
+        assert_eq!(err.to_string(), expected);
+    }
+
+    #[test]
+    fn database_without_format_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(DB_FILE), b"").unwrap();
+        assert!(matches!(
+            check_or_write(dir.path()),
+            Err(StoreError::FormatMissing { .. })
+        ));
+    }
+}

@@ -1,0 +1,626 @@
+//! The byte format of the rows in the store's tables: event records and room metadata.
+//!
+//! The rkyv types here are private to the store and are deliberately not the wire
+//! protocol's types, so the log format and the protocol can change independently; the
+//! conversions to and from the domain types ([`EventRecord`], [`RoomMeta`], [`Value`]) are
+//! explicit. Table layout and keys are `tables.rs`'s business; this file only turns one
+//! row into bytes and back.
+//!
+//! Every row is one format-version byte ([`RECORD_VERSION`]) followed by an rkyv archive.
+//! A [`Value`] is stored flat, as its nodes in pre-order, so no archived type is recursive
+//! and validation cost is linear. Decoding checks the size limit first, then goes through
+//! `rkyv::access` (validated), and rebuilds values with an explicit stack bounded by
+//! [`MAX_DEPTH`]: bad bytes on disk give a [`RecordError`], never a panic.
+
+use std::collections::BTreeMap;
+
+use rkyv::rancor;
+
+use super::{EventRecord, RoomMeta};
+use crate::room::state::{Changes, Kind};
+use crate::value::{Value, MAX_DEPTH};
+
+/// The version byte in front of every row. A reader refuses any other version rather
+/// than guessing at the layout.
+pub const RECORD_VERSION: u8 = 1;
+
+/// The largest row, in bytes, this store writes or reads. Checked before validation so a
+/// corrupt length cannot make the reader walk gigabytes; checked on write so the store
+/// never writes a row it would refuse to read back.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a row could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is empty")]
+    Empty,
+    #[error("record of {len} bytes exceeds limit of {MAX_RECORD_BYTES}")]
+    TooLarge { len: usize },
+    #[error("record format version {found} is not supported (this roomd reads version {RECORD_VERSION})")]
+    Version { found: u8 },
+    #[error("record bytes fail validation: {reason}")]
+    Invalid { reason: String },
+    #[error("record could not be serialized: {reason}")]
+    Serialize { reason: String },
+    #[error("value nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error(
+        "list or map of {len} items exceeds the record limit of {} items",
+        u32::MAX
+    )]
+    TooLong { len: usize },
+    #[error("float {value} is not finite")]
+    NonFinite { value: f64 },
+    #[error("map key at node {index} is not a string")]
+    MapKeyNotString { index: usize },
+    #[error("map repeats key {key:?}")]
+    DuplicateKey { key: String },
+    #[error("value ends after {n_nodes} nodes inside an unfinished list or map")]
+    Truncated { n_nodes: usize },
+    #[error("value has {n_trailing} nodes after its end")]
+    Trailing { n_trailing: usize },
+    #[error("room kind code {code} is unknown")]
+    UnknownKind { code: u8 },
+}
+
+/// One node of a flattened [`Value`]. A container node carries its item count and is
+/// followed by its items in pre-order; a map's items alternate key (`Str`) and value.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+enum Node {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(u32),
+    Map(u32),
+}
+
+/// A [`Value`] as its nodes in pre-order.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct FlatValue {
+    nodes: Vec<Node>,
+}
+
+/// One changed entry: `value` is `None` when the change deletes the key.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct ChangeRow {
+    key: String,
+    value: Option<FlatValue>,
+}
+
+/// The stored form of an [`EventRecord`]. The seq is not repeated here: it is the
+/// row's key, and the key is authoritative.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct EventRow {
+    user: String,
+    ts_ms: i64,
+    op: FlatValue,
+    public: Vec<ChangeRow>,
+    private: Vec<ChangeRow>,
+}
+
+/// The stored form of a room's metadata, with the head seq written in the same
+/// transaction as the events that advance it.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct MetaRow {
+    kind: u8,
+    epoch: u64,
+    head: u64,
+}
+
+/// Encodes an event (without its seq, which is the row key) as a versioned row.
+pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
+    let row = EventRow {
+        user: event.user.clone(),
+        ts_ms: event.ts_ms,
+        op: flatten(&event.op)?,
+        public: change_rows(&event.changes.public)?,
+        private: change_rows(&event.changes.private)?,
+    };
+    versioned(&row)
+}
+
+/// Decodes an event row stored under `seq`.
+pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> {
+    let row: &ArchivedEventRow = access(bytes)?;
+    Ok(EventRecord {
+        seq,
+        user: row.user.as_str().to_owned(),
+        ts_ms: row.ts_ms.to_native(),
+        op: unflatten(&row.op)?,
+        changes: Changes {
+            public: changes_from_rows(row.public.as_slice())?,
+            private: changes_from_rows(row.private.as_slice())?,
+        },
+    })
+}
+
+/// Encodes a room's metadata and its head seq as a versioned row.
+pub fn encode_meta(meta: &RoomMeta, head: u64) -> Result<Vec<u8>, RecordError> {
+    versioned(&MetaRow {
+        kind: kind_code(meta.kind),
+        epoch: meta.epoch,
+        head,
+    })
+}
+
+/// Decodes a metadata row into the room's metadata and head seq.
+pub fn decode_meta(bytes: &[u8]) -> Result<(RoomMeta, u64), RecordError> {
+    let row: &ArchivedMetaRow = access(bytes)?;
+    let meta = RoomMeta {
+        kind: kind_from_code(row.kind)?,
+        epoch: row.epoch.to_native(),
+    };
+    Ok((meta, row.head.to_native()))
+}
+
+/// The one place a kind becomes a number on disk; codes are never reused.
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Chat => 0,
+        Kind::Poll => 1,
+        Kind::State => 2,
+    }
+}
+
+fn kind_from_code(code: u8) -> Result<Kind, RecordError> {
+    match code {
+        0 => Ok(Kind::Chat),
+        1 => Ok(Kind::Poll),
+        2 => Ok(Kind::State),
+        code => Err(RecordError::UnknownKind { code }),
+    }
+}
+
+/// Serializes `row` behind the version byte, refusing rows over [`MAX_RECORD_BYTES`].
+fn versioned<T>(row: &T) -> Result<Vec<u8>, RecordError>
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            rkyv::util::AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    let archive = rkyv::to_bytes::<rancor::Error>(row).map_err(|e| RecordError::Serialize {
+        reason: e.to_string(),
+    })?;
+    let len = 1 + archive.len();
+    if len > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge { len });
+    }
+    let mut bytes = Vec::with_capacity(len);
+    bytes.push(RECORD_VERSION);
+    bytes.extend_from_slice(&archive);
+    Ok(bytes)
+}
+
+/// Checks size and version, then validates the archive behind the version byte.
+fn access<T>(bytes: &[u8]) -> Result<&T, RecordError>
+where
+    T: rkyv::Portable
+        + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
+{
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge { len: bytes.len() });
+    }
+    let (&version, archive) = bytes.split_first().ok_or(RecordError::Empty)?;
+    if version != RECORD_VERSION {
+        return Err(RecordError::Version { found: version });
+    }
+    rkyv::access::<T, rancor::Error>(archive).map_err(|e| RecordError::Invalid {
+        reason: e.to_string(),
+    })
+}
+
+fn change_rows(changes: &[(String, Option<Value>)]) -> Result<Vec<ChangeRow>, RecordError> {
+    changes
+        .iter()
+        .map(|(key, value)| {
+            Ok(ChangeRow {
+                key: key.clone(),
+                value: value.as_ref().map(flatten).transpose()?,
+            })
+        })
+        .collect()
+}
+
+fn changes_from_rows(
+    rows: &[ArchivedChangeRow],
+) -> Result<Vec<(String, Option<Value>)>, RecordError> {
+    rows.iter()
+        .map(|row| {
+            let value = row.value.as_ref().map(unflatten).transpose()?;
+            Ok((row.key.as_str().to_owned(), value))
+        })
+        .collect()
+}
+
+/// What the flattening walk visits next: a value at a nesting depth, or a map key.
+enum Pending<'a> {
+    Value(&'a Value, usize),
+    Key(&'a str),
+}
+
+/// Flattens `value` into pre-order nodes with an explicit stack. Refuses values deeper
+/// than [`MAX_DEPTH`] and non-finite floats, which a reader would refuse.
+fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
+    let mut nodes = Vec::new();
+    let mut stack = vec![Pending::Value(value, 0)];
+    while let Some(next) = stack.pop() {
+        let (value, depth) = match next {
+            Pending::Key(key) => {
+                nodes.push(Node::Str(key.to_owned()));
+                continue;
+            }
+            Pending::Value(value, depth) => (value, depth),
+        };
+        let node = match value {
+            Value::Null => Node::Null,
+            Value::Bool(b) => Node::Bool(*b),
+            Value::Int(n) => Node::Int(*n),
+            Value::Float(f) if f.is_finite() => Node::Float(*f),
+            Value::Float(f) => return Err(RecordError::NonFinite { value: *f }),
+            Value::Str(s) => Node::Str(s.clone()),
+            Value::Bytes(b) => Node::Bytes(b.clone()),
+            Value::List(items) => {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(RecordError::TooDeep);
+                }
+                // Reversed so the stack pops them in order.
+                for item in items.iter().rev() {
+                    stack.push(Pending::Value(item, depth + 1));
+                }
+                Node::List(item_count(items.len())?)
+            }
+            Value::Map(map) => {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(RecordError::TooDeep);
+                }
+                for (key, item) in map.iter().rev() {
+                    stack.push(Pending::Value(item, depth + 1));
+                    stack.push(Pending::Key(key));
+                }
+                Node::Map(item_count(map.len())?)
+            }
+        };
+        nodes.push(node);
+    }
+    Ok(FlatValue { nodes })
+}
+
+fn item_count(len: usize) -> Result<u32, RecordError> {
+    u32::try_from(len).map_err(|_| RecordError::TooLong { len })
+}
+
+/// A list or map being rebuilt, with how many items it still expects.
+enum Open {
+    List {
+        items: Vec<Value>,
+        remaining: u32,
+    },
+    Map {
+        map: BTreeMap<String, Value>,
+        remaining: u32,
+        key: Option<String>,
+    },
+}
+
+/// Rebuilds a [`Value`] from validated nodes with an explicit stack. The stack holds one
+/// entry per open container, so its length is the nesting depth and is bounded by
+/// [`MAX_DEPTH`] before anything is pushed.
+fn unflatten(flat: &ArchivedFlatValue) -> Result<Value, RecordError> {
+    let nodes = flat.nodes.as_slice();
+    let mut stack: Vec<Open> = Vec::new();
+    for (index, node) in nodes.iter().enumerate() {
+        // A map waiting for a key takes this node as the key.
+        if let Some(Open::Map {
+            key: key @ None, ..
+        }) = stack.last_mut()
+        {
+            match node {
+                ArchivedNode::Str(s) => *key = Some(s.as_str().to_owned()),
+                _ => return Err(RecordError::MapKeyNotString { index }),
+            }
+            continue;
+        }
+        // Capacity is capped by the nodes left, so a corrupt count cannot allocate much.
+        let left = nodes.len() - index - 1;
+        let mut value = match node {
+            ArchivedNode::Null => Value::Null,
+            ArchivedNode::Bool(b) => Value::Bool(*b),
+            ArchivedNode::Int(n) => Value::Int(n.to_native()),
+            ArchivedNode::Float(f) => {
+                let value = f.to_native();
+                if !value.is_finite() {
+                    return Err(RecordError::NonFinite { value });
+                }
+                Value::Float(value)
+            }
+            ArchivedNode::Str(s) => Value::Str(s.as_str().to_owned()),
+            ArchivedNode::Bytes(b) => Value::Bytes(b.as_slice().to_vec()),
+            ArchivedNode::List(_) | ArchivedNode::Map(_) if stack.len() >= MAX_DEPTH => {
+                return Err(RecordError::TooDeep);
+            }
+            ArchivedNode::List(len) if len.to_native() == 0 => Value::List(Vec::new()),
+            ArchivedNode::Map(len) if len.to_native() == 0 => Value::Map(BTreeMap::new()),
+            ArchivedNode::List(len) => {
+                let remaining = len.to_native();
+                let capacity = usize::try_from(remaining).unwrap_or(usize::MAX).min(left);
+                stack.push(Open::List {
+                    items: Vec::with_capacity(capacity),
+                    remaining,
+                });
+                continue;
+            }
+            ArchivedNode::Map(len) => {
+                stack.push(Open::Map {
+                    map: BTreeMap::new(),
+                    remaining: len.to_native(),
+                    key: None,
+                });
+                continue;
+            }
+        };
+        // Attach the finished value to its parent; a parent it completes is attached in
+        // turn, until one is still open or the root is done.
+        loop {
+            let Some(parent) = stack.last_mut() else {
+                let n_trailing = nodes.len() - index - 1;
+                if n_trailing > 0 {
+                    return Err(RecordError::Trailing { n_trailing });
+                }
+                return Ok(value);
+            };
+            let remaining = match parent {
+                Open::List { items, remaining } => {
+                    items.push(value);
+                    *remaining -= 1;
+                    *remaining
+                }
+                Open::Map {
+                    map,
+                    remaining,
+                    key,
+                } => {
+                    let key = key
+                        .take()
+                        .expect("a map parent always has its key here: the key branch above sets it before any value");
+                    if map.contains_key(&key) {
+                        return Err(RecordError::DuplicateKey { key });
+                    }
+                    map.insert(key, value);
+                    *remaining -= 1;
+                    *remaining
+                }
+            };
+            if remaining > 0 {
+                break;
+            }
+            value = match stack.pop() {
+                Some(Open::List { items, .. }) => Value::List(items),
+                Some(Open::Map { map, .. }) => Value::Map(map),
+                None => unreachable!("the parent was just borrowed from the stack"),
+            };
+        }
+    }
+    Err(RecordError::Truncated {
+        n_nodes: nodes.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested_value() -> Value {
+        Value::map([
+            ("int", Value::Int(i64::MIN)),
+            ("float", Value::Float(-0.1)),
+            ("tiny", Value::Float(f64::MIN_POSITIVE)),
+            ("bytes", Value::Bytes(vec![0, 255, 7])),
+            ("empty_list", Value::List(vec![])),
+            ("empty_map", Value::Map(BTreeMap::new())),
+            (
+                "list",
+                Value::List(vec![
+                    Value::Null,
+                    Value::Bool(true),
+                    Value::map([("k", Value::List(vec![Value::Str("deep".into())]))]),
+                    Value::Str(String::new()),
+                ]),
+            ),
+        ])
+    }
+
+    fn event(op: Value) -> EventRecord {
+        EventRecord {
+            seq: 7,
+            user: "alice".into(),
+            ts_ms: -5,
+            op,
+            changes: Changes {
+                public: vec![("a".into(), Some(nested_value())), ("b".into(), None)],
+                private: vec![("voters".into(), Some(Value::List(vec![Value::Int(1)])))],
+            },
+        }
+    }
+
+    /// A value nested `depth` lists deep around a scalar.
+    fn nest(depth: usize) -> Value {
+        (0..depth).fold(Value::Int(1), |inner, _| Value::List(vec![inner]))
+    }
+
+    fn assert_event_eq(a: &EventRecord, b: &EventRecord) {
+        assert_eq!(
+            (a.seq, &a.user, a.ts_ms, &a.op, &a.changes),
+            (b.seq, &b.user, b.ts_ms, &b.op, &b.changes)
+        );
+    }
+
+    #[test]
+    fn event_round_trips_nested_values_floats_and_bytes() {
+        let original = event(nested_value());
+        let bytes = encode_event(&original).unwrap();
+        assert_eq!(bytes[0], RECORD_VERSION);
+        let decoded = decode_event(7, &bytes).unwrap();
+        assert_event_eq(&decoded, &original);
+    }
+
+    #[test]
+    fn meta_round_trips_every_kind() {
+        for kind in [Kind::Chat, Kind::Poll, Kind::State] {
+            let bytes = encode_meta(&RoomMeta { kind, epoch: 42 }, 9).unwrap();
+            let (meta, head) = decode_meta(&bytes).unwrap();
+            assert_eq!((meta.kind, meta.epoch, head), (kind, 42, 9));
+        }
+    }
+
+    #[test]
+    fn value_at_max_depth_round_trips_and_one_deeper_is_refused() {
+        let deepest = event(nest(MAX_DEPTH));
+        let decoded = decode_event(7, &encode_event(&deepest).unwrap()).unwrap();
+        assert_eq!(decoded.op, deepest.op);
+        assert!(matches!(
+            encode_event(&event(nest(MAX_DEPTH + 1))),
+            Err(RecordError::TooDeep)
+        ));
+    }
+
+    #[test]
+    fn non_finite_float_is_refused_on_encode() {
+        let err = encode_event(&event(Value::Float(f64::NAN))).unwrap_err();
+        assert!(matches!(err, RecordError::NonFinite { .. }), "{err}");
+    }
+
+    #[test]
+    fn corrupt_bytes_give_errors_not_panics() {
+        let bytes = encode_event(&event(nested_value())).unwrap();
+        assert!(matches!(decode_event(1, &[]), Err(RecordError::Empty)));
+        let mut wrong_version = bytes.clone();
+        wrong_version[0] = 9;
+        assert!(matches!(
+            decode_event(1, &wrong_version),
+            Err(RecordError::Version { found: 9 })
+        ));
+        // Every truncation and every single-byte flip either fails cleanly or decodes to
+        // some valid record; none may panic.
+        for len in 0..bytes.len() {
+            let _ = decode_event(1, &bytes[..len]);
+        }
+        for i in 1..bytes.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut corrupt = bytes.clone();
+                corrupt[i] ^= flip;
+                let _ = decode_event(1, &corrupt);
+                let _ = decode_meta(&corrupt);
+            }
+        }
+        assert!(matches!(
+            decode_event(1, &[RECORD_VERSION, 1, 2, 3]),
+            Err(RecordError::Invalid { .. })
+        ));
+    }
+
+    /// Encodes raw nodes as an event's op, to test the decoder's structural checks on
+    /// archives that pass rkyv validation but are not a well-formed value.
+    fn decode_op_nodes(nodes: Vec<Node>) -> Result<Value, RecordError> {
+        let row = EventRow {
+            user: String::new(),
+            ts_ms: 0,
+            op: FlatValue { nodes },
+            public: vec![],
+            private: vec![],
+        };
+        decode_event(1, &versioned(&row).unwrap()).map(|event| event.op)
+    }
+
+    #[test]
+    fn malformed_node_sequences_are_refused() {
+        assert!(matches!(
+            decode_op_nodes(vec![]),
+            Err(RecordError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_op_nodes(vec![Node::List(u32::MAX), Node::Null]),
+            Err(RecordError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_op_nodes(vec![Node::Null, Node::Null]),
+            Err(RecordError::Trailing { n_trailing: 1 })
+        ));
+        assert!(matches!(
+            decode_op_nodes(vec![Node::Map(1), Node::Int(1), Node::Null]),
+            Err(RecordError::MapKeyNotString { index: 1 })
+        ));
+        assert!(matches!(
+            decode_op_nodes(vec![
+                Node::Map(2),
+                Node::Str("k".into()),
+                Node::Null,
+                Node::Str("k".into()),
+                Node::Null
+            ]),
+            Err(RecordError::DuplicateKey { .. })
+        ));
+        assert!(matches!(
+            decode_op_nodes(vec![Node::Float(f64::INFINITY)]),
+            Err(RecordError::NonFinite { .. })
+        ));
+        let too_deep = (0..=MAX_DEPTH).map(|_| Node::List(1)).chain([Node::Null]);
+        assert!(matches!(
+            decode_op_nodes(too_deep.collect()),
+            Err(RecordError::TooDeep)
+        ));
+    }
+
+    #[test]
+    fn unknown_kind_code_is_refused() {
+        let bytes = versioned(&MetaRow {
+            kind: 200,
+            epoch: 1,
+            head: 1,
+        })
+        .unwrap();
+        assert!(matches!(
+            decode_meta(&bytes),
+            Err(RecordError::UnknownKind { code: 200 })
+        ));
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::Int),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::Float),
+                ".{0,8}".prop_map(Value::Str),
+                proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::Bytes),
+            ];
+            leaf.prop_recursive(6, 64, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
+                    proptest::collection::btree_map(".{0,4}", inner, 0..6).prop_map(Value::Map),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_value_round_trips(op in value()) {
+                let original = event(op);
+                let decoded = decode_event(7, &encode_event(&original).unwrap()).unwrap();
+                prop_assert_eq!(decoded.op, original.op);
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Per-connection limits and the close codes that enforce them: bad frames (4400), frame
+//! size (1009), invalid UTF-8 (1007), op rate (rate_limited nacks, HTTP 429), heartbeat
+//! (4008) and the slow-consumer queue (4001).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{Connect, Event, Mirror, RawWs, Server, TIMEOUT};
+
+#[tokio::test]
+async fn unparseable_frame_gets_bad_frame_error_and_connection_stays_open() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.send_text("this is not json").await;
+    let error = alice.recv_json().await;
+    assert_eq!(error["t"], "error");
+    assert_eq!(error["code"], "bad_frame");
+    assert!(error["msg"].is_string());
+    alice
+        .create_ok("chat:after-bad-frame", "chat", json!({}))
+        .await;
+}
+
+#[tokio::test]
+async fn tenth_bad_frame_within_a_minute_closes_with_4400() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    let bad = [
+        "not json",
+        "[1, 2, 3]",
+        "\"a string\"",
+        "{}",
+        r#"{"t": "dance"}"#,
+        r#"{"room": "chat:x"}"#,
+        "{\"t\": \"sub\"",
+        "null",
+        "42",
+    ];
+    assert_eq!(bad.len(), 9);
+    for text in bad {
+        alice.send_text(text).await;
+        let error = alice.recv_json().await;
+        assert_eq!(error["code"], "bad_frame", "frame {text:?}: {error}");
+    }
+    // Errors that are not bad frames do not count toward the limit.
+    let answer = alice
+        .sub_msg(json!({"t": "sub", "room": "chat:none"}))
+        .await;
+    assert_eq!(answer["code"], "not_found");
+    alice.create_ok("chat:still-open", "chat", json!({})).await;
+    alice.send_text("the tenth").await;
+    alice.expect_close(4400).await;
+}
+
+#[tokio::test]
+async fn malformed_op_body_is_nacked_invalid_not_counted_as_bad_frame() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:malformed", "state", json!({})).await;
+    for i in 0..12 {
+        let code = alice
+            .nack(
+                &format!("m{i}"),
+                "state:malformed",
+                json!({"type": "warp", "speed": i}),
+            )
+            .await;
+        assert_eq!(code, "invalid");
+    }
+    // Twelve invalid ops did not close the connection.
+    alice
+        .ack("ok", "state:malformed", json!({"type": "incr", "key": "n"}))
+        .await;
+}
+
+#[tokio::test]
+async fn message_over_max_frame_closes_with_1009_and_one_under_is_served() {
+    let server = Server::start(&["--max-frame", "4096"]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("chat:frame-size", "chat", json!({})).await;
+    alice
+        .ack(
+            "fits",
+            "chat:frame-size",
+            json!({"type": "post", "text": "x".repeat(3000)}),
+        )
+        .await;
+    alice
+        .send_op(
+            "huge",
+            "chat:frame-size",
+            json!({"type": "post", "text": "y".repeat(5000)}),
+        )
+        .await;
+    alice.expect_close(1009).await;
+    let state = server.room_state("chat:frame-size").await;
+    assert_eq!(state["seq"], 2, "the oversized op was not applied");
+}
+
+#[tokio::test]
+async fn frame_header_declaring_1_gib_is_closed_with_1009_before_the_payload_is_buffered() {
+    let server = Server::start(&[]).await;
+    let mut raw = RawWs::connect(&server, "user=alice").await;
+    let welcome = raw.read_frame(TIMEOUT).await.expect("a welcome frame");
+    assert_eq!(welcome.opcode, 0x1, "JSON welcome is a text frame");
+    let rss_before = server.rss_kib();
+    raw.send_header(true, 0x1, 1 << 30).await;
+    // Offer some payload too: a server that buffers before checking would take it.
+    raw.write(&vec![b'a'; 256 * 1024]).await;
+    assert_eq!(raw.read_close_code(TIMEOUT).await, Some(1009));
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 50 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert_eq!(server.get("/healthz").await.status, 200);
+}
+
+#[tokio::test]
+async fn continuation_frames_are_joined_and_the_joined_size_is_limited() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("chat:fragments", "chat", json!({})).await;
+
+    // A message split in three fragments is one message.
+    let mut raw = RawWs::connect(&server, "user=bob").await;
+    raw.read_frame(TIMEOUT).await.expect("a welcome frame");
+    let text = json!({"t": "op", "id": "frag", "room": "chat:fragments",
+                      "op": {"type": "post", "text": "joined"}})
+    .to_string();
+    let (a, rest) = text.as_bytes().split_at(10);
+    let (b, c) = rest.split_at(20);
+    assert!(raw.send_frame(false, 0x1, a).await);
+    assert!(raw.send_frame(false, 0x0, b).await);
+    assert!(raw.send_frame(true, 0x0, c).await);
+    let reply = raw.read_frame(TIMEOUT).await.expect("a reply");
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+    assert_eq!(reply["t"], "ack", "{reply}");
+
+    // Two fragments of 40,000 bytes exceed 65,536 once joined.
+    let mut raw = RawWs::connect(&server, "user=carol").await;
+    raw.read_frame(TIMEOUT).await.expect("a welcome frame");
+    raw.send_frame(false, 0x1, &[b' '; 40_000]).await;
+    raw.send_frame(true, 0x0, &[b' '; 40_000]).await;
+    assert_eq!(raw.read_close_code(TIMEOUT).await, Some(1009));
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    let server = Server::start(&[]).await;
+    let mut raw = RawWs::connect(&server, "user=alice").await;
+    raw.read_frame(TIMEOUT).await.expect("a welcome frame");
+    raw.send_frame(true, 0x1, b"{\"t\":\"sub\",\"room\":\"\xff\xfe\"}")
+        .await;
+    assert_eq!(raw.read_close_code(TIMEOUT).await, Some(1007));
+}
+
+#[tokio::test]
+async fn ops_over_the_rate_are_nacked_rate_limited_and_not_applied() {
+    let server = Server::start(&["--op-rate", "1", "--op-burst", "5"]).await;
+    let created = server
+        .post_as(
+            "setup",
+            "/api/rooms",
+            &json!({"room": "state:rate", "kind": "state", "init": {}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+
+    let mut alice = server.client("alice").await;
+    for i in 0..12 {
+        alice
+            .send_op(
+                &format!("r{i}"),
+                "state:rate",
+                json!({"type": "incr", "key": "n"}),
+            )
+            .await;
+    }
+    let (mut acked, mut limited) = (0, 0);
+    for i in 0..12 {
+        let reply = alice.reply(&format!("r{i}")).await;
+        match (reply["t"].as_str(), reply["code"].as_str()) {
+            (Some("ack"), _) => acked += 1,
+            (Some("nack"), Some("rate_limited")) => limited += 1,
+            _ => panic!("unexpected reply {reply}"),
+        }
+    }
+    assert!((5..=7).contains(&acked), "burst 5 at 1/s: {acked} acked");
+    assert_eq!(acked + limited, 12);
+    let state = server.room_state("state:rate").await;
+    assert_eq!(
+        state["entries"][0]["v"], acked,
+        "only acked ops were applied"
+    );
+
+    // The limit is per connection: a fresh connection has its own burst.
+    let mut second = server.client("alice").await;
+    second
+        .ack("fresh", "state:rate", json!({"type": "incr", "key": "n"}))
+        .await;
+}
+
+#[tokio::test]
+async fn create_counts_as_an_op_for_the_rate_limit() {
+    let server = Server::start(&["--op-rate", "1", "--op-burst", "2"]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("chat:rate-a", "chat", json!({})).await;
+    alice.create_ok("chat:rate-b", "chat", json!({})).await;
+    let reply = alice.create("chat:rate-c", "chat", json!({})).await;
+    assert_eq!(reply["t"], "nack", "{reply}");
+    assert_eq!(reply["code"], "rate_limited");
+}
+
+#[tokio::test]
+async fn http_ops_over_the_rate_get_429_per_user() {
+    let server = Server::start(&["--op-rate", "1", "--op-burst", "3"]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:http-rate", "state", json!({})).await;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let response = server
+            .post_as(
+                "bob",
+                "/api/rooms/state:http-rate/ops",
+                &json!({"id": format!("h{i}"), "op": {"type": "incr", "key": "n"}}),
+            )
+            .await;
+        if response.status == 429 {
+            assert_eq!(response.code(), "rate_limited");
+        } else {
+            assert_eq!(response.status, 200, "{}", response.text);
+        }
+        statuses.push(response.status);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!((3..=5).contains(&ok), "burst 3 at 1/s: {statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // Another user has a budget of their own.
+    let response = server
+        .post_as(
+            "carol",
+            "/api/rooms/state:http-rate/ops",
+            &json!({"id": "c1", "op": {"type": "incr", "key": "n"}}),
+        )
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text);
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_with_4008_after_two_heartbeats() {
+    let server = Server::start(&["--heartbeat", "500ms"]).await;
+    let started = Instant::now();
+    // A hand-made client that reads but never answers a ping.
+    let mut raw = RawWs::connect(&server, "user=alice").await;
+    let mut pings = 0;
+    let code = loop {
+        let frame = raw
+            .read_frame(Duration::from_secs(5))
+            .await
+            .expect("closed without a close frame");
+        match frame.opcode {
+            0x9 => pings += 1,
+            0x8 => break frame.close_code(),
+            _ => {}
+        }
+    };
+    let elapsed = started.elapsed();
+    assert_eq!(code, Some(4008));
+    assert!(pings >= 1, "the server pings every heartbeat");
+    assert!(
+        elapsed >= Duration::from_millis(800),
+        "closed too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed <= Duration::from_secs(4),
+        "closed too late: {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn connection_that_answers_pings_outlives_the_heartbeat_timeout() {
+    let server = Server::start(&["--heartbeat", "500ms"]).await;
+    let mut alice = server.client("alice").await;
+    assert_eq!(alice.welcome["heartbeat_ms"], 500);
+    // Time passing is the point here: three heartbeats, answering pings all along.
+    alice.expect_silence(Duration::from_millis(1600)).await;
+    alice.create_ok("chat:alive", "chat", json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_is_closed_with_4001_while_other_subscribers_keep_up() {
+    let server = Server::start(&[
+        "--outbound-queue",
+        "262144",
+        "--op-rate",
+        "100000",
+        "--op-burst",
+        "100000",
+        "--durability",
+        "none",
+    ])
+    .await;
+    let room = "state:slow";
+    let n_ops: u64 = 400;
+    let head = n_ops + 1;
+    let mut alice = server.client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+
+    // carol subscribes, then never reads again until the flood is over.
+    let mut carol = Connect::new()
+        .user("carol")
+        .recv_buffer(4096)
+        .connect(&server)
+        .await;
+    carol.sub(room).await;
+
+    // bob reads everything, concurrently with the flood.
+    let mut bob = server.client("bob").await;
+    let snapshot = bob.sub(room).await;
+    let watcher = tokio::spawn(async move {
+        let mut mirror = Mirror::from_snapshot(&snapshot);
+        while mirror.seq < head {
+            let diff = bob.recv_until(|v| v["t"] == "diff").await;
+            mirror.apply(&diff);
+        }
+        mirror
+    });
+
+    let blob = "z".repeat(30 * 1024);
+    for i in 0..n_ops {
+        // One key, so no coalesced diff can exceed the queue on its own.
+        let op = json!({"type": "set", "key": "blob", "value": format!("{i}:{blob}")});
+        alice.send_op(&format!("s{i}"), room, op).await;
+    }
+    for i in 0..n_ops {
+        let reply = alice.reply(&format!("s{i}")).await;
+        assert_eq!(reply["t"], "ack", "{reply}");
+    }
+    let mirror = tokio::time::timeout(TIMEOUT * 4, watcher)
+        .await
+        .expect("the fast subscriber kept up")
+        .expect("the watcher task did not panic");
+    assert_eq!(mirror.seq, head);
+    let last = mirror
+        .value("blob")
+        .and_then(|v| v.as_str())
+        .expect("blob is a string");
+    assert!(
+        last.starts_with(&format!("{}:", n_ops - 1)),
+        "the last write wins"
+    );
+
+    // carol now drains what reached her socket: the connection must end, with 4001 if a
+    // close frame made it through, and before she saw the whole flood.
+    let mut carol_to = 1;
+    let deadline = Instant::now() + TIMEOUT;
+    let end = loop {
+        match carol
+            .next_event(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Event::Json(v) => {
+                if v["t"] == "diff" {
+                    carol_to = v["to"].as_u64().unwrap();
+                }
+            }
+            Event::Binary(_) => panic!("binary frame on a JSON connection"),
+            Event::Close(code) => break Some(code),
+            Event::Ended(_) => break None,
+            Event::Timeout => panic!("the slow reader's connection was never closed"),
+        }
+    };
+    if let Some(code) = end {
+        assert_eq!(code, Some(4001), "slow consumers are closed with 4001");
+    }
+    assert!(
+        carol_to < head,
+        "the slow reader's queue was discarded, not delivered"
+    );
+}

@@ -1,0 +1,32 @@
+//! Black-box integration tests: each test starts the real `roomd` binary on an ephemeral
+//! loopback port and speaks the wire contract (PROTOCOL.md) to it in literal JSON.
+
+// Starting the server, WebSocket/raw-frame/HTTP clients, and a checking room mirror.
+mod support;
+
+// JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
+mod auth;
+// Restarts, kill -9 and SIGTERM: acked ops, epochs and op ids survive.
+mod durability;
+// Effectively-once ops: re-sent ids are answered from the record and applied once.
+mod effectively_once;
+// The WebSocket upgrade: welcome, subprotocols, Origin checks, guest ids.
+mod handshake;
+// The HTTP API: health, room creation, room state, ops and status mapping.
+mod http_api;
+// Connection limits: frame size, UTF-8, bad frames, rate, heartbeat, slow readers.
+mod limits;
+// Presence: member lists, joins and leaves, only for subscribers that ask.
+mod presence;
+// Resuming with `since`: gapless catch-up or a fresh snapshot.
+mod resume;
+// Chat rooms: posts, edits, deletes, history trimming.
+mod rooms_chat;
+// Poll rooms: votes, retracts, close.
+mod rooms_poll;
+// State rooms: set/del/incr, compare-and-set, values, diff batching.
+mod rooms_state;
+// Ephemeral signals between room members.
+mod signals;
+// sub/unsub bookkeeping and the error frames of messages without an id.
+mod subscriptions;
