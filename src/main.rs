@@ -31,7 +31,14 @@ struct DefaultServe {
     serve: ServeArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = serve() {
+        eprintln!("roomd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,

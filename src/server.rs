@@ -23,7 +23,7 @@ use crate::protocol::codes::close;
 use crate::room::messages::Uncommitted;
 use crate::room::registry::Registry;
 use crate::room::RoomConfig;
-use crate::session::outbound::Outbound;
+use crate::session::outbound::{ConnSocket, Outbound};
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// What every handler and session shares.
@@ -111,6 +111,19 @@ pub async fn run(
             app = app.route("/ws/echo", web::get().to(crate::session::upgrade::ws_echo));
         }
         app
+    })
+    .on_connect(|conn, data| {
+        // Remember the socket so a session can cut a client that never reads.
+        if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
+            use std::os::fd::AsRawFd;
+            if let (Ok(local), Ok(peer)) = (tcp.local_addr(), tcp.peer_addr()) {
+                data.insert(ConnSocket {
+                    fd: tcp.as_raw_fd(),
+                    local,
+                    peer,
+                });
+            }
+        }
     })
     .workers(config.workers)
     // We run the shutdown order ourselves (actix's own never sends 4002).

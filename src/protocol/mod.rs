@@ -13,6 +13,7 @@
 
 pub mod binary;
 pub mod codes;
+pub mod fixtures;
 pub mod ids;
 pub mod json;
 pub mod message;

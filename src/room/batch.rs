@@ -30,10 +30,17 @@ impl Reply {
 
 /// One accepted event waiting for its commit.
 pub struct BatchEvent {
-    pub record: EventRecord,
+    pub seq: u64,
+    /// The log record; moved to the store when the batch is submitted.
+    pub record: Option<EventRecord>,
     /// Restores the working state if the commit fails.
     pub undo: Undo,
 }
+
+/// Most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 1024;
+/// Most bytes of changed values (as JSON) in one batch, which bounds a diff frame.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 
 /// Events applied to the working state and not yet committed.
 pub struct Batch {
@@ -51,6 +58,8 @@ pub struct Batch {
     pub coalesced: BTreeMap<String, Slot>,
     /// Op ids of this batch's events, remembered once committed.
     pub op_ids: Vec<(Arc<str>, String, u64)>,
+    /// Approximate JSON size of the changed values, for [`MAX_BATCH_BYTES`].
+    bytes: usize,
 }
 
 impl Batch {
@@ -63,7 +72,21 @@ impl Batch {
             priors: BTreeMap::new(),
             coalesced: BTreeMap::new(),
             op_ids: Vec::new(),
+            bytes: 0,
         }
+    }
+
+    /// A full batch takes no more events; the next one opens.
+    pub fn is_full(&self) -> bool {
+        self.events.len() >= MAX_BATCH_EVENTS || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    /// Moves the log records out, for the store.
+    pub fn take_records(&mut self) -> Vec<EventRecord> {
+        self.events
+            .iter_mut()
+            .filter_map(|e| e.record.take())
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,7 +96,7 @@ impl Batch {
     pub fn last_seq(&self) -> u64 {
         self.events
             .last()
-            .map_or(self.first_seq.saturating_sub(1), |e| e.record.seq)
+            .map_or(self.first_seq.saturating_sub(1), |e| e.seq)
     }
 
     /// Records the prior slot of every public key `changes` touches, before they apply.
@@ -96,6 +119,7 @@ impl Batch {
     ) {
         let seq = record.seq;
         for (key, value) in &record.changes.public {
+            self.bytes += key.len() + value.as_ref().map_or(4, |v| v.json_size());
             self.coalesced.insert(
                 key.clone(),
                 Slot {
@@ -108,7 +132,11 @@ impl Batch {
             self.op_ids.push((user, id, seq));
         }
         self.replies.push(Reply::Ack(reply, OpDone { seq, epoch }));
-        self.events.push(BatchEvent { record, undo });
+        self.events.push(BatchEvent {
+            seq,
+            record: Some(record),
+            undo,
+        });
     }
 
     /// The seq of an uncommitted event carrying this op id.

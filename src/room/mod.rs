@@ -76,11 +76,12 @@ struct Live {
     head: u64,
     /// Seq of the last committed event; 0 while the creation is being committed.
     committed: u64,
-    /// The batch the store is committing now (at most one per room, so commits, acks
-    /// and diffs happen in seq order).
-    in_flight: Option<Batch>,
-    /// Ops applied after `in_flight`, waiting to be submitted when it completes.
-    pending: Batch,
+    /// Uncommitted batches, oldest first. The front one is being committed when
+    /// `in_flight` is set (one commit per room at a time, so commits, acks and diffs
+    /// happen in seq order); the others wait their turn. Each batch is capped
+    /// ([`Batch::is_full`]) so a busy room's diffs stay bounded in size.
+    batches: VecDeque<Batch>,
+    in_flight: bool,
     /// Acked op ids: `(user, id)` -> seq, and their order for expiry.
     op_ids: HashMap<(Arc<str>, String), u64>,
     op_order: VecDeque<(Arc<str>, String)>,
@@ -173,8 +174,8 @@ fn rebuild(room: LoadedRoom, config: &RoomConfig) -> Live {
         state,
         head: room.head,
         committed: room.head,
-        in_flight: None,
-        pending: Batch::new(room.head + 1),
+        batches: VecDeque::new(),
+        in_flight: false,
         op_ids,
         op_order,
     }
@@ -225,13 +226,7 @@ impl Handler<Create> for Room {
                         return live.reply_ack(msg.reply, seq);
                     }
                     if let Some(seq) = live.uncommitted_seq(key) {
-                        return live.pending.replies.push(batch::Reply::Ack(
-                            msg.reply,
-                            OpDone {
-                                seq,
-                                epoch: live.epoch,
-                            },
-                        ));
+                        return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
                     }
                 }
                 live.reply_nack(
@@ -268,12 +263,12 @@ impl Handler<Create> for Room {
                     state: RoomState::new(kind),
                     head: 0,
                     committed: 0,
-                    in_flight: None,
-                    pending: Batch::new(1),
+                    batches: VecDeque::new(),
+                    in_flight: false,
                     op_ids: HashMap::new(),
                     op_order: VecDeque::new(),
                 };
-                live.pending.create = Some(RoomMeta { kind, epoch });
+                live.open_batch().create = Some(RoomMeta { kind, epoch });
                 let op = crate::value::Value::map([
                     ("type", crate::value::Value::Str("create".into())),
                     ("kind", crate::value::Value::Str(kind.as_str().into())),
@@ -303,7 +298,7 @@ impl Handler<Submit> for Room {
                     .nack(Code::NotFound, format!("no room {}", self.room_id));
                 return self.stop_if_unused(ctx);
             }
-            Status::Live(live) if live.committed == 0 && live.in_flight.is_some() => {
+            Status::Live(live) if live.committed == 0 && live.in_flight => {
                 // The creation is not durable yet; an op now would be a race the client
                 // cannot see, so it waits in line like any other op.
                 live
@@ -317,13 +312,7 @@ impl Handler<Submit> for Room {
             }
             // A re-send of an op still in flight is answered when the original is.
             if let Some(seq) = live.uncommitted_seq(key) {
-                return live.pending.replies.push(batch::Reply::Ack(
-                    msg.reply,
-                    OpDone {
-                        seq,
-                        epoch: live.epoch,
-                    },
-                ));
+                return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
             }
         }
         let seq = live.head + 1;
@@ -353,9 +342,13 @@ impl Live {
         op_key: Option<(Arc<str>, String)>,
         reply: ReplyTo,
     ) {
+        // The batch opens before head moves: a new batch's first seq is head + 1.
+        self.open_batch();
         self.head += 1;
         let seq = self.head;
-        self.pending.note_priors(&self.state, &changes);
+        if let Some(batch) = self.batches.back_mut() {
+            batch.note_priors(&self.state, &changes);
+        }
         let undo = self.state.apply(seq, &changes);
         let record = EventRecord {
             seq,
@@ -364,40 +357,54 @@ impl Live {
             op,
             changes,
         };
-        self.pending
-            .add_event(record, undo, op_key, reply, self.epoch);
+        let epoch = self.epoch;
+        if let Some(batch) = self.batches.back_mut() {
+            batch.add_event(record, undo, op_key, reply, epoch);
+        }
+    }
+
+    fn done(&self, seq: u64) -> OpDone {
+        OpDone {
+            seq,
+            epoch: self.epoch,
+        }
+    }
+
+    /// The batch new events and replies join: the newest one, unless it is being
+    /// committed or is full.
+    fn open_batch(&mut self) -> &mut Batch {
+        let usable = match self.batches.back() {
+            Some(last) => !(self.in_flight && self.batches.len() == 1) && !last.is_full(),
+            None => false,
+        };
+        if !usable {
+            self.batches.push_back(Batch::new(self.head + 1));
+        }
+        // Just ensured non-empty.
+        self.batches.back_mut().expect("a batch was just pushed")
     }
 
     /// The seq of an op id that is applied but not yet committed.
     fn uncommitted_seq(&self, key: &(Arc<str>, String)) -> Option<u64> {
-        self.in_flight
-            .as_ref()
-            .and_then(|batch| batch.seq_of(key))
-            .or_else(|| self.pending.seq_of(key))
+        self.batches.iter().find_map(|batch| batch.seq_of(key))
     }
 
-    /// Acks now if nothing is in line before this reply, else in order after the batch.
+    /// Sends a reply now if nothing is in line before it, else after the newest batch.
+    fn reply_later(&mut self, reply: batch::Reply) {
+        if self.batches.is_empty() {
+            reply.send();
+        } else {
+            self.open_batch().replies.push(reply);
+        }
+    }
+
     fn reply_ack(&mut self, reply: ReplyTo, seq: u64) {
-        let done = OpDone {
-            seq,
-            epoch: self.epoch,
-        };
-        if self.in_flight.is_none() && self.pending.is_empty() {
-            reply.ack(done);
-        } else {
-            self.pending.replies.push(batch::Reply::Ack(reply, done));
-        }
+        let done = self.done(seq);
+        self.reply_later(batch::Reply::Ack(reply, done));
     }
 
-    /// Nacks now if nothing is in line before this reply, else in order after the batch.
     fn reply_nack(&mut self, reply: ReplyTo, code: Code, msg: String) {
-        if self.in_flight.is_none() && self.pending.is_empty() {
-            reply.nack(code, msg);
-        } else {
-            self.pending
-                .replies
-                .push(batch::Reply::Nack(reply, code, msg));
-        }
+        self.reply_later(batch::Reply::Nack(reply, code, msg));
     }
 
     /// The committed value of every public key, sorted: the working state with the
@@ -454,7 +461,7 @@ impl Live {
     /// For each key changed by uncommitted events, its committed slot (None: absent).
     fn overlay(&self) -> BTreeMap<String, Option<Slot>> {
         let mut overlay = BTreeMap::new();
-        for batch in self.in_flight.iter().chain(std::iter::once(&self.pending)) {
+        for batch in &self.batches {
             for (key, prior) in &batch.priors {
                 overlay.entry(key.clone()).or_insert_with(|| prior.clone());
             }
@@ -488,28 +495,30 @@ pub fn wire_entry(key: &str, slot: &Slot) -> WireEntry {
 }
 
 impl Room {
-    /// Submits the pending batch if no commit is in flight; answers what waits on nothing.
+    /// Submits the oldest batch if no commit is in flight, first answering batches that
+    /// hold only replies (nacks, answers to re-sent ids).
     fn flush(&mut self, ctx: &mut Context<Self>) {
         let Status::Live(live) = &mut self.status else {
             return;
         };
-        if live.in_flight.is_some() {
+        if live.in_flight {
             return;
         }
-        if live.pending.events.is_empty() {
-            // Only replies wait (nacks or acks of already committed ids): send them.
-            for reply in live.pending.replies.drain(..) {
-                reply.send();
+        while live.batches.front().is_some_and(|b| b.events.is_empty()) {
+            if let Some(batch) = live.batches.pop_front() {
+                for reply in batch.replies {
+                    reply.send();
+                }
             }
-            return;
         }
-        let next_first = live.head + 1;
-        let batch = std::mem::replace(&mut live.pending, Batch::new(next_first));
+        let Some(batch) = live.batches.front_mut() else {
+            return;
+        };
         let mut expire = Vec::new();
         // Expiry is decided at submit time so the store forgets ids in the same commit.
         let kept = self.config.op_ids_kept;
-        let overflow = (live.op_order.len() + batch.op_ids.len()).saturating_sub(kept + kept / 10);
-        for _ in 0..overflow {
+        let excess = (live.op_order.len() + batch.op_ids.len()).saturating_sub(kept + kept / 10);
+        for _ in 0..excess {
             if let Some(old) = live.op_order.pop_front() {
                 live.op_ids.remove(&old);
                 expire.push((old.0.to_string(), old.1));
@@ -518,7 +527,7 @@ impl Room {
         let store_batch = store::Batch {
             room: self.room_id.to_string(),
             create: batch.create,
-            events: batch.events.iter().map(|e| e.record.clone()).collect(),
+            events: batch.take_records(),
             op_ids: batch
                 .op_ids
                 .iter()
@@ -530,9 +539,9 @@ impl Room {
                 .collect(),
             expire_op_ids: expire,
         };
+        live.in_flight = true;
         match self.store.submit(store_batch) {
             Ok(done) => {
-                live.in_flight = Some(batch);
                 let wait = async move {
                     match done.await {
                         Ok(result) => result.map_err(|e| e.to_string()),
@@ -544,19 +553,20 @@ impl Room {
                         .map(|result, room, ctx| room.committed(result, ctx)),
                 );
             }
-            Err(e) => {
-                live.in_flight = Some(batch);
-                self.committed(Err(e.to_string()), ctx);
-            }
+            Err(e) => self.committed(Err(e.to_string()), ctx),
         }
     }
 
-    /// The store answered for the in-flight batch.
+    /// The store answered for the batch in flight.
     fn committed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
         let Status::Live(live) = &mut self.status else {
             return;
         };
-        let Some(mut batch) = live.in_flight.take() else {
+        if !live.in_flight {
+            return;
+        }
+        live.in_flight = false;
+        let Some(mut batch) = live.batches.pop_front() else {
             return;
         };
         match result {
@@ -580,7 +590,7 @@ impl Room {
                     to: live.committed,
                     changes: batch.coalesced_entries(),
                 };
-                self.broadcast(&diff, None);
+                self.broadcast(&diff, Charge::Bulk, None);
                 if !self.deferred_subs.is_empty() {
                     for sub in std::mem::take(&mut self.deferred_subs) {
                         let _ = self.subscribe(sub, ctx);
@@ -590,13 +600,13 @@ impl Room {
             Err(e) => {
                 tracing::error!(room = %self.room_id, error = %e, "commit failed; nacking uncommitted ops");
                 let msg = format!("store failure, nothing applied: {e}");
-                // Undo newest first: the pending batch was applied on top of this one.
-                let pending = std::mem::replace(&mut live.pending, Batch::new(0));
-                for failed in [pending, batch] {
-                    failed.fail(&mut live.state, live.committed, &msg);
+                // Undo newest first: later batches were applied on top of earlier ones.
+                let mut failed: Vec<Batch> = live.batches.drain(..).collect();
+                failed.insert(0, batch);
+                for batch in failed.into_iter().rev() {
+                    batch.fail(&mut live.state, live.committed, &msg);
                 }
                 live.head = live.committed;
-                live.pending = Batch::new(live.head + 1);
                 if live.committed == 0 {
                     // The creation itself failed: the room does not exist.
                     self.status = Status::Absent;
@@ -619,7 +629,12 @@ impl Room {
 
     /// Queues one message to every subscriber (or those wanting presence), encoding it
     /// once per encoding in use. Subscribers whose queue overflowed are dropped.
-    fn broadcast(&mut self, msg: &ServerMsg, only: Option<fn(&Subscriber) -> bool>) {
+    fn broadcast(
+        &mut self,
+        msg: &ServerMsg,
+        charge: Charge,
+        only: Option<fn(&Subscriber) -> bool>,
+    ) {
         let mut encoded: [Option<Frame>; 2] = [None, None];
         let mut gone = Vec::new();
         for (id, sub) in &self.subscribers {
@@ -636,7 +651,7 @@ impl Room {
                 .get_or_insert_with(|| encode(msg, sub.session.encoding))
                 .clone();
             if matches!(
-                sub.session.outbound.push(frame, Charge::Full),
+                sub.session.outbound.push(frame, charge),
                 Pushed::Overflowed | Pushed::Closed
             ) {
                 gone.push(*id);
@@ -724,7 +739,7 @@ impl Room {
         if matches!(
             msg.session
                 .outbound
-                .push(encode(&reply, msg.session.encoding), Charge::Catchup),
+                .push(encode(&reply, msg.session.encoding), Charge::Bulk),
             Pushed::Overflowed | Pushed::Closed
         ) {
             self.remove_subscriber(msg.session.session_id);
@@ -776,7 +791,7 @@ impl Room {
             join,
             leave,
         };
-        self.broadcast(&change, Some(|sub| sub.presence));
+        self.broadcast(&change, Charge::Full, Some(|sub| sub.presence));
     }
 }
 
@@ -844,9 +859,7 @@ impl Handler<Uncommitted> for Room {
 
     fn handle(&mut self, _msg: Uncommitted, _ctx: &mut Context<Self>) -> usize {
         match &self.status {
-            Status::Live(live) => {
-                live.pending.events.len() + live.in_flight.as_ref().map_or(0, |b| b.events.len())
-            }
+            Status::Live(live) => live.batches.iter().map(|b| b.events.len()).sum(),
             _ => 0,
         }
     }

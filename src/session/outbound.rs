@@ -1,30 +1,35 @@
-//! The byte-bounded outbound queue of one connection, and the writer task draining it.
+//! The byte-bounded outbound queue of one connection, and the response body draining it.
 //!
-//! Rooms and the session push frames here without waiting; the writer task owns the
-//! `actix_ws::Session` and writes them to the socket in order. Frames are `Bytes` shared
-//! by reference: a diff encoded once is queued to every subscriber for a refcount.
+//! Rooms and the session push frames here without waiting. The connection's response
+//! body ([`OutboundBody`]) pulls them when actix-http asks for more, which it does only
+//! while its write buffer is small, so the bytes charged here are what this connection
+//! holds in memory (plus one write buffer and the kernel's socket buffer). That is why
+//! frames do not go through `actix_ws::Session`: its channel holds 32 frames of any size
+//! that no byte limit sees. Frames are `Bytes` shared by reference: a diff encoded once
+//! is queued to every subscriber for a refcount.
 //!
 //! Overflow policy (PROTOCOL.md "Limits"): when a push would take the queue past its byte
 //! limit, the queue is discarded and the connection is closed with 4001; the client
 //! resumes from the log. Signals are dropped instead when the queue is half full. A
-//! `snapshot` or `resumed` is charged at most half the limit, so one that alone exceeds
-//! the limit is still sent, while repeated ones still close a client that never reads.
-//! A close is best effort for one second; after that the connection is cut (see
-//! [`KillSwitch`]) even if the client never reads.
+//! `snapshot`, `resumed` or `diff` is charged at most half the limit, so one that alone
+//! exceeds the limit is still sent (a busy room's coalesced diff can be large, and a
+//! client that keeps up must not be cut for it), while a client that falls two such
+//! frames behind is still closed. These frames are shared `Bytes`, so the memory they
+//! hold is counted once per room, not per subscriber.
+//!
+//! Every close is followed by a cut of the socket after a short grace ([`KillSwitch`]),
+//! so a connection ends within a second even if the client never reads.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
 use actix_web::body::{BodySize, BoxBody, MessageBody};
-use bytes::Bytes;
-use bytestring::ByteString;
-use futures_util::task::AtomicWaker;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// One frame waiting to be written.
 #[derive(Debug, Clone)]
@@ -61,49 +66,58 @@ pub enum Pushed {
 pub enum Charge {
     /// Ordinary frames: their full size.
     Full,
-    /// `snapshot` and `resumed`: at most half the limit (see the module docs).
-    Catchup,
+    /// `snapshot`, `resumed` and `diff`: at most half the limit (see the module docs).
+    Bulk,
     /// Signals: dropped when the queue is half full, never an overflow.
     Droppable,
 }
 
-/// The queue shared by the session, the rooms it subscribes to, and the writer task.
+/// The queue shared by the session, the rooms it subscribes to, and the response body.
 #[derive(Debug)]
 pub struct Outbound {
     inner: Mutex<Inner>,
-    /// Wakes the writer when a frame or a close arrives.
-    notify: Notify,
     limit: usize,
+    /// Cuts the socket after a close's grace period.
+    kill: KillSwitch,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     frames: VecDeque<(Frame, usize)>,
     charged: usize,
-    /// Set once: the close code and reason the writer sends before cutting.
+    /// Set once: the close code and reason to send before the body ends.
     close: Option<(u16, String)>,
+    /// The close frame was handed to the connection; the body ends next.
+    close_sent: bool,
+    /// The body waiting for a frame.
+    waker: Option<Waker>,
 }
 
+/// How long a closing connection may take to finish before its socket is cut: the
+/// close frame goes out at once to a client that reads, so this only bounds clients
+/// that do not. Well inside the contract's 1 s.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(700);
+
 impl Outbound {
-    pub fn new(limit: usize) -> Arc<Outbound> {
+    pub fn new(limit: usize, kill: KillSwitch) -> Arc<Outbound> {
         Arc::new(Outbound {
             inner: Mutex::new(Inner::default()),
-            notify: Notify::new(),
             limit,
+            kill,
         })
     }
 
     /// Queues a frame without waiting; see the module docs for the overflow policy.
     pub fn push(&self, frame: Frame, charge: Charge) -> Pushed {
         let len = frame.len();
-        let pushed = {
+        let (pushed, waker) = {
             let mut inner = self.inner.lock();
             if inner.close.is_some() {
                 return Pushed::Closed;
             }
             let charged = match charge {
                 Charge::Full => len,
-                Charge::Catchup => len.min(self.limit / 2),
+                Charge::Bulk => len.min(self.limit / 2),
                 Charge::Droppable if inner.charged + len > self.limit / 2 => {
                     return Pushed::Dropped;
                 }
@@ -113,24 +127,29 @@ impl Outbound {
                 inner.frames.clear();
                 inner.charged = 0;
                 inner.close = Some((
-                    super::super::protocol::codes::close::SLOW_CONSUMER,
+                    crate::protocol::codes::close::SLOW_CONSUMER,
                     format!("outbound queue over its limit of {} bytes", self.limit),
                 ));
-                Pushed::Overflowed
+                (Pushed::Overflowed, inner.waker.take())
             } else {
                 inner.frames.push_back((frame, charged));
                 inner.charged += charged;
-                Pushed::Queued
+                (Pushed::Queued, inner.waker.take())
             }
         };
-        self.notify.notify_one();
+        if pushed == Pushed::Overflowed {
+            self.schedule_cut();
+        }
+        if let Some(waker) = waker {
+            waker.wake();
+        }
         pushed
     }
 
-    /// Asks the writer to send a close frame and end the connection. The first close
-    /// wins; frames still queued are discarded.
+    /// Sends a close frame next and ends the connection; frames still queued are
+    /// discarded. The first close wins.
     pub fn close(&self, code: u16, reason: impl Into<String>) {
-        {
+        let waker = {
             let mut inner = self.inner.lock();
             if inner.close.is_some() {
                 return;
@@ -138,8 +157,26 @@ impl Outbound {
             inner.frames.clear();
             inner.charged = 0;
             inner.close = Some((code, reason.into()));
+            inner.waker.take()
+        };
+        self.schedule_cut();
+        if let Some(waker) = waker {
+            waker.wake();
         }
-        self.notify.notify_one();
+    }
+
+    fn schedule_cut(&self) {
+        let kill = self.kill.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    tokio::time::sleep(CLOSE_GRACE).await;
+                    kill.kill();
+                });
+            }
+            // Every caller runs on an actix thread; without a runtime, cut at once.
+            Err(_) => kill.kill(),
+        }
     }
 
     /// True once a close was asked for (by overflow, the session or shutdown).
@@ -152,130 +189,116 @@ impl Outbound {
         self.inner.lock().charged
     }
 
-    /// The writer side: the next frame, or the close to send.
-    async fn next(&self) -> Next {
-        loop {
-            let notified = self.notify.notified();
-            {
-                let mut inner = self.inner.lock();
-                if let Some((code, reason)) = &inner.close {
-                    return Next::Close(*code, reason.clone());
-                }
-                if let Some((frame, charged)) = inner.frames.pop_front() {
-                    inner.charged -= charged;
-                    return Next::Frame(frame);
-                }
-            }
-            notified.await;
+    /// The body side: the next frame's wire bytes, None once the close was sent.
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut inner = self.inner.lock();
+        if inner.close_sent {
+            return Poll::Ready(None);
+        }
+        let mut wire = BytesMut::new();
+        if let Some((code, reason)) = &inner.close {
+            let reason = CloseReason {
+                code: CloseCode::from(*code),
+                description: (!reason.is_empty()).then(|| truncate(reason, 123)),
+            };
+            Parser::write_close(&mut wire, Some(reason), false);
+            inner.close_sent = true;
+            return Poll::Ready(Some(wire.freeze()));
+        }
+        let Some((frame, charged)) = inner.frames.pop_front() else {
+            inner.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        inner.charged -= charged;
+        drop(inner);
+        match frame {
+            Frame::Text(b) => Parser::write_message(&mut wire, b, OpCode::Text, true, false),
+            Frame::Binary(b) => Parser::write_message(&mut wire, b, OpCode::Binary, true, false),
+            Frame::Ping => Parser::write_message(&mut wire, b"", OpCode::Ping, true, false),
+            Frame::Pong(b) => Parser::write_message(&mut wire, b, OpCode::Pong, true, false),
+        }
+        Poll::Ready(Some(wire.freeze()))
+    }
+}
+
+/// A close reason fits a control frame (125 bytes with the code): cut at a char boundary.
+fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// The upgrade response body: frames pulled from the [`Outbound`] queue.
+///
+/// It also keeps actix-ws's own response body alive, unpolled: dropping that body is
+/// how actix-ws tells its message stream that the connection ended.
+pub struct OutboundBody {
+    outbound: Arc<Outbound>,
+    _actix_ws_body: BoxBody,
+}
+
+impl OutboundBody {
+    pub fn new(outbound: Arc<Outbound>, actix_ws_body: BoxBody) -> OutboundBody {
+        OutboundBody {
+            outbound,
+            _actix_ws_body: actix_ws_body,
         }
     }
-
-    async fn closing(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_closing() {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
-enum Next {
-    Frame(Frame),
-    Close(u16, String),
-}
-
-/// How long a close handshake may take before the connection is cut.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// Drains `outbound` into the socket until a close, a write error or a cut.
-pub async fn run_writer(outbound: Arc<Outbound>, mut session: actix_ws::Session, kill: KillSwitch) {
-    loop {
-        let frame = match outbound.next().await {
-            Next::Frame(frame) => frame,
-            Next::Close(code, reason) => {
-                let reason = actix_ws::CloseReason {
-                    code: actix_ws::CloseCode::from(code),
-                    description: Some(reason),
-                };
-                let _ = tokio::time::timeout(CLOSE_GRACE, session.close(Some(reason))).await;
-                break;
-            }
-        };
-        let write = async {
-            match frame {
-                Frame::Text(bytes) => match ByteString::try_from(bytes) {
-                    Ok(text) => session.text(text).await,
-                    // Text frames are built from `String`s; this cannot happen.
-                    Err(_) => Ok(()),
-                },
-                Frame::Binary(bytes) => session.binary(bytes).await,
-                Frame::Ping => session.ping(b"").await,
-                Frame::Pong(bytes) => session.pong(&bytes).await,
-            }
-        };
-        // A client that stops reading blocks the write; a close must still get through.
-        let written = tokio::select! {
-            written = write => written.is_ok(),
-            () = outbound.closing() => true,
-        };
-        if !written {
-            break;
-        }
-    }
-    // Whatever ended the writer, the connection ends within the grace period.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    kill.kill();
-}
-
-/// Cuts a WebSocket connection: the response body wrapped by [`KillableBody`] fails,
-/// and actix-http drops the TCP connection instead of waiting for the peer.
-#[derive(Clone, Debug, Default)]
-pub struct KillSwitch(Arc<KillState>);
-
-#[derive(Debug, Default)]
-struct KillState {
-    killed: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl KillSwitch {
-    pub fn kill(&self) {
-        self.0.killed.store(true, Ordering::Release);
-        self.0.waker.wake();
-    }
-}
-
-/// The upgrade response body (actix-ws's frame stream) with a [`KillSwitch`].
-pub struct KillableBody {
-    inner: BoxBody,
-    kill: KillSwitch,
-}
-
-impl KillableBody {
-    pub fn new(inner: BoxBody, kill: KillSwitch) -> KillableBody {
-        KillableBody { inner, kill }
-    }
-}
-
-impl MessageBody for KillableBody {
-    type Error = Box<dyn std::error::Error>;
+impl MessageBody for OutboundBody {
+    type Error = std::convert::Infallible;
 
     fn size(&self) -> BodySize {
-        self.inner.size()
+        BodySize::Stream
     }
 
     fn poll_next(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        let this = self.get_mut();
-        this.kill.0.waker.register(cx.waker());
-        if this.kill.0.killed.load(Ordering::Acquire) {
-            return Poll::Ready(Some(Err("connection cut by roomd".into())));
+        self.outbound.poll_frame(cx).map(|frame| frame.map(Ok))
+    }
+}
+
+/// The TCP socket under a connection, recorded when it was accepted (see
+/// `server::run`'s `on_connect`), so a close can be forced on a client that never reads.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSocket {
+    pub fd: std::os::fd::RawFd,
+    pub local: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
+}
+
+/// Cuts a connection that did not close in time.
+///
+/// actix-http stops polling a response body while its write buffer is full, so a client
+/// that stops reading could hold a connection open forever, close frame and all. Cutting
+/// the socket (linger 0, then shutdown) makes the dispatcher fail its next read or write
+/// and drop the connection, and the kernel answers the peer with a reset.
+#[derive(Clone, Debug, Default)]
+pub struct KillSwitch(Option<ConnSocket>);
+
+impl KillSwitch {
+    pub fn new(socket: Option<ConnSocket>) -> KillSwitch {
+        KillSwitch(socket)
+    }
+
+    pub fn kill(&self) {
+        let Some(conn) = self.0 else { return };
+        // SAFETY: the fd is only borrowed for these calls. It may have been closed and
+        // reused since it was recorded, so the socket's addresses are checked first: a
+        // live TCP socket with the same local and peer address is this connection.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let same = socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(conn.local)
+            && socket.peer_addr().ok().and_then(|a| a.as_socket()) == Some(conn.peer);
+        if same {
+            let _ = socket.set_linger(Some(Duration::ZERO));
+            let _ = socket.shutdown(std::net::Shutdown::Both);
         }
-        Pin::new(&mut this.inner).poll_next(cx)
     }
 }
 
@@ -289,7 +312,7 @@ mod tests {
 
     #[test]
     fn overflow_discards_the_queue_and_closes_with_4001() {
-        let q = Outbound::new(100);
+        let q = Outbound::new(100, KillSwitch::default());
         assert_eq!(q.push(text(60), Charge::Full), Pushed::Queued);
         assert_eq!(q.push(text(60), Charge::Full), Pushed::Overflowed);
         assert_eq!(q.charged(), 0);
@@ -299,7 +322,7 @@ mod tests {
 
     #[test]
     fn signals_are_dropped_when_half_full() {
-        let q = Outbound::new(100);
+        let q = Outbound::new(100, KillSwitch::default());
         assert_eq!(q.push(text(45), Charge::Full), Pushed::Queued);
         assert_eq!(q.push(text(10), Charge::Droppable), Pushed::Dropped);
         assert!(!q.is_closing());
@@ -307,9 +330,9 @@ mod tests {
 
     #[test]
     fn an_oversized_snapshot_is_still_sent() {
-        let q = Outbound::new(100);
-        assert_eq!(q.push(text(1000), Charge::Catchup), Pushed::Queued);
+        let q = Outbound::new(100, KillSwitch::default());
+        assert_eq!(q.push(text(1000), Charge::Bulk), Pushed::Queued);
         assert_eq!(q.push(text(40), Charge::Full), Pushed::Queued);
-        assert_eq!(q.push(text(1000), Charge::Catchup), Pushed::Overflowed);
+        assert_eq!(q.push(text(1000), Charge::Bulk), Pushed::Overflowed);
     }
 }

@@ -1,16 +1,15 @@
 //! The WebSocket upgrade: `/ws` (rooms) and `/ws/echo` (conformance testing).
 //!
 //! Both go through the same path: Origin check, subprotocol choice, identity, the
-//! [`frame_guard`](super::frame_guard) in front of actix-ws, the byte-bounded outbound
-//! queue with its writer task, and a response body that can be cut
-//! ([`KillableBody`]) so a close never waits on a client that does not read.
+//! [`frame_guard`](super::frame_guard) in front of actix-ws, and the byte-bounded outbound
+//! queue as the response body, which can cut the socket ([`KillSwitch`]) so a close
+//! never waits on a client that does not read.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::{Actor, AsyncContext};
 use actix_http::BoxedPayloadStream;
-use actix_web::body::MessageBody;
 use actix_web::dev::Payload as DevPayload;
 use actix_web::http::header;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
@@ -18,7 +17,7 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, ProtocolError};
 use futures_util::StreamExt;
 
 use super::frame_guard::{self, GuardHandle};
-use super::outbound::{run_writer, Charge, Frame, KillSwitch, KillableBody, Outbound};
+use super::outbound::{Charge, ConnSocket, Frame, KillSwitch, Outbound, OutboundBody};
 use super::Session;
 use crate::auth::{origin_allowed, AuthError};
 use crate::protocol::codes::close;
@@ -75,13 +74,17 @@ async fn upgrade(
     let protocols: Vec<&str> = protocol.into_iter().collect();
     let (response, ws_session, messages) =
         actix_ws::handle_with_protocols(req, payload, &protocols)?;
-    let kill = KillSwitch::default();
-    let killable = kill.clone();
+    // Frames go out through our byte-bounded queue and body, not actix-ws's session
+    // (see `outbound`); the session handle is dropped unused.
+    drop(ws_session);
+    let kill = KillSwitch::new(req.conn_data::<ConnSocket>().copied());
+    let outbound = Outbound::new(shared.config.outbound_queue, kill);
     let response = response
-        .map_body(move |_, body| KillableBody::new(body, killable).boxed())
+        .map_body({
+            let outbound = outbound.clone();
+            move |_, body| OutboundBody::new(outbound, body)
+        })
         .map_into_boxed_body();
-    let outbound = Outbound::new(shared.config.outbound_queue);
-    actix_rt::spawn(run_writer(outbound.clone(), ws_session, kill));
     let messages = messages
         .max_frame_size(max)
         .aggregate_continuations()

@@ -8,7 +8,7 @@
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -177,9 +177,11 @@ impl Server {
     /// failing the test if it starts listening instead of exiting.
     pub async fn run_expecting_exit(bind: &str, args: &[&str]) -> ExitStatus {
         let tmp = tempfile::tempdir().expect("a temporary directory can be created");
-        let log = File::create(tmp.path().join("roomd.stderr")).expect("the log can be created");
+        let log_tmp = tempfile::tempdir().expect("a temporary directory can be created");
+        let log =
+            File::create(log_tmp.path().join("roomd.stderr")).expect("the log can be created");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut child = command(bind, &tmp.path().join("data"), &args, log)
+        let mut child = command(bind, tmp.path(), &args, log)
             .spawn()
             .expect("the roomd binary can be spawned");
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -584,6 +586,7 @@ impl Connect {
                     .get("Sec-WebSocket-Protocol")
                     .map(|v| v.to_str().unwrap_or_default().to_string()),
                 ws,
+                pending: VecDeque::new(),
                 welcome: Value::Null,
             }),
             Ok(Err(tungstenite::Error::Http(response))) => Err(response.status().as_u16()),
@@ -619,8 +622,13 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// A JSON WebSocket client. tungstenite answers pings while the client reads.
+///
+/// Frames that `recv_until` skips are kept, in order, and seen first by later reads: a
+/// test waiting for an ack does not lose the diff that arrived before it.
 pub struct Client {
     ws: WebSocketStream<TcpStream>,
+    /// Frames read off the socket but not yet consumed by the test.
+    pending: VecDeque<Value>,
     /// The welcome frame (Null until `Connect::connect` read it).
     pub welcome: Value,
     /// The subprotocol the server selected, if any.
@@ -672,26 +680,49 @@ impl Client {
         }
     }
 
-    /// The next frame, which must be JSON and arrive within TIMEOUT.
+    /// The next unconsumed frame, which must be JSON and arrive within TIMEOUT.
     pub async fn recv_json(&mut self) -> Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
         match self.next_event(TIMEOUT).await {
             Event::Json(v) => v,
             other => panic!("expected a JSON frame, got {other:?}"),
         }
     }
 
-    /// Skips frames until one matches `pred` (within TIMEOUT) and returns it.
+    /// The first frame matching `pred` (within TIMEOUT); frames skipped on the way stay
+    /// pending for later reads.
     pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
-        self.collect_until(pred)
-            .await
-            .pop()
-            .expect("collect_until returns the matching frame last")
+        if let Some(pos) = self.pending.iter().position(&pred) {
+            return self.pending.remove(pos).expect("the position is in range");
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left).await {
+                Event::Json(v) if pred(&v) => return v,
+                Event::Json(v) => self.pending.push_back(v),
+                other => panic!(
+                    "waiting for a frame, got {other:?}; unmatched: {:?}",
+                    self.pending
+                ),
+            }
+        }
     }
 
-    /// Every frame up to and including the first one matching `pred` (within TIMEOUT).
+    /// Every frame, in order, up to and including the first one matching `pred` (within
+    /// TIMEOUT). All of them are consumed.
     pub async fn collect_until(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + TIMEOUT;
         let mut seen = Vec::new();
+        while let Some(v) = self.pending.pop_front() {
+            let done = pred(&v);
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+        let deadline = Instant::now() + TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_event(left).await {
@@ -718,6 +749,7 @@ impl Client {
     /// Skips data frames until the connection ends; returns the close code, or None if it
     /// ended without a close frame. Fails after `timeout`.
     pub async fn close_code_within(&mut self, timeout: Duration) -> Option<u16> {
+        self.pending.clear();
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -834,17 +866,20 @@ impl Client {
         self.send_json(json!({"t": "unsub", "room": room})).await;
     }
 
-    /// Collects the diffs of `room` until one reaches `to >= seq` (other frames skipped).
+    /// The diffs of `room`, in order, until one reaches `to >= seq`; other frames stay
+    /// pending.
     pub async fn diffs_until(&mut self, room: &str, seq: u64) -> Vec<Value> {
-        let frames = self
-            .collect_until(|v| {
-                v["t"] == "diff" && v["room"] == room && v["to"].as_u64().unwrap_or(0) >= seq
-            })
-            .await;
-        frames
-            .into_iter()
-            .filter(|v| v["t"] == "diff" && v["room"] == room)
-            .collect()
+        let mut diffs = Vec::new();
+        loop {
+            let diff = self
+                .recv_until(|v| v["t"] == "diff" && v["room"] == room)
+                .await;
+            let to = diff["to"].as_u64().expect("a diff carries to");
+            diffs.push(diff);
+            if to >= seq {
+                return diffs;
+            }
+        }
     }
 }
 
