@@ -26,36 +26,75 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/rooms/{room}/ops", web::post().to(post_op));
 }
 
-pub fn error(code: Code, msg: impl Into<String>) -> HttpResponse {
-    let status = actix_web::http::StatusCode::from_u16(code.http_status())
-        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status).json(json!({ "code": code.as_str(), "msg": msg.into() }))
+/// An error answer: `{"code","msg"}` with the code's status (401 for a bad token).
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct ApiError {
+    code: Code,
+    msg: String,
+    unauthorized: bool,
 }
 
-fn auth_error(e: AuthError) -> HttpResponse {
-    match e {
-        AuthError::UserTooLong(_) | AuthError::EmptyUser => error(Code::Invalid, e.to_string()),
-        AuthError::MissingToken | AuthError::BadToken(_) => {
-            HttpResponse::Unauthorized().json(json!({ "code": "forbidden", "msg": e.to_string() }))
+impl ApiError {
+    pub fn new(code: Code, msg: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            msg: msg.into(),
+            unauthorized: false,
         }
     }
 }
+
+impl actix_web::ResponseError for ApiError {
+    fn status_code(&self) -> actix_web::http::StatusCode {
+        if self.unauthorized {
+            return actix_web::http::StatusCode::UNAUTHORIZED;
+        }
+        actix_web::http::StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code())
+            .json(json!({ "code": self.code.as_str(), "msg": self.msg }))
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::UserTooLong(_) | AuthError::EmptyUser => {
+                ApiError::new(Code::Invalid, e.to_string())
+            }
+            AuthError::MissingToken | AuthError::BadToken(_) => ApiError {
+                code: Code::Forbidden,
+                msg: e.to_string(),
+                unauthorized: true,
+            },
+        }
+    }
+}
+
+const BAD_ROOM_ID: &str = "room id must match ^[A-Za-z0-9_.:-]{1,128}$";
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "ok": true }))
 }
 
-async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
+async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     if shared.store.is_healthy() {
-        HttpResponse::Ok().json(json!({ "ready": true }))
+        Ok(HttpResponse::Ok().json(json!({ "ready": true })))
     } else {
-        error(Code::Unavailable, "the store cannot be written")
+        Err(ApiError::new(
+            Code::Unavailable,
+            "the store cannot be written",
+        ))
     }
 }
 
 /// Identifies the caller and charges one op to its rate limit.
-fn admit(req: &HttpRequest, shared: &Shared) -> Result<crate::auth::Identity, HttpResponse> {
-    let identity = shared.auth.identify(req, true).map_err(auth_error)?;
+fn admit(req: &HttpRequest, shared: &Shared) -> Result<crate::auth::Identity, ApiError> {
+    let identity = shared.auth.identify(req, true)?;
     let key = if identity.guest {
         let ip = req
             .peer_addr()
@@ -65,26 +104,35 @@ fn admit(req: &HttpRequest, shared: &Shared) -> Result<crate::auth::Identity, Ht
         format!("user:{}", identity.user)
     };
     if shared.http_limiter.check_key(&key).is_err() {
-        return Err(error(Code::RateLimited, "too many ops from this user"));
+        return Err(ApiError::new(
+            Code::RateLimited,
+            "too many ops from this user",
+        ));
     }
     Ok(identity)
 }
 
-fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Json>, HttpResponse> {
+fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Json>, ApiError> {
     match serde_json::from_slice::<Json>(body) {
         Ok(Json::Object(obj)) => Ok(obj),
-        Ok(_) => Err(error(Code::Invalid, "the body must be a JSON object")),
-        Err(e) => Err(error(Code::Invalid, format!("the body is not JSON: {e}"))),
+        Ok(_) => Err(ApiError::new(
+            Code::Invalid,
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::new(
+            Code::Invalid,
+            format!("the body is not JSON: {e}"),
+        )),
     }
 }
 
 async fn wait_reply(
     rx: oneshot::Receiver<Result<OpDone, (Code, String)>>,
-) -> Result<OpDone, HttpResponse> {
+) -> Result<OpDone, ApiError> {
     match rx.await {
         Ok(Ok(done)) => Ok(done),
-        Ok(Err((code, msg))) => Err(error(code, msg)),
-        Err(_) => Err(error(
+        Ok(Err((code, msg))) => Err(ApiError::new(code, msg)),
+        Err(_) => Err(ApiError::new(
             Code::Unavailable,
             "the room stopped before answering; retry",
         )),
@@ -95,29 +143,23 @@ async fn create_room(
     req: HttpRequest,
     body: web::Bytes,
     shared: web::Data<Shared>,
-) -> HttpResponse {
-    let identity = match admit(&req, &shared) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
-    let obj = match parse_body(&body) {
-        Ok(obj) => obj,
-        Err(response) => return response,
-    };
+) -> Result<HttpResponse, ApiError> {
+    let identity = admit(&req, &shared)?;
+    let obj = parse_body(&body)?;
     let (Some(Json::String(room)), Some(Json::String(kind))) = (obj.get("room"), obj.get("kind"))
     else {
-        return error(Code::Invalid, "`room` and `kind` must be strings");
+        return Err(ApiError::new(
+            Code::Invalid,
+            "`room` and `kind` must be strings",
+        ));
     };
     if !valid_room_id(room) {
-        return error(Code::Invalid, "room id must match ^[A-Za-z0-9_.:-]{1,128}$");
+        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
     }
-    let init = match obj
+    let init = obj
         .get("init")
         .map_or(Ok(crate::value::Value::Null), to_value)
-    {
-        Ok(init) => init,
-        Err(why) => return error(Code::Invalid, format!("init: {why}")),
-    };
+        .map_err(|why| ApiError::new(Code::Invalid, format!("init: {why}")))?;
     let (tx, rx) = oneshot::channel();
     let msg = room_msg::Create {
         user: identity.user,
@@ -128,53 +170,49 @@ async fn create_room(
         reply: ReplyTo::http(tx),
     };
     send_to_room(&shared, room, msg).await;
-    match wait_reply(rx).await {
-        Ok(done) => {
-            HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) }))
-        }
-        Err(response) => response,
-    }
+    let done = wait_reply(rx).await?;
+    Ok(HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) })))
 }
 
 async fn read_room(
     req: HttpRequest,
     path: web::Path<String>,
     shared: web::Data<Shared>,
-) -> HttpResponse {
+) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    if let Err(e) = shared.auth.identify(&req, true) {
-        return auth_error(e);
-    }
+    shared.auth.identify(&req, true)?;
     if !valid_room_id(&room) {
-        return error(Code::Invalid, "room id must match ^[A-Za-z0-9_.:-]{1,128}$");
+        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
     }
     if req.query_string().split('&').any(|p| p.starts_with("at=")) {
-        return error(
+        return Err(ApiError::new(
             Code::Invalid,
             "time travel (?at=) is not available in this version",
-        );
+        ));
     }
-    let addr = shared.registry.get(&room);
-    let result = match addr.send(room_msg::Read).await {
+    let result = match shared.registry.get(&room).send(room_msg::Read).await {
         Ok(result) => result,
-        Err(_) => match shared.registry.get(&room).send(room_msg::Read).await {
-            Ok(result) => result,
-            Err(_) => Err((
-                Code::Unavailable,
-                "the room stopped before answering; retry".into(),
-            )),
-        },
+        // The room stopped between lookup and send: start it again once.
+        Err(_) => shared
+            .registry
+            .get(&room)
+            .send(room_msg::Read)
+            .await
+            .unwrap_or_else(|_| {
+                Err((
+                    Code::Unavailable,
+                    "the room stopped before answering; retry".into(),
+                ))
+            }),
     };
-    match result {
-        Ok(view) => HttpResponse::Ok().json(json!({
-            "room": room,
-            "kind": view.kind,
-            "epoch": epoch_hex(view.epoch),
-            "seq": view.seq,
-            "entries": entries_json(&view.entries),
-        })),
-        Err((code, msg)) => error(code, msg),
-    }
+    let view = result.map_err(|(code, msg)| ApiError::new(code, msg))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "room": room,
+        "kind": view.kind,
+        "epoch": epoch_hex(view.epoch),
+        "seq": view.seq,
+        "entries": entries_json(&view.entries),
+    })))
 }
 
 async fn post_op(
@@ -182,31 +220,22 @@ async fn post_op(
     path: web::Path<String>,
     body: web::Bytes,
     shared: web::Data<Shared>,
-) -> HttpResponse {
+) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    let identity = match admit(&req, &shared) {
-        Ok(identity) => identity,
-        Err(response) => return response,
-    };
+    let identity = admit(&req, &shared)?;
     if !valid_room_id(&room) {
-        return error(Code::Invalid, "room id must match ^[A-Za-z0-9_.:-]{1,128}$");
+        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
     }
-    let obj = match parse_body(&body) {
-        Ok(obj) => obj,
-        Err(response) => return response,
-    };
+    let obj = parse_body(&body)?;
     let op_id = match obj.get("id") {
         None | Some(Json::Null) => None,
         Some(Json::String(id)) => Some(id.clone()),
-        Some(_) => return error(Code::Invalid, "`id` must be a string"),
+        Some(_) => return Err(ApiError::new(Code::Invalid, "`id` must be a string")),
     };
-    let op = match obj
+    let op = obj
         .get("op")
         .map_or(Err("missing `op`".to_owned()), to_value)
-    {
-        Ok(op) => op,
-        Err(why) => return error(Code::Invalid, format!("op: {why}")),
-    };
+        .map_err(|why| ApiError::new(Code::Invalid, format!("op: {why}")))?;
     let (tx, rx) = oneshot::channel();
     let msg = room_msg::Submit {
         user: identity.user,
@@ -217,10 +246,8 @@ async fn post_op(
         reply: ReplyTo::http(tx),
     };
     send_to_room(&shared, &room, msg).await;
-    match wait_reply(rx).await {
-        Ok(done) => HttpResponse::Ok().json(json!({ "seq": done.seq })),
-        Err(response) => response,
-    }
+    let done = wait_reply(rx).await?;
+    Ok(HttpResponse::Ok().json(json!({ "seq": done.seq })))
 }
 
 /// Sends to a room, restarting it once if it stopped; a message lost anyway answers

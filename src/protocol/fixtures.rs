@@ -97,19 +97,19 @@ fn deleted(k: &str, ver: u64) -> WireEntry {
     }
 }
 
+/// A message with its fixture name.
+pub type Named<T> = (&'static str, T);
+
 /// One named example of every client and server message.
 ///
 /// Names are file names: stable, unique within each list. The client examples form a
 /// coherent session (the rooms they create are the rooms the later ones use), so
 /// `tests/it/rkyv.rs` can send them verbatim to a fresh server.
-pub fn canonical_messages() -> (
-    Vec<(&'static str, ClientMsg)>,
-    Vec<(&'static str, ServerMsg)>,
-) {
+pub fn canonical_messages() -> (Vec<Named<ClientMsg>>, Vec<Named<ServerMsg>>) {
     (client_messages(), server_messages())
 }
 
-fn client_messages() -> Vec<(&'static str, ClientMsg)> {
+fn client_messages() -> Vec<Named<ClientMsg>> {
     vec![
         (
             "create_chat",
@@ -148,6 +148,14 @@ fn client_messages() -> Vec<(&'static str, ClientMsg)> {
             "sub",
             ClientMsg::Sub {
                 room: "poll:lunch".into(),
+                presence: false,
+                since: None,
+            },
+        ),
+        (
+            "sub_state",
+            ClientMsg::Sub {
+                room: "state:game".into(),
                 presence: false,
                 since: None,
             },
@@ -250,6 +258,7 @@ pub fn client_json(name: &str) -> Option<&'static str> {
             r#","score/red":0}}}"#
         ),
         "sub" => r#"{"t":"sub","room":"poll:lunch"}"#,
+        "sub_state" => r#"{"t":"sub","room":"state:game","presence":false}"#,
         "sub_presence" => r#"{"t":"sub","room":"chat:general","presence":true}"#,
         "sub_since" => {
             r#"{"t":"sub","room":"poll:lunch","since":{"epoch":"9f3c51a20b7ed4c8","seq":41}}"#
@@ -275,7 +284,7 @@ pub fn client_json(name: &str) -> Option<&'static str> {
     Some(text)
 }
 
-fn server_messages() -> Vec<(&'static str, ServerMsg)> {
+fn server_messages() -> Vec<Named<ServerMsg>> {
     vec![
         (
             "welcome",

@@ -374,7 +374,7 @@ impl Live {
     /// committed or is full.
     fn open_batch(&mut self) -> &mut Batch {
         let usable = match self.batches.back() {
-            Some(last) => !(self.in_flight && self.batches.len() == 1) && !last.is_full(),
+            Some(last) => !(last.is_full() || self.in_flight && self.batches.len() == 1),
             None => false,
         };
         if !usable {

@@ -161,10 +161,14 @@ pub fn close_for(err: &ProtocolError, guard: &GuardHandle, max_frame: usize) -> 
             close::TOO_LARGE,
             format!("message exceeds limit of {max_frame} bytes"),
         ),
-        (None, ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => (
-            close::INVALID_UTF8,
-            "invalid UTF-8 in a text frame".to_owned(),
-        ),
+        // actix-http reports both bad UTF-8 and non-zero reserved bits as `InvalidData`;
+        // only its text tells them apart (RSV bits are a protocol error, 1002).
+        (None, ProtocolError::Io(e))
+            if e.kind() == std::io::ErrorKind::InvalidData
+                && !e.to_string().contains("reserved bits") =>
+        {
+            (close::INVALID_UTF8, "invalid UTF-8 in a text frame".to_owned())
+        }
         (None, other) => (close::PROTOCOL_ERROR, other.to_string()),
     }
 }
