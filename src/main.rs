@@ -9,26 +9,30 @@ use roomd::config::ServeArgs;
 
 /// roomd: durable, authoritative real-time rooms over WebSocket.
 ///
-/// Run with no arguments to serve on 127.0.0.1:8080 with data in ./data. Every flag of
-/// `serve` can also come from a ROOMD_* environment variable (the flag wins).
+/// `roomd` with no arguments serves on 127.0.0.1:8080 with its data in ./data (auth off,
+/// loopback only). `roomd serve [FLAGS]` is the full form; the flags below work with or
+/// without `serve`. Every flag can also come from the ROOMD_* environment variable named
+/// next to it; a flag on the command line wins.
 #[derive(Parser)]
-#[command(name = "roomd", version, about, long_about)]
+#[command(
+    name = "roomd",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve rooms over WebSocket and HTTP (the default).
+    /// Serve rooms over WebSocket and HTTP (what `roomd` alone does).
     Serve(ServeArgs),
-}
-
-/// Parses `serve`'s flags from no arguments, so the environment still applies.
-#[derive(Parser)]
-struct DefaultServe {
-    #[command(flatten)]
-    serve: ServeArgs,
 }
 
 fn main() {
@@ -42,7 +46,7 @@ fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
-        None => DefaultServe::parse_from(["roomd"]).serve,
+        None => cli.serve,
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -61,14 +65,11 @@ fn serve() -> anyhow::Result<()> {
     };
 
     let system = actix_rt::System::new();
-    system.block_on(async move {
-        let started = roomd::server::run(config, listener, async move {
-            // The line tests and scripts wait for; printed once the server is set up.
-            println!("roomd listening on {bound}");
-            let _ = std::io::stdout().flush();
-            roomd::server::shutdown_signal().await;
-        });
-        started.await
-    })?;
+    system.block_on(roomd::server::run(config, listener, async move {
+        // The line tests and scripts wait for; printed once the server is set up.
+        println!("roomd listening on {bound}");
+        let _ = std::io::stdout().flush();
+        roomd::server::shutdown_signal().await;
+    }))?;
     Ok(())
 }

@@ -167,7 +167,10 @@ pub fn close_for(err: &ProtocolError, guard: &GuardHandle, max_frame: usize) -> 
             if e.kind() == std::io::ErrorKind::InvalidData
                 && !e.to_string().contains("reserved bits") =>
         {
-            (close::INVALID_UTF8, "invalid UTF-8 in a text frame".to_owned())
+            (
+                close::INVALID_UTF8,
+                "invalid UTF-8 in a text frame".to_owned(),
+            )
         }
         (None, other) => (close::PROTOCOL_ERROR, other.to_string()),
     }

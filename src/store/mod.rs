@@ -22,6 +22,7 @@
 //! Not here: deciding epochs, building room state from records, snapshots and trimming
 //! (to come, through the same writer), and mapping errors to wire codes.
 
+mod epochs;
 mod error;
 mod format;
 mod lock;
@@ -158,6 +159,9 @@ struct Inner {
     /// Joined by `shutdown`; the mutex makes a concurrent second `shutdown` wait for it.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     health: Arc<Health>,
+    /// XORed into every stored epoch; changes after an unclean stop under `none`
+    /// (see `epochs.rs`).
+    epoch_salt: u64,
     /// Dropped last, after the database is closed, so no other process opens the dir
     /// while this one still has the file.
     _lock: DirLock,
@@ -177,6 +181,7 @@ impl Store {
         })?;
         let lock = DirLock::acquire(dir)?;
         format::check_or_write(dir)?;
+        let epoch_salt = epochs::open(dir, config.durability)?;
         let db_path = dir.join(format::DB_FILE);
         let db = redb::Builder::new()
             .set_cache_size(config.cache_bytes)
@@ -185,7 +190,7 @@ impl Store {
                 path: db_path.clone(),
                 source: Box::new(source),
             })?;
-        let store = Store::start(db, db_path, lock, &config)?;
+        let store = Store::start(db, db_path, lock, &config, epoch_salt)?;
         tracing::info!(data_dir = %dir.display(), durability = ?config.durability, "store open");
         Ok(store)
     }
@@ -196,6 +201,7 @@ impl Store {
         db_path: PathBuf,
         lock: DirLock,
         config: &StoreConfig,
+        epoch_salt: u64,
     ) -> Result<Store, StoreError> {
         let init_error = |source: redb::Error| StoreError::Init {
             path: db_path.clone(),
@@ -229,6 +235,7 @@ impl Store {
                 queue: RwLock::new(Some(queue)),
                 writer: Mutex::new(Some(handle)),
                 health,
+                epoch_salt,
                 _lock: lock,
             }),
         })
@@ -242,6 +249,10 @@ impl Store {
         &self,
         batch: Batch,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, SubmitError> {
+        let mut batch = batch;
+        if let Some(meta) = batch.create.as_mut() {
+            meta.epoch ^= self.inner.epoch_salt;
+        }
         let (reply, outcome) = oneshot::channel();
         if let Some(reason) = self.inner.health.failure() {
             // Fail-stop: answer at once instead of queueing work that cannot commit.
@@ -266,7 +277,11 @@ impl Store {
     /// every event record in seq order, and its op ids. Ok(None) if the room does not
     /// exist. Sees every batch whose receiver has resolved Ok.
     pub fn load_room(&self, room: &str) -> Result<Option<LoadedRoom>, StoreError> {
-        tables::read_room(&self.inner.db, &self.inner.db_path, room)
+        let mut loaded = tables::read_room(&self.inner.db, &self.inner.db_path, room)?;
+        if let Some(room) = loaded.as_mut() {
+            room.meta.epoch ^= self.inner.epoch_salt;
+        }
+        Ok(loaded)
     }
 
     /// Blocking: true when the store is healthy (writer alive, last commit did not fail).
@@ -298,8 +313,19 @@ impl Inner {
         drop(self.queue.write().take());
         let mut writer = self.writer.lock();
         if let Some(handle) = writer.take() {
-            if handle.join().is_err() {
-                tracing::error!(db = %self.db_path.display(), "store writer thread panicked");
+            match handle.join() {
+                // The writer's last commit was fsync'd: the run ended cleanly.
+                Ok(()) if self.health.failure().is_none() => {
+                    if let Some(dir) = self.db_path.parent() {
+                        if let Err(e) = epochs::clean_shutdown(dir) {
+                            tracing::error!(error = %e, "cannot record the clean shutdown");
+                        }
+                    }
+                }
+                Ok(()) => {}
+                Err(_) => {
+                    tracing::error!(db = %self.db_path.display(), "store writer thread panicked")
+                }
             }
         }
     }
