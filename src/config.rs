@@ -92,6 +92,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_HISTORY_EVENTS", default_value_t = 10_000)]
     pub history_events: u64,
 
+    /// A room with no subscribers and nothing uncommitted stops after this long without
+    /// activity, freeing its memory; it reloads from the store on the next access.
+    #[arg(long, env = "ROOMD_ROOM_IDLE", default_value = "60s", value_parser = parse_duration)]
+    pub room_idle: Duration,
+
     /// Worker threads for rooms and connections (default: one per core).
     #[arg(long, env = "ROOMD_WORKERS")]
     pub workers: Option<usize>,
@@ -154,6 +159,7 @@ pub struct Config {
     pub cache_bytes: usize,
     pub limits: crate::room::state::Limits,
     pub history_events: u64,
+    pub room_idle: Duration,
     pub workers: usize,
     pub enable_echo: bool,
 }
@@ -218,6 +224,7 @@ impl ServeArgs {
                 ..Default::default()
             },
             history_events: self.history_events.max(1),
+            room_idle: self.room_idle.max(Duration::from_millis(100)),
             workers,
             enable_echo: self.enable_echo,
         })

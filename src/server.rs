@@ -76,6 +76,7 @@ pub async fn run(
     let room_config = RoomConfig {
         limits: config.limits.clone(),
         history_events: config.history_events,
+        idle_timeout: config.room_idle,
         ..RoomConfig::default()
     };
     let registry = Registry::new(

@@ -24,6 +24,7 @@ pub mod state;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -48,6 +49,8 @@ pub struct RoomConfig {
     pub op_ids_kept: usize,
     /// Largest `signal` payload, as JSON bytes.
     pub max_signal_bytes: usize,
+    /// An unused room's actor stops after this long without messages.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RoomConfig {
@@ -57,6 +60,7 @@ impl Default for RoomConfig {
             history_events: 10_000,
             op_ids_kept: 10_000,
             max_signal_bytes: 1024,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct Room {
     presence: Presence,
     /// Subscriptions that arrived while the creation was being committed.
     deferred_subs: Vec<Subscribe>,
+    /// When the last message arrived; an unused room stops after `idle_timeout`.
+    last_activity: Instant,
 }
 
 impl Room {
@@ -126,6 +132,7 @@ impl Room {
             subscribers: HashMap::new(),
             presence: Presence::default(),
             deferred_subs: Vec::new(),
+            last_activity: Instant::now(),
         }
     }
 
@@ -140,16 +147,33 @@ impl Room {
         };
     }
 
-    /// Stops an absent room that nobody waits on, so unknown ids cost no memory.
-    fn stop_if_unused(&self, ctx: &mut Context<Self>) {
-        if matches!(self.status, Status::Absent | Status::Failed(_))
-            && self.subscribers.is_empty()
-            && self.deferred_subs.is_empty()
-        {
+    /// True when stopping loses nothing: no subscriber, nothing uncommitted, nobody
+    /// waiting for the creation.
+    fn is_unused(&self) -> bool {
+        let idle_status = match &self.status {
+            Status::Live(live) => live.batches.is_empty(),
+            _ => true,
+        };
+        idle_status && self.subscribers.is_empty() && self.deferred_subs.is_empty()
+    }
+
+    /// Stops the room after `idle` without messages and without users, freeing its
+    /// memory; the registry starts it again (from the store) on the next access. Absent
+    /// and failed rooms go sooner, so unknown ids cost no memory and a failed load is
+    /// retried.
+    fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        let idle = match self.status {
+            Status::Live(_) => self.config.idle_timeout,
+            _ => self.config.idle_timeout.min(ABSENT_IDLE),
+        };
+        if self.is_unused() && self.last_activity.elapsed() >= idle {
             ctx.stop();
         }
     }
 }
+
+/// How long an absent (or failed) room's actor lingers after its last message.
+const ABSENT_IDLE: Duration = Duration::from_secs(10);
 
 /// Rebuilds a room from its log: recorded changes are applied, no reducer runs.
 fn rebuild(room: LoadedRoom, config: &RoomConfig) -> Live {
@@ -188,6 +212,8 @@ impl Actor for Room {
         // Bounded: rooms answer quickly and never wait on a socket; senders that find
         // the mailbox full wait (`Addr::send`) or drop the message (signals).
         ctx.set_mailbox_capacity(256);
+        let every = (self.config.idle_timeout.min(ABSENT_IDLE) / 2).max(Duration::from_millis(50));
+        ctx.run_interval(every, |room, ctx| room.check_idle(ctx));
         let store = self.store.clone();
         let room_id = self.room_id.clone();
         let load = async move {
@@ -213,6 +239,7 @@ impl Handler<Create> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Create, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
         let op_key = msg.op_id.map(|id| (msg.user.clone(), id));
         match &mut self.status {
             Status::Loading => unreachable!("the mailbox is paused while loading"),
@@ -241,7 +268,7 @@ impl Handler<Create> for Room {
                         Code::Invalid,
                         format!("unknown kind `{}` (use chat, poll or state)", msg.kind),
                     );
-                    return self.stop_if_unused(ctx);
+                    return;
                 };
                 let seq_ctx = Ctx {
                     user: &msg.user,
@@ -253,7 +280,7 @@ impl Handler<Create> for Room {
                         Ok(changes) => changes,
                         Err(refusal) => {
                             msg.reply.nack(refusal.code.into(), refusal.msg);
-                            return self.stop_if_unused(ctx);
+                            return;
                         }
                     };
                 let epoch = rand::random::<u64>();
@@ -286,6 +313,7 @@ impl Handler<Submit> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
         let live = match &mut self.status {
             Status::Loading => unreachable!("the mailbox is paused while loading"),
             Status::Failed(e) => {
@@ -296,7 +324,7 @@ impl Handler<Submit> for Room {
             Status::Absent => {
                 msg.reply
                     .nack(Code::NotFound, format!("no room {}", self.room_id));
-                return self.stop_if_unused(ctx);
+                return;
             }
             Status::Live(live) if live.committed == 0 && live.in_flight => {
                 // The creation is not durable yet; an op now would be a race the client
@@ -620,7 +648,7 @@ impl Room {
                             Charge::Full,
                         );
                     }
-                    return self.stop_if_unused(ctx);
+                    return;
                 }
             }
         }
@@ -673,11 +701,9 @@ impl Handler<Subscribe> for Room {
     type Result = bool;
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> bool {
+        self.last_activity = Instant::now();
         let ok = self.subscribe(msg, ctx);
         self.schedule_presence(ctx);
-        if !ok {
-            self.stop_if_unused(ctx);
-        }
         ok
     }
 }
@@ -773,10 +799,9 @@ impl Room {
 
     fn schedule_presence(&mut self, ctx: &mut Context<Self>) {
         if self.presence.needs_flush() && self.presence.schedule() {
-            ctx.run_later(presence::FLUSH_DELAY, |room, ctx| {
+            ctx.run_later(presence::FLUSH_DELAY, |room, _ctx| {
                 room.presence.unschedule();
                 room.flush_presence();
-                room.stop_if_unused(ctx);
             });
         }
     }
@@ -799,6 +824,7 @@ impl Handler<Unsubscribe> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
         self.remove_subscriber(msg.session_id);
         self.schedule_presence(ctx);
     }
@@ -808,6 +834,7 @@ impl Handler<Signal> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: Signal, _ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
         if !self.subscribers.contains_key(&msg.session_id) {
             return;
         }
@@ -837,7 +864,8 @@ impl Handler<Signal> for Room {
 impl Handler<Read> for Room {
     type Result = Result<RoomView, (Code, String)>;
 
-    fn handle(&mut self, _msg: Read, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_activity = Instant::now();
         match &self.status {
             Status::Live(live) if live.committed > 0 => Ok(RoomView {
                 kind: live.kind.as_str(),
@@ -846,10 +874,7 @@ impl Handler<Read> for Room {
                 entries: live.committed_entries(),
             }),
             Status::Failed(e) => Err((Code::Unavailable, format!("room unavailable: {e}"))),
-            _ => {
-                self.stop_if_unused(ctx);
-                Err((Code::NotFound, format!("no room {}", self.room_id)))
-            }
+            _ => Err((Code::NotFound, format!("no room {}", self.room_id))),
         }
     }
 }
@@ -858,6 +883,7 @@ impl Handler<Uncommitted> for Room {
     type Result = usize;
 
     fn handle(&mut self, _msg: Uncommitted, _ctx: &mut Context<Self>) -> usize {
+        self.last_activity = Instant::now();
         match &self.status {
             Status::Live(live) => live.batches.iter().map(|b| b.events.len()).sum(),
             _ => 0,
