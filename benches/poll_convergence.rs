@@ -79,8 +79,8 @@ struct RoundResult {
 fn main() {
     let bin = support::roomd_release_bin();
     // Each connection is one fd here and one in the server, which inherits this limit.
-    let nofile = support::raise_nofile(2 * N as u64 + 1_024);
-    if nofile < N as u64 + 256 {
+    let nofile = support::raise_nofile((2 * N + 1_024) as libc::rlim_t);
+    if nofile < (N + 256) as libc::rlim_t {
         eprintln!("error: RLIMIT_NOFILE is {nofile}; {N} connections need more (ulimit -n)");
         std::process::exit(2);
     }

@@ -65,11 +65,18 @@ fn serve() -> anyhow::Result<()> {
     };
 
     let system = actix_rt::System::new();
-    system.block_on(roomd::server::run(config, listener, async move {
-        // The line tests and scripts wait for; printed once the server is set up.
-        println!("roomd listening on {bound}");
-        let _ = std::io::stdout().flush();
-        roomd::server::shutdown_signal().await;
-    }))?;
+    system.block_on(async move {
+        // Installed before the server starts, so a signal at any moment gets the
+        // orderly shutdown.
+        let signal = roomd::server::shutdown_signal().context("cannot handle signals")?;
+        roomd::server::run(config, listener, async move {
+            // The line tests and scripts wait for; printed once the server is set up.
+            println!("roomd listening on {bound}");
+            let _ = std::io::stdout().flush();
+            signal.await;
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }

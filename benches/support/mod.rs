@@ -43,7 +43,7 @@ pub fn roomd_release_bin() -> PathBuf {
 /// Raises the soft RLIMIT_NOFILE to at least `wanted` (capped by the hard limit), so
 /// this process and the server it spawns (which inherits the limit) can hold a socket
 /// per connection. Returns the resulting soft limit.
-pub fn raise_nofile(wanted: u64) -> u64 {
+pub fn raise_nofile(wanted: libc::rlim_t) -> libc::rlim_t {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -52,17 +52,17 @@ pub fn raise_nofile(wanted: u64) -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return 0;
     }
-    if (limit.rlim_cur as u64) < wanted {
+    if limit.rlim_cur < wanted {
         let raised = libc::rlimit {
-            rlim_cur: (wanted as libc::rlim_t).min(limit.rlim_max),
+            rlim_cur: wanted.min(limit.rlim_max),
             rlim_max: limit.rlim_max,
         };
         // SAFETY: setrlimit only reads the struct; failure leaves the old limit in place.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return raised.rlim_cur as u64;
+            return raised.rlim_cur;
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// A running `roomd serve` on 127.0.0.1:0. Killed (SIGKILL) on drop if still running.

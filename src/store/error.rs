@@ -100,6 +100,8 @@ pub enum StoreError {
     /// An earlier commit failed, so the store takes no more writes until restart.
     #[error("store {} stopped writing after a failed commit ({reason}); restart roomd to recover", .path.display())]
     FailStopped { path: PathBuf, reason: String },
+    #[error("store {} is shut down", .path.display())]
+    ShutDown { path: PathBuf },
 }
 
 /// Why [`Store::submit`](super::Store::submit) did not queue a batch. Either way the

@@ -152,7 +152,9 @@ pub struct Store {
 struct Inner {
     db_path: PathBuf,
     /// Read by `load_room`; written only by the writer thread.
-    db: Arc<redb::Database>,
+    /// Taken at shutdown, so the database closes (and its file is marked clean) as
+    /// soon as the writer and any read in progress let go of it.
+    db: RwLock<Option<Arc<redb::Database>>>,
     /// The queue's sending end. `submit` holds the read lock while it sends; `shutdown`
     /// takes it out, which closes the queue once the writer has drained it.
     queue: RwLock<Option<SyncSender<Job>>>,
@@ -231,7 +233,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 db_path,
-                db,
+                db: RwLock::new(Some(db)),
                 queue: RwLock::new(Some(queue)),
                 writer: Mutex::new(Some(handle)),
                 health,
@@ -277,7 +279,15 @@ impl Store {
     /// every event record in seq order, and its op ids. Ok(None) if the room does not
     /// exist. Sees every batch whose receiver has resolved Ok.
     pub fn load_room(&self, room: &str) -> Result<Option<LoadedRoom>, StoreError> {
-        let mut loaded = tables::read_room(&self.inner.db, &self.inner.db_path, room)?;
+        let db = self
+            .inner
+            .db
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::ShutDown {
+                path: self.inner.db_path.clone(),
+            })?;
+        let mut loaded = tables::read_room(&db, &self.inner.db_path, room)?;
         if let Some(room) = loaded.as_mut() {
             room.meta.epoch ^= self.inner.epoch_salt;
         }
@@ -312,6 +322,8 @@ impl Inner {
         // syncs, and exits. Later submits see None and return Stopped.
         drop(self.queue.write().take());
         let mut writer = self.writer.lock();
+        // The writer holds its own handle to the database until it exits.
+        drop(self.db.write().take());
         if let Some(handle) = writer.take() {
             match handle.join() {
                 // The writer's last commit was fsync'd: the run ended cleanly.

@@ -140,7 +140,14 @@ fn group_commit_puts_many_queued_batches_in_one_transaction() {
     let commits_before = store.commits();
     // Holding redb's one write transaction parks the writer after it takes at most one
     // group, so everything submitted meanwhile waits in the queue for the next group.
-    let blocker = store.inner.db.begin_write().unwrap();
+    let blocker = store
+        .inner
+        .db
+        .read()
+        .as_ref()
+        .expect("open")
+        .begin_write()
+        .unwrap();
     let outcomes: Vec<_> = (0..100)
         .map(|i| store.submit(batch(&format!("room{i}"), 1, 1)).unwrap())
         .collect();
@@ -160,7 +167,14 @@ fn full_queue_is_reported_instead_of_blocking() {
         ..StoreConfig::new(dir.path())
     };
     let store = Store::open(config).unwrap();
-    let blocker = store.inner.db.begin_write().unwrap();
+    let blocker = store
+        .inner
+        .db
+        .read()
+        .as_ref()
+        .expect("open")
+        .begin_write()
+        .unwrap();
     // The parked writer holds at most one group, so the queue fills within this bound.
     let mut accepted = Vec::new();
     let full = (0..MAX_GROUP_BATCHES + 8).find_map(|i| {
@@ -277,13 +291,17 @@ fn corrupt_event_row_on_disk_gives_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     commit(&store, batch("a", 1, 3)).unwrap();
-    store.shutdown();
-    let txn = store.inner.db.begin_write().unwrap();
+    drop(store);
+    // Corrupt the file behind a closed store, then open it again.
+    let db = redb::Database::open(dir.path().join(format::DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
     txn.open_table(tables::EVENTS)
         .unwrap()
         .insert(("a", 2), [record::RECORD_VERSION, 0xde, 0xad].as_slice())
         .unwrap();
     txn.commit().unwrap();
+    drop(db);
+    let store = open(dir.path());
     let err = store.load_room("a").unwrap_err();
     assert!(
         matches!(err, StoreError::Corrupt { seq: Some(2), .. }),
@@ -296,13 +314,17 @@ fn missing_event_row_on_disk_is_reported_as_a_gap() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     commit(&store, batch("a", 1, 3)).unwrap();
-    store.shutdown();
-    let txn = store.inner.db.begin_write().unwrap();
+    drop(store);
+    // Corrupt the file behind a closed store, then open it again.
+    let db = redb::Database::open(dir.path().join(format::DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
     txn.open_table(tables::EVENTS)
         .unwrap()
         .remove(("a", 3))
         .unwrap();
     txn.commit().unwrap();
+    drop(db);
+    let store = open(dir.path());
     assert!(matches!(
         store.load_room("a"),
         Err(StoreError::LogGap {
@@ -362,6 +384,8 @@ fn zero_sync_interval_makes_every_commit_after_the_first_durable() {
         commit(&store, batch("a", i, i)).unwrap();
     }
     store.shutdown();
+    drop(store);
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
     assert_eq!(store.load_room("a").unwrap().unwrap().head, 3);
 }
 
