@@ -236,6 +236,9 @@ impl WireValue {
                 }
                 value = match stack.pop() {
                     Some(Open::List { items, .. }) => Value::List(items),
+                    Some(Open::Map { map, .. }) if is_b64_lookalike(&map) => {
+                        return Err(B64_LOOKALIKE.into());
+                    }
                     Some(Open::Map { map, .. }) => Value::Map(map),
                     None => unreachable!("stack.last_mut() was Some just above"),
                 };
@@ -243,6 +246,15 @@ impl WireValue {
         }
         root.ok_or_else(|| "value ends early".into())
     }
+}
+
+/// JSON reads an object whose only key is `$b64` with a string value as bytes, so such
+/// a map has no JSON form: refusing it keeps both encodings meaning the same values.
+const B64_LOOKALIKE: &str =
+    "a map whose only key is `$b64` with a string value is bytes in JSON; send Bytes instead";
+
+fn is_b64_lookalike(map: &std::collections::BTreeMap<String, Value>) -> bool {
+    map.len() == 1 && matches!(map.get("$b64"), Some(Value::Str(_)))
 }
 
 /// A container being rebuilt by [`WireValue::to_value`]: items still to read, and the
@@ -342,6 +354,11 @@ mod tests {
             vec![Node::Map(1), Node::Int(1), Node::Null],
             vec![Node::Float(f64::NAN)],
             vec![Node::List(u32::MAX)],
+            vec![
+                Node::Map(1),
+                Node::Str("$b64".into()),
+                Node::Str("AA==".into()),
+            ],
         ] {
             assert!(WireValue { nodes }.to_value().is_err());
         }

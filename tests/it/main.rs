@@ -20,6 +20,8 @@ mod limits;
 mod presence;
 // Resuming with `since`: gapless catch-up or a fresh snapshot.
 mod resume;
+// The roomd.v1.rkyv subprotocol: committed fixtures sent verbatim, replies decoded with the published types.
+mod rkyv;
 // Chat rooms: posts, edits, deletes, history trimming.
 mod rooms_chat;
 // Poll rooms: votes, retracts, close.
