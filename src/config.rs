@@ -92,6 +92,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_HISTORY_EVENTS", default_value_t = 10_000)]
     pub history_events: u64,
 
+    /// A busy room sends at most one diff per interval, coalescing what committed in
+    /// between; a quiet room's diff leaves right after its commit.
+    #[arg(long, env = "ROOMD_BATCH_INTERVAL", default_value = "5ms", value_parser = parse_duration)]
+    pub batch_interval: Duration,
+
     /// A room with no subscribers and nothing uncommitted stops after this long without
     /// activity, freeing its memory; it reloads from the store on the next access.
     #[arg(long, env = "ROOMD_ROOM_IDLE", default_value = "60s", value_parser = parse_duration)]
@@ -160,6 +165,7 @@ pub struct Config {
     pub limits: crate::room::state::Limits,
     pub history_events: u64,
     pub room_idle: Duration,
+    pub batch_interval: Duration,
     pub workers: usize,
     pub enable_echo: bool,
 }
@@ -225,6 +231,7 @@ impl ServeArgs {
             },
             history_events: self.history_events.max(1),
             room_idle: self.room_idle.max(Duration::from_millis(100)),
+            batch_interval: self.batch_interval,
             workers,
             enable_echo: self.enable_echo,
         })

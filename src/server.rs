@@ -77,6 +77,7 @@ pub async fn run(
         limits: config.limits.clone(),
         history_events: config.history_events,
         idle_timeout: config.room_idle,
+        batch_interval: config.batch_interval,
         ..RoomConfig::default()
     };
     let registry = Registry::new(

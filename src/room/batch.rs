@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use super::messages::{OpDone, ReplyTo};
 use super::state::{Changes, RoomState, Slot, Undo};
-use super::wire_entry;
 use crate::protocol::codes::Code;
-use crate::protocol::message::WireEntry;
 use crate::store::{EventRecord, RoomMeta};
 
 /// A reply held back until the batch it follows is committed, so replies to one caller
@@ -147,12 +145,9 @@ impl Batch {
             .map(|(_, _, seq)| *seq)
     }
 
-    /// The diff's entries, sorted by key.
-    pub fn coalesced_entries(&self) -> Vec<WireEntry> {
-        self.coalesced
-            .iter()
-            .map(|(k, slot)| wire_entry(k, slot))
-            .collect()
+    /// Moves out the batch's changes, each key at its last value: its part of a diff.
+    pub fn take_coalesced(&mut self) -> BTreeMap<String, Slot> {
+        std::mem::take(&mut self.coalesced)
     }
 
     /// The commit failed: undo this batch's events (newest first) and answer every

@@ -51,6 +51,8 @@ pub struct RoomConfig {
     pub max_signal_bytes: usize,
     /// An unused room's actor stops after this long without messages.
     pub idle_timeout: Duration,
+    /// A busy room sends at most one diff per this interval.
+    pub batch_interval: Duration,
 }
 
 impl Default for RoomConfig {
@@ -61,6 +63,7 @@ impl Default for RoomConfig {
             op_ids_kept: 10_000,
             max_signal_bytes: 1024,
             idle_timeout: Duration::from_secs(60),
+            batch_interval: Duration::from_millis(5),
         }
     }
 }
@@ -114,6 +117,21 @@ pub struct Room {
     deferred_subs: Vec<Subscribe>,
     /// When the last message arrived; an unused room stops after `idle_timeout`.
     last_activity: Instant,
+    /// Committed changes not yet sent as a diff: a busy room sends at most one diff per
+    /// `batch_interval`, so fan-out frames do not grow with the op rate.
+    unsent: Option<UnsentDiff>,
+    /// When the last diff went out.
+    last_diff_at: Option<Instant>,
+    /// A timer will send `unsent`.
+    diff_timer: bool,
+}
+
+/// Committed changes waiting for the next diff frame.
+struct UnsentDiff {
+    epoch: u64,
+    from: u64,
+    to: u64,
+    changes: BTreeMap<String, Slot>,
 }
 
 impl Room {
@@ -133,6 +151,9 @@ impl Room {
             presence: Presence::default(),
             deferred_subs: Vec::new(),
             last_activity: Instant::now(),
+            unsent: None,
+            last_diff_at: None,
+            diff_timer: false,
         }
     }
 
@@ -611,14 +632,8 @@ impl Room {
                     live.state
                         .prune_tombstones(live.committed - self.config.history_events);
                 }
-                let diff = ServerMsg::Diff {
-                    room: self.room_id.to_string(),
-                    epoch,
-                    from: batch.first_seq,
-                    to: live.committed,
-                    changes: batch.coalesced_entries(),
-                };
-                self.broadcast(&diff, Charge::Bulk, None);
+                let to = live.committed;
+                self.queue_diff(epoch, batch.first_seq, to, batch.take_coalesced(), ctx);
                 if !self.deferred_subs.is_empty() {
                     for sub in std::mem::take(&mut self.deferred_subs) {
                         let _ = self.subscribe(sub, ctx);
@@ -653,6 +668,72 @@ impl Room {
             }
         }
         self.flush(ctx);
+    }
+
+    /// Adds a committed batch's changes to the next diff, and sends it now if the room
+    /// has been quiet for `batch_interval` (an idle room's diff leaves right after its
+    /// commit), else when the interval is up. A diff that grew past the batch byte cap
+    /// leaves at once.
+    fn queue_diff(
+        &mut self,
+        epoch: u64,
+        from: u64,
+        to: u64,
+        changes: BTreeMap<String, Slot>,
+        ctx: &mut Context<Self>,
+    ) {
+        match &mut self.unsent {
+            Some(unsent) => {
+                unsent.to = to;
+                unsent.changes.extend(changes);
+            }
+            None => {
+                self.unsent = Some(UnsentDiff {
+                    epoch,
+                    from,
+                    to,
+                    changes,
+                })
+            }
+        }
+        let interval = self.config.batch_interval;
+        let since_last = self.last_diff_at.map(|t| t.elapsed());
+        let big = self
+            .unsent
+            .as_ref()
+            .is_some_and(|u| u.changes.len() >= batch::MAX_BATCH_EVENTS);
+        match since_last {
+            Some(elapsed) if elapsed < interval && !big => {
+                if !self.diff_timer {
+                    self.diff_timer = true;
+                    ctx.run_later(interval - elapsed, |room, _ctx| {
+                        room.diff_timer = false;
+                        room.send_unsent();
+                    });
+                }
+            }
+            _ => self.send_unsent(),
+        }
+    }
+
+    /// Sends the committed-but-unsent changes as one diff.
+    fn send_unsent(&mut self) {
+        let Some(unsent) = self.unsent.take() else {
+            return;
+        };
+        let diff = ServerMsg::Diff {
+            room: self.room_id.to_string(),
+            epoch: unsent.epoch,
+            from: unsent.from,
+            to: unsent.to,
+            changes: unsent
+                .changes
+                .iter()
+                .map(|(k, slot)| wire_entry(k, slot))
+                .collect(),
+        };
+        self.last_diff_at = Some(Instant::now());
+        self.broadcast(&diff, Charge::Bulk, None);
     }
 
     /// Queues one message to every subscriber (or those wanting presence), encoding it
@@ -710,6 +791,9 @@ impl Handler<Subscribe> for Room {
 
 impl Room {
     fn subscribe(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> bool {
+        // Existing subscribers get what is committed but unsent first, so the new
+        // subscriber's snapshot and everyone's next diff start at the same seq.
+        self.send_unsent();
         let error = |code: Code, text: String| ServerMsg::Error {
             code,
             room: Some(self.room_id.to_string()),

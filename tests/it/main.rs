@@ -18,6 +18,8 @@ mod http_api;
 mod limits;
 // Presence: member lists, joins and leaves, only for subscribers that ask.
 mod presence;
+// Busy rooms coalesce diffs per interval; idle rooms stop and reload unchanged.
+mod room_lifecycle;
 // Resuming with `since`: gapless catch-up or a fresh snapshot.
 mod resume;
 // The roomd.v1.rkyv subprotocol: committed fixtures sent verbatim, replies decoded with the published types.
