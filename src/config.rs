@@ -87,10 +87,20 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_MAX_ROOM_BYTES", default_value_t = 64 << 20)]
     pub max_room_bytes: usize,
 
-    /// Events for which deleted keys are remembered, so a client that far behind still
-    /// gets `resumed`; older positions get a snapshot.
+    /// Events kept in each room's log (at least; trimming happens behind snapshots).
+    /// Resume, the event history and time travel reach back this far; older positions
+    /// get a snapshot (`resumed` impossible) or 410 `gone`.
     #[arg(long, env = "ROOMD_HISTORY_EVENTS", default_value_t = 10_000)]
     pub history_events: u64,
+
+    /// A room's state is snapshotted every this many events (recovery replays at most
+    /// this many events after the newest snapshot).
+    #[arg(long, env = "ROOMD_SNAPSHOT_EVERY", default_value_t = 1_000)]
+    pub snapshot_every: u64,
+
+    /// ...and at least this often while events happen (and at shutdown).
+    #[arg(long, env = "ROOMD_SNAPSHOT_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub snapshot_interval: Duration,
 
     /// A busy room sends at most one diff per interval, coalescing what committed in
     /// between; a quiet room's diff leaves right after its commit.
@@ -166,6 +176,8 @@ pub struct Config {
     pub history_events: u64,
     pub room_idle: Duration,
     pub batch_interval: Duration,
+    pub snapshot_every: u64,
+    pub snapshot_interval: Duration,
     pub workers: usize,
     pub enable_echo: bool,
 }
@@ -232,6 +244,8 @@ impl ServeArgs {
             history_events: self.history_events.max(1),
             room_idle: self.room_idle.max(Duration::from_millis(100)),
             batch_interval: self.batch_interval,
+            snapshot_every: self.snapshot_every.max(1),
+            snapshot_interval: self.snapshot_interval,
             workers,
             enable_echo: self.enable_echo,
         })

@@ -15,7 +15,9 @@ use crate::protocol::codes::Code;
 use crate::protocol::ids::{epoch_hex, valid_room_id};
 use crate::protocol::json::{entries_json, to_value};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
+use crate::room::state::{Kind, RoomState};
 use crate::server::Shared;
+use crate::store::EventsPage;
 
 /// Registers the routes on an actix-web service config.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -23,7 +25,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(readyz))
         .route("/api/rooms", web::post().to(create_room))
         .route("/api/rooms/{room}", web::get().to(read_room))
-        .route("/api/rooms/{room}/ops", web::post().to(post_op));
+        .route("/api/rooms/{room}", web::delete().to(delete_room))
+        .route("/api/rooms/{room}/ops", web::post().to(post_op))
+        .route("/api/rooms/{room}/events", web::get().to(read_events));
 }
 
 /// An error answer: `{"code","msg"}` with the code's status (401 for a bad token).
@@ -184,11 +188,9 @@ async fn read_room(
     if !valid_room_id(&room) {
         return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
     }
-    if req.query_string().split('&').any(|p| p.starts_with("at=")) {
-        return Err(ApiError::new(
-            Code::Invalid,
-            "time travel (?at=) is not available in this version",
-        ));
+    let query = Query::parse(&req)?;
+    if let Some(at) = query.at {
+        return read_room_at(&shared, &room, at).await;
     }
     let result = match shared.registry.get(&room).send(room_msg::Read).await {
         Ok(result) => result,
@@ -248,6 +250,205 @@ async fn post_op(
     send_to_room(&shared, &room, msg).await;
     let done = wait_reply(rx).await?;
     Ok(HttpResponse::Ok().json(json!({ "seq": done.seq })))
+}
+
+/// The numeric query parameters of the read endpoints.
+#[derive(Default)]
+struct Query {
+    at: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u64>,
+}
+
+impl Query {
+    fn parse(req: &HttpRequest) -> Result<Query, ApiError> {
+        let mut query = Query::default();
+        for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match name {
+                "at" => &mut query.at,
+                "after" => &mut query.after,
+                "limit" => &mut query.limit,
+                _ => continue,
+            };
+            *slot = Some(value.parse().map_err(|_| {
+                ApiError::new(
+                    Code::Invalid,
+                    format!("`{name}` must be a non-negative integer"),
+                )
+            })?);
+        }
+        Ok(query)
+    }
+}
+
+/// Runs a blocking store read off the async threads.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(ApiError::new(Code::Unavailable, e.to_string())),
+        Err(e) => Err(ApiError::new(
+            Code::Unavailable,
+            format!("read task failed: {e}"),
+        )),
+    }
+}
+
+/// `GET /api/rooms/{room}?at=N`: the state as it was at seq N, rebuilt from the newest
+/// snapshot at or before N and the logged changes after it.
+async fn read_room_at(shared: &Shared, room: &str, at: u64) -> Result<HttpResponse, ApiError> {
+    let store = shared.store.clone();
+    let room_id = room.to_owned();
+    let found = blocking(move || store.read_at(&room_id, at)).await?;
+    let Some(found) = found else {
+        return Err(ApiError::new(Code::NotFound, format!("no room {room}")));
+    };
+    if at > found.head {
+        return Err(ApiError::new(
+            Code::Invalid,
+            format!("seq {at} is beyond the room's head {}", found.head),
+        ));
+    }
+    if at == 0 {
+        return Err(ApiError::new(
+            Code::Invalid,
+            "seq must be at least 1 (the creation)",
+        ));
+    }
+    if !found.can_rebuild() {
+        return Err(ApiError::new(
+            Code::Gone,
+            format!(
+                "seq {at} is older than the retained log (from seq {})",
+                found.first_retained
+            ),
+        ));
+    }
+    let kind = found.meta.kind;
+    let mut state = match found.snapshot {
+        Some(snapshot) => RoomState::from_parts(
+            kind,
+            snapshot.public,
+            snapshot.private,
+            snapshot.tombstone_floor,
+        ),
+        None => RoomState::new(kind),
+    };
+    for event in &found.events {
+        let _ = state.apply(event.seq, &event.changes);
+    }
+    let entries: Vec<_> = state
+        .entries()
+        .map(|(key, slot)| crate::room::wire_entry(key, slot))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "room": room,
+        "kind": kind.as_str(),
+        "epoch": epoch_hex(found.meta.epoch),
+        "seq": at,
+        "entries": entries_json(&entries),
+    })))
+}
+
+/// Most events one page of `GET /events` returns.
+const MAX_EVENTS_PAGE: u64 = 1_000;
+
+/// `GET /api/rooms/{room}/events?after=N&limit=M`: the logged events after N.
+async fn read_events(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let room = path.into_inner();
+    let identity = shared.auth.identify(&req, true)?;
+    if !valid_room_id(&room) {
+        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
+    }
+    let query = Query::parse(&req)?;
+    let after = query.after.unwrap_or(0);
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_EVENTS_PAGE) as usize;
+    let store = shared.store.clone();
+    let room_id = room.clone();
+    let page = blocking(move || store.read_events(&room_id, after, limit)).await?;
+    let Some(page) = page else {
+        return Err(ApiError::new(Code::NotFound, format!("no room {room}")));
+    };
+    if after + 1 < page.first_retained {
+        return Err(ApiError::new(
+            Code::Gone,
+            format!(
+                "events after {after} are no longer retained (the log starts at seq {})",
+                page.first_retained
+            ),
+        ));
+    }
+    // Votes are private: in poll rooms, only admins see who voted for what.
+    let redact = !identity.admin && page_kind(&shared, &room, &page).await == Some(Kind::Poll);
+    let events: Vec<Json> = page
+        .events
+        .iter()
+        .map(|event| {
+            let op_type = event.op.get("type").and_then(|t| t.as_str());
+            if redact && matches!(op_type, Some("vote" | "retract")) {
+                json!({ "seq": event.seq, "ts": event.ts_ms, "op": { "type": op_type } })
+            } else {
+                json!({
+                    "seq": event.seq,
+                    "user": event.user,
+                    "ts": event.ts_ms,
+                    "op": crate::protocol::json::from_value(&event.op),
+                })
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "head": page.head, "events": events })))
+}
+
+/// The room's kind, from its creation event when the page holds it, else from the room.
+async fn page_kind(shared: &Shared, room: &str, page: &EventsPage) -> Option<Kind> {
+    if let Some(first) = page.events.first().filter(|e| e.seq == 1) {
+        return first
+            .op
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .and_then(Kind::parse);
+    }
+    match shared.registry.get(room).send(room_msg::Read).await {
+        Ok(Ok(view)) => Kind::parse(view.kind),
+        _ => None,
+    }
+}
+
+/// `DELETE /api/rooms/{room}` (admin only when auth is on): 204 once the room, its log,
+/// snapshots and op ids are gone.
+async fn delete_room(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let room = path.into_inner();
+    let identity = shared.auth.identify(&req, true)?;
+    if !identity.admin {
+        return Err(ApiError::new(
+            Code::Forbidden,
+            "deleting a room takes an admin token",
+        ));
+    }
+    if !valid_room_id(&room) {
+        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
+    }
+    let (tx, rx) = oneshot::channel();
+    send_to_room(&shared, &room, room_msg::Delete { reply: tx }).await;
+    match rx.await {
+        Ok(Ok(())) => Ok(HttpResponse::NoContent().finish()),
+        Ok(Err((code, msg))) => Err(ApiError::new(code, msg)),
+        Err(_) => Err(ApiError::new(
+            Code::Unavailable,
+            "the room stopped before answering; retry",
+        )),
+    }
 }
 
 /// Sends to a room, restarting it once if it stopped; a message lost anyway answers

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod log_tool;
 pub mod protocol;
 pub mod room;
 pub mod server;

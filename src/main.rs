@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Serve rooms over WebSocket and HTTP (what `roomd` alone does).
     Serve(ServeArgs),
+    /// Inspect and maintain the data dir of a stopped server: rooms, show, verify, compact.
+    Log(roomd::log_tool::LogArgs),
 }
 
 fn main() {
@@ -46,6 +48,7 @@ fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Log(args)) => return Ok(roomd::log_tool::run(args)?),
         None => cli.serve,
     };
     tracing_subscriber::fmt()

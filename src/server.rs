@@ -20,7 +20,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::protocol::codes::close;
-use crate::room::messages::Uncommitted;
+use crate::room::messages::Drain;
 use crate::room::registry::Registry;
 use crate::room::RoomConfig;
 use crate::session::outbound::{ConnSocket, Outbound};
@@ -78,6 +78,8 @@ pub async fn run(
         history_events: config.history_events,
         idle_timeout: config.room_idle,
         batch_interval: config.batch_interval,
+        snapshot_every: config.snapshot_every,
+        snapshot_interval: config.snapshot_interval,
         ..RoomConfig::default()
     };
     let registry = Registry::new(
@@ -172,11 +174,12 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Rooms keep committing what they accepted; wait until none is left.
+    // Rooms keep committing what they accepted, then write a final snapshot; wait
+    // until none has anything left.
     loop {
         let mut uncommitted = 0;
         for room in registry.all() {
-            uncommitted += room.send(Uncommitted).await.unwrap_or(0);
+            uncommitted += room.send(Drain).await.unwrap_or(0);
         }
         if uncommitted == 0 || Instant::now() >= deadline {
             if uncommitted > 0 {

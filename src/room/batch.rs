@@ -58,6 +58,8 @@ pub struct Batch {
     pub op_ids: Vec<(Arc<str>, String, u64)>,
     /// Approximate JSON size of the changed values, for [`MAX_BATCH_BYTES`].
     bytes: usize,
+    /// Set when a snapshot at this seq was submitted with the batch.
+    pub snapshot_seq: Option<u64>,
 }
 
 impl Batch {
@@ -71,6 +73,7 @@ impl Batch {
             coalesced: BTreeMap::new(),
             op_ids: Vec::new(),
             bytes: 0,
+            snapshot_seq: None,
         }
     }
 

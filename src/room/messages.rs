@@ -23,9 +23,17 @@ pub struct SessionRef {
     pub dedup: bool,
     pub encoding: Encoding,
     pub outbound: Arc<Outbound>,
+    /// Rooms that dropped this connection's subscription on their own (deleted); the
+    /// session forgets them before it handles its next message.
+    pub evicted: Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
 impl SessionRef {
+    /// Tells the session that `room` dropped its subscription.
+    pub fn evict(&self, room: &str) {
+        self.evicted.lock().push(room.to_owned());
+    }
+
     /// Encodes and queues one message for this connection alone.
     pub fn send(&self, msg: &ServerMsg, charge: Charge) {
         self.outbound.push(encode(msg, self.encoding), charge);
@@ -170,7 +178,17 @@ pub struct RoomView {
     pub entries: Vec<WireEntry>,
 }
 
-/// How many ops this room holds that are not yet committed (shutdown waits for 0).
+/// Shutdown: how much this room holds that is not yet durable (waited on until 0); a
+/// room with nothing uncommitted writes a final snapshot first.
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub struct Uncommitted;
+pub struct Drain;
+
+/// Delete the room (HTTP `DELETE`): once its uncommitted ops are committed, its log,
+/// snapshots and op ids are removed, its subscribers get `error` `not_found` and are
+/// unsubscribed, and it is absent (a later create gets a new epoch).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Delete {
+    pub reply: oneshot::Sender<Result<(), (Code, String)>>,
+}

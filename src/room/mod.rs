@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tokio::sync::oneshot;
 
 use self::batch::Batch;
 use self::messages::*;
@@ -37,7 +38,9 @@ use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry, WireValue};
 use crate::protocol::Encoding;
 use crate::session::outbound::{Charge, Frame, Pushed};
-use crate::store::{self, EventRecord, LoadedRoom, OpIdRecord, RoomMeta, Store};
+use crate::store::{
+    self, EventRecord, LoadedRoom, OpIdRecord, RoomMeta, Snapshot, Store, TrimOutcome,
+};
 
 /// Settings every room shares, from the server `Config`.
 #[derive(Debug, Clone)]
@@ -53,6 +56,10 @@ pub struct RoomConfig {
     pub idle_timeout: Duration,
     /// A busy room sends at most one diff per this interval.
     pub batch_interval: Duration,
+    /// A snapshot is written every this many events...
+    pub snapshot_every: u64,
+    /// ...or when this much time passed since the last one and events happened.
+    pub snapshot_interval: Duration,
 }
 
 impl Default for RoomConfig {
@@ -64,6 +71,8 @@ impl Default for RoomConfig {
             max_signal_bytes: 1024,
             idle_timeout: Duration::from_secs(60),
             batch_interval: Duration::from_millis(5),
+            snapshot_every: 1_000,
+            snapshot_interval: Duration::from_secs(60),
         }
     }
 }
@@ -92,6 +101,55 @@ struct Live {
     /// Acked op ids: `(user, id)` -> seq, and their order for expiry.
     op_ids: HashMap<(Arc<str>, String), u64>,
     op_order: VecDeque<(Arc<str>, String)>,
+    /// Seq and time of the newest snapshot written (0: none yet).
+    snapshot_seq: u64,
+    snapshot_at: Instant,
+    /// A snapshot-only commit (at shutdown) is in flight.
+    snapshot_in_flight: bool,
+    /// A trim of the log is running in the store.
+    trim_in_flight: bool,
+    /// A `DELETE` waiting for the uncommitted batches to drain, then for the store.
+    deleting: Option<oneshot::Sender<Result<(), (Code, String)>>>,
+}
+
+impl Live {
+    fn new(kind: Kind, epoch: u64, state: RoomState, head: u64) -> Live {
+        Live {
+            kind,
+            epoch,
+            state,
+            head,
+            committed: head,
+            batches: VecDeque::new(),
+            in_flight: false,
+            op_ids: HashMap::new(),
+            op_order: VecDeque::new(),
+            snapshot_seq: 0,
+            snapshot_at: Instant::now(),
+            snapshot_in_flight: false,
+            trim_in_flight: false,
+            deleting: None,
+        }
+    }
+
+    /// The working state as a snapshot at `head`; only valid when nothing is
+    /// uncommitted or `head` is the last seq of the one batch being submitted.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            seq: self.head,
+            public: self
+                .state
+                .all_slots()
+                .map(|(k, slot)| (k.to_owned(), slot.clone()))
+                .collect(),
+            private: self
+                .state
+                .private_entries()
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect(),
+            tombstone_floor: self.state.tombstone_floor(),
+        }
+    }
 }
 
 enum Status {
@@ -160,7 +218,7 @@ impl Room {
     fn loaded(&mut self, loaded: Result<Option<LoadedRoom>, String>) {
         self.status = match loaded {
             Ok(None) => Status::Absent,
-            Ok(Some(room)) => Status::Live(Box::new(rebuild(room, &self.config))),
+            Ok(Some(room)) => Status::Live(Box::new(rebuild(room))),
             Err(e) => {
                 tracing::error!(room = %self.room_id, error = %e, "cannot load room");
                 Status::Failed(e)
@@ -172,7 +230,12 @@ impl Room {
     /// waiting for the creation.
     fn is_unused(&self) -> bool {
         let idle_status = match &self.status {
-            Status::Live(live) => live.batches.is_empty(),
+            Status::Live(live) => {
+                live.batches.is_empty()
+                    && !live.snapshot_in_flight
+                    && !live.trim_in_flight
+                    && live.deleting.is_none()
+            }
             _ => true,
         };
         idle_status && self.subscribers.is_empty() && self.deferred_subs.is_empty()
@@ -196,34 +259,37 @@ impl Room {
 /// How long an absent (or failed) room's actor lingers after its last message.
 const ABSENT_IDLE: Duration = Duration::from_secs(10);
 
-/// Rebuilds a room from its log: recorded changes are applied, no reducer runs.
-fn rebuild(room: LoadedRoom, config: &RoomConfig) -> Live {
-    let mut state = RoomState::new(room.meta.kind);
+/// Rebuilds a room from its latest snapshot and the log after it: recorded changes are
+/// applied, no reducer runs.
+fn rebuild(room: LoadedRoom) -> Live {
+    let kind = room.meta.kind;
+    let (mut state, snapshot_seq) = match room.snapshot {
+        Some(snapshot) => (
+            RoomState::from_parts(
+                kind,
+                snapshot.public,
+                snapshot.private,
+                snapshot.tombstone_floor,
+            ),
+            snapshot.seq,
+        ),
+        None => (RoomState::new(kind), 0),
+    };
     for event in &room.events {
         // Undo records are only needed for uncommitted events.
         let _ = state.apply(event.seq, &event.changes);
     }
-    if room.head > config.history_events {
-        state.prune_tombstones(room.head - config.history_events);
-    }
-    let mut op_ids = HashMap::new();
-    let mut op_order = VecDeque::new();
+    // Deletions are remembered exactly as far back as the log reaches, so `resumed`
+    // is possible exactly when the log still holds every event after `since`.
+    state.prune_tombstones(room.first_retained.saturating_sub(1));
+    let mut live = Live::new(kind, room.meta.epoch, state, room.head);
+    live.snapshot_seq = snapshot_seq;
     for rec in room.op_ids {
         let key: (Arc<str>, String) = (Arc::from(rec.user.as_str()), rec.op_id);
-        op_ids.insert(key.clone(), rec.seq);
-        op_order.push_back(key);
+        live.op_ids.insert(key.clone(), rec.seq);
+        live.op_order.push_back(key);
     }
-    Live {
-        kind: room.meta.kind,
-        epoch: room.meta.epoch,
-        state,
-        head: room.head,
-        committed: room.head,
-        batches: VecDeque::new(),
-        in_flight: false,
-        op_ids,
-        op_order,
-    }
+    live
 }
 
 impl Actor for Room {
@@ -267,6 +333,10 @@ impl Handler<Create> for Room {
             Status::Failed(e) => msg
                 .reply
                 .nack(Code::Unavailable, format!("room unavailable: {e}")),
+            Status::Live(live) if live.deleting.is_some() => msg.reply.nack(
+                Code::Unavailable,
+                format!("room {} is being deleted; retry", self.room_id),
+            ),
             Status::Live(live) => {
                 // A re-sent create is answered from the op-id record, with seq 1.
                 if let Some(key) = &op_key {
@@ -305,17 +375,7 @@ impl Handler<Create> for Room {
                         }
                     };
                 let epoch = rand::random::<u64>();
-                let mut live = Live {
-                    kind,
-                    epoch,
-                    state: RoomState::new(kind),
-                    head: 0,
-                    committed: 0,
-                    batches: VecDeque::new(),
-                    in_flight: false,
-                    op_ids: HashMap::new(),
-                    op_order: VecDeque::new(),
-                };
+                let mut live = Live::new(kind, epoch, RoomState::new(kind), 0);
                 live.open_batch().create = Some(RoomMeta { kind, epoch });
                 let op = crate::value::Value::map([
                     ("type", crate::value::Value::Str("create".into())),
@@ -346,6 +406,12 @@ impl Handler<Submit> for Room {
                 msg.reply
                     .nack(Code::NotFound, format!("no room {}", self.room_id));
                 return;
+            }
+            Status::Live(live) if live.deleting.is_some() => {
+                return msg.reply.nack(
+                    Code::NotFound,
+                    format!("room {} is being deleted", self.room_id),
+                );
             }
             Status::Live(live) if live.committed == 0 && live.in_flight => {
                 // The creation is not durable yet; an op now would be a race the client
@@ -560,9 +626,25 @@ impl Room {
                 }
             }
         }
+        if live.batches.is_empty() {
+            if live.deleting.is_some() && !live.snapshot_in_flight {
+                self.start_delete(ctx);
+            }
+            return;
+        }
+        // A snapshot rides with the batch when it is the only uncommitted one, so the
+        // working state is exactly the state at the batch's last seq.
+        let snapshot_due = live.batches.len() == 1 && {
+            let last = live.head;
+            last >= live.snapshot_seq + self.config.snapshot_every
+                || (last > live.snapshot_seq
+                    && live.snapshot_at.elapsed() >= self.config.snapshot_interval)
+        };
+        let snapshot = snapshot_due.then(|| live.snapshot());
         let Some(batch) = live.batches.front_mut() else {
             return;
         };
+        batch.snapshot_seq = snapshot.as_ref().map(|s| s.seq);
         let mut expire = Vec::new();
         // Expiry is decided at submit time so the store forgets ids in the same commit.
         let kept = self.config.op_ids_kept;
@@ -587,6 +669,7 @@ impl Room {
                 })
                 .collect(),
             expire_op_ids: expire,
+            snapshot,
         };
         live.in_flight = true;
         match self.store.submit(store_batch) {
@@ -628,10 +711,14 @@ impl Room {
                 for reply in batch.replies.drain(..) {
                     reply.send();
                 }
-                if live.committed > self.config.history_events {
-                    live.state
-                        .prune_tombstones(live.committed - self.config.history_events);
+                if let Some(seq) = batch.snapshot_seq {
+                    live.snapshot_seq = seq;
+                    live.snapshot_at = Instant::now();
+                    self.maybe_trim(ctx);
                 }
+                let Status::Live(live) = &mut self.status else {
+                    return;
+                };
                 let to = live.committed;
                 self.queue_diff(epoch, batch.first_seq, to, batch.take_coalesced(), ctx);
                 if !self.deferred_subs.is_empty() {
@@ -668,6 +755,95 @@ impl Room {
             }
         }
         self.flush(ctx);
+    }
+
+    /// Asks the store to trim the log behind the newest snapshot (see
+    /// `Store::submit_trim`); when it is done, deletions older than the log are forgotten
+    /// too, so `resumed` answers exactly what the log can. A full queue skips this
+    /// round; the next snapshot asks again.
+    fn maybe_trim(&mut self, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        if live.trim_in_flight || live.committed <= self.config.history_events {
+            return;
+        }
+        let Ok(done) = self
+            .store
+            .submit_trim(&self.room_id, self.config.history_events)
+        else {
+            return;
+        };
+        live.trim_in_flight = true;
+        ctx.spawn(done.into_actor(self).map(|outcome, room, _ctx| {
+            let Status::Live(live) = &mut room.status else {
+                return;
+            };
+            live.trim_in_flight = false;
+            match outcome {
+                Ok(Ok(TrimOutcome::Done(report))) => {
+                    live.state
+                        .prune_tombstones(report.first_retained.saturating_sub(1));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(room = %room.room_id, error = %e, "trim failed"),
+                Err(_) => {}
+            }
+        }));
+    }
+
+    /// Submits the deletion once nothing is uncommitted; see [`Delete`].
+    fn start_delete(&mut self, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        match self.store.submit_delete(&self.room_id) {
+            Ok(done) => {
+                ctx.spawn(done.into_actor(self).map(|result, room, _ctx| {
+                    let result = match result {
+                        Ok(result) => result.map_err(|e| e.to_string()),
+                        Err(_) => Err("the store writer stopped".to_owned()),
+                    };
+                    room.deleted(result);
+                }));
+            }
+            Err(e) => {
+                if let Some(reply) = live.deleting.take() {
+                    let _ = reply.send(Err((Code::Unavailable, format!("cannot delete now: {e}"))));
+                }
+            }
+        }
+    }
+
+    /// The store removed the room: its subscribers are told and dropped, and the room
+    /// is absent (a later create gets a new epoch).
+    fn deleted(&mut self, result: Result<(), String>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        let reply = live.deleting.take();
+        if let Err(e) = result {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err((Code::Unavailable, format!("store failure: {e}"))));
+            }
+            return;
+        }
+        let gone = ServerMsg::Error {
+            code: Code::NotFound,
+            room: Some(self.room_id.to_string()),
+            msg: format!("room {} was deleted", self.room_id),
+        };
+        for (_, sub) in self.subscribers.drain() {
+            sub.session.evict(&self.room_id);
+            sub.session.send(&gone, Charge::Full);
+        }
+        self.presence = Presence::default();
+        self.unsent = None;
+        self.status = Status::Absent;
+        tracing::info!(room = %self.room_id, "room deleted");
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     /// Adds a committed batch's changes to the next diff, and sends it now if the room
@@ -815,6 +991,16 @@ impl Room {
                 );
                 return false;
             }
+            Status::Live(live) if live.deleting.is_some() => {
+                msg.session.send(
+                    &error(
+                        Code::NotFound,
+                        format!("room {} is being deleted", self.room_id),
+                    ),
+                    Charge::Full,
+                );
+                return false;
+            }
             Status::Live(live) if live.committed == 0 => {
                 // The creation is being committed: answer once it is durable.
                 self.deferred_subs.push(msg);
@@ -951,7 +1137,7 @@ impl Handler<Read> for Room {
     fn handle(&mut self, _msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         match &self.status {
-            Status::Live(live) if live.committed > 0 => Ok(RoomView {
+            Status::Live(live) if live.committed > 0 && live.deleting.is_none() => Ok(RoomView {
                 kind: live.kind.as_str(),
                 epoch: live.epoch,
                 seq: live.committed,
@@ -963,14 +1149,73 @@ impl Handler<Read> for Room {
     }
 }
 
-impl Handler<Uncommitted> for Room {
+impl Handler<Drain> for Room {
     type Result = usize;
 
-    fn handle(&mut self, _msg: Uncommitted, _ctx: &mut Context<Self>) -> usize {
+    /// Shutdown: reports what is not yet durable, and once everything is committed,
+    /// writes a final snapshot so the next start loads fast.
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) -> usize {
+        let Status::Live(live) = &mut self.status else {
+            return 0;
+        };
+        let uncommitted: usize = live.batches.iter().map(|b| b.events.len()).sum();
+        if uncommitted > 0 || live.in_flight {
+            return uncommitted.max(1);
+        }
+        if live.snapshot_in_flight {
+            return 1;
+        }
+        if live.committed == 0 || live.head <= live.snapshot_seq || live.deleting.is_some() {
+            return 0;
+        }
+        let batch = store::Batch {
+            snapshot: Some(live.snapshot()),
+            ..store::Batch::new(self.room_id.to_string())
+        };
+        let Ok(done) = self.store.submit(batch) else {
+            return 0;
+        };
+        live.snapshot_in_flight = true;
+        let seq = live.head;
+        ctx.spawn(done.into_actor(self).map(move |result, room, _ctx| {
+            if let Status::Live(live) = &mut room.status {
+                live.snapshot_in_flight = false;
+                if matches!(result, Ok(Ok(()))) {
+                    live.snapshot_seq = seq;
+                }
+            }
+        }));
+        1
+    }
+}
+
+impl Handler<Delete> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Delete, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
-        match &self.status {
-            Status::Live(live) => live.batches.iter().map(|b| b.events.len()).sum(),
-            _ => 0,
+        match &mut self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => {
+                let _ = msg
+                    .reply
+                    .send(Err((Code::Unavailable, format!("room unavailable: {e}"))));
+            }
+            Status::Absent => {
+                let _ = msg
+                    .reply
+                    .send(Err((Code::NotFound, format!("no room {}", self.room_id))));
+            }
+            Status::Live(live) if live.deleting.is_some() => {
+                let _ = msg.reply.send(Err((
+                    Code::NotFound,
+                    format!("room {} is being deleted", self.room_id),
+                )));
+            }
+            Status::Live(live) => {
+                live.deleting = Some(msg.reply);
+                self.flush(ctx);
+            }
         }
     }
 }

@@ -132,6 +132,9 @@ impl Session {
     }
 
     fn handle_inbound(&mut self, inbound: Inbound, ctx: &mut Context<Self>) {
+        for room in std::mem::take(&mut *self.session.evicted.lock()) {
+            self.subs.remove(&room);
+        }
         match inbound {
             Inbound::Create {
                 id,

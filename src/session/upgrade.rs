@@ -142,6 +142,7 @@ pub async fn ws_rooms(
         dedup: !identity.guest,
         encoding,
         outbound: up.outbound,
+        evicted: Default::default(),
     };
     let guard = up.guard;
     let messages = up.messages;

@@ -12,6 +12,8 @@ mod durability;
 mod effectively_once;
 // The WebSocket upgrade: welcome, subprotocols, Origin checks, guest ids.
 mod handshake;
+// The log as an API: history, time travel, retention, deletion, snapshots, `roomd log`.
+mod history;
 // The HTTP API: health, room creation, room state, ops and status mapping.
 mod http_api;
 // Connection limits: frame size, UTF-8, bad frames, rate, heartbeat, slow readers.
