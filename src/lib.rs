@@ -3,6 +3,8 @@
 //! CODEMAP (TO BE EXPANDED)
 
 pub mod auth;
+pub mod bench;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod log_tool;

@@ -33,6 +33,9 @@ struct Cli {
 enum Command {
     /// Serve rooms over WebSocket and HTTP (what `roomd` alone does).
     Serve(ServeArgs),
+    /// Load generator: starts its own server (or measures `--url`) and reports
+    /// throughput, latency and the server's cost (`roomd bench fanout --help`).
+    Bench(roomd::bench::BenchArgs),
     /// Inspect and maintain the data dir of a stopped server: rooms, show, verify, compact.
     Log(roomd::log_tool::LogArgs),
 }
@@ -48,6 +51,7 @@ fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Bench(args)) => return Ok(roomd::bench::run(args)?),
         Some(Command::Log(args)) => return Ok(roomd::log_tool::run(args)?),
         None => cli.serve,
     };

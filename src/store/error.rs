@@ -61,6 +61,20 @@ pub enum StoreError {
         seq: Option<u64>,
         source: RecordError,
     },
+    /// A stored snapshot row failed to decode.
+    #[error("room {room}: stored snapshot {seq} is corrupt: {source}")]
+    CorruptSnapshot {
+        room: String,
+        seq: u64,
+        source: RecordError,
+    },
+    /// A stored snapshot is at a seq after the room's head.
+    #[error("room {room}: stored snapshot {seq} is after head {head}")]
+    SnapshotPastHead { room: String, seq: u64, head: u64 },
+    /// The room's log is trimmed but no stored snapshot covers the trimmed part, so its
+    /// state cannot be rebuilt.
+    #[error("room {room}: events before seq {first_retained} are trimmed, but no stored snapshot is at seq {} or later", .first_retained - 1)]
+    NoBaseSnapshot { room: String, first_retained: u64 },
     /// The stored events of a room do not run gaplessly up to its head.
     #[error("room {room}: stored events are not gapless up to head {head}: expected seq {expected}, found {found}")]
     LogGap {
@@ -82,6 +96,10 @@ pub enum StoreError {
         expected: u64,
         found: u64,
     },
+    /// A batch's snapshot is not at a seq from 1 up to the batch's last event (the stored
+    /// head for a batch without events); nothing of the batch was written.
+    #[error("batch for room {room} carries a snapshot at seq {seq}, outside 1..={head}")]
+    SnapshotSeq { room: String, seq: u64, head: u64 },
     /// An event could not be encoded (too deep, too large, not finite); nothing of its
     /// batch was written.
     #[error("cannot encode event {seq} of room {room}: {source}")]
@@ -90,6 +108,21 @@ pub enum StoreError {
         seq: u64,
         source: RecordError,
     },
+    /// Reading every room (listing or verifying the log) failed.
+    #[error("scanning {}: {source}", .path.display())]
+    Scan {
+        path: PathBuf,
+        source: Box<redb::Error>,
+    },
+    /// An offline compaction failed; the file is as redb left it, still a valid database.
+    #[error("cannot compact database {}: {source}", .path.display())]
+    Compact {
+        path: PathBuf,
+        source: Box<redb::CompactionError>,
+    },
+    /// `compact` was pointed at a data dir without a database.
+    #[error("data dir {} holds no {file} to compact", .dir.display())]
+    NoDatabase { dir: PathBuf, file: &'static str },
     /// The transaction holding this batch failed; the store is now fail-stopped.
     #[error("commit of {n_batches} batches to {} failed: {reason}", .path.display())]
     Commit {

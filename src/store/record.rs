@@ -1,43 +1,59 @@
-//! The byte format of the rows in the store's tables: event records and room metadata.
+//! The byte format of the rows in the store's tables: event records, room metadata and
+//! snapshots.
 //!
 //! The rkyv types here are private to the store and are deliberately not the wire
 //! protocol's types, so the log format and the protocol can change independently; the
-//! conversions to and from the domain types ([`EventRecord`], [`RoomMeta`], [`Value`]) are
-//! explicit. Table layout and keys are `tables.rs`'s business; this file only turns one
-//! row into bytes and back.
+//! conversions to and from the domain types ([`EventRecord`], [`RoomMeta`], [`Snapshot`],
+//! [`Value`]) are explicit. Table layout and keys are `tables.rs`'s business; this file
+//! only turns one row into bytes and back.
 //!
-//! Every row is one format-version byte ([`RECORD_VERSION`]) followed by an rkyv archive.
-//! A [`Value`] is stored flat, as its nodes in pre-order, so no archived type is recursive
-//! and validation cost is linear. Decoding checks the size limit first, then goes through
-//! `rkyv::access` (validated), and rebuilds values with an explicit stack bounded by
-//! [`MAX_DEPTH`]: bad bytes on disk give a [`RecordError`], never a panic.
+//! Every row is one format-version byte followed by an rkyv archive; each row type has its
+//! own version ([`EVENT_VERSION`], [`META_VERSION`], [`SNAPSHOT_VERSION`]). Meta rows of
+//! version 1 (before retention, so without a first retained seq) are still read, as
+//! untrimmed rooms. A [`Value`] is stored flat, as its nodes in pre-order, so no archived
+//! type is recursive and validation cost is linear. Decoding checks the size limit first,
+//! then goes through `rkyv::access` (validated), and rebuilds values with an explicit
+//! stack bounded by [`MAX_DEPTH`]: bad bytes on disk give a [`RecordError`], never a panic.
 
 use std::collections::BTreeMap;
 
 use rkyv::rancor;
 
-use super::{EventRecord, RoomMeta};
-use crate::room::state::{Changes, Kind};
+use super::{EventRecord, RoomMeta, Snapshot};
+use crate::room::state::{Changes, Kind, Slot};
 use crate::value::{Value, MAX_DEPTH};
 
-/// The version byte in front of every row. A reader refuses any other version rather
-/// than guessing at the layout.
-pub const RECORD_VERSION: u8 = 1;
+/// The version byte in front of every event row. A reader refuses any other version
+/// rather than guessing at the layout.
+pub const EVENT_VERSION: u8 = 1;
+/// The version byte of meta rows written now (with the first retained seq).
+pub const META_VERSION: u8 = 2;
+/// Meta rows written before retention existed: kind, epoch and head only.
+const META_VERSION_UNTRIMMED: u8 = 1;
+/// The version byte in front of every snapshot row.
+pub const SNAPSHOT_VERSION: u8 = 1;
 
-/// The largest row, in bytes, this store writes or reads. Checked before validation so a
-/// corrupt length cannot make the reader walk gigabytes; checked on write so the store
-/// never writes a row it would refuse to read back.
+/// The largest event or meta row, in bytes, this store writes or reads. Checked before
+/// validation so a corrupt length cannot make the reader walk gigabytes; checked on write
+/// so the store never writes a row it would refuse to read back.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+/// The largest snapshot row, in bytes. A snapshot holds a whole room (tombstones and
+/// private facts included), so its bound is twice the default room limit of 64 MiB
+/// (`Limits::max_room_bytes`) rather than the event row bound.
+pub const MAX_SNAPSHOT_BYTES: usize = 128 * 1024 * 1024;
 
 /// Why a row could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error("record is empty")]
     Empty,
-    #[error("record of {len} bytes exceeds limit of {MAX_RECORD_BYTES}")]
-    TooLarge { len: usize },
-    #[error("record format version {found} is not supported (this roomd reads version {RECORD_VERSION})")]
-    Version { found: u8 },
+    #[error("record of {len} bytes exceeds limit of {limit}")]
+    TooLarge { len: usize, limit: usize },
+    #[error(
+        "record format version {found} is not supported (this roomd reads version {expected})"
+    )]
+    Version { found: u8, expected: u8 },
     #[error("record bytes fail validation: {reason}")]
     Invalid { reason: String },
     #[error("record could not be serialized: {reason}")]
@@ -61,6 +77,16 @@ pub enum RecordError {
     Trailing { n_trailing: usize },
     #[error("room kind code {code} is unknown")]
     UnknownKind { code: u8 },
+    /// Snapshot entries are stored in strictly ascending key order, so a repeat cannot
+    /// hide in a snapshot and a reader can rebuild its maps without checks.
+    #[error("snapshot key {key:?} at entry {index} does not sort after the entry before it")]
+    KeyOrder { key: String, index: usize },
+    #[error("snapshot entry {key:?} has ver {ver}, after the snapshot's seq {seq}")]
+    VerAfterSeq { key: String, ver: u64, seq: u64 },
+    #[error("snapshot tombstone floor {floor} is after the snapshot's seq {seq}")]
+    FloorAfterSeq { floor: u64, seq: u64 },
+    #[error("meta row's first retained seq {first_retained} is past head {head} + 1, or 0")]
+    RetainedPastHead { first_retained: u64, head: u64 },
 }
 
 /// One node of a flattened [`Value`]. A container node carries its item count and is
@@ -102,12 +128,57 @@ struct EventRow {
 }
 
 /// The stored form of a room's metadata, with the head seq written in the same
-/// transaction as the events that advance it.
+/// transaction as the events that advance it, and the first retained seq in the same
+/// transaction as the trimming that advances it.
 #[derive(rkyv::Archive, rkyv::Serialize)]
 struct MetaRow {
     kind: u8,
     epoch: u64,
     head: u64,
+    first_retained: u64,
+}
+
+/// A meta row of [`META_VERSION_UNTRIMMED`]; read, never written.
+// Only its archived form is read; the tests build one to read back.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct MetaRowUntrimmed {
+    kind: u8,
+    epoch: u64,
+    head: u64,
+}
+
+/// One public entry of a snapshot; `value` is `None` for a tombstone.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct SlotRow {
+    key: String,
+    value: Option<FlatValue>,
+    ver: u64,
+}
+
+/// One private fact of a snapshot.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct PrivateRow {
+    key: String,
+    value: FlatValue,
+}
+
+/// The stored form of a [`Snapshot`]; its seq is the row's key, like an event's.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct SnapshotRow {
+    tombstone_floor: u64,
+    public: Vec<SlotRow>,
+    private: Vec<PrivateRow>,
+}
+
+/// A meta row decoded: the room's fixed facts and where its log starts and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredMeta {
+    pub meta: RoomMeta,
+    pub head: u64,
+    /// The oldest seq whose event is still stored (`head + 1` when none is); 1 until the
+    /// room is first trimmed.
+    pub first_retained: u64,
 }
 
 /// Encodes an event (without its seq, which is the row key) as a versioned row.
@@ -119,12 +190,12 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
         public: change_rows(&event.changes.public)?,
         private: change_rows(&event.changes.private)?,
     };
-    versioned(&row)
+    versioned(&row, EVENT_VERSION, MAX_RECORD_BYTES)
 }
 
 /// Decodes an event row stored under `seq`.
 pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> {
-    let row: &ArchivedEventRow = access(bytes)?;
+    let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
     Ok(EventRecord {
         seq,
         user: row.user.as_str().to_owned(),
@@ -137,23 +208,153 @@ pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> 
     })
 }
 
-/// Encodes a room's metadata and its head seq as a versioned row.
-pub fn encode_meta(meta: &RoomMeta, head: u64) -> Result<Vec<u8>, RecordError> {
-    versioned(&MetaRow {
-        kind: kind_code(meta.kind),
-        epoch: meta.epoch,
+/// Encodes a room's metadata, head seq and first retained seq as a versioned row.
+pub fn encode_meta(stored: &StoredMeta) -> Result<Vec<u8>, RecordError> {
+    check_retained(stored.first_retained, stored.head)?;
+    versioned(
+        &MetaRow {
+            kind: kind_code(stored.meta.kind),
+            epoch: stored.meta.epoch,
+            head: stored.head,
+            first_retained: stored.first_retained,
+        },
+        META_VERSION,
+        MAX_RECORD_BYTES,
+    )
+}
+
+/// Decodes a metadata row of either version; a version 1 row is an untrimmed room.
+pub fn decode_meta(bytes: &[u8]) -> Result<StoredMeta, RecordError> {
+    let (kind, epoch, head, first_retained) = if bytes.first() == Some(&META_VERSION_UNTRIMMED) {
+        let row: &ArchivedMetaRowUntrimmed =
+            access(bytes, META_VERSION_UNTRIMMED, MAX_RECORD_BYTES)?;
+        (row.kind, row.epoch.to_native(), row.head.to_native(), 1)
+    } else {
+        let row: &ArchivedMetaRow = access(bytes, META_VERSION, MAX_RECORD_BYTES)?;
+        (
+            row.kind,
+            row.epoch.to_native(),
+            row.head.to_native(),
+            row.first_retained.to_native(),
+        )
+    };
+    check_retained(first_retained, head)?;
+    Ok(StoredMeta {
+        meta: RoomMeta {
+            kind: kind_from_code(kind)?,
+            epoch,
+        },
         head,
+        first_retained,
     })
 }
 
-/// Decodes a metadata row into the room's metadata and head seq.
-pub fn decode_meta(bytes: &[u8]) -> Result<(RoomMeta, u64), RecordError> {
-    let row: &ArchivedMetaRow = access(bytes)?;
-    let meta = RoomMeta {
-        kind: kind_from_code(row.kind)?,
-        epoch: row.epoch.to_native(),
+/// The first retained seq is at least 1 and at most one past the head.
+fn check_retained(first_retained: u64, head: u64) -> Result<(), RecordError> {
+    if first_retained == 0 || first_retained > head.saturating_add(1) {
+        return Err(RecordError::RetainedPastHead {
+            first_retained,
+            head,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes a snapshot (without its seq, which is the row key) as a versioned row, with
+/// the checks its reader makes: keys strictly ascending, no ver or floor after its seq.
+pub fn encode_snapshot(snapshot: &Snapshot) -> Result<Vec<u8>, RecordError> {
+    let seq = snapshot.seq;
+    check_floor(snapshot.tombstone_floor, seq)?;
+    let mut public = Vec::with_capacity(snapshot.public.len());
+    let mut previous = None;
+    for (index, (key, slot)) in snapshot.public.iter().enumerate() {
+        check_order(previous, key, index)?;
+        previous = Some(key.as_str());
+        check_ver(key, slot.ver, seq)?;
+        public.push(SlotRow {
+            key: key.clone(),
+            value: slot.value.as_ref().map(flatten).transpose()?,
+            ver: slot.ver,
+        });
+    }
+    let mut private = Vec::with_capacity(snapshot.private.len());
+    let mut previous = None;
+    for (index, (key, value)) in snapshot.private.iter().enumerate() {
+        check_order(previous, key, index)?;
+        previous = Some(key.as_str());
+        private.push(PrivateRow {
+            key: key.clone(),
+            value: flatten(value)?,
+        });
+    }
+    let row = SnapshotRow {
+        tombstone_floor: snapshot.tombstone_floor,
+        public,
+        private,
     };
-    Ok((meta, row.head.to_native()))
+    versioned(&row, SNAPSHOT_VERSION, MAX_SNAPSHOT_BYTES)
+}
+
+/// Decodes a snapshot row stored under `seq`.
+pub fn decode_snapshot(seq: u64, bytes: &[u8]) -> Result<Snapshot, RecordError> {
+    let row: &ArchivedSnapshotRow = access(bytes, SNAPSHOT_VERSION, MAX_SNAPSHOT_BYTES)?;
+    let tombstone_floor = row.tombstone_floor.to_native();
+    check_floor(tombstone_floor, seq)?;
+    let rows = row.public.as_slice();
+    let mut public = Vec::with_capacity(rows.len());
+    let mut previous = None;
+    for (index, slot) in rows.iter().enumerate() {
+        let (key, ver) = (slot.key.as_str(), slot.ver.to_native());
+        check_order(previous, key, index)?;
+        previous = Some(key);
+        check_ver(key, ver, seq)?;
+        let value = slot.value.as_ref().map(unflatten).transpose()?;
+        public.push((key.to_owned(), Slot { value, ver }));
+    }
+    let rows = row.private.as_slice();
+    let mut private = Vec::with_capacity(rows.len());
+    let mut previous = None;
+    for (index, fact) in rows.iter().enumerate() {
+        let key = fact.key.as_str();
+        check_order(previous, key, index)?;
+        previous = Some(key);
+        private.push((key.to_owned(), unflatten(&fact.value)?));
+    }
+    Ok(Snapshot {
+        seq,
+        public,
+        private,
+        tombstone_floor,
+    })
+}
+
+/// Refuses an entry whose key does not sort strictly after the one before it.
+fn check_order(previous: Option<&str>, key: &str, index: usize) -> Result<(), RecordError> {
+    match previous {
+        Some(previous) if previous >= key => Err(RecordError::KeyOrder {
+            key: key.to_owned(),
+            index,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_ver(key: &str, ver: u64, seq: u64) -> Result<(), RecordError> {
+    if ver > seq {
+        return Err(RecordError::VerAfterSeq {
+            key: key.to_owned(),
+            ver,
+            seq,
+        });
+    }
+    Ok(())
+}
+
+fn check_floor(floor: u64, seq: u64) -> Result<(), RecordError> {
+    if floor > seq {
+        return Err(RecordError::FloorAfterSeq { floor, seq });
+    }
+    Ok(())
 }
 
 /// The one place a kind becomes a number on disk; codes are never reused.
@@ -174,8 +375,8 @@ fn kind_from_code(code: u8) -> Result<Kind, RecordError> {
     }
 }
 
-/// Serializes `row` behind the version byte, refusing rows over [`MAX_RECORD_BYTES`].
-fn versioned<T>(row: &T) -> Result<Vec<u8>, RecordError>
+/// Serializes `row` behind `version`, refusing rows over `limit` bytes.
+fn versioned<T>(row: &T, version: u8, limit: usize) -> Result<Vec<u8>, RecordError>
 where
     T: for<'a> rkyv::Serialize<
         rkyv::api::high::HighSerializer<
@@ -189,27 +390,30 @@ where
         reason: e.to_string(),
     })?;
     let len = 1 + archive.len();
-    if len > MAX_RECORD_BYTES {
-        return Err(RecordError::TooLarge { len });
+    if len > limit {
+        return Err(RecordError::TooLarge { len, limit });
     }
     let mut bytes = Vec::with_capacity(len);
-    bytes.push(RECORD_VERSION);
+    bytes.push(version);
     bytes.extend_from_slice(&archive);
     Ok(bytes)
 }
 
 /// Checks size and version, then validates the archive behind the version byte.
-fn access<T>(bytes: &[u8]) -> Result<&T, RecordError>
+fn access<T>(bytes: &[u8], expected: u8, limit: usize) -> Result<&T, RecordError>
 where
     T: rkyv::Portable
         + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
 {
-    if bytes.len() > MAX_RECORD_BYTES {
-        return Err(RecordError::TooLarge { len: bytes.len() });
+    if bytes.len() > limit {
+        return Err(RecordError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
     }
-    let (&version, archive) = bytes.split_first().ok_or(RecordError::Empty)?;
-    if version != RECORD_VERSION {
-        return Err(RecordError::Version { found: version });
+    let (&found, archive) = bytes.split_first().ok_or(RecordError::Empty)?;
+    if found != expected {
+        return Err(RecordError::Version { found, expected });
     }
     rkyv::access::<T, rancor::Error>(archive).map_err(|e| RecordError::Invalid {
         reason: e.to_string(),
@@ -465,7 +669,7 @@ mod tests {
     fn event_round_trips_nested_values_floats_and_bytes() {
         let original = event(nested_value());
         let bytes = encode_event(&original).unwrap();
-        assert_eq!(bytes[0], RECORD_VERSION);
+        assert_eq!(bytes[0], EVENT_VERSION);
         let decoded = decode_event(7, &bytes).unwrap();
         assert_event_eq(&decoded, &original);
     }
@@ -473,10 +677,184 @@ mod tests {
     #[test]
     fn meta_round_trips_every_kind() {
         for kind in [Kind::Chat, Kind::Poll, Kind::State] {
-            let bytes = encode_meta(&RoomMeta { kind, epoch: 42 }, 9).unwrap();
-            let (meta, head) = decode_meta(&bytes).unwrap();
-            assert_eq!((meta.kind, meta.epoch, head), (kind, 42, 9));
+            let stored = StoredMeta {
+                meta: RoomMeta { kind, epoch: 42 },
+                head: 9,
+                first_retained: 5,
+            };
+            let bytes = encode_meta(&stored).unwrap();
+            assert_eq!(bytes[0], META_VERSION);
+            assert_eq!(decode_meta(&bytes).unwrap(), stored);
         }
+    }
+
+    #[test]
+    fn meta_row_of_version_1_reads_as_an_untrimmed_room() {
+        let row = MetaRowUntrimmed {
+            kind: 1,
+            epoch: 3,
+            head: 12,
+        };
+        let bytes = versioned(&row, META_VERSION_UNTRIMMED, MAX_RECORD_BYTES).unwrap();
+        let stored = decode_meta(&bytes).unwrap();
+        assert_eq!(
+            (
+                stored.meta.kind,
+                stored.meta.epoch,
+                stored.head,
+                stored.first_retained
+            ),
+            (Kind::Poll, 3, 12, 1)
+        );
+    }
+
+    #[test]
+    fn first_retained_past_head_plus_one_is_refused_both_ways() {
+        let stored = StoredMeta {
+            meta: RoomMeta {
+                kind: Kind::Chat,
+                epoch: 1,
+            },
+            head: 4,
+            first_retained: 6,
+        };
+        assert!(matches!(
+            encode_meta(&stored),
+            Err(RecordError::RetainedPastHead {
+                first_retained: 6,
+                head: 4
+            })
+        ));
+        let row = MetaRow {
+            kind: 0,
+            epoch: 1,
+            head: 4,
+            first_retained: 0,
+        };
+        let bytes = versioned(&row, META_VERSION, MAX_RECORD_BYTES).unwrap();
+        assert!(matches!(
+            decode_meta(&bytes),
+            Err(RecordError::RetainedPastHead {
+                first_retained: 0,
+                ..
+            })
+        ));
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            seq: 40,
+            public: vec![
+                (
+                    "a".into(),
+                    Slot {
+                        value: Some(nested_value()),
+                        ver: 3,
+                    },
+                ),
+                (
+                    "b".into(),
+                    Slot {
+                        value: None,
+                        ver: 40,
+                    },
+                ),
+                (
+                    "c".into(),
+                    Slot {
+                        value: Some(Value::Float(2.5)),
+                        ver: 1,
+                    },
+                ),
+            ],
+            private: vec![
+                ("creator".into(), Value::Str("alice".into())),
+                ("voters".into(), Value::List(vec![Value::Int(1)])),
+            ],
+            tombstone_floor: 12,
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips_with_tombstones_and_private_facts() {
+        let original = snapshot();
+        let bytes = encode_snapshot(&original).unwrap();
+        assert_eq!(bytes[0], SNAPSHOT_VERSION);
+        assert_eq!(decode_snapshot(40, &bytes).unwrap(), original);
+        let empty = Snapshot {
+            seq: 1,
+            public: vec![],
+            private: vec![],
+            tombstone_floor: 0,
+        };
+        assert_eq!(
+            decode_snapshot(1, &encode_snapshot(&empty).unwrap()).unwrap(),
+            empty
+        );
+    }
+
+    #[test]
+    fn snapshot_with_unsorted_keys_or_a_future_ver_is_refused_both_ways() {
+        let mut repeated = snapshot();
+        repeated.private.push(("voters".into(), Value::Null));
+        assert!(matches!(
+            encode_snapshot(&repeated),
+            Err(RecordError::KeyOrder { index: 2, .. })
+        ));
+        let mut unsorted = snapshot();
+        unsorted.public.swap(0, 2);
+        assert!(matches!(
+            encode_snapshot(&unsorted),
+            Err(RecordError::KeyOrder { index: 1, .. })
+        ));
+        let mut future = snapshot();
+        future.public[0].1.ver = 41;
+        assert!(matches!(
+            encode_snapshot(&future),
+            Err(RecordError::VerAfterSeq {
+                ver: 41,
+                seq: 40,
+                ..
+            })
+        ));
+        let mut floor = snapshot();
+        floor.tombstone_floor = 41;
+        assert!(matches!(
+            encode_snapshot(&floor),
+            Err(RecordError::FloorAfterSeq { floor: 41, seq: 40 })
+        ));
+        // The same row read back under an older seq has vers after it.
+        let bytes = encode_snapshot(&snapshot()).unwrap();
+        assert!(matches!(
+            decode_snapshot(39, &bytes),
+            Err(RecordError::VerAfterSeq {
+                ver: 40,
+                seq: 39,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn corrupt_snapshot_bytes_give_errors_not_panics() {
+        let bytes = encode_snapshot(&snapshot()).unwrap();
+        for len in 0..bytes.len() {
+            let _ = decode_snapshot(40, &bytes[..len]);
+        }
+        for i in 1..bytes.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut corrupt = bytes.clone();
+                corrupt[i] ^= flip;
+                let _ = decode_snapshot(40, &corrupt);
+            }
+        }
+        assert!(matches!(
+            decode_snapshot(40, &[EVENT_VERSION + 1, 0]),
+            Err(RecordError::Version {
+                expected: SNAPSHOT_VERSION,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -504,7 +882,7 @@ mod tests {
         wrong_version[0] = 9;
         assert!(matches!(
             decode_event(1, &wrong_version),
-            Err(RecordError::Version { found: 9 })
+            Err(RecordError::Version { found: 9, .. })
         ));
         // Every truncation and every single-byte flip either fails cleanly or decodes to
         // some valid record; none may panic.
@@ -520,7 +898,7 @@ mod tests {
             }
         }
         assert!(matches!(
-            decode_event(1, &[RECORD_VERSION, 1, 2, 3]),
+            decode_event(1, &[EVENT_VERSION, 1, 2, 3]),
             Err(RecordError::Invalid { .. })
         ));
     }
@@ -535,7 +913,8 @@ mod tests {
             public: vec![],
             private: vec![],
         };
-        decode_event(1, &versioned(&row).unwrap()).map(|event| event.op)
+        let bytes = versioned(&row, EVENT_VERSION, MAX_RECORD_BYTES).unwrap();
+        decode_event(1, &bytes).map(|event| event.op)
     }
 
     #[test]
@@ -579,12 +958,13 @@ mod tests {
 
     #[test]
     fn unknown_kind_code_is_refused() {
-        let bytes = versioned(&MetaRow {
+        let row = MetaRow {
             kind: 200,
             epoch: 1,
             head: 1,
-        })
-        .unwrap();
+            first_retained: 1,
+        };
+        let bytes = versioned(&row, META_VERSION, MAX_RECORD_BYTES).unwrap();
         assert!(matches!(
             decode_meta(&bytes),
             Err(RecordError::UnknownKind { code: 200 })

@@ -1,38 +1,54 @@
-//! The layout of `roomd.redb`: its three tables, how one batch is written into them,
-//! and how one room is read back.
+//! The layout of `roomd.redb`: its tables, how one batch is written into them, and how
+//! one room is read back.
 //!
-//! - `events`: `(room, seq)` -> event row (`record.rs`), one per event, gapless per room.
-//! - `meta`: `room` -> meta row (kind, epoch, head seq). The head moves in the same
-//!   transaction as the events that advance it, so a reader never sees one without the
-//!   other.
+//! - `events`: `(room, seq)` -> event row (`record.rs`), one per event, gapless per room
+//!   from the room's first retained seq to its head.
+//! - `meta`: `room` -> meta row (kind, epoch, head seq, first retained seq). The head
+//!   moves in the same transaction as the events that advance it, and the first
+//!   retained seq in the same transaction as the trimming that deletes events, so a
+//!   reader never sees one without the other.
+//! - `snapshots`: `(room, seq)` -> snapshot row, the room's state at that seq.
 //! - `op_ids`: `(room, user, op_id)` -> seq of the event the op became, for dedup.
+//! - `deleting`: `room` -> (), rooms whose deletion has removed their meta row but not
+//!   yet all their other rows (`retention.rs`).
 //!
 //! Writing a batch checks it against the stored head before touching any table, so a
 //! batch that would break gapless seq is refused whole while the rest of its transaction
 //! commits. When and how transactions commit is `writer.rs`'s business.
 
-use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use std::path::Path;
 
-use super::record::{self, decode_event, decode_meta, encode_event, encode_meta};
-use super::{Batch, EventRecord, LoadedRoom, OpIdRecord, StoreError};
+use redb::{
+    ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
+
+use super::record::{self, decode_event, decode_meta, encode_event, encode_meta, StoredMeta};
+use super::{Batch, EventRecord, LoadedRoom, OpIdRecord, Snapshot, StoreError};
 
 pub(super) const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(super) const OP_IDS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("op_ids");
+pub(super) const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
+pub(super) const DELETING: TableDefinition<&str, ()> = TableDefinition::new("deleting");
 
 /// Creates any missing table, so read transactions on a new database find them all.
 pub fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
     txn.open_table(EVENTS)?;
     txn.open_table(META)?;
     txn.open_table(OP_IDS)?;
+    txn.open_table(SNAPSHOTS)?;
+    txn.open_table(DELETING)?;
     Ok(())
 }
 
-/// The three tables, open in one write transaction for the batches of one group commit.
+/// Every table, open in one write transaction for the batches and maintenance pieces
+/// of one commit.
 pub struct WriteTables<'txn> {
-    events: Table<'txn, (&'static str, u64), &'static [u8]>,
-    meta: Table<'txn, &'static str, &'static [u8]>,
-    op_ids: Table<'txn, (&'static str, &'static str, &'static str), u64>,
+    pub events: Table<'txn, (&'static str, u64), &'static [u8]>,
+    pub meta: Table<'txn, &'static str, &'static [u8]>,
+    pub op_ids: Table<'txn, (&'static str, &'static str, &'static str), u64>,
+    pub snapshots: Table<'txn, (&'static str, u64), &'static [u8]>,
+    pub deleting: Table<'txn, &'static str, ()>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -41,32 +57,56 @@ impl<'txn> WriteTables<'txn> {
             events: txn.open_table(EVENTS)?,
             meta: txn.open_table(META)?,
             op_ids: txn.open_table(OP_IDS)?,
+            snapshots: txn.open_table(SNAPSHOTS)?,
+            deleting: txn.open_table(DELETING)?,
         })
     }
 
-    /// Writes one batch. The outer error is a storage failure that dooms the whole
-    /// transaction; the inner one refuses this batch alone, before anything of it is
-    /// written.
-    pub fn apply(&mut self, batch: &Batch) -> Result<Result<(), StoreError>, redb::StorageError> {
-        let room = batch.room.as_str();
-        let stored = match self.meta.get(room)? {
-            Some(row) => match decode_meta(row.value()) {
-                Ok(stored) => Some(stored),
-                Err(source) => {
-                    return Ok(Err(StoreError::Corrupt {
-                        room: room.to_owned(),
-                        seq: None,
-                        source,
-                    }))
-                }
-            },
-            None => None,
+    /// Reads a room's meta row; the inner error is a corrupt row.
+    pub fn stored_meta(
+        &self,
+        room: &str,
+    ) -> Result<Result<Option<StoredMeta>, StoreError>, redb::StorageError> {
+        let Some(row) = self.meta.get(room)? else {
+            return Ok(Ok(None));
         };
-        let (meta, head) = match (stored, &batch.create) {
-            (Some((_, head)), Some(_)) => {
+        Ok(decode_meta(row.value())
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                room: room.to_owned(),
+                seq: None,
+                source,
+            }))
+    }
+
+    /// Writes a room's meta row.
+    pub fn put_meta(&mut self, room: &str, stored: &StoredMeta) -> Result<(), redb::StorageError> {
+        let row = encode_meta(stored).expect(
+            "a meta row is four integers, always serializable and far below the row limit; \
+             callers keep first_retained within 1..=head + 1",
+        );
+        self.meta.insert(room, row.as_slice())?;
+        Ok(())
+    }
+
+    /// Writes one batch and its encoded snapshot `(seq, row)`. The outer error is a
+    /// storage failure that dooms the whole transaction; the inner one refuses this
+    /// batch alone, before anything of it is written.
+    pub fn apply(
+        &mut self,
+        batch: &Batch,
+        snapshot: Option<(u64, &[u8])>,
+    ) -> Result<Result<(), StoreError>, redb::StorageError> {
+        let room = batch.room.as_str();
+        let stored = match self.stored_meta(room)? {
+            Ok(stored) => stored,
+            Err(corrupt) => return Ok(Err(corrupt)),
+        };
+        let (meta, head, first_retained) = match (stored, &batch.create) {
+            (Some(stored), Some(_)) => {
                 return Ok(Err(StoreError::RoomExists {
                     room: room.to_owned(),
-                    head,
+                    head: stored.head,
                 }))
             }
             (None, None) => {
@@ -74,20 +114,29 @@ impl<'txn> WriteTables<'txn> {
                     room: room.to_owned(),
                 }))
             }
-            (Some(stored), None) => stored,
-            (None, Some(create)) => (*create, 0),
+            (Some(stored), None) => (stored.meta, stored.head, stored.first_retained),
+            (None, Some(create)) => (*create, 0, 1),
         };
         let rows = match encode_batch(room, head, &batch.events) {
             Ok(rows) => rows,
             Err(refusal) => return Ok(Err(refusal)),
         };
         let new_head = head + rows.len() as u64;
-        let meta_row = encode_meta(&meta, new_head).expect(
-            "a meta row is three integers: it always serializes and is far below the row limit",
-        );
+        if let Some((seq, _)) = snapshot {
+            if seq == 0 || seq > new_head {
+                return Ok(Err(StoreError::SnapshotSeq {
+                    room: room.to_owned(),
+                    seq,
+                    head: new_head,
+                }));
+            }
+        }
 
         for (seq, row) in &rows {
             self.events.insert((room, *seq), row.as_slice())?;
+        }
+        if let Some((seq, row)) = snapshot {
+            self.snapshots.insert((room, seq), row)?;
         }
         // Expiry goes first so an op id the batch also records is kept.
         for (user, op_id) in &batch.expire_op_ids {
@@ -97,7 +146,12 @@ impl<'txn> WriteTables<'txn> {
             self.op_ids
                 .insert((room, op.user.as_str(), op.op_id.as_str()), op.seq)?;
         }
-        self.meta.insert(room, meta_row.as_slice())?;
+        let stored = StoredMeta {
+            meta,
+            head: new_head,
+            first_retained,
+        };
+        self.put_meta(room, &stored)?;
         Ok(Ok(()))
     }
 }
@@ -127,85 +181,213 @@ fn encode_batch(
     Ok(rows)
 }
 
-/// Reads one room in a read transaction: its meta, head, events in seq order (checked
-/// gapless up to the head) and op ids sorted by seq. `Ok(None)` if it does not exist.
-pub fn read_room(
-    db: &redb::Database,
-    db_path: &std::path::Path,
-    room: &str,
-) -> Result<Option<LoadedRoom>, StoreError> {
-    let read_error = |source: redb::Error| StoreError::Read {
-        room: room.to_owned(),
-        path: db_path.to_owned(),
-        source: Box::new(source),
-    };
-    let corrupt = |seq, source: record::RecordError| StoreError::Corrupt {
-        room: room.to_owned(),
-        seq,
-        source,
-    };
-    let txn = db.begin_read().map_err(|e| read_error(e.into()))?;
-    let meta_table = txn.open_table(META).map_err(|e| read_error(e.into()))?;
-    let Some(row) = meta_table.get(room).map_err(|e| read_error(e.into()))? else {
-        return Ok(None);
-    };
-    let (meta, head) = decode_meta(row.value()).map_err(|e| corrupt(None, e))?;
+/// One room's rows, open in one read transaction, so every read of a request sees the
+/// same commit.
+pub struct RoomReads<'a> {
+    room: &'a str,
+    path: &'a Path,
+    events: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    meta: ReadOnlyTable<&'static str, &'static [u8]>,
+    snapshots: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    op_ids: ReadOnlyTable<(&'static str, &'static str, &'static str), u64>,
+}
 
-    let events_table = txn.open_table(EVENTS).map_err(|e| read_error(e.into()))?;
-    let mut events: Vec<EventRecord> = Vec::new();
-    let range = events_table
-        .range((room, 0u64)..=(room, u64::MAX))
-        .map_err(|e| read_error(e.into()))?;
-    for entry in range {
-        let (key, value) = entry.map_err(|e| read_error(e.into()))?;
-        let seq = key.value().1;
-        if let Some(previous) = events.last() {
-            if seq != previous.seq + 1 {
-                return Err(StoreError::LogGap {
-                    room: room.to_owned(),
-                    head,
-                    expected: previous.seq + 1,
-                    found: seq,
-                });
-            }
-        }
-        events.push(decode_event(seq, value.value()).map_err(|e| corrupt(Some(seq), e))?);
+impl<'a> RoomReads<'a> {
+    pub fn open(db: &redb::Database, path: &'a Path, room: &'a str) -> Result<Self, StoreError> {
+        let read_error = |source: redb::Error| StoreError::Read {
+            room: room.to_owned(),
+            path: path.to_owned(),
+            source: Box::new(source),
+        };
+        let txn = db.begin_read().map_err(|e| read_error(e.into()))?;
+        Ok(RoomReads {
+            room,
+            path,
+            events: txn.open_table(EVENTS).map_err(|e| read_error(e.into()))?,
+            meta: txn.open_table(META).map_err(|e| read_error(e.into()))?,
+            snapshots: txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| read_error(e.into()))?,
+            op_ids: txn.open_table(OP_IDS).map_err(|e| read_error(e.into()))?,
+        })
     }
-    // Older events may be trimmed away later, but the newest one must be the head.
-    if let Some(last) = events.last() {
-        if last.seq != head {
-            return Err(StoreError::LogGap {
-                room: room.to_owned(),
-                head,
-                expected: head,
-                found: last.seq,
+
+    fn read_error(&self, source: impl Into<redb::Error>) -> StoreError {
+        StoreError::Read {
+            room: self.room.to_owned(),
+            path: self.path.to_owned(),
+            source: Box::new(source.into()),
+        }
+    }
+
+    /// The room's meta row, or None if the room does not exist.
+    pub fn meta(&self) -> Result<Option<StoredMeta>, StoreError> {
+        let Some(row) = self.meta.get(self.room).map_err(|e| self.read_error(e))? else {
+            return Ok(None);
+        };
+        decode_meta(row.value())
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                room: self.room.to_owned(),
+                seq: None,
+                source,
+            })
+    }
+
+    /// The events `from..=to`, at most `limit` of them, checked to start at `from` and
+    /// run gaplessly (up to `to` when fewer than `limit`). `head` is for the error.
+    pub fn events(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+        head: u64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let mut events: Vec<EventRecord> = Vec::new();
+        if from > to || limit == 0 {
+            return Ok(events);
+        }
+        let gap = |expected, found| StoreError::LogGap {
+            room: self.room.to_owned(),
+            head,
+            expected,
+            found,
+        };
+        let range = self
+            .events
+            .range((self.room, from)..=(self.room, to))
+            .map_err(|e| self.read_error(e))?;
+        for entry in range.take(limit) {
+            let (key, value) = entry.map_err(|e| self.read_error(e))?;
+            let seq = key.value().1;
+            let expected = events.last().map_or(from, |previous| previous.seq + 1);
+            if seq != expected {
+                return Err(gap(expected, seq));
+            }
+            let event = decode_event(seq, value.value()).map_err(|source| StoreError::Corrupt {
+                room: self.room.to_owned(),
+                seq: Some(seq),
+                source,
+            })?;
+            events.push(event);
+        }
+        // Fewer than asked for: the range must have run to its end.
+        let last = events
+            .last()
+            .map_or(from.saturating_sub(1), |last| last.seq);
+        if events.len() < limit && last != to {
+            return Err(gap(to, last));
+        }
+        Ok(events)
+    }
+
+    /// The newest snapshot with a seq in `lo..=hi`, if one is stored.
+    pub fn latest_snapshot(&self, lo: u64, hi: u64) -> Result<Option<Snapshot>, StoreError> {
+        if lo > hi {
+            return Ok(None);
+        }
+        let mut range = self
+            .snapshots
+            .range((self.room, lo)..=(self.room, hi))
+            .map_err(|e| self.read_error(e))?;
+        let Some(entry) = range.next_back() else {
+            return Ok(None);
+        };
+        let (key, value) = entry.map_err(|e| self.read_error(e))?;
+        let seq = key.value().1;
+        self.decode_snapshot(seq, value.value()).map(Some)
+    }
+
+    /// Every stored snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
+        let range = self
+            .snapshots
+            .range((self.room, 0)..=(self.room, u64::MAX))
+            .map_err(|e| self.read_error(e))?;
+        let mut snapshots = Vec::new();
+        for entry in range {
+            let (key, value) = entry.map_err(|e| self.read_error(e))?;
+            snapshots.push(self.decode_snapshot(key.value().1, value.value())?);
+        }
+        Ok(snapshots)
+    }
+
+    fn decode_snapshot(&self, seq: u64, bytes: &[u8]) -> Result<Snapshot, StoreError> {
+        record::decode_snapshot(seq, bytes).map_err(|source| StoreError::CorruptSnapshot {
+            room: self.room.to_owned(),
+            seq,
+            source,
+        })
+    }
+
+    /// The room's op ids, sorted by seq.
+    pub fn op_ids(&self) -> Result<Vec<OpIdRecord>, StoreError> {
+        let mut op_ids = Vec::new();
+        // Keys sort by room first, so this room's op ids are one contiguous run.
+        let range = self
+            .op_ids
+            .range((self.room, "", "")..)
+            .map_err(|e| self.read_error(e))?;
+        for entry in range {
+            let (key, seq) = entry.map_err(|e| self.read_error(e))?;
+            let (key_room, user, op_id) = key.value();
+            if key_room != self.room {
+                break;
+            }
+            op_ids.push(OpIdRecord {
+                user: user.to_owned(),
+                op_id: op_id.to_owned(),
+                seq: seq.value(),
             });
         }
+        op_ids.sort_by_key(|op| op.seq);
+        Ok(op_ids)
     }
+}
 
-    let op_ids_table = txn.open_table(OP_IDS).map_err(|e| read_error(e.into()))?;
-    let mut op_ids = Vec::new();
-    // Keys sort by room first, so this room's op ids are one contiguous run.
-    let range = op_ids_table
-        .range((room, "", "")..)
-        .map_err(|e| read_error(e.into()))?;
-    for entry in range {
-        let (key, seq) = entry.map_err(|e| read_error(e.into()))?;
-        let (key_room, user, op_id) = key.value();
-        if key_room != room {
-            break;
+/// Reads one room in a read transaction: its meta, newest snapshot, the events after it
+/// (checked gapless up to the head) and op ids sorted by seq. `Ok(None)` if it does not
+/// exist.
+pub fn read_room(
+    db: &redb::Database,
+    path: &Path,
+    room: &str,
+) -> Result<Option<LoadedRoom>, StoreError> {
+    let reads = RoomReads::open(db, path, room)?;
+    let Some(stored) = reads.meta()? else {
+        return Ok(None);
+    };
+    let StoredMeta {
+        meta,
+        head,
+        first_retained,
+    } = stored;
+    let snapshot = reads.latest_snapshot(0, u64::MAX)?;
+    let after = match &snapshot {
+        Some(snapshot) if snapshot.seq > head => {
+            return Err(StoreError::SnapshotPastHead {
+                room: room.to_owned(),
+                seq: snapshot.seq,
+                head,
+            })
         }
-        op_ids.push(OpIdRecord {
-            user: user.to_owned(),
-            op_id: op_id.to_owned(),
-            seq: seq.value(),
+        Some(snapshot) => snapshot.seq,
+        None => 0,
+    };
+    // The events after the snapshot must all be retained.
+    if after.saturating_add(1) < first_retained {
+        return Err(StoreError::NoBaseSnapshot {
+            room: room.to_owned(),
+            first_retained,
         });
     }
-    op_ids.sort_by_key(|op| op.seq);
-
+    let events = reads.events(after.saturating_add(1), head, usize::MAX, head)?;
+    let op_ids = reads.op_ids()?;
     Ok(Some(LoadedRoom {
         meta,
         head,
+        first_retained,
+        snapshot,
         events,
         op_ids,
     }))

@@ -1,6 +1,8 @@
 //! Tests of the store through its public handle: durability across reopen, the dir
 //! lock, group commit, refusal of bad batches, fail-stop after an I/O error, and
-//! corrupt rows on disk. Row-format tests live in `record.rs`.
+//! corrupt rows on disk. Snapshots, retention, deletion, the HTTP reads and the log
+//! tooling are tested in `tests_maintenance.rs`, with the helpers here; row-format
+//! tests live in `record.rs`.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,14 +16,14 @@ use redb::StorageBackend;
 
 use super::*;
 
-fn meta() -> RoomMeta {
+pub(super) fn meta() -> RoomMeta {
     RoomMeta {
         kind: Kind::State,
         epoch: 7,
     }
 }
 
-fn event(seq: u64) -> EventRecord {
+pub(super) fn event(seq: u64) -> EventRecord {
     EventRecord {
         seq,
         user: format!("user{}", seq % 3),
@@ -41,18 +43,16 @@ fn event(seq: u64) -> EventRecord {
 }
 
 /// A batch of `room` with events `first..=last`, creating the room when `first` is 1.
-fn batch(room: &str, first: u64, last: u64) -> Batch {
+pub(super) fn batch(room: &str, first: u64, last: u64) -> Batch {
     Batch {
-        room: room.to_owned(),
         create: (first == 1).then(meta),
         events: (first..=last).map(event).collect(),
-        op_ids: vec![],
-        expire_op_ids: vec![],
+        ..Batch::new(room)
     }
 }
 
 /// Submits and waits for the batch's outcome.
-fn commit(store: &Store, batch: Batch) -> Result<(), StoreError> {
+pub(super) fn commit(store: &Store, batch: Batch) -> Result<(), StoreError> {
     store
         .submit(batch)
         .expect("the queue has room: tests submit one batch at a time here")
@@ -60,7 +60,7 @@ fn commit(store: &Store, batch: Batch) -> Result<(), StoreError> {
         .expect("the writer answers every batch it takes")
 }
 
-fn open(dir: &Path) -> Store {
+pub(super) fn open(dir: &Path) -> Store {
     Store::open(StoreConfig::new(dir)).unwrap()
 }
 
@@ -83,7 +83,8 @@ fn reopen_after_shutdown_loads_every_committed_event_and_op_id() {
 
     let store = open(dir.path());
     let a = store.load_room("a").unwrap().unwrap();
-    assert_eq!((a.meta, a.head), (meta(), 5));
+    assert_eq!((a.meta, a.head, a.first_retained), (meta(), 5, 1));
+    assert_eq!(a.snapshot, None);
     assert_eq!(a.events, (1..=5).map(event).collect::<Vec<_>>());
     assert_eq!(
         a.op_ids,
@@ -297,7 +298,7 @@ fn corrupt_event_row_on_disk_gives_an_error_not_a_panic() {
     let txn = db.begin_write().unwrap();
     txn.open_table(tables::EVENTS)
         .unwrap()
-        .insert(("a", 2), [record::RECORD_VERSION, 0xde, 0xad].as_slice())
+        .insert(("a", 2), [record::EVENT_VERSION, 0xde, 0xad].as_slice())
         .unwrap();
     txn.commit().unwrap();
     drop(db);

@@ -1,38 +1,101 @@
-//! The one writer thread: group commit, the durability policy, and fail-stop.
+//! The one writer thread: group commit, maintenance scheduling, the durability policy,
+//! and fail-stop.
 //!
-//! The writer blocks for the first queued batch, drains whatever else is queued (up to
-//! [`MAX_GROUP_BATCHES`]), writes them all in one redb write transaction, commits once,
-//! and then answers every batch in queue order. Under load this pays one fsync for many
-//! batches from many rooms; redb allows only one write transaction at a time anyway.
+//! The writer blocks for the first queued job, drains whatever else is queued (up to
+//! [`MAX_GROUP_BATCHES`] batches), writes the batches in one redb write transaction,
+//! commits once, and then answers every batch in queue order. Under load this pays one
+//! fsync for many batches from many rooms; redb allows only one write transaction at a
+//! time anyway.
+//!
+//! Maintenance shares the queue and the thread:
+//! - A trim job joins the writer's list of running trims (at most
+//!   [`MAX_PENDING_TRIMS`](super::MAX_PENDING_TRIMS), one per room). Every transaction
+//!   carries one piece of the trim at the front of the list (round robin), so trimming
+//!   rides along with batch commits; while trims remain and no batch is queued, the
+//!   writer commits trim pieces alone, without waiting for the queue.
+//! - A delete job ends the drain: the batches drained before it commit first, then the
+//!   deletion runs in pieces, back to back, and only then does the writer take the next
+//!   job, so batches queued after it find the room absent.
+//!
+//! Commits that hold only maintenance are not fsync'd on their own (losing one to a
+//! crash loses progress, never consistency, as each piece is a consistent state), except
+//! a deletion's last piece, which is made durable like a batch before it is answered.
 //!
 //! Under `Durability::None` commits skip the fsync, and an fsync'd commit follows the
 //! first unsynced one within `sync_interval`: by piggybacking on the next group if one
 //! arrives in time, or as an empty commit when the queue wait times out.
 //!
-//! A failed transaction is fail-stop: every batch in it gets an error, the store is
-//! marked failed, and every later batch is refused without touching the disk until the
+//! A failed transaction is fail-stop: every job in it gets an error, the store is
+//! marked failed, and every later job is refused without touching the disk until the
 //! process restarts and rebuilds state from the log. Which batches exist and what they
-//! hold is the Room's business; the table layout is `tables.rs`'s.
+//! hold is the Room's business; the table layout is `tables.rs`'s, the pieces
+//! `retention.rs`'s.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
 use super::tables::WriteTables;
-use super::{Batch, Durability, StoreError};
+use super::{Batch, Durability, StoreError, TrimOutcome};
 
 /// The most batches one transaction takes, so one commit stays bounded in size and the
 /// first batch of a long queue is not kept waiting for the last.
 pub const MAX_GROUP_BATCHES: usize = 1024;
 
+/// One unit of work in the writer queue.
+pub enum Job {
+    Batch(BatchJob),
+    Trim(TrimJob),
+    Delete(DeleteJob),
+}
+
+impl Job {
+    /// Answers the job with `error` without running it.
+    pub fn fail(self, error: StoreError) {
+        // A dropped receiver means the caller gave up waiting; nothing to tell it.
+        match self {
+            Job::Batch(job) => {
+                let _ = job.reply.send(Err(error));
+            }
+            Job::Trim(job) => {
+                let _ = job.reply.send(Err(error));
+            }
+            Job::Delete(job) => {
+                let _ = job.reply.send(Err(error));
+            }
+        }
+    }
+}
+
 /// A queued batch and where its outcome goes once its transaction has committed.
-pub struct Job {
+pub struct BatchJob {
+    /// The batch, with its snapshot taken out and encoded into `snapshot`.
     pub batch: Batch,
+    /// The snapshot's seq and row, encoded by `submit` on the caller's thread.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    pub reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A queued trim; see `Store::submit_trim`.
+pub struct TrimJob {
+    pub room: String,
+    pub history_events: u64,
+    pub reply: oneshot::Sender<Result<TrimOutcome, StoreError>>,
+    /// Holds one of the [`MAX_PENDING_TRIMS`] places until the job is dropped, however
+    /// it ends.
+    pub _slot: TrimSlot,
+}
+
+/// A queued room deletion; see `Store::submit_delete`.
+pub struct DeleteJob {
+    pub room: String,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -48,6 +111,10 @@ pub struct Health {
     failure: Mutex<Option<String>>,
     /// Committed write transactions, sync-only ones included.
     commits: AtomicU64,
+    /// Committed trimming and deletion pieces.
+    pieces: AtomicU64,
+    /// Trim jobs queued or running, bounded by [`MAX_PENDING_TRIMS`].
+    trims: AtomicUsize,
 }
 
 impl Health {
@@ -67,9 +134,33 @@ impl Health {
         self.commits.load(Ordering::Relaxed)
     }
 
+    pub fn pieces(&self) -> u64 {
+        self.pieces.load(Ordering::Relaxed)
+    }
+
+    /// One of the [`MAX_PENDING_TRIMS`] places for a trim job, or None when all are
+    /// taken.
+    pub fn take_trim_slot(self: &Arc<Self>) -> Option<TrimSlot> {
+        self.trims
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PENDING_TRIMS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TrimSlot(self.clone()))
+    }
+
     fn fail(&self, reason: String) {
         self.failure.lock().get_or_insert(reason);
         self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// A place taken in the bounded set of trims; given back when dropped.
+pub struct TrimSlot(Arc<Health>);
+
+impl Drop for TrimSlot {
+    fn drop(&mut self) {
+        self.0.trims.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -82,17 +173,56 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
+/// What the writer does next, when no job is in hand.
+// Lives for one loop turn on the writer's stack; boxing the job would allocate per job.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Job(Job),
+    /// Trims are running and the queue is empty: commit a trim piece alone.
+    TrimPiece,
+    /// The oldest unsynced commit is `sync_interval` old: sync now.
+    Sync,
+    /// The queue is closed and empty.
+    Closed,
+}
+
 /// The writer thread's state; it owns the receiving end of the queue.
 pub struct Writer {
-    pub db: Arc<redb::Database>,
+    db: Arc<redb::Database>,
     /// For error messages only.
-    pub db_path: PathBuf,
-    pub queue: Receiver<Job>,
-    pub durability: Durability,
-    pub health: Arc<Health>,
+    db_path: PathBuf,
+    queue: Receiver<Job>,
+    durability: Durability,
+    health: Arc<Health>,
+    /// Whether commits save the allocator state (see `QUICK_REPAIR`).
+    quick_repair: bool,
+    /// Running trims, one per room, the next to get a piece in front.
+    trims: VecDeque<Trim>,
+    /// When the oldest commit not yet fsync'd happened.
+    unsynced_since: Option<Instant>,
 }
 
 impl Writer {
+    pub fn new(
+        db: Arc<redb::Database>,
+        db_path: PathBuf,
+        queue: Receiver<Job>,
+        durability: Durability,
+        health: Arc<Health>,
+        quick_repair: bool,
+    ) -> Writer {
+        Writer {
+            db,
+            db_path,
+            queue,
+            durability,
+            health,
+            quick_repair,
+            trims: VecDeque::new(),
+            unsynced_since: None,
+        }
+    }
+
     /// Marks the writer running; call on the spawning thread so `is_healthy` is true as
     /// soon as `Store::open` returns.
     pub fn mark_running(&self) {
@@ -100,40 +230,76 @@ impl Writer {
     }
 
     /// Runs until the queue is closed and drained, then makes every commit durable.
-    pub fn run(self) {
-        let _running = RunningGuard(&self.health);
-        // When the oldest commit not yet fsync'd happened; always None under Immediate.
-        let mut unsynced_since: Option<Instant> = None;
+    pub fn run(mut self) {
+        let health = self.health.clone();
+        let _running = RunningGuard(&health);
         loop {
-            let first = match (self.sync_interval(), unsynced_since) {
-                (Some(interval), Some(since)) => {
-                    let wait = (since + interval).saturating_duration_since(Instant::now());
-                    match self.queue.recv_timeout(wait) {
-                        Ok(job) => job,
-                        Err(RecvTimeoutError::Timeout) => {
-                            self.sync(&mut unsynced_since);
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Disconnected) => break,
+            let first = match self.next() {
+                Next::Job(job) => job,
+                Next::TrimPiece => {
+                    self.commit_group(Vec::new());
+                    continue;
+                }
+                Next::Sync => {
+                    self.sync();
+                    continue;
+                }
+                Next::Closed => break,
+            };
+            let mut group = Vec::new();
+            let mut delete = None;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Batch(job) => group.push(job),
+                    Job::Trim(job) => self.start_trim(job),
+                    // Later jobs wait until the deletion is done.
+                    Job::Delete(job) => {
+                        delete = Some(job);
+                        break;
                     }
                 }
-                _ => match self.queue.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                },
-            };
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP_BATCHES {
-                match self.queue.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
+                if group.len() < MAX_GROUP_BATCHES {
+                    next = self.queue.try_recv().ok();
                 }
             }
-            self.commit_group(group, &mut unsynced_since);
+            self.commit_group(group);
+            if let Some(job) = delete {
+                self.delete(job);
+            }
+        }
+        // Shutdown does not wait for trims: each committed piece is a consistent state,
+        // and the room asks again after the restart.
+        for trim in self.trims.drain(..) {
+            trim.finish(Ok(TrimOutcome::Cancelled));
         }
         // The queue is closed and everything in it committed; make it durable.
-        if unsynced_since.is_some() {
-            self.sync(&mut unsynced_since);
+        if self.unsynced_since.is_some() {
+            self.sync();
+        }
+    }
+
+    fn next(&self) -> Next {
+        if !self.trims.is_empty() {
+            return match self.queue.try_recv() {
+                Ok(job) => Next::Job(job),
+                Err(TryRecvError::Empty) => Next::TrimPiece,
+                Err(TryRecvError::Disconnected) => Next::Closed,
+            };
+        }
+        match (self.sync_interval(), self.unsynced_since) {
+            (Some(interval), Some(since)) => {
+                let wait = (since + interval).saturating_duration_since(Instant::now());
+                match self.queue.recv_timeout(wait) {
+                    Ok(job) => Next::Job(job),
+                    Err(RecvTimeoutError::Timeout) => Next::Sync,
+                    Err(RecvTimeoutError::Disconnected) => Next::Closed,
+                }
+            }
+            _ => match self.queue.recv() {
+                Ok(job) => Next::Job(job),
+                Err(_) => Next::Closed,
+            },
         }
     }
 
@@ -144,69 +310,129 @@ impl Writer {
         }
     }
 
-    fn commit_group(&self, group: Vec<Job>, unsynced_since: &mut Option<Instant>) {
+    /// Whether a commit that must reach the disk under the durability policy (one that
+    /// answers batches, or finishes a deletion) is fsync'd.
+    fn answer_durably(&self) -> bool {
+        match self.sync_interval() {
+            None => true,
+            Some(interval) => self
+                .unsynced_since
+                .is_some_and(|since| since.elapsed() >= interval),
+        }
+    }
+
+    /// Records a commit for the sync policy.
+    fn committed(&mut self, durable: bool) {
+        self.health.commits.fetch_add(1, Ordering::Relaxed);
+        if durable {
+            self.unsynced_since = None;
+        } else {
+            self.unsynced_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Takes a trim into the running list, unless one for its room already runs.
+    fn start_trim(&mut self, job: TrimJob) {
+        if let Some(reason) = self.health.failure() {
+            let _ = job.reply.send(Err(self.fail_stopped(reason)));
+            return;
+        }
+        if self.trims.iter().any(|trim| trim.room() == job.room) {
+            let _ = job.reply.send(Ok(TrimOutcome::AlreadyRunning));
+            return;
+        }
+        self.trims.push_back(Trim::new(job));
+    }
+
+    /// Commits the group's batches and one piece of the front trim in one transaction,
+    /// and answers them. Does nothing for an empty group with no trim running.
+    fn commit_group(&mut self, group: Vec<BatchJob>) {
         if let Some(reason) = self.health.failure() {
             for job in group {
                 let _ = job.reply.send(Err(self.fail_stopped(reason.clone())));
             }
+            for trim in self.trims.drain(..) {
+                trim.finish(Err(StoreError::FailStopped {
+                    path: self.db_path.clone(),
+                    reason: reason.clone(),
+                }));
+            }
             return;
         }
+        let mut trim = self.trims.pop_front();
+        if group.is_empty() && trim.is_none() {
+            return;
+        }
+        // Under Immediate only batches need the fsync; under None a trim piece is as good
+        // a carrier for the due sync as anything.
         let durable = match self.sync_interval() {
-            None => true,
-            Some(interval) => unsynced_since.is_some_and(|since| since.elapsed() >= interval),
+            None => !group.is_empty(),
+            Some(_) => self.answer_durably(),
         };
-        match self.write_group(&group, durable) {
+        match self.write_group(&group, trim.as_mut(), durable) {
             Ok(outcomes) => {
-                self.health.commits.fetch_add(1, Ordering::Relaxed);
-                if durable {
-                    *unsynced_since = None;
-                } else {
-                    unsynced_since.get_or_insert_with(Instant::now);
-                }
+                self.committed(durable);
                 // A dropped receiver means the room gave up waiting; nothing to tell it.
                 for (job, outcome) in group.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
+                if let Some(trim) = trim {
+                    self.health.pieces.fetch_add(1, Ordering::Relaxed);
+                    if trim.is_done() {
+                        trim.finish_done();
+                    } else {
+                        self.trims.push_back(trim);
+                    }
+                }
             }
             Err(e) => {
                 let reason = e.to_string();
+                let n_batches = group.len();
                 tracing::error!(
                     db = %self.db_path.display(),
-                    n_batches = group.len(),
+                    n_batches,
                     error = %reason,
                     "store commit failed; refusing all further writes until restart"
                 );
                 self.health.fail(reason.clone());
-                let n_batches = group.len();
+                let commit_error = || StoreError::Commit {
+                    path: self.db_path.clone(),
+                    n_batches,
+                    reason: reason.clone(),
+                };
                 for job in group {
-                    let _ = job.reply.send(Err(StoreError::Commit {
-                        path: self.db_path.clone(),
-                        n_batches,
-                        reason: reason.clone(),
-                    }));
+                    let _ = job.reply.send(Err(commit_error()));
+                }
+                for trim in trim.into_iter().chain(self.trims.drain(..)) {
+                    trim.finish(Err(commit_error()));
                 }
             }
         }
     }
 
-    /// Writes every batch of the group in one transaction and commits it. Returns each
-    /// batch's outcome (a batch may be refused alone), or the error that failed them all.
+    /// Writes every batch of the group and one trim piece in one transaction and
+    /// commits it. Returns each batch's outcome (a batch may be refused alone), or the
+    /// error that failed them all.
     fn write_group(
         &self,
-        group: &[Job],
+        group: &[BatchJob],
+        trim: Option<&mut Trim>,
         durable: bool,
     ) -> Result<Vec<Result<(), StoreError>>, redb::Error> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        })?;
+        let txn = self.begin(durable)?;
         let outcomes = {
             let mut tables = WriteTables::open(&txn)?;
             let mut outcomes = Vec::with_capacity(group.len());
             for job in group {
-                outcomes.push(tables.apply(&job.batch)?);
+                let snapshot = job
+                    .snapshot
+                    .as_ref()
+                    .map(|(seq, row)| (*seq, row.as_slice()));
+                outcomes.push(tables.apply(&job.batch, snapshot)?);
+            }
+            // After the batches, so a piece sees (and keeps) the heads they moved.
+            if let Some(trim) = trim {
+                trim.piece(&mut tables)?;
             }
             outcomes
         };
@@ -214,25 +440,87 @@ impl Writer {
         Ok(outcomes)
     }
 
+    /// Runs a deletion to its end, one piece per transaction, and answers it after the
+    /// last piece committed. Trims of the room stop first.
+    fn delete(&mut self, job: DeleteJob) {
+        if let Some(reason) = self.health.failure() {
+            let _ = job.reply.send(Err(self.fail_stopped(reason)));
+            return;
+        }
+        let (cancelled, kept) = std::mem::take(&mut self.trims)
+            .into_iter()
+            .partition(|trim| trim.room() == job.room);
+        self.trims = kept;
+        for trim in cancelled {
+            trim.finish(Ok(TrimOutcome::Cancelled));
+        }
+        let mut deletion = Deletion::new(&job.room);
+        // Each piece deletes rows or finishes, and the room's rows are finite, so this
+        // ends; a room holds about history + snapshot interval events, a few pieces.
+        loop {
+            let result = self.begin(false).and_then(|mut txn| {
+                {
+                    let mut tables = WriteTables::open(&txn)?;
+                    deletion.piece(&mut tables)?;
+                }
+                let durable = deletion.is_done() && self.answer_durably();
+                txn.set_durability(if durable {
+                    redb::Durability::Immediate
+                } else {
+                    redb::Durability::None
+                })?;
+                txn.commit()?;
+                Ok(durable)
+            });
+            match result {
+                Ok(durable) => {
+                    self.committed(durable);
+                    self.health.pieces.fetch_add(1, Ordering::Relaxed);
+                    if deletion.is_done() {
+                        let _ = job.reply.send(Ok(()));
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::error!(
+                        db = %self.db_path.display(),
+                        room = %job.room,
+                        error = %reason,
+                        "store commit of a room deletion failed; refusing all further writes until restart"
+                    );
+                    self.health.fail(reason.clone());
+                    let _ = job.reply.send(Err(StoreError::Commit {
+                        path: self.db_path.clone(),
+                        n_batches: 0,
+                        reason,
+                    }));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Begins a write transaction with the store's quick-repair setting.
+    fn begin(&self, durable: bool) -> Result<redb::WriteTransaction, redb::Error> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
+        txn.set_quick_repair(self.quick_repair);
+        Ok(txn)
+    }
+
     /// Makes all earlier non-durable commits durable with an empty fsync'd commit.
-    fn sync(&self, unsynced_since: &mut Option<Instant>) {
+    fn sync(&mut self) {
         if self.health.failure().is_some() {
             return;
         }
-        let result = self
-            .db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|mut txn| {
-                txn.set_durability(redb::Durability::Immediate)?;
-                txn.commit()?;
-                Ok(())
-            });
+        let result = self.begin(true).and_then(|txn| Ok(txn.commit()?));
         match result {
-            Ok(()) => {
-                self.health.commits.fetch_add(1, Ordering::Relaxed);
-                *unsynced_since = None;
-            }
+            Ok(()) => self.committed(true),
             Err(e) => {
                 let reason = e.to_string();
                 tracing::error!(

@@ -6,6 +6,10 @@ mod support;
 
 // JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
 mod auth;
+// The Rust client SDK: mirrors, op acks, reconnect with resume and re-sent ops.
+mod client;
+// Crash loop: kill -9 under pipelined JSON and rkyv load, checked against a model of the acks.
+mod crash;
 // Restarts, kill -9 and SIGTERM: acked ops, epochs and op ids survive.
 mod durability;
 // Effectively-once ops: re-sent ids are answered from the record and applied once.

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# benches/peers/run.sh: the same `roomd bench fanout` scenarios against roomd and two
+# popular Node.js broadcast servers (the `ws` library and Socket.IO 4), normalised by
+# each server's CPU time, printed as a markdown table.
+#
+#   cargo build --release && benches/peers/run.sh
+#
+# Installs ws and socket.io from npm into a temporary folder (removed at the end),
+# starts each peer from the small JS file next to this script on 127.0.0.1 (one room,
+# every message broadcast to all other clients), and reads the peer's CPU time and RSS
+# from /proc through `--server-pid`. roomd is started by `roomd bench` itself, with its
+# defaults (durability immediate) and raised op limits. Loopback only; every run is
+# bounded by DURATION plus connection setup and a 10 s drain.
+#
+# Environment: DURATION (default 20s), ROOMD_BIN (default target/release/roomd),
+# RESULTS_DIR (keep the JSON of every run there), SCENARIOS (default "F1 F2"),
+# TARGETS (default "roomd ws socketio").
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+bin=${ROOMD_BIN:-$repo/target/release/roomd}
+duration=${DURATION:-20s}
+scenarios=${SCENARIOS:-F1 F2}
+targets=${TARGETS:-roomd ws socketio}
+
+declare -A scenario_args=(
+  [F1]="--subscribers 5000 --rate 100 --size 100"
+  [F2]="--subscribers 1000 --rate 1000 --size 100"
+)
+
+if [[ ! -x $bin ]]; then
+  echo "error: $bin is missing; run \`cargo build --release\` first" >&2
+  exit 2
+fi
+
+work=$(mktemp -d -t roomd-peers.XXXXXX)
+results=${RESULTS_DIR:-$work/results}
+mkdir -p "$results"
+peer_pid=""
+cleanup() {
+  if [[ -n $peer_pid ]]; then
+    kill "$peer_pid" 2>/dev/null || true
+    wait "$peer_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "installing ws and socket.io into $work ..." >&2
+(
+  cd "$work"
+  npm init -y >/dev/null
+  npm install --no-audit --no-fund --loglevel=error ws@8 socket.io@4 >&2
+)
+
+# Every subscriber is a socket in the generator and one in the peer (roomd bench raises
+# its own limit and its server's; the node peers inherit this shell's).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+start_peer() {
+  local script=$1 log="$work/$1.log"
+  NODE_PATH="$work/node_modules" node "$here/$script" >"$log" 2>&1 &
+  peer_pid=$!
+  for _ in $(seq 1 100); do
+    peer_port=$(sed -n 's/^listening on //p' "$log" | head -n 1)
+    if [[ -n $peer_port ]]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "error: $script did not start:" >&2
+  cat "$log" >&2
+  exit 1
+}
+
+stop_peer() {
+  kill "$peer_pid" 2>/dev/null || true
+  wait "$peer_pid" 2>/dev/null || true
+  peer_pid=""
+}
+
+for scenario in $scenarios; do
+  for target in $targets; do
+    # shellcheck disable=SC2206 # the scenario's flags are meant to split
+    args=(bench fanout ${scenario_args[$scenario]} --duration "$duration" --json)
+    echo "== $scenario against $target" >&2
+    case $target in
+      roomd) ;;
+      ws)
+        start_peer ws_server.js
+        args+=(--target ws --url "ws://127.0.0.1:$peer_port" --server-pid "$peer_pid")
+        ;;
+      socketio)
+        start_peer socketio_server.js
+        args+=(--target socketio --url "ws://127.0.0.1:$peer_port" --server-pid "$peer_pid")
+        ;;
+      *)
+        echo "error: unknown target $target" >&2
+        exit 2
+        ;;
+    esac
+    echo "\$ roomd ${args[*]}" >&2
+    if ! "$bin" "${args[@]}" >"$results/$scenario-$target.json"; then
+      echo "{\"error\":\"roomd bench failed\"}" >"$results/$scenario-$target.json"
+    fi
+    if [[ $target != roomd ]]; then
+      stop_peer
+    fi
+  done
+done
+
+# The table: one row per run, CPU per million deliveries relative to roomd's.
+node - "$results" "$scenarios" "$targets" <<'JS'
+const fs = require('fs');
+const path = require('path');
+const [dir, scenarios, targets] = process.argv.slice(2);
+const fmt = (v, d = 1) => (v === null || v === undefined || Number.isNaN(v) ? 'n/a' : Number(v).toFixed(d));
+const rows = [];
+rows.push('| scenario | server | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | server CPU s per 1M deliveries | CPU vs roomd | server RSS MiB |');
+rows.push('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+for (const scenario of scenarios.split(/\s+/).filter(Boolean)) {
+  const read = (target) => {
+    try { return JSON.parse(fs.readFileSync(path.join(dir, `${scenario}-${target}.json`), 'utf8')); }
+    catch (e) { return { error: String(e) }; }
+  };
+  const base = read('roomd');
+  for (const target of targets.split(/\s+/).filter(Boolean)) {
+    const r = read(target);
+    if (r.error) { rows.push(`| ${scenario} | ${target} | failed: ${r.error} |||||||||`); continue; }
+    const l = r.latency_ms || {};
+    const ratio = base && base.server_cpu_s_per_million && r.server_cpu_s_per_million
+      ? `${(r.server_cpu_s_per_million / base.server_cpu_s_per_million).toFixed(2)}×` : 'n/a';
+    rows.push(`| ${scenario} | ${target} | ${fmt(r.deliveries_per_s, 0)} | ${fmt(l.p50, 2)} | ${fmt(l.p99, 2)} | ${fmt(l.p999, 2)} | ${fmt(l.max, 2)} | ${r.lost} | ${r.duplicated} | ${fmt(r.server_cpu_s_per_million, 2)} | ${ratio} | ${fmt(r.server_rss_mb, 0)} |`);
+  }
+}
+console.log(rows.join('\n'));
+JS

@@ -1,0 +1,468 @@
+//! `roomd bench ingest`: W connections pipelining `state` `set` ops, N in flight each,
+//! over K rooms. Measures acked ops/s and ack latency (op written -> ack read).
+//!
+//! Writer `i` sends op `n` to room `(i + n) mod K`, so every writer spreads its window
+//! over all rooms and each room sees several writers. Replies are matched to ops by id
+//! (`w<i>.<n>`), parsed with a borrowed two-field struct rather than a whole JSON value.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::runtime::Runtime;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::client::{self, ConnectOptions, Ws};
+use super::report::{self, Report};
+use super::server::Endpoint;
+use super::{fd_limit, progress, BenchArgs, BenchError};
+use crate::config::parse_duration;
+
+/// Flags of `roomd bench ingest`.
+#[derive(Args, Debug, Clone)]
+pub struct IngestArgs {
+    /// Writer connections.
+    #[arg(long, default_value_t = 8)]
+    pub writers: usize,
+
+    /// `state` rooms the ops are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+
+    /// Ops in flight per writer (sent, not yet acked or nacked).
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+
+    /// How long the writers send new ops (e.g. `10s`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Distinct keys per room the `set`s cycle through.
+    #[arg(long, default_value_t = 1_000)]
+    pub keys: u64,
+
+    /// Bytes of each value (a string).
+    #[arg(long, default_value_t = 16)]
+    pub value_size: usize,
+}
+
+/// How long writers wait for the replies to their last ops.
+const DRAIN: Duration = Duration::from_secs(30);
+
+const QUANTILES: [(&str, f64); 3] = [("p50", 0.50), ("p99", 0.99), ("max", 1.0)];
+
+pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<Report, BenchError> {
+    for (what, value) in [
+        ("--writers", ingest.writers),
+        ("--rooms", ingest.rooms),
+        ("--window", ingest.window),
+        ("--keys", ingest.keys as usize),
+    ] {
+        if value == 0 {
+            return Err(BenchError::Zero { what });
+        }
+    }
+    fd_limit::ensure_for(ingest.writers + 1)?;
+    let endpoint = Endpoint::open(args)?;
+    let outcome = runtime.block_on(drive(&endpoint, ingest))?;
+
+    let mut r = Report::new(
+        "ingest",
+        format!(
+            "ingest: {} writers × {} in flight, `set` over {} state rooms for {:?}",
+            ingest.writers, ingest.window, ingest.rooms, ingest.duration
+        ),
+    );
+    let secs = outcome.window.as_secs_f64().max(1e-9);
+    let per_s = outcome.acked as f64 / secs;
+    r.row(
+        "acked ops/s",
+        format!(
+            "{} ({} acked in {secs:.2} s)",
+            report::si(per_s),
+            outcome.acked
+        ),
+    );
+    r.row("nacked", outcome.nacked);
+    r.row(
+        "ack latency",
+        report::latency_row(&outcome.histogram, &QUANTILES),
+    );
+    r.field("writers", ingest.writers);
+    r.field("rooms", ingest.rooms);
+    r.field("window", ingest.window);
+    r.field("duration_s", ingest.duration.as_secs_f64());
+    r.field("acked", outcome.acked);
+    r.field("acked_ops_per_s", report::round(per_s, 1));
+    r.field("nacked", outcome.nacked);
+    r.field("unanswered", outcome.unanswered);
+    r.field(
+        "ack_latency_ms",
+        report::latency_json(&outcome.histogram, &QUANTILES),
+    );
+    r.server_cost(
+        outcome.server_before.as_ref(),
+        outcome.server_after.as_ref(),
+        outcome.acked,
+        "acked ops",
+        "server_cpu_s_per_million_ops",
+    );
+    if let Some(nack) = outcome.first_nack {
+        r.note(format!("first nack: {nack}"));
+    }
+    if outcome.unanswered > 0 {
+        r.note(format!(
+            "{} ops had no reply within {DRAIN:?} of the end",
+            outcome.unanswered
+        ));
+    }
+    for problem in outcome.problems {
+        r.note(problem);
+    }
+    let (n_problems, first) = endpoint.log_problems();
+    if n_problems > 0 {
+        r.note(format!(
+            "the server logged {n_problems} WARN/ERROR lines, first: {}",
+            first.join(" | ")
+        ));
+    }
+    Ok(r)
+}
+
+struct Outcome {
+    acked: u64,
+    nacked: u64,
+    unanswered: u64,
+    first_nack: Option<String>,
+    /// First op sent -> last reply read.
+    window: Duration,
+    histogram: Histogram<u64>,
+    server_before: Option<super::proc_stats::ProcSample>,
+    server_after: Option<super::proc_stats::ProcSample>,
+    problems: Vec<String>,
+}
+
+/// What one writer saw.
+struct Writer {
+    histogram: Histogram<u64>,
+    acked: u64,
+    nacked: u64,
+    unanswered: u64,
+    first_nack: Option<String>,
+    last_reply: Option<Instant>,
+    /// Why the connection failed, if it did.
+    ended: Option<String>,
+}
+
+async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, BenchError> {
+    let run_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let rooms: Arc<Vec<String>> = Arc::new(
+        (0..ingest.rooms)
+            .map(|k| format!("state:ingest-{run_id}-{k}"))
+            .collect(),
+    );
+    let mut control = connect(endpoint, "bench-control").await?;
+    create_rooms(&mut control, &rooms).await?;
+
+    let mut writers = Vec::with_capacity(ingest.writers);
+    for i in 0..ingest.writers {
+        writers.push(connect(endpoint, &format!("w{i}")).await?);
+    }
+
+    let acked_so_far = Arc::new(AtomicU64::new(0));
+    let server_before = endpoint.sample();
+    let start = Instant::now();
+    let deadline = start + ingest.duration;
+    let value: Arc<str> = Arc::from("v".repeat(ingest.value_size));
+    let tasks: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(i, ws)| {
+            let job = Job {
+                index: i,
+                rooms: rooms.clone(),
+                window: ingest.window,
+                keys: ingest.keys,
+                value: value.clone(),
+                deadline,
+                acked_so_far: acked_so_far.clone(),
+            };
+            tokio::spawn(write(ws, job))
+        })
+        .collect();
+
+    let bar = progress::bar("writing", ingest.duration.as_millis() as u64, "ms");
+    let mut shown = (Instant::now(), 0u64);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let acked = acked_so_far.load(Ordering::Relaxed);
+        let rate = (acked - shown.1) as f64 / shown.0.elapsed().as_secs_f64();
+        bar.set_message(format!("acked {acked}, {}/s", report::si(rate)));
+        bar.set_position(start.elapsed().as_millis() as u64);
+        shown = (Instant::now(), acked);
+    }
+    bar.finish_and_clear();
+
+    let mut histogram = report::latency_histogram();
+    let (mut acked, mut nacked, mut unanswered) = (0, 0, 0);
+    let (mut first_nack, mut last_reply, mut problems) = (None, start, Vec::new());
+    for task in tasks {
+        let Ok(writer) = task.await else {
+            problems.push("a writer task panicked".to_string());
+            continue;
+        };
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = histogram.add(&writer.histogram);
+        acked += writer.acked;
+        nacked += writer.nacked;
+        unanswered += writer.unanswered;
+        if first_nack.is_none() {
+            first_nack = writer.first_nack;
+        }
+        if let Some(at) = writer.last_reply {
+            last_reply = last_reply.max(at);
+        }
+        if let Some(reason) = writer.ended {
+            problems.push(format!("a writer's connection ended: {reason}"));
+        }
+    }
+    let server_after = endpoint.sample();
+    Ok(Outcome {
+        acked,
+        nacked,
+        unanswered,
+        first_nack,
+        window: last_reply - start,
+        histogram,
+        server_before,
+        server_after,
+        problems,
+    })
+}
+
+async fn connect(endpoint: &Endpoint, user: &str) -> Result<Ws, BenchError> {
+    let mut ws = client::connect(
+        endpoint.addr,
+        &endpoint.url(&format!("/ws?user={user}")),
+        ConnectOptions::sender(),
+    )
+    .await?;
+    let welcome = client::next_text(&mut ws, "welcome").await?;
+    if !welcome.as_str().contains("\"welcome\"") {
+        return Err(BenchError::Protocol(format!(
+            "expected welcome, got {}",
+            welcome.as_str()
+        )));
+    }
+    Ok(ws)
+}
+
+/// Creates the state rooms, pipelined, and waits for every ack.
+async fn create_rooms(ws: &mut Ws, rooms: &[String]) -> Result<(), BenchError> {
+    let send_error = |e: tokio_tungstenite::tungstenite::Error| BenchError::Send {
+        what: "create",
+        reason: e.to_string(),
+    };
+    for (k, room) in rooms.iter().enumerate() {
+        let frame = serde_json::json!({
+            "t": "create", "id": format!("c{k}"), "room": room, "kind": "state", "init": {}
+        });
+        ws.feed(Message::text(frame.to_string()))
+            .await
+            .map_err(send_error)?;
+    }
+    ws.flush().await.map_err(send_error)?;
+    let mut acked = 0;
+    while acked < rooms.len() {
+        let text = client::next_text(ws, "the ack of a create").await?;
+        match parse_reply(text.as_str()) {
+            Some(("ack", _)) => acked += 1,
+            Some(("nack", _)) | Some(("error", _)) => {
+                return Err(BenchError::Protocol(format!(
+                    "creating a room failed: {}",
+                    text.as_str()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What a writer task needs.
+struct Job {
+    index: usize,
+    rooms: Arc<Vec<String>>,
+    window: usize,
+    keys: u64,
+    value: Arc<str>,
+    /// No new ops after this.
+    deadline: Instant,
+    /// Acks of all writers, for the progress bar.
+    acked_so_far: Arc<AtomicU64>,
+}
+
+impl Job {
+    fn op(&self, n: u64) -> Message {
+        let room = &self.rooms[(self.index + n as usize) % self.rooms.len()];
+        let key = n % self.keys;
+        Message::text(format!(
+            r#"{{"t":"op","id":"w{}.{n}","room":"{room}","op":{{"type":"set","key":"k{key}","value":"{}"}}}}"#,
+            self.index, self.value
+        ))
+    }
+}
+
+async fn write(mut ws: Ws, job: Job) -> Writer {
+    let mut writer = Writer {
+        histogram: report::latency_histogram(),
+        acked: 0,
+        nacked: 0,
+        unanswered: 0,
+        first_nack: None,
+        last_reply: None,
+        ended: None,
+    };
+    let mut in_flight = InFlight {
+        sent_at: HashMap::with_capacity(job.window * 2),
+        next: 0,
+    };
+    if let Err(reason) = pump(&mut ws, &job, &mut writer, &mut in_flight).await {
+        writer.ended = Some(reason);
+    }
+    writer.unanswered = in_flight.sent_at.len() as u64;
+    writer
+}
+
+/// A writer's ops without a reply yet.
+struct InFlight {
+    /// Op number -> when it was written.
+    sent_at: HashMap<u64, Instant>,
+    /// The next op number.
+    next: u64,
+}
+
+impl InFlight {
+    async fn send(&mut self, ws: &mut Ws, job: &Job) -> Result<(), String> {
+        ws.feed(job.op(self.next))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.sent_at.insert(self.next, Instant::now());
+        self.next += 1;
+        Ok(())
+    }
+}
+
+/// Keeps `window` ops in flight until the deadline, then waits for the last replies.
+async fn pump(
+    ws: &mut Ws,
+    job: &Job,
+    writer: &mut Writer,
+    in_flight: &mut InFlight,
+) -> Result<(), String> {
+    for _ in 0..job.window {
+        in_flight.send(ws, job).await?;
+    }
+    ws.flush().await.map_err(|e| e.to_string())?;
+    let drain_until = tokio::time::Instant::from_std(job.deadline + DRAIN);
+    while !in_flight.sent_at.is_empty() {
+        let Ok(mut message) = tokio::time::timeout_at(drain_until, ws.next()).await else {
+            return Ok(());
+        };
+        // Handle every reply already read, then write the new ops with one flush.
+        loop {
+            if on_reply(message, job, writer, in_flight)? {
+                in_flight.send(ws, job).await?;
+            }
+            match ws.next().now_or_never() {
+                Some(more) => message = more,
+                None => break,
+            }
+        }
+        ws.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Accounts for one frame; true when a new op should replace the answered one.
+fn on_reply(
+    message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    job: &Job,
+    writer: &mut Writer,
+    in_flight: &mut InFlight,
+) -> Result<bool, String> {
+    let text = match message {
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Close(frame))) => return Err(client::close_reason(frame.as_ref())),
+        Some(Ok(_)) => return Ok(false),
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Err("the server ended the connection".into()),
+    };
+    let Some((kind, Some(n))) = parse_reply(text.as_str()) else {
+        return Ok(false);
+    };
+    let Some(sent) = in_flight.sent_at.remove(&n) else {
+        return Ok(false);
+    };
+    let now = Instant::now();
+    let micros = now.duration_since(sent).as_micros() as u64;
+    writer.histogram.saturating_record(micros.max(1));
+    writer.last_reply = Some(now);
+    if kind == "ack" {
+        writer.acked += 1;
+        job.acked_so_far.fetch_add(1, Ordering::Relaxed);
+    } else {
+        writer.nacked += 1;
+        writer
+            .first_nack
+            .get_or_insert_with(|| text.as_str().to_string());
+    }
+    Ok(now < job.deadline)
+}
+
+/// The two fields a writer needs from a reply.
+#[derive(serde::Deserialize)]
+struct Reply<'a> {
+    t: &'a str,
+    #[serde(default)]
+    id: Option<&'a str>,
+}
+
+/// `(t, op number)` of a reply; the op number is None for ids that are not `w<i>.<n>`.
+/// None when the frame is not JSON with a plain `t` (ids and tags never need escapes).
+fn parse_reply(text: &str) -> Option<(&str, Option<u64>)> {
+    let reply: Reply = serde_json::from_str(text).ok()?;
+    let n = reply
+        .id
+        .and_then(|id| id.rsplit_once('.'))
+        .and_then(|(_, n)| n.parse().ok());
+    Some((reply.t, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_give_their_kind_and_op_number() {
+        assert_eq!(
+            parse_reply(r#"{"t":"ack","id":"w3.17","seq":5}"#),
+            Some(("ack", Some(17)))
+        );
+        assert_eq!(
+            parse_reply(r#"{"t":"nack","id":"w3.18","code":"conflict","msg":"a \"quoted\" word"}"#),
+            Some(("nack", Some(18)))
+        );
+        assert_eq!(
+            parse_reply(r#"{"t":"ack","id":"c1","seq":1}"#),
+            Some(("ack", None))
+        );
+        assert_eq!(parse_reply("not json"), None);
+    }
+}

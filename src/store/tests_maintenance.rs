@@ -1,0 +1,592 @@
+//! Tests of snapshots, retention, deletion, the HTTP reads and the `roomd log` tooling,
+//! through the store's public handle (helpers from `tests.rs`).
+
+use std::path::Path;
+
+use super::tests::{batch, commit, event, meta, open};
+use super::*;
+
+fn snapshot(seq: u64) -> Snapshot {
+    Snapshot {
+        seq,
+        public: vec![
+            (
+                "gone".to_owned(),
+                Slot {
+                    value: None,
+                    ver: 1,
+                },
+            ),
+            (
+                format!("key{seq}"),
+                Slot {
+                    value: Some(Value::Int(seq as i64)),
+                    ver: seq,
+                },
+            ),
+        ],
+        private: vec![("creator".to_owned(), Value::Str("user1".into()))],
+        tombstone_floor: seq / 2,
+    }
+}
+
+/// A batch of events `first..=last` carrying a snapshot at `snapshot_seq`.
+fn batch_with_snapshot(room: &str, first: u64, last: u64, snapshot_seq: u64) -> Batch {
+    Batch {
+        snapshot: Some(snapshot(snapshot_seq)),
+        ..batch(room, first, last)
+    }
+}
+
+/// Commits events `1..=head` of `room` in batches of `step`, with a snapshot at the end
+/// of every batch whose last seq is in `snapshots_at`.
+fn fill(store: &Store, room: &str, head: u64, step: u64, snapshots_at: &[u64]) {
+    let mut first = 1;
+    while first <= head {
+        let last = (first + step - 1).min(head);
+        let mut next = batch(room, first, last);
+        if snapshots_at.contains(&last) {
+            next.snapshot = Some(snapshot(last));
+        }
+        commit(store, next).unwrap();
+        first = last + 1;
+    }
+}
+
+fn trim(store: &Store, room: &str, history_events: u64) -> TrimOutcome {
+    store
+        .submit_trim(room, history_events)
+        .expect("the queue has room: tests trim one room at a time here")
+        .blocking_recv()
+        .expect("the writer answers every trim it takes")
+        .unwrap()
+}
+
+fn delete(store: &Store, room: &str) {
+    store
+        .submit_delete(room)
+        .expect("the queue has room")
+        .blocking_recv()
+        .expect("the writer answers every deletion it takes")
+        .unwrap();
+}
+
+/// Holds redb's one write transaction, so the writer parks at its next commit.
+fn hold_writer(store: &Store) -> redb::WriteTransaction {
+    store
+        .inner
+        .db
+        .read()
+        .as_ref()
+        .expect("open")
+        .begin_write()
+        .unwrap()
+}
+
+fn seqs(events: &[EventRecord]) -> Vec<u64> {
+    events.iter().map(|event| event.seq).collect()
+}
+
+/// Rewrites rows of a closed store's database file.
+fn with_closed_db(dir: &Path, edit: impl FnOnce(&mut tables::WriteTables)) {
+    let db = redb::Database::open(dir.join(format::DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut tables = tables::WriteTables::open(&txn).unwrap();
+        edit(&mut tables);
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn snapshot_survives_reopen_and_load_is_latest_snapshot_plus_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch_with_snapshot("a", 1, 10, 5)).unwrap();
+    commit(&store, batch_with_snapshot("a", 11, 20, 18)).unwrap();
+    store.shutdown();
+    drop(store);
+
+    let store = open(dir.path());
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.head, loaded.first_retained), (20, 1));
+    assert_eq!(loaded.snapshot, Some(snapshot(18)));
+    assert_eq!(loaded.events, vec![event(19), event(20)]);
+    assert_eq!(
+        store.room_snapshots("a").unwrap(),
+        vec![snapshot(5), snapshot(18)]
+    );
+    // A snapshot at the head, in a batch without events.
+    commit(
+        &store,
+        Batch {
+            snapshot: Some(snapshot(20)),
+            ..Batch::new("a")
+        },
+    )
+    .unwrap();
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(loaded.snapshot, Some(snapshot(20)));
+    assert!(loaded.events.is_empty());
+}
+
+#[test]
+fn snapshot_past_the_batch_is_refused_whole_and_a_bad_one_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch("a", 1, 3)).unwrap();
+    let err = commit(&store, batch_with_snapshot("a", 4, 5, 6)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "batch for room a carries a snapshot at seq 6, outside 1..=5"
+    );
+    let empty_at_zero = Snapshot {
+        seq: 0,
+        public: vec![],
+        private: vec![],
+        tombstone_floor: 0,
+    };
+    let at_zero = Batch {
+        snapshot: Some(empty_at_zero),
+        ..batch("a", 4, 5)
+    };
+    assert!(matches!(
+        commit(&store, at_zero),
+        Err(StoreError::SnapshotSeq { seq: 0, .. })
+    ));
+    assert_eq!(store.load_room("a").unwrap().unwrap().head, 3);
+
+    // Keys out of order cannot be encoded: the events commit, the snapshot does not.
+    let mut unsorted = batch_with_snapshot("a", 4, 5, 5);
+    if let Some(snapshot) = unsorted.snapshot.as_mut() {
+        snapshot.public.reverse();
+    }
+    commit(&store, unsorted).unwrap();
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.head, loaded.snapshot), (5, None));
+}
+
+#[test]
+fn trim_keeps_what_the_policy_says_in_bounded_pieces_while_other_rooms_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "big", 5_000, 500, &[1_000, 3_000, 4_500]);
+    commit(&store, batch_with_snapshot("big", 5_001, 5_010, 5_010)).unwrap();
+    let mut ops = batch("big", 5_011, 5_011);
+    ops.op_ids = vec![OpIdRecord {
+        user: "user1".into(),
+        op_id: "early".into(),
+        seq: 10,
+    }];
+    commit(&store, ops).unwrap();
+    let pieces_before = store.maintenance_pieces();
+
+    // Head 5,011, history 500: the newest snapshot at or below 4,511 is 4,500.
+    let blocker = hold_writer(&store);
+    let trimming = store.submit_trim("big", 500).unwrap();
+    let other = store.submit(batch("other", 1, 1)).unwrap();
+    drop(blocker);
+    let outcome = trimming.blocking_recv().unwrap().unwrap();
+    // 4,500 events and 2 snapshots at 2,000 rows a piece take 3 transactions, and the
+    // batch queued behind the first piece was answered before the last.
+    assert_eq!(
+        outcome,
+        TrimOutcome::Done(TrimReport {
+            first_retained: 4_501,
+            events_deleted: 4_500,
+            snapshots_deleted: 2,
+            pieces: 3,
+        })
+    );
+    assert_eq!(store.maintenance_pieces() - pieces_before, 3);
+    let mut other = other;
+    assert!(matches!(other.try_recv(), Ok(Ok(()))));
+
+    let loaded = store.load_room("big").unwrap().unwrap();
+    assert_eq!((loaded.head, loaded.first_retained), (5_011, 4_501));
+    assert_eq!(loaded.snapshot, Some(snapshot(5_010)));
+    assert_eq!(seqs(&loaded.events), vec![5_011]);
+    // Trimming the log never touches op ids.
+    assert_eq!(loaded.op_ids.len(), 1);
+    let kept: Vec<u64> = store
+        .room_snapshots("big")
+        .unwrap()
+        .iter()
+        .map(|s| s.seq)
+        .collect();
+    assert_eq!(kept, vec![4_500, 5_010]);
+    let page = store.read_events("big", 0, 3).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![4_501, 4_502, 4_503]);
+    assert!(store.verify().unwrap().is_empty());
+
+    // Done again right away, nothing is due: the snapshot at 4,500 is still the base.
+    assert_eq!(
+        trim(&store, "big", 500),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 4_501,
+            events_deleted: 0,
+            snapshots_deleted: 0,
+            pieces: 1,
+        })
+    );
+}
+
+#[test]
+fn trim_without_a_snapshot_old_enough_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 100, 10, &[90]);
+    let nothing = TrimOutcome::Done(TrimReport {
+        first_retained: 1,
+        events_deleted: 0,
+        snapshots_deleted: 0,
+        pieces: 0,
+    });
+    // History longer than the log, and no snapshot at or below 100 - 20.
+    assert_eq!(trim(&store, "a", 1_000), nothing);
+    assert_eq!(trim(&store, "a", 20), nothing);
+    assert_eq!(trim(&store, "missing", 0), TrimOutcome::Cancelled);
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.first_retained, loaded.events.len()), (1, 10));
+}
+
+#[test]
+fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Big enough that its trim takes three pieces, so it still runs when the second
+    // trim of the room is taken from the queue.
+    fill(&store, "a", 5_000, 2_500, &[5_000]);
+    let blocker = hold_writer(&store);
+    let first = store.submit_trim("a", 0).unwrap();
+    let second = store.submit_trim("a", 0).unwrap();
+    let others: Vec<_> = (2..MAX_PENDING_TRIMS)
+        .map(|i| store.submit_trim(&format!("room{i}"), 0).unwrap())
+        .collect();
+    // Every place is taken until the trims end, whether queued or running.
+    assert_eq!(
+        store.submit_trim("one-too-many", 0).err(),
+        Some(SubmitError::Full)
+    );
+    drop(blocker);
+    assert_eq!(
+        second.blocking_recv().unwrap().unwrap(),
+        TrimOutcome::AlreadyRunning
+    );
+    assert_eq!(
+        first.blocking_recv().unwrap().unwrap(),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 5_001,
+            events_deleted: 5_000,
+            snapshots_deleted: 0,
+            pieces: 3,
+        })
+    );
+    for other in others {
+        assert_eq!(
+            other.blocking_recv().unwrap().unwrap(),
+            TrimOutcome::Cancelled
+        );
+    }
+    // The places are given back once the trims end.
+    assert!(matches!(trim(&store, "a", 0), TrimOutcome::Done(_)));
+}
+
+#[test]
+fn deletion_removes_every_row_in_queue_order_and_the_room_can_start_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 4_500, 1_500, &[1_500, 3_000]);
+    let mut with_ops = batch("a", 4_501, 4_501);
+    with_ops.op_ids = vec![OpIdRecord {
+        user: "user1".into(),
+        op_id: "x".into(),
+        seq: 4_501,
+    }];
+    commit(&store, with_ops).unwrap();
+    // A room whose name starts with the deleted one keeps everything.
+    let mut neighbour = batch_with_snapshot("ab", 1, 2, 2);
+    neighbour.op_ids = vec![OpIdRecord {
+        user: "user1".into(),
+        op_id: "x".into(),
+        seq: 1,
+    }];
+    commit(&store, neighbour).unwrap();
+    let pieces_before = store.maintenance_pieces();
+
+    // Queued back to back: the append before the deletion commits, the append after it
+    // finds no room, and a create after it starts the room again at seq 1.
+    let before = store.submit(batch("a", 4_502, 4_502)).unwrap();
+    let deleted = store.submit_delete("a").unwrap();
+    let stale = store.submit(batch("a", 4_503, 4_503)).unwrap();
+    let created = store
+        .submit(Batch {
+            create: Some(RoomMeta {
+                kind: Kind::Chat,
+                epoch: 8,
+            }),
+            ..batch("a", 1, 1)
+        })
+        .unwrap();
+    before.blocking_recv().unwrap().unwrap();
+    deleted.blocking_recv().unwrap().unwrap();
+    assert!(matches!(
+        stale.blocking_recv().unwrap(),
+        Err(StoreError::NoSuchRoom { .. })
+    ));
+    created.blocking_recv().unwrap().unwrap();
+    // 4,502 events, 2 snapshots and 1 op id at 2,000 rows a piece.
+    assert_eq!(store.maintenance_pieces() - pieces_before, 3);
+
+    let again = store.load_room("a").unwrap().unwrap();
+    assert_eq!(
+        (
+            again.meta.kind,
+            again.meta.epoch,
+            again.head,
+            again.first_retained
+        ),
+        (Kind::Chat, 8, 1, 1)
+    );
+    assert_eq!((again.snapshot, seqs(&again.events)), (None, vec![1]));
+    assert!(again.op_ids.is_empty());
+    assert!(store.room_snapshots("a").unwrap().is_empty());
+    let neighbour = store.load_room("ab").unwrap().unwrap();
+    assert_eq!((neighbour.head, neighbour.op_ids.len()), (2, 1));
+    assert!(neighbour.snapshot.is_some());
+
+    delete(&store, "a");
+    delete(&store, "never-existed");
+    assert!(store.load_room("a").unwrap().is_none());
+    assert!(store.read_events("a", 0, 10).unwrap().is_none());
+    assert!(store.read_at("a", 1).unwrap().is_none());
+    let rooms: Vec<String> = store
+        .list_rooms()
+        .unwrap()
+        .into_iter()
+        .map(|info| info.room)
+        .collect();
+    assert_eq!(rooms, vec!["ab".to_owned()]);
+    assert!(store.verify().unwrap().is_empty());
+}
+
+#[test]
+fn deletion_interrupted_by_a_crash_is_finished_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 20, 10, &[10]);
+    drop(store);
+    // What a crash after the first piece leaves: no meta row, a mark, leftover rows.
+    with_closed_db(dir.path(), |tables| {
+        tables.meta.remove("a").unwrap();
+        tables.deleting.insert("a", ()).unwrap();
+    });
+
+    let store = open(dir.path());
+    assert!(store.load_room("a").unwrap().is_none());
+    assert!(store.verify().unwrap().is_empty());
+    commit(&store, batch("a", 1, 2)).unwrap();
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(
+        (loaded.head, loaded.snapshot, loaded.events.len()),
+        (2, None, 2)
+    );
+}
+
+#[test]
+fn read_events_pages_through_what_is_retained() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 30, 10, &[20]);
+    let page = store.read_events("a", 0, 10).unwrap().unwrap();
+    assert_eq!((page.head, page.first_retained), (30, 1));
+    assert_eq!(page.events, (1..=10).map(event).collect::<Vec<_>>());
+    let page = store.read_events("a", 10, 100).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), (11..=30).collect::<Vec<_>>());
+    assert!(store
+        .read_events("a", 30, 10)
+        .unwrap()
+        .unwrap()
+        .events
+        .is_empty());
+    assert!(store
+        .read_events("a", 99, 10)
+        .unwrap()
+        .unwrap()
+        .events
+        .is_empty());
+    assert!(store
+        .read_events("a", 0, 0)
+        .unwrap()
+        .unwrap()
+        .events
+        .is_empty());
+    assert!(store.read_events("missing", 0, 10).unwrap().is_none());
+
+    trim(&store, "a", 0);
+    let page = store.read_events("a", 5, 3).unwrap().unwrap();
+    // The caller sees 5 + 1 < 21 and answers `gone`; what is returned is retained.
+    assert_eq!((page.head, page.first_retained), (30, 21));
+    assert_eq!(seqs(&page.events), vec![21, 22, 23]);
+    let page = store.read_events("a", 25, usize::MAX).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), (26..=30).collect::<Vec<_>>());
+}
+
+#[test]
+fn read_at_rebuilds_from_the_newest_usable_snapshot_or_the_whole_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "plain", 8, 8, &[]);
+    let at = store.read_at("plain", 5).unwrap().unwrap();
+    assert!(at.can_rebuild());
+    assert_eq!((at.meta, at.head, at.first_retained), (meta(), 8, 1));
+    assert_eq!((at.snapshot, seqs(&at.events)), (None, vec![1, 2, 3, 4, 5]));
+
+    fill(&store, "a", 30, 10, &[10, 20]);
+    let at = store.read_at("a", 15).unwrap().unwrap();
+    assert_eq!(at.snapshot, Some(snapshot(10)));
+    assert_eq!(seqs(&at.events), (11..=15).collect::<Vec<_>>());
+    let at = store.read_at("a", 20).unwrap().unwrap();
+    assert_eq!((at.snapshot, at.events.len()), (Some(snapshot(20)), 0));
+    let at = store.read_at("a", 7).unwrap().unwrap();
+    assert_eq!((at.snapshot, seqs(&at.events)), (None, (1..=7).collect()));
+    // Past the head nothing is read; the caller answers `invalid` from `head`.
+    let at = store.read_at("a", 31).unwrap().unwrap();
+    assert_eq!((at.head, at.snapshot, at.events.len()), (30, None, 0));
+
+    // History 10 of head 30: base 20, so seqs before 20 cannot be rebuilt.
+    trim(&store, "a", 10);
+    let at = store.read_at("a", 25).unwrap().unwrap();
+    assert_eq!(at.snapshot, Some(snapshot(20)));
+    assert_eq!(seqs(&at.events), (21..=25).collect::<Vec<_>>());
+    for gone in [0, 15, 19] {
+        let at = store.read_at("a", gone).unwrap().unwrap();
+        assert!(!at.can_rebuild(), "seq {gone}");
+        assert_eq!(
+            (at.first_retained, at.snapshot, at.events.len()),
+            (21, None, 0)
+        );
+    }
+}
+
+#[test]
+fn verify_reports_a_gap_and_a_corrupt_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 10, 4, &[4, 8]);
+    fill(&store, "b", 3, 3, &[]);
+    assert!(store.verify().unwrap().is_empty());
+    drop(store);
+    with_closed_db(dir.path(), |tables| {
+        tables.events.remove(("a", 5)).unwrap();
+        let garbage = [record::SNAPSHOT_VERSION, 0xde, 0xad].as_slice();
+        tables.snapshots.insert(("a", 8), garbage).unwrap();
+        // Leftovers of a room with no meta row.
+        tables.events.insert(("zombie", 1), garbage).unwrap();
+    });
+
+    let store = open(dir.path());
+    let problems = store.verify().unwrap();
+    let kinds: Vec<(&str, &ProblemKind)> = problems
+        .iter()
+        .map(|p| (p.room.as_str(), &p.kind))
+        .collect();
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            [
+                (
+                    "a",
+                    ProblemKind::Gap {
+                        expected: 5,
+                        found: 6
+                    }
+                ),
+                ("a", ProblemKind::CorruptSnapshot { seq: 8, .. }),
+                (
+                    "zombie",
+                    ProblemKind::Orphan {
+                        table: "event",
+                        rows: 1
+                    }
+                ),
+            ]
+        ),
+        "{problems:?}"
+    );
+    assert_eq!(
+        problems[0].to_string(),
+        "room a: events are not gapless: expected seq 5, found 6"
+    );
+    // Loading uses the newest snapshot, which is the corrupt one.
+    assert!(matches!(
+        store.load_room("a"),
+        Err(StoreError::CorruptSnapshot { seq: 8, .. })
+    ));
+}
+
+#[test]
+fn list_rooms_counts_rows_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 30, 10, &[10, 20]);
+    fill(&store, "b", 2, 2, &[]);
+    trim(&store, "a", 10);
+    let rooms = store.list_rooms().unwrap();
+    let event_bytes = |seq| record::encode_event(&event(seq)).unwrap().len() as u64;
+    assert_eq!(
+        rooms,
+        vec![
+            RoomInfo {
+                room: "a".into(),
+                kind: Kind::State,
+                epoch: 7,
+                head: 30,
+                first_retained: 21,
+                events: 10,
+                bytes: (21..=30).map(event_bytes).sum(),
+                snapshots: 1,
+            },
+            RoomInfo {
+                room: "b".into(),
+                kind: Kind::State,
+                epoch: 7,
+                head: 2,
+                first_retained: 1,
+                events: 2,
+                bytes: (1..=2).map(event_bytes).sum(),
+                snapshots: 0,
+            },
+        ]
+    );
+}
+
+#[test]
+fn compact_shrinks_the_file_after_deletions_and_needs_the_dir_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for room in 0..20 {
+        fill(&store, &format!("room{room}"), 1_000, 500, &[1_000]);
+    }
+    for room in 1..20 {
+        delete(&store, &format!("room{room}"));
+    }
+    assert!(matches!(
+        Store::compact(dir.path()),
+        Err(StoreError::Locked { .. })
+    ));
+    store.shutdown();
+    drop(store);
+
+    let report = Store::compact(dir.path()).unwrap();
+    assert!(report.after_bytes < report.before_bytes / 2, "{report:?}");
+    let store = open(dir.path());
+    assert_eq!(store.load_room("room0").unwrap().unwrap().head, 1_000);
+    assert!(store.verify().unwrap().is_empty());
+    drop(store);
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Store::compact(empty.path()),
+        Err(StoreError::NoDatabase { .. })
+    ));
+}
