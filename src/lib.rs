@@ -1,6 +1,55 @@
 //! roomd: durable, authoritative real-time rooms over WebSocket.
 //!
-//! CODEMAP (TO BE EXPANDED)
+//! One process keeps rooms (chat, polls, key-value state) authoritative on the server,
+//! pushes every committed change to subscribers, and keeps an append-only log in redb
+//! so a client resumes exactly where it left off, even after `kill -9`.
+//!
+//! # Bird's-eye view
+//!
+//! ```text
+//! client ──ws──> Session actor ──op──> Room actor ──batch──> store writer thread (redb)
+//!    ^               (one per              (one per room:           │ group commit:
+//!    │                connection)           state, seq, reducers)   │ one transaction,
+//!    │                                                              │ one fsync
+//!    └── response body <── byte-bounded queue <── diff, encoded once <── commit confirmed
+//! ```
+//!
+//! # Codemap
+//!
+//! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`.
+//! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
+//! - [`http`]: the HTTP API; [`auth`]: JWT, `?user=`, the Origin rule.
+//! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
+//!   codes, room ids and epochs. Nothing else serializes a wire message.
+//! - [`session`]: the Session actor, the upgrade, the frame guard in front of actix-ws,
+//!   and the outbound queue that is the connection's response body.
+//! - [`room`]: the Room actor, its batches, presence, the registry, and
+//!   [`room::state`] with the pure reducers of each room kind.
+//! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
+//!   bounded pieces), record formats, reads for recovery, history and time travel.
+//! - [`value`]: the domain `Value`, free of any serialization.
+//! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids).
+//! - [`bench`]: `roomd bench`, the load generator; [`log_tool`]: `roomd log`.
+//!
+//! # Architecture invariants
+//!
+//! 1. Only a Room actor mutates its room's state; everything else holds an `Addr`. The
+//!    registry holds addresses only; no map guard lives across an await or a send.
+//! 2. Log before send: acks and diffs leave from the commit callback, never before.
+//! 3. Seq is gapless per room and survives restarts; the epoch changes only when events
+//!    a client may have seen are lost (deletion, unclean stop under `--durability none`).
+//! 4. Every queue is bounded and says what happens when it is full (outbound bytes:
+//!    close 4001; writer queue: nack `unavailable`; mailboxes: wait, or drop signals).
+//! 5. Untrusted bytes (network and disk) are decoded only through validated paths with
+//!    a size bound first; rkyv is always validated and values are flat on the wire.
+//! 6. Reducers are pure: (state, op, user, time, seq) in, changes out. Recovery applies
+//!    recorded changes and never re-runs them.
+//! 7. Blocking IO never runs on an actix thread: the writer has its own thread, reads
+//!    run on the blocking pool.
+//! 8. Bad input from one client never harms another client, a room or the log.
+//!
+//! Deliberately absent: `room::state` knows nothing of actix, redb or rkyv; `protocol`
+//! knows nothing of rooms' internals; no module but `main.rs` uses anyhow.
 
 pub mod auth;
 pub mod bench;
