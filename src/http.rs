@@ -96,8 +96,22 @@ async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     }
 }
 
-/// Identifies the caller and charges one op to its rate limit.
+/// Identifies the caller and charges one op to its rate limit; `Err` also when over it.
 fn admit(req: &HttpRequest, shared: &Shared) -> Result<crate::auth::Identity, ApiError> {
+    let (identity, over) = admit_op(req, shared)?;
+    match over {
+        Some(why) => Err(ApiError::new(Code::RateLimited, why)),
+        None => Ok(identity),
+    }
+}
+
+/// Identifies the caller and charges one op to its rate limit, returning why it is
+/// over the limit instead of failing: an op with an id still goes to its room, which
+/// answers a re-sent id from its record before the limit applies.
+fn admit_op(
+    req: &HttpRequest,
+    shared: &Shared,
+) -> Result<(crate::auth::Identity, Option<String>), ApiError> {
     let identity = shared.auth.identify(req, true)?;
     let key = if identity.guest {
         let ip = req
@@ -107,13 +121,12 @@ fn admit(req: &HttpRequest, shared: &Shared) -> Result<crate::auth::Identity, Ap
     } else {
         format!("user:{}", identity.user)
     };
-    if shared.http_limiter.check_key(&key).is_err() {
-        return Err(ApiError::new(
-            Code::RateLimited,
-            "too many ops from this user",
-        ));
-    }
-    Ok(identity)
+    let over = shared
+        .http_limiter
+        .check_key(&key)
+        .is_err()
+        .then(|| "too many ops from this user".to_owned());
+    Ok((identity, over))
 }
 
 fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Json>, ApiError> {
@@ -171,6 +184,7 @@ async fn create_room(
         kind: kind.clone(),
         init,
         now_ms: now_ms(),
+        refusal: None,
         reply: ReplyTo::http(tx),
     };
     send_to_room(&shared, room, msg).await;
@@ -224,7 +238,7 @@ async fn post_op(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    let identity = admit(&req, &shared)?;
+    let (identity, over_rate) = admit_op(&req, &shared)?;
     if !valid_room_id(&room) {
         return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
     }
@@ -234,17 +248,27 @@ async fn post_op(
         Some(Json::String(id)) => Some(id.clone()),
         Some(_) => return Err(ApiError::new(Code::Invalid, "`id` must be a string")),
     };
+    // An op without a user identity is never deduplicated.
+    let op_id = op_id.filter(|_| !identity.guest);
     let op = obj
         .get("op")
-        .map_or(Err("missing `op`".to_owned()), to_value)
-        .map_err(|why| ApiError::new(Code::Invalid, format!("op: {why}")))?;
+        .map_or(Err("missing `op`".to_owned()), to_value);
+    // Refusals wait for the room only when an op id could make this a re-send.
+    let refusal = match (&op, over_rate) {
+        (Err(why), _) => Some((Code::Invalid, format!("op: {why}"))),
+        (Ok(_), Some(why)) => Some((Code::RateLimited, why)),
+        (Ok(_), None) => None,
+    };
+    if let (None, Some((code, why))) = (&op_id, &refusal) {
+        return Err(ApiError::new(*code, why.clone()));
+    }
     let (tx, rx) = oneshot::channel();
     let msg = room_msg::Submit {
         user: identity.user,
-        // An op without a user identity is never deduplicated.
-        op_id: op_id.filter(|_| !identity.guest),
-        op,
+        op_id,
+        op: op.unwrap_or(crate::value::Value::Null),
         now_ms: now_ms(),
+        refusal,
         reply: ReplyTo::http(tx),
     };
     send_to_room(&shared, &room, msg).await;

@@ -124,6 +124,9 @@ pub struct Create {
     pub kind: String,
     pub init: Value,
     pub now_ms: i64,
+    /// Refused before the room saw it (over the rate, malformed body); the room still
+    /// answers a re-sent op id from its record first.
+    pub refusal: Option<(Code, String)>,
     pub reply: ReplyTo,
 }
 
@@ -135,12 +138,14 @@ pub struct Submit {
     pub op_id: Option<String>,
     pub op: Value,
     pub now_ms: i64,
+    /// As for `Create`: answered unless the id is a re-send.
+    pub refusal: Option<(Code, String)>,
     pub reply: ReplyTo,
 }
 
 /// Subscribe a connection: answered on its outbound queue with `snapshot` or `resumed`
 /// (or `error`); the result says whether the subscription now exists.
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "bool")]
 pub struct Subscribe {
     pub session: SessionRef,

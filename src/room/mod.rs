@@ -347,13 +347,15 @@ impl Handler<Create> for Room {
                         return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
                     }
                 }
-                live.reply_nack(
-                    msg.reply,
-                    Code::Exists,
-                    format!("room {} exists", self.room_id),
-                );
+                let (code, text) = msg
+                    .refusal
+                    .unwrap_or((Code::Exists, format!("room {} exists", self.room_id)));
+                live.reply_nack(msg.reply, code, text);
             }
             Status::Absent => {
+                if let Some((code, text)) = msg.refusal {
+                    return msg.reply.nack(code, text);
+                }
                 let Some(kind) = Kind::parse(&msg.kind) else {
                     msg.reply.nack(
                         Code::Invalid,
@@ -403,9 +405,10 @@ impl Handler<Submit> for Room {
                     .nack(Code::Unavailable, format!("room unavailable: {e}"));
             }
             Status::Absent => {
-                msg.reply
-                    .nack(Code::NotFound, format!("no room {}", self.room_id));
-                return;
+                let (code, text) = msg
+                    .refusal
+                    .unwrap_or((Code::NotFound, format!("no room {}", self.room_id)));
+                return msg.reply.nack(code, text);
             }
             Status::Live(live) if live.deleting.is_some() => {
                 return msg.reply.nack(
@@ -429,6 +432,9 @@ impl Handler<Submit> for Room {
             if let Some(seq) = live.uncommitted_seq(key) {
                 return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
             }
+        }
+        if let Some((code, text)) = msg.refusal {
+            return live.reply_nack(msg.reply, code, text);
         }
         let seq = live.head + 1;
         let seq_ctx = Ctx {

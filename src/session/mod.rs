@@ -31,6 +31,7 @@ use crate::room::messages::{self as room_msg, ReplyTo, SessionRef};
 use crate::room::registry::Registry;
 use crate::room::Room;
 use crate::server::Shared;
+use crate::value::Value;
 
 /// Bad frames tolerated within [`BAD_FRAME_WINDOW`]; the next one closes with 4400.
 const MAX_BAD_FRAMES: usize = 10;
@@ -142,36 +143,32 @@ impl Session {
                 kind,
                 init,
             } => {
-                if !self.check_op(&id, &room) {
+                let Some(rate_limited) = self.check_op(&id, &room) else {
                     return;
-                }
-                let init = match init {
-                    Ok(init) => init,
-                    Err(why) => return self.nack(id, Code::Invalid, format!("init: {why}")),
                 };
+                let (init, refusal) = refusal_of(init, "init", rate_limited);
                 let msg = room_msg::Create {
                     user: self.user_ref(),
                     op_id: self.op_key(&id),
                     kind,
                     init,
                     now_ms: now_ms(),
+                    refusal,
                     reply: ReplyTo::session(self.session.clone(), id),
                 };
                 self.deliver(ctx, room, msg);
             }
             Inbound::Op { id, room, op } => {
-                if !self.check_op(&id, &room) {
+                let Some(rate_limited) = self.check_op(&id, &room) else {
                     return;
-                }
-                let op = match op {
-                    Ok(op) => op,
-                    Err(why) => return self.nack(id, Code::Invalid, format!("op: {why}")),
                 };
+                let (op, refusal) = refusal_of(op, "op", rate_limited);
                 let msg = room_msg::Submit {
                     user: self.user_ref(),
                     op_id: self.op_key(&id),
                     op,
                     now_ms: now_ms(),
+                    refusal,
                     reply: ReplyTo::session(self.session.clone(), id),
                 };
                 self.deliver(ctx, room, msg);
@@ -206,12 +203,15 @@ impl Session {
                 let room_id = room.clone();
                 let fut = async move {
                     let addr = registry.get(&room_id);
-                    let result = match addr.send(msg).await {
-                        Ok(ok) => Ok(ok),
-                        Err(MailboxError::Closed) => Err(()),
-                        Err(MailboxError::Timeout) => Err(()),
-                    };
-                    (addr, result)
+                    match addr.send(msg.clone()).await {
+                        Ok(ok) => (addr, Ok(ok)),
+                        // The room stopped between lookup and send: start it again once.
+                        Err(_) => {
+                            let addr = registry.get(&room_id);
+                            let result = addr.send(msg).await.map_err(|_| ());
+                            (addr, result)
+                        }
+                    }
                 };
                 ctx.wait(fut.into_actor(self).map(
                     move |(addr, result), session, _ctx| match result {
@@ -271,26 +271,24 @@ impl Session {
         }
     }
 
-    /// Checks an op or create before it goes to a room: room id and rate.
-    fn check_op(&mut self, id: &str, room: &str) -> bool {
+    /// Checks an op or create before it goes to a room: None when its room id is bad
+    /// (nacked here), else whether it is over the rate limit. An op over the limit still
+    /// goes to its room, which answers a re-sent id from its record and nacks anything
+    /// else `rate_limited`: a re-send must get its original ack whatever the rate.
+    fn check_op(&mut self, id: &str, room: &str) -> Option<Option<String>> {
         if !ids::valid_room_id(room) {
             self.nack(
                 id.to_owned(),
                 Code::Invalid,
                 "room id must match ^[A-Za-z0-9_.:-]{1,128}$",
             );
-            return false;
+            return None;
         }
         if self.limiter.check().is_err() {
             let (rate, burst) = (self.shared.config.op_rate, self.shared.config.op_burst);
-            self.nack(
-                id.to_owned(),
-                Code::RateLimited,
-                format!("ops limited to {rate}/s with burst {burst}"),
-            );
-            return false;
+            return Some(Some(format!("ops limited to {rate}/s with burst {burst}")));
         }
-        true
+        Some(None)
     }
 
     /// Sends an op-like message to its room. The mailbox keeps arrival order; when it
@@ -314,6 +312,20 @@ impl Session {
             let _ = registry.get(&room).send(msg).await;
         };
         ctx.wait(fut.into_actor(self));
+    }
+}
+
+/// Splits a decoded op body into the value to apply and the refusal the room answers
+/// unless the op id is a re-send (which gets its original ack whatever the body).
+fn refusal_of(
+    value: Result<Value, String>,
+    what: &str,
+    rate_limited: Option<String>,
+) -> (Value, Option<(Code, String)>) {
+    match (value, rate_limited) {
+        (Err(why), _) => (Value::Null, Some((Code::Invalid, format!("{what}: {why}")))),
+        (Ok(value), Some(why)) => (value, Some((Code::RateLimited, why))),
+        (Ok(value), None) => (value, None),
     }
 }
 

@@ -169,3 +169,46 @@ async fn resend_while_the_original_is_in_flight_gets_the_same_ack() {
     assert_eq!(first["seq"], third["seq"]);
     assert_eq!(counter(&server, "state:once-flight").await, 1);
 }
+
+#[tokio::test]
+async fn resent_op_over_the_rate_limit_still_gets_its_original_ack() {
+    let server = Server::start(&["--op-rate", "1", "--op-burst", "3"]).await;
+    let room = "state:rated-resend";
+    let mut alice = server.client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    let seq = alice
+        .ack("once", room, json!({"type": "incr", "key": "n"}))
+        .await;
+    // Use up the burst, then re-send: the re-send is answered from the record.
+    for i in 0..3 {
+        alice
+            .send_op(&format!("x{i}"), room, json!({"type": "incr", "key": "m"}))
+            .await;
+    }
+    let again = alice
+        .op("once", room, json!({"type": "incr", "key": "n"}))
+        .await;
+    assert_eq!(again["t"], "ack", "{again}");
+    assert_eq!(again["seq"], seq);
+    // A new id over the limit is refused.
+    let fresh = alice
+        .op("fresh", room, json!({"type": "incr", "key": "n"}))
+        .await;
+    assert_eq!(fresh["t"], "nack", "{fresh}");
+    assert_eq!(fresh["code"], "rate_limited");
+}
+
+#[tokio::test]
+async fn resent_op_with_a_malformed_body_still_gets_its_original_ack() {
+    let server = Server::start(&[]).await;
+    let room = "state:malformed-resend";
+    let mut alice = server.client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    let seq = alice
+        .ack("o1", room, json!({"type": "set", "key": "k", "value": 1}))
+        .await;
+    let deep = (0..40).fold(json!(1), |v, _| json!([v]));
+    let again = alice.op("o1", room, deep).await;
+    assert_eq!(again["t"], "ack", "{again}");
+    assert_eq!(again["seq"], seq);
+}
