@@ -96,9 +96,10 @@ struct PendingOp {
     sent: bool,
     /// Sent on some connection (this one or an earlier one).
     sent_before: bool,
-    /// Sent on an earlier connection too: it may have applied already, so a
-    /// `rate_limited` nack of a re-send does not mean "nothing changed" (the server
-    /// rate-limits re-sent ids before it looks them up) and is retried, not reported.
+    /// Sent on an earlier connection too. The server answers a re-send from its op-id
+    /// record before rate-limiting, so a `rate_limited` nack of a re-send means it never
+    /// applied; it is retried a second later rather than reported, since the caller
+    /// asked for the op before the connection was lost.
     resent: bool,
 }
 

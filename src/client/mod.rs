@@ -16,10 +16,10 @@
 //!   original order. The server deduplicates ids, so a caller still awaiting `op()`
 //!   gets the original ack and the op applies once. Guests are the exception: the
 //!   server does not deduplicate their ops, so a guest's op that was sent before the
-//!   loss fails with [`OpError::Interrupted`] instead of being re-sent. A re-sent op
-//!   nacked `rate_limited` may have applied before the loss (the server rate-limits
-//!   re-sent ids before looking them up), so it is sent again a second later instead
-//!   of being reported as refused.
+//!   loss fails with [`OpError::Interrupted`] instead of being re-sent. The server
+//!   answers a re-sent id from its record before its rate limit applies; a re-sent op
+//!   that is nacked `rate_limited` anyway (it never reached the log) is sent again a
+//!   second later instead of being reported as refused.
 //! - A `diff` that does not continue a mirror (`from != seq + 1`, or another epoch)
 //!   makes the client re-subscribe `since` the mirror; the gap is never papered over.
 //! - Close codes: 4001, 4002, 4008 (and 4429, 1000, 1001, unknown codes) reconnect;
