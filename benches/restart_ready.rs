@@ -3,10 +3,21 @@
 //!
 //! Starts `target/release/roomd` (build it first) on a temporary data dir, fills it over
 //! WebSocket with pipelined `set` ops (4 connections, 500 ops in flight in total, op
-//! limit raised), then stops it with SIGTERM (exit 0 required). Two data sets:
+//! limit raised), then stops it with SIGTERM (exit 0 required). Data sets:
 //! - `1x100000`: one `state` room, 100,000 sets over 10,000 keys (each key rewritten
 //!   10 times), so the log has 100,001 events;
-//! - `100x1000`: 100 `state` rooms, 1,000 sets each over 100 keys.
+//! - `100x1000`: 100 `state` rooms, 1,000 sets each over 100 keys;
+//! - `1000x1000` (only on request, see below): 1,000 `state` rooms, 1,000 sets each over
+//!   100 keys, 1,000,000 events, filled over 8 connections with 4,000 ops in flight.
+//!   Its all-rooms pass is measured two ways, on alternate starts so that every pass
+//!   meets cold (unloaded) rooms: one GET after another (`all_seq`), and 8 GETs in
+//!   flight (`all_c8`, 8 threads taking the next room id); 6 starts per kind of stop.
+//!   Before each `kill -9` the server is made dirty: 5 more sets per room (5,000 ops,
+//!   pipelined, all acked, so committed but not snapshotted), then killed within
+//!   milliseconds of the last ack; the following start must return them all.
+//!
+//! `ROOMD_RESTART_VARIANT` picks the data sets (comma separated names, or `all`); the
+//! default is `1x100000,100x1000`.
 //!
 //! Then it restarts the server on the same data dir six times. Each start is timed from
 //! `spawn` to (a) the `roomd listening on` line, (b) the first `/readyz` 200 (polled
@@ -18,12 +29,14 @@
 //! (d). Medians over the 3 starts of each kind are reported as a table and one JSON
 //! line. The data dir stays in the OS page cache, so these are warm-cache restarts.
 //!
-//! Run: `cargo build --release && cargo bench --bench restart_ready`.
+//! Run: `cargo build --release && cargo bench --bench restart_ready`, and the big one
+//! with `ROOMD_RESTART_VARIANT=1000x1000 cargo bench --bench restart_ready`.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,10 +47,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::{median, ms, r2, Server};
 
-/// Fill connections; ops are dealt to them round-robin.
-const FILL_CONNECTIONS: usize = 4;
-/// Ops in flight over all fill connections together.
-const WINDOW: usize = 500;
+/// GETs in flight in the concurrent all-rooms pass.
+const CONCURRENT_GETS: usize = 8;
+/// The env var naming the data sets to run.
+const VARIANT_ENV: &str = "ROOMD_RESTART_VARIANT";
+/// The data sets run when `VARIANT_ENV` is unset.
+const DEFAULT_VARIANTS: &str = "1x100000,100x1000";
 /// Starts measured after each kind of stop.
 const RESTARTS: usize = 3;
 /// How long a started server may take to become ready and to load a room.
@@ -53,22 +68,75 @@ struct Variant {
     rooms: usize,
     events_per_room: usize,
     keys_per_room: usize,
+    /// Fill connections; ops are dealt to them round-robin.
+    fill_connections: usize,
+    /// Ops in flight over all fill connections together.
+    window: usize,
+    /// Whether alternate starts fetch all rooms with `CONCURRENT_GETS` in flight.
+    concurrent_pass: bool,
+    /// Sets per room written (and acked) right before each `kill -9`.
+    sets_before_kill: usize,
 }
 
-const VARIANTS: [Variant; 2] = [
+const VARIANTS: [Variant; 3] = [
     Variant {
         name: "1x100000",
         rooms: 1,
         events_per_room: 100_000,
         keys_per_room: 10_000,
+        fill_connections: 4,
+        window: 500,
+        concurrent_pass: false,
+        sets_before_kill: 0,
     },
     Variant {
         name: "100x1000",
         rooms: 100,
         events_per_room: 1_000,
         keys_per_room: 100,
+        fill_connections: 4,
+        window: 500,
+        concurrent_pass: false,
+        sets_before_kill: 0,
+    },
+    Variant {
+        name: "1000x1000",
+        rooms: 1_000,
+        events_per_room: 1_000,
+        keys_per_room: 100,
+        fill_connections: 8,
+        window: 4_000,
+        concurrent_pass: true,
+        sets_before_kill: 5,
     },
 ];
+
+/// The variants named by `VARIANT_ENV` (or the default ones).
+fn selected_variants() -> Vec<&'static Variant> {
+    let wanted = std::env::var(VARIANT_ENV).unwrap_or_else(|_| DEFAULT_VARIANTS.to_string());
+    if wanted.trim() == "all" {
+        return VARIANTS.iter().collect();
+    }
+    wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            VARIANTS.iter().find(|v| v.name == w).unwrap_or_else(|| {
+                let names: Vec<&str> = VARIANTS.iter().map(|v| v.name).collect();
+                eprintln!("error: {VARIANT_ENV}={w:?} names no data set; known: {names:?} or all");
+                std::process::exit(2);
+            })
+        })
+        .collect()
+}
+
+/// How a start fetches all the rooms after the first.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    Sequential,
+    Concurrent,
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Stop {
@@ -81,7 +149,10 @@ struct Startup {
     listen: f64,
     ready: f64,
     first_get: f64,
-    all_rooms: f64,
+    /// All rooms answered, one GET after another (`None` on a concurrent start).
+    all_seq: Option<f64>,
+    /// All rooms answered with `CONCURRENT_GETS` in flight (`None` on a sequential one).
+    all_c8: Option<f64>,
     /// A second GET of the first room, already loaded (its own duration).
     warm_get: f64,
 }
@@ -102,14 +173,16 @@ fn room_id(i: usize) -> String {
 fn main() {
     let bin = support::roomd_release_bin();
     let tmp = tempfile::tempdir().expect("a temporary directory can be created");
+    let load_before = support::loadavg();
     let mut results = Vec::new();
     let mut logs = Vec::new();
-    for variant in &VARIANTS {
+    for variant in selected_variants() {
         let log = tmp.path().join(format!("{}.stderr", variant.name));
         results.push(run_variant(&bin, tmp.path(), variant, &log));
         logs.push(log);
     }
-    report(&results);
+    let load_after = support::loadavg();
+    report(&results, &load_before, &load_after);
     for log in &logs {
         let (n_problems, first) = support::log_problems(log, 5);
         if n_problems > 0 {
@@ -139,7 +212,6 @@ fn run_variant(bin: &Path, tmp: &Path, variant: &Variant, log: &Path) -> Variant
     let fill_started = Instant::now();
     runtime.block_on(fill(server.addr, variant));
     let fill_secs = fill_started.elapsed().as_secs_f64();
-    drop(runtime);
     let total = variant.rooms * variant.events_per_room;
     eprintln!(
         "{}: filled {total} events in {fill_secs:.1} s ({:.0} ops/s)",
@@ -158,20 +230,38 @@ fn run_variant(bin: &Path, tmp: &Path, variant: &Variant, log: &Path) -> Variant
     };
     // Each start is measured, then stopped the way the next start's row expects; the
     // last SIGTERM only checks that the crashed-and-recovered dir still shuts down clean.
-    let plan = [
-        Stop::Term,
-        Stop::Term,
-        Stop::Kill,
-        Stop::Kill,
-        Stop::Kill,
-        Stop::Term,
-    ];
+    // With a concurrent pass, starts alternate sequential and concurrent passes, so each
+    // kind of stop gets `RESTARTS` of each.
+    let passes: &[Pass] = if variant.concurrent_pass {
+        &[Pass::Sequential, Pass::Concurrent]
+    } else {
+        &[Pass::Sequential]
+    };
+    let per_stop = RESTARTS * passes.len();
+    let plan: Vec<Stop> = (0..2 * per_stop)
+        .map(|i| match i {
+            i if i + 1 < per_stop => Stop::Term,
+            i if i + 1 == per_stop => Stop::Kill,
+            i if i + 1 < 2 * per_stop => Stop::Kill,
+            _ => Stop::Term,
+        })
+        .collect();
     let mut previous = Stop::Term;
-    for next in plan {
+    // Every room's head seq: the creation, the fill, the sets before kills.
+    let mut head = variant.events_per_room as u64 + 1;
+    let mut dirty_rounds = 0;
+    for (i, next) in plan.into_iter().enumerate() {
+        let pass = passes[i % passes.len()];
         let server = Server::start(bin, &data_dir, &args, log);
-        let startup = measure(&server, variant);
+        let startup = measure(&server, variant, pass, head);
+        if next == Stop::Kill && variant.sets_before_kill > 0 {
+            runtime.block_on(sets_before_kill(server.addr, variant, dirty_rounds));
+            dirty_rounds += 1;
+            head += variant.sets_before_kill as u64;
+        }
         eprintln!(
-            "{} after {}: listen {:.1} ms, ready {:.1} ms, first GET {:.1} ms",
+            "{} after {}: listen {:.1} ms, ready {:.1} ms, first GET {:.1} ms, all rooms \
+             {} {:.1} ms",
             variant.name,
             if previous == Stop::Term {
                 "SIGTERM"
@@ -180,7 +270,13 @@ fn run_variant(bin: &Path, tmp: &Path, variant: &Variant, log: &Path) -> Variant
             },
             startup.listen,
             startup.ready,
-            startup.first_get
+            startup.first_get,
+            if pass == Pass::Sequential {
+                "sequential"
+            } else {
+                "8 in flight"
+            },
+            startup.all_seq.or(startup.all_c8).unwrap_or(0.0)
         );
         match previous {
             Stop::Term => result.after_term.push(startup),
@@ -189,8 +285,8 @@ fn run_variant(bin: &Path, tmp: &Path, variant: &Variant, log: &Path) -> Variant
         stop(server, next, &mut term_exit_ms);
         previous = next;
     }
-    assert_eq!(result.after_term.len(), RESTARTS);
-    assert_eq!(result.after_kill.len(), RESTARTS);
+    assert_eq!(result.after_term.len(), per_stop);
+    assert_eq!(result.after_kill.len(), per_stop);
     result.term_exit_ms = term_exit_ms;
     result
 }
@@ -212,8 +308,9 @@ fn stop(server: Server, how: Stop, term_exit_ms: &mut Vec<f64>) {
     }
 }
 
-/// Times one start: listening line, readiness, lazy load of the first room, the rest.
-fn measure(server: &Server, variant: &Variant) -> Startup {
+/// Times one start: listening line, readiness, lazy load of the first room, the rest
+/// (one after another or `CONCURRENT_GETS` at a time).
+fn measure(server: &Server, variant: &Variant, pass: Pass, head: u64) -> Startup {
     let since_spawn = |t: Instant| ms(t - server.spawned_at);
     let listen = since_spawn(server.listening_at);
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -228,27 +325,52 @@ fn measure(server: &Server, variant: &Variant) -> Startup {
         std::thread::sleep(Duration::from_millis(1));
     };
 
-    let first_get_at = get_room_checked(server.addr, &room_id(0), variant, deadline);
-    for i in 1..variant.rooms {
-        get_room_checked(server.addr, &room_id(i), variant, deadline);
+    let first_get_at = get_room_checked(server.addr, &room_id(0), variant, head, deadline);
+    match pass {
+        Pass::Sequential => {
+            for i in 1..variant.rooms {
+                get_room_checked(server.addr, &room_id(i), variant, head, deadline);
+            }
+        }
+        Pass::Concurrent => {
+            let next = AtomicUsize::new(1);
+            std::thread::scope(|scope| {
+                for _ in 0..CONCURRENT_GETS {
+                    scope.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= variant.rooms {
+                            break;
+                        }
+                        get_room_checked(server.addr, &room_id(i), variant, head, deadline);
+                    });
+                }
+            });
+        }
     }
     let all_rooms_at = Instant::now();
     let warm_started = Instant::now();
-    let warm_at = get_room_checked(server.addr, &room_id(0), variant, deadline);
+    let warm_at = get_room_checked(server.addr, &room_id(0), variant, head, deadline);
     let warm_get = ms(warm_at - warm_started);
 
     Startup {
         listen,
         ready: since_spawn(ready_at),
         first_get: since_spawn(first_get_at),
-        all_rooms: since_spawn(all_rooms_at),
+        all_seq: (pass == Pass::Sequential).then(|| since_spawn(all_rooms_at)),
+        all_c8: (pass == Pass::Concurrent).then(|| since_spawn(all_rooms_at)),
         warm_get,
     }
 }
 
-/// GETs the room until it answers 200, checks that nothing was lost, and returns when
-/// the answer arrived.
-fn get_room_checked(addr: SocketAddr, room: &str, variant: &Variant, deadline: Instant) -> Instant {
+/// GETs the room until it answers 200, checks that nothing was lost (head seq `head`),
+/// and returns when the answer arrived.
+fn get_room_checked(
+    addr: SocketAddr,
+    room: &str,
+    variant: &Variant,
+    head: u64,
+    deadline: Instant,
+) -> Instant {
     let path = format!("/api/rooms/{room}");
     loop {
         match support::http_get(addr, &path, READY_TIMEOUT) {
@@ -259,10 +381,7 @@ fn get_room_checked(addr: SocketAddr, room: &str, variant: &Variant, deadline: I
                 let keys = state["entries"].as_array().map_or(0, |e| e.len());
                 assert_eq!(
                     (seq, keys),
-                    (
-                        Some(variant.events_per_room as u64 + 1),
-                        variant.keys_per_room
-                    ),
+                    (Some(head), variant.keys_per_room),
                     "{room} came back with the wrong head seq or key count"
                 );
                 return at;
@@ -279,7 +398,7 @@ fn get_room_checked(addr: SocketAddr, room: &str, variant: &Variant, deadline: I
     }
 }
 
-/// Creates the variant's rooms and pipelines its sets over `FILL_CONNECTIONS`
+/// Creates the variant's rooms and pipelines its sets over the variant's fill
 /// connections; returns once every op is acked.
 async fn fill(addr: SocketAddr, variant: &Variant) {
     let url = |user: &str| format!("ws://{addr}/ws?user={user}");
@@ -307,38 +426,76 @@ async fn fill(addr: SocketAddr, variant: &Variant) {
 
     let total = variant.rooms * variant.events_per_room;
     let pad = "x".repeat(32);
+    let connections = variant.fill_connections;
+    let (rooms, keys) = (variant.rooms, variant.keys_per_room);
     let mut fillers = Vec::new();
-    for conn in 0..FILL_CONNECTIONS {
-        let ops: Vec<String> = (conn..total)
-            .step_by(FILL_CONNECTIONS)
-            .map(|j| {
-                let n = j / variant.rooms;
-                json!({"t": "op", "id": format!("f{j}"), "room": room_id(j % variant.rooms),
-                       "op": {"type": "set", "key": format!("k{}", n % variant.keys_per_room),
-                              "value": {"n": n, "pad": pad}}})
-                .to_string()
-            })
-            .collect();
+    for conn in 0..connections {
+        // Built as they are sent: a million ops held up front would cost ~150 MB here.
+        let pad = pad.clone();
+        let ops = (conn..total).step_by(connections).map(move |j| {
+            let n = j / rooms;
+            json!({"t": "op", "id": format!("f{j}"), "room": room_id(j % rooms),
+                   "op": {"type": "set", "key": format!("k{}", n % keys),
+                          "value": {"n": n, "pad": pad}}})
+            .to_string()
+        });
+        let n_ops = (conn..total).step_by(connections).len();
         let (ws, _) = tokio_tungstenite::connect_async(url(&format!("filler{conn}")))
             .await
             .expect("the server accepts a WebSocket");
-        fillers.push(tokio::spawn(fill_connection(ws, ops)));
+        fillers.push(tokio::spawn(fill_connection(
+            ws,
+            ops,
+            n_ops,
+            variant.window / connections,
+        )));
     }
     for filler in fillers {
         filler.await.expect("a fill task does not panic");
     }
 }
 
-/// Sends `ops` with at most `WINDOW / FILL_CONNECTIONS` unanswered at a time.
+/// Writes `sets_before_kill` more sets to every room (existing keys, new op ids) over the
+/// fill connections and returns once all are acked.
+async fn sets_before_kill(addr: SocketAddr, variant: &Variant, round: usize) {
+    let total = variant.rooms * variant.sets_before_kill;
+    let connections = variant.fill_connections;
+    let (rooms, keys) = (variant.rooms, variant.keys_per_room);
+    let mut writers = Vec::new();
+    for conn in 0..connections {
+        let ops = (conn..total).step_by(connections).map(move |j| {
+            json!({"t": "op", "id": format!("d{round}-{j}"), "room": room_id(j % rooms),
+                   "op": {"type": "set", "key": format!("k{}", (j / rooms) % keys),
+                          "value": {"dirty": round}}})
+            .to_string()
+        });
+        let n_ops = (conn..total).step_by(connections).len();
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?user=dirty{conn}"))
+            .await
+            .expect("the server accepts a WebSocket");
+        writers.push(tokio::spawn(fill_connection(
+            ws,
+            ops,
+            n_ops,
+            variant.window / connections,
+        )));
+    }
+    for writer in writers {
+        writer.await.expect("a writer task does not panic");
+    }
+}
+
+/// Sends the `n_ops` ops of `ops` with at most `window` unanswered at a time.
 async fn fill_connection(
     ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
-    ops: Vec<String>,
+    ops: impl Iterator<Item = String> + Send + 'static,
+    n_ops: usize,
+    window: usize,
 ) {
     let (mut sink, mut stream) = ws.split();
-    let window = Arc::new(Semaphore::new(WINDOW / FILL_CONNECTIONS));
-    let n_ops = ops.len();
+    let window = Arc::new(Semaphore::new(window));
     let sending = {
         let window = window.clone();
         async move {
@@ -402,19 +559,22 @@ async fn next_json(
     }
 }
 
-fn report(results: &[VariantResult]) {
-    type Column = (&'static str, fn(&Startup) -> f64);
-    let columns: [Column; 5] = [
-        ("listen", |s| s.listen),
-        ("ready", |s| s.ready),
-        ("first_get", |s| s.first_get),
-        ("all_rooms", |s| s.all_rooms),
-        ("warm_get", |s| s.warm_get),
+fn report(results: &[VariantResult], load_before: &str, load_after: &str) {
+    type Column = (&'static str, fn(&Startup) -> Option<f64>);
+    let columns: [Column; 6] = [
+        ("listen", |s| Some(s.listen)),
+        ("ready", |s| Some(s.ready)),
+        ("first_get", |s| Some(s.first_get)),
+        ("all_seq", |s| s.all_seq),
+        ("all_c8", |s| s.all_c8),
+        ("warm_get", |s| Some(s.warm_get)),
     ];
     println!(
-        "restart_ready: medians over {RESTARTS} starts, ms since spawn (warm_get: the GET alone)"
+        "restart_ready: medians, ms since spawn; all_seq and all_c8 ({CONCURRENT_GETS} GETs \
+         in flight) over {RESTARTS} starts each, the other columns over every start after \
+         that stop; warm_get: the GET alone; loadavg before {load_before}, after {load_after}"
     );
-    print!("{:<10}{:<9}", "data", "after");
+    print!("{:<11}{:<9}", "data", "after");
     for (name, _) in &columns {
         print!("{name:>11}");
     }
@@ -423,10 +583,14 @@ fn report(results: &[VariantResult]) {
     for r in results {
         let mut json_variant = serde_json::Map::new();
         for (stop, samples) in [("sigterm", &r.after_term), ("kill9", &r.after_kill)] {
-            print!("{:<10}{:<9}", r.name, stop);
+            print!("{:<11}{:<9}", r.name, stop);
             let mut stats = serde_json::Map::new();
             for (name, get) in &columns {
-                let values: Vec<f64> = samples.iter().map(get).collect();
+                let values: Vec<f64> = samples.iter().filter_map(get).collect();
+                if values.is_empty() {
+                    print!("{:>11}", "-");
+                    continue;
+                }
                 print!("{:>11.1}", median(&values));
                 stats.insert(
                     format!("{name}_ms"),
@@ -443,7 +607,7 @@ fn report(results: &[VariantResult]) {
             json!(r2(median(&r.term_exit_ms))),
         );
         println!(
-            "{:<10}SIGTERM -> exit 0: median {:.1} ms over {} stops",
+            "{:<11}SIGTERM -> exit 0: median {:.1} ms over {} stops",
             r.name,
             median(&r.term_exit_ms),
             r.term_exit_ms.len()
@@ -452,6 +616,7 @@ fn report(results: &[VariantResult]) {
     }
     println!(
         "{}",
-        json!({"bench": "restart_ready", "restarts": RESTARTS, "variants": json_variants})
+        json!({"bench": "restart_ready", "restarts": RESTARTS, "loadavg_before": load_before,
+               "loadavg_after": load_after, "variants": json_variants})
     );
 }

@@ -41,6 +41,8 @@ pub struct Shared {
     pub http_limiter: DefaultKeyedRateLimiter<String>,
     /// Set at shutdown: new upgrades are refused.
     pub shutting_down: AtomicBool,
+    /// The clock every rate limiter reads (see `Session::new`).
+    pub clock: governor::clock::DefaultClock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,7 @@ pub async fn run(
         next_session_id: AtomicU64::new(1),
         http_limiter: RateLimiter::keyed(http_quota),
         shutting_down: AtomicBool::new(false),
+        clock: governor::clock::DefaultClock::default(),
         config: config.clone(),
     });
 
@@ -136,7 +139,6 @@ pub async fn run(
     .client_disconnect_timeout(Duration::ZERO)
     .shutdown_timeout(1)
     .max_connections(100_000)
-    .backlog(4096)
     .listen(listener)?
     .run();
     let handle = server.handle();
@@ -152,6 +154,21 @@ pub async fn run(
             tokio::time::sleep(Duration::from_secs(60)).await;
             pruning.http_limiter.retain_recent();
             pruning.http_limiter.shrink_to_fit();
+        }
+    });
+    // glibc keeps freed memory in its arenas; after idle rooms stopped, hand it back
+    // so resident memory follows the rooms actually loaded (measured: 100,000 idle
+    // rooms left RSS 30x a fresh server's without this).
+    let trimming = registry.clone();
+    actix_rt::spawn(async move {
+        let mut trimmed_at = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let stopped = trimming.stopped_count();
+            if stopped != trimmed_at {
+                trimmed_at = stopped;
+                let _ = tokio::task::spawn_blocking(release_free_memory).await;
+            }
         }
     });
 
@@ -176,14 +193,23 @@ pub async fn run(
 
     // Rooms keep committing what they accepted, then write a final snapshot; wait
     // until none has anything left.
+    // Final snapshots are best effort: a room without one loads from the log.
     loop {
-        let mut uncommitted = 0;
+        let (mut ops, mut snapshots) = (0, 0);
         for room in registry.all() {
-            uncommitted += room.send(Drain).await.unwrap_or(0);
+            if let Ok(drained) = room.send(Drain).await {
+                ops += drained.ops;
+                snapshots += usize::from(drained.snapshot);
+            }
         }
-        if uncommitted == 0 || Instant::now() >= deadline {
-            if uncommitted > 0 {
-                tracing::warn!(uncommitted, "shutdown deadline passed with ops uncommitted");
+        if ops + snapshots == 0 || Instant::now() >= deadline {
+            if ops > 0 {
+                tracing::warn!(ops, "shutdown deadline passed with ops uncommitted");
+            } else if snapshots > 0 {
+                tracing::info!(
+                    rooms = snapshots,
+                    "final snapshots unfinished at the deadline; those rooms load from the log"
+                );
             }
             break;
         }
@@ -199,6 +225,15 @@ pub async fn run(
         arbiter.stop();
     }
     Ok(())
+}
+
+/// Returns memory the allocator holds but does not use to the OS (glibc only).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Installs the SIGTERM/SIGINT handlers now; the future resolves on either signal.

@@ -117,8 +117,8 @@ const path = require('path');
 const [dir, scenarios, targets] = process.argv.slice(2);
 const fmt = (v, d = 1) => (v === null || v === undefined || Number.isNaN(v) ? 'n/a' : Number(v).toFixed(d));
 const rows = [];
-rows.push('| scenario | server | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | server CPU s per 1M deliveries | CPU vs roomd | server RSS MiB |');
-rows.push('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+rows.push('| scenario | server | deliveries/s | frames/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | server CPU s per 1M deliveries | CPU vs roomd | server RSS MiB |');
+rows.push('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
 for (const scenario of scenarios.split(/\s+/).filter(Boolean)) {
   const read = (target) => {
     try { return JSON.parse(fs.readFileSync(path.join(dir, `${scenario}-${target}.json`), 'utf8')); }
@@ -127,12 +127,14 @@ for (const scenario of scenarios.split(/\s+/).filter(Boolean)) {
   const base = read('roomd');
   for (const target of targets.split(/\s+/).filter(Boolean)) {
     const r = read(target);
-    if (r.error) { rows.push(`| ${scenario} | ${target} | failed: ${r.error} |||||||||`); continue; }
+    if (r.error) { rows.push(`| ${scenario} | ${target} | failed: ${r.error} ||||||||||`); continue; }
     const l = r.latency_ms || {};
     const ratio = base && base.server_cpu_s_per_million && r.server_cpu_s_per_million
       ? `${(r.server_cpu_s_per_million / base.server_cpu_s_per_million).toFixed(2)}×` : 'n/a';
-    rows.push(`| ${scenario} | ${target} | ${fmt(r.deliveries_per_s, 0)} | ${fmt(l.p50, 2)} | ${fmt(l.p99, 2)} | ${fmt(l.p999, 2)} | ${fmt(l.max, 2)} | ${r.lost} | ${r.duplicated} | ${fmt(r.server_cpu_s_per_million, 2)} | ${ratio} | ${fmt(r.server_rss_mb, 0)} |`);
+    rows.push(`| ${scenario} | ${target} | ${fmt(r.deliveries_per_s, 0)} | ${fmt(r.frames_per_s, 0)} | ${fmt(l.p50, 2)} | ${fmt(l.p99, 2)} | ${fmt(l.p999, 2)} | ${fmt(l.max, 2)} | ${r.lost} | ${r.duplicated} | ${fmt(r.server_cpu_s_per_million, 2)} | ${ratio} | ${fmt(r.server_rss_mb, 0)} |`);
   }
 }
 console.log(rows.join('\n'));
+console.log('\nlost = expected deliveries not seen within the 10 s drain after the last post; ' +
+  'CPU vs roomd = server CPU seconds per million deliveries, relative to roomd in the same scenario.');
 JS

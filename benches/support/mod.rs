@@ -79,6 +79,18 @@ impl Server {
     /// Spawns the binary with `--bind 127.0.0.1:0 --data-dir DATA ARGS`, appending its
     /// stderr to `log`, and waits for the listening line.
     pub fn start(bin: &Path, data_dir: &Path, args: &[String], log: &Path) -> Server {
+        Server::start_with_env(bin, data_dir, args, &[], log)
+    }
+
+    /// `start` with extra environment variables for the server process (e.g. glibc
+    /// malloc tunables such as `MALLOC_ARENA_MAX`).
+    pub fn start_with_env(
+        bin: &Path,
+        data_dir: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        log: &Path,
+    ) -> Server {
         let log = File::options()
             .create(true)
             .append(true)
@@ -94,6 +106,7 @@ impl Server {
             .args(args)
             // Plain log lines, so `log_problems` can grep them.
             .env("NO_COLOR", "1")
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -134,6 +147,11 @@ impl Server {
             spawned_at,
             listening_at,
         }
+    }
+
+    /// The server's process id (for `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn ws_url(&self, user: &str) -> String {
@@ -340,4 +358,51 @@ pub fn log_problems(log: &Path, max: usize) -> (usize, Vec<String>) {
         .collect();
     let first = problems.iter().take(max).map(|s| s.to_string()).collect();
     (problems.len(), first)
+}
+
+/// A process's memory as `/proc/PID/status` reports it, in KiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcMem {
+    /// VmRSS: resident set (anon + file + shmem).
+    pub rss_kib: u64,
+    /// RssAnon: resident anonymous memory (heap, stacks): what the server allocated.
+    pub anon_kib: u64,
+    /// RssFile: resident file-backed pages (mostly the binary's own text and debug info).
+    pub file_kib: u64,
+    /// VmHWM: peak VmRSS so far.
+    pub hwm_kib: u64,
+    /// Threads.
+    pub threads: u64,
+}
+
+/// Reads `/proc/PID/status`; `None` when the process is gone or the file is unreadable.
+pub fn proc_mem(pid: u32) -> Option<ProcMem> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut mem = ProcMem::default();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(value) = value.parse::<u64>() else {
+            continue;
+        };
+        match key {
+            "VmRSS:" => mem.rss_kib = value,
+            "RssAnon:" => mem.anon_kib = value,
+            "RssFile:" => mem.file_kib = value,
+            "VmHWM:" => mem.hwm_kib = value,
+            "Threads:" => mem.threads = value,
+            _ => {}
+        }
+    }
+    Some(mem)
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), e.g. `"1.52 1.10 0.90"`, so
+/// numbers taken on a shared machine carry the load they were taken under.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }

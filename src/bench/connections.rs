@@ -3,7 +3,8 @@
 //!
 //! One source address has about 28,000 ephemeral ports toward one server port, so on
 //! loopback the connections are spread over 127.0.0.2, 127.0.0.3, … (`--per-source`
-//! each), binding the client socket before connecting. Idle connections still read, so
+//! each), binding the client socket before connecting (with IP_BIND_ADDRESS_NO_PORT, so
+//! the port is chosen at connect time). Idle connections still read, so
 //! tungstenite answers the server's heartbeat pings and nothing is closed with 4008.
 
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 use super::client::{self, ConnectOptions, Ws};
+use super::proc_stats::ProcSample;
 use super::report::{self, Report};
 use super::server::Endpoint;
 use super::{fd_limit, progress, BenchArgs, BenchError};
@@ -30,8 +32,11 @@ pub struct ConnectionsArgs {
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
 
-    /// Connections per loopback source address (127.0.0.2, 127.0.0.3, …).
-    #[arg(long, default_value_t = 20_000)]
+    /// Connections per loopback source address (127.0.0.2, 127.0.0.3, …). Kept well
+    /// below the ~28,000 ephemeral ports of an address: the kernel's search for a free
+    /// port (`__inet_check_established`) slows down as the range fills, and at 20,000
+    /// per address it was 40% of the generator's CPU.
+    #[arg(long, default_value_t = 4_000)]
     pub per_source: usize,
 
     /// How long the connections stay open after the last one before the server's RSS
@@ -112,9 +117,20 @@ pub fn run(
             "unknown (server PID not known; see --server-pid)",
         ),
     }
-    if let Some(generator) = outcome.generator_rss_mb {
-        r.row("generator RSS", format!("{generator:.1} MiB"));
-        r.field("generator_rss_mb", report::round(generator, 1));
+    if let (Some(before), Some(after)) = (&outcome.generator_before, &outcome.generator_after) {
+        r.row(
+            "generator CPU / RSS",
+            format!(
+                "{:.2} s / {:.1} MiB",
+                after.cpu_s - before.cpu_s,
+                after.rss_mb
+            ),
+        );
+        r.field(
+            "generator_cpu_s",
+            report::round(after.cpu_s - before.cpu_s, 3),
+        );
+        r.field("generator_rss_mb", report::round(after.rss_mb, 1));
     }
     if let Some(error) = outcome.first_error {
         r.note(format!(
@@ -140,20 +156,25 @@ struct Outcome {
     histogram: hdrhistogram::Histogram<u64>,
     /// Distinct source addresses used (0: the kernel chose).
     sources: usize,
-    server_before: Option<super::proc_stats::ProcSample>,
-    server_after: Option<super::proc_stats::ProcSample>,
-    generator_rss_mb: Option<f64>,
+    server_before: Option<ProcSample>,
+    server_after: Option<ProcSample>,
+    generator_before: Option<ProcSample>,
+    generator_after: Option<ProcSample>,
 }
 
 async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
     // Let the server finish starting up before its baseline RSS is read.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server_before = endpoint.sample();
+    let generator_before = ProcSample::read(std::process::id());
     let spread = endpoint.addr.ip().is_loopback();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let bar = progress::bar("connecting", args.count as u64, "conns");
     let started = Instant::now();
+    let addr = endpoint.addr;
+    // Each attempt is its own task so handshakes run on every worker thread, not only
+    // on the thread that drives this loop.
     let mut attempts = futures_util::stream::iter(0..args.count)
         .map(|i| {
             let options = ConnectOptions {
@@ -162,9 +183,9 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
                 source: spread.then(|| client::loopback_source(i, args.per_source)),
             };
             let url = endpoint.url(&format!("/ws?user=c{i}"));
-            async move {
+            tokio::spawn(async move {
                 let began = Instant::now();
-                let mut ws = client::connect(endpoint.addr, &url, options).await?;
+                let mut ws = client::connect(addr, &url, options).await?;
                 let welcome = client::next_text(&mut ws, "welcome").await?;
                 if !welcome.as_str().contains("\"welcome\"") {
                     return Err(BenchError::Protocol(format!(
@@ -173,13 +194,15 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
                     )));
                 }
                 Ok((ws, began.elapsed()))
-            }
+            })
         })
         .buffer_unordered(args.concurrency);
     let mut histogram = report::latency_histogram();
     let mut holders = Vec::with_capacity(args.count);
     let (mut failed, mut first_error) = (0, None);
     while let Some(attempt) = attempts.next().await {
+        let attempt = attempt
+            .unwrap_or_else(|e| Err(BenchError::Protocol(format!("a connect task failed: {e}"))));
         match attempt {
             Ok((ws, took)) => {
                 histogram.saturating_record((took.as_micros() as u64).max(1));
@@ -203,8 +226,7 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
     );
     tokio::time::sleep(args.settle).await;
     let server_after = endpoint.sample();
-    let generator_rss_mb =
-        super::proc_stats::ProcSample::read(std::process::id()).map(|s| s.rss_mb);
+    let generator_after = ProcSample::read(std::process::id());
 
     let _ = stop_tx.send(true);
     let connected = holders.len();
@@ -224,7 +246,8 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
         },
         server_before,
         server_after,
-        generator_rss_mb,
+        generator_before,
+        generator_after,
     }
 }
 

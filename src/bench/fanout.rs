@@ -339,24 +339,27 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
 
     let connect_started = Instant::now();
     let bar = progress::bar("connecting", fanout.subscribers as u64, "subscribers");
+    let addr = endpoint.addr;
+    // Each setup is its own task so handshakes run on every worker thread.
     let mut connecting = futures_util::stream::iter(0..fanout.subscribers)
         .map(|i| {
             let room = i % rooms.len();
             let url = endpoint.url(&target.path(&format!("s{i}")));
             let room_id = rooms[room].clone();
-            async move {
-                let mut ws =
-                    client::connect(endpoint.addr, &url, ConnectOptions::receiver()).await?;
+            tokio::spawn(async move {
+                let mut ws = client::connect(addr, &url, ConnectOptions::receiver()).await?;
                 handshake(&mut ws, target).await?;
                 if target == Target::Roomd {
                     subscribe(&mut ws, &room_id).await?;
                 }
                 Ok::<_, BenchError>((i, room, ws))
-            }
+            })
         })
         .buffer_unordered(fanout.connect_concurrency);
     let mut subscribers = Vec::with_capacity(fanout.subscribers);
     while let Some(connected) = connecting.next().await {
+        let connected = connected
+            .map_err(|e| BenchError::Protocol(format!("a subscriber's setup task failed: {e}")))?;
         subscribers.push(connected?);
         bar.inc(1);
     }

@@ -4,7 +4,7 @@
 use super::BenchError;
 
 /// Descriptors beyond the connections: runtimes, the store, log files, stdio.
-const SPARE: libc::rlim_t = 1_024;
+const SPARE: libc::rlim_t = 256;
 
 /// Raises RLIMIT_NOFILE so `connections` sockets fit, with the hard limit too when the
 /// process may (root). Says on stderr when it raised the limit, and fails with the
@@ -34,10 +34,12 @@ pub fn ensure_for(connections: usize) -> Result<(), BenchError> {
         // SAFETY: setrlimit only reads the struct; on failure the old limit stays.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             let now = raised.rlim_cur;
-            eprintln!(
-                "roomd bench: raised RLIMIT_NOFILE from {soft} to {now} (hard {wanted_hard}) \
-                 for {connections} connections"
-            );
+            if now > soft {
+                eprintln!(
+                    "roomd bench: raised RLIMIT_NOFILE from {soft} to {now} (hard {wanted_hard}) \
+                     for {connections} connections"
+                );
+            }
             if now >= needed {
                 return Ok(());
             }

@@ -123,6 +123,28 @@ pub enum BenchError {
     Send { what: &'static str, reason: String },
 }
 
+/// Records the host's 1-minute load average: the generator and the server share the
+/// cores, so anything else running shows in every number, and the report says so.
+fn note_host_load(report: &mut report::Report) {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<f64>().ok());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    report.field("host_cores", cores);
+    let Some(load) = load else {
+        return;
+    };
+    report.field("host_load_1m", report::round(load, 2));
+    report.row("host load (1 min) / cores", format!("{load:.2} / {cores}"));
+    // The generator and the server together keep about `cores` threads busy at most.
+    if load > cores as f64 + 1.0 {
+        report.note(format!(
+            "the host's load average was {load:.2} on {cores} cores: other processes \
+             competed for CPU, so latencies and rates are pessimistic"
+        ));
+    }
+}
+
 /// Runs one scenario and prints its report (table on stdout, or JSON with `--json`).
 pub fn run(args: BenchArgs) -> Result<(), BenchError> {
     if args.threads == 0 {
@@ -134,13 +156,15 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         .thread_name("bench")
         .build()
         .map_err(BenchError::Runtime)?;
-    let report = match &args.scenario {
+    let mut report = match &args.scenario {
         Scenario::Fanout(scenario) => fanout::run(&args, scenario, &runtime)?,
         Scenario::Ingest(scenario) => ingest::run(&args, scenario, &runtime)?,
         Scenario::Connections(scenario) => connections::run(&args, scenario, &runtime)?,
     };
-    // Open connections end with the runtime, before the server is asked to stop.
+    // The scenario has stopped its server; tasks still holding a connection (the
+    // publisher's reply reader) end with the runtime.
     drop(runtime);
+    note_host_load(&mut report);
     if args.json {
         println!("{}", report.json());
     } else {

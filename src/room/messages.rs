@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use actix::Message;
+use actix::{Message, MessageResponse};
 use tokio::sync::oneshot;
 
 use crate::protocol::codes::Code;
@@ -186,8 +186,17 @@ pub struct RoomView {
 /// Shutdown: how much this room holds that is not yet durable (waited on until 0); a
 /// room with nothing uncommitted writes a final snapshot first.
 #[derive(Message)]
-#[rtype(result = "usize")]
+#[rtype(result = "Drained")]
 pub struct Drain;
+
+/// What a room still has to make durable at shutdown.
+#[derive(Debug, Clone, Copy, MessageResponse)]
+pub struct Drained {
+    /// Accepted ops not yet committed: shutdown waits for these.
+    pub ops: usize,
+    /// A final snapshot is being written: best effort within the drain deadline.
+    pub snapshot: bool,
+}
 
 /// Delete the room (HTTP `DELETE`): once its uncommitted ops are committed, its log,
 /// snapshots and op ids are removed, its subscribers get `error` `not_found` and are

@@ -319,6 +319,7 @@ impl Actor for Room {
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         self.registry.remove(&self.room_id, &ctx.address());
+        self.registry.note_stopped();
     }
 }
 
@@ -1156,30 +1157,40 @@ impl Handler<Read> for Room {
 }
 
 impl Handler<Drain> for Room {
-    type Result = usize;
+    type Result = Drained;
 
     /// Shutdown: reports what is not yet durable, and once everything is committed,
     /// writes a final snapshot so the next start loads fast.
-    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) -> usize {
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) -> Drained {
+        const DONE: Drained = Drained {
+            ops: 0,
+            snapshot: false,
+        };
         let Status::Live(live) = &mut self.status else {
-            return 0;
+            return DONE;
         };
         let uncommitted: usize = live.batches.iter().map(|b| b.events.len()).sum();
         if uncommitted > 0 || live.in_flight {
-            return uncommitted.max(1);
+            return Drained {
+                ops: uncommitted.max(1),
+                snapshot: false,
+            };
         }
         if live.snapshot_in_flight {
-            return 1;
+            return Drained {
+                ops: 0,
+                snapshot: true,
+            };
         }
         if live.committed == 0 || live.head <= live.snapshot_seq || live.deleting.is_some() {
-            return 0;
+            return DONE;
         }
         let batch = store::Batch {
             snapshot: Some(live.snapshot()),
             ..store::Batch::new(self.room_id.to_string())
         };
         let Ok(done) = self.store.submit(batch) else {
-            return 0;
+            return DONE;
         };
         live.snapshot_in_flight = true;
         let seq = live.head;
@@ -1191,7 +1202,10 @@ impl Handler<Drain> for Room {
                 }
             }
         }));
-        1
+        Drained {
+            ops: 0,
+            snapshot: true,
+        }
     }
 }
 

@@ -19,6 +19,9 @@ pub struct Registry {
     /// One arbiter (thread) per core; rooms are spread round-robin.
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
+    /// Rooms stopped so far (idle or absent), so the server knows when freed room
+    /// memory is worth handing back to the OS.
+    stopped: AtomicUsize,
     store: Store,
     config: Arc<RoomConfig>,
 }
@@ -30,6 +33,7 @@ impl Registry {
             rooms: DashMap::new(),
             arbiters,
             next_arbiter: AtomicUsize::new(0),
+            stopped: AtomicUsize::new(0),
             store,
             config: Arc::new(config),
         })
@@ -67,6 +71,15 @@ impl Registry {
     /// Forgets a stopping room, unless the id already maps to a newer actor.
     pub fn remove(&self, room_id: &str, addr: &Addr<Room>) {
         self.rooms.remove_if(room_id, |_, current| current == addr);
+    }
+
+    pub fn note_stopped(&self) {
+        self.stopped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many rooms have stopped since the server started.
+    pub fn stopped_count(&self) -> usize {
+        self.stopped.load(Ordering::Relaxed)
     }
 
     /// Addresses of every running room (for shutdown).
