@@ -183,7 +183,7 @@ async fn create_room(
         op_id: None,
         kind: kind.clone(),
         init,
-        now_ms: now_ms(),
+        now_ms: room_msg::now_ms(),
         refusal: None,
         reply: ReplyTo::http(tx),
     };
@@ -267,7 +267,7 @@ async fn post_op(
         user: identity.user,
         op_id,
         op: op.unwrap_or(crate::value::Value::Null),
-        now_ms: now_ms(),
+        now_ms: room_msg::now_ms(),
         refusal,
         reply: ReplyTo::http(tx),
     };
@@ -489,10 +489,4 @@ where
             let _ = shared.registry.get(room).send(msg).await;
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -40,6 +40,14 @@ impl SessionRef {
     }
 }
 
+/// The wall-clock time an op is stamped with when it arrives, in ms since the epoch
+/// (reducers get it as an argument; they never read a clock).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Encodes one message in one encoding.
 pub fn encode(msg: &ServerMsg, encoding: Encoding) -> Frame {
     match encoding {

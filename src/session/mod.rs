@@ -154,7 +154,7 @@ impl Session {
                     op_id: self.op_key(&id),
                     kind,
                     init,
-                    now_ms: now_ms(),
+                    now_ms: room_msg::now_ms(),
                     refusal,
                     reply: ReplyTo::session(self.session.clone(), id),
                 };
@@ -169,7 +169,7 @@ impl Session {
                     user: self.user_ref(),
                     op_id: self.op_key(&id),
                     op,
-                    now_ms: now_ms(),
+                    now_ms: room_msg::now_ms(),
                     refusal,
                     reply: ReplyTo::session(self.session.clone(), id),
                 };
@@ -329,12 +329,6 @@ fn refusal_of(
         (Ok(value), Some(why)) => (value, Some((Code::RateLimited, why))),
         (Ok(value), None) => (value, None),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Actor for Session {
