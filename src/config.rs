@@ -49,6 +49,14 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_MAX_FRAME", default_value_t = 65_536)]
     pub max_frame: u32,
 
+    /// Open WebSocket connections in total; more are closed with 4429.
+    #[arg(long, env = "ROOMD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Open WebSocket connections per client IP; more are closed with 4429.
+    #[arg(long, env = "ROOMD_MAX_CONNS_PER_IP", default_value_t = 10_000)]
+    pub max_conns_per_ip: usize,
+
     /// Subscriptions per connection.
     #[arg(long, env = "ROOMD_MAX_SUBS", default_value_t = 100)]
     pub max_subs: usize,
@@ -167,6 +175,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub max_frame: usize,
     pub max_subs: usize,
+    pub max_connections: usize,
+    pub max_conns_per_ip: usize,
     pub op_rate: u32,
     pub op_burst: u32,
     pub outbound_queue: usize,
@@ -226,6 +236,8 @@ impl ServeArgs {
             heartbeat: self.heartbeat.max(Duration::from_millis(50)),
             max_frame: self.max_frame as usize,
             max_subs: self.max_subs,
+            max_connections: self.max_connections.max(1),
+            max_conns_per_ip: self.max_conns_per_ip.max(1),
             op_rate: self.op_rate,
             op_burst: self.op_burst.max(1),
             outbound_queue: self.outbound_queue,

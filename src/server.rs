@@ -43,6 +43,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// The clock every rate limiter reads (see `Session::new`).
     pub clock: governor::clock::DefaultClock,
+    /// The connection caps (total and per client IP).
+    pub admission: Arc<crate::session::admission::Admission>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,10 @@ pub async fn run(
         http_limiter: RateLimiter::keyed(http_quota),
         shutting_down: AtomicBool::new(false),
         clock: governor::clock::DefaultClock::default(),
+        admission: crate::session::admission::Admission::new(
+            config.max_connections,
+            config.max_conns_per_ip,
+        ),
         config: config.clone(),
     });
 
@@ -138,7 +144,8 @@ pub async fn run(
     // 0: a closed WebSocket's TCP connection ends at once instead of lingering 1 s.
     .client_disconnect_timeout(Duration::ZERO)
     .shutdown_timeout(1)
-    .max_connections(100_000)
+    // The sessions' own caps (4429) are below this; it only bounds what actix accepts.
+    .max_connections(config.max_connections.saturating_add(1_024))
     .listen(listener)?
     .run();
     let handle = server.handle();

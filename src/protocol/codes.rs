@@ -88,4 +88,6 @@ pub mod close {
     pub const PROTOCOL_VIOLATION: u16 = 4400;
     /// Missing, bad or expired token.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// Too many connections (per IP or in total).
+    pub const TOO_MANY: u16 = 4429;
 }

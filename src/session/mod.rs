@@ -10,6 +10,7 @@
 //! reach each room in the order they arrived, and a client that floods requests is
 //! slowed to the rooms' pace instead of growing a queue.
 
+pub mod admission;
 pub mod frame_guard;
 pub mod outbound;
 pub mod upgrade;
@@ -53,6 +54,8 @@ pub struct Session {
     guard: GuardHandle,
     /// The token's `exp` in seconds since the epoch.
     expires_at: Option<u64>,
+    /// This connection's slot under the connection caps, given back when the actor ends.
+    _permit: admission::Permit,
 }
 
 impl Session {
@@ -61,6 +64,7 @@ impl Session {
         shared: Arc<Shared>,
         guard: GuardHandle,
         expires_at: Option<u64>,
+        permit: admission::Permit,
     ) -> Session {
         let config = &shared.config;
         let quota = Quota::per_second(
@@ -80,6 +84,7 @@ impl Session {
             last_seen: Instant::now(),
             guard,
             expires_at,
+            _permit: permit,
         }
     }
 

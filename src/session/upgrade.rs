@@ -136,6 +136,13 @@ pub async fn ws_rooms(
             return Ok(up.response);
         }
     };
+    let permit = match shared.admission.admit(req.peer_addr().map(|a| a.ip())) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            up.outbound.close(close::TOO_MANY, refused.to_string());
+            return Ok(up.response);
+        }
+    };
     let session_ref = SessionRef {
         session_id: shared.next_session_id.fetch_add(1, Ordering::Relaxed),
         user: identity.user,
@@ -149,7 +156,7 @@ pub async fn ws_rooms(
     let expires_at = identity.expires_at;
     Session::create(move |ctx| {
         ctx.add_stream(messages);
-        Session::new(session_ref, shared, guard, expires_at)
+        Session::new(session_ref, shared, guard, expires_at, permit)
     });
     Ok(up.response)
 }

@@ -384,3 +384,36 @@ async fn slow_reader_is_closed_with_4001_while_other_subscribers_keep_up() {
         "the slow reader's queue was discarded, not delivered"
     );
 }
+
+#[tokio::test]
+async fn connections_over_the_per_ip_cap_are_closed_with_4429_until_one_leaves() {
+    let server = Server::start(&["--max-conns-per-ip", "2"]).await;
+    let first = server.client("a").await;
+    let _second = server.client("b").await;
+    let mut third = Connect::new()
+        .user("c")
+        .handshake(&server)
+        .await
+        .expect("the upgrade itself succeeds");
+    third.expect_close(4429).await;
+    first.close().await;
+    // The slot comes back once the server has seen the first connection end.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut next = Connect::new()
+            .user("d")
+            .handshake(&server)
+            .await
+            .expect("the upgrade itself succeeds");
+        match next.next_event(Duration::from_millis(300)).await {
+            Event::Json(welcome) => {
+                assert_eq!(welcome["t"], "welcome");
+                break;
+            }
+            Event::Close(code) => assert_eq!(code, Some(4429)),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
