@@ -34,7 +34,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::{proc_mem, r2, ProcMem, Server};
@@ -368,15 +368,7 @@ async fn fill_connection(
     // Creates acked, by op id, so a stray ack is noticed.
     let mut created: HashMap<String, ()> = HashMap::new();
     while done < ids.len() {
-        let message = tokio::time::timeout(REPLY_TIMEOUT, stream.next())
-            .await
-            .expect("the server answers within the reply timeout")
-            .expect("the connection stays open")
-            .expect("the connection has no error");
-        let Message::Text(text) = message else {
-            continue;
-        };
-        let frame: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+        let frame = support::next_json(&mut stream, REPLY_TIMEOUT).await;
         match frame["t"].as_str() {
             Some("ack") => {
                 let id = frame["id"].as_str().unwrap_or("");

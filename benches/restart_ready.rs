@@ -415,7 +415,7 @@ async fn fill(addr: SocketAddr, variant: &Variant) {
     }
     let mut created = 0;
     while created < variant.rooms {
-        let frame = next_json(&mut control).await;
+        let frame = support::next_json(&mut control, REPLY_TIMEOUT).await;
         match frame["t"].as_str() {
             Some("ack") => created += 1,
             Some("nack") => panic!("create refused: {frame}"),
@@ -515,15 +515,7 @@ async fn fill_connection(
     let receiving = async move {
         let mut answered = 0;
         while answered < n_ops {
-            let message = tokio::time::timeout(REPLY_TIMEOUT, stream.next())
-                .await
-                .expect("the server answers within the reply timeout")
-                .expect("the connection stays open")
-                .expect("the connection has no error");
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let frame: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+            let frame = support::next_json(&mut stream, REPLY_TIMEOUT).await;
             match frame["t"].as_str() {
                 Some("ack") => {
                     answered += 1;
@@ -540,23 +532,6 @@ async fn fill_connection(
         .reunite(stream)
         .expect("both halves come from the same socket");
     let _ = ws.close(None).await;
-}
-
-async fn next_json(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) -> Value {
-    loop {
-        let message = tokio::time::timeout(REPLY_TIMEOUT, ws.next())
-            .await
-            .expect("the server answers within the reply timeout")
-            .expect("the connection stays open")
-            .expect("the connection has no error");
-        if let Message::Text(text) = message {
-            return serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
-        }
-    }
 }
 
 fn report(results: &[VariantResult], load_before: &str, load_after: &str) {

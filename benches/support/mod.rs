@@ -406,3 +406,27 @@ pub fn loadavg() -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
+
+/// The next text frame as JSON (Null when it does not parse), skipping other frames.
+/// Fails the bench if the server does not answer within `timeout` or the connection ends.
+pub async fn next_json<S>(stream: &mut S, timeout: Duration) -> Value
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        let message = tokio::time::timeout(timeout, stream.next())
+            .await
+            .expect("the server answers within the reply timeout")
+            .expect("the connection stays open")
+            .expect("the connection has no error");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+        }
+    }
+}

@@ -138,13 +138,7 @@ pub fn run(
             outcome.failed
         ));
     }
-    let (n_problems, first) = endpoint.log_problems();
-    if n_problems > 0 {
-        r.note(format!(
-            "the server logged {n_problems} WARN/ERROR lines, first: {}",
-            first.join(" | ")
-        ));
-    }
+    endpoint.note_log_problems(&mut r);
     Ok(r)
 }
 

@@ -136,13 +136,7 @@ pub fn run(args: &BenchArgs, fanout: &FanoutArgs, runtime: &Runtime) -> Result<R
     let endpoint = Endpoint::open(args)?;
     let outcome = runtime.block_on(drive(&endpoint, fanout))?;
     let mut report = outcome.report(fanout);
-    let (n_problems, first) = endpoint.log_problems();
-    if n_problems > 0 {
-        report.note(format!(
-            "the server logged {n_problems} WARN/ERROR lines, first: {}",
-            first.join(" | ")
-        ));
-    }
+    endpoint.note_log_problems(&mut report);
     Ok(report)
 }
 

@@ -123,13 +123,7 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
     for problem in outcome.problems {
         r.note(problem);
     }
-    let (n_problems, first) = endpoint.log_problems();
-    if n_problems > 0 {
-        r.note(format!(
-            "the server logged {n_problems} WARN/ERROR lines, first: {}",
-            first.join(" | ")
-        ));
-    }
+    endpoint.note_log_problems(&mut r);
     Ok(r)
 }
 

@@ -83,8 +83,19 @@ impl Endpoint {
         self.pid.and_then(ProcSample::read)
     }
 
+    /// Adds a note to `report` when the started server logged WARN or ERROR lines.
+    pub fn note_log_problems(&self, report: &mut super::report::Report) {
+        let (n_problems, first) = self.log_problems();
+        if n_problems > 0 {
+            report.note(format!(
+                "the server logged {n_problems} WARN/ERROR lines, first: {}",
+                first.join(" | ")
+            ));
+        }
+    }
+
     /// WARN and ERROR lines the started server logged so far (count, first few).
-    pub fn log_problems(&self) -> (usize, Vec<String>) {
+    fn log_problems(&self) -> (usize, Vec<String>) {
         let Some(local) = &self.local else {
             return (0, Vec::new());
         };

@@ -580,25 +580,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_committed_server_fixture_decodes_in_both_encodings() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rkyv/server");
+    /// Every committed fixture of one side (`client` or `server`): its path, its rkyv
+    /// bytes and the JSON next to it.
+    fn fixtures(side: &str) -> Vec<(std::path::PathBuf, Vec<u8>, String)> {
+        let dir = format!("{}/tests/fixtures/rkyv/{side}", env!("CARGO_MANIFEST_DIR"));
         let entries = std::fs::read_dir(dir).expect("the fixture folder is committed");
-        let mut seen = 0;
-        for entry in entries {
-            let path = entry.expect("a readable folder entry").path();
-            if path.extension().is_some_and(|e| e == "bin") {
+        entries
+            .map(|entry| entry.expect("a readable folder entry").path())
+            .filter(|path| path.extension().is_some_and(|e| e == "bin"))
+            .map(|path| {
                 let bytes = std::fs::read(&path).expect("a readable fixture");
                 let json = std::fs::read_to_string(path.with_extension("json"))
                     .expect("every .bin fixture has its .json next to it");
-                let from_rkyv = binary::decode_server(&bytes).expect("a valid fixture");
-                let from_json = decode_server(&json).expect("a valid JSON fixture");
-                assert_eq!(from_rkyv, from_json, "{}", path.display());
-                assert!(Incoming::from_server(from_rkyv).is_ok());
-                seen += 1;
-            }
+                (path, bytes, json)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_committed_server_fixture_decodes_in_both_encodings() {
+        let fixtures = fixtures("server");
+        assert!(
+            fixtures.len() > 10,
+            "only {} server fixtures found",
+            fixtures.len()
+        );
+        for (path, bytes, json) in fixtures {
+            let from_rkyv = binary::decode_server(&bytes).expect("a valid fixture");
+            let from_json = decode_server(&json).expect("a valid JSON fixture");
+            assert_eq!(from_rkyv, from_json, "{}", path.display());
+            assert!(Incoming::from_server(from_rkyv).is_ok());
         }
-        assert!(seen > 10, "only {seen} server fixtures found");
     }
 
     #[test]
@@ -618,29 +630,24 @@ mod tests {
 
     #[test]
     fn client_json_matches_every_committed_client_fixture() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rkyv/client");
-        let entries = std::fs::read_dir(dir).expect("the fixture folder is committed");
-        let mut seen = 0;
-        for entry in entries {
-            let path = entry.expect("a readable folder entry").path();
-            if path.extension().is_some_and(|e| e == "bin") {
-                let bytes = std::fs::read(&path).expect("a readable fixture");
-                let json = std::fs::read_to_string(path.with_extension("json"))
-                    .expect("every .bin fixture has its .json next to it");
-                let msg = rkyv::from_bytes::<ClientMsg, rkyv::rancor::Error>(&bytes)
-                    .expect("a valid fixture");
-                // The encoder reproduces the rkyv bytes, and our JSON means what the
-                // hand-written JSON means to the server.
-                assert_eq!(&binary::encode_client(&msg)[..], &bytes[..]);
-                assert_eq!(
-                    server_json::decode(&encode_client(&msg)),
-                    server_json::decode(&json),
-                    "{}",
-                    path.display()
-                );
-                seen += 1;
-            }
+        let fixtures = fixtures("client");
+        assert!(
+            fixtures.len() > 5,
+            "only {} client fixtures found",
+            fixtures.len()
+        );
+        for (path, bytes, json) in fixtures {
+            let msg = rkyv::from_bytes::<ClientMsg, rkyv::rancor::Error>(&bytes)
+                .expect("a valid fixture");
+            // The encoder reproduces the rkyv bytes, and our JSON means what the
+            // hand-written JSON means to the server.
+            assert_eq!(&binary::encode_client(&msg)[..], &bytes[..]);
+            assert_eq!(
+                server_json::decode(&encode_client(&msg)),
+                server_json::decode(&json),
+                "{}",
+                path.display()
+            );
         }
-        assert!(seen > 5, "only {seen} client fixtures found");
     }
 }
