@@ -21,8 +21,9 @@
 //! - [`http`]: the HTTP API; [`auth`]: JWT, `?user=`, the Origin rule.
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
 //!   codes, room ids and epochs. Nothing else serializes a wire message.
-//! - [`session`]: the Session actor, the upgrade, the frame guard in front of actix-ws,
-//!   and the outbound queue that is the connection's response body.
+//! - [`session`]: the Session actor, the upgrade, the connection caps (4429), the frame
+//!   guard in front of actix-ws, and the outbound queue that is the connection's
+//!   response body.
 //! - [`room`]: the Room actor, its batches, presence, the registry, and
 //!   [`room::state`] with the pure reducers of each room kind.
 //! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
