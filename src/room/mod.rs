@@ -652,14 +652,17 @@ impl Room {
             return;
         };
         batch.snapshot_seq = snapshot.as_ref().map(|s| s.seq);
-        let mut expire = Vec::new();
         // Expiry is decided at submit time so the store forgets ids in the same commit.
+        // `op_order` is in seq order (ids are remembered as their batches commit), so the
+        // ids forgotten are exactly those of the events up to the last one popped.
+        let mut expire_through = 0;
         let kept = self.config.op_ids_kept;
         let excess = (live.op_order.len() + batch.op_ids.len()).saturating_sub(kept + kept / 10);
         for _ in 0..excess {
             if let Some(old) = live.op_order.pop_front() {
-                live.op_ids.remove(&old);
-                expire.push((old.0.to_string(), old.1));
+                if let Some(seq) = live.op_ids.remove(&old) {
+                    expire_through = expire_through.max(seq);
+                }
             }
         }
         let store_batch = store::Batch {
@@ -675,7 +678,7 @@ impl Room {
                     seq: *seq,
                 })
                 .collect(),
-            expire_op_ids: expire,
+            expire_op_ids_through: expire_through,
             snapshot,
         };
         live.in_flight = true;

@@ -13,7 +13,8 @@ use std::path::Path;
 use super::StoreError;
 
 /// The data dir format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 keys the `op_ids` table by `(room, seq)` instead of `(room, user, op_id)`.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The database file's name inside the data dir.
 pub const DB_FILE: &str = "roomd.redb";
@@ -79,7 +80,7 @@ mod tests {
         check_or_write(dir.path()).unwrap();
         assert_eq!(
             fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-            "1\n"
+            format!("{FORMAT_VERSION}\n")
         );
         check_or_write(dir.path()).unwrap();
     }
@@ -87,10 +88,10 @@ mod tests {
     #[test]
     fn other_format_version_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("FORMAT"), "2\n").unwrap();
+        fs::write(dir.path().join("FORMAT"), "1\n").unwrap();
         let err = check_or_write(dir.path()).unwrap_err();
         let expected = format!(
-            "{} says format version \"2\", but this roomd reads format version 1",
+            "{} says format version \"1\", but this roomd reads format version 2",
             dir.path().join("FORMAT").display()
         );
         assert_eq!(err.to_string(), expected);

@@ -182,10 +182,10 @@ pub struct Batch {
     pub room: String,
     pub create: Option<RoomMeta>,
     pub events: Vec<EventRecord>,
-    /// Op ids to remember, written after `expire_op_ids` are removed.
+    /// Op ids to remember, written after the expired ones are removed.
     pub op_ids: Vec<OpIdRecord>,
-    /// `(user, op_id)` pairs to forget.
-    pub expire_op_ids: Vec<(String, String)>,
+    /// Forget the op ids of events up to this seq (0: forget none).
+    pub expire_op_ids_through: u64,
     /// The room's state at some seq from 1 up to the batch's last event (the stored head
     /// when the batch has no events), written in the batch's transaction; a seq outside
     /// that range refuses the batch whole ([`StoreError::SnapshotSeq`]). `submit` encodes
@@ -205,7 +205,7 @@ impl Batch {
             create: None,
             events: Vec::new(),
             op_ids: Vec::new(),
-            expire_op_ids: Vec::new(),
+            expire_op_ids_through: 0,
             snapshot: None,
         }
     }

@@ -304,22 +304,16 @@ impl Deletion {
                     }
                 }
                 Phase::OpIds => {
-                    let mut ids = Vec::new();
-                    // Keys sort by room first, so the room's op ids are one contiguous run.
-                    for entry in tables.op_ids.range((room, "", "")..)?.take(budget) {
-                        let (key, _) = entry?;
-                        let (key_room, user, op_id) = key.value();
-                        if key_room != room {
-                            break;
-                        }
-                        ids.push((user.to_owned(), op_id.to_owned()));
+                    let mut removed = 0;
+                    // Rows the iterator yields are removed; the rest stay for later pieces.
+                    let taken = tables
+                        .op_ids
+                        .extract_from_if((room, 0)..=(room, u64::MAX), |_, _| true)?;
+                    for entry in taken.take(budget) {
+                        entry?;
+                        removed += 1;
                     }
-                    for (user, op_id) in &ids {
-                        tables
-                            .op_ids
-                            .remove((room, user.as_str(), op_id.as_str()))?;
-                    }
-                    budget -= ids.len();
+                    budget -= removed;
                     if budget > 0 {
                         Phase::Mark
                     } else {

@@ -129,7 +129,7 @@ fn second_open_on_a_locked_dir_fails_naming_the_dir() {
 #[test]
 fn open_refuses_a_dir_of_another_format_version() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("FORMAT"), "2\n").unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "1\n").unwrap();
     let err = Store::open(StoreConfig::new(dir.path())).err().unwrap();
     assert!(matches!(err, StoreError::FormatVersion { .. }), "{err}");
 }
@@ -223,13 +223,15 @@ fn op_ids_come_back_sorted_by_seq_and_expired_ones_are_gone() {
 
     let mut second = batch("a", 5, 5);
     second.op_ids = vec![op("amy", "n", 5)];
-    second.expire_op_ids = vec![("zed".into(), "a".into()), ("amy".into(), "b".into())];
+    second.expire_op_ids_through = 2;
     commit(&store, second).unwrap();
     let loaded = store.load_room("a").unwrap().unwrap();
     assert_eq!(
         loaded.op_ids,
-        vec![op("amy", "z", 2), op("bob", "x", 4), op("amy", "n", 5)]
+        vec![op("amy", "b", 3), op("bob", "x", 4), op("amy", "n", 5)]
     );
+    let other = store.load_room("ab").unwrap().unwrap();
+    assert_eq!(other.op_ids, vec![op("amy", "q", 1)]);
 }
 
 #[test]

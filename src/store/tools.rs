@@ -302,9 +302,9 @@ pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreErr
 
     let op_ids = txn.open_table(OP_IDS).map_err(|e| error(e.into()))?;
     for entry in op_ids.iter().map_err(|e| error(e.into()))? {
-        let (key, seq) = entry.map_err(|e| error(e.into()))?;
-        let (room, user, op_id) = key.value();
-        let seq = seq.value();
+        let (key, value) = entry.map_err(|e| error(e.into()))?;
+        let (room, seq) = key.value();
+        let (user, op_id) = value.value();
         let Some(meta) = stored(room) else {
             if !known(room) {
                 orphans.entry(room.to_owned()).or_default().orphan_op_ids += 1;
