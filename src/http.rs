@@ -23,6 +23,7 @@ use crate::store::EventsPage;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
         .route("/api/rooms", web::post().to(create_room))
         .route("/api/rooms/{room}", web::get().to(read_room))
         .route("/api/rooms/{room}", web::delete().to(delete_room))
@@ -94,6 +95,18 @@ async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
             "the store cannot be written",
         ))
     }
+}
+
+/// The Prometheus text (`metrics.rs`). Open like `/healthz`: it names no room or user.
+async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
+    let text = crate::metrics::render(&crate::metrics::Gauges {
+        connections: shared.admission.open(),
+        rooms_live: shared.registry.len(),
+        store_healthy: shared.store.is_healthy(),
+    });
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text)
 }
 
 /// Identifies the caller and charges one op to its rate limit; `Err` also when over it.

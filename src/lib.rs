@@ -58,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod log_tool;
+pub mod metrics;
 pub mod protocol;
 pub mod room;
 pub mod server;

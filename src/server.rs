@@ -72,6 +72,8 @@ pub async fn run(
         durability: config.durability,
     };
     // Opening takes the lock and may repair the file: blocking work, off this thread.
+    // Installed before the store opens, so the writer's first commits are counted.
+    crate::metrics::handle();
     let store = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
         .map_err(|e| std::io::Error::other(format!("store open task failed: {e}")))??;

@@ -1,6 +1,12 @@
 //! `roomd bench ingest`: W connections pipelining `state` `set` ops, N in flight each,
 //! over K rooms. Measures acked ops/s and ack latency (op written -> ack read).
 //!
+//! Closed loop by default (a new op as soon as one is answered: the most the server
+//! takes). With `--rate R` it is open loop: the writers send R ops/s between them on a
+//! 1 ms tick whatever the replies do, so latency is measured at a given load; an op
+//! that is due while the writer already has `--window` in flight is sent late, and the
+//! report counts those (`late`), as latency from then on no longer means the same.
+//!
 //! Writer `i` sends op `n` to room `(i + n) mod K`, so every writer spreads its window
 //! over all rooms and each room sees several writers. Replies are matched to ops by id
 //! (`w<i>.<n>`), parsed with a borrowed two-field struct rather than a whole JSON value.
@@ -48,7 +54,15 @@ pub struct IngestArgs {
     /// Bytes of each value (a string).
     #[arg(long, default_value_t = 16)]
     pub value_size: usize,
+
+    /// Ops per second across all writers, sent on a schedule (open loop); 0 sends a new
+    /// op whenever one is answered (closed loop, the default).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
+
+/// How often an open-loop writer sends the ops that have come due.
+const TICK: Duration = Duration::from_millis(1);
 
 /// How long writers wait for the replies to their last ops.
 const DRAIN: Duration = Duration::from_secs(30);
@@ -70,11 +84,19 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
     let endpoint = Endpoint::open(args)?;
     let outcome = runtime.block_on(drive(&endpoint, ingest))?;
 
+    let load = if ingest.rate > 0 {
+        format!(
+            "{} ops/s offered, at most {} in flight",
+            ingest.rate, ingest.window
+        )
+    } else {
+        format!("{} in flight", ingest.window)
+    };
     let mut r = Report::new(
         "ingest",
         format!(
-            "ingest: {} writers × {} in flight, `set` over {} state rooms for {:?}",
-            ingest.writers, ingest.window, ingest.rooms, ingest.duration
+            "ingest: {} writers × {load}, `set` over {} state rooms for {:?}",
+            ingest.writers, ingest.rooms, ingest.duration
         ),
     );
     let secs = outcome.window.as_secs_f64().max(1e-9);
@@ -88,6 +110,9 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
         ),
     );
     r.row("nacked", outcome.nacked);
+    if ingest.rate > 0 {
+        r.row("late (window full when due)", outcome.late);
+    }
     r.row(
         "ack latency",
         report::latency_row(&outcome.histogram, &QUANTILES),
@@ -95,6 +120,8 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
     r.field("writers", ingest.writers);
     r.field("rooms", ingest.rooms);
     r.field("window", ingest.window);
+    r.field("rate", ingest.rate);
+    r.field("late", outcome.late);
     r.field("duration_s", ingest.duration.as_secs_f64());
     r.field("acked", outcome.acked);
     r.field("acked_ops_per_s", report::round(per_s, 1));
@@ -111,6 +138,30 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
         "acked ops",
         "server_cpu_s_per_million_ops",
     );
+    if let Some(store) = &outcome.store {
+        let commits = store.commits.max(1.0);
+        r.row(
+            "store commits",
+            format!(
+                "{:.0}/s, {:.1} events and {:.1} room batches per commit",
+                store.commits / secs,
+                store.events / commits,
+                store.batches / commits
+            ),
+        );
+        r.field(
+            "store_commits_per_s",
+            report::round(store.commits / secs, 1),
+        );
+        r.field(
+            "events_per_commit",
+            report::round(store.events / commits, 2),
+        );
+        r.field(
+            "batches_per_commit",
+            report::round(store.batches / commits, 2),
+        );
+    }
     if let Some(nack) = outcome.first_nack {
         r.note(format!("first nack: {nack}"));
     }
@@ -128,8 +179,12 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
 }
 
 struct Outcome {
+    /// The store's commits during the run, when the server exports `/metrics`.
+    store: Option<StoreCounts>,
     acked: u64,
     nacked: u64,
+    /// Open loop: ops sent after their time because the window was full.
+    late: u64,
     unanswered: u64,
     first_nack: Option<String>,
     /// First op sent -> last reply read.
@@ -140,11 +195,40 @@ struct Outcome {
     problems: Vec<String>,
 }
 
+/// The store writer's counters from `/metrics`.
+struct StoreCounts {
+    commits: f64,
+    batches: f64,
+    events: f64,
+}
+
+impl StoreCounts {
+    fn scrape(endpoint: &Endpoint) -> Option<StoreCounts> {
+        use crate::metrics::{names, scrape_value};
+        let text = endpoint.scrape_metrics()?;
+        Some(StoreCounts {
+            commits: scrape_value(&text, names::STORE_COMMITS)?,
+            // Absent until the first batch commits.
+            batches: scrape_value(&text, names::STORE_BATCHES).unwrap_or(0.0),
+            events: scrape_value(&text, names::STORE_EVENTS).unwrap_or(0.0),
+        })
+    }
+
+    fn minus(&self, before: &StoreCounts) -> StoreCounts {
+        StoreCounts {
+            commits: self.commits - before.commits,
+            batches: self.batches - before.batches,
+            events: self.events - before.events,
+        }
+    }
+}
+
 /// What one writer saw.
 struct Writer {
     histogram: Histogram<u64>,
     acked: u64,
     nacked: u64,
+    late: u64,
     unanswered: u64,
     first_nack: Option<String>,
     last_reply: Option<Instant>,
@@ -171,6 +255,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
 
     let acked_so_far = Arc::new(AtomicU64::new(0));
     let server_before = endpoint.sample();
+    let store_before = StoreCounts::scrape(endpoint);
     let start = Instant::now();
     let deadline = start + ingest.duration;
     let value: Arc<str> = Arc::from("v".repeat(ingest.value_size));
@@ -184,7 +269,11 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
                 window: ingest.window,
                 keys: ingest.keys,
                 value: value.clone(),
+                start,
                 deadline,
+                // Writer i's share of the rate; the first rate % writers get one more.
+                rate: ingest.rate / ingest.writers as u64
+                    + u64::from((i as u64) < ingest.rate % ingest.writers as u64),
                 acked_so_far: acked_so_far.clone(),
             };
             tokio::spawn(write(ws, job))
@@ -204,7 +293,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
     bar.finish_and_clear();
 
     let mut histogram = report::latency_histogram();
-    let (mut acked, mut nacked, mut unanswered) = (0, 0, 0);
+    let (mut acked, mut nacked, mut unanswered, mut late) = (0, 0, 0, 0);
     let (mut first_nack, mut last_reply, mut problems) = (None, start, Vec::new());
     for task in tasks {
         let Ok(writer) = task.await else {
@@ -216,6 +305,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
         acked += writer.acked;
         nacked += writer.nacked;
         unanswered += writer.unanswered;
+        late += writer.late;
         if first_nack.is_none() {
             first_nack = writer.first_nack;
         }
@@ -227,9 +317,14 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
         }
     }
     let server_after = endpoint.sample();
+    let store = StoreCounts::scrape(endpoint)
+        .zip(store_before)
+        .map(|(after, before)| after.minus(&before));
     Ok(Outcome {
+        store,
         acked,
         nacked,
+        late,
         unanswered,
         first_nack,
         window: last_reply - start,
@@ -296,8 +391,11 @@ struct Job {
     window: usize,
     keys: u64,
     value: Arc<str>,
+    start: Instant,
     /// No new ops after this.
     deadline: Instant,
+    /// This writer's ops/s in open loop; 0 in closed loop.
+    rate: u64,
     /// Acks of all writers, for the progress bar.
     acked_so_far: Arc<AtomicU64>,
 }
@@ -318,6 +416,7 @@ async fn write(mut ws: Ws, job: Job) -> Writer {
         histogram: report::latency_histogram(),
         acked: 0,
         nacked: 0,
+        late: 0,
         unanswered: 0,
         first_nack: None,
         last_reply: None,
@@ -327,7 +426,12 @@ async fn write(mut ws: Ws, job: Job) -> Writer {
         sent_at: HashMap::with_capacity(job.window * 2),
         next: 0,
     };
-    if let Err(reason) = pump(&mut ws, &job, &mut writer, &mut in_flight).await {
+    let pumped = if job.rate > 0 {
+        pump_open(&mut ws, &job, &mut writer, &mut in_flight).await
+    } else {
+        pump(&mut ws, &job, &mut writer, &mut in_flight).await
+    };
+    if let Err(reason) = pumped {
         writer.ended = Some(reason);
     }
     writer.unanswered = in_flight.sent_at.len() as u64;
@@ -380,6 +484,55 @@ async fn pump(
             }
         }
         ws.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Sends the ops due by the schedule every tick until the deadline (holding back while
+/// `window` are in flight), reads replies in between, then waits for the last replies.
+async fn pump_open(
+    ws: &mut Ws,
+    job: &Job,
+    writer: &mut Writer,
+    in_flight: &mut InFlight,
+) -> Result<(), String> {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Ops numbered below this were already counted late.
+    let mut counted_late: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now >= job.deadline {
+                    break;
+                }
+                let due = (now - job.start).as_micros() as u64 * job.rate / 1_000_000;
+                let mut sent = false;
+                while in_flight.next < due {
+                    if in_flight.sent_at.len() >= job.window {
+                        writer.late += due - counted_late.max(in_flight.next);
+                        counted_late = due;
+                        break;
+                    }
+                    in_flight.send(ws, job).await?;
+                    sent = true;
+                }
+                if sent {
+                    ws.flush().await.map_err(|e| e.to_string())?;
+                }
+            }
+            message = ws.next() => {
+                on_reply(message, job, writer, in_flight)?;
+            }
+        }
+    }
+    let drain_until = tokio::time::Instant::from_std(job.deadline + DRAIN);
+    while !in_flight.sent_at.is_empty() {
+        let Ok(message) = tokio::time::timeout_at(drain_until, ws.next()).await else {
+            return Ok(());
+        };
+        on_reply(message, job, writer, in_flight)?;
     }
     Ok(())
 }

@@ -21,6 +21,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a started server may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long reading `/metrics` may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a `/metrics` answer read.
+const MAX_SCRAPE_BYTES: u64 = 1 << 20;
+
 /// Op limits for a started server: high enough that no publisher or writer is ever
 /// `rate_limited`, so the bench measures the server, not its policy.
 const RAISED_OP_LIMITS: [(&str, &str); 2] = [("--op-rate", "1000000"), ("--op-burst", "1000000")];
@@ -81,6 +86,29 @@ impl Endpoint {
     /// The server's CPU time and memory now, when its PID is known.
     pub fn sample(&self) -> Option<ProcSample> {
         self.pid.and_then(ProcSample::read)
+    }
+
+    /// The server's `GET /metrics` text, or None if it cannot be read (an old server, a
+    /// peer that is not roomd). A plain HTTP/1.0 request: one short read on localhost.
+    pub fn scrape_metrics(&self) -> Option<String> {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect_timeout(&self.addr, SCRAPE_TIMEOUT).ok()?;
+        stream.set_read_timeout(Some(SCRAPE_TIMEOUT)).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
+            self.authority
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream
+            .take(MAX_SCRAPE_BYTES)
+            .read_to_string(&mut response)
+            .ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200")
+            .then(|| body.to_owned())
+            .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
     }
 
     /// Adds a note to `report` when the started server logged WARN or ERROR lines.

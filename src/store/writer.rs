@@ -41,6 +41,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::metrics::names;
+
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
 use super::tables::WriteTables;
 use super::{Batch, Durability, StoreError, TrimOutcome};
@@ -324,6 +326,7 @@ impl Writer {
     /// Records a commit for the sync policy.
     fn committed(&mut self, durable: bool) {
         self.health.commits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::STORE_COMMITS).increment(1);
         if durable {
             self.unsynced_since = None;
         } else {
@@ -369,9 +372,17 @@ impl Writer {
             None => !group.is_empty(),
             Some(_) => self.answer_durably(),
         };
+        let started = Instant::now();
         match self.write_group(&group, trim.as_mut(), durable) {
             Ok(outcomes) => {
                 self.committed(durable);
+                if !group.is_empty() {
+                    let events: usize = group.iter().map(|job| job.batch.events.len()).sum();
+                    metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
+                    metrics::counter!(names::STORE_EVENTS).increment(events as u64);
+                    metrics::histogram!(names::STORE_COMMIT_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                }
                 // A dropped receiver means the room gave up waiting; nothing to tell it.
                 for (job, outcome) in group.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);

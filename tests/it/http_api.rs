@@ -16,6 +16,61 @@ async fn healthz_and_readyz_answer_200() {
     assert_eq!(server.get("/readyz").await.status, 200);
 }
 
+/// The value of an unlabelled sample `name` in Prometheus text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| match line.split_once(' ') {
+            Some((key, value)) if key == name => value.trim().parse().ok(),
+            _ => None,
+        })
+}
+
+#[tokio::test]
+async fn metrics_count_connections_live_rooms_and_store_commits() {
+    let server = Server::start(&[]).await;
+    let before = server.get("/metrics").await;
+    assert_eq!(before.status, 200, "{}", before.text);
+    assert!(
+        before
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain")),
+        "{:?}",
+        before.headers
+    );
+    assert_eq!(
+        sample(&before.text, "roomd_connections"),
+        Some(0.0),
+        "{}",
+        before.text
+    );
+    assert_eq!(sample(&before.text, "roomd_store_healthy"), Some(1.0));
+    let events_before = sample(&before.text, "roomd_store_events_total").unwrap_or(0.0);
+
+    let _ws = server.client("alice").await;
+    let body = json!({"room": "chat:metrics", "kind": "chat", "init": {}});
+    assert_eq!(
+        server.post_as("alice", "/api/rooms", &body).await.status,
+        201
+    );
+    let after = server.get("/metrics").await;
+    assert_eq!(
+        sample(&after.text, "roomd_connections"),
+        Some(1.0),
+        "{}",
+        after.text
+    );
+    assert_eq!(sample(&after.text, "roomd_rooms_live"), Some(1.0));
+    let events = sample(&after.text, "roomd_store_events_total").expect("events counter");
+    assert!(events >= events_before + 1.0, "{}", after.text);
+    assert!(sample(&after.text, "roomd_store_commits_total").expect("commits") >= 1.0);
+    assert!(
+        after.text.contains("roomd_store_commit_seconds_bucket"),
+        "{}",
+        after.text
+    );
+}
+
 #[tokio::test]
 async fn create_room_is_201_with_seq_1_and_epoch_then_409_exists() {
     let server = Server::start(&[]).await;
