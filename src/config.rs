@@ -95,11 +95,21 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_MAX_ROOM_BYTES", default_value_t = 64 << 20)]
     pub max_room_bytes: usize,
 
-    /// Events kept in each room's log (at least; trimming happens behind snapshots).
+    /// Events kept in each room's log (at least, unless --history-age trims more;
+    /// trimming happens behind snapshots).
     /// Resume, the event history and time travel reach back this far; older positions
     /// get a snapshot (`resumed` impossible) or 410 `gone`.
     #[arg(long, env = "ROOMD_HISTORY_EVENTS", default_value_t = 10_000)]
     pub history_events: u64,
+
+    /// Age limit of each room's log, e.g. `168h` for a week (default: none). Events
+    /// older than this are trimmed once a snapshot covers them, in addition to the
+    /// --history-events count limit, whichever trims more: an event goes when either
+    /// limit lets it. A room checks its age limit while ops arrive (at most every
+    /// quarter of the age, at least every minute) and when it loads; a room that went
+    /// idle and stopped is trimmed when it is next loaded.
+    #[arg(long, env = "ROOMD_HISTORY_AGE", value_parser = parse_duration)]
+    pub history_age: Option<Duration>,
 
     /// A room's state is snapshotted every this many events (recovery replays at most
     /// this many events after the newest snapshot).
@@ -184,6 +194,8 @@ pub struct Config {
     pub cache_bytes: usize,
     pub limits: crate::room::state::Limits,
     pub history_events: u64,
+    /// None: no age limit on the log.
+    pub history_age: Option<Duration>,
     pub room_idle: Duration,
     pub batch_interval: Duration,
     pub snapshot_every: u64,
@@ -204,6 +216,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--max-frame of {0} bytes is below the 1024 bytes a client needs")]
     FrameTooSmall(u32),
+    #[error("--history-age must be longer than 0 (leave it unset for no age limit)")]
+    ZeroHistoryAge,
 }
 
 impl ServeArgs {
@@ -223,6 +237,9 @@ impl ServeArgs {
         }
         if self.max_frame < 1024 {
             return Err(ConfigError::FrameTooSmall(self.max_frame));
+        }
+        if self.history_age.is_some_and(|age| age.is_zero()) {
+            return Err(ConfigError::ZeroHistoryAge);
         }
         let workers = self
             .workers
@@ -254,6 +271,7 @@ impl ServeArgs {
                 ..Default::default()
             },
             history_events: self.history_events.max(1),
+            history_age: self.history_age,
             room_idle: self.room_idle.max(Duration::from_millis(100)),
             batch_interval: self.batch_interval,
             snapshot_every: self.snapshot_every.max(1),
@@ -276,5 +294,25 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 days").is_err());
+    }
+
+    fn serve_args(flags: &[&str]) -> ServeArgs {
+        use clap::{Args, FromArgMatches};
+        let matches = ServeArgs::augment_args(clap::Command::new("roomd"))
+            .try_get_matches_from(std::iter::once("roomd").chain(flags.iter().copied()))
+            .expect("the flags parse");
+        ServeArgs::from_arg_matches(&matches).expect("the matches fit ServeArgs")
+    }
+
+    #[test]
+    fn history_age_is_off_by_default_and_zero_is_refused() {
+        let config = serve_args(&[]).into_config().unwrap();
+        assert_eq!(config.history_age, None);
+        let config = serve_args(&["--history-age", "90m"]).into_config().unwrap();
+        assert_eq!(config.history_age, Some(Duration::from_secs(5_400)));
+        assert!(matches!(
+            serve_args(&["--history-age", "0s"]).into_config(),
+            Err(ConfigError::ZeroHistoryAge)
+        ));
     }
 }

@@ -82,6 +82,7 @@ pub async fn run(
     let room_config = RoomConfig {
         limits: config.limits.clone(),
         history_events: config.history_events,
+        history_age: config.history_age,
         idle_timeout: config.room_idle,
         batch_interval: config.batch_interval,
         snapshot_every: config.snapshot_every,

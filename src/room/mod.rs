@@ -39,7 +39,7 @@ use crate::protocol::message::{ServerMsg, WireEntry, WireValue};
 use crate::protocol::Encoding;
 use crate::session::outbound::{Charge, Frame, Pushed};
 use crate::store::{
-    self, EventRecord, LoadedRoom, OpIdRecord, RoomMeta, Snapshot, Store, TrimOutcome,
+    self, EventRecord, LoadedRoom, OpIdRecord, RoomMeta, Snapshot, Store, TrimOutcome, TrimPolicy,
 };
 
 /// Settings every room shares, from the server `Config`.
@@ -48,6 +48,9 @@ pub struct RoomConfig {
     pub limits: Limits,
     /// Tombstones are kept for this many events so `resumed` can be answered in memory.
     pub history_events: u64,
+    /// Events older than this are trimmed too, once a snapshot covers them (None: no
+    /// age limit); tombstones follow the log as for `history_events`.
+    pub history_age: Option<Duration>,
     /// Acked op ids remembered per room (at least 10,000 by the contract).
     pub op_ids_kept: usize,
     /// Largest `signal` payload, as JSON bytes.
@@ -67,6 +70,7 @@ impl Default for RoomConfig {
         RoomConfig {
             limits: Limits::default(),
             history_events: 10_000,
+            history_age: None,
             op_ids_kept: 10_000,
             max_signal_bytes: 1024,
             idle_timeout: Duration::from_secs(60),
@@ -108,6 +112,9 @@ struct Live {
     snapshot_in_flight: bool,
     /// A trim of the log is running in the store.
     trim_in_flight: bool,
+    /// When this room last asked for a trim, so the age limit is checked at most once
+    /// per [`age_check_every`] instead of after every commit.
+    trim_asked_at: Option<Instant>,
     /// A `DELETE` waiting for the uncommitted batches to drain, then for the store.
     deleting: Option<oneshot::Sender<Result<(), (Code, String)>>>,
 }
@@ -128,6 +135,7 @@ impl Live {
             snapshot_at: Instant::now(),
             snapshot_in_flight: false,
             trim_in_flight: false,
+            trim_asked_at: None,
             deleting: None,
         }
     }
@@ -259,6 +267,13 @@ impl Room {
 /// How long an absent (or failed) room's actor lingers after its last message.
 const ABSENT_IDLE: Duration = Duration::from_secs(10);
 
+/// How often a busy room asks for a trim by `--history-age`: a quarter of the age, so
+/// an event goes about 1.25 ages after its stamp once a snapshot covers it; at most ten
+/// times a second for a tiny age, and at least once a minute for a long one.
+fn age_check_every(age: Duration) -> Duration {
+    (age / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
+
 /// Rebuilds a room from its latest snapshot and the log after it: recorded changes are
 /// applied, no reducer runs.
 fn rebuild(room: LoadedRoom) -> Live {
@@ -311,10 +326,11 @@ impl Actor for Room {
             }
         };
         // `wait` pauses the mailbox: no message is handled before the room is loaded.
-        ctx.wait(
-            load.into_actor(self)
-                .map(|loaded, room, _| room.loaded(loaded)),
-        );
+        // A room stopped while idle was not trimmed meanwhile; it asks once it is back.
+        ctx.wait(load.into_actor(self).map(|loaded, room, ctx| {
+            room.loaded(loaded);
+            room.maybe_trim(ctx, true);
+        }));
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
@@ -724,8 +740,8 @@ impl Room {
                 if let Some(seq) = batch.snapshot_seq {
                     live.snapshot_seq = seq;
                     live.snapshot_at = Instant::now();
-                    self.maybe_trim(ctx);
                 }
+                self.maybe_trim(ctx, batch.snapshot_seq.is_some());
                 let Status::Live(live) = &mut self.status else {
                     return;
                 };
@@ -768,23 +784,42 @@ impl Room {
     }
 
     /// Asks the store to trim the log behind the newest snapshot (see
-    /// `Store::submit_trim`); when it is done, deletions older than the log are forgotten
-    /// too, so `resumed` answers exactly what the log can. A full queue skips this
-    /// round; the next snapshot asks again.
-    fn maybe_trim(&mut self, ctx: &mut Context<Self>) {
+    /// `Store::submit_trim`) when a limit may have made events due: the count limit when
+    /// the snapshot moved (or the room loaded) and the log is longer than
+    /// `history_events`; the age limit after a commit or load, at most once per
+    /// [`age_check_every`], as time alone makes events due. A room that is not loaded
+    /// asks nothing; it asks when it loads again. When the trim is done, deletions older
+    /// than the log are forgotten too, so `resumed` answers exactly what the log can. A
+    /// full queue skips this round; the next commit asks again (for the count limit
+    /// alone, the next snapshot).
+    fn maybe_trim(&mut self, ctx: &mut Context<Self>, snapshot_moved: bool) {
         let Status::Live(live) = &mut self.status else {
             return;
         };
-        if live.trim_in_flight || live.committed <= self.config.history_events {
+        // Without a snapshot nothing can be trimmed.
+        if live.trim_in_flight || live.snapshot_seq == 0 {
             return;
         }
-        let Ok(done) = self
-            .store
-            .submit_trim(&self.room_id, self.config.history_events)
-        else {
+        let count_due = snapshot_moved && live.committed > self.config.history_events;
+        let age_due = self.config.history_age.is_some_and(|age| {
+            live.trim_asked_at
+                .is_none_or(|asked| asked.elapsed() >= age_check_every(age))
+        });
+        if !count_due && !age_due {
+            return;
+        }
+        let policy = TrimPolicy {
+            history_events: self.config.history_events,
+            older_than_ms: self.config.history_age.map(|age| {
+                let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                messages::now_ms().saturating_sub(age_ms)
+            }),
+        };
+        let Ok(done) = self.store.submit_trim(&self.room_id, policy) else {
             return;
         };
         live.trim_in_flight = true;
+        live.trim_asked_at = Some(Instant::now());
         ctx.spawn(done.into_actor(self).map(|outcome, room, _ctx| {
             let Status::Live(live) = &mut room.status else {
                 return;

@@ -21,7 +21,7 @@
 //!
 //! Architecture invariants:
 //! - Only the writer thread writes to the database, in bounded transactions (at most
-//!   [`MAX_GROUP_BATCHES`] batches plus [`MAX_PIECE_ROWS`] maintenance deletions).
+//!   [`MAX_GROUP_BATCHES`] batches plus [`MAX_PIECE_ROWS`] rows of maintenance).
 //! - A room's head seq and its events change in the same transaction; a batch that does
 //!   not continue the stored head gaplessly is refused whole.
 //! - A room's first retained seq moves in the same transaction as the trimming that
@@ -281,6 +281,30 @@ pub struct RoomInfo {
     pub snapshots: u64,
 }
 
+/// What one trim may delete. An event is due when it is not among the newest
+/// `history_events` events, or (with an age limit) when it and every retained event
+/// before it are stamped before `older_than_ms`; the trim deletes the due events up to
+/// the newest stored snapshot among them. Whichever limit reaches further wins: each
+/// alone is a floor on what stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrimPolicy {
+    /// The newest this many events are kept whatever their age.
+    pub history_events: u64,
+    /// Events with `ts_ms` below this (ms since the Unix epoch) are old enough to go;
+    /// None means no age limit. The caller reads the clock, so the store never does.
+    pub older_than_ms: Option<i64>,
+}
+
+impl TrimPolicy {
+    /// The count limit alone: keep at least the last `history_events` events.
+    pub fn history_events(history_events: u64) -> TrimPolicy {
+        TrimPolicy {
+            history_events,
+            older_than_ms: None,
+        }
+    }
+}
+
 /// How the trimming of one room ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrimOutcome {
@@ -300,7 +324,7 @@ pub struct TrimReport {
     pub first_retained: u64,
     pub events_deleted: u64,
     pub snapshots_deleted: u64,
-    /// The write transactions the trim took a piece of.
+    /// The write transactions in which the trim scanned or deleted rows.
     pub pieces: u64,
 }
 
@@ -453,12 +477,18 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Non-blocking: queues a trim of `room` that keeps at least its last
-    /// `history_events` events. With head H, `base` is the newest snapshot seq at or
-    /// below H - history_events; events up to `base` and snapshots before it are
-    /// deleted, in pieces of at most [`MAX_PIECE_ROWS`] rows per transaction interleaved
-    /// with batch commits, and the first retained seq becomes base + 1. Op ids are never
+    /// Non-blocking: queues a trim of `room` by `policy`. With head H, the events due
+    /// are those up to H - history_events and, with an age limit, the run of events
+    /// after them stamped before `older_than_ms`. `base` is the newest snapshot seq
+    /// among the due events; events up to `base` and snapshots before it are deleted,
+    /// in pieces of at most [`MAX_PIECE_ROWS`] rows per transaction interleaved with
+    /// batch commits, and the first retained seq becomes base + 1. Op ids are never
     /// touched. With no such snapshot there is nothing to do.
+    ///
+    /// The age run is found by reading events oldest first, no further than the newest
+    /// snapshot, and ends at the first event not old enough, so the log stays gapless
+    /// even where timestamps are out of seq order; those reads count against the piece
+    /// bound like deletions.
     ///
     /// At most [`MAX_PENDING_TRIMS`] trims are queued or running at once; beyond that,
     /// or when the writer queue is full, this returns Full and the room retries later.
@@ -466,7 +496,7 @@ impl Store {
     pub fn submit_trim(
         &self,
         room: &str,
-        history_events: u64,
+        policy: TrimPolicy,
     ) -> Result<oneshot::Receiver<Result<TrimOutcome, StoreError>>, SubmitError> {
         let slot = self
             .inner
@@ -476,7 +506,7 @@ impl Store {
         let (reply, outcome) = oneshot::channel();
         self.send(Job::Trim(TrimJob {
             room: room.to_owned(),
-            history_events,
+            policy,
             reply,
             _slot: slot,
         }))?;

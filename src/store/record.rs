@@ -208,6 +208,13 @@ pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> 
     })
 }
 
+/// The timestamp of an event row, without rebuilding its op and changes (the row is
+/// still validated whole), for trimming by age.
+pub fn event_ts_ms(bytes: &[u8]) -> Result<i64, RecordError> {
+    let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
+    Ok(row.ts_ms.to_native())
+}
+
 /// Encodes a room's metadata, head seq and first retained seq as a versioned row.
 pub fn encode_meta(stored: &StoredMeta) -> Result<Vec<u8>, RecordError> {
     check_retained(stored.first_retained, stored.head)?;
@@ -672,6 +679,8 @@ mod tests {
         assert_eq!(bytes[0], EVENT_VERSION);
         let decoded = decode_event(7, &bytes).unwrap();
         assert_event_eq(&decoded, &original);
+        assert_eq!(event_ts_ms(&bytes).unwrap(), -5);
+        assert!(event_ts_ms(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

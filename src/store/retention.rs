@@ -1,13 +1,18 @@
-//! Trimming and deletion as bounded pieces: each piece deletes at most
+//! Trimming and deletion as bounded pieces: each piece reads or deletes at most
 //! [`MAX_PIECE_ROWS`] rows in the writer's current transaction, so maintenance never
 //! holds redb's one write transaction long enough to stall acks.
 //!
-//! Trimming a room with head H and `history_events` h: `base` is the newest snapshot
-//! seq at or below H - h, decided by the first piece. The pieces delete events up to
-//! `base` (oldest first, moving the meta row's first retained seq past each deleted one
-//! in the same transaction), then snapshots before `base`. Events first: while they go,
-//! the older snapshots still rebuild the seqs that remain. The snapshot at `base` is
-//! kept, so the room always loads; op ids are never touched.
+//! Trimming a room with head H by a [`TrimPolicy`](super::TrimPolicy) with
+//! `history_events` h: the events up to H - h are due. With an age limit, the pieces
+//! then read the events after those, oldest first and no further than the newest
+//! snapshot, and every one stamped before the cutoff is due too, up to the first that
+//! is not (the run of old events, so the log stays gapless whatever order timestamps
+//! are in). `base` is the newest snapshot seq among the due events. The pieces delete
+//! events up to `base` (oldest first, moving the meta row's first retained seq past
+//! each deleted one in the same transaction), then snapshots before `base`. Events
+//! first: while they go, the older snapshots still rebuild the seqs that remain. The
+//! snapshot at `base` is kept, so the room always loads; op ids are never touched. The
+//! store never reads a clock: the cutoff comes with the job.
 //!
 //! Deleting a room: the first piece removes its meta row (the room is absent from then
 //! on) and records it in the `deleting` table; later pieces remove its events,
@@ -21,13 +26,15 @@ use std::mem;
 
 use redb::{ReadableDatabase, ReadableTable};
 
+use super::record;
 use super::tables::{WriteTables, DELETING};
 use super::writer::TrimJob;
 use super::{StoreError, TrimOutcome, TrimReport};
 
-/// The most rows one trimming or deletion piece deletes in one transaction. A redb
-/// delete of a small row is a few microseconds, so a piece adds milliseconds to the
-/// transaction it rides in, not the seconds a whole room could take.
+/// The most rows one trimming or deletion piece deletes, or reads and deletes when a
+/// trim looks for old events, in one transaction. A redb delete of a small row is a few
+/// microseconds (a read less), so a piece adds milliseconds to the transaction it rides
+/// in, not the seconds a whole room could take.
 pub const MAX_PIECE_ROWS: usize = 2_000;
 
 /// The most trims queued or running at once (one per room runs; a second for the same
@@ -36,8 +43,16 @@ pub const MAX_PENDING_TRIMS: usize = 64;
 
 /// Where a trim is.
 enum TrimState {
-    /// The first piece decides `base`.
+    /// The first piece reads the meta row and applies the count limit.
     Planning,
+    /// Reading events `next..=limit` oldest first for the age limit; every event before
+    /// `next` is due. `limit` is the newest snapshot seq at planning: nothing after it
+    /// can be trimmed, so nothing after it is read.
+    Aging {
+        next: u64,
+        limit: u64,
+        older_than_ms: i64,
+    },
     Deleting {
         base: u64,
     },
@@ -84,50 +99,157 @@ impl Trim {
     pub fn finish_done(mut self) {
         let outcome = match mem::replace(&mut self.state, TrimState::Planning) {
             TrimState::Finished(outcome) => outcome,
-            TrimState::Planning | TrimState::Deleting { .. } => Ok(TrimOutcome::Cancelled),
+            TrimState::Planning | TrimState::Aging { .. } | TrimState::Deleting { .. } => {
+                Ok(TrimOutcome::Cancelled)
+            }
         };
         self.finish(outcome);
     }
 
-    /// Deletes the next at most [`MAX_PIECE_ROWS`] rows of the trim in the caller's
-    /// transaction. A storage error dooms the transaction; anything else finishes the
-    /// trim with its answer.
+    /// Reads and deletes the next at most [`MAX_PIECE_ROWS`] rows of the trim in the
+    /// caller's transaction (the meta row and the snapshot lookups are not counted: a
+    /// few per piece). A storage error dooms the transaction; anything else finishes
+    /// the trim with its answer.
     pub fn piece(&mut self, tables: &mut WriteTables) -> Result<(), redb::StorageError> {
-        let room = self.job.room.as_str();
-        let base = match self.state {
-            TrimState::Planning => match plan(tables, room, self.job.history_events)? {
-                Ok(Plan::Absent) => {
-                    self.state = TrimState::Finished(Ok(TrimOutcome::Cancelled));
-                    return Ok(());
-                }
-                Ok(Plan::NothingDue { first_retained }) => {
-                    self.report.first_retained = first_retained;
-                    self.state = TrimState::Finished(Ok(TrimOutcome::Done(self.report)));
-                    return Ok(());
-                }
-                Ok(Plan::Base {
-                    base,
-                    first_retained,
-                }) => {
-                    self.report.first_retained = first_retained;
-                    base
-                }
-                Err(corrupt) => {
-                    self.state = TrimState::Finished(Err(corrupt));
-                    return Ok(());
-                }
-            },
-            TrimState::Deleting { base } => base,
-            TrimState::Finished(_) => return Ok(()),
-        };
-        self.report.pieces += 1;
         let mut budget = MAX_PIECE_ROWS;
+        let mut counted = false;
+        loop {
+            let working = matches!(
+                self.state,
+                TrimState::Aging { .. } | TrimState::Deleting { .. }
+            );
+            if working {
+                if budget == 0 {
+                    return Ok(());
+                }
+                // Counted before the work, as a finishing step copies the report.
+                if !counted {
+                    counted = true;
+                    self.report.pieces += 1;
+                }
+            }
+            self.state = match self.state {
+                TrimState::Planning => self.plan(tables)?,
+                TrimState::Aging {
+                    next,
+                    limit,
+                    older_than_ms,
+                } => self.age(tables, next, limit, older_than_ms, &mut budget)?,
+                TrimState::Deleting { base } => self.delete(tables, base, &mut budget)?,
+                TrimState::Finished(_) => return Ok(()),
+            };
+        }
+    }
 
-        let seqs = first_keys(&tables.events, room, 0, base, budget)?;
+    /// Reads the meta row: the events up to head - history_events are due; with an age
+    /// limit, the events after them are read next.
+    fn plan(&mut self, tables: &WriteTables) -> Result<TrimState, redb::StorageError> {
+        let room = self.job.room.as_str();
+        let stored = match tables.stored_meta(room)? {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Ok(TrimState::Finished(Ok(TrimOutcome::Cancelled))),
+            Err(corrupt) => return Ok(TrimState::Finished(Err(corrupt))),
+        };
+        self.report.first_retained = stored.first_retained;
+        // 0 when the log is not longer than the history: seqs start at 1.
+        let due_through = stored.head.saturating_sub(self.job.policy.history_events);
+        if let Some(older_than_ms) = self.job.policy.older_than_ms {
+            // Events before the first retained one are gone, so due already.
+            let next = due_through.max(stored.first_retained - 1) + 1;
+            if let Some(limit) = newest_snapshot(tables, room, stored.head)? {
+                if next <= limit {
+                    return Ok(TrimState::Aging {
+                        next,
+                        limit,
+                        older_than_ms,
+                    });
+                }
+            }
+        }
+        self.settle(tables, due_through)
+    }
+
+    /// Reads events from `next` while they are stamped before `older_than_ms`, at most
+    /// `budget` of them, and goes on in the next piece if the budget ran out first.
+    fn age(
+        &mut self,
+        tables: &WriteTables,
+        next: u64,
+        limit: u64,
+        older_than_ms: i64,
+        budget: &mut usize,
+    ) -> Result<TrimState, redb::StorageError> {
+        let room = self.job.room.as_str();
+        let mut due_through = next - 1;
+        let mut stopped = false;
+        for entry in tables
+            .events
+            .range((room, next)..=(room, limit))?
+            .take(*budget)
+        {
+            let (key, row) = entry?;
+            *budget -= 1;
+            let seq = key.value().1;
+            match record::event_ts_ms(row.value()) {
+                // A gap cannot happen (the log is gapless from the first retained seq);
+                // if it did, stopping there keeps it from growing.
+                Ok(ts_ms) if ts_ms < older_than_ms && seq == due_through + 1 => {
+                    due_through = seq;
+                }
+                // Timestamps are stamped as ops arrive, so they may run backwards a
+                // little between seqs: the run of old events ends at the first young
+                // one, and the log stays gapless.
+                Ok(_) => {
+                    stopped = true;
+                    break;
+                }
+                Err(source) => {
+                    return Ok(TrimState::Finished(Err(StoreError::Corrupt {
+                        room: room.to_owned(),
+                        seq: Some(seq),
+                        source,
+                    })))
+                }
+            }
+        }
+        if !stopped && due_through < limit && *budget == 0 {
+            return Ok(TrimState::Aging {
+                next: due_through + 1,
+                limit,
+                older_than_ms,
+            });
+        }
+        self.settle(tables, due_through)
+    }
+
+    /// Once every event up to `due_through` is known to be due: the base is the newest
+    /// snapshot among them, and with none there is nothing to do.
+    fn settle(
+        &self,
+        tables: &WriteTables,
+        due_through: u64,
+    ) -> Result<TrimState, redb::StorageError> {
+        Ok(
+            match newest_snapshot(tables, &self.job.room, due_through)? {
+                Some(base) => TrimState::Deleting { base },
+                None => TrimState::Finished(Ok(TrimOutcome::Done(self.report))),
+            },
+        )
+    }
+
+    /// Deletes at most `budget` rows: events up to `base`, then snapshots before it.
+    fn delete(
+        &mut self,
+        tables: &mut WriteTables,
+        base: u64,
+        budget: &mut usize,
+    ) -> Result<TrimState, redb::StorageError> {
+        let room = self.job.room.as_str();
+        let seqs = first_keys(&tables.events, room, 0, base, *budget)?;
         for &seq in &seqs {
             tables.events.remove((room, seq))?;
         }
-        budget -= seqs.len();
+        *budget -= seqs.len();
         self.report.events_deleted += seqs.len() as u64;
         if let Some(&last) = seqs.last() {
             match tables.stored_meta(room)? {
@@ -139,76 +261,41 @@ impl Trim {
                 }
                 // The writer cancels a room's trim before deleting the room, so the meta
                 // row is there; if not, the events are leftovers and stay deleted.
-                Ok(None) => {
-                    self.state = TrimState::Finished(Ok(TrimOutcome::Cancelled));
-                    return Ok(());
-                }
-                Err(corrupt) => {
-                    self.state = TrimState::Finished(Err(corrupt));
-                    return Ok(());
-                }
+                Ok(None) => return Ok(TrimState::Finished(Ok(TrimOutcome::Cancelled))),
+                Err(corrupt) => return Ok(TrimState::Finished(Err(corrupt))),
             }
         }
 
-        if budget > 0 && base > 0 {
-            let seqs = first_keys(&tables.snapshots, room, 0, base - 1, budget)?;
+        if *budget > 0 && base > 0 {
+            let seqs = first_keys(&tables.snapshots, room, 0, base - 1, *budget)?;
             for &seq in &seqs {
                 tables.snapshots.remove((room, seq))?;
             }
-            budget -= seqs.len();
+            *budget -= seqs.len();
             self.report.snapshots_deleted += seqs.len() as u64;
         }
 
         // Budget left over means both ranges ran out within this piece.
-        self.state = if budget > 0 {
+        Ok(if *budget > 0 {
             TrimState::Finished(Ok(TrimOutcome::Done(self.report)))
         } else {
             TrimState::Deleting { base }
-        };
-        Ok(())
+        })
     }
 }
 
-/// What the first piece of a trim found.
-enum Plan {
-    Absent,
-    /// No snapshot at or below head - history_events.
-    NothingDue {
-        first_retained: u64,
-    },
-    Base {
-        base: u64,
-        first_retained: u64,
-    },
-}
-
-fn plan(
+/// The newest snapshot seq of `room` at or below `hi`.
+fn newest_snapshot(
     tables: &WriteTables,
     room: &str,
-    history_events: u64,
-) -> Result<Result<Plan, StoreError>, redb::StorageError> {
-    let stored = match tables.stored_meta(room)? {
-        Ok(Some(stored)) => stored,
-        Ok(None) => return Ok(Ok(Plan::Absent)),
-        Err(corrupt) => return Ok(Err(corrupt)),
-    };
-    let first_retained = stored.first_retained;
-    let Some(newest_allowed) = stored.head.checked_sub(history_events) else {
-        return Ok(Ok(Plan::NothingDue { first_retained }));
-    };
-    let base = tables
+    hi: u64,
+) -> Result<Option<u64>, redb::StorageError> {
+    Ok(tables
         .snapshots
-        .range((room, 0)..=(room, newest_allowed))?
+        .range((room, 0)..=(room, hi))?
         .next_back()
         .transpose()?
-        .map(|(key, _)| key.value().1);
-    Ok(Ok(match base {
-        Some(base) => Plan::Base {
-            base,
-            first_retained,
-        },
-        None => Plan::NothingDue { first_retained },
-    }))
+        .map(|(key, _)| key.value().1))
 }
 
 /// The first at most `limit` seqs of `room` in `lo..=hi` in a `(room, seq)` table.

@@ -54,8 +54,12 @@ fn fill(store: &Store, room: &str, head: u64, step: u64, snapshots_at: &[u64]) {
 }
 
 fn trim(store: &Store, room: &str, history_events: u64) -> TrimOutcome {
+    trim_by(store, room, TrimPolicy::history_events(history_events))
+}
+
+fn trim_by(store: &Store, room: &str, policy: TrimPolicy) -> TrimOutcome {
     store
-        .submit_trim(room, history_events)
+        .submit_trim(room, policy)
         .expect("the queue has room: tests trim one room at a time here")
         .blocking_recv()
         .expect("the writer answers every trim it takes")
@@ -183,7 +187,9 @@ fn trim_keeps_what_the_policy_says_in_bounded_pieces_while_other_rooms_commit() 
 
     // Head 5,011, history 500: the newest snapshot at or below 4,511 is 4,500.
     let blocker = hold_writer(&store);
-    let trimming = store.submit_trim("big", 500).unwrap();
+    let trimming = store
+        .submit_trim("big", TrimPolicy::history_events(500))
+        .unwrap();
     let other = store.submit(batch("other", 1, 1)).unwrap();
     drop(blocker);
     let outcome = trimming.blocking_recv().unwrap().unwrap();
@@ -250,6 +256,146 @@ fn trim_without_a_snapshot_old_enough_deletes_nothing() {
     assert_eq!((loaded.first_retained, loaded.events.len()), (1, 10));
 }
 
+/// The timestamp `event(seq)` is stamped with (see `tests.rs`).
+fn ts_of(seq: u64) -> i64 {
+    event(seq).ts_ms
+}
+
+fn by_age(history_events: u64, older_than_ms: i64) -> TrimPolicy {
+    TrimPolicy {
+        history_events,
+        older_than_ms: Some(older_than_ms),
+    }
+}
+
+fn snapshot_seqs(store: &Store, room: &str) -> Vec<u64> {
+    store
+        .room_snapshots(room)
+        .unwrap()
+        .iter()
+        .map(|s| s.seq)
+        .collect()
+}
+
+#[test]
+fn age_limit_trims_old_events_up_to_a_snapshot_and_never_past_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 100, 10, &[20, 40, 60, 80]);
+    let done = |first_retained, events_deleted, snapshots_deleted| {
+        TrimOutcome::Done(TrimReport {
+            first_retained,
+            events_deleted,
+            snapshots_deleted,
+            pieces: 1,
+        })
+    };
+
+    // Nothing stamped before the cutoff: the one event read ends the run.
+    assert_eq!(
+        trim_by(&store, "a", by_age(10_000, ts_of(1))),
+        done(1, 0, 0)
+    );
+    // Events 1..=50 are old; the newest snapshot among them is 40.
+    assert_eq!(
+        trim_by(&store, "a", by_age(10_000, ts_of(51))),
+        done(41, 40, 1)
+    );
+    assert_eq!(snapshot_seqs(&store, "a"), vec![40, 60, 80]);
+    let page = store.read_events("a", 0, 2).unwrap().unwrap();
+    assert_eq!(
+        (page.first_retained, seqs(&page.events)),
+        (41, vec![41, 42])
+    );
+    // The count limit reaches further than the age here (due through 70): it wins.
+    assert_eq!(trim_by(&store, "a", by_age(30, ts_of(45))), done(61, 20, 1));
+    // Every event is old, but nothing goes past the newest snapshot.
+    assert_eq!(
+        trim_by(&store, "a", by_age(10_000, i64::MAX)),
+        done(81, 20, 1)
+    );
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.head, loaded.first_retained), (100, 81));
+    assert_eq!(loaded.snapshot, Some(snapshot(80)));
+    assert_eq!(seqs(&loaded.events), (81..=100).collect::<Vec<_>>());
+    assert_eq!(snapshot_seqs(&store, "a"), vec![80]);
+    assert!(store.verify().unwrap().is_empty());
+}
+
+#[test]
+fn age_limit_stops_at_the_first_young_event_so_the_log_stays_gapless() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch_with_snapshot("a", 1, 10, 10)).unwrap();
+    // Event 15 arrived late with a newer stamp than the events after it.
+    let mut middle = batch_with_snapshot("a", 11, 20, 20);
+    middle.events[4].ts_ms = ts_of(1_000);
+    commit(&store, middle).unwrap();
+    commit(&store, batch_with_snapshot("a", 21, 30, 30)).unwrap();
+
+    // Everything but event 15 is old: the run ends at 14, so the base is 10.
+    assert_eq!(
+        trim_by(&store, "a", by_age(10_000, ts_of(100))),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 11,
+            events_deleted: 10,
+            snapshots_deleted: 0,
+            pieces: 1,
+        })
+    );
+    let page = store.read_events("a", 10, 100).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), (11..=30).collect::<Vec<_>>());
+    assert_eq!(snapshot_seqs(&store, "a"), vec![10, 20, 30]);
+}
+
+#[test]
+fn age_limit_reports_a_corrupt_event_and_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 20, 10, &[10, 20]);
+    drop(store);
+    with_closed_db(dir.path(), |tables| {
+        let garbage = [record::EVENT_VERSION, 0xde, 0xad].as_slice();
+        tables.events.insert(("a", 5), garbage).unwrap();
+    });
+
+    let store = open(dir.path());
+    let outcome = store
+        .submit_trim("a", by_age(10_000, i64::MAX))
+        .unwrap()
+        .blocking_recv()
+        .unwrap();
+    assert!(
+        matches!(outcome, Err(StoreError::Corrupt { seq: Some(5), .. })),
+        "{outcome:?}"
+    );
+    let page = store.read_events("a", 5, 1).unwrap().unwrap();
+    assert_eq!((page.first_retained, seqs(&page.events)), (1, vec![6]));
+}
+
+#[test]
+fn age_limit_reads_the_log_in_bounded_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, "a", 5_000, 500, &[4_500]);
+    let pieces_before = store.maintenance_pieces();
+    // Reading 4,500 events takes three pieces (the last has 1,500 rows of budget left
+    // for deleting), deleting them two more.
+    assert_eq!(
+        trim_by(&store, "a", by_age(10_000, i64::MAX)),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 4_501,
+            events_deleted: 4_500,
+            snapshots_deleted: 0,
+            pieces: 5,
+        })
+    );
+    assert_eq!(store.maintenance_pieces() - pieces_before, 5);
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.first_retained, loaded.events.len()), (4_501, 500));
+    assert!(store.verify().unwrap().is_empty());
+}
+
 #[test]
 fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -258,14 +404,24 @@ fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
     // trim of the room is taken from the queue.
     fill(&store, "a", 5_000, 2_500, &[5_000]);
     let blocker = hold_writer(&store);
-    let first = store.submit_trim("a", 0).unwrap();
-    let second = store.submit_trim("a", 0).unwrap();
+    let first = store
+        .submit_trim("a", TrimPolicy::history_events(0))
+        .unwrap();
+    let second = store
+        .submit_trim("a", TrimPolicy::history_events(0))
+        .unwrap();
     let others: Vec<_> = (2..MAX_PENDING_TRIMS)
-        .map(|i| store.submit_trim(&format!("room{i}"), 0).unwrap())
+        .map(|i| {
+            store
+                .submit_trim(&format!("room{i}"), TrimPolicy::history_events(0))
+                .unwrap()
+        })
         .collect();
     // Every place is taken until the trims end, whether queued or running.
     assert_eq!(
-        store.submit_trim("one-too-many", 0).err(),
+        store
+            .submit_trim("one-too-many", TrimPolicy::history_events(0))
+            .err(),
         Some(SubmitError::Full)
     );
     drop(blocker);

@@ -45,7 +45,7 @@ use crate::metrics::names;
 
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
 use super::tables::WriteTables;
-use super::{Batch, Durability, StoreError, TrimOutcome};
+use super::{Batch, Durability, StoreError, TrimOutcome, TrimPolicy};
 
 /// The most batches one transaction takes, so one commit stays bounded in size and the
 /// first batch of a long queue is not kept waiting for the last.
@@ -88,7 +88,7 @@ pub struct BatchJob {
 /// A queued trim; see `Store::submit_trim`.
 pub struct TrimJob {
     pub room: String,
-    pub history_events: u64,
+    pub policy: TrimPolicy,
     pub reply: oneshot::Sender<Result<TrimOutcome, StoreError>>,
     /// Holds one of the [`MAX_PENDING_TRIMS`] places until the job is dropped, however
     /// it ends.

@@ -206,6 +206,66 @@ async fn retention_trims_behind_snapshots_and_old_positions_are_gone() {
 }
 
 #[tokio::test]
+async fn history_age_trims_events_older_than_the_age_behind_a_snapshot() {
+    // The count limit (10,000 by default) is far away: only the age can trim here.
+    let server = Server::start(&["--history-age", "1s", "--snapshot-every", "5"]).await;
+    let room = "state:aged";
+    let mut alice = server.client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    let snapshot = alice.sub(room).await;
+    let epoch = snapshot["epoch"].clone();
+    for i in 0..10 {
+        set(&mut alice, room, &format!("old{i}"), "k", json!(i)).await;
+    }
+    assert_eq!(
+        server
+            .get(&format!("/api/rooms/{room}/events?after=0"))
+            .await
+            .status,
+        200
+    );
+    // Once the first events are a second old, later commits ask for an age trim, which
+    // runs in the background: keep writing until it has happened, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut last = 0;
+    for n in 0.. {
+        last = set(&mut alice, room, &format!("new{n}"), "k", json!(n)).await;
+        let early = server
+            .get(&format!("/api/rooms/{room}/events?after=0"))
+            .await;
+        if early.status == 410 {
+            assert_eq!(early.code(), "gone");
+            break;
+        }
+        assert_eq!(early.status, 200, "{}", early.text);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never trimmed by age; head {}",
+            early.body["head"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The events of the last moment are younger than the age and stay.
+    let recent = server
+        .get(&format!("/api/rooms/{room}/events?after={}", last - 1))
+        .await;
+    assert_eq!(recent.status, 200, "{}", recent.text);
+    assert_eq!(recent.body["events"][0]["seq"], last);
+    let mut bob = server.client("bob").await;
+    let old = bob
+        .sub_msg(json!({"t": "sub", "room": room, "since": {"epoch": epoch, "seq": 0}}))
+        .await;
+    assert_eq!(old["t"], "snapshot", "{old}");
+    assert_eq!(old["recovered"], false);
+    assert_eq!(old["seq"], last);
+    let recent = bob
+        .sub_msg(json!({"t": "sub", "room": room, "since": {"epoch": epoch, "seq": last - 1}}))
+        .await;
+    assert_eq!(recent["t"], "resumed", "{recent}");
+    assert_eq!(recent["from"], last);
+}
+
+#[tokio::test]
 async fn deleting_a_room_unsubscribes_its_subscribers_and_a_new_one_gets_a_new_epoch() {
     let server = Server::start(&[]).await;
     let room = "chat:doomed";
