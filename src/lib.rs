@@ -18,7 +18,8 @@
 //!
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`.
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
-//! - [`http`]: the HTTP API; [`auth`]: JWT, `?user=`, the Origin rule.
+//! - [`http`]: the HTTP API; [`auth`]: JWT, `?user=`, the Origin rule; [`metrics`]:
+//!   `GET /metrics`.
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
 //!   codes, room ids and epochs. Nothing else serializes a wire message.
 //! - [`session`]: the Session actor, the upgrade, the connection caps (4429), the frame

@@ -18,6 +18,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub mod names {
     /// Write transactions committed by the store writer (sync-only ones included).
     pub const STORE_COMMITS: &str = "roomd_store_commits_total";
+    /// Commits that carried room batches (the rest carry only trimming, deletion or a
+    /// sync).
+    pub const STORE_BATCH_COMMITS: &str = "roomd_store_batch_commits_total";
     /// Room batches written (one per room per commit at most).
     pub const STORE_BATCHES: &str = "roomd_store_batches_total";
     /// Events appended to room logs.
@@ -65,6 +68,10 @@ fn describe() {
     describe_counter!(
         names::STORE_COMMITS,
         "Write transactions committed by the store writer."
+    );
+    describe_counter!(
+        names::STORE_BATCH_COMMITS,
+        "Commits that carried room batches."
     );
     describe_counter!(
         names::STORE_BATCHES,

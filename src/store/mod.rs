@@ -442,8 +442,11 @@ impl Store {
     /// committed (Ok) or failed (Err). If the writer thread died without answering, the
     /// receiver reports the sender dropped; treat that as a failure too.
     ///
-    /// A snapshot in the batch is encoded here, on the caller's thread, so the one
-    /// writer thread only copies its bytes.
+    /// The batch's events and snapshot are encoded here, on the caller's thread, so the
+    /// one writer thread only copies their bytes. Events that cannot be encoded (a row
+    /// over [`MAX_RECORD_BYTES`](record::MAX_RECORD_BYTES), a non-finite float) or that
+    /// do not run gaplessly refuse the batch whole: the receiver resolves to that error
+    /// at once and the writer never sees the batch.
     pub fn submit(
         &self,
         batch: Batch,
@@ -469,8 +472,20 @@ impl Store {
                     }
                 });
         let (reply, outcome) = oneshot::channel();
+        // The events are encoded and dropped here, off the writer thread. A batch whose
+        // events cannot be encoded is refused whole without reaching the writer.
+        let rows = match tables::encode_events(&batch.room, &batch.events) {
+            Ok(rows) => rows,
+            Err(refusal) => {
+                // The receiver is returned below, so it is still there to take this.
+                let _ = reply.send(Err(refusal));
+                return Ok(outcome);
+            }
+        };
+        batch.events = Vec::new();
         self.send(Job::Batch(BatchJob {
             batch,
+            rows,
             snapshot,
             reply,
         }))?;

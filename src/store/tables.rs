@@ -94,12 +94,14 @@ impl<'txn> WriteTables<'txn> {
         Ok(())
     }
 
-    /// Writes one batch and its encoded snapshot `(seq, row)`. The outer error is a
-    /// storage failure that dooms the whole transaction; the inner one refuses this
-    /// batch alone, before anything of it is written.
+    /// Writes one batch, given its event rows as [`encode_events`] made them, and its
+    /// encoded snapshot `(seq, row)`. The outer error is a storage failure that dooms
+    /// the whole transaction; the inner one refuses this batch alone, before anything
+    /// of it is written.
     pub fn apply(
         &mut self,
         batch: &Batch,
+        rows: &[(u64, Vec<u8>)],
         snapshot: Option<(u64, &[u8])>,
     ) -> Result<Result<(), StoreError>, redb::StorageError> {
         let room = batch.room.as_str();
@@ -122,10 +124,17 @@ impl<'txn> WriteTables<'txn> {
             (Some(stored), None) => (stored.meta, stored.head, stored.first_retained),
             (None, Some(create)) => (*create, 0, 1),
         };
-        let rows = match encode_batch(room, head, &batch.events) {
-            Ok(rows) => rows,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
+        // The rows run gaplessly among themselves (`encode_events`); they must also
+        // continue the stored head.
+        if let Some(&(first, _)) = rows.first() {
+            if first != head + 1 {
+                return Ok(Err(StoreError::SeqGap {
+                    room: room.to_owned(),
+                    expected: head + 1,
+                    found: first,
+                }));
+            }
+        }
         let new_head = head + rows.len() as u64;
         if let Some((seq, _)) = snapshot {
             if seq == 0 || seq > new_head {
@@ -137,7 +146,7 @@ impl<'txn> WriteTables<'txn> {
             }
         }
 
-        for (seq, row) in &rows {
+        for (seq, row) in rows {
             self.events.insert((room, *seq), row.as_slice())?;
         }
         if let Some((seq, row)) = snapshot {
@@ -163,14 +172,17 @@ impl<'txn> WriteTables<'txn> {
     }
 }
 
-/// Encodes a batch's events, checking that they run gaplessly on from `head`.
-fn encode_batch(
+/// Encodes a batch's events as `(seq, row)`, checking that they run gaplessly from the
+/// first one's seq (whether that continues the stored head is checked when the batch is
+/// written). `Store::submit` calls this on the caller's thread, so the one writer thread
+/// neither encodes events nor frees them.
+pub fn encode_events(
     room: &str,
-    head: u64,
     events: &[EventRecord],
 ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
     let mut rows = Vec::with_capacity(events.len());
-    for (expected, event) in (head + 1..).zip(events) {
+    let first = events.first().map_or(1, |event| event.seq);
+    for (expected, event) in (first..).zip(events) {
         if event.seq != expected {
             return Err(StoreError::SeqGap {
                 room: room.to_owned(),

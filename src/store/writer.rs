@@ -78,8 +78,11 @@ impl Job {
 
 /// A queued batch and where its outcome goes once its transaction has committed.
 pub struct BatchJob {
-    /// The batch, with its snapshot taken out and encoded into `snapshot`.
+    /// The batch, with its events taken out and encoded into `rows`, and its snapshot
+    /// taken out and encoded into `snapshot`.
     pub batch: Batch,
+    /// The events' `(seq, row)`, encoded by `submit` on the caller's thread.
+    pub rows: Vec<(u64, Vec<u8>)>,
     /// The snapshot's seq and row, encoded by `submit` on the caller's thread.
     pub snapshot: Option<(u64, Vec<u8>)>,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
@@ -377,7 +380,8 @@ impl Writer {
             Ok(outcomes) => {
                 self.committed(durable);
                 if !group.is_empty() {
-                    let events: usize = group.iter().map(|job| job.batch.events.len()).sum();
+                    let events: usize = group.iter().map(|job| job.rows.len()).sum();
+                    metrics::counter!(names::STORE_BATCH_COMMITS).increment(1);
                     metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
                     metrics::counter!(names::STORE_EVENTS).increment(events as u64);
                     metrics::histogram!(names::STORE_COMMIT_SECONDS)
@@ -439,7 +443,7 @@ impl Writer {
                     .snapshot
                     .as_ref()
                     .map(|(seq, row)| (*seq, row.as_slice()));
-                outcomes.push(tables.apply(&job.batch, snapshot)?);
+                outcomes.push(tables.apply(&job.batch, &job.rows, snapshot)?);
             }
             // After the batches, so a piece sees (and keeps) the heads they moved.
             if let Some(trim) = trim {

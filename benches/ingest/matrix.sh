@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# benches/ingest/matrix.sh: durable ingest across room counts and durability modes, next
+# to the raw redb ceiling, in one run, printed as markdown tables.
+#
+#   cargo build --release && benches/ingest/matrix.sh
+#
+# For each of 1, 100 and 10,000 `state` rooms, under `--durability immediate` and
+# `none`: `roomd bench ingest` closed loop (8 writers x WINDOW ops in flight: the most
+# the server takes) and open loop at RATE ops/s (the ack latency at a given load). Each
+# case starts its own server on a temporary data dir (`roomd bench` does that) and
+# reports acked ops/s, ack latency p50/p99, and the store's commits/s with the events
+# and room batches per commit (read from the server's /metrics). Then
+# `cargo bench --bench redb_ceiling` appends the same rows in batches of 1, 16 and 256
+# with nothing else. The generator shares the 2 cores with the server; loopback only,
+# every case bounded by DURATION plus a drain.
+#
+# Environment: DURATION (default 10s), WINDOW (default 256), RATE (default 20000),
+# ROOMS (default "1 100 10000"), ROOMD_BIN (default target/release/roomd),
+# RESULTS_DIR (keep every JSON there).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+bin=${ROOMD_BIN:-$repo/target/release/roomd}
+duration=${DURATION:-10s}
+window=${WINDOW:-256}
+rate=${RATE:-20000}
+rooms_list=${ROOMS:-1 100 10000}
+
+if [[ ! -x $bin ]]; then
+  echo "error: $bin is missing; run \`cargo build --release\` first" >&2
+  exit 2
+fi
+work=$(mktemp -d -t roomd-ingest-matrix.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+results=${RESULTS_DIR:-$work}
+mkdir -p "$results"
+
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for rooms in $rooms_list; do
+  for durability in immediate none; do
+    for mode in closed open; do
+      name="rooms$rooms-$durability-$mode"
+      load=(--window "$window")
+      [[ $mode == open ]] && load=(--rate "$rate" --window 4096)
+      echo "running $name" >&2
+      "$bin" bench ingest --json --writers 8 --rooms "$rooms" "${load[@]}" \
+        --duration "$duration" --server-arg="--durability=$durability" \
+        >"$results/$name.json"
+    done
+  done
+done
+
+python3 - "$results" "$rooms_list" "$window" "$rate" <<'PY'
+import json, sys
+results, rooms_list, window, rate = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
+print(f"| rooms | durability | load | acked ops/s | ack p50 / p99 ms | commits/s | events / batches per commit | host load |")
+print("|---|---|---|---|---|---|---|---|")
+for rooms in rooms_list:
+    for durability in ("immediate", "none"):
+        for mode in ("closed", "open"):
+            with open(f"{results}/rooms{rooms}-{durability}-{mode}.json") as f:
+                r = json.load(f)
+            lat = r["ack_latency_ms"]
+            load = f"{window} in flight x 8" if mode == "closed" else f"{rate}/s offered"
+            print(f"| {rooms} | {durability} | {load} | {r['acked_ops_per_s']:,.0f} "
+                  f"| {lat['p50']} / {lat['p99']} | {r.get('store_commits_per_s', '-')} "
+                  f"| {r.get('events_per_commit', '-')} / {r.get('batches_per_commit', '-')} "
+                  f"| {r.get('host_load_1m', '-')} |")
+PY
+
+echo >&2
+echo "raw redb ceiling (cargo bench --bench redb_ceiling):" >&2
+(cd "$repo" && cargo bench --bench redb_ceiling 2>/dev/null | grep -v '^{')
