@@ -59,6 +59,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod log_tool;
+pub mod memory;
 pub mod metrics;
 pub mod protocol;
 pub mod room;

@@ -166,9 +166,9 @@ pub async fn run(
             pruning.http_limiter.shrink_to_fit();
         }
     });
-    // glibc keeps freed memory in its arenas; after idle rooms stopped, hand it back
-    // so resident memory follows the rooms actually loaded (measured: 100,000 idle
-    // rooms left RSS 30x a fresh server's without this).
+    // Allocators keep freed memory (glibc in arenas, mimalloc per thread); after idle
+    // rooms stopped, hand it back so resident memory follows the rooms actually loaded
+    // (measured: 100,000 idle rooms left RSS 30x a fresh server's without this).
     let trimming = registry.clone();
     actix_rt::spawn(async move {
         let mut trimmed_at = 0;
@@ -177,7 +177,8 @@ pub async fn run(
             let stopped = trimming.stopped_count();
             if stopped != trimmed_at {
                 trimmed_at = stopped;
-                let _ = tokio::task::spawn_blocking(release_free_memory).await;
+                trimming.release_memory(crate::memory::release_thread_memory);
+                let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
             }
         }
     });
@@ -235,21 +236,6 @@ pub async fn run(
         arbiter.stop();
     }
     Ok(())
-}
-
-/// Returns memory the allocators hold but do not use to the OS: mimalloc's (the
-/// binary's global allocator) and glibc's (what C code, and the library's tests, use).
-fn release_free_memory() {
-    // SAFETY: mi_collect frees the calling thread's empty pages and, forced, purges
-    // abandoned memory; it is thread-safe and harmless when mimalloc is not in use.
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-    }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Installs the SIGTERM/SIGINT handlers now; the future resolves on either signal.

@@ -205,7 +205,12 @@ pub struct Writer {
     trims: VecDeque<Trim>,
     /// When the oldest commit not yet fsync'd happened.
     unsynced_since: Option<Instant>,
+    /// Whether freed memory was handed back since the last job (see [`QUIET`]).
+    released: bool,
 }
+
+/// How long the writer waits for a job before it returns its freed memory to the OS.
+const QUIET: Duration = Duration::from_secs(5);
 
 impl Writer {
     pub fn new(
@@ -225,6 +230,7 @@ impl Writer {
             quick_repair,
             trims: VecDeque::new(),
             unsynced_since: None,
+            released: false,
         }
     }
 
@@ -240,7 +246,10 @@ impl Writer {
         let _running = RunningGuard(&health);
         loop {
             let first = match self.next() {
-                Next::Job(job) => job,
+                Next::Job(job) => {
+                    self.released = false;
+                    job
+                }
                 Next::TrimPiece => {
                     self.commit_group(Vec::new());
                     continue;
@@ -284,7 +293,7 @@ impl Writer {
         }
     }
 
-    fn next(&self) -> Next {
+    fn next(&mut self) -> Next {
         if !self.trims.is_empty() {
             return match self.queue.try_recv() {
                 Ok(job) => Next::Job(job),
@@ -301,10 +310,24 @@ impl Writer {
                     Err(RecvTimeoutError::Disconnected) => Next::Closed,
                 }
             }
-            _ => match self.queue.recv() {
-                Ok(job) => Next::Job(job),
-                Err(_) => Next::Closed,
-            },
+            _ => {
+                // Quiet for a while: hand the pages freed by the last commits back to
+                // the OS before blocking (once per quiet spell).
+                if !self.released {
+                    match self.queue.recv_timeout(QUIET) {
+                        Ok(job) => return Next::Job(job),
+                        Err(RecvTimeoutError::Timeout) => {
+                            crate::memory::release_thread_memory();
+                            self.released = true;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return Next::Closed,
+                    }
+                }
+                match self.queue.recv() {
+                    Ok(job) => Next::Job(job),
+                    Err(_) => Next::Closed,
+                }
+            }
         }
     }
 
