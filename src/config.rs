@@ -57,6 +57,16 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_MAX_CONNS_PER_IP", default_value_t = 10_000)]
     pub max_conns_per_ip: usize,
 
+    /// WebSocket handshakes per second per client IP, with a burst of ten seconds'
+    /// worth; more are closed with 4429 (refused handshakes count too).
+    #[arg(long, env = "ROOMD_HANDSHAKES_PER_IP", default_value_t = 1_000)]
+    pub handshakes_per_ip: u32,
+
+    /// WebSocket handshakes per second in total, with a burst of ten seconds' worth;
+    /// more are closed with 4429.
+    #[arg(long, env = "ROOMD_HANDSHAKES_TOTAL", default_value_t = 20_000)]
+    pub handshakes_total: u32,
+
     /// Subscriptions per connection.
     #[arg(long, env = "ROOMD_MAX_SUBS", default_value_t = 100)]
     pub max_subs: usize,
@@ -187,6 +197,8 @@ pub struct Config {
     pub max_subs: usize,
     pub max_connections: usize,
     pub max_conns_per_ip: usize,
+    pub handshakes_per_ip: u32,
+    pub handshakes_total: u32,
     pub op_rate: u32,
     pub op_burst: u32,
     pub outbound_queue: usize,
@@ -255,6 +267,8 @@ impl ServeArgs {
             max_subs: self.max_subs,
             max_connections: self.max_connections.max(1),
             max_conns_per_ip: self.max_conns_per_ip.max(1),
+            handshakes_per_ip: self.handshakes_per_ip.max(1),
+            handshakes_total: self.handshakes_total.max(1),
             op_rate: self.op_rate,
             op_burst: self.op_burst.max(1),
             outbound_queue: self.outbound_queue,

@@ -108,10 +108,12 @@ pub async fn run(
         http_limiter: RateLimiter::keyed(http_quota),
         shutting_down: AtomicBool::new(false),
         clock: governor::clock::DefaultClock::default(),
-        admission: crate::session::admission::Admission::new(
-            config.max_connections,
-            config.max_conns_per_ip,
-        ),
+        admission: crate::session::admission::Admission::new(crate::session::admission::Caps {
+            max_total: config.max_connections,
+            max_per_ip: config.max_conns_per_ip,
+            handshakes_total: config.handshakes_total,
+            handshakes_per_ip: config.handshakes_per_ip,
+        }),
         config: config.clone(),
     });
 
@@ -164,6 +166,7 @@ pub async fn run(
             tokio::time::sleep(Duration::from_secs(60)).await;
             pruning.http_limiter.retain_recent();
             pruning.http_limiter.shrink_to_fit();
+            pruning.admission.prune();
         }
     });
     // Allocators keep freed memory (glibc in arenas, mimalloc per thread); after idle

@@ -386,6 +386,34 @@ async fn slow_reader_is_closed_with_4001_while_other_subscribers_keep_up() {
 }
 
 #[tokio::test]
+async fn handshakes_over_the_per_ip_rate_are_closed_with_4429() {
+    // One per second with a burst of ten seconds' worth: the first ten get in (though
+    // each closes before the next), then one is refused. Tokens come back at one per
+    // second, so on a slow machine a few more may get in first, never fewer than ten.
+    let server = Server::start(&["--handshakes-per-ip", "1"]).await;
+    let mut admitted = 0;
+    let refused_at = loop {
+        assert!(admitted < 40, "no 4429 after {admitted} handshakes");
+        let mut client = Connect::new()
+            .user(&format!("u{admitted}"))
+            .handshake(&server)
+            .await
+            .expect("the upgrade itself succeeds");
+        match client.next_event(TIMEOUT).await {
+            Event::Json(welcome) if welcome["t"] == "welcome" => {
+                admitted += 1;
+                client.close().await;
+            }
+            Event::Close(Some(4429)) => break admitted,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(refused_at >= 10, "refused after only {refused_at}");
+    // HTTP is not a handshake: it still answers.
+    assert_eq!(server.get("/readyz").await.status, 200);
+}
+
+#[tokio::test]
 async fn connections_over_the_per_ip_cap_are_closed_with_4429_until_one_leaves() {
     let server = Server::start(&["--max-conns-per-ip", "2"]).await;
     let first = server.client("a").await;
