@@ -67,6 +67,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_HANDSHAKES_TOTAL", default_value_t = 20_000)]
     pub handshakes_total: u32,
 
+    /// Existing rooms one user may have created (deleted ones do not count); a `create`
+    /// beyond is nacked `limit`.
+    #[arg(long, env = "ROOMD_MAX_ROOMS_PER_USER", default_value_t = 1_000_000)]
+    pub max_rooms_per_user: usize,
+
     /// Subscriptions per connection.
     #[arg(long, env = "ROOMD_MAX_SUBS", default_value_t = 100)]
     pub max_subs: usize,
@@ -199,6 +204,7 @@ pub struct Config {
     pub max_conns_per_ip: usize,
     pub handshakes_per_ip: u32,
     pub handshakes_total: u32,
+    pub max_rooms_per_user: usize,
     pub op_rate: u32,
     pub op_burst: u32,
     pub outbound_queue: usize,
@@ -269,6 +275,7 @@ impl ServeArgs {
             max_conns_per_ip: self.max_conns_per_ip.max(1),
             handshakes_per_ip: self.handshakes_per_ip.max(1),
             handshakes_total: self.handshakes_total.max(1),
+            max_rooms_per_user: self.max_rooms_per_user,
             op_rate: self.op_rate,
             op_burst: self.op_burst.max(1),
             outbound_queue: self.outbound_queue,

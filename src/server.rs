@@ -87,6 +87,7 @@ pub async fn run(
         batch_interval: config.batch_interval,
         snapshot_every: config.snapshot_every,
         snapshot_interval: config.snapshot_interval,
+        max_rooms_per_user: config.max_rooms_per_user,
         ..RoomConfig::default()
     };
     let registry = Registry::new(

@@ -63,6 +63,8 @@ pub struct RoomConfig {
     pub snapshot_every: u64,
     /// ...or when this much time passed since the last one and events happened.
     pub snapshot_interval: Duration,
+    /// Existing rooms one user may have created; a `create` beyond is nacked `limit`.
+    pub max_rooms_per_user: usize,
 }
 
 impl Default for RoomConfig {
@@ -77,6 +79,7 @@ impl Default for RoomConfig {
             batch_interval: Duration::from_millis(5),
             snapshot_every: 1_000,
             snapshot_interval: Duration::from_secs(60),
+            max_rooms_per_user: 1_000_000,
         }
     }
 }
@@ -372,6 +375,19 @@ impl Handler<Create> for Room {
             Status::Absent => {
                 if let Some((code, text)) = msg.refusal {
                     return msg.reply.nack(code, text);
+                }
+                // Counted from commits, so creates of one user in flight at the same
+                // moment in other rooms can pass together (at most their number over).
+                let created = self.store.rooms_created_by(&msg.user);
+                if created >= self.config.max_rooms_per_user {
+                    msg.reply.nack(
+                        Code::Limit,
+                        format!(
+                            "user {} already created {created} rooms, the limit",
+                            msg.user
+                        ),
+                    );
+                    return;
                 }
                 let Some(kind) = Kind::parse(&msg.kind) else {
                     msg.reply.nack(

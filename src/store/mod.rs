@@ -406,8 +406,10 @@ impl Store {
         txn.commit().map_err(|e| init_error(e.into()))?;
         retention::finish_deletions(&db, QUICK_REPAIR).map_err(init_error)?;
 
+        let counts = tables::count_creators(&db).map_err(init_error)?;
         let db = Arc::new(db);
         let health = Arc::new(Health::default());
+        health.set_rooms_by_creator(counts);
         // Bounded: when it is full, submit returns Full and the room nacks `unavailable`.
         // A bound of 0 would make every non-blocking send fail, so it is at least 1.
         let (queue, queue_rx) = mpsc::sync_channel(config.queue_len.max(1));
@@ -482,10 +484,15 @@ impl Store {
                 return Ok(outcome);
             }
         };
+        let creator = batch
+            .create
+            .and(batch.events.first())
+            .map(|event| event.user.clone());
         batch.events = Vec::new();
         self.send(Job::Batch(BatchJob {
             batch,
             rows,
+            creator,
             snapshot,
             reply,
         }))?;
@@ -645,6 +652,12 @@ impl Store {
     /// server (or another `Store`) has the dir open.
     pub fn compact(dir: &Path) -> Result<CompactReport, StoreError> {
         tools::compact(dir)
+    }
+
+    /// How many existing rooms `user` created: creations and deletions count once they
+    /// commit, so creations still in flight are not included. Non-blocking (memory).
+    pub fn rooms_created_by(&self, user: &str) -> usize {
+        self.inner.health.rooms_created_by(user)
     }
 
     /// Blocking: true when the store is healthy (writer alive, last commit did not fail).

@@ -332,6 +332,8 @@ enum Phase {
 pub struct Deletion {
     room: String,
     phase: Phase,
+    /// Who created the room, once its `creators` row is removed.
+    creator: Option<String>,
 }
 
 impl Deletion {
@@ -339,6 +341,7 @@ impl Deletion {
         Deletion {
             room: room.to_owned(),
             phase: Phase::Meta,
+            creator: None,
         }
     }
 
@@ -347,11 +350,18 @@ impl Deletion {
         Deletion {
             room: room.to_owned(),
             phase: Phase::Events,
+            creator: None,
         }
     }
 
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
+    }
+
+    /// The user who created the room, known once the piece that removed its meta row
+    /// committed (None for a deletion resumed after a crash, which had done that).
+    pub fn creator(&self) -> Option<&str> {
+        self.creator.as_deref()
     }
 
     /// Removes the next at most [`MAX_PIECE_ROWS`] rows of the room in the caller's
@@ -363,6 +373,11 @@ impl Deletion {
             self.phase = match self.phase {
                 Phase::Meta => {
                     tables.meta.remove(room)?;
+                    // In the same transaction as the meta row, so a deletion that
+                    // crashed after it has nothing left to uncount.
+                    if let Some(creator) = tables.creators.remove(room)? {
+                        self.creator = Some(creator.value().to_owned());
+                    }
                     tables.deleting.insert(room, ())?;
                     Phase::Events
                 }

@@ -13,6 +13,9 @@
 //!   run (as in `events`) instead of dirtying a random page per op: keyed by id, this
 //!   table was 60% of the writer's time (`roomd bench ingest`: 28.8k acked ops/s with
 //!   it, 53.2k without). The room keeps the id -> seq index in memory.
+//! - `creators`: `room` -> the user whose `create` made it, written with the creation
+//!   event and removed with the meta row; the store counts rooms per user from it
+//!   (`--max-rooms-per-user`).
 //! - `deleting`: `room` -> (), rooms whose deletion has removed their meta row but not
 //!   yet all their other rows (`retention.rs`).
 //!
@@ -35,6 +38,7 @@ pub(super) const OP_IDS: TableDefinition<(&str, u64), (&str, &str)> =
     TableDefinition::new("op_ids");
 pub(super) const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
 pub(super) const DELETING: TableDefinition<&str, ()> = TableDefinition::new("deleting");
+pub(super) const CREATORS: TableDefinition<&str, &str> = TableDefinition::new("creators");
 
 /// Creates any missing table, so read transactions on a new database find them all.
 pub fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
@@ -43,6 +47,7 @@ pub fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
     txn.open_table(OP_IDS)?;
     txn.open_table(SNAPSHOTS)?;
     txn.open_table(DELETING)?;
+    txn.open_table(CREATORS)?;
     Ok(())
 }
 
@@ -54,6 +59,7 @@ pub struct WriteTables<'txn> {
     pub op_ids: Table<'txn, (&'static str, u64), (&'static str, &'static str)>,
     pub snapshots: Table<'txn, (&'static str, u64), &'static [u8]>,
     pub deleting: Table<'txn, &'static str, ()>,
+    pub creators: Table<'txn, &'static str, &'static str>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -64,6 +70,7 @@ impl<'txn> WriteTables<'txn> {
             op_ids: txn.open_table(OP_IDS)?,
             snapshots: txn.open_table(SNAPSHOTS)?,
             deleting: txn.open_table(DELETING)?,
+            creators: txn.open_table(CREATORS)?,
         })
     }
 
@@ -102,6 +109,7 @@ impl<'txn> WriteTables<'txn> {
         &mut self,
         batch: &Batch,
         rows: &[(u64, Vec<u8>)],
+        creator: Option<&str>,
         snapshot: Option<(u64, &[u8])>,
     ) -> Result<Result<(), StoreError>, redb::StorageError> {
         let room = batch.room.as_str();
@@ -146,6 +154,9 @@ impl<'txn> WriteTables<'txn> {
             }
         }
 
+        if let (Some(_), Some(creator)) = (&batch.create, creator) {
+            self.creators.insert(room, creator)?;
+        }
         for (seq, row) in rows {
             self.events.insert((room, *seq), row.as_slice())?;
         }
@@ -198,6 +209,21 @@ pub fn encode_events(
         rows.push((event.seq, row));
     }
     Ok(rows)
+}
+
+/// How many rooms each user created (rooms deleted since do not count), from the
+/// `creators` table.
+pub fn count_creators(
+    db: &redb::Database,
+) -> Result<std::collections::HashMap<String, usize>, redb::Error> {
+    let txn = db.begin_read()?;
+    let creators = txn.open_table(CREATORS)?;
+    let mut counts = std::collections::HashMap::new();
+    for entry in creators.iter()? {
+        let (_, user) = entry?;
+        *counts.entry(user.value().to_owned()).or_insert(0) += 1;
+    }
+    Ok(counts)
 }
 
 /// One room's rows, open in one read transaction, so every read of a request sees the

@@ -746,3 +746,35 @@ fn compact_shrinks_the_file_after_deletions_and_needs_the_dir_lock() {
         Err(StoreError::NoDatabase { .. })
     ));
 }
+
+#[test]
+fn rooms_per_creator_count_creations_and_deletions_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // The creation event (seq 1) is by "user1" in these batches.
+    commit(&store, batch("a", 1, 3)).unwrap();
+    commit(&store, batch("b", 1, 1)).unwrap();
+    let mut other = batch("c", 1, 1);
+    other.events[0].user = "zed".into();
+    commit(&store, other).unwrap();
+    // Later events by others do not count, nor does a refused creation.
+    commit(&store, batch("a", 4, 6)).unwrap();
+    assert!(commit(&store, batch("b", 1, 1)).is_err());
+    assert_eq!(store.rooms_created_by("user1"), 2);
+    assert_eq!(store.rooms_created_by("zed"), 1);
+    assert_eq!(store.rooms_created_by("user2"), 0);
+
+    delete(&store, "a");
+    assert_eq!(store.rooms_created_by("user1"), 1);
+    store.shutdown();
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(store.rooms_created_by("user1"), 1);
+    assert_eq!(store.rooms_created_by("zed"), 1);
+    delete(&store, "c");
+    assert_eq!(store.rooms_created_by("zed"), 0);
+    // Created again, it counts again.
+    commit(&store, batch("a", 1, 1)).unwrap();
+    assert_eq!(store.rooms_created_by("user1"), 2);
+}

@@ -38,6 +38,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -83,6 +84,8 @@ pub struct BatchJob {
     pub batch: Batch,
     /// The events' `(seq, row)`, encoded by `submit` on the caller's thread.
     pub rows: Vec<(u64, Vec<u8>)>,
+    /// For a batch that creates its room: the user of the creation event.
+    pub creator: Option<String>,
     /// The snapshot's seq and row, encoded by `submit` on the caller's thread.
     pub snapshot: Option<(u64, Vec<u8>)>,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
@@ -120,6 +123,10 @@ pub struct Health {
     pieces: AtomicU64,
     /// Trim jobs queued or running, bounded by [`MAX_PENDING_TRIMS`].
     trims: AtomicUsize,
+    /// Rooms per creating user (users with none have no entry): filled from the
+    /// `creators` table at open, then moved by the writer as creations and deletions
+    /// commit.
+    rooms_by_creator: DashMap<String, usize>,
 }
 
 impl Health {
@@ -141,6 +148,30 @@ impl Health {
 
     pub fn pieces(&self) -> u64 {
         self.pieces.load(Ordering::Relaxed)
+    }
+
+    /// Rooms `user` created that exist (committed creations minus deletions).
+    pub fn rooms_created_by(&self, user: &str) -> usize {
+        self.rooms_by_creator.get(user).map_or(0, |n| *n)
+    }
+
+    /// Sets the counts read from the `creators` table at open.
+    pub fn set_rooms_by_creator(&self, counts: std::collections::HashMap<String, usize>) {
+        self.rooms_by_creator.clear();
+        for (user, n) in counts {
+            self.rooms_by_creator.insert(user, n);
+        }
+    }
+
+    fn count_created(&self, user: &str) {
+        *self.rooms_by_creator.entry(user.to_owned()).or_insert(0) += 1;
+    }
+
+    fn count_deleted(&self, user: &str) {
+        if let Some(mut n) = self.rooms_by_creator.get_mut(user) {
+            *n = n.saturating_sub(1);
+        }
+        self.rooms_by_creator.remove_if(user, |_, n| *n == 0);
     }
 
     /// One of the [`MAX_PENDING_TRIMS`] places for a trim job, or None when all are
@@ -412,6 +443,9 @@ impl Writer {
                 }
                 // A dropped receiver means the room gave up waiting; nothing to tell it.
                 for (job, outcome) in group.into_iter().zip(outcomes) {
+                    if let (Ok(()), Some(creator)) = (&outcome, &job.creator) {
+                        self.health.count_created(creator);
+                    }
                     let _ = job.reply.send(outcome);
                 }
                 if let Some(trim) = trim {
@@ -466,7 +500,12 @@ impl Writer {
                     .snapshot
                     .as_ref()
                     .map(|(seq, row)| (*seq, row.as_slice()));
-                outcomes.push(tables.apply(&job.batch, &job.rows, snapshot)?);
+                outcomes.push(tables.apply(
+                    &job.batch,
+                    &job.rows,
+                    job.creator.as_deref(),
+                    snapshot,
+                )?);
             }
             // After the batches, so a piece sees (and keeps) the heads they moved.
             if let Some(trim) = trim {
@@ -515,6 +554,9 @@ impl Writer {
                     self.committed(durable);
                     self.health.pieces.fetch_add(1, Ordering::Relaxed);
                     if deletion.is_done() {
+                        if let Some(creator) = deletion.creator() {
+                            self.health.count_deleted(creator);
+                        }
                         let _ = job.reply.send(Ok(()));
                         return;
                     }

@@ -445,3 +445,39 @@ async fn connections_over_the_per_ip_cap_are_closed_with_4429_until_one_leaves()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn creates_beyond_the_rooms_per_user_limit_are_nacked_limit_until_one_is_deleted() {
+    let server = Server::start(&["--max-rooms-per-user", "2"]).await;
+    let mut alice = server.client("alice").await;
+    for room in ["chat:quota-1", "chat:quota-2"] {
+        let reply = alice.create(room, "chat", json!({})).await;
+        assert_eq!(reply["t"], "ack", "{reply}");
+    }
+    let refused = alice.create("chat:quota-3", "chat", json!({})).await;
+    assert_eq!(refused["t"], "nack", "{refused}");
+    assert_eq!(refused["code"], "limit", "{refused}");
+    // Over HTTP too, and the refused room does not exist.
+    let http = server
+        .post_as(
+            "alice",
+            "/api/rooms",
+            &json!({"room": "chat:quota-4", "kind": "chat", "init": {}}),
+        )
+        .await;
+    assert_eq!(http.code(), "limit", "{}", http.text);
+    assert_eq!(server.get("/api/rooms/chat:quota-3").await.status, 404);
+    // The limit is per user.
+    let mut bob = server.client("bob").await;
+    let reply = bob.create("chat:quota-bob", "chat", json!({})).await;
+    assert_eq!(reply["t"], "ack", "{reply}");
+    // A deleted room no longer counts.
+    let deleted = server
+        .http("DELETE", "/api/rooms/chat:quota-1", &[], None)
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+    let again = alice
+        .reply_to(json!({"t": "create", "id": "again", "room": "chat:quota-3", "kind": "chat", "init": {}}))
+        .await;
+    assert_eq!(again["t"], "ack", "{again}");
+}
