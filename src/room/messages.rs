@@ -51,8 +51,8 @@ pub fn now_ms() -> i64 {
 /// Encodes one message in one encoding.
 pub fn encode(msg: &ServerMsg, encoding: Encoding) -> Frame {
     match encoding {
-        Encoding::Json => Frame::Text(crate::protocol::json::encode(msg).into()),
-        Encoding::Rkyv => Frame::Binary(crate::protocol::binary::encode(msg)),
+        Encoding::Json => Frame::text(crate::protocol::json::encode(msg)),
+        Encoding::Rkyv => Frame::binary(crate::protocol::binary::encode(msg)),
     }
 }
 

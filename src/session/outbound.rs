@@ -5,8 +5,10 @@
 //! while its write buffer is small, so the bytes charged here are what this connection
 //! holds in memory (plus one write buffer and the kernel's socket buffer). That is why
 //! frames do not go through `actix_ws::Session`: its channel holds 32 frames of any size
-//! that no byte limit sees. Frames are `Bytes` shared by reference: a diff encoded once
-//! is queued to every subscriber for a refcount.
+//! that no byte limit sees. Data frames are whole WebSocket frames (header included:
+//! server frames are unmasked, so the bytes are the same for every receiver), encoded
+//! once and shared by reference: a diff is queued to every subscriber for a refcount,
+//! and the body hands the same bytes to actix-http without another copy.
 //!
 //! Overflow policy (PROTOCOL.md "Limits"): when a push would take the queue past its byte
 //! limit, the queue is discarded and the connection is closed with 4001; the client
@@ -34,19 +36,38 @@ use parking_lot::Mutex;
 /// One frame waiting to be written.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    Text(Bytes),
-    Binary(Bytes),
+    /// A whole text or binary WebSocket frame, header included ([`Frame::text`],
+    /// [`Frame::binary`]).
+    Data(Bytes),
     Ping,
     Pong(Bytes),
 }
 
 impl Frame {
+    /// A text frame carrying `payload`, encoded now, once for every receiver.
+    pub fn text(payload: impl Into<Bytes>) -> Frame {
+        Frame::Data(wire(OpCode::Text, &payload.into()))
+    }
+
+    /// A binary frame carrying `payload`, encoded now, once for every receiver.
+    pub fn binary(payload: impl Into<Bytes>) -> Frame {
+        Frame::Data(wire(OpCode::Binary, &payload.into()))
+    }
+
+    /// Bytes charged to the queue: the whole frame for data, the payload for control.
     fn len(&self) -> usize {
         match self {
-            Frame::Text(b) | Frame::Binary(b) | Frame::Pong(b) => b.len(),
+            Frame::Data(b) | Frame::Pong(b) => b.len(),
             Frame::Ping => 0,
         }
     }
+}
+
+/// One unmasked, final WebSocket frame.
+fn wire(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut wire = BytesMut::with_capacity(payload.len() + 10);
+    Parser::write_message(&mut wire, payload, opcode, true, false);
+    wire.freeze()
 }
 
 /// How a push went.
@@ -195,8 +216,8 @@ impl Outbound {
         if inner.close_sent {
             return Poll::Ready(None);
         }
-        let mut wire = BytesMut::new();
         if let Some((code, reason)) = &inner.close {
+            let mut wire = BytesMut::new();
             let reason = CloseReason {
                 code: CloseCode::from(*code),
                 description: (!reason.is_empty()).then(|| truncate(reason, 123)),
@@ -211,13 +232,11 @@ impl Outbound {
         };
         inner.charged -= charged;
         drop(inner);
-        match frame {
-            Frame::Text(b) => Parser::write_message(&mut wire, b, OpCode::Text, true, false),
-            Frame::Binary(b) => Parser::write_message(&mut wire, b, OpCode::Binary, true, false),
-            Frame::Ping => Parser::write_message(&mut wire, b"", OpCode::Ping, true, false),
-            Frame::Pong(b) => Parser::write_message(&mut wire, b, OpCode::Pong, true, false),
-        }
-        Poll::Ready(Some(wire.freeze()))
+        Poll::Ready(Some(match frame {
+            Frame::Data(wire) => wire,
+            Frame::Ping => self::wire(OpCode::Ping, b""),
+            Frame::Pong(payload) => self::wire(OpCode::Pong, &payload),
+        }))
     }
 }
 
@@ -307,7 +326,7 @@ mod tests {
     use super::*;
 
     fn text(n: usize) -> Frame {
-        Frame::Text(Bytes::from(vec![b'x'; n]))
+        Frame::text(vec![b'x'; n])
     }
 
     #[test]

@@ -214,8 +214,8 @@ pub async fn ws_echo(
     actix_rt::spawn(async move {
         while let Some(item) = messages.next().await {
             let frame = match item {
-                Ok(AggregatedMessage::Text(text)) => Frame::Text(text.into_bytes()),
-                Ok(AggregatedMessage::Binary(bytes)) => Frame::Binary(bytes),
+                Ok(AggregatedMessage::Text(text)) => Frame::text(text.into_bytes()),
+                Ok(AggregatedMessage::Binary(bytes)) => Frame::binary(bytes),
                 Ok(AggregatedMessage::Ping(bytes)) => Frame::Pong(bytes),
                 Ok(AggregatedMessage::Pong(_)) => continue,
                 Ok(AggregatedMessage::Close(reason)) => {
