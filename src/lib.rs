@@ -31,7 +31,7 @@
 //!   bounded pieces), record formats, reads for recovery, history and time travel.
 //! - [`value`]: the domain `Value`, free of any serialization.
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids).
-//! - [`bench`]: `roomd bench`, the load generator; [`log_tool`]: `roomd log`.
+//! - [`bench`](mod@bench): `roomd bench`, the load generator; [`log_tool`]: `roomd log`.
 //!
 //! # Architecture invariants
 //!

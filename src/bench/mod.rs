@@ -4,7 +4,7 @@
 //! `--json`, one JSON object on stdout.
 //!
 //! Codemap: `fanout`, `ingest` and `connections` are the scenarios, each returning a
-//! [`report::Report`]; `server` starts and stops the local roomd; `proc_stats` reads a
+//! `report::Report`; `server` starts and stops the local roomd; `proc_stats` reads a
 //! server's CPU time and RSS from /proc; `client` opens WebSocket connections (from a
 //! chosen 127.0.0.x source address when asked); `progress` draws the bar on stderr.
 //!

@@ -2,7 +2,7 @@
 //!
 //! Frames arrive unaligned from the socket; the `unaligned` format feature makes that
 //! safe, and `rkyv::access` validates every byte (bytecheck) before anything is read.
-//! Values are flat (see [`WireValue`]), so validation depth does not grow with nesting.
+//! Values are flat (see [`WireValue`](super::message::WireValue)), so validation depth does not grow with nesting.
 
 use bytes::Bytes;
 use rkyv::rancor::Error as RkyvError;

@@ -1,7 +1,7 @@
 //! The WebSocket upgrade: `/ws` (rooms) and `/ws/echo` (conformance testing).
 //!
 //! Both go through the same path: Origin check, subprotocol choice, identity, the
-//! [`frame_guard`](super::frame_guard) in front of actix-ws, and the byte-bounded outbound
+//! [`frame_guard`] in front of actix-ws, and the byte-bounded outbound
 //! queue as the response body, which can cut the socket ([`KillSwitch`]) so a close
 //! never waits on a client that does not read.
 

@@ -446,7 +446,7 @@ impl Store {
     ///
     /// The batch's events and snapshot are encoded here, on the caller's thread, so the
     /// one writer thread only copies their bytes. Events that cannot be encoded (a row
-    /// over [`MAX_RECORD_BYTES`](record::MAX_RECORD_BYTES), a non-finite float) or that
+    /// over [`MAX_RECORD_BYTES`], a non-finite float) or that
     /// do not run gaplessly refuse the batch whole: the receiver resolves to that error
     /// at once and the writer never sees the batch.
     pub fn submit(

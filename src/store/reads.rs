@@ -11,7 +11,7 @@ use std::path::Path;
 use super::tables::RoomReads;
 use super::{AtSeq, EventsPage, Snapshot, StoreError};
 
-/// The most events one [`read_events`] page holds, whatever limit the caller asks for.
+/// The most events one [`Store::read_events`](super::Store::read_events) page holds, whatever limit the caller asks for.
 pub const MAX_PAGE_EVENTS: usize = 10_000;
 
 /// The retained events after `after`, at most `min(limit, MAX_PAGE_EVENTS)`, with the

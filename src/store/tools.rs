@@ -18,7 +18,7 @@ use super::record::{decode_event, decode_meta, decode_snapshot, StoredMeta};
 use super::tables::{EVENTS, META, OP_IDS, SNAPSHOTS};
 use super::{format, open_database, CompactReport, RoomInfo, StoreError, DEFAULT_CACHE_BYTES};
 
-/// The most problems [`verify`] reports; past it, one [`ProblemKind::TooMany`] ends the
+/// The most problems [`Store::verify`](super::Store::verify) reports; past it, one [`ProblemKind::TooMany`] ends the
 /// list and the scan stops.
 pub const MAX_PROBLEMS: usize = 1_000;
 
@@ -39,7 +39,7 @@ impl fmt::Display for Problem {
     }
 }
 
-/// What [`verify`] checks, one variant per way it can fail.
+/// What [`Store::verify`](super::Store::verify) checks, one variant per way it can fail.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProblemKind {
     #[error("metadata row does not decode: {error}")]
