@@ -404,6 +404,12 @@ fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
     // trim of the room is taken from the queue.
     fill(&store, "a", 5_000, 2_500, &[5_000]);
     let blocker = hold_writer(&store);
+    // Park the writer on a batch first: it takes the batch, then blocks on the held
+    // transaction, so every trim below stays queued. (Without this the writer could take
+    // `second` while the others are still being submitted, answer it AlreadyRunning at
+    // once and free its place early.)
+    let parked = store.submit(batch("park", 1, 1)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let first = store
         .submit_trim("a", TrimPolicy::history_events(0))
         .unwrap();
@@ -425,6 +431,7 @@ fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
         Some(SubmitError::Full)
     );
     drop(blocker);
+    parked.blocking_recv().unwrap().unwrap();
     assert_eq!(
         second.blocking_recv().unwrap().unwrap(),
         TrimOutcome::AlreadyRunning
