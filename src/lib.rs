@@ -30,6 +30,7 @@
 //! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
 //!   bounded pieces), record formats, reads for recovery, history and time travel.
 //! - [`value`]: the domain `Value`, free of any serialization.
+//! - [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc).
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids).
 //! - [`bench`](mod@bench): `roomd bench`, the load generator; [`log_tool`]: `roomd log`.
 //!
