@@ -291,7 +291,7 @@ impl<'a> Gen<'a> {
     }
 
     fn string(&mut self) -> String {
-        if self.byte() % 4 == 0 {
+        if self.byte().is_multiple_of(4) {
             let len = usize::from(self.byte() % 24);
             let raw: Vec<u8> = (0..len).map(|_| self.byte()).collect();
             String::from_utf8_lossy(&raw).into_owned()
@@ -334,7 +334,7 @@ impl<'a> Gen<'a> {
 
     /// A creation `init` shaped for `kind` most of the time, anything otherwise.
     fn init(&mut self, kind: Kind) -> Value {
-        if self.byte() % 8 == 0 {
+        if self.byte().is_multiple_of(8) {
             return self.value(0);
         }
         match kind {
@@ -364,7 +364,7 @@ impl<'a> Gen<'a> {
     /// read, holding plausible or arbitrary values.
     fn op(&mut self, kind: Kind, seq: u64) -> Value {
         let selector = self.byte();
-        if selector % 16 == 0 {
+        if selector.is_multiple_of(16) {
             return self.value(0);
         }
         let own = match kind {

@@ -72,7 +72,7 @@ pub fn small_map(i: u64, round: u64) -> Value {
         ("x", Value::Int((i * 7 + round * 13) as i64 % 1_000)),
         ("y", Value::Int(-((i * 11 + round * 3) as i64 % 1_000))),
         ("name", Value::Str(format!("player-{i}"))),
-        ("ready", Value::Bool((i + round) % 2 == 0)),
+        ("ready", Value::Bool((i + round).is_multiple_of(2))),
     ])
 }
 
