@@ -57,6 +57,7 @@ fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
                         public: vec![(key, Some(value))],
                         private: vec![],
                     },
+                    op_id: Some(format!("c{i}")),
                 },
                 undo: scratch.apply(0, &Changes::default()),
                 op_key: Some((Arc::from(user), format!("c{i}"))),

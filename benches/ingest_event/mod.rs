@@ -28,6 +28,7 @@ pub fn set_event(seq: u64) -> EventRecord {
             public: vec![(key, Some(value))],
             private: vec![],
         },
+        op_id: Some(format!("w0.{seq}")),
     }
 }
 
@@ -46,5 +47,6 @@ pub fn create_event() -> EventRecord {
         ts_ms: START_MS,
         op: Value::Null,
         changes,
+        op_id: Some("c0".to_owned()),
     }
 }

@@ -39,7 +39,7 @@ use crate::protocol::message::{ServerMsg, WireEntry, WireValue};
 use crate::protocol::Encoding;
 use crate::session::outbound::{Charge, Frame, Pushed};
 use crate::store::{
-    self, EventRecord, LoadedRoom, OpIdRecord, RoomMeta, Snapshot, Store, TrimOutcome, TrimPolicy,
+    self, EventRecord, LoadedRoom, RoomMeta, Snapshot, Store, TrimOutcome, TrimPolicy,
 };
 
 /// Settings every room shares, from the server `Config`.
@@ -510,6 +510,7 @@ impl Live {
             ts_ms: now_ms,
             op,
             changes,
+            op_id: op_key.as_ref().map(|(_, id)| id.clone()),
         };
         let epoch = self.epoch;
         if let Some(batch) = self.batches.back_mut() {
@@ -701,15 +702,6 @@ impl Room {
             room: self.room_id.to_string(),
             create: batch.create,
             events: batch.take_records(),
-            op_ids: batch
-                .op_ids
-                .iter()
-                .map(|(user, id, seq)| OpIdRecord {
-                    user: user.to_string(),
-                    op_id: id.clone(),
-                    seq: *seq,
-                })
-                .collect(),
             expire_op_ids_through: expire_through,
             snapshot,
         };
@@ -824,12 +816,20 @@ impl Room {
         if !count_due && !age_due {
             return;
         }
+        // The oldest op id the room still dedups against: trimmed events from there on
+        // keep their ids apart (`op_order` is in seq order).
+        let keep_op_ids_from = live
+            .op_order
+            .front()
+            .and_then(|key| live.op_ids.get(key).copied())
+            .unwrap_or(u64::MAX);
         let policy = TrimPolicy {
             history_events: self.config.history_events,
             older_than_ms: self.config.history_age.map(|age| {
                 let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
                 messages::now_ms().saturating_sub(age_ms)
             }),
+            keep_op_ids_from,
         };
         let Ok(done) = self.store.submit_trim(&self.room_id, policy) else {
             return;

@@ -149,6 +149,9 @@ pub struct EventRecord {
     pub ts_ms: i64,
     pub op: Value,
     pub changes: Changes,
+    /// The client's id for the op, when it carried one: stored in the event's row, so
+    /// dedup survives restarts without a row of its own.
+    pub op_id: Option<String>,
 }
 
 /// A client op id remembered for dedup, and the seq of the event it became.
@@ -182,9 +185,8 @@ pub struct Batch {
     pub room: String,
     pub create: Option<RoomMeta>,
     pub events: Vec<EventRecord>,
-    /// Op ids to remember, written after the expired ones are removed.
-    pub op_ids: Vec<OpIdRecord>,
-    /// Forget the op ids of events up to this seq (0: forget none).
+    /// Forget the op ids of trimmed events up to this seq (0: forget none). Op ids of
+    /// retained events live in their rows and go with them.
     pub expire_op_ids_through: u64,
     /// The room's state at some seq from 1 up to the batch's last event (the stored head
     /// when the batch has no events), written in the batch's transaction; a seq outside
@@ -204,7 +206,6 @@ impl Batch {
             room: room.into(),
             create: None,
             events: Vec::new(),
-            op_ids: Vec::new(),
             expire_op_ids_through: 0,
             snapshot: None,
         }
@@ -293,14 +294,20 @@ pub struct TrimPolicy {
     /// Events with `ts_ms` below this (ms since the Unix epoch) are old enough to go;
     /// None means no age limit. The caller reads the clock, so the store never does.
     pub older_than_ms: Option<i64>,
+    /// Op ids live in their events' rows; a trimmed event with a seq at or above this
+    /// keeps its op id in the `op_ids` table (the caller still dedups against it).
+    /// 0 keeps every trimmed event's id; `u64::MAX` none.
+    pub keep_op_ids_from: u64,
 }
 
 impl TrimPolicy {
-    /// The count limit alone: keep at least the last `history_events` events.
+    /// The count limit alone: keep at least the last `history_events` events, and the
+    /// op id of every trimmed event.
     pub fn history_events(history_events: u64) -> TrimPolicy {
         TrimPolicy {
             history_events,
             older_than_ms: None,
+            keep_op_ids_from: 0,
         }
     }
 }

@@ -23,9 +23,11 @@ use super::{EventRecord, RoomMeta, Snapshot};
 use crate::room::state::{Changes, Kind, Slot};
 use crate::value::{Value, MAX_DEPTH};
 
-/// The version byte in front of every event row. A reader refuses any other version
-/// rather than guessing at the layout.
-pub const EVENT_VERSION: u8 = 1;
+/// The version byte of event rows written now (with the op id). A reader refuses any
+/// version it does not know rather than guessing at the layout.
+pub const EVENT_VERSION: u8 = 2;
+/// Event rows written before op ids moved into them: read as events without an op id.
+const EVENT_VERSION_NO_OP_ID: u8 = 1;
 /// The version byte of meta rows written now (with the first retained seq).
 pub const META_VERSION: u8 = 2;
 /// Meta rows written before retention existed: kind, epoch and head only.
@@ -117,9 +119,23 @@ struct ChangeRow {
 }
 
 /// The stored form of an [`EventRecord`]. The seq is not repeated here: it is the
-/// row's key, and the key is authoritative.
+/// row's key, and the key is authoritative. The op id rides in the row, so a commit
+/// writes one row per op (the `op_ids` table only keeps ids whose events were trimmed).
 #[derive(rkyv::Archive, rkyv::Serialize)]
 struct EventRow {
+    user: String,
+    ts_ms: i64,
+    op: FlatValue,
+    public: Vec<ChangeRow>,
+    private: Vec<ChangeRow>,
+    op_id: Option<String>,
+}
+
+/// An event row of [`EVENT_VERSION_NO_OP_ID`]; read, never written.
+// Only its archived form is read; the tests build one to read back.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct EventRowNoOpId {
     user: String,
     ts_ms: i64,
     op: FlatValue,
@@ -189,12 +205,27 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
         op: flatten(&event.op)?,
         public: change_rows(&event.changes.public)?,
         private: change_rows(&event.changes.private)?,
+        op_id: event.op_id.clone(),
     };
     versioned(&row, EVENT_VERSION, MAX_RECORD_BYTES)
 }
 
-/// Decodes an event row stored under `seq`.
+/// Decodes an event row stored under `seq` (of either version).
 pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> {
+    if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
+        let row: &ArchivedEventRowNoOpId = access(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
+        return Ok(EventRecord {
+            seq,
+            user: row.user.as_str().to_owned(),
+            ts_ms: row.ts_ms.to_native(),
+            op: unflatten(&row.op)?,
+            changes: Changes {
+                public: changes_from_rows(row.public.as_slice())?,
+                private: changes_from_rows(row.private.as_slice())?,
+            },
+            op_id: None,
+        });
+    }
     let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
     Ok(EventRecord {
         seq,
@@ -205,12 +236,31 @@ pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> 
             public: changes_from_rows(row.public.as_slice())?,
             private: changes_from_rows(row.private.as_slice())?,
         },
+        op_id: row.op_id.as_ref().map(|id| id.as_str().to_owned()),
     })
+}
+
+/// The `(user, op id)` of an event row, without rebuilding its op or changes (the row
+/// is still validated whole). None for an event whose op carried no id.
+pub fn decode_event_op_id(bytes: &[u8]) -> Result<Option<(String, String)>, RecordError> {
+    if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
+        access::<ArchivedEventRowNoOpId>(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
+        return Ok(None);
+    }
+    let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
+    Ok(row
+        .op_id
+        .as_ref()
+        .map(|id| (row.user.as_str().to_owned(), id.as_str().to_owned())))
 }
 
 /// The timestamp of an event row, without rebuilding its op and changes (the row is
 /// still validated whole), for trimming by age.
 pub fn event_ts_ms(bytes: &[u8]) -> Result<i64, RecordError> {
+    if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
+        let row: &ArchivedEventRowNoOpId = access(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
+        return Ok(row.ts_ms.to_native());
+    }
     let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
     Ok(row.ts_ms.to_native())
 }
@@ -657,6 +707,7 @@ mod tests {
                 public: vec![("a".into(), Some(nested_value())), ("b".into(), None)],
                 private: vec![("voters".into(), Some(Value::List(vec![Value::Int(1)])))],
             },
+            op_id: Some("op-7".into()),
         }
     }
 
@@ -667,8 +718,8 @@ mod tests {
 
     fn assert_event_eq(a: &EventRecord, b: &EventRecord) {
         assert_eq!(
-            (a.seq, &a.user, a.ts_ms, &a.op, &a.changes),
-            (b.seq, &b.user, b.ts_ms, &b.op, &b.changes)
+            (a.seq, &a.user, a.ts_ms, &a.op, &a.changes, &a.op_id),
+            (b.seq, &b.user, b.ts_ms, &b.op, &b.changes, &b.op_id)
         );
     }
 
@@ -681,6 +732,41 @@ mod tests {
         assert_event_eq(&decoded, &original);
         assert_eq!(event_ts_ms(&bytes).unwrap(), -5);
         assert!(event_ts_ms(&bytes[..bytes.len() - 1]).is_err());
+        assert_eq!(
+            decode_event_op_id(&bytes).unwrap(),
+            Some(("alice".to_owned(), "op-7".to_owned()))
+        );
+        assert!(decode_event_op_id(&bytes[..bytes.len() - 1]).is_err());
+        let without = EventRecord {
+            op_id: None,
+            ..original
+        };
+        let bytes = encode_event(&without).unwrap();
+        assert_eq!(decode_event_op_id(&bytes).unwrap(), None);
+        assert_event_eq(&decode_event(7, &bytes).unwrap(), &without);
+    }
+
+    #[test]
+    fn event_rows_written_before_op_ids_moved_in_read_without_one() {
+        let original = event(nested_value());
+        let row = EventRowNoOpId {
+            user: original.user.clone(),
+            ts_ms: original.ts_ms,
+            op: flatten(&original.op).unwrap(),
+            public: change_rows(&original.changes.public).unwrap(),
+            private: change_rows(&original.changes.private).unwrap(),
+        };
+        let bytes = versioned(&row, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES).unwrap();
+        let decoded = decode_event(7, &bytes).unwrap();
+        assert_event_eq(
+            &decoded,
+            &EventRecord {
+                op_id: None,
+                ..original
+            },
+        );
+        assert_eq!(decode_event_op_id(&bytes).unwrap(), None);
+        assert_eq!(event_ts_ms(&bytes).unwrap(), -5);
     }
 
     #[test]
@@ -921,6 +1007,7 @@ mod tests {
             op: FlatValue { nodes },
             public: vec![],
             private: vec![],
+            op_id: None,
         };
         let bytes = versioned(&row, EVENT_VERSION, MAX_RECORD_BYTES).unwrap();
         decode_event(1, &bytes).map(|event| event.op)

@@ -246,8 +246,21 @@ impl Trim {
     ) -> Result<TrimState, redb::StorageError> {
         let room = self.job.room.as_str();
         let seqs = first_keys(&tables.events, room, 0, base, *budget)?;
+        let keep_from = self.job.policy.keep_op_ids_from;
         for &seq in &seqs {
-            tables.events.remove((room, seq))?;
+            // The event's op id outlives its row while the room still dedups against
+            // it; an id that cannot be read is dropped with its row (verify reports
+            // corrupt rows; dedup of that one op is all that is lost).
+            let removed = tables.events.remove((room, seq))?;
+            if seq < keep_from {
+                continue;
+            }
+            let Some(row) = removed else { continue };
+            if let Ok(Some((user, op_id))) = record::decode_event_op_id(row.value()) {
+                tables
+                    .op_ids
+                    .insert((room, seq), (user.as_str(), op_id.as_str()))?;
+            }
         }
         *budget -= seqs.len();
         self.report.events_deleted += seqs.len() as u64;

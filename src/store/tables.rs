@@ -169,10 +169,6 @@ impl<'txn> WriteTables<'txn> {
                     false
                 })?;
         }
-        for op in &batch.op_ids {
-            self.op_ids
-                .insert((room, op.seq), (op.user.as_str(), op.op_id.as_str()))?;
-        }
         let stored = StoredMeta {
             meta,
             head: new_head,
@@ -365,7 +361,35 @@ impl<'a> RoomReads<'a> {
         })
     }
 
-    /// The room's op ids, sorted by seq.
+    /// The op ids stored in the rows of events `from..=to` (those not loaded whole),
+    /// reading only the id out of each row.
+    pub fn event_op_ids(&self, from: u64, to: u64) -> Result<Vec<OpIdRecord>, StoreError> {
+        let mut op_ids = Vec::new();
+        if from > to {
+            return Ok(op_ids);
+        }
+        let range = self
+            .events
+            .range((self.room, from)..=(self.room, to))
+            .map_err(|e| self.read_error(e))?;
+        for entry in range {
+            let (key, value) = entry.map_err(|e| self.read_error(e))?;
+            let seq = key.value().1;
+            let id = record::decode_event_op_id(value.value()).map_err(|source| {
+                StoreError::Corrupt {
+                    room: self.room.to_owned(),
+                    seq: Some(seq),
+                    source,
+                }
+            })?;
+            if let Some((user, op_id)) = id {
+                op_ids.push(OpIdRecord { user, op_id, seq });
+            }
+        }
+        Ok(op_ids)
+    }
+
+    /// The op ids kept apart from the log (those of trimmed events), sorted by seq.
     pub fn op_ids(&self) -> Result<Vec<OpIdRecord>, StoreError> {
         let mut op_ids = Vec::new();
         let range = self
@@ -422,7 +446,27 @@ pub fn read_room(
         });
     }
     let events = reads.events(after.saturating_add(1), head, usize::MAX, head)?;
-    let op_ids = reads.op_ids()?;
+    // Op ids: those kept apart for trimmed events, then those in the rows of retained
+    // events, the loaded ones included. By seq, so a row written both ways (by a build
+    // that kept every id apart) counts once.
+    let mut by_seq: std::collections::BTreeMap<u64, OpIdRecord> =
+        reads.op_ids()?.into_iter().map(|op| (op.seq, op)).collect();
+    for op in reads.event_op_ids(first_retained, after)? {
+        by_seq.insert(op.seq, op);
+    }
+    for event in &events {
+        if let Some(op_id) = &event.op_id {
+            by_seq.insert(
+                event.seq,
+                OpIdRecord {
+                    user: event.user.clone(),
+                    op_id: op_id.clone(),
+                    seq: event.seq,
+                },
+            );
+        }
+    }
+    let op_ids = by_seq.into_values().collect();
     Ok(Some(LoadedRoom {
         meta,
         head,

@@ -39,6 +39,7 @@ pub(super) fn event(seq: u64) -> EventRecord {
             public: vec![(format!("key{seq}"), Some(Value::Int(seq as i64)))],
             private: vec![("creator".into(), None)],
         },
+        op_id: None,
     }
 }
 
@@ -71,11 +72,8 @@ fn reopen_after_shutdown_loads_every_committed_event_and_op_id() {
     assert!(store.is_healthy());
     commit(&store, batch("a", 1, 3)).unwrap();
     let mut more = batch("a", 4, 5);
-    more.op_ids.push(OpIdRecord {
-        user: "user1".into(),
-        op_id: "op-4".into(),
-        seq: 4,
-    });
+    // Event 4 is by user1 (see `event`).
+    more.events[0].op_id = Some("op-4".into());
     commit(&store, more).unwrap();
     commit(&store, batch("b", 1, 1)).unwrap();
     store.shutdown();
@@ -85,7 +83,9 @@ fn reopen_after_shutdown_loads_every_committed_event_and_op_id() {
     let a = store.load_room("a").unwrap().unwrap();
     assert_eq!((a.meta, a.head, a.first_retained), (meta(), 5, 1));
     assert_eq!(a.snapshot, None);
-    assert_eq!(a.events, (1..=5).map(event).collect::<Vec<_>>());
+    let mut expected: Vec<EventRecord> = (1..=5).map(event).collect();
+    expected[3].op_id = Some("op-4".into());
+    assert_eq!(a.events, expected);
     assert_eq!(
         a.op_ids,
         vec![OpIdRecord {
@@ -196,7 +196,7 @@ fn full_queue_is_reported_instead_of_blocking() {
 }
 
 #[test]
-fn op_ids_come_back_sorted_by_seq_and_expired_ones_are_gone() {
+fn op_ids_come_back_sorted_by_seq_from_the_event_rows() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let op = |user: &str, op_id: &str, seq| OpIdRecord {
@@ -205,33 +205,39 @@ fn op_ids_come_back_sorted_by_seq_and_expired_ones_are_gone() {
         seq,
     };
     let mut first = batch("a", 1, 4);
-    // Key order (user, op_id) differs from seq order on purpose.
-    first.op_ids = vec![
-        op("zed", "a", 1),
-        op("amy", "z", 2),
-        op("amy", "b", 3),
-        op("bob", "x", 4),
-    ];
+    // Id order differs from seq order on purpose; event 3 carries none.
+    for (event, id) in first
+        .events
+        .iter_mut()
+        .zip([Some("z"), Some("b"), None, Some("x")])
+    {
+        event.op_id = id.map(Into::into);
+    }
     commit(&store, first).unwrap();
     // Another room's op ids must not leak into this one's.
     let mut other = batch("ab", 1, 1);
-    other.op_ids = vec![op("amy", "q", 1)];
+    other.events[0].op_id = Some("q".into());
     commit(&store, other).unwrap();
-    let loaded = store.load_room("a").unwrap().unwrap();
-    let seqs: Vec<u64> = loaded.op_ids.iter().map(|op| op.seq).collect();
-    assert_eq!(seqs, vec![1, 2, 3, 4]);
-
-    let mut second = batch("a", 5, 5);
-    second.op_ids = vec![op("amy", "n", 5)];
-    second.expire_op_ids_through = 2;
-    commit(&store, second).unwrap();
     let loaded = store.load_room("a").unwrap().unwrap();
     assert_eq!(
         loaded.op_ids,
-        vec![op("amy", "b", 3), op("bob", "x", 4), op("amy", "n", 5)]
+        vec![
+            op("user1", "z", 1),
+            op("user2", "b", 2),
+            op("user1", "x", 4)
+        ]
     );
-    let other = store.load_room("ab").unwrap().unwrap();
-    assert_eq!(other.op_ids, vec![op("amy", "q", 1)]);
+    assert_eq!(loaded.events[0].op_id.as_deref(), Some("z"));
+
+    // Expiry forgets ids kept apart for trimmed events only: a retained event's id
+    // stays with its row (the room bounds what it remembers).
+    let mut second = batch("a", 5, 5);
+    second.events[0].op_id = Some("n".into());
+    second.expire_op_ids_through = 2;
+    commit(&store, second).unwrap();
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(loaded.op_ids.len(), 4);
+    assert_eq!(loaded.op_ids[3], op("user2", "n", 5));
 }
 
 #[test]

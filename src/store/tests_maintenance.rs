@@ -176,13 +176,7 @@ fn trim_keeps_what_the_policy_says_in_bounded_pieces_while_other_rooms_commit() 
     let store = open(dir.path());
     fill(&store, "big", 5_000, 500, &[1_000, 3_000, 4_500]);
     commit(&store, batch_with_snapshot("big", 5_001, 5_010, 5_010)).unwrap();
-    let mut ops = batch("big", 5_011, 5_011);
-    ops.op_ids = vec![OpIdRecord {
-        user: "user1".into(),
-        op_id: "early".into(),
-        seq: 10,
-    }];
-    commit(&store, ops).unwrap();
+    commit(&store, batch("big", 5_011, 5_011)).unwrap();
     let pieces_before = store.maintenance_pieces();
 
     // Head 5,011, history 500: the newest snapshot at or below 4,511 is 4,500.
@@ -212,8 +206,6 @@ fn trim_keeps_what_the_policy_says_in_bounded_pieces_while_other_rooms_commit() 
     assert_eq!((loaded.head, loaded.first_retained), (5_011, 4_501));
     assert_eq!(loaded.snapshot, Some(snapshot(5_010)));
     assert_eq!(seqs(&loaded.events), vec![5_011]);
-    // Trimming the log never touches op ids.
-    assert_eq!(loaded.op_ids.len(), 1);
     let kept: Vec<u64> = store
         .room_snapshots("big")
         .unwrap()
@@ -263,8 +255,8 @@ fn ts_of(seq: u64) -> i64 {
 
 fn by_age(history_events: u64, older_than_ms: i64) -> TrimPolicy {
     TrimPolicy {
-        history_events,
         older_than_ms: Some(older_than_ms),
+        ..TrimPolicy::history_events(history_events)
     }
 }
 
@@ -461,19 +453,11 @@ fn deletion_removes_every_row_in_queue_order_and_the_room_can_start_again() {
     let store = open(dir.path());
     fill(&store, "a", 4_500, 1_500, &[1_500, 3_000]);
     let mut with_ops = batch("a", 4_501, 4_501);
-    with_ops.op_ids = vec![OpIdRecord {
-        user: "user1".into(),
-        op_id: "x".into(),
-        seq: 4_501,
-    }];
+    with_ops.events[0].op_id = Some("x".into());
     commit(&store, with_ops).unwrap();
     // A room whose name starts with the deleted one keeps everything.
     let mut neighbour = batch_with_snapshot("ab", 1, 2, 2);
-    neighbour.op_ids = vec![OpIdRecord {
-        user: "user1".into(),
-        op_id: "x".into(),
-        seq: 1,
-    }];
+    neighbour.events[0].op_id = Some("x".into());
     commit(&store, neighbour).unwrap();
     let pieces_before = store.maintenance_pieces();
 
@@ -784,4 +768,47 @@ fn rooms_per_creator_count_creations_and_deletions_and_survive_reopen() {
     // Created again, it counts again.
     commit(&store, batch("a", 1, 1)).unwrap();
     assert_eq!(store.rooms_created_by("user1"), 2);
+}
+
+#[test]
+fn trimmed_events_keep_their_op_ids_from_the_policys_seq_until_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut first = batch("ids", 1, 10);
+    first.events[2].op_id = Some("three".into());
+    first.events[6].op_id = Some("seven".into());
+    first.snapshot = Some(snapshot(10));
+    commit(&store, first).unwrap();
+    let mut last = batch("ids", 11, 12);
+    last.events[1].op_id = Some("twelve".into());
+    commit(&store, last).unwrap();
+
+    // Events 1..=10 go (the snapshot at 10 covers them); ids from seq 5 on are kept.
+    let policy = TrimPolicy {
+        keep_op_ids_from: 5,
+        ..TrimPolicy::history_events(0)
+    };
+    assert!(matches!(
+        trim_by(&store, "ids", policy),
+        TrimOutcome::Done(_)
+    ));
+    let loaded = store.load_room("ids").unwrap().unwrap();
+    assert_eq!(loaded.first_retained, 11);
+    let ids: Vec<(u64, &str)> = loaded
+        .op_ids
+        .iter()
+        .map(|op| (op.seq, op.op_id.as_str()))
+        .collect();
+    assert_eq!(ids, vec![(7, "seven"), (12, "twelve")]);
+
+    // The room forgets ids up to 7: the kept one goes, the retained row's stays.
+    let expire = Batch {
+        expire_op_ids_through: 7,
+        ..batch("ids", 13, 13)
+    };
+    commit(&store, expire).unwrap();
+    let loaded = store.load_room("ids").unwrap().unwrap();
+    let seqs: Vec<u64> = loaded.op_ids.iter().map(|op| op.seq).collect();
+    assert_eq!(seqs, vec![12]);
+    assert!(store.verify().unwrap().is_empty());
 }

@@ -152,14 +152,15 @@ async fn time_travel_returns_the_state_at_any_retained_seq() {
 
 #[tokio::test]
 async fn retention_trims_behind_snapshots_and_old_positions_are_gone() {
-    let server = Server::start(&["--history-events", "10", "--snapshot-every", "5"]).await;
+    let mut server = Server::start(&["--history-events", "10", "--snapshot-every", "5"]).await;
     let room = "state:trimmed";
     let mut alice = server.client("alice").await;
     alice.create_ok(room, "state", json!({})).await;
     let snapshot = alice.sub(room).await;
     let epoch = snapshot["epoch"].clone();
+    let mut seqs = Vec::new();
     for i in 0..60 {
-        set(&mut alice, room, &format!("s{i}"), "k", json!(i)).await;
+        seqs.push(set(&mut alice, room, &format!("s{i}"), "k", json!(i)).await);
     }
     // Trimming runs in the background after a snapshot; wait for it with a deadline.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -203,6 +204,19 @@ async fn retention_trims_behind_snapshots_and_old_positions_are_gone() {
         .await;
     assert_eq!(recent["t"], "resumed", "{recent}");
     assert_eq!(recent["from"], 56);
+
+    // Op ids outlive the events they named: after the trim and a kill -9, re-sending
+    // an early op is answered with its original seq and applies nothing.
+    server.kill9().await;
+    server.restart().await;
+    let mut again = server.client("alice").await;
+    let resent = again
+        .op("s3", room, json!({"type": "set", "key": "k", "value": 3}))
+        .await;
+    assert_eq!(resent["t"], "ack", "{resent}");
+    assert_eq!(resent["seq"], seqs[3], "{resent}");
+    let state = server.room_state(room).await;
+    assert_eq!(state["seq"], seqs[59], "{state}");
 }
 
 #[tokio::test]
