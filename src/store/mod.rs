@@ -28,7 +28,9 @@
 //!   deletes the events before it, and never past a stored snapshot: events
 //!   `first_retained..=head` are always stored, and when `first_retained > 1` a snapshot
 //!   at or after `first_retained - 1` is too, so the room always loads.
-//! - Trimming never touches op ids; deletion removes everything of the room.
+//! - Trimming keeps the op ids the room still dedups against (`TrimPolicy::
+//!   keep_op_ids_from`), moving them from the trimmed rows to the `op_ids` table in the
+//!   same transaction; deletion removes everything of the room.
 //! - After a failed commit the store writes nothing more until restart (fail-stop).
 //! - Rows read from disk are decoded only through validated rkyv access, size first.
 //!
@@ -224,7 +226,8 @@ pub struct LoadedRoom {
     /// The events after the snapshot (every event without one), in seq order, gapless
     /// from the snapshot's seq + 1 (from 1) up to `head`.
     pub events: Vec<EventRecord>,
-    /// Sorted by seq.
+    /// Every stored op id (those of retained events and those kept for trimmed ones),
+    /// sorted by seq.
     pub op_ids: Vec<OpIdRecord>,
 }
 
@@ -511,8 +514,9 @@ impl Store {
     /// after them stamped before `older_than_ms`. `base` is the newest snapshot seq
     /// among the due events; events up to `base` and snapshots before it are deleted,
     /// in pieces of at most [`MAX_PIECE_ROWS`] rows per transaction interleaved with
-    /// batch commits, and the first retained seq becomes base + 1. Op ids are never
-    /// touched. With no such snapshot there is nothing to do.
+    /// batch commits, and the first retained seq becomes base + 1. The op ids of deleted
+    /// events from `keep_op_ids_from` on move to the `op_ids` table in the same
+    /// transaction. With no such snapshot there is nothing to do.
     ///
     /// The age run is found by reading events oldest first, no further than the newest
     /// snapshot, and ends at the first event not old enough, so the log stays gapless

@@ -8,11 +8,14 @@
 //!   retained seq in the same transaction as the trimming that deletes events, so a
 //!   reader never sees one without the other.
 //! - `snapshots`: `(room, seq)` -> snapshot row, the room's state at that seq.
-//! - `op_ids`: `(room, seq)` -> `(user, op_id)` of the op that became event `seq`, for
-//!   dedup. Keyed by seq, not by the id, so a commit appends at the end of each room's
-//!   run (as in `events`) instead of dirtying a random page per op: keyed by id, this
-//!   table was 60% of the writer's time (`roomd bench ingest`: 28.8k acked ops/s with
-//!   it, 53.2k without). The room keeps the id -> seq index in memory.
+//! - `op_ids`: `(room, seq)` -> `(user, op_id)` of a *trimmed* event whose op id the
+//!   room still dedups against (the trim copies it here, `retention.rs`). A retained
+//!   event's op id lives in its own row, so a commit writes one row per op: a row of its
+//!   own per op id was the writer's largest cost (keyed by id, 60% of its time and a
+//!   random page per op; keyed by seq, 87k-91k against 125k-134k acked ops/s with the
+//!   id in the event row, `roomd bench ingest --window 256`). Loading a room reads the
+//!   ids of this table and of every retained event row; the room keeps the id -> seq
+//!   index in memory and says which ids it no longer needs (`expire_op_ids_through`).
 //! - `creators`: `room` -> the user whose `create` made it, written with the creation
 //!   event and removed with the meta row; the store counts rooms per user from it
 //!   (`--max-rooms-per-user`).
