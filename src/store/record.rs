@@ -214,29 +214,49 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
 pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> {
     if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
         let row: &ArchivedEventRowNoOpId = access(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
-        return Ok(EventRecord {
+        return event_from_row(
             seq,
-            user: row.user.as_str().to_owned(),
-            ts_ms: row.ts_ms.to_native(),
-            op: unflatten(&row.op)?,
-            changes: Changes {
-                public: changes_from_rows(row.public.as_slice())?,
-                private: changes_from_rows(row.private.as_slice())?,
-            },
-            op_id: None,
-        });
+            &row.user,
+            row.ts_ms.to_native(),
+            &row.op,
+            &row.public,
+            &row.private,
+            None,
+        );
     }
     let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
+    let op_id = row.op_id.as_ref().map(|id| id.as_str().to_owned());
+    event_from_row(
+        seq,
+        &row.user,
+        row.ts_ms.to_native(),
+        &row.op,
+        &row.public,
+        &row.private,
+        op_id,
+    )
+}
+
+/// Rebuilds an event from the fields both row versions share.
+fn event_from_row(
+    seq: u64,
+    user: &rkyv::string::ArchivedString,
+    ts_ms: i64,
+    op: &ArchivedFlatValue,
+    public: &rkyv::vec::ArchivedVec<ArchivedChangeRow>,
+    private: &rkyv::vec::ArchivedVec<ArchivedChangeRow>,
+    op_id: Option<String>,
+) -> Result<EventRecord, RecordError> {
     Ok(EventRecord {
         seq,
-        user: row.user.as_str().to_owned(),
-        ts_ms: row.ts_ms.to_native(),
-        op: unflatten(&row.op)?,
+        user: user.as_str().to_owned(),
+        ts_ms,
+        op: unflatten(op)?,
         changes: Changes {
-            public: changes_from_rows(row.public.as_slice())?,
-            private: changes_from_rows(row.private.as_slice())?,
+            public: changes_from_rows(public.as_slice())?,
+            private: changes_from_rows(private.as_slice())?,
         },
-        op_id: row.op_id.as_ref().map(|id| id.as_str().to_owned()),
+        op_id,
     })
 }
 
