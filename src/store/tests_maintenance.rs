@@ -630,6 +630,7 @@ fn verify_reports_a_gap_and_a_corrupt_snapshot() {
         tables.snapshots.insert(("a", 8), garbage).unwrap();
         // Leftovers of a room with no meta row.
         tables.events.insert(("zombie", 1), garbage).unwrap();
+        tables.creators.insert("zombie", "user1").unwrap();
     });
 
     let store = open(dir.path());
@@ -654,6 +655,13 @@ fn verify_reports_a_gap_and_a_corrupt_snapshot() {
                     "zombie",
                     ProblemKind::Orphan {
                         table: "event",
+                        rows: 1
+                    }
+                ),
+                (
+                    "zombie",
+                    ProblemKind::Orphan {
+                        table: "creator",
                         rows: 1
                     }
                 ),

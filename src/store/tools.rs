@@ -15,7 +15,7 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::lock::DirLock;
 use super::record::{decode_event, decode_meta, decode_snapshot, StoredMeta};
-use super::tables::{EVENTS, META, OP_IDS, SNAPSHOTS};
+use super::tables::{CREATORS, EVENTS, META, OP_IDS, SNAPSHOTS};
 use super::{format, open_database, CompactReport, RoomInfo, StoreError, DEFAULT_CACHE_BYTES};
 
 /// The most problems [`Store::verify`](super::Store::verify) reports; past it, one [`ProblemKind::TooMany`] ends the
@@ -186,6 +186,7 @@ struct RoomScan {
     orphan_events: u64,
     orphan_snapshots: u64,
     orphan_op_ids: u64,
+    orphan_creators: u64,
 }
 
 /// Checks every row: meta rows, event rows and snapshot rows decode; each room's events
@@ -324,6 +325,16 @@ pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreErr
         }
     }
 
+    // A creator row goes in the same transaction as its room's meta row.
+    let creators = txn.open_table(CREATORS).map_err(|e| error(e.into()))?;
+    for entry in creators.iter().map_err(|e| error(e.into()))? {
+        let (key, _) = entry.map_err(|e| error(e.into()))?;
+        let room = key.value();
+        if !known(room) {
+            orphans.entry(room.to_owned()).or_default().orphan_creators += 1;
+        }
+    }
+
     for (room, scan) in &scans {
         let Some(meta) = stored(room) else {
             continue;
@@ -352,6 +363,7 @@ pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreErr
             ("event", scan.orphan_events),
             ("snapshot", scan.orphan_snapshots),
             ("op id", scan.orphan_op_ids),
+            ("creator", scan.orphan_creators),
         ];
         for (table, rows) in counts {
             if rows > 0 && !problems.push(room, ProblemKind::Orphan { table, rows }) {
