@@ -436,6 +436,9 @@ impl Deletion {
                     }
                 }
                 Phase::Mark => {
+                    // Gone with the meta row already; again here so a deletion resumed
+                    // after a crash leaves nothing of the room whatever it started from.
+                    tables.creators.remove(room)?;
                     tables.deleting.remove(room)?;
                     Phase::Done
                 }
