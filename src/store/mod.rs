@@ -226,8 +226,9 @@ pub struct LoadedRoom {
     /// The events after the snapshot (every event without one), in seq order, gapless
     /// from the snapshot's seq + 1 (from 1) up to `head`.
     pub events: Vec<EventRecord>,
-    /// Every stored op id (those of retained events and those kept for trimmed ones),
-    /// sorted by seq.
+    /// The op ids kept for trimmed events, those of the events after the snapshot, and
+    /// those of the newest retained events before it (up to
+    /// [`MAX_LOADED_OP_IDS`](tables::MAX_LOADED_OP_IDS) in all), sorted by seq.
     pub op_ids: Vec<OpIdRecord>,
 }
 

@@ -366,16 +366,26 @@ impl<'a> RoomReads<'a> {
 
     /// The op ids stored in the rows of events `from..=to` (those not loaded whole),
     /// reading only the id out of each row.
-    pub fn event_op_ids(&self, from: u64, to: u64) -> Result<Vec<OpIdRecord>, StoreError> {
+    /// Newest first, and at most `limit` of them: a long log (a large
+    /// `--history-events`) is not read whole for ids the room would forget at once.
+    pub fn event_op_ids(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<OpIdRecord>, StoreError> {
         let mut op_ids = Vec::new();
-        if from > to {
+        if from > to || limit == 0 {
             return Ok(op_ids);
         }
         let range = self
             .events
             .range((self.room, from)..=(self.room, to))
             .map_err(|e| self.read_error(e))?;
-        for entry in range {
+        for entry in range.rev() {
+            if op_ids.len() >= limit {
+                break;
+            }
             let (key, value) = entry.map_err(|e| self.read_error(e))?;
             let seq = key.value().1;
             let id = record::decode_event_op_id(value.value()).map_err(|source| {
@@ -411,6 +421,11 @@ impl<'a> RoomReads<'a> {
         Ok(op_ids)
     }
 }
+
+/// The most op ids a room load reads out of event rows before the snapshot: a room
+/// remembers 10,000 to 11,000 (`RoomConfig::op_ids_kept` and its slack), so older ones
+/// would be forgotten at its next commit anyway.
+pub const MAX_LOADED_OP_IDS: usize = 11_000;
 
 /// Reads one room in a read transaction: its meta, newest snapshot, the events after it
 /// (checked gapless up to the head) and op ids sorted by seq. `Ok(None)` if it does not
@@ -454,7 +469,9 @@ pub fn read_room(
     // that kept every id apart) counts once.
     let mut by_seq: std::collections::BTreeMap<u64, OpIdRecord> =
         reads.op_ids()?.into_iter().map(|op| (op.seq, op)).collect();
-    for op in reads.event_op_ids(first_retained, after)? {
+    let loaded_ids = events.iter().filter(|event| event.op_id.is_some()).count();
+    let limit = MAX_LOADED_OP_IDS.saturating_sub(loaded_ids);
+    for op in reads.event_op_ids(first_retained, after, limit)? {
         by_seq.insert(op.seq, op);
     }
     for event in &events {

@@ -820,3 +820,34 @@ fn trimmed_events_keep_their_op_ids_from_the_policys_seq_until_expired() {
     assert_eq!(seqs, vec![12]);
     assert!(store.verify().unwrap().is_empty());
 }
+
+#[test]
+fn a_load_reads_only_the_newest_op_ids_of_a_long_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let total = super::tables::MAX_LOADED_OP_IDS as u64 + 1_000;
+    let mut first = 1;
+    while first <= total {
+        // Batches end at the snapshot (10 before the head), then the last 10.
+        let last = if first <= total - 10 {
+            (first + 999).min(total - 10)
+        } else {
+            total
+        };
+        let mut next = batch("long", first, last);
+        for event in &mut next.events {
+            event.op_id = Some(format!("id{}", event.seq));
+        }
+        if last == total - 10 {
+            next.snapshot = Some(snapshot(last));
+        }
+        commit(&store, next).unwrap();
+        first = last + 1;
+    }
+    let loaded = store.load_room("long").unwrap().unwrap();
+    assert_eq!(loaded.op_ids.len(), super::tables::MAX_LOADED_OP_IDS);
+    // The newest ones, in seq order, the 10 after the snapshot included.
+    assert_eq!(loaded.op_ids.first().map(|op| op.seq), Some(1_001));
+    assert_eq!(loaded.op_ids.last().map(|op| op.seq), Some(total));
+    assert!(loaded.op_ids.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+}
