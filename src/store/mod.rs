@@ -228,7 +228,7 @@ pub struct LoadedRoom {
     pub events: Vec<EventRecord>,
     /// The op ids kept for trimmed events, those of the events after the snapshot, and
     /// those of the newest retained events before it (up to
-    /// [`MAX_LOADED_OP_IDS`](tables::MAX_LOADED_OP_IDS) in all), sorted by seq.
+    /// `MAX_LOADED_OP_IDS`, 11,000, in all), sorted by seq.
     pub op_ids: Vec<OpIdRecord>,
 }
 
