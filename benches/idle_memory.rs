@@ -14,14 +14,17 @@
 //!    Then one room is read over HTTP (it reloads: seq 2) and the server gets SIGTERM
 //!    (exit 0 required).
 //!
+//! `ROOMD_IDLE_SMAPS=DIR` copies the server's `/proc/PID/smaps` at the end of each idle
+//! poll to `DIR/NAME.smaps`, to see which mappings hold the memory.
+//!
 //! Rooms touched more than 3 s before the end of the fill may already have stopped, so
 //! `after_fill` is not "every room loaded". RSS per loaded room comes from a separate
 //! `hold` run with `--room-idle 1h`: (RssAnon after the fill - fresh) / rooms.
 //!
-//! The idle run is repeated per glibc malloc setting of the server process
-//! (`ROOMD_IDLE_MALLOC`, comma separated, default all): `glibc` (defaults), `arena2`
-//! (`MALLOC_ARENA_MAX=2`), `arena2-trim` (plus `MALLOC_TRIM_THRESHOLD_=131072`
-//! `MALLOC_TOP_PAD_=0`). `ROOMD_IDLE_ROOMS` changes the room count, `ROOMD_IDLE_HOLD=0`
+//! The idle run is repeated per mimalloc setting of the server process
+//! (`ROOMD_IDLE_MALLOC`, comma separated, default `default,purge0`): `default`,
+//! `purge0` (`MIMALLOC_PURGE_DELAY=0`: freed memory goes back at once), and `stats`
+//! (mimalloc prints its statistics at exit; the end of the server log is printed). `ROOMD_IDLE_ROOMS` changes the room count, `ROOMD_IDLE_HOLD=0`
 //! skips the hold run. Prints a table (MiB; RssAnon in parentheses) and one JSON line.
 //!
 //! Run: `cargo build --release && cargo bench --bench idle_memory`.
@@ -69,20 +72,16 @@ struct MallocConfig {
 
 const MALLOC_CONFIGS: [MallocConfig; 3] = [
     MallocConfig {
-        name: "glibc",
+        name: "default",
         env: &[],
     },
     MallocConfig {
-        name: "arena2",
-        env: &[("MALLOC_ARENA_MAX", "2")],
+        name: "purge0",
+        env: &[("MIMALLOC_PURGE_DELAY", "0")],
     },
     MallocConfig {
-        name: "arena2-trim",
-        env: &[
-            ("MALLOC_ARENA_MAX", "2"),
-            ("MALLOC_TRIM_THRESHOLD_", "131072"),
-            ("MALLOC_TOP_PAD_", "0"),
-        ],
+        name: "stats",
+        env: &[("MIMALLOC_SHOW_STATS", "1"), ("MIMALLOC_VERBOSE", "1")],
     },
 ];
 
@@ -119,9 +118,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn selected_configs() -> Vec<&'static MallocConfig> {
-    let Ok(wanted) = std::env::var("ROOMD_IDLE_MALLOC") else {
-        return MALLOC_CONFIGS.iter().collect();
-    };
+    let wanted = std::env::var("ROOMD_IDLE_MALLOC").unwrap_or_else(|_| "default,purge0".to_owned());
     wanted
         .split(',')
         .map(str::trim)
@@ -166,6 +163,15 @@ fn main() {
     let hold_run = hold.then(|| hold_run(&bin, tmp.path(), rooms, &runtime));
     let load_after = support::loadavg();
     report(rooms, &runs, hold_run.as_ref(), &load_before, &load_after);
+
+    if selected_configs().iter().any(|c| c.name == "stats") {
+        let log = std::fs::read_to_string(tmp.path().join("server.stderr")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        println!("end of the server log (mimalloc statistics):");
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            println!("  {line}");
+        }
+    }
 
     let (n_problems, first) = support::log_problems(&tmp.path().join("server.stderr"), 5);
     if n_problems > 0 {
@@ -252,6 +258,13 @@ fn idle_run(
         }
     };
     let polled_s = polled.elapsed().as_secs_f64();
+    if let Ok(dir) = std::env::var("ROOMD_IDLE_SMAPS") {
+        let to = Path::new(&dir).join(format!("{}.smaps", config.name));
+        let from = format!("/proc/{}/smaps", server.pid());
+        if let Err(e) = std::fs::copy(&from, &to) {
+            eprintln!("cannot copy {from} to {}: {e}", to.display());
+        }
+    }
     eprintln!(
         "{}: after {polled_s:.0} s idle {:.1} MiB (anon {:.1}), threads {}",
         config.name,

@@ -17,7 +17,7 @@ use crate::protocol::json::{entries_json, to_value};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
 use crate::room::state::{Kind, RoomState};
 use crate::server::Shared;
-use crate::store::EventsPage;
+use crate::store::{EventsPage, Store};
 
 /// Registers the routes on an actix-web service config.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -319,11 +319,13 @@ impl Query {
     }
 }
 
-/// Runs a blocking store read off the async threads.
+/// Runs a blocking store read off the async threads (bounded by the store's read
+/// permits, shared with room loads).
 async fn blocking<T: Send + 'static>(
-    read: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+    store: &Store,
+    read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(read).await {
+    match store.read_blocking(read).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(ApiError::new(Code::Unavailable, e.to_string())),
         Err(e) => Err(ApiError::new(
@@ -336,9 +338,8 @@ async fn blocking<T: Send + 'static>(
 /// `GET /api/rooms/{room}?at=N`: the state as it was at seq N, rebuilt from the newest
 /// snapshot at or before N and the logged changes after it.
 async fn read_room_at(shared: &Shared, room: &str, at: u64) -> Result<HttpResponse, ApiError> {
-    let store = shared.store.clone();
     let room_id = room.to_owned();
-    let found = blocking(move || store.read_at(&room_id, at)).await?;
+    let found = blocking(&shared.store, move |store| store.read_at(&room_id, at)).await?;
     let Some(found) = found else {
         return Err(ApiError::new(Code::NotFound, format!("no room {room}")));
     };
@@ -406,9 +407,11 @@ async fn read_events(
     let query = Query::parse(&req)?;
     let after = query.after.unwrap_or(0);
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_EVENTS_PAGE) as usize;
-    let store = shared.store.clone();
     let room_id = room.clone();
-    let page = blocking(move || store.read_events(&room_id, after, limit)).await?;
+    let page = blocking(&shared.store, move |store| {
+        store.read_events(&room_id, after, limit)
+    })
+    .await?;
     let Some(page) = page else {
         return Err(ApiError::new(Code::NotFound, format!("no room {room}")));
     };

@@ -25,3 +25,33 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// The long-lived threads that hand their freed memory back when the server goes quiet:
+/// the room threads and the HTTP workers, which register themselves. mimalloc keeps
+/// freed pages with the thread that allocated them, so each must collect on its own.
+#[derive(Default)]
+pub struct QuietThreads {
+    arbiters: parking_lot::Mutex<Vec<actix::ArbiterHandle>>,
+}
+
+impl QuietThreads {
+    /// Registers the calling thread's arbiter, if it runs one (call once per thread, on
+    /// that thread).
+    pub fn register_current(&self) {
+        if let Some(arbiter) = actix_rt::Arbiter::try_current() {
+            self.register(arbiter);
+        }
+    }
+
+    pub fn register(&self, arbiter: actix::ArbiterHandle) {
+        self.arbiters.lock().push(arbiter);
+    }
+
+    /// Has every registered thread run [`release_thread_memory`]; forgets threads that
+    /// have stopped.
+    pub fn release_all(&self) {
+        self.arbiters
+            .lock()
+            .retain(|arbiter| arbiter.spawn_fn(release_thread_memory));
+    }
+}

@@ -70,6 +70,7 @@ pub async fn run(
         cache_bytes: config.cache_bytes,
         queue_len: 4096,
         durability: config.durability,
+        quiet_reopen: Some(crate::store::DEFAULT_QUIET_REOPEN),
     };
     // Opening takes the lock and may repair the file: blocking work, off this thread.
     // Installed before the store opens, so the writer's first commits are counted.
@@ -118,9 +119,17 @@ pub async fn run(
         config: config.clone(),
     });
 
+    // The room threads and (as each builds its app) the HTTP workers.
+    let quiet_threads = Arc::new(crate::memory::QuietThreads::default());
+    for arbiter in registry.arbiters() {
+        quiet_threads.register(arbiter.clone());
+    }
     let app_shared = shared.clone();
     let enable_echo = config.enable_echo;
+    let worker_threads = quiet_threads.clone();
     let server = HttpServer::new(move || {
+        // Runs once on each worker thread, as it starts.
+        worker_threads.register_current();
         let mut app = App::new()
             .app_data(app_shared.clone())
             .app_data(web::PayloadConfig::new(app_shared.config.max_frame))
@@ -181,7 +190,8 @@ pub async fn run(
             let stopped = trimming.stopped_count();
             if stopped != trimmed_at {
                 trimmed_at = stopped;
-                trimming.release_memory(crate::memory::release_thread_memory);
+                trimming.shrink();
+                quiet_threads.release_all();
                 let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
             }
         }

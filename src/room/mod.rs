@@ -322,7 +322,10 @@ impl Actor for Room {
         let store = self.store.clone();
         let room_id = self.room_id.clone();
         let load = async move {
-            match tokio::task::spawn_blocking(move || store.load_room(&room_id)).await {
+            match store
+                .read_blocking(move |store| store.load_room(&room_id))
+                .await
+            {
                 Ok(Ok(room)) => Ok(room),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(format!("room load task failed: {e}")),

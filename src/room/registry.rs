@@ -91,14 +91,14 @@ impl Registry {
         self.rooms.len()
     }
 
-    /// After many rooms stopped: gives the map's spare capacity back, and has each room
-    /// thread run `release` (the allocator keeps freed memory per thread).
-    pub fn release_memory(&self, release: fn()) {
+    /// After many rooms stopped: gives the map's spare capacity back.
+    pub fn shrink(&self) {
         self.rooms.shrink_to_fit();
-        for arbiter in &self.arbiters {
-            // False only if the arbiter stopped (shutdown): nothing to release there.
-            let _ = arbiter.spawn_fn(release);
-        }
+    }
+
+    /// The room threads.
+    pub fn arbiters(&self) -> &[ArbiterHandle] {
+        &self.arbiters
     }
 
     pub fn is_empty(&self) -> bool {

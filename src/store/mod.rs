@@ -68,7 +68,7 @@ pub use tools::{Problem, ProblemKind, MAX_PROBLEMS};
 pub use writer::MAX_GROUP_BATCHES;
 
 use lock::DirLock;
-use writer::{BatchJob, DeleteJob, Health, Job, TrimJob, Writer};
+use writer::{BatchJob, DbSlot, DeleteJob, Health, Job, TrimJob, Writer};
 
 /// Whether write transactions save redb's allocator state ("quick repair"), so a
 /// reopen after a crash needs no full repair. Measured with redb 4.6 on this project's
@@ -93,8 +93,14 @@ use writer::{BatchJob, DeleteJob, Health, Job, TrimJob, Writer};
 /// fsync'd commits pay it.
 pub const QUICK_REPAIR: bool = true;
 
+/// Most blocking store reads (room loads, history and time-travel requests) running at
+/// once; more wait. Reads mostly hit redb's cache, so a few threads keep 2 cores busy.
+pub const MAX_CONCURRENT_READS: usize = 16;
+
 /// The default redb cache size.
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// The default [`StoreConfig::quiet_reopen`].
+pub const DEFAULT_QUIET_REOPEN: Duration = Duration::from_secs(5);
 /// The default writer queue bound, in batches.
 pub const DEFAULT_QUEUE_LEN: usize = 4096;
 
@@ -109,6 +115,10 @@ pub struct StoreConfig {
     pub queue_len: usize,
     /// When a commit reaches the disk.
     pub durability: Durability,
+    /// How long the writer waits without a job before it closes and reopens the
+    /// database, which empties redb's page cache (redb has no call to drop it), and
+    /// hands its freed memory back to the OS. `None` never reopens.
+    pub quiet_reopen: Option<Duration>,
 }
 
 impl StoreConfig {
@@ -119,6 +129,7 @@ impl StoreConfig {
             cache_bytes: DEFAULT_CACHE_BYTES,
             queue_len: DEFAULT_QUEUE_LEN,
             durability: Durability::Immediate,
+            quiet_reopen: Some(DEFAULT_QUIET_REOPEN),
         }
     }
 }
@@ -354,16 +365,19 @@ pub struct Store {
 
 struct Inner {
     db_path: PathBuf,
-    /// Read by `load_room`; written only by the writer thread.
+    /// Read by `load_room`; swapped by the writer thread when it reopens the database.
     /// Taken at shutdown, so the database closes (and its file is marked clean) as
     /// soon as the writer and any read in progress let go of it.
-    db: RwLock<Option<Arc<redb::Database>>>,
+    db: Arc<DbSlot>,
     /// The queue's sending end. `submit` holds the read lock while it sends; `shutdown`
     /// takes it out, which closes the queue once the writer has drained it.
     queue: RwLock<Option<SyncSender<Job>>>,
     /// Joined by `shutdown`; the mutex makes a concurrent second `shutdown` wait for it.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     health: Arc<Health>,
+    /// Permits for blocking reads run through [`Store::read_blocking`]: at most
+    /// [`MAX_CONCURRENT_READS`] at a time, the rest wait their turn (FIFO).
+    reads: Arc<tokio::sync::Semaphore>,
     /// XORed into every stored epoch; changes after an unclean stop under `none`
     /// (see `epochs.rs`).
     epoch_salt: u64,
@@ -419,13 +433,19 @@ impl Store {
 
         let counts = tables::count_creators(&db).map_err(init_error)?;
         let db = Arc::new(db);
+        let slot = Arc::new(RwLock::new(Some(db.clone())));
         let health = Arc::new(Health::default());
         health.set_rooms_by_creator(counts);
         // Bounded: when it is full, submit returns Full and the room nacks `unavailable`.
         // A bound of 0 would make every non-blocking send fail, so it is at least 1.
         let (queue, queue_rx) = mpsc::sync_channel(config.queue_len.max(1));
         let writer = Writer::new(
-            db.clone(),
+            writer::Opened {
+                db,
+                slot: slot.clone(),
+                cache_bytes: config.cache_bytes,
+                quiet_reopen: config.quiet_reopen,
+            },
             db_path.clone(),
             queue_rx,
             config.durability,
@@ -440,10 +460,11 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 db_path,
-                db: RwLock::new(Some(db)),
+                db: slot,
                 queue: RwLock::new(Some(queue)),
                 writer: Mutex::new(Some(handle)),
                 health,
+                reads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
                 epoch_salt,
                 _lock: lock,
             }),
@@ -591,6 +612,27 @@ impl Store {
         }
     }
 
+    /// Runs a blocking read (`load_room`, `read_events`, ...) on tokio's blocking
+    /// threads, at most [`MAX_CONCURRENT_READS`] at a time across the process. Without
+    /// the bound, a burst of room loads started one thread each (about 400 while 100,000
+    /// rooms were created), and each thread's allocations outlived it as fragmentation.
+    /// Err only if `read` panicked.
+    pub async fn read_blocking<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        // The semaphore is never closed, so acquiring only fails if it was; then the
+        // read runs unbounded rather than not at all.
+        let permit = self.inner.reads.clone().acquire_owned().await.ok();
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let value = read(&store);
+            drop(permit);
+            value
+        })
+        .await
+    }
+
     /// The open database, for a blocking read.
     fn db(&self) -> Result<Arc<redb::Database>, StoreError> {
         self.inner
@@ -682,6 +724,12 @@ impl Store {
         self.inner.health.commits()
     }
 
+    /// Times the writer closed and reopened the database to empty its page cache (see
+    /// [`StoreConfig::quiet_reopen`]).
+    pub fn reopens(&self) -> u64 {
+        self.inner.health.reopens()
+    }
+
     /// Trimming and deletion pieces committed so far (each at most [`MAX_PIECE_ROWS`]
     /// row deletions).
     pub fn maintenance_pieces(&self) -> u64 {
@@ -703,7 +751,10 @@ impl Store {
 
 /// Opens (or creates) the database file with the cache size set explicitly, logging the
 /// progress of a full repair if the last run did not close it cleanly.
-fn open_database(db_path: &Path, cache_bytes: usize) -> Result<redb::Database, StoreError> {
+pub(crate) fn open_database(
+    db_path: &Path,
+    cache_bytes: usize,
+) -> Result<redb::Database, StoreError> {
     let shown = db_path.display().to_string();
     redb::Builder::new()
         .set_cache_size(cache_bytes)

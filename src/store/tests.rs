@@ -486,3 +486,47 @@ fn values_of_every_shape_survive_the_disk() {
     commit(&store, nested).unwrap();
     assert_eq!(store.load_room("a").unwrap().unwrap().events, expected);
 }
+
+/// Polls `done` every 10 ms for up to 10 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_quiet_writer_reopens_the_database_unless_a_read_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        quiet_reopen: Some(Duration::from_millis(50)),
+        ..StoreConfig::new(dir.path())
+    };
+    let store = Store::open(config).unwrap();
+    commit(&store, batch("a", 1, 2)).unwrap();
+    wait_until("the first reopen", || store.reopens() == 1);
+    // The reopened database has everything, and takes writes.
+    assert_eq!(store.load_room("a").unwrap().unwrap().head, 2);
+    commit(&store, batch("a", 3, 4)).unwrap();
+
+    // A read in progress (its handle on the database) postpones the next reopen.
+    let reading = store.db().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(store.reopens(), 1, "reopened under a read in progress");
+    drop(reading);
+    wait_until("the second reopen", || store.reopens() == 2);
+    assert_eq!(store.load_room("a").unwrap().unwrap().head, 4);
+    assert!(store.is_healthy());
+
+    // Once quiet and reopened, no further reopen happens without a new job.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(store.reopens(), 2);
+    store.shutdown();
+    drop(store);
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    assert_eq!(store.load_room("a").unwrap().unwrap().head, 4);
+}

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use crate::metrics::names;
@@ -121,6 +121,8 @@ pub struct Health {
     commits: AtomicU64,
     /// Committed trimming and deletion pieces.
     pieces: AtomicU64,
+    /// Times the writer reopened the database.
+    reopens: AtomicU64,
     /// Trim jobs queued or running, bounded by [`MAX_PENDING_TRIMS`].
     trims: AtomicUsize,
     /// Rooms per creating user (users with none have no entry): filled from the
@@ -144,6 +146,10 @@ impl Health {
 
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    pub fn reopens(&self) -> u64 {
+        self.reopens.load(Ordering::Relaxed)
     }
 
     pub fn pieces(&self) -> u64 {
@@ -222,9 +228,27 @@ enum Next {
     Closed,
 }
 
+/// The open database as readers find it: `None` once the store shuts down (or if a
+/// reopen failed).
+pub type DbSlot = RwLock<Option<Arc<redb::Database>>>;
+
+/// The open database and what the writer needs to reopen it.
+pub struct Opened {
+    pub db: Arc<redb::Database>,
+    /// Where readers get the database; shared with the `Store` handle.
+    pub slot: Arc<DbSlot>,
+    pub cache_bytes: usize,
+    /// See `StoreConfig::quiet_reopen`.
+    pub quiet_reopen: Option<Duration>,
+}
+
 /// The writer thread's state; it owns the receiving end of the queue.
 pub struct Writer {
-    db: Arc<redb::Database>,
+    /// `None` only if a reopen failed (the store is then fail-stopped).
+    db: Option<Arc<redb::Database>>,
+    slot: Arc<DbSlot>,
+    cache_bytes: usize,
+    quiet_reopen: Option<Duration>,
     /// For error messages only.
     db_path: PathBuf,
     queue: Receiver<Job>,
@@ -236,16 +260,14 @@ pub struct Writer {
     trims: VecDeque<Trim>,
     /// When the oldest commit not yet fsync'd happened.
     unsynced_since: Option<Instant>,
-    /// Whether freed memory was handed back since the last job (see [`QUIET`]).
+    /// Whether the database was reopened (and freed memory handed back) since the last
+    /// job.
     released: bool,
 }
 
-/// How long the writer waits for a job before it returns its freed memory to the OS.
-const QUIET: Duration = Duration::from_secs(5);
-
 impl Writer {
     pub fn new(
-        db: Arc<redb::Database>,
+        opened: Opened,
         db_path: PathBuf,
         queue: Receiver<Job>,
         durability: Durability,
@@ -253,7 +275,10 @@ impl Writer {
         quick_repair: bool,
     ) -> Writer {
         Writer {
-            db,
+            db: Some(opened.db),
+            slot: opened.slot,
+            cache_bytes: opened.cache_bytes,
+            quiet_reopen: opened.quiet_reopen,
             db_path,
             queue,
             durability,
@@ -342,14 +367,18 @@ impl Writer {
                 }
             }
             _ => {
-                // Quiet for a while: hand the pages freed by the last commits back to
-                // the OS before blocking (once per quiet spell).
-                if !self.released {
-                    match self.queue.recv_timeout(QUIET) {
+                // Everything committed is durable. Quiet for a while: reopen the
+                // database, which empties its page cache, and hand the pages freed by
+                // the last commits back to the OS before blocking (once per quiet
+                // spell; a read in progress postpones it by another quiet period).
+                while let (false, Some(quiet)) = (self.released, self.quiet_reopen) {
+                    match self.queue.recv_timeout(quiet) {
                         Ok(job) => return Next::Job(job),
                         Err(RecvTimeoutError::Timeout) => {
-                            crate::memory::release_thread_memory();
-                            self.released = true;
+                            if self.reopen() {
+                                crate::memory::release_thread_memory();
+                                self.released = true;
+                            }
                         }
                         Err(RecvTimeoutError::Disconnected) => return Next::Closed,
                     }
@@ -360,6 +389,61 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Closes and reopens the database, unless a read holds it (false: try later) or
+    /// the store is shutting down or failed (true: nothing to do). Readers wait for the
+    /// swap on the slot's lock. A failed reopen fail-stops the store.
+    fn reopen(&mut self) -> bool {
+        if self.health.failure().is_some() {
+            return true;
+        }
+        let mut slot = self.slot.write();
+        let Some(current) = slot.as_ref() else {
+            return true;
+        };
+        // The slot's handle and the writer's: no read holds the database.
+        if Arc::strong_count(current) > 2 {
+            return false;
+        }
+        drop(slot.take());
+        let Some(db) = self.db.take() else {
+            return true;
+        };
+        let db = match Arc::try_unwrap(db) {
+            Ok(db) => db,
+            Err(db) => {
+                *slot = Some(db.clone());
+                self.db = Some(db);
+                return false;
+            }
+        };
+        let started = Instant::now();
+        let reopened = db.close().map_err(|e| e.to_string()).and_then(|()| {
+            super::open_database(&self.db_path, self.cache_bytes).map_err(|e| e.to_string())
+        });
+        match reopened {
+            Ok(db) => {
+                let db = Arc::new(db);
+                *slot = Some(db.clone());
+                self.db = Some(db);
+                self.health.reopens.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    db = %self.db_path.display(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "store quiet: database reopened to empty its page cache"
+                );
+            }
+            Err(reason) => {
+                tracing::error!(
+                    db = %self.db_path.display(),
+                    error = %reason,
+                    "cannot reopen the database; refusing all further writes until restart"
+                );
+                self.health.fail(reason);
+            }
+        }
+        true
     }
 
     fn sync_interval(&self) -> Option<Duration> {
@@ -583,7 +667,10 @@ impl Writer {
 
     /// Begins a write transaction with the store's quick-repair setting.
     fn begin(&self, durable: bool) -> Result<redb::WriteTransaction, redb::Error> {
-        let mut txn = self.db.begin_write()?;
+        let db = self.db.as_ref().ok_or_else(|| {
+            redb::Error::Io(std::io::Error::other("the database could not be reopened"))
+        })?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(if durable {
             redb::Durability::Immediate
         } else {
