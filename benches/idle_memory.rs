@@ -24,7 +24,8 @@
 //! The idle run is repeated per mimalloc setting of the server process
 //! (`ROOMD_IDLE_MALLOC`, comma separated, default `default,purge0`): `default`,
 //! `purge0` (`MIMALLOC_PURGE_DELAY=0`: freed memory goes back at once), and `stats`
-//! (mimalloc prints its statistics at exit; the end of the server log is printed). `ROOMD_IDLE_ROOMS` changes the room count, `ROOMD_IDLE_HOLD=0`
+//! (mimalloc prints its statistics at exit; the end of the server log is printed, and
+//! the store writer's lines, e.g. how long its quiet reopen took). `ROOMD_IDLE_ROOMS` changes the room count, `ROOMD_IDLE_HOLD=0`
 //! skips the hold run. Prints a table (MiB; RssAnon in parentheses) and one JSON line.
 //!
 //! Run: `cargo build --release && cargo bench --bench idle_memory`.
@@ -167,6 +168,10 @@ fn main() {
     if selected_configs().iter().any(|c| c.name == "stats") {
         let log = std::fs::read_to_string(tmp.path().join("server.stderr")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
+        println!("store writer lines of the server log (`ROOMD_LOG=info,roomd::store=debug`):");
+        for line in lines.iter().filter(|l| l.contains("roomd::store::writer")) {
+            println!("  {line}");
+        }
         println!("end of the server log (mimalloc statistics):");
         for line in &lines[lines.len().saturating_sub(60)..] {
             println!("  {line}");

@@ -419,7 +419,9 @@ impl Writer {
             }
         };
         let started = Instant::now();
-        let reopened = db.close().map_err(|e| e.to_string()).and_then(|()| {
+        let closed = db.close().map_err(|e| e.to_string());
+        let close_ms = started.elapsed().as_secs_f64() * 1e3;
+        let reopened = closed.and_then(|()| {
             super::open_database(&self.db_path, self.cache_bytes).map_err(|e| e.to_string())
         });
         match reopened {
@@ -431,6 +433,7 @@ impl Writer {
                 tracing::debug!(
                     db = %self.db_path.display(),
                     ms = started.elapsed().as_secs_f64() * 1e3,
+                    close_ms,
                     "store quiet: database reopened to empty its page cache"
                 );
             }
