@@ -15,6 +15,13 @@
 //! 1.5) and reports commits/s, appends/s and the commit latency p50/p99, as a table and
 //! one JSON line.
 //!
+//! `ROOMD_CEILING_SHAPES` adds cases shaped like a measured ingest run, so the ceiling
+//! appends what that run's commits held: a comma-separated list of
+//! `EVENTS:ROOM_BATCHES:ROOMS` (e.g. `479:42:100`: each commit appends 479 rows spread
+//! evenly over 42 of 100 rooms, taken round-robin, each room's rows at its next seqs).
+//! They run with quick repair on, under both durabilities. `benches/ingest/matrix.sh`
+//! passes the shapes its closed-loop runs measured.
+//!
 //! Run: `cargo bench --bench redb_ceiling`.
 
 mod ingest_event;
@@ -73,11 +80,42 @@ fn ingest_row_bytes() -> Result<usize, Box<dyn Error>> {
     Ok(((after - before) as f64 / N_SIZED as f64).round() as usize)
 }
 
-/// One measured case.
+/// One measured case: `batch` rows per commit over `room_batches` of `rooms` rooms.
 struct Case {
     durability: &'static str,
     quick_repair: bool,
     batch: u64,
+    room_batches: u64,
+    rooms: u64,
+}
+
+/// Parses `ROOMD_CEILING_SHAPES` (see the header) into `(events, room_batches, rooms)`.
+fn shapes() -> Result<Vec<(u64, u64, u64)>, Box<dyn Error>> {
+    let Ok(list) = std::env::var("ROOMD_CEILING_SHAPES") else {
+        return Ok(Vec::new());
+    };
+    let mut shapes = Vec::new();
+    for shape in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parts: Vec<u64> = shape
+            .split(':')
+            .map(|n| n.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("ROOMD_CEILING_SHAPES: {shape:?}: {e}"))?;
+        let [events, room_batches, rooms] = parts[..] else {
+            return Err(format!(
+                "ROOMD_CEILING_SHAPES: {shape:?} is not EVENTS:ROOM_BATCHES:ROOMS"
+            )
+            .into());
+        };
+        if events == 0 || room_batches == 0 || room_batches > rooms || room_batches > events {
+            return Err(format!(
+                "ROOMD_CEILING_SHAPES: {shape:?} needs 0 < ROOM_BATCHES <= ROOMS and <= EVENTS"
+            )
+            .into());
+        }
+        shapes.push((events, room_batches, rooms));
+    }
+    Ok(shapes)
 }
 
 struct Outcome {
@@ -98,7 +136,8 @@ impl Outcome {
     }
 }
 
-/// Appends `case.batch` rows of `row_bytes` per write transaction for `run_for`.
+/// Appends `case.batch` rows of `row_bytes` per write transaction for `run_for`, spread
+/// over `case.room_batches` rooms per commit (round-robin over `case.rooms`).
 fn run(case: &Case, row_bytes: usize, run_for: Duration) -> Result<Outcome, Box<dyn Error>> {
     let dir = scratch_dir("redb_ceiling-")?;
     let db = redb::Builder::new()
@@ -114,6 +153,9 @@ fn run(case: &Case, row_bytes: usize, run_for: Duration) -> Result<Outcome, Box<
         "immediate" => redb::Durability::Immediate,
         _ => redb::Durability::None,
     };
+    let room_ids: Vec<String> = (0..case.rooms).map(|r| format!("{ROOM}-{r:05}")).collect();
+    let mut heads = vec![0u64; room_ids.len()];
+    let mut next_room = 0usize;
     let mut seq = 0u64;
     let mut latencies = Vec::new();
     let start = Instant::now();
@@ -124,9 +166,17 @@ fn run(case: &Case, row_bytes: usize, run_for: Duration) -> Result<Outcome, Box<
         txn.set_quick_repair(case.quick_repair);
         {
             let mut events = txn.open_table(EVENTS)?;
-            for _ in 0..case.batch {
-                seq += 1;
-                events.insert((ROOM, seq), row.as_slice())?;
+            for b in 0..case.room_batches {
+                // Even shares; the first `batch % room_batches` rooms take one more.
+                let share =
+                    case.batch / case.room_batches + u64::from(b < case.batch % case.room_batches);
+                let room = next_room;
+                next_room = (next_room + 1) % room_ids.len();
+                for _ in 0..share {
+                    heads[room] += 1;
+                    seq += 1;
+                    events.insert((room_ids[room].as_str(), heads[room]), row.as_slice())?;
+                }
             }
         }
         txn.commit()?;
@@ -175,6 +225,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                     durability,
                     quick_repair,
                     batch,
+                    room_batches: 1,
+                    rooms: 1,
                 };
                 let outcome = run(&case, row_bytes, run_for)?;
                 let commits_per_s = outcome.commits_per_s();
@@ -197,6 +249,51 @@ fn main() -> Result<(), Box<dyn Error>> {
             }
         }
     }
+    let shaped = shapes()?;
+    if !shaped.is_empty() {
+        println!("shaped like the ingest runs (quick_repair = true):");
+        println!(
+            "{:<10} {:>7} {:>13} {:>6} {:>11} {:>12} {:>14} {:>14}",
+            "durability",
+            "events",
+            "room_batches",
+            "rooms",
+            "commits/s",
+            "appends/s",
+            "commit p50 us",
+            "commit p99 us"
+        );
+    }
+    let mut shaped_results = Vec::new();
+    for &(batch, room_batches, rooms) in &shaped {
+        for durability in ["immediate", "none"] {
+            let case = Case {
+                durability,
+                quick_repair: true,
+                batch,
+                room_batches,
+                rooms,
+            };
+            let outcome = run(&case, row_bytes, run_for)?;
+            let commits_per_s = outcome.commits_per_s();
+            let appends_per_s = commits_per_s * batch as f64;
+            let (p50, p99) = (outcome.quantile_us(0.5), outcome.quantile_us(0.99));
+            println!(
+                "{durability:<10} {batch:>7} {room_batches:>13} {rooms:>6} {commits_per_s:>11.0} \
+                 {appends_per_s:>12.0} {p50:>14.0} {p99:>14.0}"
+            );
+            shaped_results.push(json!({
+                "durability": durability,
+                "events": batch,
+                "room_batches": room_batches,
+                "rooms": rooms,
+                "commits_per_s": commits_per_s.round(),
+                "appends_per_s": appends_per_s.round(),
+                "commit_p50_us": p50.round(),
+                "commit_p99_us": p99.round(),
+            }));
+        }
+    }
     println!(
         "{}",
         json!({
@@ -204,6 +301,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "row_bytes": row_bytes,
             "secs_per_case": run_for.as_secs_f64(),
             "results": results,
+            "shaped": shaped_results,
         })
     );
     Ok(())

@@ -11,7 +11,9 @@
 # reports acked ops/s, ack latency p50/p99, and the store's commits/s with the events
 # and room batches per commit (read from the server's /metrics). Then
 # `cargo bench --bench redb_ceiling` appends the same rows in batches of 1, 16 and 256
-# with nothing else. The generator shares the 2 cores with the server; loopback only,
+# with nothing else, and, shaped like each closed-loop run (its events and room batches
+# per commit, over the same number of rooms: `ROOMD_CEILING_SHAPES`), the same rows
+# spread the same way; the last table sets each run's acked ops/s against that ceiling. The generator shares the 2 cores with the server; loopback only,
 # every case bounded by DURATION plus a drain.
 #
 # Environment: DURATION (default 10s), WINDOW (default 256), RATE (default 20000),
@@ -69,6 +71,51 @@ for rooms in rooms_list:
                   f"| {r.get('host_load_1m', '-')} |")
 PY
 
+# Each closed-loop run's commit shape, EVENTS:ROOM_BATCHES:ROOMS.
+shapes=$(python3 - "$results" "$rooms_list" <<'PY'
+import json, sys
+results, rooms_list = sys.argv[1], sys.argv[2].split()
+shapes = []
+for rooms in rooms_list:
+    for durability in ("immediate", "none"):
+        with open(f"{results}/rooms{rooms}-{durability}-closed.json") as f:
+            r = json.load(f)
+        events = max(1, round(r["events_per_commit"]))
+        batches = min(int(rooms), events, max(1, round(r["batches_per_commit"])))
+        shape = f"{events}:{batches}:{rooms}"
+        if shape not in shapes:
+            shapes.append(shape)
+print(",".join(shapes))
+PY
+)
+
 echo >&2
-echo "raw redb ceiling (cargo bench --bench redb_ceiling):" >&2
-(cd "$repo" && cargo bench --bench redb_ceiling 2>/dev/null | grep -v '^{')
+echo "raw redb ceiling (ROOMD_CEILING_SHAPES=$shapes cargo bench --bench redb_ceiling):" >&2
+(cd "$repo" && ROOMD_CEILING_SHAPES=$shapes cargo bench --bench redb_ceiling 2>/dev/null) \
+  >"$results/ceiling.txt"
+grep -v '^{' "$results/ceiling.txt"
+
+echo
+python3 - "$results" "$rooms_list" <<'PY'
+import json, sys
+results, rooms_list = sys.argv[1], sys.argv[2].split()
+with open(f"{results}/ceiling.txt") as f:
+    ceiling = json.loads([l for l in f if l.startswith("{")][-1])
+plain = {r["durability"]: r["appends_per_s"] for r in ceiling["results"]
+         if r["quick_repair"] and r["batch"] == 256}
+print("| rooms | durability | acked ops/s (closed loop) | shaped ceiling appends/s | ratio | 1-room ceiling at 256 per commit | ratio |")
+print("|---|---|---|---|---|---|---|")
+for rooms in rooms_list:
+    for durability in ("immediate", "none"):
+        with open(f"{results}/rooms{rooms}-{durability}-closed.json") as f:
+            r = json.load(f)
+        events = max(1, round(r["events_per_commit"]))
+        batches = min(int(rooms), events, max(1, round(r["batches_per_commit"])))
+        shaped = next(s["appends_per_s"] for s in ceiling["shaped"]
+                      if s["durability"] == durability and s["events"] == events
+                      and s["room_batches"] == batches and s["rooms"] == int(rooms))
+        acked = r["acked_ops_per_s"]
+        print(f"| {rooms} | {durability} | {acked:,.0f} | {shaped:,.0f} ({events} events over "
+              f"{batches} rooms) | {shaped / acked:.2f}x | {plain[durability]:,.0f} "
+              f"| {plain[durability] / acked:.2f}x |")
+PY
