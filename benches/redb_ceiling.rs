@@ -89,8 +89,11 @@ struct Case {
     rooms: u64,
 }
 
-/// Parses `ROOMD_CEILING_SHAPES` (see the header) into `(events, room_batches, rooms)`.
-fn shapes() -> Result<Vec<(u64, u64, u64)>, Box<dyn Error>> {
+/// One commit shape: `(events, room_batches, rooms)`.
+type Shape = (u64, u64, u64);
+
+/// Parses `ROOMD_CEILING_SHAPES` (see the header).
+fn shapes() -> Result<Vec<Shape>, Box<dyn Error>> {
     let Ok(list) = std::env::var("ROOMD_CEILING_SHAPES") else {
         return Ok(Vec::new());
     };
