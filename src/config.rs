@@ -98,7 +98,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_SYNC_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     pub sync_interval: Duration,
 
-    /// redb page cache in MiB.
+    /// redb page cache in MiB. Emptied (the database is closed and reopened) once no
+    /// write has come for 5 s, so an idle server gives the memory back.
     #[arg(long, env = "ROOMD_CACHE_MB", default_value_t = 64)]
     pub cache_mb: usize,
 

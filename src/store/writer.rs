@@ -286,7 +286,8 @@ impl Writer {
             quick_repair,
             trims: VecDeque::new(),
             unsynced_since: None,
-            released: false,
+            // Nothing to give back until a job has run.
+            released: true,
         }
     }
 
