@@ -636,6 +636,14 @@ pub struct Client {
 }
 
 impl Client {
+    /// The client end's address, which is the peer address of the server's socket.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.ws
+            .get_ref()
+            .local_addr()
+            .expect("a connected socket has a local address")
+    }
+
     pub fn user(&self) -> &str {
         self.welcome["user"].as_str().expect("welcome carries user")
     }
