@@ -76,7 +76,7 @@ impl Default for RoomConfig {
             op_ids_kept: 10_000,
             max_signal_bytes: 1024,
             idle_timeout: Duration::from_secs(60),
-            batch_interval: Duration::from_millis(5),
+            batch_interval: Duration::from_millis(8),
             snapshot_every: 1_000,
             snapshot_interval: Duration::from_secs(60),
             max_rooms_per_user: 1_000_000,
