@@ -10,7 +10,10 @@
 //! deletion ([`Store::submit_delete`]) in bounded pieces, in queue order with batches.
 //! Reads ([`Store::load_room`], [`Store::read_events`], [`Store::read_at`] and the
 //! `roomd log` tooling) block and run on whatever thread calls them, never on an async
-//! worker.
+//! worker; the server runs them through [`Store::read_blocking`], at most
+//! [`MAX_CONCURRENT_READS`] at a time. Once the writer has had no job for
+//! [`StoreConfig::quiet_reopen`] and every commit is durable, it closes and reopens the
+//! database (no read may hold it meanwhile), which empties redb's page cache.
 //!
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
@@ -31,7 +34,8 @@
 //! - Trimming keeps the op ids the room still dedups against (`TrimPolicy::
 //!   keep_op_ids_from`), moving them from the trimmed rows to the `op_ids` table in the
 //!   same transaction; deletion removes everything of the room.
-//! - After a failed commit the store writes nothing more until restart (fail-stop).
+//! - After a failed commit (or a failed quiet reopen) the store writes nothing more
+//!   until restart (fail-stop).
 //! - Rows read from disk are decoded only through validated rkyv access, size first.
 //!
 //! Not here: deciding epochs, when to snapshot or trim, building room state from
