@@ -13,7 +13,8 @@
 # bounded by DURATION plus connection setup and a 10 s drain.
 #
 # Environment: DURATION (default 20s), ROOMD_BIN (default target/release/roomd),
-# RESULTS_DIR (keep the JSON of every run there), SCENARIOS (default "F1 F2"),
+# RESULTS_DIR (keep the JSON of every run there), SCENARIOS (default "F1 F2 F3"; F3 is
+# F2 at twice the rate),
 # TARGETS (default "roomd ws socketio").
 set -euo pipefail
 
@@ -21,12 +22,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${ROOMD_BIN:-$repo/target/release/roomd}
 duration=${DURATION:-20s}
-scenarios=${SCENARIOS:-F1 F2}
+scenarios=${SCENARIOS:-F1 F2 F3}
 targets=${TARGETS:-roomd ws socketio}
 
 declare -A scenario_args=(
   [F1]="--subscribers 5000 --rate 100 --size 100"
   [F2]="--subscribers 1000 --rate 1000 --size 100"
+  # Twice F2's rate: 2,000,000 deliveries/s offered, far past where the peers saturate,
+  # to measure roomd's rate and cost next to the peers' best.
+  [F3]="--subscribers 1000 --rate 2000 --size 100"
 )
 
 if [[ ! -x $bin ]]; then
@@ -137,4 +141,35 @@ for (const scenario of scenarios.split(/\s+/).filter(Boolean)) {
 console.log(rows.join('\n'));
 console.log('\nlost = expected deliveries not seen within the 10 s drain after the last post; ' +
   'CPU vs roomd = server CPU seconds per million deliveries, relative to roomd in the same scenario.');
+
+// Rates side by side: each peer's best deliveries/s over all scenarios (where it
+// saturates), against roomd's best among the scenarios it served with nothing lost and
+// p99 <= 25 ms, and the server CPU per delivery in that same roomd scenario.
+const all = {};
+for (const scenario of scenarios.split(/\s+/).filter(Boolean)) {
+  for (const target of targets.split(/\s+/).filter(Boolean)) {
+    try {
+      const r = JSON.parse(fs.readFileSync(path.join(dir, `${scenario}-${target}.json`), 'utf8'));
+      if (!r.error) (all[target] = all[target] || []).push({ ...r, scenario });
+    } catch (e) { /* a failed run is already in the table */ }
+  }
+}
+const good = (all.roomd || []).filter((r) => r.lost === 0 && r.duplicated === 0
+  && r.latency_ms && r.latency_ms.p99 <= 25);
+if (good.length > 0) {
+  const best = good.reduce((a, b) => (b.deliveries_per_s > a.deliveries_per_s ? b : a));
+  console.log(`\nroomd's best with nothing lost and p99 <= 25 ms: ${best.scenario}, ` +
+    `${fmt(best.deliveries_per_s, 0)} deliveries/s at p99 ${fmt(best.latency_ms.p99, 2)} ms, ` +
+    `${fmt(best.server_cpu_s_per_million, 3)} CPU-s per 1M deliveries.`);
+  for (const target of Object.keys(all).filter((t) => t !== 'roomd')) {
+    const peak = all[target].reduce((a, b) => (b.deliveries_per_s > a.deliveries_per_s ? b : a));
+    const cheapest = Math.min(...all[target].map((r) => r.server_cpu_s_per_million));
+    console.log(`${target}: best ${fmt(peak.deliveries_per_s, 0)} deliveries/s (${peak.scenario}, ` +
+      `p99 ${fmt(peak.latency_ms.p99, 0)} ms): roomd ${fmt(best.deliveries_per_s / peak.deliveries_per_s, 2)}× ` +
+      `the rate; lowest ${fmt(cheapest, 2)} CPU-s per 1M: roomd ` +
+      `${fmt(cheapest / best.server_cpu_s_per_million, 2)}× the deliveries per CPU-second.`);
+  }
+} else {
+  console.log('\nroomd served no scenario with nothing lost and p99 <= 25 ms.');
+}
 JS
