@@ -652,22 +652,32 @@ async fn receive(
     sub
 }
 
-/// Calls `f(n, sent_us)` for every `@@<n>:<µs>;` marker in `text`.
+/// Calls `f(n, sent_us)` for every `@@<n>:<µs>;` marker in `text`. Scans for single
+/// `@`s (a memchr) rather than the substring `"@@"` (a two-way searcher built per
+/// call; the scan was the generator's largest item): the generator's CPU in a 20 s run
+/// at 2M deliveries/s went from 17.7-18.8 s to 17.1-17.3 s.
 fn for_each_marker(text: &str, mut f: impl FnMut(u64, u64)) {
-    let mut rest = text;
-    while let Some(at) = rest.find("@@") {
-        rest = &rest[at + 2..];
-        let bytes = rest.as_bytes();
-        let (n, used_n) = digits(bytes);
-        if used_n == 0 || bytes.get(used_n) != Some(&b':') {
+    let bytes = text.as_bytes();
+    // Always just after an ASCII byte, so a char boundary.
+    let mut from = 0;
+    while let Some(found) = text[from..].find('@') {
+        let at = from + found;
+        if bytes.get(at + 1) != Some(&b'@') {
+            from = at + 1;
             continue;
         }
-        let (sent_us, used_us) = digits(&bytes[used_n + 1..]);
-        if used_us == 0 || bytes.get(used_n + 1 + used_us) != Some(&b';') {
+        from = at + 2;
+        let rest = &bytes[from..];
+        let (n, used_n) = digits(rest);
+        if used_n == 0 || rest.get(used_n) != Some(&b':') {
+            continue;
+        }
+        let (sent_us, used_us) = digits(&rest[used_n + 1..]);
+        if used_us == 0 || rest.get(used_n + 1 + used_us) != Some(&b';') {
             continue;
         }
         f(n, sent_us);
-        rest = &rest[used_n + 2 + used_us..];
+        from += used_n + 2 + used_us;
     }
 }
 
