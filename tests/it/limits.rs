@@ -300,6 +300,10 @@ async fn slow_reader_is_closed_with_4001_while_other_subscribers_keep_up() {
         "100000",
         "--durability",
         "none",
+        // Every commit its own diff (see the loop below): with a batch interval, diffs
+        // of commits less than the interval apart coalesce to one 30 KiB value.
+        "--batch-interval",
+        "0ms",
     ])
     .await;
     let room = "state:slow";
