@@ -121,7 +121,7 @@ pub struct StoreConfig {
     pub durability: Durability,
     /// How long the writer waits without a job before it closes and reopens the
     /// database, which empties redb's page cache (redb has no call to drop it), and
-    /// hands its freed memory back to the OS. `None` never reopens.
+    /// hands its freed memory back to the OS. `None` does neither.
     pub quiet_reopen: Option<Duration>,
 }
 
