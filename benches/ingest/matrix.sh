@@ -71,21 +71,22 @@ for rooms in rooms_list:
                   f"| {r.get('host_load_1m', '-')} |")
 PY
 
-# Each closed-loop run's commit shape, EVENTS:ROOM_BATCHES:ROOMS.
+# Each closed-loop run's commit shape [events, room batches, rooms], kept in
+# shapes.json for the last table, and as EVENTS:ROOM_BATCHES:ROOMS for the ceiling.
 shapes=$(python3 - "$results" "$rooms_list" <<'PY'
 import json, sys
 results, rooms_list = sys.argv[1], sys.argv[2].split()
-shapes = []
+shapes = {}
 for rooms in rooms_list:
     for durability in ("immediate", "none"):
         with open(f"{results}/rooms{rooms}-{durability}-closed.json") as f:
             r = json.load(f)
         events = max(1, round(r["events_per_commit"]))
         batches = min(int(rooms), events, max(1, round(r["batches_per_commit"])))
-        shape = f"{events}:{batches}:{rooms}"
-        if shape not in shapes:
-            shapes.append(shape)
-print(",".join(shapes))
+        shapes[f"{rooms}-{durability}"] = [events, batches, int(rooms)]
+with open(f"{results}/shapes.json", "w") as f:
+    json.dump(shapes, f)
+print(",".join(dict.fromkeys(":".join(map(str, s)) for s in shapes.values())))
 PY
 )
 
@@ -101,6 +102,8 @@ import json, sys
 results, rooms_list = sys.argv[1], sys.argv[2].split()
 with open(f"{results}/ceiling.txt") as f:
     ceiling = json.loads([l for l in f if l.startswith("{")][-1])
+with open(f"{results}/shapes.json") as f:
+    shapes = json.load(f)
 plain = {r["durability"]: r["appends_per_s"] for r in ceiling["results"]
          if r["quick_repair"] and r["batch"] == 256}
 print("| rooms | durability | acked ops/s (closed loop) | shaped ceiling appends/s | ratio | 1-room ceiling at 256 per commit | ratio |")
@@ -109,8 +112,7 @@ for rooms in rooms_list:
     for durability in ("immediate", "none"):
         with open(f"{results}/rooms{rooms}-{durability}-closed.json") as f:
             r = json.load(f)
-        events = max(1, round(r["events_per_commit"]))
-        batches = min(int(rooms), events, max(1, round(r["batches_per_commit"])))
+        events, batches, _ = shapes[f"{rooms}-{durability}"]
         shaped = next(s["appends_per_s"] for s in ceiling["shaped"]
                       if s["durability"] == durability and s["events"] == events
                       and s["room_batches"] == batches and s["rooms"] == int(rooms))
