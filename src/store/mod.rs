@@ -638,14 +638,16 @@ impl Store {
     }
 
     /// The open database, for a blocking read.
+    /// None in the slot is a shutdown, or a failed quiet reopen (then reads report the
+    /// failure, as writes do).
     fn db(&self) -> Result<Arc<redb::Database>, StoreError> {
-        self.inner
-            .db
-            .read()
-            .clone()
-            .ok_or_else(|| StoreError::ShutDown {
-                path: self.inner.db_path.clone(),
-            })
+        self.inner.db.read().clone().ok_or_else(|| {
+            let path = self.inner.db_path.clone();
+            match self.inner.health.failure() {
+                Some(reason) => StoreError::FailStopped { path, reason },
+                None => StoreError::ShutDown { path },
+            }
+        })
     }
 
     /// Blocking read (callers run it off the async threads): the room's meta, head seq,

@@ -530,3 +530,22 @@ fn a_quiet_writer_reopens_the_database_unless_a_read_holds_it() {
     let store = Store::open(StoreConfig::new(dir.path())).unwrap();
     assert_eq!(store.load_room("a").unwrap().unwrap().head, 4);
 }
+
+#[test]
+fn reads_after_a_failed_reopen_report_the_failure_not_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    commit(&store, batch("a", 1, 2)).unwrap();
+    // What a failed reopen leaves: the store failed and no database in the slot.
+    store
+        .inner
+        .health
+        .fail("reopen failed: injected".to_owned());
+    drop(store.inner.db.write().take());
+    let err = store.load_room("a").unwrap_err();
+    assert!(
+        matches!(&err, StoreError::FailStopped { reason, .. } if reason.contains("injected")),
+        "{err}"
+    );
+    assert!(!store.is_healthy());
+}

@@ -191,7 +191,7 @@ impl Health {
             .map(|_| TrimSlot(self.clone()))
     }
 
-    fn fail(&self, reason: String) {
+    pub(super) fn fail(&self, reason: String) {
         self.failure.lock().get_or_insert(reason);
         self.failed.store(true, Ordering::Release);
     }
