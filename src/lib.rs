@@ -48,7 +48,7 @@
 //! 6. Reducers are pure: (state, op, user, time, seq) in, changes out. Recovery applies
 //!    recorded changes and never re-runs them.
 //! 7. Blocking IO never runs on an actix thread: the writer has its own thread, reads
-//!    run on the blocking pool.
+//!    run on the blocking pool, at most `store::MAX_CONCURRENT_READS` at a time.
 //! 8. Bad input from one client never harms another client, a room or the log.
 //!
 //! Deliberately absent: `room::state` knows nothing of actix, redb or rkyv; `protocol`
