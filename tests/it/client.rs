@@ -276,28 +276,32 @@ async fn reconnect_after_kill9_resends_unacked_ops_once_and_resumes_the_mirror()
     ));
     let epoch = sub.epoch();
 
-    // A burst in flight when the server dies...
+    // A stream of ops in flight when the server dies: issued 2 ms apart, so the kill
+    // (right after the first ack) lands while some are sent and unacked and most are
+    // not sent yet. A burst all at once could commit and be acked in one batch before
+    // the kill.
     const IN_FLIGHT: usize = 200;
     const QUEUED: usize = 50;
     let acked = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    let spawn_op = |client: &Client| {
+    let spawn_op = |client: &Client, delay: Duration| {
         let (client, acked) = (client.clone(), acked.clone());
         tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
             let result = client.op(room, incr("count")).await;
             acked.fetch_add(1, Ordering::SeqCst);
             result
         })
     };
-    for _ in 0..IN_FLIGHT {
-        tasks.push(spawn_op(&client));
+    for i in 0..IN_FLIGHT {
+        tasks.push(spawn_op(&client, Duration::from_millis(2 * i as u64)));
     }
     wait_for("a first ack", || acked.load(Ordering::SeqCst) > 0).await;
     server.kill9().await;
     let acked_before_kill = acked.load(Ordering::SeqCst);
     // ...and ops issued while it is down.
     for _ in 0..QUEUED {
-        tasks.push(spawn_op(&client));
+        tasks.push(spawn_op(&client, Duration::ZERO));
     }
     server.restart().await;
     *url.lock()
