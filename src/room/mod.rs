@@ -6,7 +6,9 @@
 //! the writer confirms the commit does it send acks and the batch's diff (log before
 //! send). While a batch is being committed, new ops keep being validated and applied on
 //! top (the in-flight part); they form the next batch. A failed commit nacks every
-//! uncommitted op `unavailable` and undoes them, in reverse order.
+//! uncommitted op `unavailable` and undoes them, in reverse order. A busy room (one
+//! with subscribers that sent a diff less than `batch_interval` ago) holds its next
+//! batch until the interval is up, so it commits at most about once per diff.
 //!
 //! Two views of the state: the working state (committed plus in-flight) that ops are
 //! validated against, and the committed view that snapshots, `resumed` and HTTP reads
@@ -57,7 +59,8 @@ pub struct RoomConfig {
     pub max_signal_bytes: usize,
     /// An unused room's actor stops after this long without messages.
     pub idle_timeout: Duration,
-    /// A busy room sends at most one diff per this interval.
+    /// A busy room sends at most one diff per this interval, and holds its next batch
+    /// until the interval is up (see `Room::flush`).
     pub batch_interval: Duration,
     /// A snapshot is written every this many events...
     pub snapshot_every: u64,
@@ -675,6 +678,20 @@ impl Room {
             }
             return;
         }
+        // A busy room commits on its diffs' schedule: the batch waits for the diff
+        // timer, commits, and its diff leaves as the commit lands (`diff_due`).
+        // Subscribers get the changes when they would have anyway (a diff could not
+        // leave before the timer); the room pays one commit per interval instead of one
+        // per store round, and its acks wait up to one interval. A full batch or a
+        // pending delete does not wait.
+        let holds = live.deleting.is_none() && live.batches.front().is_some_and(|b| !b.is_full());
+        if let Some(wait) = self.diff_wait().filter(|_| holds) {
+            self.arm_diff_timer(wait, ctx);
+            return;
+        }
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
         // A snapshot rides with the batch when it is the only uncommitted one, so the
         // working state is exactly the state at the batch's last seq.
         let snapshot_due = live.batches.len() == 1 && {
@@ -936,23 +953,47 @@ impl Room {
                 })
             }
         }
-        let interval = self.config.batch_interval;
-        let since_last = self.last_diff_at.map(|t| t.elapsed());
         let big = self
             .unsent
             .as_ref()
             .is_some_and(|u| u.changes.len() >= batch::MAX_BATCH_EVENTS);
-        match since_last {
-            Some(elapsed) if elapsed < interval && !big => {
-                if !self.diff_timer {
-                    self.diff_timer = true;
-                    ctx.run_later(interval - elapsed, |room, _ctx| {
-                        room.diff_timer = false;
-                        room.send_unsent();
-                    });
-                }
-            }
+        match self.diff_wait() {
+            Some(wait) if !big => self.arm_diff_timer(wait, ctx),
             _ => self.send_unsent(),
+        }
+    }
+
+    /// How long until the next diff may leave: `None` if it may leave now, or if there
+    /// is nobody to send it to (then nothing waits for it either).
+    fn diff_wait(&self) -> Option<Duration> {
+        if self.subscribers.is_empty() {
+            return None;
+        }
+        let elapsed = self.last_diff_at?.elapsed();
+        self.config
+            .batch_interval
+            .checked_sub(elapsed)
+            .filter(|wait| !wait.is_zero())
+    }
+
+    fn arm_diff_timer(&mut self, wait: Duration, ctx: &mut Context<Self>) {
+        if !self.diff_timer {
+            self.diff_timer = true;
+            ctx.run_later(wait, |room, ctx| {
+                room.diff_timer = false;
+                room.diff_due(ctx);
+            });
+        }
+    }
+
+    /// The interval since the last diff is over: a batch held for it is submitted (its
+    /// commit sends the diff, with whatever committed meanwhile); with no commit coming,
+    /// what committed meanwhile leaves now.
+    fn diff_due(&mut self, ctx: &mut Context<Self>) {
+        self.flush(ctx);
+        let commit_coming = matches!(&self.status, Status::Live(live) if live.in_flight);
+        if !commit_coming {
+            self.send_unsent();
         }
     }
 
@@ -972,7 +1013,11 @@ impl Room {
                 .map(|(k, slot)| wire_entry(k, slot))
                 .collect(),
         };
-        self.last_diff_at = Some(Instant::now());
+        // A diff to nobody does not count: the first subscriber's first diff leaves at
+        // once.
+        if !self.subscribers.is_empty() {
+            self.last_diff_at = Some(Instant::now());
+        }
         self.broadcast(&diff, Charge::Bulk, None);
     }
 

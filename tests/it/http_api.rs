@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{assert_epoch, entry, keys, Server};
+use crate::support::{assert_epoch, entry, keys, sample, Server};
 
 fn ops_path(room: &str) -> String {
     format!("/api/rooms/{room}/ops")
@@ -14,16 +14,6 @@ async fn healthz_and_readyz_answer_200() {
     let server = Server::start(&[]).await;
     assert_eq!(server.get("/healthz").await.status, 200);
     assert_eq!(server.get("/readyz").await.status, 200);
-}
-
-/// The value of an unlabelled sample `name` in Prometheus text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| match line.split_once(' ') {
-            Some((key, value)) if key == name => value.trim().parse().ok(),
-            _ => None,
-        })
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
-//! Room lifecycle: busy rooms coalesce diffs per `--batch-interval`, and idle rooms stop
-//! and reload from the store without anything changing for clients.
+//! Room lifecycle: busy rooms coalesce diffs and commits per `--batch-interval`, and
+//! idle rooms stop and reload from the store without anything changing for clients.
+
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -7,9 +9,9 @@ use crate::support::Server;
 
 #[tokio::test]
 async fn a_busy_room_sends_at_most_one_diff_per_batch_interval() {
-    // A long interval makes the coalescing visible: 20 ops committed one after another
-    // within far less than 2 s can produce at most two diffs (the first leaves at once,
-    // the rest wait for the interval), chained and holding every change.
+    // A long interval makes the coalescing visible: 20 ops sent back to back within far
+    // less than 2 s produce at most two diffs (the first leaves at once, the rest wait
+    // for the interval), chained and holding every change.
     let server = Server::start(&["--batch-interval", "2s", "--durability", "none"]).await;
     let room = "state:busy";
     let mut alice = server.client("alice").await;
@@ -19,7 +21,11 @@ async fn a_busy_room_sends_at_most_one_diff_per_batch_interval() {
     assert_eq!(snapshot["seq"], 1);
     for i in 0..20 {
         let op = json!({"type": "set", "key": format!("k{i:02}"), "value": i});
-        alice.ack(&format!("o{i}"), room, op).await;
+        alice.send_op(&format!("o{i}"), room, op).await;
+    }
+    for i in 0..20 {
+        let reply = alice.reply(&format!("o{i}")).await;
+        assert_eq!(reply["t"], "ack", "{reply}");
     }
     let diffs = bob
         .collect_until(|v| v["t"] == "diff" && v["to"] == 21)
@@ -42,6 +48,78 @@ async fn a_busy_room_sends_at_most_one_diff_per_batch_interval() {
         keys += diff["changes"].as_array().map_or(0, Vec::len);
     }
     assert_eq!(keys, 20, "every key once, coalesced: {diffs:?}");
+}
+
+#[tokio::test]
+async fn a_busy_room_commits_on_its_diff_schedule_and_a_room_without_subscribers_does_not_wait() {
+    let interval = Duration::from_secs(3);
+    let server = Server::start(&["--batch-interval", "3s", "--durability", "none"]).await;
+    let room = "state:aligned";
+    let mut alice = server.client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    let mut bob = server.client("bob").await;
+    bob.sub(room).await;
+
+    // Quiet room: the first op commits and its diff leaves at once.
+    let commits_before = server.metric("roomd_store_batch_commits_total").await;
+    let first_sent = Instant::now();
+    alice
+        .ack("a0", room, json!({"type": "set", "key": "k", "value": 0}))
+        .await;
+    let diff = bob.recv_until(|v| v["t"] == "diff").await;
+    assert_eq!(
+        (diff["from"].as_u64(), diff["to"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert!(
+        first_sent.elapsed() < interval / 2,
+        "a quiet room's op waited {:?} for its diff",
+        first_sent.elapsed()
+    );
+    let busy_from = Instant::now();
+
+    // Busy now: ten ops 20 ms apart wait for the interval, commit together, and are
+    // acked as their one diff leaves.
+    for i in 1..=10 {
+        let op = json!({"type": "set", "key": "k", "value": i});
+        alice.send_op(&format!("a{i}"), room, op).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 1..=10 {
+        let reply = alice.reply(&format!("a{i}")).await;
+        assert_eq!(reply["t"], "ack", "{reply}");
+    }
+    let acked_after = busy_from.elapsed();
+    let diff = bob.recv_until(|v| v["t"] == "diff").await;
+    assert_eq!(
+        (diff["from"].as_u64(), diff["to"].as_u64()),
+        (Some(3), Some(12))
+    );
+    assert_eq!(diff["changes"][0]["v"], 10, "{diff}");
+    assert!(
+        acked_after >= interval - Duration::from_millis(500),
+        "the busy room's ops were acked {acked_after:?} after the first diff"
+    );
+    let commits = server.metric("roomd_store_batch_commits_total").await - commits_before;
+    assert_eq!(
+        commits, 2.0,
+        "one commit for the quiet op, one for the ten held ops"
+    );
+
+    // Without subscribers nothing waits for a diff: sequential ops are acked as they
+    // commit, all ten well within one interval.
+    let lonely = "state:lonely";
+    alice.create_ok(lonely, "state", json!({})).await;
+    let started = Instant::now();
+    for i in 0..10 {
+        let op = json!({"type": "set", "key": "k", "value": i});
+        alice.ack(&format!("l{i}"), lonely, op).await;
+    }
+    assert!(
+        started.elapsed() < interval,
+        "ten acked ops without subscribers took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -58,6 +58,16 @@ fn roomd_bin() -> PathBuf {
         .expect("the roomd binary is unknown: build inside the roomd package or set ROOMD_BIN")
 }
 
+/// The value of an unlabelled sample `name` in Prometheus text.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| match line.split_once(' ') {
+            Some((key, value)) if key == name => value.trim().parse().ok(),
+            _ => None,
+        })
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -343,6 +353,13 @@ impl Server {
     }
 
     /// `GET /api/rooms/{room}`, asserting 200.
+    /// The value of the unlabelled metric `name` from `GET /metrics` (0 if absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let response = self.get("/metrics").await;
+        assert_eq!(response.status, 200, "{}", response.text);
+        sample(&response.text, name).unwrap_or(0.0)
+    }
+
     pub async fn room_state(&self, room: &str) -> Value {
         let response = self.get(&format!("/api/rooms/{room}")).await;
         assert_eq!(response.status, 200, "GET room {room}: {}", response.text);
