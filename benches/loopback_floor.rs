@@ -18,7 +18,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,10 +70,9 @@ fn main() {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicU64::new(0));
     let receiver = {
-        let (stop, received) = (stop.clone(), received.clone());
-        std::thread::spawn(move || receive(receivers, &stop, &received))
+        let stop = stop.clone();
+        std::thread::spawn(move || receive(receivers, &stop))
     };
     let sender = {
         let stop = stop.clone();
@@ -127,7 +126,7 @@ fn send(mut conns: Vec<TcpStream>, rate: u64, stop: &AtomicBool) -> Side {
     let mut frames = 0u64;
     'outer: loop {
         for conn in conns.iter_mut() {
-            if frames % 1024 == 0 {
+            if frames.is_multiple_of(1024) {
                 if stop.load(Ordering::Relaxed) {
                     break 'outer;
                 }
@@ -152,7 +151,7 @@ fn send(mut conns: Vec<TcpStream>, rate: u64, stop: &AtomicBool) -> Side {
 }
 
 /// Waits on epoll (edge-triggered) and drains every ready connection.
-fn receive(mut conns: Vec<TcpStream>, stop: &AtomicBool, received: &AtomicU64) -> Side {
+fn receive(mut conns: Vec<TcpStream>, stop: &AtomicBool) -> Side {
     // SAFETY: plain epoll calls on descriptors this thread owns for its whole life.
     let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(epoll >= 0, "epoll_create1");
@@ -190,7 +189,6 @@ fn receive(mut conns: Vec<TcpStream>, stop: &AtomicBool, received: &AtomicU64) -
             }
         }
     }
-    received.store(bytes, Ordering::Relaxed);
     // SAFETY: closing the epoll descriptor created above.
     unsafe { libc::close(epoll) };
     Side {
@@ -205,7 +203,10 @@ fn raise_fd_limit(needed: usize) {
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max.min(needed as libc::rlim_t).max(limit.rlim_cur);
+            limit.rlim_cur = limit
+                .rlim_max
+                .min(needed as libc::rlim_t)
+                .max(limit.rlim_cur);
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
