@@ -136,9 +136,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_SNAPSHOT_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
 
-    /// A busy room (one with subscribers) sends at most one diff per interval and
-    /// commits on the same schedule, so its acks may wait up to one interval; a quiet
-    /// room commits, acks and sends its diff at once.
+    /// A busy room (one with subscribers) sends at most one diff per interval; while
+    /// ops arrive faster than commits land it also commits on that schedule, so its
+    /// acks may wait up to one interval. A quiet room commits, acks and sends its diff
+    /// at once.
     // 8 ms: `roomd bench fanout` F2 (1,000 subscribers, 1,000 posts/s), two 20 s runs
     // each, alternating: p99 22.5-23.1 ms and 0.76 CPU-s per 1M deliveries, against
     // 25.0 ms and 0.89-0.90 at 5 ms (fewer frames, less CPU, so less queueing).

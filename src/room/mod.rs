@@ -7,8 +7,9 @@
 //! send). While a batch is being committed, new ops keep being validated and applied on
 //! top (the in-flight part); they form the next batch. A failed commit nacks every
 //! uncommitted op `unavailable` and undoes them, in reverse order. A busy room (one
-//! with subscribers that sent a diff less than `batch_interval` ago) holds its next
-//! batch until the interval is up, so it commits at most about once per diff.
+//! with subscribers that sent a diff less than `batch_interval` ago, whose last batch
+//! merged several ops) holds its next batch until the interval is up, so it commits at
+//! most about once per diff.
 //!
 //! Two views of the state: the working state (committed plus in-flight) that ops are
 //! validated against, and the committed view that snapshots, `resumed` and HTTP reads
@@ -108,6 +109,9 @@ struct Live {
     /// ([`Batch::is_full`]) so a busy room's diffs stay bounded in size.
     batches: VecDeque<Batch>,
     in_flight: bool,
+    /// The last batch submitted held more than one event: ops arrive faster than
+    /// commits land, so a busy room holds its next batch (see `Room::flush`).
+    merging: bool,
     /// Acked op ids: `(user, id)` -> seq, and their order for expiry.
     op_ids: HashMap<(Arc<str>, String), u64>,
     op_order: VecDeque<(Arc<str>, String)>,
@@ -135,6 +139,7 @@ impl Live {
             committed: head,
             batches: VecDeque::new(),
             in_flight: false,
+            merging: false,
             op_ids: HashMap::new(),
             op_order: VecDeque::new(),
             snapshot_seq: 0,
@@ -678,13 +683,17 @@ impl Room {
             }
             return;
         }
-        // A busy room commits on its diffs' schedule: the batch waits for the diff
-        // timer, commits, and its diff leaves as the commit lands (`diff_due`).
-        // Subscribers get the changes when they would have anyway (a diff could not
-        // leave before the timer); the room pays one commit per interval instead of one
-        // per store round, and its acks wait up to one interval. A full batch or a
-        // pending delete does not wait.
-        let holds = live.deleting.is_none() && live.batches.front().is_some_and(|b| !b.is_full());
+        // A busy room that is merging ops commits on its diffs' schedule: the batch
+        // waits for the diff timer, commits, and its diff leaves as the commit lands
+        // (`diff_due`). Subscribers get the changes when they would have anyway (a diff
+        // could not leave before the timer); the room pays one commit per interval
+        // instead of one per store round, and its acks wait up to one interval. A room
+        // whose last batch held a single op (one client awaiting each ack, or a
+        // trickle) does not wait, so a sequential client is not slowed to one op per
+        // interval; nor does a full batch or a pending delete.
+        let holds = live.merging
+            && live.deleting.is_none()
+            && live.batches.front().is_some_and(|b| !b.is_full());
         if let Some(wait) = self.diff_wait().filter(|_| holds) {
             self.arm_diff_timer(wait, ctx);
             return;
@@ -718,6 +727,7 @@ impl Room {
                 }
             }
         }
+        live.merging = batch.events.len() > 1;
         let store_batch = store::Batch {
             room: self.room_id.to_string(),
             create: batch.create,

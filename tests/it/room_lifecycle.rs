@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::Server;
 
@@ -51,17 +52,25 @@ async fn a_busy_room_sends_at_most_one_diff_per_batch_interval() {
 }
 
 #[tokio::test]
-async fn a_busy_room_commits_on_its_diff_schedule_and_a_room_without_subscribers_does_not_wait() {
+async fn a_busy_room_commits_on_its_diff_schedule_unless_ops_come_one_at_a_time() {
     let interval = Duration::from_secs(3);
-    let server = Server::start(&["--batch-interval", "3s", "--durability", "none"]).await;
+    // Durable commits (an fsync each) are slow enough that a burst read in one piece
+    // lands in the room faster than its first commit.
+    let server = Server::start(&["--batch-interval", "3s"]).await;
     let room = "state:aligned";
     let mut alice = server.client("alice").await;
     alice.create_ok(room, "state", json!({})).await;
     let mut bob = server.client("bob").await;
     bob.sub(room).await;
+    let set = |id: String, value: u64| {
+        Message::text(
+            json!({"t": "op", "id": id, "room": room,
+                   "op": {"type": "set", "key": "k", "value": value}})
+            .to_string(),
+        )
+    };
 
     // Quiet room: the first op commits and its diff leaves at once.
-    let commits_before = server.metric("roomd_store_batch_commits_total").await;
     let first_sent = Instant::now();
     alice
         .ack("a0", room, json!({"type": "set", "key": "k", "value": 0}))
@@ -76,38 +85,58 @@ async fn a_busy_room_commits_on_its_diff_schedule_and_a_room_without_subscribers
         "a quiet room's op waited {:?} for its diff",
         first_sent.elapsed()
     );
+
+    // Ten ops in one write arrive faster than commits land: the room merges them, and
+    // from then on holds each batch for the diff timer.
+    alice
+        .send_all((1..=10).map(|i| set(format!("b{i}"), i)).collect())
+        .await;
+    for i in 1..=10 {
+        let reply = alice.reply(&format!("b{i}")).await;
+        assert_eq!(reply["t"], "ack", "{reply}");
+    }
+    bob.recv_until(|v| v["t"] == "diff" && v["to"] == 12).await;
     let busy_from = Instant::now();
 
-    // Busy now: ten ops 20 ms apart wait for the interval, commit together, and are
-    // acked as their one diff leaves.
+    // Ten ops 20 ms apart wait for the interval, commit together, and are acked as
+    // their one diff leaves.
+    let commits_before = server.metric("roomd_store_batch_commits_total").await;
     for i in 1..=10 {
-        let op = json!({"type": "set", "key": "k", "value": i});
-        alice.send_op(&format!("a{i}"), room, op).await;
+        alice.send(set(format!("c{i}"), 10 + i)).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for i in 1..=10 {
-        let reply = alice.reply(&format!("a{i}")).await;
+        let reply = alice.reply(&format!("c{i}")).await;
         assert_eq!(reply["t"], "ack", "{reply}");
     }
     let acked_after = busy_from.elapsed();
     let diff = bob.recv_until(|v| v["t"] == "diff").await;
     assert_eq!(
         (diff["from"].as_u64(), diff["to"].as_u64()),
-        (Some(3), Some(12))
+        (Some(13), Some(22))
     );
-    assert_eq!(diff["changes"][0]["v"], 10, "{diff}");
+    assert_eq!(diff["changes"][0]["v"], 20, "{diff}");
     assert!(
         acked_after >= interval - Duration::from_millis(500),
-        "the busy room's ops were acked {acked_after:?} after the first diff"
+        "the busy room's ops were acked {acked_after:?} after the previous diff"
     );
     let commits = server.metric("roomd_store_batch_commits_total").await - commits_before;
-    assert_eq!(
-        commits, 2.0,
-        "one commit for the quiet op, one for the ten held ops"
+    assert_eq!(commits, 1.0, "the ten held ops commit together");
+
+    // A client awaiting each ack is not slowed to one op per interval: its first op
+    // waits for the timer (the room was merging), the rest commit one by one at once.
+    let started = Instant::now();
+    for i in 1..=10 {
+        let op = json!({"type": "set", "key": "k", "value": 20 + i});
+        alice.ack(&format!("d{i}"), room, op).await;
+    }
+    assert!(
+        started.elapsed() < interval + Duration::from_secs(2),
+        "ten sequential acked ops took {:?}",
+        started.elapsed()
     );
 
-    // Without subscribers nothing waits for a diff: sequential ops are acked as they
-    // commit, all ten well within one interval.
+    // Without subscribers nothing waits for a diff either.
     let lonely = "state:lonely";
     alice.create_ok(lonely, "state", json!({})).await;
     let started = Instant::now();

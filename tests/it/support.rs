@@ -680,6 +680,21 @@ impl Client {
             .expect("send failed");
     }
 
+    /// Sends `messages` in one write (fed, then flushed once), so the server reads them
+    /// together.
+    pub async fn send_all(&mut self, messages: Vec<Message>) {
+        let feed = async {
+            for message in messages {
+                self.ws.feed(message).await?;
+            }
+            self.ws.flush().await
+        };
+        tokio::time::timeout(TIMEOUT, feed)
+            .await
+            .expect("send did not finish in time")
+            .expect("send failed");
+    }
+
     /// The next frame, close or end, or Timeout after `timeout`.
     pub async fn next_event(&mut self, timeout: Duration) -> Event {
         let deadline = tokio::time::Instant::now() + timeout;
