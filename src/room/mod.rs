@@ -60,8 +60,8 @@ pub struct RoomConfig {
     pub max_signal_bytes: usize,
     /// An unused room's actor stops after this long without messages.
     pub idle_timeout: Duration,
-    /// A busy room sends at most one diff per this interval, and holds its next batch
-    /// until the interval is up (see `Room::flush`).
+    /// A busy room sends at most one diff per this interval; while it merges ops it
+    /// also holds its next batch until the interval is up (see `Room::flush`).
     pub batch_interval: Duration,
     /// A snapshot is written every this many events...
     pub snapshot_every: u64,
