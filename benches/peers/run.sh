@@ -133,9 +133,12 @@ for (const scenario of scenarios.split(/\s+/).filter(Boolean)) {
     const r = read(target);
     if (r.error) { rows.push(`| ${scenario} | ${target} | failed: ${r.error} ||||||||||`); continue; }
     const l = r.latency_ms || {};
+    // A server that closed the publisher's connection cut the run short (its JSON says why).
+    const cut = (r.notes || []).some((n) => n.startsWith("the publisher's connection ended"));
+    const server = cut ? `${target} (closed the publisher early)` : target;
     const ratio = base && base.server_cpu_s_per_million && r.server_cpu_s_per_million
       ? `${(r.server_cpu_s_per_million / base.server_cpu_s_per_million).toFixed(2)}×` : 'n/a';
-    rows.push(`| ${scenario} | ${target} | ${fmt(r.deliveries_per_s, 0)} | ${fmt(r.frames_per_s, 0)} | ${fmt(l.p50, 2)} | ${fmt(l.p99, 2)} | ${fmt(l.p999, 2)} | ${fmt(l.max, 2)} | ${r.lost} | ${r.duplicated} | ${fmt(r.server_cpu_s_per_million, 2)} | ${ratio} | ${fmt(r.server_rss_mb, 0)} |`);
+    rows.push(`| ${scenario} | ${server} | ${fmt(r.deliveries_per_s, 0)} | ${fmt(r.frames_per_s, 0)} | ${fmt(l.p50, 2)} | ${fmt(l.p99, 2)} | ${fmt(l.p999, 2)} | ${fmt(l.max, 2)} | ${r.lost} | ${r.duplicated} | ${fmt(r.server_cpu_s_per_million, 2)} | ${ratio} | ${fmt(r.server_rss_mb, 0)} |`);
   }
 }
 console.log(rows.join('\n'));

@@ -783,12 +783,16 @@ async fn publish(
     let mut ticks = tokio::time::interval(Duration::from_millis(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut sent, mut last_shown, mut shown_unique) = (0u64, Instant::now(), 0u64);
-    while sent < total {
+    // A server that closes the publisher's connection (Socket.IO under overload misses
+    // its own ping deadline) ends the posting early; the run is measured over what was
+    // posted, and the report says why it stopped.
+    while sent < total && published.ended.lock().is_none() {
         ticks.tick().await;
         let due = ((start.elapsed().as_secs_f64() * f64::from(fanout.rate)) as u64 + 1).min(total);
         if sent < due {
             let mut sink = sink.lock().await;
-            while sent < due {
+            let mut posted = Ok(());
+            while sent < due && posted.is_ok() {
                 let k = (sent % rooms.len() as u64) as usize;
                 let n = published.sent[k];
                 let text = message_text(n, tally.now_us(), fanout.size);
@@ -800,14 +804,20 @@ async fn publish(
                     Target::Ws => text,
                     Target::Socketio => format!(r#"42["msg","{text}"]"#),
                 };
-                feed(&mut sink, Message::text(frame)).await?;
-                published.sent[k] += 1;
-                sent += 1;
+                posted = sink.feed(Message::text(frame)).await;
+                if posted.is_ok() {
+                    published.sent[k] += 1;
+                    sent += 1;
+                }
             }
-            sink.flush().await.map_err(|e| BenchError::Send {
-                what: "post",
-                reason: e.to_string(),
-            })?;
+            if let Err(e) = posted.and(sink.flush().await) {
+                let mut ended = published.ended.lock();
+                let reason = format!("posting stopped after {sent} of {total} posts: {e}");
+                match ended.as_mut() {
+                    Some(why) => *why = format!("{why}; {reason}"),
+                    None => *ended = Some(reason),
+                }
+            }
         }
         if last_shown.elapsed() >= Duration::from_millis(250) {
             let (unique, _) = tally.progress();
@@ -831,13 +841,6 @@ fn clone_counts(published: &Published) -> Published {
         first_nack: published.first_nack.clone(),
         ended: published.ended.clone(),
     }
-}
-
-async fn feed(sink: &mut Sink, message: Message) -> Result<(), BenchError> {
-    sink.feed(message).await.map_err(|e| BenchError::Send {
-        what: "post",
-        reason: e.to_string(),
-    })
 }
 
 /// Reads the publisher's connection: roomd acks and nacks, Socket.IO pings.
