@@ -279,16 +279,37 @@ struct Subscriber {
     error: Option<String>,
 }
 
+/// Sets bit n of `bits`; false if it was set before.
+fn set_bit(bits: &mut Vec<u64>, n: u64) -> bool {
+    let (word, bit) = ((n / 64) as usize, 1u64 << (n % 64));
+    if word >= bits.len() {
+        bits.resize(word + 1, 0);
+    }
+    let fresh = bits[word] & bit == 0;
+    bits[word] |= bit;
+    fresh
+}
+
 impl Subscriber {
     /// Marks n as seen; false if it was seen before.
     fn mark(&mut self, n: u64) -> bool {
-        let (word, bit) = ((n / 64) as usize, 1u64 << (n % 64));
-        if word >= self.seen.len() {
-            self.seen.resize(word + 1, 0);
-        }
-        let fresh = self.seen[word] & bit == 0;
-        self.seen[word] |= bit;
-        fresh
+        set_bit(&mut self.seen, n)
+    }
+
+    /// Distinct messages seen among those set in `posts`.
+    fn seen_among(&self, posts: &[u64]) -> u64 {
+        self.seen
+            .iter()
+            .zip(posts)
+            .map(|(seen, post)| u64::from((seen & post).count_ones()))
+            .sum()
+    }
+
+    /// Expected messages this subscriber got: among the first `sent`, those not nacked
+    /// (which may be anywhere among them, e.g. under a rate limit). A delivered nacked
+    /// post (a server bug) is not among them.
+    fn delivered(&self, sent: u64, nacked: &[u64]) -> u64 {
+        self.seen_below(sent) - self.seen_among(nacked)
     }
 
     /// Distinct messages seen among the first `posted`.
@@ -431,7 +452,8 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
             problems.push("a subscriber task panicked".into());
             continue;
         };
-        delivered_expected += sub.seen_below(posted[sub.room]);
+        let nacked = published.nacked_posts[sub.room].lock();
+        delivered_expected += sub.delivered(published.sent[sub.room], &nacked);
         if let Some(reason) = sub.ended {
             ended += 1;
             first_end.get_or_insert(reason);
@@ -713,8 +735,9 @@ struct Published {
     /// Posts sent per room.
     sent: Vec<u64>,
     acked: Arc<AtomicU64>,
-    /// Nacks per room.
+    /// Nacks per room, and which posts (bit n: post n of the room was nacked).
     nacked: Arc<Vec<AtomicU64>>,
+    nacked_posts: Arc<Vec<Mutex<Vec<u64>>>>,
     first_nack: Arc<Mutex<Option<String>>>,
     /// Why the publisher's connection ended early, if it did.
     ended: Arc<Mutex<Option<String>>>,
@@ -767,6 +790,7 @@ async fn publish(
         sent: vec![0; rooms.len()],
         acked: Arc::new(AtomicU64::new(0)),
         nacked: Arc::new((0..rooms.len()).map(|_| AtomicU64::new(0)).collect()),
+        nacked_posts: Arc::new((0..rooms.len()).map(|_| Mutex::new(Vec::new())).collect()),
         first_nack: Arc::new(Mutex::new(None)),
         ended: Arc::new(Mutex::new(None)),
     };
@@ -838,6 +862,7 @@ fn clone_counts(published: &Published) -> Published {
         sent: Vec::new(),
         acked: published.acked.clone(),
         nacked: published.nacked.clone(),
+        nacked_posts: published.nacked_posts.clone(),
         first_nack: published.first_nack.clone(),
         ended: published.ended.clone(),
     }
@@ -872,13 +897,20 @@ async fn read_replies(
                 // Rare: parse it whole. Nack ids are `p<room>.<n>`.
                 let reply: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
                 if reply["t"] == "nack" {
-                    let room = reply["id"]
+                    let post = reply["id"]
                         .as_str()
                         .and_then(|id| id.strip_prefix('p'))
-                        .and_then(|id| id.split('.').next())
-                        .and_then(|k| k.parse::<usize>().ok());
-                    if let Some(count) = room.and_then(|k| counts.nacked.get(k)) {
-                        count.fetch_add(1, Ordering::Relaxed);
+                        .and_then(|id| id.split_once('.'))
+                        .and_then(|(k, n)| {
+                            Some((k.parse::<usize>().ok()?, n.parse::<u64>().ok()?))
+                        });
+                    if let Some((k, n)) = post {
+                        if let (Some(count), Some(posts)) =
+                            (counts.nacked.get(k), counts.nacked_posts.get(k))
+                        {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            set_bit(&mut posts.lock(), n);
+                        }
                     }
                     counts
                         .first_nack
@@ -897,6 +929,30 @@ async fn read_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliveries_count_the_posts_not_nacked_wherever_they_are() {
+        let mut sub = Subscriber {
+            room: 0,
+            seen: Vec::new(),
+            ended: None,
+            error: None,
+        };
+        // Posts 0..100 sent; 10..20 and 90 nacked (a rate limit hits the middle, not the
+        // end); the subscriber saw every accepted post but 50.
+        let mut nacked = Vec::new();
+        for n in (10..20).chain([90]) {
+            assert!(set_bit(&mut nacked, n));
+        }
+        for n in (0..100).filter(|n| !(10..20).contains(n) && *n != 90 && *n != 50) {
+            assert!(sub.mark(n));
+        }
+        assert!(!sub.mark(0), "a second delivery is a duplicate");
+        assert_eq!(sub.delivered(100, &nacked), 88);
+        // A delivered nacked post (a server bug) does not count as an expected delivery.
+        sub.mark(15);
+        assert_eq!(sub.delivered(100, &nacked), 88);
+    }
 
     #[test]
     fn markers_are_found_in_every_framing() {
