@@ -765,7 +765,13 @@ impl Published {
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Some(nack) = self.first_nack.lock().clone() {
-            problems.push(format!("a post was nacked: {nack}"));
+            let hint = if nack.contains("\"rate_limited\"") {
+                " (the server's --op-rate and --op-burst limit the publisher's connection; \
+                 roomd bench raises them only on a server it starts itself)"
+            } else {
+                ""
+            };
+            problems.push(format!("a post was nacked: {nack}{hint}"));
         }
         if let Some(reason) = self.ended.lock().clone() {
             problems.push(format!("the publisher's connection ended: {reason}"));
