@@ -252,6 +252,9 @@ struct Shard {
 struct Tally {
     t0: Instant,
     shards: Vec<Mutex<Shard>>,
+    /// Posts the run makes in all; a marker or nack naming a post beyond is not ours
+    /// and is ignored (it would otherwise size a bitmap).
+    posts: u64,
 }
 
 impl Tally {
@@ -393,6 +396,7 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
     );
 
     let tally = Arc::new(Tally {
+        posts: total_posts(fanout),
         t0: Instant::now(),
         shards: (0..SHARDS)
             .map(|_| {
@@ -657,6 +661,9 @@ async fn receive(
         let now_us = tally.now_us();
         let (mut fresh, mut again) = (0, 0);
         for_each_marker(text, |n, sent_us| {
+            if n >= tally.posts {
+                return;
+            }
             if sub.mark(n) {
                 fresh += 1;
             } else {
@@ -805,9 +812,10 @@ async fn publish(
         target,
         sink.clone(),
         clone_counts(&published),
+        tally.posts,
     ));
 
-    let total = (f64::from(fanout.rate) * fanout.duration.as_secs_f64()).round() as u64;
+    let total = tally.posts;
     let bar = progress::bar("posting", fanout.duration.as_millis() as u64, "ms");
     let start = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_millis(1));
@@ -874,12 +882,18 @@ fn clone_counts(published: &Published) -> Published {
     }
 }
 
+/// Posts a run makes: `rate` per second for `duration`.
+fn total_posts(fanout: &FanoutArgs) -> u64 {
+    (f64::from(fanout.rate) * fanout.duration.as_secs_f64()).round() as u64
+}
+
 /// Reads the publisher's connection: roomd acks and nacks, Socket.IO pings.
 async fn read_replies(
     mut stream: SplitStream<Ws>,
     target: Target,
     sink: Arc<tokio::sync::Mutex<Sink>>,
     counts: Published,
+    posts: u64,
 ) {
     while let Some(message) = stream.next().await {
         let text = match message {
@@ -910,12 +924,15 @@ async fn read_replies(
                         .and_then(|(k, n)| {
                             Some((k.parse::<usize>().ok()?, n.parse::<u64>().ok()?))
                         });
-                    if let Some((k, n)) = post {
-                        if let (Some(count), Some(posts)) =
+                    // Only posts of this run, each counted once (a repeated nack is
+                    // not a second post the subscribers should not see).
+                    if let Some((k, n)) = post.filter(|&(_, n)| n < posts) {
+                        if let (Some(count), Some(nacked)) =
                             (counts.nacked.get(k), counts.nacked_posts.get(k))
                         {
-                            count.fetch_add(1, Ordering::Relaxed);
-                            set_bit(&mut posts.lock(), n);
+                            if set_bit(&mut nacked.lock(), n) {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     counts
