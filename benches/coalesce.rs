@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use roomd::kind::{Changes, Kind, RoomState, Undo};
 use roomd::room::batch::Batch;
 use roomd::room::messages::ReplyTo;
-use roomd::room::state::{Changes, Kind, RoomState, Undo};
 use roomd::store::EventRecord;
 use tokio::sync::oneshot;
 

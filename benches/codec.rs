@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use roomd::client;
+use roomd::kind::Slot;
 use roomd::protocol::message::{ClientMsg, ServerMsg, WireEntry, WireValue};
 use roomd::protocol::{binary, json};
-use roomd::room::state::Slot;
 use roomd::room::wire_entry;
 use roomd::value::Value;
 

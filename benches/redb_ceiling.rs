@@ -31,7 +31,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase as _, ReadableTableMetadata as _, TableDefinition};
-use roomd::room::state::Kind;
+use roomd::kind::Kind;
 use roomd::store::{Batch, RoomMeta, Store, StoreConfig, DEFAULT_CACHE_BYTES, QUICK_REPAIR};
 use serde_json::json;
 use tempfile::TempDir;

@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use roomd::room::state::Limits;
+use roomd::kind::Limits;
 use roomd::value::Value;
 
 use rooms::{

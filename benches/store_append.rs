@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use roomd::room::state::Kind;
+use roomd::kind::Kind;
 use roomd::store::{Batch, Durability, RoomMeta, Store, StoreConfig};
 use tempfile::TempDir;
 

@@ -6,9 +6,9 @@
 //! `#[path]`, so it may use only `roomd` and std. Every check takes arbitrary bytes and
 //! panics exactly when roomd breaks a property; a panic inside roomd is a finding too.
 
+use roomd::kind::{Changes, Ctx, Kind, Limits, RoomState};
 use roomd::protocol::message::{ClientMsg, WireValue};
 use roomd::protocol::{binary, json, Inbound};
-use roomd::room::state::{Changes, Ctx, Kind, Limits, RoomState};
 use roomd::value::{Value, MAX_DEPTH};
 
 /// `decode_json`: any text decodes to a request or a `BadFrame`, and every value a frame

@@ -216,7 +216,7 @@ pub struct Config {
     pub outbound_queue: usize,
     pub durability: Durability,
     pub cache_bytes: usize,
-    pub limits: crate::room::state::Limits,
+    pub limits: crate::kind::Limits,
     pub history_events: u64,
     /// None: no age limit on the log.
     pub history_age: Option<Duration>,
@@ -292,7 +292,7 @@ impl ServeArgs {
                 },
             },
             cache_bytes: self.cache_mb.max(1) << 20,
-            limits: crate::room::state::Limits {
+            limits: crate::kind::Limits {
                 max_keys: self.max_keys,
                 max_room_bytes: self.max_room_bytes,
                 ..Default::default()

@@ -11,12 +11,12 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use crate::auth::AuthError;
+use crate::kind::{Kind, RoomState};
 use crate::protocol::codes::Code;
 use crate::protocol::ids::{epoch_hex, valid_room_id};
 use crate::protocol::json::{entries_json, to_value};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
-use crate::room::state::{Kind, RoomState};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{EventsPage, Store};
 
 /// Registers the routes on an actix-web service config.

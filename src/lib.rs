@@ -16,23 +16,28 @@
 //!
 //! # Codemap
 //!
-//! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`.
+//! Top-level modules from the top of the stack to the bottom. A module uses only modules
+//! listed below it (Architecture invariant: the import graph has no upward edge).
+//!
+//! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator) and
+//!   [`log_tool`] (`roomd log`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
-//! - [`http`]: the HTTP API; [`auth`]: JWT, `?user=`, the Origin rule; [`metrics`]:
-//!   `GET /metrics`.
-//! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
-//!   codes, room ids and epochs. Nothing else serializes a wire message.
-//! - [`session`]: the Session actor, the upgrade, the connection caps (4429), the frame
-//!   guard in front of actix-ws, and the outbound queue that is the connection's
-//!   response body.
-//! - [`room`]: the Room actor, its batches, presence, the registry, and
-//!   [`room::state`] with the pure reducers of each room kind.
+//! - [`http`]: the HTTP API. [`session`]: the Session actor, the upgrade and the frame
+//!   guard in front of actix-ws.
+//! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
+//! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
+//!   [`auth`]: JWT, `?user=`, the Origin rule; [`admission`]: the connection caps (4429).
+//! - [`room`]: the Room actor, its batches, presence and the registry.
+//! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
+//!   handle rooms push frames through; it knows nothing of sessions or rooms.
 //! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
 //!   bounded pieces), record formats, reads for recovery, history and time travel.
-//! - [`value`]: the domain `Value`, free of any serialization.
-//! - [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc).
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids).
-//! - [`bench`](mod@bench): `roomd bench`, the load generator; [`log_tool`]: `roomd log`.
+//! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
+//!   codes, room ids and epochs. Nothing else serializes a wire message.
+//! - [`kind`]: room state and the pure reducers of each room kind.
+//! - [`value`]: the domain `Value`, free of any serialization; [`metrics`]: `GET /metrics`;
+//!   [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc).
 //!
 //! # Architecture invariants
 //!
@@ -51,20 +56,24 @@
 //!    run on the blocking pool, at most `store::MAX_CONCURRENT_READS` at a time.
 //! 8. Bad input from one client never harms another client, a room or the log.
 //!
-//! Deliberately absent: `room::state` knows nothing of actix, redb or rkyv; `protocol`
+//! Deliberately absent: `kind` knows nothing of actix, redb or rkyv; `protocol`
 //! knows nothing of rooms' internals; no module but `main.rs` uses anyhow.
 
+pub mod admission;
 pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod kind;
 pub mod log_tool;
 pub mod memory;
 pub mod metrics;
+pub mod outbound;
 pub mod protocol;
 pub mod room;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod store;
 pub mod value;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
+use crate::kind::RoomState;
 use crate::protocol::ids::epoch_hex;
-use crate::room::state::RoomState;
 use crate::store::{Snapshot, Store, StoreConfig, StoreError};
 
 /// `roomd log`: work on the data dir of a stopped server.
@@ -171,7 +171,7 @@ fn open(dir: &Path) -> Result<Store, StoreError> {
     Store::open(StoreConfig::new(dir))
 }
 
-fn state_of(kind: crate::room::state::Kind, snapshot: &Snapshot) -> RoomState {
+fn state_of(kind: crate::kind::Kind, snapshot: &Snapshot) -> RoomState {
     RoomState::from_parts(
         kind,
         snapshot.public.clone(),

@@ -15,37 +15,17 @@ use std::time::{Duration, Instant};
 use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::outbound::ConnSocket;
 use crate::protocol::codes::close;
 use crate::room::messages::Drain;
 use crate::room::registry::Registry;
 use crate::room::RoomConfig;
-use crate::session::outbound::{ConnSocket, Outbound};
+use crate::shared::Shared;
 use crate::store::{Store, StoreConfig, StoreError};
-
-/// What every handler and session shares.
-pub struct Shared {
-    pub config: Config,
-    pub room_config: RoomConfig,
-    pub registry: Arc<Registry>,
-    pub store: Store,
-    pub auth: Auth,
-    /// Open sessions' outbound queues, for the 4002 at shutdown. Written by sessions
-    /// on start and stop.
-    pub sessions: DashMap<u64, Arc<Outbound>>,
-    pub next_session_id: AtomicU64,
-    /// HTTP ops per user (per IP for guests).
-    pub http_limiter: DefaultKeyedRateLimiter<String>,
-    /// Set at shutdown: new upgrades are refused.
-    pub shutting_down: AtomicBool,
-    /// The clock every rate limiter reads (see `Session::new`).
-    pub clock: governor::clock::DefaultClock,
-    /// The connection caps (total and per client IP).
-    pub admission: Arc<crate::session::admission::Admission>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -110,7 +90,7 @@ pub async fn run(
         http_limiter: RateLimiter::keyed(http_quota),
         shutting_down: AtomicBool::new(false),
         clock: governor::clock::DefaultClock::default(),
-        admission: crate::session::admission::Admission::new(crate::session::admission::Caps {
+        admission: crate::admission::Admission::new(crate::admission::Caps {
             max_total: config.max_connections,
             max_per_ip: config.max_conns_per_ip,
             handshakes_total: config.handshakes_total,

@@ -3,7 +3,7 @@
 //! empty "state" room it goes to. `store_append` submits these records through the
 //! store and `redb_ceiling` measures their row size, so both write the same bytes.
 
-use roomd::room::state::{Changes, Ctx, Kind, Limits, RoomState};
+use roomd::kind::{Changes, Ctx, Kind, Limits, RoomState};
 use roomd::store::EventRecord;
 use roomd::value::Value;
 

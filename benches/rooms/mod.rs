@@ -6,7 +6,7 @@
 //! `reduce` and `apply`, so its entries, versions and private facts are what a live room
 //! of that shape holds. Measuring is left to the benches.
 
-use roomd::room::state::{Changes, Ctx, Kind, Limits, RoomState};
+use roomd::kind::{Changes, Ctx, Kind, Limits, RoomState};
 use roomd::value::Value;
 
 /// The room clock of event 1, in ms; each later event is 37 ms after the previous one.

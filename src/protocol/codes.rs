@@ -1,6 +1,6 @@
 //! Reply codes (nack/error) and WebSocket close codes, mapped in one place.
 
-use crate::room::state::RefuseCode;
+use crate::kind::RefuseCode;
 
 /// The `code` of a `nack` or `error` (PROTOCOL.md), also the HTTP error `code`.
 ///

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::messages::{OpDone, ReplyTo};
-use super::state::{Changes, RoomState, Slot, Undo};
+use crate::kind::{Changes, RoomState, Slot, Undo};
 use crate::protocol::codes::Code;
 use crate::store::{EventRecord, RoomMeta};
 

@@ -8,37 +8,11 @@ use std::sync::Arc;
 use actix::{Message, MessageResponse};
 use tokio::sync::oneshot;
 
+use crate::outbound::{Charge, SessionRef};
 use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry};
-use crate::protocol::{Encoding, Since};
-use crate::session::outbound::{Charge, Frame, Outbound};
+use crate::protocol::Since;
 use crate::value::Value;
-
-/// What a Room needs to know of a connection: who it is and where its frames go.
-#[derive(Clone, Debug)]
-pub struct SessionRef {
-    pub session_id: u64,
-    pub user: Arc<str>,
-    /// False for generated guest ids: their ops are never deduplicated.
-    pub dedup: bool,
-    pub encoding: Encoding,
-    pub outbound: Arc<Outbound>,
-    /// Rooms that dropped this connection's subscription on their own (deleted); the
-    /// session forgets them before it handles its next message.
-    pub evicted: Arc<parking_lot::Mutex<Vec<String>>>,
-}
-
-impl SessionRef {
-    /// Tells the session that `room` dropped its subscription.
-    pub fn evict(&self, room: &str) {
-        self.evicted.lock().push(room.to_owned());
-    }
-
-    /// Encodes and queues one message for this connection alone.
-    pub fn send(&self, msg: &ServerMsg, charge: Charge) {
-        self.outbound.push(encode(msg, self.encoding), charge);
-    }
-}
 
 /// The wall-clock time an op is stamped with when it arrives, in ms since the epoch
 /// (reducers get it as an argument; they never read a clock).
@@ -46,14 +20,6 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Encodes one message in one encoding.
-pub fn encode(msg: &ServerMsg, encoding: Encoding) -> Frame {
-    match encoding {
-        Encoding::Json => Frame::text(crate::protocol::json::encode(msg)),
-        Encoding::Rkyv => Frame::binary(crate::protocol::binary::encode(msg)),
-    }
 }
 
 /// Who is waiting for an op's outcome. Every op gets exactly one answer: a `ReplyTo`

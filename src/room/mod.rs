@@ -2,7 +2,7 @@
 //!
 //! A Room loads itself from the store on start (blocking reads run on the blocking pool,
 //! never on its arbiter thread), validates ops through the pure reducers of
-//! [`state`], assigns seq, hands the resulting events to the store writer, and only when
+//! [`crate::kind`], assigns seq, hands the resulting events to the store writer, and only when
 //! the writer confirms the commit does it send acks and the batch's diff (log before
 //! send). While a batch is being committed, new ops keep being validated and applied on
 //! top (the in-flight part); they form the next batch. A failed commit nacks every
@@ -17,13 +17,12 @@
 //! laid over it ([`batch::Batch::priors`]), so it costs no copy of the room.
 //!
 //! This module knows nothing of sockets: frames go out through each subscriber's
-//! byte-bounded [`Outbound`](crate::session::outbound::Outbound) queue.
+//! byte-bounded [`Outbound`](crate::outbound::Outbound) queue.
 
 pub mod batch;
 pub mod messages;
 pub mod presence;
 pub mod registry;
-pub mod state;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -36,11 +35,11 @@ use self::batch::Batch;
 use self::messages::*;
 use self::presence::Presence;
 use self::registry::Registry;
-use self::state::{Ctx, Kind, Limits, RoomState, Slot};
+use crate::kind::{Ctx, Kind, Limits, RoomState, Slot};
+use crate::outbound::{encode, Charge, Frame, Pushed, SessionRef};
 use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry, WireValue};
 use crate::protocol::Encoding;
-use crate::session::outbound::{Charge, Frame, Pushed};
 use crate::store::{
     self, EventRecord, LoadedRoom, RoomMeta, Snapshot, Store, TrimOutcome, TrimPolicy,
 };
@@ -503,7 +502,7 @@ impl Live {
         user: &Arc<str>,
         now_ms: i64,
         op: crate::value::Value,
-        changes: state::Changes,
+        changes: crate::kind::Changes,
         op_key: Option<(Arc<str>, String)>,
         reply: ReplyTo,
     ) {

@@ -2,17 +2,15 @@
 //!
 //! It decodes and validates client frames, enforces the per-connection limits (bad
 //! frames, op rate, subscriptions, heartbeat, token expiry), routes requests to rooms,
-//! and feeds the connection's byte-bounded [`outbound::Outbound`] queue, which a writer
-//! task drains into the socket. It holds no room state: only the addresses of the rooms
+//! and feeds the connection's byte-bounded [`Outbound`](crate::outbound::Outbound)
+//! queue, which a writer task drains into the socket. It holds no room state: only the addresses of the rooms
 //! it subscribes to.
 //!
 //! Requests to rooms are awaited one at a time (`ctx.wait`), so ops from one connection
 //! reach each room in the order they arrived, and a client that floods requests is
 //! slowed to the rooms' pace instead of growing a queue.
 
-pub mod admission;
 pub mod frame_guard;
-pub mod outbound;
 pub mod upgrade;
 
 use std::collections::{HashMap, VecDeque};
@@ -24,14 +22,14 @@ use actix_ws::{AggregatedMessage, ProtocolError};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use self::frame_guard::GuardHandle;
-use self::outbound::{Charge, Frame};
+use crate::outbound::{Charge, Frame, SessionRef};
 use crate::protocol::codes::{close, Code};
 use crate::protocol::message::ServerMsg;
 use crate::protocol::{ids, Encoding, Inbound};
-use crate::room::messages::{self as room_msg, ReplyTo, SessionRef};
+use crate::room::messages::{self as room_msg, ReplyTo};
 use crate::room::registry::Registry;
 use crate::room::Room;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::value::Value;
 
 /// Bad frames tolerated within [`BAD_FRAME_WINDOW`]; the next one closes with 4400.
@@ -55,7 +53,7 @@ pub struct Session {
     /// The token's `exp` in seconds since the epoch.
     expires_at: Option<u64>,
     /// This connection's slot under the connection caps, given back when the actor ends.
-    _permit: admission::Permit,
+    _permit: crate::admission::Permit,
 }
 
 impl Session {
@@ -64,7 +62,7 @@ impl Session {
         shared: Arc<Shared>,
         guard: GuardHandle,
         expires_at: Option<u64>,
-        permit: admission::Permit,
+        permit: crate::admission::Permit,
     ) -> Session {
         let config = &shared.config;
         let quota = Quota::per_second(

@@ -17,13 +17,12 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, ProtocolError};
 use futures_util::StreamExt;
 
 use super::frame_guard::{self, GuardHandle};
-use super::outbound::{Charge, ConnSocket, Frame, KillSwitch, Outbound, OutboundBody};
 use super::Session;
 use crate::auth::{origin_allowed, AuthError};
+use crate::outbound::{Charge, ConnSocket, Frame, KillSwitch, Outbound, OutboundBody, SessionRef};
 use crate::protocol::codes::close;
 use crate::protocol::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_RKYV};
-use crate::room::messages::SessionRef;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// The subprotocol a client asked for: None when it offered only others (HTTP 400).
 fn choose_encoding(req: &HttpRequest) -> Option<(Encoding, Option<&'static str>)> {

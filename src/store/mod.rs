@@ -60,7 +60,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
-use crate::room::state::{Changes, Kind, Slot};
+use crate::kind::{Changes, Kind, Slot};
 use crate::value::Value;
 
 pub use error::{StoreError, SubmitError};

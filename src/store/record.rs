@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use rkyv::rancor;
 
 use super::{EventRecord, RoomMeta, Snapshot};
-use crate::room::state::{Changes, Kind, Slot};
+use crate::kind::{Changes, Kind, Slot};
 use crate::value::{Value, MAX_DEPTH};
 
 /// The version byte of event rows written now (with the op id). A reader refuses any

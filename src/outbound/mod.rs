@@ -22,6 +22,10 @@
 //! Every close is followed by a cut of the socket after a short grace ([`KillSwitch`]),
 //! so a connection ends within a second even if the client never reads.
 
+mod subscriber;
+
+pub use subscriber::{encode, SessionRef};
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,39 @@
+//! The state every HTTP handler and WebSocket session shares: the configuration, the
+//! room registry, the store, authentication, rate limiters and connection caps.
+//!
+//! `server` builds it once at startup and owns the shutdown that reads it;
+//! `http` and `session` only read it (and the atomics and maps it holds).
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use governor::DefaultKeyedRateLimiter;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::outbound::Outbound;
+use crate::room::registry::Registry;
+use crate::room::RoomConfig;
+use crate::store::Store;
+
+/// What every handler and session shares.
+pub struct Shared {
+    pub config: Config,
+    pub room_config: RoomConfig,
+    pub registry: Arc<Registry>,
+    pub store: Store,
+    pub auth: Auth,
+    /// Open sessions' outbound queues, for the 4002 at shutdown. Written by sessions
+    /// on start and stop.
+    pub sessions: DashMap<u64, Arc<Outbound>>,
+    pub next_session_id: AtomicU64,
+    /// HTTP ops per user (per IP for guests).
+    pub http_limiter: DefaultKeyedRateLimiter<String>,
+    /// Set at shutdown: new upgrades are refused.
+    pub shutting_down: AtomicBool,
+    /// The clock every rate limiter reads (see `Session::new`).
+    pub clock: governor::clock::DefaultClock,
+    /// The connection caps (total and per client IP).
+    pub admission: Arc<crate::admission::Admission>,
+}
