@@ -20,6 +20,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use roomd::kind::{Changes, Kind, RoomState, Undo};
 use roomd::room::batch::Batch;
 use roomd::room::messages::ReplyTo;
+use roomd::room::op_ids::OpKey;
 use roomd::store::EventRecord;
 use tokio::sync::oneshot;
 
@@ -33,7 +34,7 @@ const FIRST_SEQ: u64 = 1_001;
 struct Event {
     record: EventRecord,
     undo: Undo,
-    op_key: Option<(Arc<str>, String)>,
+    op_key: Option<OpKey>,
     reply: ReplyTo,
 }
 
@@ -60,7 +61,7 @@ fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
                     op_id: Some(format!("c{i}")),
                 },
                 undo: scratch.apply(0, &Changes::default()),
-                op_key: Some((Arc::from(user), format!("c{i}"))),
+                op_key: Some(OpKey::new(Arc::from(user), format!("c{i}"))),
                 reply: ReplyTo::http(reply),
             }
         })

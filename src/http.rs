@@ -11,7 +11,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use crate::auth::AuthError;
-use crate::kind::{Kind, RoomState};
+use crate::kind::Kind;
 use crate::protocol::codes::Code;
 use crate::protocol::ids::{epoch_hex, valid_room_id};
 use crate::protocol::json::{entries_json, to_value};
@@ -365,18 +365,7 @@ async fn read_room_at(shared: &Shared, room: &str, at: u64) -> Result<HttpRespon
         ));
     }
     let kind = found.meta.kind;
-    let mut state = match found.snapshot {
-        Some(snapshot) => RoomState::from_parts(
-            kind,
-            snapshot.public,
-            snapshot.private,
-            snapshot.tombstone_floor,
-        ),
-        None => RoomState::new(kind),
-    };
-    for event in &found.events {
-        let _ = state.apply(event.seq, &event.changes);
-    }
+    let state = crate::room::recovery::replay(kind, found.snapshot.as_ref(), &found.events);
     let entries: Vec<_> = state
         .entries()
         .map(|(key, slot)| crate::room::wire_entry(key, slot))

@@ -12,7 +12,8 @@ use clap::{Args, Subcommand};
 
 use crate::kind::RoomState;
 use crate::protocol::ids::epoch_hex;
-use crate::store::{Snapshot, Store, StoreConfig, StoreError};
+use crate::room::recovery::{apply_all, replay, state_of};
+use crate::store::{Store, StoreConfig, StoreError};
 
 /// `roomd log`: work on the data dir of a stopped server.
 #[derive(Args, Debug)]
@@ -171,15 +172,6 @@ fn open(dir: &Path) -> Result<Store, StoreError> {
     Store::open(StoreConfig::new(dir))
 }
 
-fn state_of(kind: crate::kind::Kind, snapshot: &Snapshot) -> RoomState {
-    RoomState::from_parts(
-        kind,
-        snapshot.public.clone(),
-        snapshot.private.clone(),
-        snapshot.tombstone_floor,
-    )
-}
-
 /// Replays the room from its oldest snapshot (or its creation) through every retained
 /// event, checking each later snapshot on the way, and that the result is what the
 /// server would load.
@@ -208,7 +200,7 @@ fn replay_room(store: &Store, room: &str) -> Result<(), String> {
             if event.seq != seq + 1 {
                 return Err(format!("expected seq {}, found {}", seq + 1, event.seq));
             }
-            let _ = state.apply(event.seq, &event.changes);
+            apply_all(&mut state, std::slice::from_ref(event));
             seq = event.seq;
             while let Some(snapshot) = later.next_if(|s| s.seq <= seq) {
                 if snapshot.seq == seq && !same_entries(&state, &state_of(kind, snapshot)) {
@@ -226,13 +218,7 @@ fn replay_room(store: &Store, room: &str) -> Result<(), String> {
         ));
     }
     // What the server loads (newest snapshot + tail) must be the replayed state.
-    let mut served = match &loaded.snapshot {
-        Some(snapshot) => state_of(kind, snapshot),
-        None => RoomState::new(kind),
-    };
-    for event in &loaded.events {
-        let _ = served.apply(event.seq, &event.changes);
-    }
+    let served = replay(kind, loaded.snapshot.as_ref(), &loaded.events);
     if !same_entries(&served, &state) {
         return Err("newest snapshot plus tail differs from the full replay".into());
     }

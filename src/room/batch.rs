@@ -1,13 +1,12 @@
 //! A room's batch of uncommitted events: what the store commits together and what goes
 //! out together once it has (the acks, in arrival order, and one coalesced diff).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use super::messages::{OpDone, ReplyTo};
+use super::op_ids::OpKey;
 use crate::kind::{Changes, RoomState, Slot, Undo};
 use crate::protocol::codes::Code;
 use crate::store::{EventRecord, RoomMeta};
+use std::collections::BTreeMap;
 
 /// A reply held back until the batch it follows is committed, so replies to one caller
 /// leave in the order its ops arrived.
@@ -55,7 +54,7 @@ pub struct Batch {
     /// Each public key this batch changed, at its last value: the batch's diff.
     pub coalesced: BTreeMap<String, Slot>,
     /// Op ids of this batch's events, remembered once committed.
-    pub op_ids: Vec<(Arc<str>, String, u64)>,
+    pub op_ids: Vec<(OpKey, u64)>,
     /// Approximate JSON size of the changed values, for [`MAX_BATCH_BYTES`].
     bytes: usize,
     /// Set when a snapshot at this seq was submitted with the batch.
@@ -114,7 +113,7 @@ impl Batch {
         &mut self,
         record: EventRecord,
         undo: Undo,
-        op_key: Option<(Arc<str>, String)>,
+        op_key: Option<OpKey>,
         reply: ReplyTo,
         epoch: u64,
     ) {
@@ -129,8 +128,8 @@ impl Batch {
                 },
             );
         }
-        if let Some((user, id)) = op_key {
-            self.op_ids.push((user, id, seq));
+        if let Some(key) = op_key {
+            self.op_ids.push((key, seq));
         }
         self.replies.push(Reply::Ack(reply, OpDone { seq, epoch }));
         self.events.push(BatchEvent {
@@ -141,11 +140,11 @@ impl Batch {
     }
 
     /// The seq of an uncommitted event carrying this op id.
-    pub fn seq_of(&self, key: &(Arc<str>, String)) -> Option<u64> {
+    pub fn seq_of(&self, key: &OpKey) -> Option<u64> {
         self.op_ids
             .iter()
-            .find(|(user, id, _)| *user == key.0 && *id == key.1)
-            .map(|(_, _, seq)| *seq)
+            .find(|(known, _)| known == key)
+            .map(|(_, seq)| *seq)
     }
 
     /// Moves out the batch's changes, each key at its last value: its part of a diff.

@@ -1,0 +1,287 @@
+//! The commit pipeline: the oldest batch goes to the store writer, its acks and diff
+//! leave when the commit lands (log before send), a failed commit undoes every
+//! uncommitted event; plus the log trims and the deletion that ride on it.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::batch::Batch;
+use super::presence::Presence;
+use super::{messages, Room, Status};
+use crate::outbound::Charge;
+use crate::protocol::codes::Code;
+use crate::protocol::message::ServerMsg;
+use crate::store::{self, TrimOutcome, TrimPolicy};
+
+/// How often a busy room asks for a trim by `--history-age`: a quarter of the age, so
+/// an event goes about 1.25 ages after its stamp once a snapshot covers it; at most ten
+/// times a second for a tiny age, and at least once a minute for a long one.
+fn age_check_every(age: Duration) -> Duration {
+    (age / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
+
+impl Room {
+    /// Submits the oldest batch if no commit is in flight, first answering batches that
+    /// hold only replies (nacks, answers to re-sent ids).
+    pub(super) fn flush(&mut self, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        if live.in_flight {
+            return;
+        }
+        while live.batches.front().is_some_and(|b| b.events.is_empty()) {
+            if let Some(batch) = live.batches.pop_front() {
+                for reply in batch.replies {
+                    reply.send();
+                }
+            }
+        }
+        if live.batches.is_empty() {
+            if live.deleting.is_some() && !live.snapshot_in_flight {
+                self.start_delete(ctx);
+            }
+            return;
+        }
+        // A busy room that is merging ops commits on its diffs' schedule: the batch
+        // waits for the diff timer, commits, and its diff leaves as the commit lands
+        // (`diff_due`). Subscribers get the changes when they would have anyway (a diff
+        // could not leave before the timer); the room pays one commit per interval
+        // instead of one per store round, and its acks wait up to one interval. A room
+        // whose last batch held a single op (one client awaiting each ack, or a
+        // trickle) does not wait, so a sequential client is not slowed to one op per
+        // interval; nor does a full batch or a pending delete.
+        let holds = live.merging
+            && live.deleting.is_none()
+            && live.batches.front().is_some_and(|b| !b.is_full());
+        if let Some(wait) = self.diff_wait().filter(|_| holds) {
+            self.arm_diff_timer(wait, ctx);
+            return;
+        }
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        // A snapshot rides with the batch when it is the only uncommitted one, so the
+        // working state is exactly the state at the batch's last seq.
+        let snapshot_due = live.batches.len() == 1 && {
+            let last = live.head;
+            last >= live.snapshot_seq + self.config.snapshot_every
+                || (last > live.snapshot_seq
+                    && live.snapshot_at.elapsed() >= self.config.snapshot_interval)
+        };
+        let snapshot = snapshot_due.then(|| live.snapshot());
+        let Some(batch) = live.batches.front_mut() else {
+            return;
+        };
+        batch.snapshot_seq = snapshot.as_ref().map(|s| s.seq);
+        // Expiry is decided at submit time so the store forgets ids in the same commit.
+        let expire_through = live
+            .op_ids
+            .expire(batch.op_ids.len(), self.config.op_ids_kept);
+        live.merging = batch.events.len() > 1;
+        let store_batch = store::Batch {
+            room: self.room_id.to_string(),
+            create: batch.create,
+            events: batch.take_records(),
+            expire_op_ids_through: expire_through,
+            snapshot,
+        };
+        live.in_flight = true;
+        match self.store.submit(store_batch) {
+            Ok(done) => {
+                let wait = async move {
+                    match done.await {
+                        Ok(result) => result.map_err(|e| e.to_string()),
+                        Err(_) => Err("the store writer stopped".to_owned()),
+                    }
+                };
+                ctx.spawn(
+                    wait.into_actor(self)
+                        .map(|result, room, ctx| room.committed(result, ctx)),
+                );
+            }
+            Err(e) => self.committed(Err(e.to_string()), ctx),
+        }
+    }
+
+    /// The store answered for the batch in flight.
+    pub(super) fn committed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        if !live.in_flight {
+            return;
+        }
+        live.in_flight = false;
+        let Some(mut batch) = live.batches.pop_front() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                live.committed = batch.last_seq();
+                for (key, seq) in std::mem::take(&mut batch.op_ids) {
+                    live.op_ids.remember(key, seq);
+                }
+                let epoch = live.epoch;
+                for reply in batch.replies.drain(..) {
+                    reply.send();
+                }
+                if let Some(seq) = batch.snapshot_seq {
+                    live.snapshot_seq = seq;
+                    live.snapshot_at = Instant::now();
+                }
+                self.maybe_trim(ctx, batch.snapshot_seq.is_some());
+                let Status::Live(live) = &mut self.status else {
+                    return;
+                };
+                let to = live.committed;
+                self.queue_diff(epoch, batch.first_seq, to, batch.take_coalesced(), ctx);
+                if !self.deferred_subs.is_empty() {
+                    for sub in std::mem::take(&mut self.deferred_subs) {
+                        let _ = self.subscribe(sub, ctx);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(room = %self.room_id, error = %e, "commit failed; nacking uncommitted ops");
+                let msg = format!("store failure, nothing applied: {e}");
+                // Undo newest first: later batches were applied on top of earlier ones.
+                let mut failed: Vec<Batch> = live.batches.drain(..).collect();
+                failed.insert(0, batch);
+                for batch in failed.into_iter().rev() {
+                    batch.fail(&mut live.state, live.committed, &msg);
+                }
+                live.head = live.committed;
+                if live.committed == 0 {
+                    // The creation itself failed: the room does not exist.
+                    self.status = Status::Absent;
+                    for sub in std::mem::take(&mut self.deferred_subs) {
+                        sub.session.send(
+                            &ServerMsg::Error {
+                                code: Code::Unavailable,
+                                room: Some(self.room_id.to_string()),
+                                msg: msg.clone(),
+                            },
+                            Charge::Full,
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+        self.flush(ctx);
+    }
+
+    /// Asks the store to trim the log behind the newest snapshot (see
+    /// `Store::submit_trim`) when a limit may have made events due: the count limit when
+    /// the snapshot moved (or the room loaded) and the log is longer than
+    /// `history_events`; the age limit after a commit or load, at most once per
+    /// [`age_check_every`], as time alone makes events due. A room that is not loaded
+    /// asks nothing; it asks when it loads again. When the trim is done, deletions older
+    /// than the log are forgotten too, so `resumed` answers exactly what the log can. A
+    /// full queue skips this round; the next commit asks again (for the count limit
+    /// alone, the next snapshot).
+    pub(super) fn maybe_trim(&mut self, ctx: &mut Context<Self>, snapshot_moved: bool) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        // Without a snapshot nothing can be trimmed.
+        if live.trim_in_flight || live.snapshot_seq == 0 {
+            return;
+        }
+        let count_due = snapshot_moved && live.committed > self.config.history_events;
+        let age_due = self.config.history_age.is_some_and(|age| {
+            live.trim_asked_at
+                .is_none_or(|asked| asked.elapsed() >= age_check_every(age))
+        });
+        if !count_due && !age_due {
+            return;
+        }
+        // The oldest op id the room still dedups against: trimmed events from there on
+        // keep their ids apart.
+        let keep_op_ids_from = live.op_ids.oldest_seq();
+        let policy = TrimPolicy {
+            history_events: self.config.history_events,
+            older_than_ms: self.config.history_age.map(|age| {
+                let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                messages::now_ms().saturating_sub(age_ms)
+            }),
+            keep_op_ids_from,
+        };
+        let Ok(done) = self.store.submit_trim(&self.room_id, policy) else {
+            return;
+        };
+        live.trim_in_flight = true;
+        live.trim_asked_at = Some(Instant::now());
+        ctx.spawn(done.into_actor(self).map(|outcome, room, _ctx| {
+            let Status::Live(live) = &mut room.status else {
+                return;
+            };
+            live.trim_in_flight = false;
+            match outcome {
+                Ok(Ok(TrimOutcome::Done(report))) => {
+                    live.state
+                        .prune_tombstones(report.first_retained.saturating_sub(1));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(room = %room.room_id, error = %e, "trim failed"),
+                Err(_) => {}
+            }
+        }));
+    }
+
+    /// Submits the deletion once nothing is uncommitted; see [`Delete`].
+    pub(super) fn start_delete(&mut self, ctx: &mut Context<Self>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        match self.store.submit_delete(&self.room_id) {
+            Ok(done) => {
+                ctx.spawn(done.into_actor(self).map(|result, room, _ctx| {
+                    let result = match result {
+                        Ok(result) => result.map_err(|e| e.to_string()),
+                        Err(_) => Err("the store writer stopped".to_owned()),
+                    };
+                    room.deleted(result);
+                }));
+            }
+            Err(e) => {
+                if let Some(reply) = live.deleting.take() {
+                    let _ = reply.send(Err((Code::Unavailable, format!("cannot delete now: {e}"))));
+                }
+            }
+        }
+    }
+
+    /// The store removed the room: its subscribers are told and dropped, and the room
+    /// is absent (a later create gets a new epoch).
+    pub(super) fn deleted(&mut self, result: Result<(), String>) {
+        let Status::Live(live) = &mut self.status else {
+            return;
+        };
+        let reply = live.deleting.take();
+        if let Err(e) = result {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err((Code::Unavailable, format!("store failure: {e}"))));
+            }
+            return;
+        }
+        let gone = ServerMsg::Error {
+            code: Code::NotFound,
+            room: Some(self.room_id.to_string()),
+            msg: format!("room {} was deleted", self.room_id),
+        };
+        for (_, sub) in self.subscribers.drain() {
+            sub.session.evict(&self.room_id);
+            sub.session.send(&gone, Charge::Full);
+        }
+        self.presence = Presence::default();
+        self.unsent = None;
+        self.status = Status::Absent;
+        tracing::info!(room = %self.room_id, "room deleted");
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Fan-out: subscriptions (answered with `snapshot` or `resumed`), diff batching (at
+//! most one diff per `batch_interval` for a busy room), presence, and broadcasting a
+//! message to every subscriber, encoded once per encoding.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::live::wire_entry;
+use super::messages::Subscribe;
+use super::{batch, presence, Room, Status};
+use crate::kind::Slot;
+use crate::outbound::{encode, Charge, Frame, Pushed, SessionRef};
+use crate::protocol::codes::Code;
+use crate::protocol::message::ServerMsg;
+use crate::protocol::Encoding;
+
+/// One connection subscribed to this room.
+pub(super) struct Subscriber {
+    pub(super) session: SessionRef,
+    pub(super) presence: bool,
+}
+
+/// Committed changes waiting for the next diff frame.
+pub(super) struct UnsentDiff {
+    epoch: u64,
+    from: u64,
+    to: u64,
+    changes: BTreeMap<String, Slot>,
+}
+
+impl Room {
+    /// Adds a committed batch's changes to the next diff, and sends it now if the room
+    /// has been quiet for `batch_interval` (an idle room's diff leaves right after its
+    /// commit), else when the interval is up. A diff that grew past the batch byte cap
+    /// leaves at once.
+    pub(super) fn queue_diff(
+        &mut self,
+        epoch: u64,
+        from: u64,
+        to: u64,
+        changes: BTreeMap<String, Slot>,
+        ctx: &mut Context<Self>,
+    ) {
+        match &mut self.unsent {
+            Some(unsent) => {
+                unsent.to = to;
+                unsent.changes.extend(changes);
+            }
+            None => {
+                self.unsent = Some(UnsentDiff {
+                    epoch,
+                    from,
+                    to,
+                    changes,
+                })
+            }
+        }
+        let big = self
+            .unsent
+            .as_ref()
+            .is_some_and(|u| u.changes.len() >= batch::MAX_BATCH_EVENTS);
+        match self.diff_wait() {
+            Some(wait) if !big => self.arm_diff_timer(wait, ctx),
+            _ => self.send_unsent(),
+        }
+    }
+
+    /// How long until the next diff may leave: `None` if it may leave now, or if there
+    /// is nobody to send it to (then nothing waits for it either).
+    pub(super) fn diff_wait(&self) -> Option<Duration> {
+        if self.subscribers.is_empty() {
+            return None;
+        }
+        let elapsed = self.last_diff_at?.elapsed();
+        self.config
+            .batch_interval
+            .checked_sub(elapsed)
+            .filter(|wait| !wait.is_zero())
+    }
+
+    pub(super) fn arm_diff_timer(&mut self, wait: Duration, ctx: &mut Context<Self>) {
+        if !self.diff_timer {
+            self.diff_timer = true;
+            ctx.run_later(wait, |room, ctx| {
+                room.diff_timer = false;
+                room.diff_due(ctx);
+            });
+        }
+    }
+
+    /// The interval since the last diff is over: a batch held for it is submitted (its
+    /// commit sends the diff, with whatever committed meanwhile); with no commit coming,
+    /// what committed meanwhile leaves now.
+    pub(super) fn diff_due(&mut self, ctx: &mut Context<Self>) {
+        self.flush(ctx);
+        let commit_coming = matches!(&self.status, Status::Live(live) if live.in_flight);
+        if !commit_coming {
+            self.send_unsent();
+        }
+    }
+
+    /// Sends the committed-but-unsent changes as one diff.
+    pub(super) fn send_unsent(&mut self) {
+        let Some(unsent) = self.unsent.take() else {
+            return;
+        };
+        let diff = ServerMsg::Diff {
+            room: self.room_id.to_string(),
+            epoch: unsent.epoch,
+            from: unsent.from,
+            to: unsent.to,
+            changes: unsent
+                .changes
+                .iter()
+                .map(|(k, slot)| wire_entry(k, slot))
+                .collect(),
+        };
+        // A diff to nobody does not count: the first subscriber's first diff leaves at
+        // once.
+        if !self.subscribers.is_empty() {
+            self.last_diff_at = Some(Instant::now());
+        }
+        self.broadcast(&diff, Charge::Bulk, None);
+    }
+
+    /// Queues one message to every subscriber (or those wanting presence), encoding it
+    /// once per encoding in use. Subscribers whose queue overflowed are dropped.
+    pub(super) fn broadcast(
+        &mut self,
+        msg: &ServerMsg,
+        charge: Charge,
+        only: Option<fn(&Subscriber) -> bool>,
+    ) {
+        let mut encoded: [Option<Frame>; 2] = [None, None];
+        let mut gone = Vec::new();
+        for (id, sub) in &self.subscribers {
+            if let Some(only) = only {
+                if !only(sub) {
+                    continue;
+                }
+            }
+            let slot = match sub.session.encoding {
+                Encoding::Json => 0,
+                Encoding::Rkyv => 1,
+            };
+            let frame = encoded[slot]
+                .get_or_insert_with(|| encode(msg, sub.session.encoding))
+                .clone();
+            if matches!(
+                sub.session.outbound.push(frame, charge),
+                Pushed::Overflowed | Pushed::Closed
+            ) {
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            self.remove_subscriber(id);
+        }
+    }
+
+    pub(super) fn remove_subscriber(&mut self, session_id: u64) {
+        if let Some(sub) = self.subscribers.remove(&session_id) {
+            self.presence.leave(&sub.session.user);
+        }
+    }
+}
+
+impl Room {
+    pub(super) fn subscribe(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> bool {
+        // Existing subscribers get what is committed but unsent first, so the new
+        // subscriber's snapshot and everyone's next diff start at the same seq.
+        self.send_unsent();
+        let error = |code: Code, text: String| ServerMsg::Error {
+            code,
+            room: Some(self.room_id.to_string()),
+            msg: text,
+        };
+        let live = match &self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => {
+                msg.session.send(
+                    &error(Code::Unavailable, format!("room unavailable: {e}")),
+                    Charge::Full,
+                );
+                return false;
+            }
+            Status::Absent => {
+                msg.session.send(
+                    &error(Code::NotFound, format!("no room {}", self.room_id)),
+                    Charge::Full,
+                );
+                return false;
+            }
+            Status::Live(live) if live.deleting.is_some() => {
+                msg.session.send(
+                    &error(
+                        Code::NotFound,
+                        format!("room {} is being deleted", self.room_id),
+                    ),
+                    Charge::Full,
+                );
+                return false;
+            }
+            Status::Live(live) if live.committed == 0 => {
+                // The creation is being committed: answer once it is durable.
+                self.deferred_subs.push(msg);
+                return true;
+            }
+            Status::Live(live) => live,
+        };
+        let resumed = msg.since.and_then(|since| {
+            let (Some(epoch), Some(seq)) = (since.epoch, since.seq) else {
+                return None;
+            };
+            if epoch != live.epoch || seq > live.committed {
+                return None;
+            }
+            live.committed_changes_since(seq)
+                .map(|changes| ServerMsg::Resumed {
+                    room: self.room_id.to_string(),
+                    epoch: live.epoch,
+                    from: seq + 1,
+                    to: live.committed,
+                    changes,
+                })
+        });
+        let reply = resumed.unwrap_or_else(|| ServerMsg::Snapshot {
+            room: self.room_id.to_string(),
+            kind: live.kind.as_str().to_owned(),
+            epoch: live.epoch,
+            seq: live.committed,
+            entries: live.committed_entries(),
+            recovered: false,
+        });
+        if matches!(
+            msg.session
+                .outbound
+                .push(encode(&reply, msg.session.encoding), Charge::Bulk),
+            Pushed::Overflowed | Pushed::Closed
+        ) {
+            self.remove_subscriber(msg.session.session_id);
+            return false;
+        }
+        let session_id = msg.session.session_id;
+        let user = msg.session.user.clone();
+        let is_new = !self.subscribers.contains_key(&session_id);
+        if is_new {
+            self.presence.join(&user);
+        }
+        if msg.presence {
+            // Announce what others have not heard yet before this subscriber's list, so
+            // every presence subscriber's view is its list plus later changes.
+            self.flush_presence();
+            let members = ServerMsg::PresenceMembers {
+                room: self.room_id.to_string(),
+                members: self.presence.members(),
+            };
+            msg.session.send(&members, Charge::Full);
+        }
+        self.subscribers.insert(
+            session_id,
+            Subscriber {
+                session: msg.session,
+                presence: msg.presence,
+            },
+        );
+        true
+    }
+
+    pub(super) fn schedule_presence(&mut self, ctx: &mut Context<Self>) {
+        if self.presence.needs_flush() && self.presence.schedule() {
+            ctx.run_later(presence::FLUSH_DELAY, |room, _ctx| {
+                room.presence.unschedule();
+                room.flush_presence();
+            });
+        }
+    }
+
+    /// Sends the coalesced member changes to presence subscribers.
+    pub(super) fn flush_presence(&mut self) {
+        let Some((join, leave)) = self.presence.take_changes() else {
+            return;
+        };
+        let change = ServerMsg::PresenceChange {
+            room: self.room_id.to_string(),
+            join,
+            leave,
+        };
+        self.broadcast(&change, Charge::Full, Some(|sub| sub.presence));
+    }
+}

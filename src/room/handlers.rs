@@ -1,0 +1,314 @@
+//! The messages a Room accepts, each a thin handler over the status ladder
+//! and the live room's methods.
+
+use std::time::Instant;
+
+use actix::prelude::*;
+
+use super::live::Live;
+use super::messages::*;
+use super::op_ids::OpKey;
+use super::{batch, Room, Status};
+use crate::kind::{Ctx, Kind, RoomState};
+use crate::outbound::{encode, Charge, Frame};
+use crate::protocol::codes::Code;
+use crate::protocol::message::{ServerMsg, WireValue};
+use crate::protocol::Encoding;
+use crate::store::{self, RoomMeta};
+
+impl Handler<Create> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Create, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
+        match &mut self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => msg
+                .reply
+                .nack(Code::Unavailable, format!("room unavailable: {e}")),
+            Status::Live(live) if live.deleting.is_some() => msg.reply.nack(
+                Code::Unavailable,
+                format!("room {} is being deleted; retry", self.room_id),
+            ),
+            Status::Live(live) => {
+                // A re-sent create is answered from the op-id record, with seq 1.
+                if let Some(key) = &op_key {
+                    if let Some(seq) = live.op_ids.get(key) {
+                        return live.reply_ack(msg.reply, seq);
+                    }
+                    if let Some(seq) = live.uncommitted_seq(key) {
+                        return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
+                    }
+                }
+                let (code, text) = msg
+                    .refusal
+                    .unwrap_or((Code::Exists, format!("room {} exists", self.room_id)));
+                live.reply_nack(msg.reply, code, text);
+            }
+            Status::Absent => {
+                if let Some((code, text)) = msg.refusal {
+                    return msg.reply.nack(code, text);
+                }
+                // Counted from commits, so creates of one user in flight at the same
+                // moment in other rooms can pass together (at most their number over).
+                let created = self.store.rooms_created_by(&msg.user);
+                if created >= self.config.max_rooms_per_user {
+                    msg.reply.nack(
+                        Code::Limit,
+                        format!(
+                            "user {} already created {created} rooms, the limit",
+                            msg.user
+                        ),
+                    );
+                    return;
+                }
+                let Some(kind) = Kind::parse(&msg.kind) else {
+                    msg.reply.nack(
+                        Code::Invalid,
+                        format!("unknown kind `{}` (use chat, poll or state)", msg.kind),
+                    );
+                    return;
+                };
+                let seq_ctx = Ctx {
+                    user: &msg.user,
+                    now_ms: msg.now_ms,
+                    seq: 1,
+                };
+                let changes =
+                    match RoomState::create(kind, &msg.init, &seq_ctx, &self.config.limits) {
+                        Ok(changes) => changes,
+                        Err(refusal) => {
+                            msg.reply.nack(refusal.code.into(), refusal.msg);
+                            return;
+                        }
+                    };
+                let epoch = rand::random::<u64>();
+                let mut live = Live::new(kind, epoch, RoomState::new(kind), 0);
+                live.open_batch().create = Some(RoomMeta { kind, epoch });
+                let op = crate::value::Value::map([
+                    ("type", crate::value::Value::Str("create".into())),
+                    ("kind", crate::value::Value::Str(kind.as_str().into())),
+                    ("init", msg.init),
+                ]);
+                live.apply_event(&msg.user, msg.now_ms, op, changes, op_key, msg.reply);
+                self.status = Status::Live(Box::new(live));
+                self.flush(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<Submit> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        let live = match &mut self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => {
+                return msg
+                    .reply
+                    .nack(Code::Unavailable, format!("room unavailable: {e}"));
+            }
+            Status::Absent => {
+                let (code, text) = msg
+                    .refusal
+                    .unwrap_or((Code::NotFound, format!("no room {}", self.room_id)));
+                return msg.reply.nack(code, text);
+            }
+            Status::Live(live) if live.deleting.is_some() => {
+                return msg.reply.nack(
+                    Code::NotFound,
+                    format!("room {} is being deleted", self.room_id),
+                );
+            }
+            Status::Live(live) if live.committed == 0 && live.in_flight => {
+                // The creation is not durable yet; an op now would be a race the client
+                // cannot see, so it waits in line like any other op.
+                live
+            }
+            Status::Live(live) => live,
+        };
+        let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
+        if let Some(key) = &op_key {
+            if let Some(seq) = live.op_ids.get(key) {
+                return live.reply_ack(msg.reply, seq);
+            }
+            // A re-send of an op still in flight is answered when the original is.
+            if let Some(seq) = live.uncommitted_seq(key) {
+                return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
+            }
+        }
+        if let Some((code, text)) = msg.refusal {
+            return live.reply_nack(msg.reply, code, text);
+        }
+        let seq = live.head + 1;
+        let seq_ctx = Ctx {
+            user: &msg.user,
+            now_ms: msg.now_ms,
+            seq,
+        };
+        match live.state.reduce(&msg.op, &seq_ctx, &self.config.limits) {
+            Ok(changes) => {
+                live.apply_event(&msg.user, msg.now_ms, msg.op, changes, op_key, msg.reply);
+                self.flush(ctx);
+            }
+            Err(refusal) => live.reply_nack(msg.reply, refusal.code.into(), refusal.msg),
+        }
+    }
+}
+
+impl Handler<Subscribe> for Room {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> bool {
+        self.last_activity = Instant::now();
+        let ok = self.subscribe(msg, ctx);
+        self.schedule_presence(ctx);
+        ok
+    }
+}
+
+impl Handler<Unsubscribe> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        self.remove_subscriber(msg.session_id);
+        self.schedule_presence(ctx);
+    }
+}
+
+impl Handler<Signal> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Signal, _ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        if !self.subscribers.contains_key(&msg.session_id) {
+            return;
+        }
+        let signal = ServerMsg::Signal {
+            room: self.room_id.to_string(),
+            user: msg.user.to_string(),
+            data: WireValue::from_value(&msg.data),
+        };
+        let mut encoded: [Option<Frame>; 2] = [None, None];
+        for (id, sub) in &self.subscribers {
+            if *id == msg.session_id {
+                continue;
+            }
+            let slot = match sub.session.encoding {
+                Encoding::Json => 0,
+                Encoding::Rkyv => 1,
+            };
+            let frame = encoded[slot]
+                .get_or_insert_with(|| encode(&signal, sub.session.encoding))
+                .clone();
+            // Signals are the first thing dropped under load.
+            sub.session.outbound.push(frame, Charge::Droppable);
+        }
+    }
+}
+
+impl Handler<Read> for Room {
+    type Result = Result<RoomView, (Code, String)>;
+
+    fn handle(&mut self, _msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_activity = Instant::now();
+        match &self.status {
+            Status::Live(live) if live.committed > 0 && live.deleting.is_none() => Ok(RoomView {
+                kind: live.kind.as_str(),
+                epoch: live.epoch,
+                seq: live.committed,
+                entries: live.committed_entries(),
+            }),
+            Status::Failed(e) => Err((Code::Unavailable, format!("room unavailable: {e}"))),
+            _ => Err((Code::NotFound, format!("no room {}", self.room_id))),
+        }
+    }
+}
+
+impl Handler<Drain> for Room {
+    type Result = Drained;
+
+    /// Shutdown: reports what is not yet durable, and once everything is committed,
+    /// writes a final snapshot so the next start loads fast.
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) -> Drained {
+        const DONE: Drained = Drained {
+            ops: 0,
+            snapshot: false,
+        };
+        let Status::Live(live) = &mut self.status else {
+            return DONE;
+        };
+        let uncommitted: usize = live.batches.iter().map(|b| b.events.len()).sum();
+        if uncommitted > 0 || live.in_flight {
+            return Drained {
+                ops: uncommitted.max(1),
+                snapshot: false,
+            };
+        }
+        if live.snapshot_in_flight {
+            return Drained {
+                ops: 0,
+                snapshot: true,
+            };
+        }
+        if live.committed == 0 || live.head <= live.snapshot_seq || live.deleting.is_some() {
+            return DONE;
+        }
+        let batch = store::Batch {
+            snapshot: Some(live.snapshot()),
+            ..store::Batch::new(self.room_id.to_string())
+        };
+        let Ok(done) = self.store.submit(batch) else {
+            return DONE;
+        };
+        live.snapshot_in_flight = true;
+        let seq = live.head;
+        ctx.spawn(done.into_actor(self).map(move |result, room, _ctx| {
+            if let Status::Live(live) = &mut room.status {
+                live.snapshot_in_flight = false;
+                if matches!(result, Ok(Ok(()))) {
+                    live.snapshot_seq = seq;
+                }
+            }
+        }));
+        Drained {
+            ops: 0,
+            snapshot: true,
+        }
+    }
+}
+
+impl Handler<Delete> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Delete, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        match &mut self.status {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => {
+                let _ = msg
+                    .reply
+                    .send(Err((Code::Unavailable, format!("room unavailable: {e}"))));
+            }
+            Status::Absent => {
+                let _ = msg
+                    .reply
+                    .send(Err((Code::NotFound, format!("no room {}", self.room_id))));
+            }
+            Status::Live(live) if live.deleting.is_some() => {
+                let _ = msg.reply.send(Err((
+                    Code::NotFound,
+                    format!("room {} is being deleted", self.room_id),
+                )));
+            }
+            Status::Live(live) => {
+                live.deleting = Some(msg.reply);
+                self.flush(ctx);
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! A live room's state: the working state (committed plus in-flight events) that ops
+//! are validated against, the uncommitted batches, and the committed view that
+//! snapshots, `resumed` and HTTP reads serve.
+//!
+//! The committed view is the working state with the in-flight keys' prior slots laid
+//! over it ([`Batch::priors`]), so it costs no copy of the room.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::batch::{self, Batch};
+use super::messages::{OpDone, ReplyTo};
+use super::op_ids::{OpIds, OpKey};
+use crate::kind::{Changes, Kind, RoomState, Slot};
+use crate::protocol::codes::Code;
+use crate::protocol::message::{WireEntry, WireValue};
+use crate::store::{EventRecord, Snapshot};
+
+/// A room that exists: its state and its commit pipeline.
+pub(super) struct Live {
+    pub(super) kind: Kind,
+    pub(super) epoch: u64,
+    pub(super) state: RoomState,
+    /// Seq of the last event applied to `state` (committed or not).
+    pub(super) head: u64,
+    /// Seq of the last committed event; 0 while the creation is being committed.
+    pub(super) committed: u64,
+    /// Uncommitted batches, oldest first. The front one is being committed when
+    /// `in_flight` is set (one commit per room at a time, so commits, acks and diffs
+    /// happen in seq order); the others wait their turn. Each batch is capped
+    /// ([`Batch::is_full`]) so a busy room's diffs stay bounded in size.
+    pub(super) batches: VecDeque<Batch>,
+    pub(super) in_flight: bool,
+    /// The last batch submitted held more than one event: ops arrive faster than
+    /// commits land, so a busy room holds its next batch (see `Room::flush`).
+    pub(super) merging: bool,
+    /// Acked op ids, to answer re-sent ops.
+    pub(super) op_ids: OpIds,
+    /// Seq and time of the newest snapshot written (0: none yet).
+    pub(super) snapshot_seq: u64,
+    pub(super) snapshot_at: Instant,
+    /// A snapshot-only commit (at shutdown) is in flight.
+    pub(super) snapshot_in_flight: bool,
+    /// A trim of the log is running in the store.
+    pub(super) trim_in_flight: bool,
+    /// When this room last asked for a trim, so the age limit is checked at most once
+    /// per [`age_check_every`] instead of after every commit.
+    pub(super) trim_asked_at: Option<Instant>,
+    /// A `DELETE` waiting for the uncommitted batches to drain, then for the store.
+    pub(super) deleting: Option<oneshot::Sender<Result<(), (Code, String)>>>,
+}
+
+impl Live {
+    pub(super) fn new(kind: Kind, epoch: u64, state: RoomState, head: u64) -> Live {
+        Live {
+            kind,
+            epoch,
+            state,
+            head,
+            committed: head,
+            batches: VecDeque::new(),
+            in_flight: false,
+            merging: false,
+            op_ids: OpIds::default(),
+            snapshot_seq: 0,
+            snapshot_at: Instant::now(),
+            snapshot_in_flight: false,
+            trim_in_flight: false,
+            trim_asked_at: None,
+            deleting: None,
+        }
+    }
+
+    /// The working state as a snapshot at `head`; only valid when nothing is
+    /// uncommitted or `head` is the last seq of the one batch being submitted.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            seq: self.head,
+            public: self
+                .state
+                .all_slots()
+                .map(|(k, slot)| (k.to_owned(), slot.clone()))
+                .collect(),
+            private: self
+                .state
+                .private_entries()
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect(),
+            tombstone_floor: self.state.tombstone_floor(),
+        }
+    }
+}
+
+impl Live {
+    /// Applies an accepted event to the working state and adds it to the pending batch.
+    pub(super) fn apply_event(
+        &mut self,
+        user: &Arc<str>,
+        now_ms: i64,
+        op: crate::value::Value,
+        changes: Changes,
+        op_key: Option<OpKey>,
+        reply: ReplyTo,
+    ) {
+        // The batch opens before head moves: a new batch's first seq is head + 1.
+        self.open_batch();
+        self.head += 1;
+        let seq = self.head;
+        if let Some(batch) = self.batches.back_mut() {
+            batch.note_priors(&self.state, &changes);
+        }
+        let undo = self.state.apply(seq, &changes);
+        let record = EventRecord {
+            seq,
+            user: user.to_string(),
+            ts_ms: now_ms,
+            op,
+            changes,
+            op_id: op_key.as_ref().map(|key| key.id.clone()),
+        };
+        let epoch = self.epoch;
+        if let Some(batch) = self.batches.back_mut() {
+            batch.add_event(record, undo, op_key, reply, epoch);
+        }
+    }
+
+    pub(super) fn done(&self, seq: u64) -> OpDone {
+        OpDone {
+            seq,
+            epoch: self.epoch,
+        }
+    }
+
+    /// The batch new events and replies join: the newest one, unless it is being
+    /// committed or is full.
+    pub(super) fn open_batch(&mut self) -> &mut Batch {
+        let usable = match self.batches.back() {
+            Some(last) => !(last.is_full() || self.in_flight && self.batches.len() == 1),
+            None => false,
+        };
+        if !usable {
+            self.batches.push_back(Batch::new(self.head + 1));
+        }
+        // Just ensured non-empty.
+        self.batches.back_mut().expect("a batch was just pushed")
+    }
+
+    /// The seq of an op id that is applied but not yet committed.
+    pub(super) fn uncommitted_seq(&self, key: &OpKey) -> Option<u64> {
+        self.batches.iter().find_map(|batch| batch.seq_of(key))
+    }
+
+    /// Sends a reply now if nothing is in line before it, else after the newest batch.
+    pub(super) fn reply_later(&mut self, reply: batch::Reply) {
+        if self.batches.is_empty() {
+            reply.send();
+        } else {
+            self.open_batch().replies.push(reply);
+        }
+    }
+
+    pub(super) fn reply_ack(&mut self, reply: ReplyTo, seq: u64) {
+        let done = self.done(seq);
+        self.reply_later(batch::Reply::Ack(reply, done));
+    }
+
+    pub(super) fn reply_nack(&mut self, reply: ReplyTo, code: Code, msg: String) {
+        self.reply_later(batch::Reply::Nack(reply, code, msg));
+    }
+
+    /// The committed value of every public key, sorted: the working state with the
+    /// uncommitted keys' prior slots laid over it.
+    pub(super) fn committed_entries(&self) -> Vec<WireEntry> {
+        let overlay = self.overlay();
+        let mut out = Vec::new();
+        let mut overlay_iter = overlay.iter().peekable();
+        for (key, slot) in self.state.entries() {
+            while let Some((okey, oslot)) = overlay_iter.peek() {
+                if okey.as_str() < key {
+                    push_live(&mut out, okey, oslot);
+                    overlay_iter.next();
+                } else {
+                    break;
+                }
+            }
+            if overlay.contains_key(key) {
+                continue;
+            }
+            out.push(wire_entry(key, slot));
+        }
+        for (okey, oslot) in overlay_iter {
+            push_live(&mut out, okey, oslot);
+        }
+        // Overlay keys equal to a working key were skipped above and are pushed here or
+        // in the loop; sort once to keep the contract's key order.
+        out.sort_by(|a, b| a.k.cmp(&b.k));
+        out.dedup_by(|a, b| a.k == b.k);
+        out
+    }
+
+    /// Committed entries and tombstones with ver > since, or None when tombstones that
+    /// old are gone (the caller answers with a snapshot).
+    pub(super) fn committed_changes_since(&self, since: u64) -> Option<Vec<WireEntry>> {
+        let overlay = self.overlay();
+        let working = self.state.changed_since(since)?;
+        let mut out: Vec<WireEntry> = working
+            .into_iter()
+            .filter(|(k, _)| !overlay.contains_key(*k))
+            .map(|(k, slot)| wire_entry(k, slot))
+            .collect();
+        for (key, prior) in &overlay {
+            if let Some(slot) = prior {
+                if slot.ver > since {
+                    out.push(wire_entry(key, slot));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.k.cmp(&b.k));
+        Some(out)
+    }
+
+    /// For each key changed by uncommitted events, its committed slot (None: absent).
+    pub(super) fn overlay(&self) -> BTreeMap<String, Option<Slot>> {
+        let mut overlay = BTreeMap::new();
+        for batch in &self.batches {
+            for (key, prior) in &batch.priors {
+                overlay.entry(key.clone()).or_insert_with(|| prior.clone());
+            }
+        }
+        overlay
+    }
+}
+
+fn push_live(out: &mut Vec<WireEntry>, key: &str, prior: &Option<Slot>) {
+    if let Some(slot) = prior {
+        if slot.value.is_some() {
+            out.push(wire_entry(key, slot));
+        }
+    }
+}
+
+/// A state slot as a wire entry (`v: None` is a deleted key).
+pub fn wire_entry(key: &str, slot: &Slot) -> WireEntry {
+    WireEntry {
+        k: key.to_owned(),
+        v: slot.value.as_ref().map(WireValue::from_value),
+        ver: slot.ver,
+    }
+}
