@@ -13,9 +13,10 @@ use tokio::sync::oneshot;
 use crate::auth::AuthError;
 use crate::kind::Kind;
 use crate::protocol::codes::Code;
-use crate::protocol::ids::{epoch_hex, valid_room_id};
+use crate::protocol::ids::{epoch_hex, RoomId};
 use crate::protocol::json::{entries_json, to_value};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
+use crate::room::RoomError;
 use crate::shared::Shared;
 use crate::store::{EventsPage, Store};
 
@@ -80,7 +81,16 @@ impl From<AuthError> for ApiError {
     }
 }
 
-const BAD_ROOM_ID: &str = "room id must match ^[A-Za-z0-9_.:-]{1,128}$";
+/// A room id from a path or body, checked once here.
+fn room_id(room: &str) -> Result<RoomId, ApiError> {
+    RoomId::parse(room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))
+}
+
+impl From<RoomError> for ApiError {
+    fn from(e: RoomError) -> ApiError {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "ok": true }))
@@ -156,12 +166,10 @@ fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Json>, ApiError> {
     }
 }
 
-async fn wait_reply(
-    rx: oneshot::Receiver<Result<OpDone, (Code, String)>>,
-) -> Result<OpDone, ApiError> {
+async fn wait_reply(rx: oneshot::Receiver<Result<OpDone, RoomError>>) -> Result<OpDone, ApiError> {
     match rx.await {
         Ok(Ok(done)) => Ok(done),
-        Ok(Err((code, msg))) => Err(ApiError::new(code, msg)),
+        Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::new(
             Code::Unavailable,
             "the room stopped before answering; retry",
@@ -183,9 +191,7 @@ async fn create_room(
             "`room` and `kind` must be strings",
         ));
     };
-    if !valid_room_id(room) {
-        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
-    }
+    let room = room_id(room)?;
     let init = obj
         .get("init")
         .map_or(Ok(crate::value::Value::Null), to_value)
@@ -200,7 +206,7 @@ async fn create_room(
         refusal: None,
         reply: ReplyTo::http(tx),
     };
-    send_to_room(&shared, room, msg).await;
+    send_to_room(&shared, &room, msg).await;
     let done = wait_reply(rx).await?;
     Ok(HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) })))
 }
@@ -212,9 +218,7 @@ async fn read_room(
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
     shared.auth.identify(&req, true)?;
-    if !valid_room_id(&room) {
-        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
-    }
+    let room = room_id(&room)?;
     let query = Query::parse(&req)?;
     if let Some(at) = query.at {
         return read_room_at(&shared, &room, at).await;
@@ -227,14 +231,12 @@ async fn read_room(
             .get(&room)
             .send(room_msg::Read)
             .await
-            .unwrap_or_else(|_| {
-                Err((
-                    Code::Unavailable,
-                    "the room stopped before answering; retry".into(),
-                ))
-            }),
+            .unwrap_or(Err(RoomError::Rejected(
+                Code::Unavailable,
+                "the room stopped before answering; retry".into(),
+            ))),
     };
-    let view = result.map_err(|(code, msg)| ApiError::new(code, msg))?;
+    let view = result?;
     Ok(HttpResponse::Ok().json(json!({
         "room": room,
         "kind": view.kind,
@@ -252,9 +254,7 @@ async fn post_op(
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
     let (identity, over_rate) = admit_op(&req, &shared)?;
-    if !valid_room_id(&room) {
-        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
-    }
+    let room = room_id(&room)?;
     let obj = parse_body(&body)?;
     let op_id = match obj.get("id") {
         None | Some(Json::Null) => None,
@@ -268,12 +268,12 @@ async fn post_op(
         .map_or(Err("missing `op`".to_owned()), to_value);
     // Refusals wait for the room only when an op id could make this a re-send.
     let refusal = match (&op, over_rate) {
-        (Err(why), _) => Some((Code::Invalid, format!("op: {why}"))),
-        (Ok(_), Some(why)) => Some((Code::RateLimited, why)),
+        (Err(why), _) => Some(RoomError::Rejected(Code::Invalid, format!("op: {why}"))),
+        (Ok(_), Some(why)) => Some(RoomError::Rejected(Code::RateLimited, why)),
         (Ok(_), None) => None,
     };
-    if let (None, Some((code, why))) = (&op_id, &refusal) {
-        return Err(ApiError::new(*code, why.clone()));
+    if let (None, Some(refusal)) = (&op_id, &refusal) {
+        return Err(refusal.clone().into());
     }
     let (tx, rx) = oneshot::channel();
     let msg = room_msg::Submit {
@@ -337,7 +337,7 @@ async fn blocking<T: Send + 'static>(
 
 /// `GET /api/rooms/{room}?at=N`: the state as it was at seq N, rebuilt from the newest
 /// snapshot at or before N and the logged changes after it.
-async fn read_room_at(shared: &Shared, room: &str, at: u64) -> Result<HttpResponse, ApiError> {
+async fn read_room_at(shared: &Shared, room: &RoomId, at: u64) -> Result<HttpResponse, ApiError> {
     let room_id = room.to_owned();
     let found = blocking(&shared.store, move |store| store.read_at(&room_id, at)).await?;
     let Some(found) = found else {
@@ -390,9 +390,7 @@ async fn read_events(
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
     let identity = shared.auth.identify(&req, true)?;
-    if !valid_room_id(&room) {
-        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
-    }
+    let room = room_id(&room)?;
     let query = Query::parse(&req)?;
     let after = query.after.unwrap_or(0);
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_EVENTS_PAGE) as usize;
@@ -436,7 +434,7 @@ async fn read_events(
 }
 
 /// The room's kind, from its creation event when the page holds it, else from the room.
-async fn page_kind(shared: &Shared, room: &str, page: &EventsPage) -> Option<Kind> {
+async fn page_kind(shared: &Shared, room: &RoomId, page: &EventsPage) -> Option<Kind> {
     if let Some(first) = page.events.first().filter(|e| e.seq == 1) {
         return first
             .op
@@ -465,14 +463,12 @@ async fn delete_room(
             "deleting a room takes an admin token",
         ));
     }
-    if !valid_room_id(&room) {
-        return Err(ApiError::new(Code::Invalid, BAD_ROOM_ID));
-    }
+    let room = room_id(&room)?;
     let (tx, rx) = oneshot::channel();
     send_to_room(&shared, &room, room_msg::Delete { reply: tx }).await;
     match rx.await {
         Ok(Ok(())) => Ok(HttpResponse::NoContent().finish()),
-        Ok(Err((code, msg))) => Err(ApiError::new(code, msg)),
+        Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::new(
             Code::Unavailable,
             "the room stopped before answering; retry",
@@ -482,7 +478,7 @@ async fn delete_room(
 
 /// Sends to a room, restarting it once if it stopped; a message lost anyway answers
 /// through its dropped `ReplyTo`.
-async fn send_to_room<M>(shared: &Arc<Shared>, room: &str, msg: M)
+async fn send_to_room<M>(shared: &Arc<Shared>, room: &RoomId, msg: M)
 where
     M: actix::Message<Result = ()> + Send + 'static,
     crate::room::Room: actix::Handler<M>,

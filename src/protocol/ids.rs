@@ -1,7 +1,62 @@
 //! Room ids and epochs as they appear on the wire.
 
+use std::fmt;
+use std::sync::Arc;
+
 /// Longest room id (PROTOCOL.md "Words").
 pub const MAX_ROOM_ID: usize = 128;
+
+/// A room id that matches the contract pattern. Built only by [`RoomId::parse`], where
+/// a room id enters the server (a client frame, an HTTP path), so nothing past that
+/// boundary checks it again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(Arc<str>);
+
+/// A room id that does not match the contract pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("room id must match ^[A-Za-z0-9_.:-]{{1,128}}$")]
+pub struct InvalidRoomId;
+
+impl RoomId {
+    pub fn parse(room: &str) -> Result<RoomId, InvalidRoomId> {
+        if valid_room_id(room) {
+            Ok(RoomId(Arc::from(room)))
+        } else {
+            Err(InvalidRoomId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A room id reads as the string it is (store keys, log fields, JSON).
+impl std::ops::Deref for RoomId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl serde::Serialize for RoomId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for RoomId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Checks a room id against `^[A-Za-z0-9_.:-]{1,128}$`, not made of dots only.
 pub fn valid_room_id(room: &str) -> bool {
@@ -39,6 +94,18 @@ mod tests {
         assert!(!valid_room_id("é"));
         assert!(valid_room_id(&"x".repeat(128)));
         assert!(!valid_room_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn room_ids_parse_only_when_valid() {
+        assert_eq!(
+            RoomId::parse("poll:lunch").map(|id| id.to_string()),
+            Ok("poll:lunch".into())
+        );
+        assert_eq!(
+            RoomId::parse("has space").map_err(|e| e.to_string()),
+            Err("room id must match ^[A-Za-z0-9_.:-]{1,128}$".into())
+        );
     }
 
     #[test]

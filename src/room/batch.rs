@@ -3,8 +3,8 @@
 
 use super::messages::{OpDone, ReplyTo};
 use super::op_ids::OpKey;
+use super::RoomError;
 use crate::kind::{Changes, RoomState, Slot, Undo};
-use crate::protocol::codes::Code;
 use crate::store::{EventRecord, RoomMeta};
 use std::collections::BTreeMap;
 
@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub enum Reply {
     Ack(ReplyTo, OpDone),
-    Nack(ReplyTo, Code, String),
+    Nack(ReplyTo, RoomError),
 }
 
 impl Reply {
     pub fn send(self) {
         match self {
             Reply::Ack(to, done) => to.ack(done),
-            Reply::Nack(to, code, msg) => to.nack(code, msg),
+            Reply::Nack(to, error) => to.nack(error),
         }
     }
 }
@@ -154,14 +154,14 @@ impl Batch {
 
     /// The commit failed: undo this batch's events (newest first) and answer every
     /// reply; acks of events that are not committed become `unavailable` nacks.
-    pub fn fail(self, state: &mut RoomState, committed: u64, msg: &str) {
+    pub fn fail(self, state: &mut RoomState, committed: u64, store_error: &str) {
         for event in self.events.into_iter().rev() {
             state.undo(event.undo);
         }
         for reply in self.replies {
             match reply {
                 Reply::Ack(to, done) if done.seq > committed => {
-                    to.nack(Code::Unavailable, msg.to_owned());
+                    to.nack(RoomError::CommitFailed(store_error.to_owned()));
                 }
                 other => other.send(),
             }

@@ -8,10 +8,8 @@ use actix::prelude::*;
 
 use super::batch::Batch;
 use super::presence::Presence;
-use super::{messages, Room, Status};
+use super::{messages, Room, RoomError, Status};
 use crate::outbound::Charge;
-use crate::protocol::codes::Code;
-use crate::protocol::message::ServerMsg;
 use crate::store::{self, TrimOutcome, TrimPolicy};
 
 /// How often a busy room asks for a trim by `--history-age`: a quarter of the age, so
@@ -145,26 +143,19 @@ impl Room {
             }
             Err(e) => {
                 tracing::error!(room = %self.room_id, error = %e, "commit failed; nacking uncommitted ops");
-                let msg = format!("store failure, nothing applied: {e}");
                 // Undo newest first: later batches were applied on top of earlier ones.
                 let mut failed: Vec<Batch> = live.batches.drain(..).collect();
                 failed.insert(0, batch);
                 for batch in failed.into_iter().rev() {
-                    batch.fail(&mut live.state, live.committed, &msg);
+                    batch.fail(&mut live.state, live.committed, &e);
                 }
                 live.head = live.committed;
                 if live.committed == 0 {
                     // The creation itself failed: the room does not exist.
                     self.status = Status::Absent;
+                    let failed = self.error_msg(&RoomError::CommitFailed(e));
                     for sub in std::mem::take(&mut self.deferred_subs) {
-                        sub.session.send(
-                            &ServerMsg::Error {
-                                code: Code::Unavailable,
-                                room: Some(self.room_id.to_string()),
-                                msg: msg.clone(),
-                            },
-                            Charge::Full,
-                        );
+                        sub.session.send(&failed, Charge::Full);
                     }
                     return;
                 }
@@ -248,7 +239,7 @@ impl Room {
             }
             Err(e) => {
                 if let Some(reply) = live.deleting.take() {
-                    let _ = reply.send(Err((Code::Unavailable, format!("cannot delete now: {e}"))));
+                    let _ = reply.send(Err(RoomError::DeleteRefused(e.to_string())));
                 }
             }
         }
@@ -263,15 +254,11 @@ impl Room {
         let reply = live.deleting.take();
         if let Err(e) = result {
             if let Some(reply) = reply {
-                let _ = reply.send(Err((Code::Unavailable, format!("store failure: {e}"))));
+                let _ = reply.send(Err(RoomError::DeleteFailed(e)));
             }
             return;
         }
-        let gone = ServerMsg::Error {
-            code: Code::NotFound,
-            room: Some(self.room_id.to_string()),
-            msg: format!("room {} was deleted", self.room_id),
-        };
+        let gone = self.error_msg(&RoomError::Deleted(self.room_id.clone()));
         for (_, sub) in self.subscribers.drain() {
             sub.session.evict(&self.room_id);
             sub.session.send(&gone, Charge::Full);

@@ -9,10 +9,9 @@ use actix::prelude::*;
 
 use super::live::wire_entry;
 use super::messages::Subscribe;
-use super::{batch, presence, Room, Status};
+use super::{batch, presence, Room, RoomError, Status};
 use crate::kind::Slot;
 use crate::outbound::{encode, Charge, Frame, Pushed, SessionRef};
-use crate::protocol::codes::Code;
 use crate::protocol::message::ServerMsg;
 use crate::protocol::Encoding;
 
@@ -31,6 +30,15 @@ pub(super) struct UnsentDiff {
 }
 
 impl Room {
+    /// An `error` about this room.
+    pub(super) fn error_msg(&self, e: &RoomError) -> ServerMsg {
+        ServerMsg::Error {
+            code: e.code(),
+            room: Some(self.room_id.to_string()),
+            msg: e.to_string(),
+        }
+    }
+
     /// Adds a committed batch's changes to the next diff, and sends it now if the room
     /// has been quiet for `batch_interval` (an idle room's diff leaves right after its
     /// commit), else when the interval is up. A diff that grew past the batch byte cap
@@ -172,43 +180,22 @@ impl Room {
         // Existing subscribers get what is committed but unsent first, so the new
         // subscriber's snapshot and everyone's next diff start at the same seq.
         self.send_unsent();
-        let error = |code: Code, text: String| ServerMsg::Error {
-            code,
-            room: Some(self.room_id.to_string()),
-            msg: text,
-        };
-        let live = match &self.status {
-            Status::Loading => unreachable!("the mailbox is paused while loading"),
-            Status::Failed(e) => {
-                msg.session.send(
-                    &error(Code::Unavailable, format!("room unavailable: {e}")),
-                    Charge::Full,
-                );
+        let live = match self.status.standing(&self.room_id) {
+            Err(e) => {
+                msg.session.send(&self.error_msg(&e), Charge::Full);
                 return false;
             }
-            Status::Absent => {
-                msg.session.send(
-                    &error(Code::NotFound, format!("no room {}", self.room_id)),
-                    Charge::Full,
-                );
+            Ok(None) => {
+                let e = RoomError::NotFound(self.room_id.clone());
+                msg.session.send(&self.error_msg(&e), Charge::Full);
                 return false;
             }
-            Status::Live(live) if live.deleting.is_some() => {
-                msg.session.send(
-                    &error(
-                        Code::NotFound,
-                        format!("room {} is being deleted", self.room_id),
-                    ),
-                    Charge::Full,
-                );
-                return false;
-            }
-            Status::Live(live) if live.committed == 0 => {
+            Ok(Some(live)) if live.committed == 0 => {
                 // The creation is being committed: answer once it is durable.
                 self.deferred_subs.push(msg);
                 return true;
             }
-            Status::Live(live) => live,
+            Ok(Some(live)) => live,
         };
         let resumed = msg.since.and_then(|since| {
             let (Some(epoch), Some(seq)) = (since.epoch, since.seq) else {

@@ -8,10 +8,9 @@ use actix::prelude::*;
 use super::live::Live;
 use super::messages::*;
 use super::op_ids::OpKey;
-use super::{batch, Room, Status};
+use super::{batch, Room, RoomError, Status};
 use crate::kind::{Ctx, Kind, RoomState};
 use crate::outbound::{encode, Charge, Frame};
-use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireValue};
 use crate::protocol::Encoding;
 use crate::store::{self, RoomMeta};
@@ -19,83 +18,80 @@ use crate::store::{self, RoomMeta};
 impl Handler<Create> for Room {
     type Result = ();
 
-    fn handle(&mut self, msg: Create, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Create, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
-        let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
-        match &mut self.status {
-            Status::Loading => unreachable!("the mailbox is paused while loading"),
-            Status::Failed(e) => msg
-                .reply
-                .nack(Code::Unavailable, format!("room unavailable: {e}")),
-            Status::Live(live) if live.deleting.is_some() => msg.reply.nack(
-                Code::Unavailable,
-                format!("room {} is being deleted; retry", self.room_id),
-            ),
-            Status::Live(live) => {
-                // A re-sent create is answered from the op-id record, with seq 1.
-                if let Some(key) = &op_key {
-                    if let Some(seq) = live.op_ids.get(key) {
-                        return live.reply_ack(msg.reply, seq);
-                    }
-                    if let Some(seq) = live.uncommitted_seq(key) {
-                        return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
-                    }
-                }
-                let (code, text) = msg
-                    .refusal
-                    .unwrap_or((Code::Exists, format!("room {} exists", self.room_id)));
-                live.reply_nack(msg.reply, code, text);
+        let op_key = msg.op_id.take().map(|id| OpKey::new(msg.user.clone(), id));
+        let live = match self.status.standing(&self.room_id) {
+            Err(RoomError::Deleting(room_id)) => {
+                return msg.reply.nack(RoomError::CreateWhileDeleting(room_id))
             }
-            Status::Absent => {
-                if let Some((code, text)) = msg.refusal {
-                    return msg.reply.nack(code, text);
-                }
-                // Counted from commits, so creates of one user in flight at the same
-                // moment in other rooms can pass together (at most their number over).
-                let created = self.store.rooms_created_by(&msg.user);
-                if created >= self.config.max_rooms_per_user {
-                    msg.reply.nack(
-                        Code::Limit,
-                        format!(
-                            "user {} already created {created} rooms, the limit",
-                            msg.user
-                        ),
-                    );
-                    return;
-                }
-                let Some(kind) = Kind::parse(&msg.kind) else {
-                    msg.reply.nack(
-                        Code::Invalid,
-                        format!("unknown kind `{}` (use chat, poll or state)", msg.kind),
-                    );
-                    return;
-                };
-                let seq_ctx = Ctx {
-                    user: &msg.user,
-                    now_ms: msg.now_ms,
-                    seq: 1,
-                };
-                let changes =
-                    match RoomState::create(kind, &msg.init, &seq_ctx, &self.config.limits) {
-                        Ok(changes) => changes,
-                        Err(refusal) => {
-                            msg.reply.nack(refusal.code.into(), refusal.msg);
-                            return;
-                        }
-                    };
-                let epoch = rand::random::<u64>();
-                let mut live = Live::new(kind, epoch, RoomState::new(kind), 0);
-                live.open_batch().create = Some(RoomMeta { kind, epoch });
-                let op = crate::value::Value::map([
-                    ("type", crate::value::Value::Str("create".into())),
-                    ("kind", crate::value::Value::Str(kind.as_str().into())),
-                    ("init", msg.init),
-                ]);
-                live.apply_event(&msg.user, msg.now_ms, op, changes, op_key, msg.reply);
-                self.status = Status::Live(Box::new(live));
-                self.flush(ctx);
+            Err(e) => return msg.reply.nack(e),
+            Ok(Some(live)) => live,
+            Ok(None) => return self.create(msg, op_key, ctx),
+        };
+        // A re-sent create is answered from the op-id record, with seq 1.
+        if let Some(key) = &op_key {
+            if let Some(seq) = live.op_ids.get(key) {
+                return live.reply_ack(msg.reply, seq);
+            }
+            if let Some(seq) = live.uncommitted_seq(key) {
+                return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
             }
         }
+        let refusal = msg
+            .refusal
+            .unwrap_or_else(|| RoomError::Exists(self.room_id.clone()));
+        live.reply_nack(msg.reply, refusal);
+    }
+}
+
+impl Room {
+    /// Creates the absent room: its creation event is the first of the log.
+    fn create(&mut self, msg: Create, op_key: Option<OpKey>, ctx: &mut Context<Self>) {
+        let Create {
+            user,
+            kind,
+            init,
+            now_ms,
+            refusal,
+            reply,
+            ..
+        } = msg;
+        if let Some(refusal) = refusal {
+            return reply.nack(refusal);
+        }
+        // Counted from commits, so creates of one user in flight at the same moment in
+        // other rooms can pass together (at most their number over).
+        let created = self.store.rooms_created_by(&user);
+        if created >= self.config.max_rooms_per_user {
+            return reply.nack(RoomError::TooManyRooms {
+                user: user.to_string(),
+                created,
+            });
+        }
+        let Some(kind) = Kind::parse(&kind) else {
+            return reply.nack(RoomError::UnknownKind(kind, "chat, poll or state".into()));
+        };
+        let seq_ctx = Ctx {
+            user: &user,
+            now_ms,
+            seq: 1,
+        };
+        let changes = match RoomState::create(kind, &init, &seq_ctx, &self.config.limits) {
+            Ok(changes) => changes,
+            Err(refusal) => return reply.nack(RoomError::Refused(refusal)),
+        };
+        let epoch = rand::random::<u64>();
+        let mut live = Live::new(kind, epoch, RoomState::new(kind), 0);
+        live.open_batch().create = Some(RoomMeta { kind, epoch });
+        let op = crate::value::Value::map([
+            ("type", crate::value::Value::Str("create".into())),
+            ("kind", crate::value::Value::Str(kind.as_str().into())),
+            ("init", init),
+        ]);
+        live.apply_event(&user, now_ms, op, changes, op_key, reply);
+        self.status = Status::Live(Box::new(live));
+        self.flush(ctx);
     }
 }
 
@@ -104,31 +100,17 @@ impl Handler<Submit> for Room {
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
-        let live = match &mut self.status {
-            Status::Loading => unreachable!("the mailbox is paused while loading"),
-            Status::Failed(e) => {
-                return msg
-                    .reply
-                    .nack(Code::Unavailable, format!("room unavailable: {e}"));
-            }
-            Status::Absent => {
-                let (code, text) = msg
+        // A live room whose creation is not durable yet takes ops too: they wait in line
+        // behind it like any other op, so the client sees no race.
+        let live = match self.status.standing(&self.room_id) {
+            Err(e) => return msg.reply.nack(e),
+            Ok(None) => {
+                let refusal = msg
                     .refusal
-                    .unwrap_or((Code::NotFound, format!("no room {}", self.room_id)));
-                return msg.reply.nack(code, text);
+                    .unwrap_or_else(|| RoomError::NotFound(self.room_id.clone()));
+                return msg.reply.nack(refusal);
             }
-            Status::Live(live) if live.deleting.is_some() => {
-                return msg.reply.nack(
-                    Code::NotFound,
-                    format!("room {} is being deleted", self.room_id),
-                );
-            }
-            Status::Live(live) if live.committed == 0 && live.in_flight => {
-                // The creation is not durable yet; an op now would be a race the client
-                // cannot see, so it waits in line like any other op.
-                live
-            }
-            Status::Live(live) => live,
+            Ok(Some(live)) => live,
         };
         let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
         if let Some(key) = &op_key {
@@ -140,8 +122,8 @@ impl Handler<Submit> for Room {
                 return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
             }
         }
-        if let Some((code, text)) = msg.refusal {
-            return live.reply_nack(msg.reply, code, text);
+        if let Some(refusal) = msg.refusal {
+            return live.reply_nack(msg.reply, refusal);
         }
         let seq = live.head + 1;
         let seq_ctx = Ctx {
@@ -154,7 +136,7 @@ impl Handler<Submit> for Room {
                 live.apply_event(&msg.user, msg.now_ms, msg.op, changes, op_key, msg.reply);
                 self.flush(ctx);
             }
-            Err(refusal) => live.reply_nack(msg.reply, refusal.code.into(), refusal.msg),
+            Err(refusal) => live.reply_nack(msg.reply, RoomError::Refused(refusal)),
         }
     }
 }
@@ -212,19 +194,20 @@ impl Handler<Signal> for Room {
 }
 
 impl Handler<Read> for Room {
-    type Result = Result<RoomView, (Code, String)>;
+    type Result = Result<RoomView, RoomError>;
 
     fn handle(&mut self, _msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
-        match &self.status {
-            Status::Live(live) if live.committed > 0 && live.deleting.is_none() => Ok(RoomView {
+        match self.status.standing(&self.room_id) {
+            Ok(Some(live)) if live.committed > 0 => Ok(RoomView {
                 kind: live.kind.as_str(),
                 epoch: live.epoch,
                 seq: live.committed,
                 entries: live.committed_entries(),
             }),
-            Status::Failed(e) => Err((Code::Unavailable, format!("room unavailable: {e}"))),
-            _ => Err((Code::NotFound, format!("no room {}", self.room_id))),
+            Err(e @ RoomError::LoadFailed(_)) => Err(e),
+            // Being created or being deleted: not there for a reader.
+            _ => Err(RoomError::NotFound(self.room_id.clone())),
         }
     }
 }
@@ -287,25 +270,16 @@ impl Handler<Delete> for Room {
 
     fn handle(&mut self, msg: Delete, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
-        match &mut self.status {
-            Status::Loading => unreachable!("the mailbox is paused while loading"),
-            Status::Failed(e) => {
+        match self.status.standing(&self.room_id) {
+            Err(e) => {
+                let _ = msg.reply.send(Err(e));
+            }
+            Ok(None) => {
                 let _ = msg
                     .reply
-                    .send(Err((Code::Unavailable, format!("room unavailable: {e}"))));
+                    .send(Err(RoomError::NotFound(self.room_id.clone())));
             }
-            Status::Absent => {
-                let _ = msg
-                    .reply
-                    .send(Err((Code::NotFound, format!("no room {}", self.room_id))));
-            }
-            Status::Live(live) if live.deleting.is_some() => {
-                let _ = msg.reply.send(Err((
-                    Code::NotFound,
-                    format!("room {} is being deleted", self.room_id),
-                )));
-            }
-            Status::Live(live) => {
+            Ok(Some(live)) => {
                 live.deleting = Some(msg.reply);
                 self.flush(ctx);
             }

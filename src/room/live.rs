@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 use super::batch::{self, Batch};
 use super::messages::{OpDone, ReplyTo};
 use super::op_ids::{OpIds, OpKey};
+use super::RoomError;
 use crate::kind::{Changes, Kind, RoomState, Slot};
-use crate::protocol::codes::Code;
 use crate::protocol::message::{WireEntry, WireValue};
 use crate::store::{EventRecord, Snapshot};
 
@@ -50,7 +50,7 @@ pub(super) struct Live {
     /// per [`age_check_every`] instead of after every commit.
     pub(super) trim_asked_at: Option<Instant>,
     /// A `DELETE` waiting for the uncommitted batches to drain, then for the store.
-    pub(super) deleting: Option<oneshot::Sender<Result<(), (Code, String)>>>,
+    pub(super) deleting: Option<oneshot::Sender<Result<(), RoomError>>>,
 }
 
 impl Live {
@@ -167,8 +167,8 @@ impl Live {
         self.reply_later(batch::Reply::Ack(reply, done));
     }
 
-    pub(super) fn reply_nack(&mut self, reply: ReplyTo, code: Code, msg: String) {
-        self.reply_later(batch::Reply::Nack(reply, code, msg));
+    pub(super) fn reply_nack(&mut self, reply: ReplyTo, error: RoomError) {
+        self.reply_later(batch::Reply::Nack(reply, error));
     }
 
     /// The committed value of every public key, sorted: the working state with the

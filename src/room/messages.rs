@@ -9,10 +9,11 @@ use actix::{Message, MessageResponse};
 use tokio::sync::oneshot;
 
 use crate::outbound::{Charge, SessionRef};
-use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry};
 use crate::protocol::Since;
 use crate::value::Value;
+
+use super::RoomError;
 
 /// The wall-clock time an op is stamped with when it arrives, in ms since the epoch
 /// (reducers get it as an argument; they never read a clock).
@@ -33,7 +34,7 @@ enum Target {
     /// A WebSocket op with its client-chosen id.
     Session(SessionRef, String),
     /// An HTTP request; the sender is dropped if the request went away.
-    Http(oneshot::Sender<Result<OpDone, (Code, String)>>),
+    Http(oneshot::Sender<Result<OpDone, RoomError>>),
 }
 
 /// A successful op or create.
@@ -48,7 +49,7 @@ impl ReplyTo {
         ReplyTo(Some(Target::Session(session, id)))
     }
 
-    pub fn http(tx: oneshot::Sender<Result<OpDone, (Code, String)>>) -> ReplyTo {
+    pub fn http(tx: oneshot::Sender<Result<OpDone, RoomError>>) -> ReplyTo {
         ReplyTo(Some(Target::Http(tx)))
     }
 
@@ -65,17 +66,22 @@ impl ReplyTo {
         }
     }
 
-    pub fn nack(mut self, code: Code, msg: String) {
-        self.nack_in_place(code, msg);
+    pub fn nack(mut self, error: RoomError) {
+        self.nack_in_place(error);
     }
 
-    fn nack_in_place(&mut self, code: Code, msg: String) {
+    fn nack_in_place(&mut self, error: RoomError) {
         match self.0.take() {
-            Some(Target::Session(session, id)) => {
-                session.send(&ServerMsg::Nack { id, code, msg }, Charge::Full)
-            }
+            Some(Target::Session(session, id)) => session.send(
+                &ServerMsg::Nack {
+                    id,
+                    code: error.code(),
+                    msg: error.to_string(),
+                },
+                Charge::Full,
+            ),
             Some(Target::Http(tx)) => {
-                let _ = tx.send(Err((code, msg)));
+                let _ = tx.send(Err(error));
             }
             None => {}
         }
@@ -84,7 +90,7 @@ impl ReplyTo {
 
 impl Drop for ReplyTo {
     fn drop(&mut self) {
-        self.nack_in_place(Code::Unavailable, "the room restarted; retry the op".into());
+        self.nack_in_place(RoomError::Restarted);
     }
 }
 
@@ -100,7 +106,7 @@ pub struct Create {
     pub now_ms: i64,
     /// Refused before the room saw it (over the rate, malformed body); the room still
     /// answers a re-sent op id from its record first.
-    pub refusal: Option<(Code, String)>,
+    pub refusal: Option<RoomError>,
     pub reply: ReplyTo,
 }
 
@@ -113,7 +119,7 @@ pub struct Submit {
     pub op: Value,
     pub now_ms: i64,
     /// As for `Create`: answered unless the id is a re-send.
-    pub refusal: Option<(Code, String)>,
+    pub refusal: Option<RoomError>,
     pub reply: ReplyTo,
 }
 
@@ -145,7 +151,7 @@ pub struct Signal {
 
 /// Read the committed state (HTTP `GET /api/rooms/{room}`).
 #[derive(Message)]
-#[rtype(result = "Result<RoomView, (Code, String)>")]
+#[rtype(result = "Result<RoomView, RoomError>")]
 pub struct Read;
 
 /// A room's committed state.
@@ -178,5 +184,5 @@ pub struct Drained {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Delete {
-    pub reply: oneshot::Sender<Result<(), (Code, String)>>,
+    pub reply: oneshot::Sender<Result<(), RoomError>>,
 }

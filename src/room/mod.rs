@@ -27,6 +27,7 @@
 
 pub mod batch;
 mod commit;
+pub mod error;
 mod fanout;
 mod handlers;
 mod live;
@@ -48,8 +49,10 @@ use self::messages::Subscribe;
 use self::presence::Presence;
 use self::registry::Registry;
 use crate::kind::Limits;
+use crate::protocol::ids::RoomId;
 use crate::store::{LoadedRoom, Store};
 
+pub use self::error::RoomError;
 pub use self::live::wire_entry;
 
 /// Settings every room shares, from the server `Config`.
@@ -105,9 +108,26 @@ enum Status {
     Failed(String),
 }
 
+impl Status {
+    /// The status ladder every request climbs, written once: a failed load refuses
+    /// everything, an absent room is `Ok(None)` (only `create` goes on), a room being
+    /// deleted is as good as gone, and a live room goes on.
+    fn standing(&mut self, room_id: &RoomId) -> Result<Option<&mut Live>, RoomError> {
+        match self {
+            Status::Loading => unreachable!("the mailbox is paused while loading"),
+            Status::Failed(e) => Err(RoomError::LoadFailed(e.clone())),
+            Status::Absent => Ok(None),
+            Status::Live(live) if live.deleting.is_some() => {
+                Err(RoomError::Deleting(room_id.clone()))
+            }
+            Status::Live(live) => Ok(Some(live)),
+        }
+    }
+}
+
 /// The actor owning one room.
 pub struct Room {
-    room_id: Arc<str>,
+    room_id: RoomId,
     registry: Arc<Registry>,
     store: Store,
     config: Arc<RoomConfig>,
@@ -129,7 +149,7 @@ pub struct Room {
 
 impl Room {
     pub fn new(
-        room_id: Arc<str>,
+        room_id: RoomId,
         registry: Arc<Registry>,
         store: Store,
         config: Arc<RoomConfig>,

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use actix::{Actor, Addr, ArbiterHandle};
 use dashmap::DashMap;
 
+use crate::protocol::ids::RoomId;
+
 use super::{Room, RoomConfig};
 use crate::store::Store;
 
 /// Every live Room actor, by room id.
 pub struct Registry {
-    rooms: DashMap<Arc<str>, Addr<Room>>,
+    rooms: DashMap<RoomId, Addr<Room>>,
     /// One arbiter (thread) per core; rooms are spread round-robin.
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
@@ -40,24 +42,23 @@ impl Registry {
     }
 
     /// The room's actor, started (and loading from the store) if it is not running.
-    pub fn get(self: &Arc<Self>, room_id: &str) -> Addr<Room> {
+    pub fn get(self: &Arc<Self>, room_id: &RoomId) -> Addr<Room> {
         if let Some(addr) = self.rooms.get(room_id) {
             if addr.connected() {
                 return addr.clone();
             }
         }
-        let room_id: Arc<str> = Arc::from(room_id);
         let mut entry = self
             .rooms
             .entry(room_id.clone())
-            .or_insert_with(|| self.start(&room_id));
+            .or_insert_with(|| self.start(room_id));
         if !entry.connected() {
-            *entry = self.start(&room_id);
+            *entry = self.start(room_id);
         }
         entry.clone()
     }
 
-    fn start(self: &Arc<Self>, room_id: &Arc<str>) -> Addr<Room> {
+    fn start(self: &Arc<Self>, room_id: &RoomId) -> Addr<Room> {
         let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let room = Room::new(
             room_id.clone(),
@@ -69,7 +70,7 @@ impl Registry {
     }
 
     /// Forgets a stopping room, unless the id already maps to a newer actor.
-    pub fn remove(&self, room_id: &str, addr: &Addr<Room>) {
+    pub fn remove(&self, room_id: &RoomId, addr: &Addr<Room>) {
         self.rooms.remove_if(room_id, |_, current| current == addr);
     }
 

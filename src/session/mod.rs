@@ -24,11 +24,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use self::frame_guard::GuardHandle;
 use crate::outbound::{Charge, Frame, SessionRef};
 use crate::protocol::codes::{close, Code};
+use crate::protocol::ids::RoomId;
 use crate::protocol::message::ServerMsg;
-use crate::protocol::{ids, Encoding, Inbound};
+use crate::protocol::{Encoding, Inbound};
 use crate::room::messages::{self as room_msg, ReplyTo};
 use crate::room::registry::Registry;
-use crate::room::Room;
+use crate::room::{Room, RoomError};
 use crate::shared::Shared;
 use crate::value::Value;
 
@@ -148,7 +149,7 @@ impl Session {
                 kind,
                 init,
             } => {
-                let Some(rate_limited) = self.check_op(&id, &room) else {
+                let Some((room, rate_limited)) = self.check_op(&id, &room) else {
                     return;
                 };
                 let (init, refusal) = refusal_of(init, "init", rate_limited);
@@ -164,7 +165,7 @@ impl Session {
                 self.deliver(ctx, room, msg);
             }
             Inbound::Op { id, room, op } => {
-                let Some(rate_limited) = self.check_op(&id, &room) else {
+                let Some((room, rate_limited)) = self.check_op(&id, &room) else {
                     return;
                 };
                 let (op, refusal) = refusal_of(op, "op", rate_limited);
@@ -183,13 +184,10 @@ impl Session {
                 presence,
                 since,
             } => {
-                if !ids::valid_room_id(&room) {
-                    return self.error(
-                        Code::Invalid,
-                        Some(&room),
-                        "room id must match ^[A-Za-z0-9_.:-]{1,128}$",
-                    );
-                }
+                let room_id = match RoomId::parse(&room) {
+                    Ok(room_id) => room_id,
+                    Err(e) => return self.error(Code::Invalid, Some(&room), e.to_string()),
+                };
                 if !self.subs.contains_key(&room) && self.subs.len() >= self.shared.config.max_subs
                 {
                     let limit = self.shared.config.max_subs;
@@ -205,7 +203,6 @@ impl Session {
                     presence,
                     since,
                 };
-                let room_id = room.clone();
                 let fut = async move {
                     let addr = registry.get(&room_id);
                     match addr.send(msg.clone()).await {
@@ -280,26 +277,28 @@ impl Session {
     /// (nacked here), else whether it is over the rate limit. An op over the limit still
     /// goes to its room, which answers a re-sent id from its record and nacks anything
     /// else `rate_limited`: a re-send must get its original ack whatever the rate.
-    fn check_op(&mut self, id: &str, room: &str) -> Option<Option<String>> {
-        if !ids::valid_room_id(room) {
-            self.nack(
-                id.to_owned(),
-                Code::Invalid,
-                "room id must match ^[A-Za-z0-9_.:-]{1,128}$",
-            );
-            return None;
-        }
+    fn check_op(&mut self, id: &str, room: &str) -> Option<(RoomId, Option<String>)> {
+        let room = match RoomId::parse(room) {
+            Ok(room) => room,
+            Err(e) => {
+                self.nack(id.to_owned(), Code::Invalid, e.to_string());
+                return None;
+            }
+        };
         if self.limiter.check().is_err() {
             let (rate, burst) = (self.shared.config.op_rate, self.shared.config.op_burst);
-            return Some(Some(format!("ops limited to {rate}/s with burst {burst}")));
+            return Some((
+                room,
+                Some(format!("ops limited to {rate}/s with burst {burst}")),
+            ));
         }
-        Some(None)
+        Some((room, None))
     }
 
     /// Sends an op-like message to its room. The mailbox keeps arrival order; when it
     /// is full the session waits (and stops reading the socket) until there is room. A
     /// room that stopped meanwhile is started again and gets the message.
-    fn deliver<M>(&mut self, ctx: &mut Context<Self>, room: String, msg: M)
+    fn deliver<M>(&mut self, ctx: &mut Context<Self>, room: RoomId, msg: M)
     where
         M: Message<Result = ()> + Send + 'static,
         Room: Handler<M>,
@@ -326,10 +325,13 @@ fn refusal_of(
     value: Result<Value, String>,
     what: &str,
     rate_limited: Option<String>,
-) -> (Value, Option<(Code, String)>) {
+) -> (Value, Option<RoomError>) {
     match (value, rate_limited) {
-        (Err(why), _) => (Value::Null, Some((Code::Invalid, format!("{what}: {why}")))),
-        (Ok(value), Some(why)) => (value, Some((Code::RateLimited, why))),
+        (Err(why), _) => (
+            Value::Null,
+            Some(RoomError::Rejected(Code::Invalid, format!("{what}: {why}"))),
+        ),
+        (Ok(value), Some(why)) => (value, Some(RoomError::Rejected(Code::RateLimited, why))),
         (Ok(value), None) => (value, None),
     }
 }
