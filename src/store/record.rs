@@ -13,7 +13,8 @@
 //! untrimmed rooms. A [`Value`] is stored flat, as its nodes in pre-order, so no archived
 //! type is recursive and validation cost is linear. Decoding checks the size limit first,
 //! then goes through `rkyv::access` (validated), and rebuilds values with an explicit
-//! stack bounded by [`MAX_DEPTH`]: bad bytes on disk give a [`RecordError`], never a panic.
+//! stack bounded by [`MAX_RECORD_DEPTH`]: bad bytes on disk give a [`RecordError`], never
+//! a panic.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +35,15 @@ pub const META_VERSION: u8 = 2;
 const META_VERSION_UNTRIMMED: u8 = 1;
 /// The version byte in front of every snapshot row.
 pub const SNAPSHOT_VERSION: u8 = 1;
+
+/// The deepest value a row holds. Client values (an op, an `init`) are at most
+/// [`MAX_DEPTH`] deep, checked at the wire; the log records a creation as the op
+/// `{"type":"create","kind":…,"init":init}`, one map around the client's `init`, so its
+/// op is one level deeper. Entry values and snapshots are parts of client values, so they
+/// stay within [`MAX_DEPTH`]. A row the store writes must be one it reads back, so both
+/// directions use this bound; valid input must never fail here (it would be nacked
+/// `unavailable`, a store failure, rather than `invalid`).
+pub const MAX_RECORD_DEPTH: usize = MAX_DEPTH + 1;
 
 /// The largest event or meta row, in bytes, this store writes or reads. Checked before
 /// validation so a corrupt length cannot make the reader walk gigabytes; checked on write
@@ -60,7 +70,7 @@ pub enum RecordError {
     Invalid { reason: String },
     #[error("record could not be serialized: {reason}")]
     Serialize { reason: String },
-    #[error("value nests deeper than {MAX_DEPTH} levels")]
+    #[error("value nests deeper than {MAX_RECORD_DEPTH} levels")]
     TooDeep,
     #[error(
         "list or map of {len} items exceeds the record limit of {} items",
@@ -527,7 +537,7 @@ enum Pending<'a> {
 }
 
 /// Flattens `value` into pre-order nodes with an explicit stack. Refuses values deeper
-/// than [`MAX_DEPTH`] and non-finite floats, which a reader would refuse.
+/// than [`MAX_RECORD_DEPTH`] and non-finite floats, which a reader would refuse.
 fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
     let mut nodes = Vec::new();
     let mut stack = vec![Pending::Value(value, 0)];
@@ -548,7 +558,7 @@ fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
             Value::Str(s) => Node::Str(s.clone()),
             Value::Bytes(b) => Node::Bytes(b.clone()),
             Value::List(items) => {
-                if depth + 1 > MAX_DEPTH {
+                if depth + 1 > MAX_RECORD_DEPTH {
                     return Err(RecordError::TooDeep);
                 }
                 // Reversed so the stack pops them in order.
@@ -558,7 +568,7 @@ fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
                 Node::List(item_count(items.len())?)
             }
             Value::Map(map) => {
-                if depth + 1 > MAX_DEPTH {
+                if depth + 1 > MAX_RECORD_DEPTH {
                     return Err(RecordError::TooDeep);
                 }
                 for (key, item) in map.iter().rev() {
@@ -592,7 +602,7 @@ enum Open {
 
 /// Rebuilds a [`Value`] from validated nodes with an explicit stack. The stack holds one
 /// entry per open container, so its length is the nesting depth and is bounded by
-/// [`MAX_DEPTH`] before anything is pushed.
+/// [`MAX_RECORD_DEPTH`] before anything is pushed.
 fn unflatten(flat: &ArchivedFlatValue) -> Result<Value, RecordError> {
     let nodes = flat.nodes.as_slice();
     let mut stack: Vec<Open> = Vec::new();
@@ -623,7 +633,7 @@ fn unflatten(flat: &ArchivedFlatValue) -> Result<Value, RecordError> {
             }
             ArchivedNode::Str(s) => Value::Str(s.as_str().to_owned()),
             ArchivedNode::Bytes(b) => Value::Bytes(b.as_slice().to_vec()),
-            ArchivedNode::List(_) | ArchivedNode::Map(_) if stack.len() >= MAX_DEPTH => {
+            ArchivedNode::List(_) | ArchivedNode::Map(_) if stack.len() >= MAX_RECORD_DEPTH => {
                 return Err(RecordError::TooDeep);
             }
             ArchivedNode::List(len) if len.to_native() == 0 => Value::List(Vec::new()),
@@ -973,12 +983,17 @@ mod tests {
     }
 
     #[test]
-    fn value_at_max_depth_round_trips_and_one_deeper_is_refused() {
-        let deepest = event(nest(MAX_DEPTH));
+    fn record_depth_holds_a_creation_around_the_deepest_init_and_no_more() {
+        // A creation's op wraps an `init` of the deepest depth the wire takes.
+        let deepest = event(Value::map([
+            ("type", Value::Str("create".into())),
+            ("init", nest(MAX_DEPTH)),
+        ]));
+        assert_eq!(deepest.op.depth(), MAX_RECORD_DEPTH);
         let decoded = decode_event(7, &encode_event(&deepest).unwrap()).unwrap();
         assert_eq!(decoded.op, deepest.op);
         assert!(matches!(
-            encode_event(&event(nest(MAX_DEPTH + 1))),
+            encode_event(&event(nest(MAX_RECORD_DEPTH + 1))),
             Err(RecordError::TooDeep)
         ));
     }
@@ -1065,7 +1080,9 @@ mod tests {
             decode_op_nodes(vec![Node::Float(f64::INFINITY)]),
             Err(RecordError::NonFinite { .. })
         ));
-        let too_deep = (0..=MAX_DEPTH).map(|_| Node::List(1)).chain([Node::Null]);
+        let too_deep = (0..=MAX_RECORD_DEPTH)
+            .map(|_| Node::List(1))
+            .chain([Node::Null]);
         assert!(matches!(
             decode_op_nodes(too_deep.collect()),
             Err(RecordError::TooDeep)

@@ -6,6 +6,8 @@ mod support;
 
 // JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
 mod auth;
+// Bad input that reaches the store: values at the depth limit, damaged bytes in the data file.
+mod bad_input_store;
 // The Rust client SDK: mirrors, op acks, reconnect with resume and re-sent ops.
 mod client;
 // Crash loop: kill -9 under pipelined JSON and rkyv load, checked against a model of the acks.
