@@ -5,7 +5,8 @@
 //! 1. stop accepting connections;
 //! 2. close every session with 4002 (their writers send the close frame);
 //! 3. wait for every room's uncommitted ops to commit, then flush and close the store;
-//! 4. stop the HTTP server and return (the process exits 0).
+//! 4. wait for the WebSocket connections to end (each client answers the close, or its
+//!    2 s drain passes), then stop the HTTP server and return (the process exits 0).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +20,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::outbound::ConnSocket;
+use crate::outbound::{ConnSocket, CLOSE_DRAIN, CUT_MARGIN};
 use crate::protocol::codes::close;
 use crate::room::messages::Drain;
 use crate::room::registry::Registry;
@@ -86,6 +87,7 @@ pub async fn run(
         registry: registry.clone(),
         store: store.clone(),
         sessions: DashMap::new(),
+        open_connections: Arc::default(),
         next_session_id: AtomicU64::new(1),
         http_limiter: RateLimiter::keyed(http_quota),
         shutting_down: AtomicBool::new(false),
@@ -195,6 +197,9 @@ pub async fn run(
             .value()
             .close(close::SHUTTING_DOWN, "server shutting down");
     }
+    // A connection ends once its client answered the close (or 2 s passed, or its socket
+    // was cut); stopping the server before that would reset clients still sending.
+    let connections_deadline = Instant::now() + CLOSE_DRAIN + CUT_MARGIN + CUT_MARGIN;
     let deadline = Instant::now() + DRAIN_DEADLINE;
     while !shared.sessions.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -228,6 +233,11 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || closing.shutdown()).await;
     tracing::info!("store flushed and closed");
 
+    while shared.open_connections.load(Ordering::Acquire) > 0
+        && Instant::now() < connections_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     handle.stop(false).await;
     let _ = served.await;
     for arbiter in arbiters {

@@ -27,6 +27,10 @@ pub struct Shared {
     /// Open sessions' outbound queues, for the 4002 at shutdown. Written by sessions
     /// on start and stop.
     pub sessions: DashMap<u64, Arc<Outbound>>,
+    /// Upgraded WebSocket connections whose response body still runs (closing ones
+    /// included, until their drain ends), so shutdown waits for its close frames to
+    /// reach the clients. Counted by [`crate::outbound::OpenConnection`].
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
     pub next_session_id: AtomicU64,
     /// HTTP ops per user (per IP for guests).
     pub http_limiter: DefaultKeyedRateLimiter<String>,

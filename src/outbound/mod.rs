@@ -19,23 +19,32 @@
 //! frames behind is still closed. These frames are shared `Bytes`, so the memory they
 //! hold is counted once per room, not per subscriber.
 //!
-//! Every close is followed by a cut of the socket after a short grace ([`KillSwitch`]),
-//! so a connection ends within a second even if the client never reads.
+//! Every close the server starts goes through [`Outbound::close`] (or the overflow above),
+//! and ends the same way (PROTOCOL.md 1.1, "Close and disconnect", RFC 6455 §7.1.1): the
+//! body sends the close frame, then keeps reading and discarding what the client still
+//! sends (an [`InboundDrain`], which the session's frame guard provides) until the client's close frame has been read or
+//! [`CLOSE_DRAIN`] has passed, and only then ends, which closes the TCP connection. A
+//! client that pipelines frames therefore reads the close code instead of a reset.
+//! A cut of the socket ([`KillSwitch`]) backs this up for clients that do not read: after
+//! [`SLOW_CONSUMER_GRACE`] for 4001, after [`CLOSE_DRAIN`] plus [`CUT_MARGIN`] otherwise.
 
 mod subscriber;
 
 pub use subscriber::{encode, SessionRef};
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+
+use crate::protocol::codes::close::SLOW_CONSUMER;
 
 /// One frame waiting to be written.
 #[derive(Debug, Clone)]
@@ -112,16 +121,28 @@ struct Inner {
     charged: usize,
     /// Set once: the close code and reason to send before the body ends.
     close: Option<(u16, String)>,
+    /// When the close was asked for; the drain after the close frame ends by
+    /// `closed_at + CLOSE_DRAIN`.
+    closed_at: Option<Instant>,
     /// The close frame was handed to the connection; the body ends next.
     close_sent: bool,
     /// The body waiting for a frame.
     waker: Option<Waker>,
 }
 
-/// How long a closing connection may take to finish before its socket is cut: the
-/// close frame goes out at once to a client that reads, so this only bounds clients
-/// that do not. Well inside the contract's 1 s.
-pub const CLOSE_GRACE: Duration = Duration::from_millis(700);
+/// How long a slow consumer's connection (4001) may take to finish before its socket is
+/// cut: the close frame goes out at once to a client that reads, so this only bounds
+/// clients that do not. Well inside the contract's 1 s.
+pub const SLOW_CONSUMER_GRACE: Duration = Duration::from_millis(700);
+
+/// How long, after a close, the server keeps reading what the client still sends while it
+/// waits for the client's close frame (PROTOCOL.md 1.1: 2 s).
+pub const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// How long after [`CLOSE_DRAIN`] the socket of a connection that has not ended is cut:
+/// the body ends at the drain's deadline on its own, so only a client that stopped reading
+/// (the close frame stuck behind a full socket) is still there.
+pub const CUT_MARGIN: Duration = Duration::from_millis(500);
 
 impl Outbound {
     pub fn new(limit: usize, kill: KillSwitch) -> Arc<Outbound> {
@@ -152,9 +173,10 @@ impl Outbound {
                 inner.frames.clear();
                 inner.charged = 0;
                 inner.close = Some((
-                    crate::protocol::codes::close::SLOW_CONSUMER,
+                    SLOW_CONSUMER,
                     format!("outbound queue over its limit of {} bytes", self.limit),
                 ));
+                inner.closed_at = Some(Instant::now());
                 (Pushed::Overflowed, inner.waker.take())
             } else {
                 inner.frames.push_back((frame, charged));
@@ -163,7 +185,7 @@ impl Outbound {
             }
         };
         if pushed == Pushed::Overflowed {
-            self.schedule_cut();
+            self.schedule_cut(SLOW_CONSUMER_GRACE);
         }
         if let Some(waker) = waker {
             waker.wake();
@@ -171,8 +193,10 @@ impl Outbound {
         pushed
     }
 
-    /// Sends a close frame next and ends the connection; frames still queued are
-    /// discarded. The first close wins.
+    /// The one way the server ends a connection: sends a close frame next, then reads
+    /// and discards what the client still sends until its close frame or [`CLOSE_DRAIN`]
+    /// (see the module docs), then ends. Frames still queued are discarded. The first
+    /// close wins.
     pub fn close(&self, code: u16, reason: impl Into<String>) {
         let waker = {
             let mut inner = self.inner.lock();
@@ -182,20 +206,25 @@ impl Outbound {
             inner.frames.clear();
             inner.charged = 0;
             inner.close = Some((code, reason.into()));
+            inner.closed_at = Some(Instant::now());
             inner.waker.take()
         };
-        self.schedule_cut();
+        self.schedule_cut(if code == SLOW_CONSUMER {
+            SLOW_CONSUMER_GRACE
+        } else {
+            CLOSE_DRAIN + CUT_MARGIN
+        });
         if let Some(waker) = waker {
             waker.wake();
         }
     }
 
-    fn schedule_cut(&self) {
+    fn schedule_cut(&self, after: Duration) {
         let kill = self.kill.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    tokio::time::sleep(CLOSE_GRACE).await;
+                    tokio::time::sleep(after).await;
                     kill.kill();
                 });
             }
@@ -207,6 +236,12 @@ impl Outbound {
     /// True once a close was asked for (by overflow, the session or shutdown).
     pub fn is_closing(&self) -> bool {
         self.inner.lock().close.is_some()
+    }
+
+    /// When the drain after the close frame gives up on the client's close frame; None
+    /// while no close was asked for.
+    fn drain_deadline(&self) -> Option<Instant> {
+        self.inner.lock().closed_at.map(|at| at + CLOSE_DRAIN)
     }
 
     /// Bytes currently charged.
@@ -253,19 +288,36 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-/// The upgrade response body: frames pulled from the [`Outbound`] queue.
+/// The upgrade response body: frames pulled from the [`Outbound`] queue, then, after the
+/// close frame, the drain of the inbound side (see the module docs). Ending the body is
+/// what closes the TCP connection.
 ///
 /// It also keeps actix-ws's own response body alive, unpolled: dropping that body is
 /// how actix-ws tells its message stream that the connection ended.
 pub struct OutboundBody {
     outbound: Arc<Outbound>,
+    /// The connection's raw inbound side, shared with the frame guard in front of the
+    /// codec.
+    inbound: Box<dyn InboundDrain>,
+    /// The drain's deadline, armed when the close frame has been handed over.
+    drain_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counts this connection among the open ones until the body is dropped.
+    _open: OpenConnection,
     _actix_ws_body: BoxBody,
 }
 
 impl OutboundBody {
-    pub fn new(outbound: Arc<Outbound>, actix_ws_body: BoxBody) -> OutboundBody {
+    pub fn new(
+        outbound: Arc<Outbound>,
+        inbound: Box<dyn InboundDrain>,
+        open: OpenConnection,
+        actix_ws_body: BoxBody,
+    ) -> OutboundBody {
         OutboundBody {
             outbound,
+            inbound,
+            drain_until: None,
+            _open: open,
             _actix_ws_body: actix_ws_body,
         }
     }
@@ -282,7 +334,50 @@ impl MessageBody for OutboundBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        self.outbound.poll_frame(cx).map(|frame| frame.map(Ok))
+        let this = self.get_mut();
+        match this.outbound.poll_frame(cx) {
+            Poll::Ready(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => return Poll::Pending,
+            // The close frame went out: drain until the client's close or the deadline.
+            Poll::Ready(None) => {}
+        }
+        let outbound = &this.outbound;
+        let deadline = this.drain_until.get_or_insert_with(|| {
+            // The close was asked for before its frame could be handed over.
+            let at = outbound.drain_deadline().unwrap_or_else(Instant::now);
+            Box::pin(tokio::time::sleep_until(at.into()))
+        });
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        this.inbound.poll_drain(cx).map(|()| None)
+    }
+}
+
+/// A connection's inbound side once the server has sent its close frame: read and
+/// discarded until the client's close frame (RFC 6455 §7.1.1).
+pub trait InboundDrain {
+    /// Reads and discards what the client sends; ready once its close frame has been read
+    /// or the stream ended. The caller bounds how long it waits.
+    fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// Counts a WebSocket connection as open from its upgrade until its response body is
+/// dropped (after the close and the drain), so shutdown can wait for the close frames
+/// to reach their clients before it stops the server.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    pub fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> OpenConnection {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

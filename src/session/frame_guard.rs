@@ -15,10 +15,23 @@
 //! Everything else about a frame (masking, reserved bits, opcodes, UTF-8, the 125-byte
 //! control frame limit, continuation order) is left to the codec, which rejects bad frames
 //! only after buffering them; the guard bounds that buffering but does not validate.
+//!
+//! The guard also owns the end of the inbound side (PROTOCOL.md 1.1, "Close and
+//! disconnect"). Once the server has sent its close frame, the connection's response body
+//! takes the raw stream over through a [`FrameDrain`] (as a
+//! [`crate::outbound::InboundDrain`]): the codec gets no more bytes, and
+//! the drain reads and discards frames, by their headers, until the client's close frame
+//! has been read, the stream ends, or the body's deadline passes. Only then does the
+//! socket close, so the kernel never answers a client that is still sending with a reset
+//! (which would make it discard the close frame it had not read yet). The guard notes a
+//! close frame passing through it to the codec too, so a close the codec buffered but the
+//! session never read still counts.
 
 use std::{
+    cell::RefCell,
     fmt,
     pin::Pin,
+    rc::Rc,
     sync::{Arc, OnceLock},
     task::{ready, Context, Poll},
 };
@@ -32,6 +45,9 @@ use futures_util::Stream;
 /// Opcode of a continuation frame (RFC 6455 §5.2).
 const OPCODE_CONTINUATION: u8 = 0x0;
 
+/// Opcode of a close frame (RFC 6455 §5.5.1).
+const OPCODE_CLOSE: u8 = 0x8;
+
 /// Opcodes from here up are control frames (RFC 6455 §5.5).
 const OPCODE_FIRST_CONTROL: u8 = 0x8;
 
@@ -43,10 +59,15 @@ const MAX_HEADER_LEN: usize = 14;
 
 /// Wraps `inner`, the raw client-to-server bytes of one WebSocket connection, so that no
 /// frame or fragmented message larger than `max_message` bytes is read past its header.
-pub fn guard<S>(inner: S, max_message: usize) -> (FrameGuard<S>, GuardHandle) {
+///
+/// The [`FrameGuard`] goes to the codec; the [`FrameDrain`] to whoever ends the
+/// connection after a close (the response body); the [`GuardHandle`] to the session. The
+/// first two share the stream and its parse position, on the connection's thread.
+pub fn guard<S>(inner: S, max_message: usize) -> (FrameGuard<S>, FrameDrain<S>, GuardHandle) {
     let handle = GuardHandle(Arc::new(OnceLock::new()));
-    let frame_guard = FrameGuard {
+    let core = Rc::new(RefCell::new(Core {
         inner,
+        inner_ended: false,
         violation: handle.0.clone(),
         limits: MessageLimits {
             // A usize wider than 64 bits would only make the limit unreachable.
@@ -57,8 +78,10 @@ pub fn guard<S>(inner: S, max_message: usize) -> (FrameGuard<S>, GuardHandle) {
         header: HeaderBuf::default(),
         payload_left: 0,
         phase: Phase::Running,
-    };
-    (frame_guard, handle)
+        close_seen: false,
+        draining: false,
+    }));
+    (FrameGuard(core.clone()), FrameDrain(core), handle)
 }
 
 /// The session's view of its connection's guard: whether, and why, the guard stopped the
@@ -104,23 +127,40 @@ impl std::error::Error for Violation {}
 ///
 /// Invariant: bytes leave in the order they arrived and are never altered. The guard holds
 /// at most one partial frame header; payload bytes are passed on as slices of the chunks
-/// they arrived in.
-pub struct FrameGuard<S> {
-    /// The raw payload stream; not polled again once the guard has found a violation.
+/// they arrived in. Once draining has begun, the guard yields nothing more.
+pub struct FrameGuard<S>(Rc<RefCell<Core<S>>>);
+
+/// The raw inbound stream after the server's close frame: read and discarded until the
+/// client's close frame (RFC 6455 §7.1.1). Held by the connection's response body.
+pub struct FrameDrain<S>(Rc<RefCell<Core<S>>>);
+
+/// What [`FrameGuard`] and [`FrameDrain`] share: the raw stream and where in its frames
+/// the reading stands.
+struct Core<S> {
+    /// The raw payload stream; not polled for the codec once the guard has found a
+    /// violation, only by the drain.
     inner: S,
+    /// The raw stream ended or failed: nothing more will come from the client.
+    inner_ended: bool,
     /// Written once, by the guard, when it stops the stream; read by the session through
     /// its [`GuardHandle`].
     violation: Arc<OnceLock<Violation>>,
     /// The running size of the message in progress, checked against the limit at each header.
     limits: MessageLimits,
-    /// The part of the latest inner chunk not yet scanned and passed on.
+    /// The part of the latest inner chunk not yet scanned and passed on (or discarded).
     input: Bytes,
     /// The start of a frame header that a chunk boundary cut; it is passed on only once it is
     /// complete and within the limits, so a rejected header never reaches the codec.
     header: HeaderBuf,
-    /// Payload bytes of the current frame still to pass through before the next header.
+    /// Payload bytes of the current frame still to pass through (or skip) before the next
+    /// header. After a violation, the refused frame's payload, which the drain skips.
     payload_left: u64,
     phase: Phase,
+    /// A close frame's header has been read off the socket (passed to the codec or seen by
+    /// the drain); once its payload is read too, the client has said all it will say.
+    close_seen: bool,
+    /// Set by the drain when it takes over; the codec gets no more bytes.
+    draining: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +180,7 @@ enum Scan {
     Violation(Violation, Bytes),
 }
 
-impl<S> FrameGuard<S> {
+impl<S> Core<S> {
     /// Moves through `input` by frame headers and payload lengths, and returns the next piece
     /// to yield: everything up to the end of the chunk, the header completed by it, or the
     /// bytes before a violating header.
@@ -171,10 +211,14 @@ impl<S> FrameGuard<S> {
 
             if let Err(violation) = self.limits.admit(&header) {
                 let before = self.input.split_to(header_start);
-                self.input.clear();
+                // The refused header is dropped; its payload and what follows stay for
+                // the drain, which skips them by their lengths.
+                self.input.advance(pos - header_start);
                 self.header.clear();
+                self.payload_left = header.payload_len;
                 return Scan::Violation(violation, before);
             }
+            self.close_seen |= header.opcode == OPCODE_CLOSE;
             self.payload_left = header.payload_len;
             if resumed {
                 // Part of this header came from an earlier chunk, so it cannot be a slice of
@@ -193,6 +237,61 @@ impl<S> FrameGuard<S> {
         // The guard stops at its first violation, so nothing has been set before.
         let _first = self.violation.set(violation);
     }
+
+    /// Discards `input` frame by frame, with no limits, up to the end of the client's
+    /// close frame or of the chunk.
+    fn skip(&mut self) {
+        while !self.input.is_empty() && !self.client_done() {
+            if self.payload_left > 0 {
+                // A payload remainder too large for usize is certainly larger than the chunk.
+                let step = usize::try_from(self.payload_left)
+                    .map_or(self.input.len(), |left| left.min(self.input.len()));
+                self.input.advance(step);
+                self.payload_left -= step as u64;
+                continue;
+            }
+            let taken = self.header.fill(&self.input);
+            self.input.advance(taken);
+            let Some(header) = self.header.parse() else {
+                continue;
+            };
+            self.header.clear();
+            self.close_seen |= header.opcode == OPCODE_CLOSE;
+            self.payload_left = header.payload_len;
+        }
+    }
+
+    /// The client's close frame has been read whole: nothing more is owed to it.
+    fn client_done(&self) -> bool {
+        self.close_seen && self.payload_left == 0
+    }
+}
+
+impl<S> crate::outbound::InboundDrain for FrameDrain<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    /// Takes the stream over from the codec (which gets nothing more) and reads and
+    /// discards it; ready once the client's close frame has been read or the stream ended.
+    /// The caller bounds how long it waits.
+    fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut core = self.0.borrow_mut();
+        core.draining = true;
+        loop {
+            core.skip();
+            if core.client_done() || core.inner_ended {
+                return Poll::Ready(());
+            }
+            if !core.input.is_empty() {
+                continue;
+            }
+            match ready!(Pin::new(&mut core.inner).poll_next(cx)) {
+                Some(Ok(chunk)) => core.input = chunk,
+                // A failed read (the peer reset, the dispatcher gave up) ends it like EOF.
+                Some(Err(_)) | None => core.inner_ended = true,
+            }
+        }
+    }
 }
 
 impl<S> Stream for FrameGuard<S>
@@ -202,7 +301,11 @@ where
     type Item = Result<Bytes, PayloadError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
+        let mut core = self.0.borrow_mut();
+        let this = &mut *core;
+        if this.draining {
+            return Poll::Ready(None);
+        }
         loop {
             match this.phase {
                 Phase::Running => {}
@@ -235,6 +338,7 @@ where
                 Some(Ok(chunk)) => this.input = chunk,
                 Some(Err(err)) => return Poll::Ready(Some(Err(err))),
                 None => {
+                    this.inner_ended = true;
                     this.phase = Phase::Done;
                     return Poll::Ready(None);
                 }
@@ -376,6 +480,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::outbound::InboundDrain as _;
 
     const TEXT: u8 = 0x1;
     const BINARY: u8 = 0x2;
@@ -462,7 +567,7 @@ mod tests {
             steps: steps.into(),
             polls: polls.clone(),
         };
-        let (mut frame_guard, handle) = guard(script, max_message);
+        let (mut frame_guard, _drain, handle) = guard(script, max_message);
         let mut cx = Context::from_waker(Waker::noop());
         let (mut chunks, mut errors, mut error_last) = (Vec::new(), Vec::new(), false);
         let mut ended = false;
@@ -731,6 +836,88 @@ mod tests {
         );
         assert!(outcome.errors.is_empty());
         assert_eq!(outcome.inner_polls, 2);
+    }
+
+    /// Polls `drain` once with a no-op waker.
+    fn poll_drain_once(drain: &FrameDrain<Script>) -> Poll<()> {
+        drain.poll_drain(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn script(parts: &[&[u8]]) -> (Script, Arc<AtomicUsize>) {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let script = Script {
+            steps: chunks(parts).into(),
+            polls: polls.clone(),
+        };
+        (script, polls)
+    }
+
+    #[test]
+    fn drain_after_a_violation_skips_the_refused_payload_and_stops_after_the_close_frame() {
+        let ok = frame(true, TEXT, 10);
+        let big = frame(true, BINARY, 2_000);
+        let close = frame(true, OPCODE_CLOSE, 2);
+        let after = frame(true, TEXT, 5);
+        let first = [ok.clone(), big[..100].to_vec()].concat();
+        let second = [big[100..].to_vec(), close].concat();
+        let (script, polls) = script(&[&first, &second, &after]);
+        let (mut frame_guard, drain, handle) = guard(script, 1_000);
+        let mut cx = Context::from_waker(Waker::noop());
+
+        let passed = Pin::new(&mut frame_guard).poll_next(&mut cx);
+        assert!(matches!(passed, Poll::Ready(Some(Ok(ref b))) if b[..] == ok[..]));
+        let failed = Pin::new(&mut frame_guard).poll_next(&mut cx);
+        assert!(matches!(
+            failed,
+            Poll::Ready(Some(Err(PayloadError::Overflow)))
+        ));
+        assert!(handle.violation().is_some());
+
+        assert_eq!(poll_drain_once(&drain), Poll::Ready(()));
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            2,
+            "nothing after the close is read"
+        );
+        let ended = Pin::new(&mut frame_guard).poll_next(&mut cx);
+        assert!(
+            matches!(ended, Poll::Ready(None)),
+            "the codec gets nothing more"
+        );
+    }
+
+    #[test]
+    fn close_frame_passed_to_the_codec_ends_the_drain_without_reading_more() {
+        let wire = [frame(true, TEXT, 3), frame(true, OPCODE_CLOSE, 2)].concat();
+        let (script, polls) = script(&[&wire, &frame(true, TEXT, 3)]);
+        let (mut frame_guard, drain, _handle) = guard(script, 1_000);
+        let mut cx = Context::from_waker(Waker::noop());
+
+        let passed = Pin::new(&mut frame_guard).poll_next(&mut cx);
+        assert!(matches!(passed, Poll::Ready(Some(Ok(ref b))) if b[..] == wire[..]));
+
+        assert_eq!(poll_drain_once(&drain), Poll::Ready(()));
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn drain_discards_frames_until_the_stream_ends_or_waits_for_more() {
+        let data = [frame(true, TEXT, 300), frame(false, BINARY, 70_000)].concat();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let script = Script {
+            steps: vec![
+                Step::Chunk(Bytes::copy_from_slice(&data[..1_000])),
+                Step::Pending,
+                Step::Chunk(Bytes::copy_from_slice(&data[1_000..])),
+            ]
+            .into(),
+            polls: polls.clone(),
+        };
+        let (_frame_guard, drain, _handle) = guard(script, 1_000);
+
+        assert_eq!(poll_drain_once(&drain), Poll::Pending, "no close yet");
+        assert_eq!(poll_drain_once(&drain), Poll::Ready(()), "the stream ended");
+        assert_eq!(polls.load(Ordering::SeqCst), 4);
     }
 
     #[test]

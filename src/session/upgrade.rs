@@ -2,8 +2,10 @@
 //!
 //! Both go through the same path: Origin check, subprotocol choice, identity, the
 //! [`frame_guard`] in front of actix-ws, and the byte-bounded outbound
-//! queue as the response body, which can cut the socket ([`KillSwitch`]) so a close
-//! never waits on a client that does not read.
+//! queue as the response body. Every close, whoever starts it, is
+//! [`Outbound::close`]: the body sends the close frame, drains the inbound side until the
+//! client's close frame (or 2 s), then ends; a [`KillSwitch`] cuts the socket of a
+//! client that does not read.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +21,9 @@ use futures_util::StreamExt;
 use super::frame_guard::{self, GuardHandle};
 use super::Session;
 use crate::auth::{origin_allowed, AuthError};
-use crate::outbound::{Charge, ConnSocket, Frame, KillSwitch, Outbound, OutboundBody, SessionRef};
+use crate::outbound::{
+    Charge, ConnSocket, Frame, KillSwitch, OpenConnection, Outbound, OutboundBody, SessionRef,
+};
 use crate::protocol::codes::close;
 use crate::protocol::{Encoding, SUBPROTOCOL_JSON, SUBPROTOCOL_RKYV};
 use crate::shared::Shared;
@@ -67,7 +71,7 @@ async fn upgrade(
     shared: &Shared,
 ) -> Result<Upgraded, actix_web::Error> {
     let max = shared.config.max_frame;
-    let (guarded, guard) = frame_guard::guard(payload.into_inner(), max);
+    let (guarded, inbound, guard) = frame_guard::guard(payload.into_inner(), max);
     let mut dev_payload = DevPayload::from(Box::pin(guarded) as BoxedPayloadStream);
     let payload = web::Payload::from_request(req, &mut dev_payload).await?;
     let protocols: Vec<&str> = protocol.into_iter().collect();
@@ -78,10 +82,11 @@ async fn upgrade(
     drop(ws_session);
     let kill = KillSwitch::new(req.conn_data::<ConnSocket>().copied());
     let outbound = Outbound::new(shared.config.outbound_queue, kill);
+    let open = OpenConnection::new(&shared.open_connections);
     let response = response
         .map_body({
             let outbound = outbound.clone();
-            move |_, body| OutboundBody::new(outbound, body)
+            move |_, body| OutboundBody::new(outbound, Box::new(inbound), open, body)
         })
         .map_into_boxed_body();
     let messages = messages

@@ -4,6 +4,8 @@
 // Starting the server, WebSocket/raw-frame/HTTP clients, and a checking room mirror.
 mod support;
 
+// Bad input on the WebSocket (pipelined bad frames, oversize, bad UTF-8, ids, identities) and clean closes.
+mod bad_input_ws;
 // JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
 mod auth;
 // Bad input that reaches the store: values at the depth limit, damaged bytes in the data file.

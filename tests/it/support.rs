@@ -1206,7 +1206,16 @@ impl RawWs {
     }
 }
 
-fn frame_header(fin: bool, opcode: u8, len: u64, mask: [u8; 4]) -> Vec<u8> {
+/// One whole masked client frame, for tests that pipeline many in one write.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = frame_header(fin, opcode, payload.len() as u64, mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A masked client frame header declaring `len` payload bytes.
+pub fn frame_header(fin: bool, opcode: u8, len: u64, mask: [u8; 4]) -> Vec<u8> {
     let mut header = vec![if fin { 0x80 } else { 0 } | opcode];
     if len < 126 {
         header.push(0x80 | len as u8);
@@ -1222,7 +1231,7 @@ fn frame_header(fin: bool, opcode: u8, len: u64, mask: [u8; 4]) -> Vec<u8> {
 }
 
 /// Parses one unmasked server frame from the front of `buf`.
-fn parse_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+pub fn parse_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     if buf.len() < 2 {
         return None;
     }

@@ -1,0 +1,395 @@
+//! Bad input on the WebSocket, sent exactly as an outside probe sends it, and the clean
+//! close that must answer it (PROTOCOL.md 1.1, "Close and disconnect"): the close code
+//! reaches a client that is still sending, never a TCP reset in its place, and a client
+//! that never answers the close is let go after about 2 s.
+//!
+//! The raw client here writes frames by hand, many in one write, over a split TCP stream
+//! so it can keep writing while it reads, and tells a clean end (FIN) from a reset.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::support::{masked_frame, parse_frame, RawFrame, Server, TIMEOUT};
+
+const TEXT: u8 = 0x1;
+const CLOSE: u8 = 0x8;
+const PONG: u8 = 0xA;
+
+/// What reading the server produced next.
+#[derive(Debug)]
+enum Next {
+    Frame(RawFrame),
+    /// The server closed the connection cleanly (FIN).
+    Eof,
+    /// The connection failed (a reset): whatever the server sent last may be lost.
+    Reset(#[allow(dead_code)] String),
+    Timeout,
+}
+
+/// A hand-made WebSocket client over a split TCP stream.
+struct Raw {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Writes the upgrade request and `pipelined` in one write, without waiting for the
+    /// answer, then reads the 101 head.
+    async fn connect_pipelined(server: &Server, query: &str, pipelined: &[u8]) -> Raw {
+        let stream = TcpStream::connect(server.addr).await.expect("TCP connect");
+        // Each write goes out as it is made, as a client pipelining in real time would.
+        stream.set_nodelay(true).expect("TCP_NODELAY can be set");
+        let (read, mut write) = stream.into_split();
+        let mut bytes = format!(
+            "GET /ws?{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n",
+            server.host()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(pipelined);
+        write.write_all(&bytes).await.expect("handshake write");
+        let mut raw = Raw {
+            read,
+            write,
+            buf: Vec::new(),
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        let head_end = loop {
+            if let Some(pos) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos;
+            }
+            let mut chunk = [0u8; 16384];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, raw.read.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => raw.buf.extend_from_slice(&chunk[..n]),
+                other => panic!("no 101 head: {other:?}"),
+            }
+        };
+        let head = String::from_utf8_lossy(&raw.buf[..head_end]).to_string();
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "expected 101, got {head:?}"
+        );
+        raw.buf.drain(..head_end + 4);
+        raw
+    }
+
+    async fn connect(server: &Server, query: &str) -> Raw {
+        let mut raw = Raw::connect_pipelined(server, query, &[]).await;
+        match raw.next(TIMEOUT).await {
+            Next::Frame(frame) if frame.opcode == TEXT => {}
+            other => panic!("expected the welcome frame, got {other:?}"),
+        }
+        raw
+    }
+
+    /// Writes `bytes` at once; false once the server no longer takes them.
+    async fn write(&mut self, bytes: &[u8]) -> bool {
+        matches!(
+            tokio::time::timeout(TIMEOUT, self.write.write_all(bytes)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn next(&mut self, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((frame, used)) = parse_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Next::Frame(frame);
+            }
+            let mut chunk = [0u8; 16384];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.read.read(&mut chunk)).await {
+                Err(_) => return Next::Timeout,
+                Ok(Ok(0)) => return Next::Eof,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => return Next::Reset(e.to_string()),
+            }
+        }
+    }
+
+    /// Reads until the close frame and returns its code; fails on a reset, an end
+    /// without a close frame, or silence.
+    async fn close_code(&mut self) -> u16 {
+        loop {
+            match self.next(TIMEOUT).await {
+                Next::Frame(frame) if frame.opcode == CLOSE => {
+                    return frame.close_code().expect("a close frame with a code")
+                }
+                Next::Frame(_) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the connection ends, discarding frames; fails on silence beyond
+    /// `timeout`.
+    async fn end(&mut self, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await {
+                Next::Frame(_) => continue,
+                Next::Timeout => panic!("the connection was not ended within {timeout:?}"),
+                end => return end,
+            }
+        }
+    }
+}
+
+/// `n` text frames of about 2 KB that the server cannot parse, in one buffer: 40 of them
+/// are more than the server reads at once, so most are still in its socket buffer when
+/// it decides to close.
+fn bad_frames(n: usize) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| {
+            masked_frame(
+                true,
+                TEXT,
+                format!("not json {i} {}", "x".repeat(2000)).as_bytes(),
+            )
+        })
+        .collect()
+}
+
+fn close_frame(code: u16) -> Vec<u8> {
+    masked_frame(true, CLOSE, &code.to_be_bytes())
+}
+
+#[tokio::test]
+async fn forty_pipelined_bad_frames_read_close_4400_twenty_times_in_a_row() {
+    let server = Server::start(&[]).await;
+    for round in 0..20 {
+        let mut raw = Raw::connect(&server, &format!("user=prober{round}")).await;
+        assert!(raw.write(&bad_frames(40)).await);
+        let mut errors = 0;
+        let code = loop {
+            match raw.next(TIMEOUT).await {
+                Next::Frame(frame) if frame.opcode == CLOSE => break frame.close_code(),
+                Next::Frame(frame) => {
+                    let reply: Value = serde_json::from_slice(&frame.payload).expect("JSON");
+                    assert_eq!(reply["code"], "bad_frame", "{reply}");
+                    errors += 1;
+                }
+                other => panic!("round {round}: {errors} errors, then {other:?}"),
+            }
+        };
+        assert_eq!(code, Some(4400), "round {round}");
+        // Error frames still queued when the close is decided may be discarded with it.
+        assert!(
+            errors <= 9,
+            "the 10th bad frame closes, {errors} errors came first"
+        );
+        // The client answers the close; the server then ends the connection cleanly.
+        assert!(raw.write(&close_frame(4400)).await);
+        match raw.end(TIMEOUT).await {
+            Next::Eof => {}
+            other => panic!("round {round}: expected a clean end, got {other:?}"),
+        }
+    }
+    assert_eq!(server.get("/healthz").await.status, 200);
+}
+
+#[tokio::test]
+async fn pipelined_oversize_frame_with_frames_behind_it_reads_1009() {
+    let server = Server::start(&[]).await;
+    let mut raw = Raw::connect(&server, "user=prober").await;
+    // A frame of 70,000 bytes (the limit is 65,536), whole, then 20 more frames.
+    let mut bytes = masked_frame(true, TEXT, &vec![b' '; 70_000]);
+    bytes.extend(bad_frames(20));
+    assert!(raw.write(&bytes).await);
+    assert_eq!(raw.close_code().await, 1009);
+    assert!(raw.write(&close_frame(1009)).await);
+    assert!(matches!(raw.end(TIMEOUT).await, Next::Eof));
+}
+
+#[tokio::test]
+async fn pipelined_invalid_utf8_reads_1007() {
+    let server = Server::start(&[]).await;
+    let mut raw = Raw::connect(&server, "user=prober").await;
+    let mut bytes = masked_frame(true, TEXT, b"{\"t\":\"sub\",\"room\":\"\xff\xfe\"}");
+    bytes.extend(bad_frames(20));
+    assert!(raw.write(&bytes).await);
+    assert_eq!(raw.close_code().await, 1007);
+}
+
+#[tokio::test]
+async fn pipelining_client_over_the_connection_cap_reads_4429() {
+    let server = Server::start(&["--max-conns-per-ip", "1"]).await;
+    let _first = Raw::connect(&server, "user=first").await;
+    // The handshake and 40 frames in one write, before the server has answered.
+    let mut raw = Raw::connect_pipelined(&server, "user=second", &bad_frames(40)).await;
+    assert_eq!(raw.close_code().await, 4429);
+}
+
+#[tokio::test]
+async fn sigterm_4002_reaches_a_client_that_keeps_sending() {
+    let mut server = Server::start(&[]).await;
+    let raw = Raw::connect(&server, "user=chatty").await;
+    let Raw {
+        mut read,
+        mut write,
+        buf,
+    } = raw;
+    // Unsolicited pongs are legal and answered by nothing: the client sends them
+    // nonstop until the server stops taking them.
+    let writer = tokio::spawn(async move {
+        let pongs: Vec<u8> = (0..50)
+            .flat_map(|_| masked_frame(true, PONG, b""))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if write.write_all(&pongs).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let mut raw_read = RawReader {
+        read: &mut read,
+        buf,
+    };
+    // Wait until the writer is in full flow before the signal.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.terminate();
+    let code = raw_read.close_code().await;
+    assert_eq!(code, 4002);
+    let status = server.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    writer.abort();
+}
+
+/// The reading half of a [`Raw`] client whose writing half is busy elsewhere.
+struct RawReader<'a> {
+    read: &'a mut OwnedReadHalf,
+    buf: Vec<u8>,
+}
+
+impl RawReader<'_> {
+    /// Reads until the connection ends, discarding frames; fails on silence beyond
+    /// `timeout`.
+    async fn end(&mut self, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut chunk = [0u8; 16384];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.read.read(&mut chunk)).await {
+                Err(_) => panic!("the connection was not ended within {timeout:?}"),
+                Ok(Ok(0)) => return Next::Eof,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Next::Reset(e.to_string()),
+            }
+        }
+    }
+
+    async fn close_code(&mut self) -> u16 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some((frame, used)) = parse_frame(&self.buf) {
+                self.buf.drain(..used);
+                if frame.opcode == CLOSE {
+                    return frame.close_code().expect("a close frame with a code");
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 16384];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.read.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_that_never_answers_the_close_is_let_go_after_about_two_seconds() {
+    let server = Server::start(&[]).await;
+    let mut raw = Raw::connect(&server, "user=mute").await;
+    assert!(raw.write(&bad_frames(10)).await);
+    assert_eq!(raw.close_code().await, 4400);
+    let closed_at = Instant::now();
+    // The server keeps reading for the client's close: these frames are taken and
+    // discarded, and the connection still ends cleanly.
+    assert!(raw.write(&bad_frames(20)).await);
+    let end = raw.end(Duration::from_secs(10)).await;
+    let waited = closed_at.elapsed();
+    assert!(
+        matches!(end, Next::Eof),
+        "expected a clean end, got {end:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "the server waited only {waited:?} for the client's close"
+    );
+    assert!(
+        waited <= Duration::from_secs(6),
+        "the server held the connection {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_close_after_pipelined_frames_ends_the_connection_without_waiting() {
+    let server = Server::start(&[]).await;
+    let mut raw = Raw::connect(&server, "user=polite").await;
+    // Ten bad frames, more frames, and the client's own close, all in one write: the
+    // server closes with 4400 and, having read the client's close, ends at once.
+    let mut bytes = bad_frames(30);
+    bytes.extend(close_frame(1000));
+    let sent_at = Instant::now();
+    assert!(raw.write(&bytes).await);
+    assert_eq!(raw.close_code().await, 4400);
+    assert!(matches!(raw.end(TIMEOUT).await, Next::Eof));
+    let waited = sent_at.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the server waited {waited:?} though the client's close had arrived"
+    );
+    // The session really ended: the server still serves.
+    let mut alice = server.client("alice").await;
+    alice.create_ok("chat:after", "chat", json!({})).await;
+}
+
+#[tokio::test]
+async fn client_still_sending_after_the_close_reads_4400_and_a_clean_end() {
+    let server = Server::start(&[]).await;
+    let raw = Raw::connect(&server, "user=chatty").await;
+    let Raw {
+        mut read,
+        mut write,
+        buf,
+    } = raw;
+    // Bad frames back to back for about a second, each its own write: the server decides
+    // to close after the 10th while the rest are still arriving.
+    let writer = tokio::spawn(async move {
+        for i in 0..200 {
+            let frame = masked_frame(true, TEXT, format!("not json {i}").as_bytes());
+            if write.write_all(&frame).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    });
+    let mut reader = RawReader {
+        read: &mut read,
+        buf,
+    };
+    assert_eq!(reader.close_code().await, 4400);
+    let end = reader.end(Duration::from_secs(10)).await;
+    assert!(
+        matches!(end, Next::Eof),
+        "expected a clean end, got {end:?}"
+    );
+    assert!(
+        writer.await.expect("the writer task ends"),
+        "the server kept taking the client's frames until its close drain ended"
+    );
+}
