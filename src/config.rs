@@ -26,10 +26,52 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// HS256 secret for JWT auth. Without it auth is off: user ids come from `?user=` and
-    /// every caller is an admin, which is only allowed on a loopback address.
+    /// HMAC secret for JWT auth (HS256/384/512). Auth is on when a key is configured
+    /// (this, --jwt-public-key or --jwt-jwks; one of them). Without one auth is off: user
+    /// ids come from `?user=` and every caller is an admin, which is only allowed on a
+    /// loopback address.
     #[arg(long, env = "ROOMD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// PEM public key verifying JWTs: RSA (RS256/384/512, PS256/384/512), EC (ES256/384)
+    /// or Ed25519 (EdDSA).
+    #[arg(long, env = "ROOMD_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// JWKS document verifying JWTs; the token's `kid` picks the key. Re-read on SIGHUP.
+    #[arg(long, env = "ROOMD_JWT_JWKS", value_name = "FILE")]
+    pub jwt_jwks: Option<PathBuf>,
+
+    /// When set, a token's `iss` must equal this.
+    #[arg(long, env = "ROOMD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, a token's `aud` must contain this.
+    #[arg(long, env = "ROOMD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Room patterns everyone may read, callers without a token included (comma
+    /// separated; `*` matches any run of characters, e.g. `poll:*`).
+    #[arg(long, env = "ROOMD_PUBLIC_READ", value_delimiter = ',')]
+    pub public_read: Vec<String>,
+
+    /// Room patterns everyone may write (op, signal), callers without a token included.
+    #[arg(long, env = "ROOMD_PUBLIC_WRITE", value_delimiter = ',')]
+    pub public_write: Vec<String>,
+
+    /// HTTP requests with `X-Roomd-Api-Key: <this>` act as an admin (user from
+    /// `X-Roomd-User`, else `server`). HTTP only; does not turn auth on by itself.
+    #[arg(long, env = "ROOMD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Like --api-key, the key read from this file (surrounding whitespace trimmed).
+    #[arg(
+        long,
+        env = "ROOMD_API_KEY_FILE",
+        value_name = "FILE",
+        conflicts_with = "api_key"
+    )]
+    pub api_key_file: Option<PathBuf>,
 
     /// Allow running without auth on a non-loopback address (anyone can act as anyone).
     #[arg(long, env = "ROOMD_INSECURE_NO_AUTH")]
@@ -171,6 +213,14 @@ pub enum DurabilityArg {
     None,
 }
 
+/// The patterns of a comma-separated list, without empty items.
+fn non_empty(list: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
 /// Parses `15s`, `500ms`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -200,8 +250,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub struct Config {
     pub bind: SocketAddr,
     pub data_dir: PathBuf,
-    /// None: auth off (every caller an admin, user from `?user=`).
-    pub jwt_secret: Option<String>,
+    /// Keys, public patterns and the API key; no key: auth off (every caller an admin,
+    /// user from `?user=`).
+    pub auth: crate::auth::AuthSettings,
     pub allowed_origins: Vec<String>,
     pub heartbeat: Duration,
     pub max_frame: usize,
@@ -232,8 +283,8 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "refusing to serve {0} without auth: set --jwt-secret, bind a loopback address, \
-         or pass --insecure-no-auth"
+        "refusing to serve {0} without auth: set --jwt-secret, --jwt-public-key or \
+         --jwt-jwks, bind a loopback address, or pass --insecure-no-auth"
     )]
     NoAuthOnPublicAddress(SocketAddr),
     #[error("{0} must be at least 1")]
@@ -242,11 +293,43 @@ pub enum ConfigError {
     FrameTooSmall(u32),
     #[error("--history-age must be longer than 0 (leave it unset for no age limit)")]
     ZeroHistoryAge,
+    #[error("cannot read --api-key-file {path}: {source}")]
+    ApiKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--api-key-file {0} is empty")]
+    EmptyApiKey(PathBuf),
 }
 
 impl ServeArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        if self.jwt_secret.is_none() && !self.bind.ip().is_loopback() && !self.insecure_no_auth {
+        let api_key = match &self.api_key_file {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ApiKeyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let key = text.trim().to_owned();
+                if key.is_empty() {
+                    return Err(ConfigError::EmptyApiKey(path.clone()));
+                }
+                Some(key)
+            }
+            None => self.api_key.clone().filter(|k| !k.is_empty()),
+        };
+        let auth = crate::auth::AuthSettings {
+            jwt_secret: self.jwt_secret.clone().filter(|s| !s.is_empty()),
+            jwt_public_key: self.jwt_public_key.clone(),
+            jwt_jwks: self.jwt_jwks.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+            public_read: non_empty(&self.public_read),
+            public_write: non_empty(&self.public_write),
+            api_key,
+        };
+        if !auth.enabled() && !self.bind.ip().is_loopback() && !self.insecure_no_auth {
             return Err(ConfigError::NoAuthOnPublicAddress(self.bind));
         }
         for (name, value) in [
@@ -272,7 +355,7 @@ impl ServeArgs {
         Ok(Config {
             bind: self.bind,
             data_dir: self.data_dir,
-            jwt_secret: self.jwt_secret.filter(|s| !s.is_empty()),
+            auth,
             allowed_origins: self.allowed_origins,
             heartbeat: self.heartbeat.max(Duration::from_millis(50)),
             max_frame: self.max_frame as usize,

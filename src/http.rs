@@ -1,8 +1,10 @@
 //! The HTTP API of PROTOCOL.md: health, room creation, reads and ops.
 //!
-//! Handlers identify the caller, rate-limit per user (per IP for guests), and talk to
-//! rooms with the same messages as WebSocket sessions; replies come back on a oneshot.
-//! Errors are `{"code","msg"}` with the status mapped in `protocol::codes`.
+//! Handlers identify the caller, check its permission on the room before anything about
+//! the room is looked at (so a 403 never tells whether the room exists), rate-limit per
+//! user (per IP for guests), and talk to rooms with the same messages as WebSocket
+//! sessions; replies come back on a oneshot. Errors are `{"code","msg"}` with the status
+//! mapped in `protocol::codes`. The admin endpoints go through [`require_admin`].
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Identity, Permission};
 use crate::kind::Kind;
 use crate::protocol::codes::Code;
 use crate::protocol::ids::{epoch_hex, RoomId};
@@ -29,7 +31,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/rooms/{room}", web::get().to(read_room))
         .route("/api/rooms/{room}", web::delete().to(delete_room))
         .route("/api/rooms/{room}/ops", web::post().to(post_op))
-        .route("/api/rooms/{room}/events", web::get().to(read_events));
+        .route("/api/rooms/{room}/events", web::get().to(read_events))
+        .route("/api/rooms/{room}/signal", web::post().to(signal_room))
+        .route(
+            "/api/users/{user}/disconnect",
+            web::post().to(disconnect_user),
+        );
 }
 
 /// An error answer: `{"code","msg"}` with the code's status (401 for a bad token).
@@ -72,7 +79,7 @@ impl From<AuthError> for ApiError {
             AuthError::UserTooLong(_) | AuthError::EmptyUser => {
                 ApiError::new(Code::Invalid, e.to_string())
             }
-            AuthError::MissingToken | AuthError::BadToken(_) => ApiError {
+            AuthError::MissingToken | AuthError::BadToken(_) | AuthError::BadApiKey => ApiError {
                 code: Code::Forbidden,
                 msg: e.to_string(),
                 unauthorized: true,
@@ -119,23 +126,53 @@ async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
         .body(text)
 }
 
-/// Identifies the caller and charges one op to its rate limit; `Err` also when over it.
-fn admit(req: &HttpRequest, shared: &Shared) -> Result<crate::auth::Identity, ApiError> {
-    let (identity, over) = admit_op(req, shared)?;
-    match over {
+/// Identifies the caller and checks `permission` on `room`: 401 for a missing or bad
+/// token or API key, 403 `forbidden` without the permission. Nothing about the room is
+/// looked at, so the answer is the same whether the room exists or not.
+pub fn authorize(
+    req: &HttpRequest,
+    shared: &Shared,
+    permission: Permission,
+    room: &str,
+) -> Result<Identity, ApiError> {
+    let identity = shared.auth.identify(req, true)?;
+    if !identity.may(permission, room) {
+        let what = match permission {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::Create => "create",
+        };
+        return Err(ApiError::new(
+            Code::Forbidden,
+            format!("no {what} permission on this room"),
+        ));
+    }
+    Ok(identity)
+}
+
+/// Identifies an admin (an admin token, the API key, or anyone when auth is off): 401
+/// for a missing or bad token or API key, 403 `forbidden` for anyone else. For every
+/// endpoint of PROTOCOL.md "Admin API".
+pub fn require_admin(req: &HttpRequest, shared: &Shared) -> Result<Identity, ApiError> {
+    let identity = shared.auth.identify(req, true)?;
+    if !identity.admin {
+        return Err(ApiError::new(Code::Forbidden, "this takes an admin"));
+    }
+    Ok(identity)
+}
+
+/// Charges one op to the caller's rate limit; `Err` when over it.
+fn charge(req: &HttpRequest, shared: &Shared, identity: &Identity) -> Result<(), ApiError> {
+    match over_rate(req, shared, identity) {
         Some(why) => Err(ApiError::new(Code::RateLimited, why)),
-        None => Ok(identity),
+        None => Ok(()),
     }
 }
 
-/// Identifies the caller and charges one op to its rate limit, returning why it is
-/// over the limit instead of failing: an op with an id still goes to its room, which
-/// answers a re-sent id from its record before the limit applies.
-fn admit_op(
-    req: &HttpRequest,
-    shared: &Shared,
-) -> Result<(crate::auth::Identity, Option<String>), ApiError> {
-    let identity = shared.auth.identify(req, true)?;
+/// Charges one op to the caller's rate limit, returning why it is over the limit
+/// instead of failing: an op with an id still goes to its room, which answers a re-sent
+/// id from its record before the limit applies.
+fn over_rate(req: &HttpRequest, shared: &Shared, identity: &Identity) -> Option<String> {
     let key = if identity.guest {
         let ip = req
             .peer_addr()
@@ -144,12 +181,11 @@ fn admit_op(
     } else {
         format!("user:{}", identity.user)
     };
-    let over = shared
+    shared
         .http_limiter
         .check_key(&key)
         .is_err()
-        .then(|| "too many ops from this user".to_owned());
-    Ok((identity, over))
+        .then(|| "too many ops from this user".to_owned())
 }
 
 fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Json>, ApiError> {
@@ -182,7 +218,8 @@ async fn create_room(
     body: web::Bytes,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = admit(&req, &shared)?;
+    // A bad token is 401 whatever the body.
+    shared.auth.identify(&req, true)?;
     let obj = parse_body(&body)?;
     let (Some(Json::String(room)), Some(Json::String(kind))) = (obj.get("room"), obj.get("kind"))
     else {
@@ -191,6 +228,8 @@ async fn create_room(
             "`room` and `kind` must be strings",
         ));
     };
+    let identity = authorize(&req, &shared, Permission::Create, room)?;
+    charge(&req, &shared, &identity)?;
     let room = room_id(room)?;
     let init = obj
         .get("init")
@@ -217,7 +256,7 @@ async fn read_room(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    shared.auth.identify(&req, true)?;
+    authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
     let query = Query::parse(&req)?;
     if let Some(at) = query.at {
@@ -253,7 +292,8 @@ async fn post_op(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    let (identity, over_rate) = admit_op(&req, &shared)?;
+    let identity = authorize(&req, &shared, Permission::Write, &room)?;
+    let over_rate = over_rate(&req, &shared, &identity);
     let room = room_id(&room)?;
     let obj = parse_body(&body)?;
     let op_id = match obj.get("id") {
@@ -389,7 +429,7 @@ async fn read_events(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    let identity = shared.auth.identify(&req, true)?;
+    let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
     let query = Query::parse(&req)?;
     let after = query.after.unwrap_or(0);
@@ -456,13 +496,7 @@ async fn delete_room(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    let identity = shared.auth.identify(&req, true)?;
-    if !identity.admin {
-        return Err(ApiError::new(
-            Code::Forbidden,
-            "deleting a room takes an admin token",
-        ));
-    }
+    require_admin(&req, &shared)?;
     let room = room_id(&room)?;
     let (tx, rx) = oneshot::channel();
     send_to_room(&shared, &room, room_msg::Delete { reply: tx }).await;
@@ -490,4 +524,65 @@ where
             let _ = shared.registry.get(room).send(msg).await;
         }
     }
+}
+
+/// `POST /api/rooms/{room}/signal` `{"data":…}` (admin): 202, and a `signal` from user
+/// `server` to every subscriber of the room on this server. A room that is not loaded
+/// has no subscribers, so it is not loaded for this.
+async fn signal_room(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let room = path.into_inner();
+    require_admin(&req, &shared)?;
+    let room = room_id(&room)?;
+    let obj = parse_body(&body)?;
+    let data = obj
+        .get("data")
+        .map_or(Ok(crate::value::Value::Null), to_value)
+        .map_err(|why| ApiError::new(Code::Invalid, format!("data: {why}")))?;
+    let size = data.json_size();
+    let limit = shared.room_config.max_signal_bytes;
+    if size > limit {
+        return Err(ApiError::new(
+            Code::TooLarge,
+            format!("signal of {size} bytes exceeds limit of {limit}"),
+        ));
+    }
+    if let Some(addr) = shared.registry.live(&room) {
+        // Like a member's signal: dropped when the room's mailbox is full.
+        let _ = addr.try_send(room_msg::Signal {
+            session_id: room_msg::SERVER_SESSION,
+            user: Arc::from(crate::auth::API_KEY_USER),
+            data,
+        });
+    }
+    Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+/// `POST /api/users/{user}/disconnect` (admin): closes every WebSocket connection of
+/// the user with 4403 and answers `{"closed":N}`.
+async fn disconnect_user(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let user = path.into_inner();
+    require_admin(&req, &shared)?;
+    // Collected first: no map guard is held while closing.
+    let targets: Vec<_> = shared
+        .sessions
+        .iter()
+        .filter(|entry| *entry.value().user == *user)
+        .map(|entry| entry.value().outbound.clone())
+        .collect();
+    for outbound in &targets {
+        outbound.close(
+            crate::protocol::codes::close::DISCONNECTED,
+            "disconnected by an admin",
+        );
+    }
+    Ok(HttpResponse::Ok().json(json!({ "closed": targets.len() })))
 }

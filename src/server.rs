@@ -32,6 +32,8 @@ use crate::store::{Store, StoreConfig, StoreError};
 pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
     #[error("cannot start the HTTP server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,6 +55,8 @@ pub async fn run(
         durability: config.durability,
         quiet_reopen: Some(crate::store::DEFAULT_QUIET_REOPEN),
     };
+    // Keys first: a bad key file should stop the start before the store is touched.
+    let auth = Auth::new(config.auth.clone())?;
     // Opening takes the lock and may repair the file: blocking work, off this thread.
     // Installed before the store opens, so the writer's first commits are counted.
     crate::metrics::handle();
@@ -82,7 +86,7 @@ pub async fn run(
     )
     .allow_burst(std::num::NonZeroU32::new(config.op_burst).unwrap_or(std::num::NonZeroU32::MIN));
     let shared = web::Data::new(Shared {
-        auth: Auth::new(config.jwt_secret.as_deref()),
+        auth,
         room_config,
         registry: registry.clone(),
         store: store.clone(),
@@ -183,6 +187,22 @@ pub async fn run(
         }
     });
 
+    // SIGHUP re-reads what can change under a running server: the JWKS.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            let reloading = shared.clone();
+            actix_rt::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    match reloading.auth.reload() {
+                        Ok(keys) => tracing::info!(keys, "SIGHUP: keys reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: keys kept: {e}"),
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP; keys reload only on restart"),
+    }
+
     shutdown.await;
     tracing::info!("shutting down: no new connections");
     shared.shutting_down.store(true, Ordering::Release);
@@ -195,6 +215,7 @@ pub async fn run(
     for entry in shared.sessions.iter() {
         entry
             .value()
+            .outbound
             .close(close::SHUTTING_DOWN, "server shutting down");
     }
     // A connection ends once its client answered the close (or 2 s passed, or its socket

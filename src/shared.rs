@@ -24,9 +24,9 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub store: Store,
     pub auth: Auth,
-    /// Open sessions' outbound queues, for the 4002 at shutdown. Written by sessions
-    /// on start and stop.
-    pub sessions: DashMap<u64, Arc<Outbound>>,
+    /// Open sessions, for the 4002 at shutdown and the admin disconnect (4403). Written
+    /// by sessions on start and stop.
+    pub sessions: DashMap<u64, LiveSession>,
     /// Upgraded WebSocket connections whose response body still runs (closing ones
     /// included, until their drain ends), so shutdown waits for its close frames to
     /// reach the clients. Counted by [`crate::outbound::OpenConnection`].
@@ -40,4 +40,13 @@ pub struct Shared {
     pub clock: governor::clock::DefaultClock,
     /// The connection caps (total and per client IP).
     pub admission: Arc<crate::admission::Admission>,
+}
+
+/// What the server keeps of an open WebSocket connection.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    /// Who is connected (the admin disconnect closes every connection of a user).
+    pub user: Arc<str>,
+    /// Closing it ends the connection (the Session actor stops when its stream ends).
+    pub outbound: Arc<Outbound>,
 }

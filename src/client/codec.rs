@@ -72,6 +72,7 @@ pub fn encode_client(msg: &ClientMsg) -> String {
         ClientMsg::Signal { room, data } => {
             json!({"t": "signal", "room": room, "data": value(data)})
         }
+        ClientMsg::Auth { token } => json!({"t": "auth", "token": token}),
     };
     json.to_string()
 }
@@ -231,6 +232,12 @@ pub fn decode_server(text: &str) -> Result<ServerMsg, BadFrame> {
             room: optional_string(o, "room")?,
             msg: optional_string(o, "msg")?.unwrap_or_default(),
         },
+        "authed" => ServerMsg::Authed {
+            exp: match o.get("exp") {
+                None | Some(Json::Null) => None,
+                Some(_) => Some(u64_field(o, "exp")?),
+            },
+        },
         other => return Err(bad(format!("unknown message type `{other}`"))),
     })
 }
@@ -380,6 +387,8 @@ pub(crate) enum Incoming {
         room: Option<String>,
         msg: String,
     },
+    /// A token refresh took effect (the SDK does not send `auth` yet).
+    Authed,
 }
 
 fn changes(entries: Vec<WireEntry>) -> Result<Vec<Change>, BadFrame> {
@@ -482,6 +491,7 @@ impl Incoming {
                     .map_err(|why| bad(format!("signal data: {why}")))?,
             },
             ServerMsg::Error { code, room, msg } => Incoming::Error { code, room, msg },
+            ServerMsg::Authed { .. } => Incoming::Authed,
         })
     }
 

@@ -511,7 +511,7 @@ impl Driver {
     /// Handles one server message; returns a frame to send in response, if any.
     fn on_incoming(&mut self, incoming: Incoming) -> Option<ClientMsg> {
         match incoming {
-            Incoming::Welcome { .. } => None,
+            Incoming::Welcome { .. } | Incoming::Authed => None,
             Incoming::Ack { id, seq } => {
                 self.answer(&id, Ok(seq));
                 None

@@ -50,6 +50,7 @@ pub fn decode(frame: &[u8]) -> Result<Inbound, BadFrame> {
             room,
             data: data.to_value(),
         },
+        ClientMsg::Auth { token } => Inbound::Auth { token },
     })
 }
 

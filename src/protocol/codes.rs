@@ -88,6 +88,8 @@ pub mod close {
     pub const PROTOCOL_VIOLATION: u16 = 4400;
     /// Missing, bad or expired token.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// An admin disconnected the user (1.1); the client should not reconnect on its own.
+    pub const DISCONNECTED: u16 = 4403;
     /// Too many connections (per IP or in total).
     pub const TOO_MANY: u16 = 4429;
 }

@@ -239,6 +239,12 @@ fn client_messages() -> Vec<Named<ClientMsg>> {
                 ])),
             },
         ),
+        (
+            "auth",
+            ClientMsg::Auth {
+                token: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln".into(),
+            },
+        ),
     ]
 }
 
@@ -279,6 +285,7 @@ pub fn client_json(name: &str) -> Option<&'static str> {
         "signal" => {
             r#"{"t":"signal","room":"chat:general","data":{"cursor":{"x":3,"y":-7},"typing":true}}"#
         }
+        "auth" => r#"{"t":"auth","token":"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln"}"#,
         _ => return None,
     };
     Some(text)
@@ -472,6 +479,21 @@ fn server_messages() -> Vec<Named<ServerMsg>> {
                 msg: "101 subscriptions exceed limit of 100".into(),
             },
         ),
+        (
+            "authed",
+            ServerMsg::Authed {
+                exp: Some(1_767_225_600),
+            },
+        ),
+        ("authed_no_exp", ServerMsg::Authed { exp: None }),
+        (
+            "error_forbidden",
+            ServerMsg::Error {
+                code: Code::Forbidden,
+                room: Some("chat:private".into()),
+                msg: "no read permission on this room".into(),
+            },
+        ),
     ]
 }
 
@@ -623,9 +645,10 @@ mod tests {
                 ClientMsg::Unsub { .. } => "unsub",
                 ClientMsg::Op { .. } => "op",
                 ClientMsg::Signal { .. } => "signal",
+                ClientMsg::Auth { .. } => "auth",
             })
             .collect();
-        assert_eq!(client_tags.len(), 5, "{client_tags:?}");
+        assert_eq!(client_tags.len(), 6, "{client_tags:?}");
         let server_tags: BTreeSet<&str> = server
             .iter()
             .map(|(_, m)| match m {
@@ -639,9 +662,10 @@ mod tests {
                 ServerMsg::PresenceChange { .. } => "presence_change",
                 ServerMsg::Signal { .. } => "signal",
                 ServerMsg::Error { .. } => "error",
+                ServerMsg::Authed { .. } => "authed",
             })
             .collect();
-        assert_eq!(server_tags.len(), 10, "{server_tags:?}");
+        assert_eq!(server_tags.len(), 11, "{server_tags:?}");
         let names: BTreeSet<&str> = client.iter().map(|(n, _)| *n).collect();
         assert_eq!(names.len(), client.len(), "client fixture names are unique");
         let names: BTreeSet<&str> = server.iter().map(|(n, _)| *n).collect();

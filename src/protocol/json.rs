@@ -54,6 +54,9 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
             room: str_field(&obj, "room")?.to_owned(),
             data: obj.get("data").map_or(Ok(Value::Null), to_value),
         },
+        "auth" => Inbound::Auth {
+            token: str_field(&obj, "token")?.to_owned(),
+        },
         other => return Err(BadFrame(format!("unknown message type `{other}`"))),
     };
     Ok(inbound)
@@ -180,8 +183,8 @@ pub fn encode(msg: &ServerMsg) -> String {
             heartbeat_ms,
             max_frame,
         } => json!({
-            "t": "welcome", "proto": proto, "session": session, "user": user,
-            "heartbeat_ms": heartbeat_ms, "max_frame": max_frame,
+            "t": "welcome", "proto": proto, "minor": super::PROTO_MINOR, "session": session,
+            "user": user, "heartbeat_ms": heartbeat_ms, "max_frame": max_frame,
         }),
         ServerMsg::Snapshot {
             room,
@@ -234,6 +237,7 @@ pub fn encode(msg: &ServerMsg) -> String {
             }
             None => json!({ "t": "error", "code": code_str(*code), "msg": msg }),
         },
+        ServerMsg::Authed { exp } => json!({ "t": "authed", "exp": exp }),
     };
     json.to_string()
 }

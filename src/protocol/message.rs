@@ -42,6 +42,11 @@ pub enum ClientMsg {
         room: String,
         data: WireValue,
     },
+    /// Protocol 1.1: replace the connection's token (answered by `Authed` or `Error`).
+    /// Appended last, so the bytes of every 1.0 message are unchanged.
+    Auth {
+        token: String,
+    },
 }
 
 /// A resume position; the epoch is the number JSON writes as 16 hex chars.
@@ -110,6 +115,13 @@ pub enum ServerMsg {
         code: Code,
         room: Option<String>,
         msg: String,
+    },
+    /// Protocol 1.1: the refreshed token is in force; its `exp` (None: it has none).
+    /// Appended last, so the bytes of every 1.0 message are unchanged. The rkyv
+    /// `Welcome` keeps its 1.0 fields (a new field would change its bytes); the JSON
+    /// `welcome` carries `"minor"`.
+    Authed {
+        exp: Option<u64>,
     },
 }
 

@@ -23,6 +23,9 @@ use crate::value::Value;
 /// The protocol version announced in `welcome`.
 pub const PROTO_VERSION: u32 = 1;
 
+/// The minor version announced in the JSON `welcome` (1.1: access control, `auth`).
+pub const PROTO_MINOR: u32 = 1;
+
 /// The subprotocol names of PROTOCOL.md "Transport".
 pub const SUBPROTOCOL_JSON: &str = "roomd.v1.json";
 pub const SUBPROTOCOL_RKYV: &str = "roomd.v1.rkyv";
@@ -69,6 +72,10 @@ pub enum Inbound {
     Signal {
         room: String,
         data: Result<Value, String>,
+    },
+    /// Token refresh (1.1).
+    Auth {
+        token: String,
     },
 }
 

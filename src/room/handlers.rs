@@ -167,7 +167,7 @@ impl Handler<Signal> for Room {
 
     fn handle(&mut self, msg: Signal, _ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
-        if !self.subscribers.contains_key(&msg.session_id) {
+        if msg.session_id != SERVER_SESSION && !self.subscribers.contains_key(&msg.session_id) {
             return;
         }
         let signal = ServerMsg::Signal {

@@ -140,10 +140,15 @@ pub struct Unsubscribe {
     pub session_id: u64,
 }
 
+/// The `session_id` of a signal sent by the server itself (admin API): it goes to every
+/// subscriber. Session ids start at 1.
+pub const SERVER_SESSION: u64 = 0;
+
 /// An ephemeral message to the room's other subscribers.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Signal {
+    /// The sender (not sent its own signal; must be a subscriber), or [`SERVER_SESSION`].
     pub session_id: u64,
     pub user: Arc<str>,
     pub data: Value,

@@ -58,6 +58,14 @@ impl Registry {
         entry.clone()
     }
 
+    /// The room's actor if it is running; never starts one.
+    pub fn live(&self, room_id: &str) -> Option<Addr<Room>> {
+        self.rooms
+            .get(room_id)
+            .map(|addr| addr.clone())
+            .filter(|addr| addr.connected())
+    }
+
     fn start(self: &Arc<Self>, room_id: &RoomId) -> Addr<Room> {
         let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let room = Room::new(

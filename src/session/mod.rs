@@ -1,7 +1,9 @@
 //! The Session actor: one per WebSocket connection.
 //!
 //! It decodes and validates client frames, enforces the per-connection limits (bad
-//! frames, op rate, subscriptions, heartbeat, token expiry), routes requests to rooms,
+//! frames, op rate, subscriptions, heartbeat, token expiry), decides each request's
+//! permission from the connection's [`Identity`] (once per `sub`, `op`, `create` or
+//! `signal`, before anything about the room is looked at), routes requests to rooms,
 //! and feeds the connection's byte-bounded [`Outbound`](crate::outbound::Outbound)
 //! queue, which a writer task drains into the socket. It holds no room state: only the addresses of the rooms
 //! it subscribes to.
@@ -22,6 +24,7 @@ use actix_ws::{AggregatedMessage, ProtocolError};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use self::frame_guard::GuardHandle;
+use crate::auth::{Identity, Permission};
 use crate::outbound::{Charge, Frame, SessionRef};
 use crate::protocol::codes::{close, Code};
 use crate::protocol::ids::RoomId;
@@ -51,8 +54,10 @@ pub struct Session {
     last_seen: Instant,
     /// Reports a frame the guard refused (1009).
     guard: GuardHandle,
-    /// The token's `exp` in seconds since the epoch.
-    expires_at: Option<u64>,
+    /// Who is connected and what it may do; replaced by a token refresh (`auth`).
+    identity: Identity,
+    /// The timer that closes the connection with 4401 when the token expires.
+    expiry: Option<SpawnHandle>,
     /// This connection's slot under the connection caps, given back when the actor ends.
     _permit: crate::admission::Permit,
 }
@@ -62,7 +67,7 @@ impl Session {
         session: SessionRef,
         shared: Arc<Shared>,
         guard: GuardHandle,
-        expires_at: Option<u64>,
+        identity: Identity,
         permit: crate::admission::Permit,
     ) -> Session {
         let config = &shared.config;
@@ -82,7 +87,8 @@ impl Session {
             bad_frames: VecDeque::new(),
             last_seen: Instant::now(),
             guard,
-            expires_at,
+            identity,
+            expiry: None,
             _permit: permit,
         }
     }
@@ -149,6 +155,9 @@ impl Session {
                 kind,
                 init,
             } => {
+                if !self.identity.may(Permission::Create, &room) {
+                    return self.nack(id, Code::Forbidden, "no create permission on this room");
+                }
                 let Some((room, rate_limited)) = self.check_op(&id, &room) else {
                     return;
                 };
@@ -165,6 +174,9 @@ impl Session {
                 self.deliver(ctx, room, msg);
             }
             Inbound::Op { id, room, op } => {
+                if !self.identity.may(Permission::Write, &room) {
+                    return self.nack(id, Code::Forbidden, "no write permission on this room");
+                }
                 let Some((room, rate_limited)) = self.check_op(&id, &room) else {
                     return;
                 };
@@ -184,6 +196,13 @@ impl Session {
                 presence,
                 since,
             } => {
+                if !self.identity.may(Permission::Read, &room) {
+                    return self.error(
+                        Code::Forbidden,
+                        Some(&room),
+                        "no read permission on this room",
+                    );
+                }
                 let room_id = match RoomId::parse(&room) {
                     Ok(room_id) => room_id,
                     Err(e) => return self.error(Code::Invalid, Some(&room), e.to_string()),
@@ -241,6 +260,13 @@ impl Session {
                 None => self.error(Code::NotFound, Some(&room), "not subscribed to this room"),
             },
             Inbound::Signal { room, data } => {
+                if !self.identity.may(Permission::Write, &room) {
+                    return self.error(
+                        Code::Forbidden,
+                        Some(&room),
+                        "no write permission on this room",
+                    );
+                }
                 let Some(addr) = self.subs.get(&room) else {
                     return self.error(
                         Code::NotFound,
@@ -270,6 +296,69 @@ impl Session {
                     data,
                 });
             }
+            Inbound::Auth { token } => self.refresh(&token, ctx),
+        }
+    }
+
+    /// Token refresh: a valid token for the same user replaces the connection's
+    /// permissions and expiry, and each subscription it cannot read ends with `error`
+    /// `forbidden` for that room. Anything else is `error` `forbidden` (no room) and the
+    /// old token stays, expiring on time.
+    fn refresh(&mut self, token: &str, ctx: &mut Context<Self>) {
+        let identity = match self.shared.auth.verify_token(token) {
+            Ok(identity) if identity.user == self.identity.user => identity,
+            Ok(_) => {
+                return self.error(
+                    Code::Forbidden,
+                    None,
+                    "the token is for another user; the old token stays",
+                )
+            }
+            Err(e) => {
+                return self.error(Code::Forbidden, None, format!("{e}; the old token stays"))
+            }
+        };
+        self.send(&ServerMsg::Authed {
+            exp: identity.expires_at,
+        });
+        self.identity = identity;
+        self.schedule_expiry(ctx);
+        let lost: Vec<String> = self
+            .subs
+            .keys()
+            .filter(|room| !self.identity.may(Permission::Read, room))
+            .cloned()
+            .collect();
+        for room in lost {
+            if let Some(addr) = self.subs.remove(&room) {
+                // Rare, small lifecycle message: `do_send` is fine here.
+                addr.do_send(room_msg::Unsubscribe {
+                    session_id: self.session.session_id,
+                });
+            }
+            self.error(
+                Code::Forbidden,
+                Some(&room),
+                "the refreshed token cannot read this room",
+            );
+        }
+    }
+
+    /// (Re)arms the 4401 close at the current token's `exp`.
+    fn schedule_expiry(&mut self, ctx: &mut Context<Self>) {
+        if let Some(old) = self.expiry.take() {
+            ctx.cancel_future(old);
+        }
+        if let Some(exp) = self.identity.expires_at {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.expiry = Some(ctx.run_later(
+                Duration::from_secs(exp.saturating_sub(now)),
+                |session, ctx| {
+                    session.close(ctx, close::UNAUTHORIZED, "token expired");
+                },
+            ));
         }
     }
 
@@ -357,20 +446,14 @@ impl Actor for Session {
             }
             session.session.outbound.push(Frame::Ping, Charge::Full);
         });
-        if let Some(exp) = self.expires_at {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            ctx.run_later(
-                Duration::from_secs(exp.saturating_sub(now)),
-                |session, ctx| {
-                    session.close(ctx, close::UNAUTHORIZED, "token expired");
-                },
-            );
-        }
-        self.shared
-            .sessions
-            .insert(self.session.session_id, self.session.outbound.clone());
+        self.schedule_expiry(ctx);
+        self.shared.sessions.insert(
+            self.session.session_id,
+            crate::shared::LiveSession {
+                user: self.session.user.clone(),
+                outbound: self.session.outbound.clone(),
+            },
+        );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {

@@ -149,7 +149,7 @@ pub async fn ws_rooms(
     };
     let session_ref = SessionRef {
         session_id: shared.next_session_id.fetch_add(1, Ordering::Relaxed),
-        user: identity.user,
+        user: identity.user.clone(),
         dedup: !identity.guest,
         encoding,
         outbound: up.outbound,
@@ -157,10 +157,9 @@ pub async fn ws_rooms(
     };
     let guard = up.guard;
     let messages = up.messages;
-    let expires_at = identity.expires_at;
     Session::create(move |ctx| {
         ctx.add_stream(messages);
-        Session::new(session_ref, shared, guard, expires_at, permit)
+        Session::new(session_ref, shared, guard, identity, permit)
     });
     Ok(up.response)
 }

@@ -9,8 +9,13 @@ use crate::support::{entry, jwt, now_secs, Connect, Server};
 
 const SECRET: &str = "integration-test-secret";
 
+/// A token that may do everything on every room (access control is `access.rs`).
 fn token_for(user: &str) -> String {
-    jwt(SECRET, json!({"sub": user, "exp": now_secs() + 3600}))
+    jwt(
+        SECRET,
+        json!({"sub": user, "exp": now_secs() + 3600,
+               "rooms": {"read": ["*"], "write": ["*"], "create": ["*"]}}),
+    )
 }
 
 async fn auth_server() -> Server {
@@ -117,7 +122,10 @@ async fn user_id_longer_than_128_bytes_is_closed_with_4401() {
 #[tokio::test]
 async fn open_connection_is_closed_with_4401_when_its_token_expires() {
     let server = auth_server().await;
-    let short = jwt(SECRET, json!({"sub": "alice", "exp": now_secs() + 2}));
+    let short = jwt(
+        SECRET,
+        json!({"sub": "alice", "exp": now_secs() + 2, "rooms": {"create": ["chat:*"]}}),
+    );
     let mut client = Connect::new().token(&short).connect(&server).await;
     client
         .create_ok("chat:auth-expiry", "chat", json!({}))

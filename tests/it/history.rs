@@ -71,7 +71,8 @@ async fn poll_votes_in_the_history_are_hidden_from_non_admins() {
     let token = |user: &str, admin: bool| {
         jwt(
             SECRET,
-            json!({"sub": user, "exp": now_secs() + 3600, "admin": admin}),
+            json!({"sub": user, "exp": now_secs() + 3600, "admin": admin,
+                   "rooms": {"read": ["*"], "write": ["*"], "create": ["*"]}}),
         )
     };
     let room = "poll:secret";
@@ -326,7 +327,8 @@ async fn deleting_needs_an_admin_when_auth_is_on() {
     let token = |admin: bool| {
         jwt(
             SECRET,
-            json!({"sub": "u", "exp": now_secs() + 3600, "admin": admin}),
+            json!({"sub": "u", "exp": now_secs() + 3600, "admin": admin,
+                   "rooms": {"read": ["*"], "write": ["*"], "create": ["*"]}}),
         )
     };
     let mut client = Connect::new().token(&token(false)).connect(&server).await;
