@@ -175,7 +175,7 @@ fn check_inbound_values(inbound: &Inbound) {
         Inbound::Create { init, .. } => init,
         Inbound::Op { op, .. } => op,
         Inbound::Signal { data, .. } => data,
-        Inbound::Sub { .. } | Inbound::Unsub { .. } => return,
+        Inbound::Sub { .. } | Inbound::Unsub { .. } | Inbound::Auth { .. } => return,
     };
     let Ok(value) = value else {
         return;

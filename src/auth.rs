@@ -259,11 +259,17 @@ impl VerifyingKey {
         validation.leeway = 0;
         validation.validate_exp = true;
         validation.validate_nbf = false;
+        // A configured issuer or audience must also be present: jsonwebtoken only
+        // compares the claims a token carries.
         if let Some(issuer) = &settings.jwt_issuer {
             validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".into());
         }
         match &settings.jwt_audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         VerifyingKey { key, validation }
@@ -272,8 +278,8 @@ impl VerifyingKey {
 
 /// Where verification keys come from.
 enum Keys {
-    /// A secret or one PEM public key.
-    Single(VerifyingKey),
+    /// A secret or one PEM public key (boxed: the JWKS variant is a pointer).
+    Single(Box<VerifyingKey>),
     /// A JWKS file, by `kid`; replaced whole on reload.
     Jwks {
         path: PathBuf,
@@ -346,17 +352,17 @@ impl Auth {
             return Err(KeyError::SeveralKeys);
         }
         let keys = if let Some(secret) = &settings.jwt_secret {
-            Some(Keys::Single(VerifyingKey::new(
+            Some(Keys::Single(Box::new(VerifyingKey::new(
                 DecodingKey::from_secret(secret.as_bytes()),
                 None,
                 &settings,
-            )))
+            ))))
         } else if let Some(path) = &settings.jwt_public_key {
-            Some(Keys::Single(VerifyingKey::new(
+            Some(Keys::Single(Box::new(VerifyingKey::new(
                 load_public_pem(path)?,
                 None,
                 &settings,
-            )))
+            ))))
         } else if let Some(path) = &settings.jwt_jwks {
             Some(Keys::Jwks {
                 path: path.clone(),

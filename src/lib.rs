@@ -19,14 +19,17 @@
 //! Top-level modules from the top of the stack to the bottom. A module uses only modules
 //! listed below it (Architecture invariant: the import graph has no upward edge).
 //!
-//! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator) and
-//!   [`log_tool`] (`roomd log`).
+//! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator),
+//!   [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd token`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
-//! - [`http`]: the HTTP API. [`session`]: the Session actor, the upgrade and the frame
-//!   guard in front of actix-ws.
+//! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`]).
+//!   [`session`]: the Session actor, the upgrade and the frame guard in front of
+//!   actix-ws.
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
-//!   [`auth`]: JWT, `?user=`, the Origin rule; [`admission`]: the connection caps (4429).
+//!   [`auth`]: who a caller is (JWT with a secret, a PEM key or a JWKS; the API key;
+//!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the
+//!   Origin rule; [`admission`]: the connection caps (4429).
 //! - [`room`]: the Room actor, its batches, presence and the registry.
 //! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
 //!   handle rooms push frames through; it knows nothing of sessions or rooms.
@@ -55,6 +58,9 @@
 //! 7. Blocking IO never runs on an actix thread: the writer has its own thread, reads
 //!    run on the blocking pool, at most `store::MAX_CONCURRENT_READS` at a time.
 //! 8. Bad input from one client never harms another client, a room or the log.
+//! 9. Permissions are decided at the edge (session, HTTP handler), once per request and
+//!    before anything about the room is looked at; the Room actor and the delivery of
+//!    diffs know nothing of them.
 //!
 //! Deliberately absent: `kind` knows nothing of actix, redb or rkyv; `protocol`
 //! knows nothing of rooms' internals; no module but `main.rs` uses anyhow.
@@ -76,4 +82,5 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod store;
+pub mod token_tool;
 pub mod value;

@@ -30,6 +30,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // Parsed once at startup: its size costs nothing.
 enum Command {
     /// Serve rooms over WebSocket and HTTP (what `roomd` alone does).
     Serve(ServeArgs),
@@ -38,6 +39,9 @@ enum Command {
     Bench(roomd::bench::BenchArgs),
     /// Inspect and maintain the data dir of a stopped server: rooms, show, verify, compact.
     Log(roomd::log_tool::LogArgs),
+    /// Mint a development token from the server's key:
+    /// `roomd token --sub alice --read 'chat:*' --write chat:general --ttl 1h`.
+    Token(roomd::token_tool::TokenArgs),
 }
 
 /// Binds with a listen backlog of 4096: `std::net::TcpListener::bind` listens with 128,
@@ -64,6 +68,7 @@ fn serve() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => args,
         Some(Command::Bench(args)) => return Ok(roomd::bench::run(args)?),
         Some(Command::Log(args)) => return Ok(roomd::log_tool::run(args)?),
+        Some(Command::Token(args)) => return Ok(roomd::token_tool::run(args)?),
         None => cli.serve,
     };
     tracing_subscriber::fmt()

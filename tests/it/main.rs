@@ -4,6 +4,8 @@
 // Starting the server, WebSocket/raw-frame/HTTP clients, and a checking room mirror.
 mod support;
 
+// Access control: rooms claims, deny by default, guests, key types, refresh, API key, admin API.
+mod access;
 // Bad input on the WebSocket (pipelined bad frames, oversize, bad UTF-8, ids, identities) and clean closes.
 mod bad_input_ws;
 // JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
