@@ -77,10 +77,51 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
 
-    /// Browser origins allowed to upgrade besides the server's own host (comma
-    /// separated, e.g. `https://app.example.com`). Upgrades without Origin are allowed.
+    /// Browser origins allowed to upgrade and to write over HTTP (POST, DELETE) besides
+    /// the server's own host (comma separated, e.g. `https://app.example.com`).
+    /// Requests without Origin (non-browser clients) are allowed.
     #[arg(long, env = "ROOMD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// Host names served besides the loopback ones (comma separated; `*` for any). On a
+    /// loopback bind only `localhost`, `127.0.0.1` and `[::1]` (any port) are served
+    /// unless listed here, which stops DNS rebinding; on other binds any Host is served
+    /// unless this list is given. Other hosts get 403 `forbidden`, HTTP and upgrade alike.
+    #[arg(long, env = "ROOMD_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
+    /// Open HTTP connections per client IP (a WebSocket leaves this count once
+    /// upgraded). Requests on connections beyond it get 429 `rate_limited` and the
+    /// connection is closed; `/healthz`, `/readyz` and upgrades are still answered.
+    #[arg(long, env = "ROOMD_MAX_HTTP_CONNS_PER_IP", default_value_t = 256)]
+    pub max_http_conns_per_ip: usize,
+
+    /// Time to receive a request's head; a slower one is answered 408 (no body: there
+    /// is no request yet) and the connection closed.
+    #[arg(long, env = "ROOMD_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Time to receive a request's body once its head has arrived; a slower one is
+    /// answered 408 `invalid` and the connection closed.
+    #[arg(long, env = "ROOMD_BODY_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Room reads over HTTP (`GET /api/rooms/{room}`, `?at=`, `/events`) per second per
+    /// client IP, with a burst of twice as many; more get 429 `rate_limited`.
+    #[arg(long, env = "ROOMD_READ_RATE", default_value_t = 200)]
+    pub read_rate: u32,
+
+    /// Room reads built and sent at once, whatever their size; more wait up to 10 s for
+    /// a turn, then get 503 `unavailable`. Each holds a copy of what it sends (up to a
+    /// room's bytes), so this bounds the memory of reads.
+    #[arg(long, env = "ROOMD_MAX_READS_IN_FLIGHT", default_value_t = 4)]
+    pub max_reads_in_flight: usize,
+
+    /// Time a read's reply may take to reach a client; a client that reads it slower
+    /// is disconnected, so a non-reading client cannot hold a turn of
+    /// --max-reads-in-flight.
+    #[arg(long, env = "ROOMD_REPLY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub reply_timeout: Duration,
 
     /// Ping interval; a connection silent for two intervals is closed with 4008.
     #[arg(long, env = "ROOMD_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
@@ -254,6 +295,17 @@ pub struct Config {
     /// user from `?user=`).
     pub auth: crate::auth::AuthSettings,
     pub allowed_origins: Vec<String>,
+    /// Host names served besides the loopback ones (`*`: any). Read by `http::guard`.
+    pub allowed_hosts: Vec<String>,
+    /// Whether the Host header is checked at all: on a loopback bind, or when
+    /// `--allowed-hosts` names hosts (and not `*`).
+    pub check_host: bool,
+    pub max_http_conns_per_ip: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub read_rate: u32,
+    pub max_reads_in_flight: usize,
+    pub reply_timeout: Duration,
     pub heartbeat: Duration,
     pub max_frame: usize,
     pub max_subs: usize,
@@ -337,6 +389,9 @@ impl ServeArgs {
             ("--op-burst", self.op_burst as usize),
             ("--outbound-queue", self.outbound_queue),
             ("--max-subs", self.max_subs),
+            ("--max-http-conns-per-ip", self.max_http_conns_per_ip),
+            ("--read-rate", self.read_rate as usize),
+            ("--max-reads-in-flight", self.max_reads_in_flight),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -357,6 +412,15 @@ impl ServeArgs {
             data_dir: self.data_dir,
             auth,
             allowed_origins: self.allowed_origins,
+            check_host: !self.allowed_hosts.iter().any(|h| h == "*")
+                && (self.bind.ip().is_loopback() || !self.allowed_hosts.is_empty()),
+            allowed_hosts: self.allowed_hosts,
+            max_http_conns_per_ip: self.max_http_conns_per_ip,
+            header_timeout: self.header_timeout.max(Duration::from_millis(100)),
+            body_timeout: self.body_timeout.max(Duration::from_millis(100)),
+            read_rate: self.read_rate,
+            max_reads_in_flight: self.max_reads_in_flight,
+            reply_timeout: self.reply_timeout.max(Duration::from_secs(1)),
             heartbeat: self.heartbeat.max(Duration::from_millis(50)),
             max_frame: self.max_frame as usize,
             max_subs: self.max_subs,

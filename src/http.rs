@@ -4,7 +4,13 @@
 //! the room is looked at (so a 403 never tells whether the room exists), rate-limit per
 //! user (per IP for guests), and talk to rooms with the same messages as WebSocket
 //! sessions; replies come back on a oneshot. Errors are `{"code","msg"}` with the status
-//! mapped in `protocol::codes`. The admin endpoints go through [`require_admin`].
+//! mapped in `protocol::codes`. The admin endpoints go through [`require_admin`]. What
+//! every request passes first (connection cap, Host, Origin, body type and deadline) is
+//! [`guard`]; the bound on reads is [`reads`]; the per-IP connection count is [`conns`].
+
+pub mod conns;
+pub mod guard;
+pub mod reads;
 
 use std::sync::Arc;
 
@@ -14,13 +20,15 @@ use tokio::sync::oneshot;
 
 use crate::auth::{AuthError, Identity, Permission};
 use crate::kind::Kind;
+use crate::outbound::{ConnSocket, KillSwitch};
 use crate::protocol::codes::Code;
 use crate::protocol::ids::{epoch_hex, RoomId};
-use crate::protocol::json::{entries_json, to_value};
+use crate::protocol::json::{entry_json, to_value};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
 use crate::room::RoomError;
 use crate::shared::Shared;
 use crate::store::{EventsPage, Store};
+use reads::{object_head, StreamedJson, Turn};
 
 /// Registers the routes on an actix-web service config.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -250,6 +258,36 @@ async fn create_room(
     Ok(HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) })))
 }
 
+/// Charges a read to the caller's address and waits for a turn to build and send it.
+async fn read_turn(req: &HttpRequest, shared: &Shared) -> Result<Turn, ApiError> {
+    shared.reads.charge(req.peer_addr().map(|a| a.ip()))?;
+    let kill = KillSwitch::new(req.conn_data::<ConnSocket>().copied());
+    shared.reads.turn(kill).await
+}
+
+/// A room's state as a streamed `{"room","kind","epoch","seq","entries"}` reply.
+fn state_reply(
+    room: &str,
+    kind: &str,
+    epoch: u64,
+    seq: u64,
+    entries: Box<dyn Iterator<Item = Json>>,
+    turn: Turn,
+) -> HttpResponse {
+    let mut fields = serde_json::Map::new();
+    fields.insert("room".into(), json!(room));
+    fields.insert("kind".into(), json!(kind));
+    fields.insert("epoch".into(), json!(epoch_hex(epoch)));
+    fields.insert("seq".into(), json!(seq));
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .streaming(StreamedJson::new(
+            object_head(&fields, "entries"),
+            entries,
+            turn,
+        ))
+}
+
 async fn read_room(
     req: HttpRequest,
     path: web::Path<String>,
@@ -259,8 +297,9 @@ async fn read_room(
     authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
     let query = Query::parse(&req)?;
+    let turn = read_turn(&req, &shared).await?;
     if let Some(at) = query.at {
-        return read_room_at(&shared, &room, at).await;
+        return read_room_at(&shared, &room, at, turn).await;
     }
     let result = match shared.registry.get(&room).send(room_msg::Read).await {
         Ok(result) => result,
@@ -276,13 +315,14 @@ async fn read_room(
             ))),
     };
     let view = result?;
-    Ok(HttpResponse::Ok().json(json!({
-        "room": room,
-        "kind": view.kind,
-        "epoch": epoch_hex(view.epoch),
-        "seq": view.seq,
-        "entries": entries_json(&view.entries),
-    })))
+    Ok(state_reply(
+        &room,
+        view.kind,
+        view.epoch,
+        view.seq,
+        Box::new(view.entries.into_iter().map(|entry| entry_json(&entry))),
+        turn,
+    ))
 }
 
 async fn post_op(
@@ -377,7 +417,12 @@ async fn blocking<T: Send + 'static>(
 
 /// `GET /api/rooms/{room}?at=N`: the state as it was at seq N, rebuilt from the newest
 /// snapshot at or before N and the logged changes after it.
-async fn read_room_at(shared: &Shared, room: &RoomId, at: u64) -> Result<HttpResponse, ApiError> {
+async fn read_room_at(
+    shared: &Shared,
+    room: &RoomId,
+    at: u64,
+    turn: Turn,
+) -> Result<HttpResponse, ApiError> {
     let room_id = room.to_owned();
     let found = blocking(&shared.store, move |store| store.read_at(&room_id, at)).await?;
     let Some(found) = found else {
@@ -406,17 +451,23 @@ async fn read_room_at(shared: &Shared, room: &RoomId, at: u64) -> Result<HttpRes
     }
     let kind = found.meta.kind;
     let state = crate::room::recovery::replay(kind, found.snapshot.as_ref(), &found.events);
-    let entries: Vec<_> = state
-        .entries()
-        .map(|(key, slot)| crate::room::wire_entry(key, slot))
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({
-        "room": room,
-        "kind": kind.as_str(),
-        "epoch": epoch_hex(found.meta.epoch),
-        "seq": at,
-        "entries": entries_json(&entries),
-    })))
+    drop(found.snapshot);
+    drop(found.events);
+    // The rebuilt state is the only copy: its entries are turned into JSON one at a
+    // time as the reply streams, by key (keys are small next to values).
+    let keys: Vec<String> = state.entries().map(|(key, _)| key.to_owned()).collect();
+    let entries = keys.into_iter().filter_map(move |key| {
+        let slot = state.get(&key)?;
+        Some(entry_json(&crate::room::wire_entry(&key, slot)))
+    });
+    Ok(state_reply(
+        room,
+        kind.as_str(),
+        found.meta.epoch,
+        at,
+        Box::new(entries),
+        turn,
+    ))
 }
 
 /// Most events one page of `GET /events` returns.
@@ -433,7 +484,10 @@ async fn read_events(
     let room = room_id(&room)?;
     let query = Query::parse(&req)?;
     let after = query.after.unwrap_or(0);
-    let limit = query.limit.unwrap_or(100).clamp(1, MAX_EVENTS_PAGE) as usize;
+    // `limit=0` asks for no events: the reply still carries `head` (a cheap way to
+    // learn it). Above the page size it is capped, as the contract says.
+    let limit = query.limit.unwrap_or(100).min(MAX_EVENTS_PAGE) as usize;
+    let turn = read_turn(&req, &shared).await?;
     let room_id = room.clone();
     let page = blocking(&shared.store, move |store| {
         store.read_events(&room_id, after, limit)
@@ -442,7 +496,9 @@ async fn read_events(
     let Some(page) = page else {
         return Err(ApiError::new(Code::NotFound, format!("no room {room}")));
     };
-    if after + 1 < page.first_retained {
+    // Only a position the log once held and no longer does is gone; `after` at or
+    // beyond the head (even u64::MAX) is an empty page.
+    if after < page.head && after.saturating_add(1) < page.first_retained {
         return Err(ApiError::new(
             Code::Gone,
             format!(
@@ -453,24 +509,28 @@ async fn read_events(
     }
     // Votes are private: in poll rooms, only admins see who voted for what.
     let redact = !identity.admin && page_kind(&shared, &room, &page).await == Some(Kind::Poll);
-    let events: Vec<Json> = page
-        .events
-        .iter()
-        .map(|event| {
-            let op_type = event.op.get("type").and_then(|t| t.as_str());
-            if redact && matches!(op_type, Some("vote" | "retract")) {
-                json!({ "seq": event.seq, "ts": event.ts_ms, "op": { "type": op_type } })
-            } else {
-                json!({
-                    "seq": event.seq,
-                    "user": event.user,
-                    "ts": event.ts_ms,
-                    "op": crate::protocol::json::from_value(&event.op),
-                })
-            }
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ "head": page.head, "events": events })))
+    let mut fields = serde_json::Map::new();
+    fields.insert("head".into(), json!(page.head));
+    let events = page.events.into_iter().map(move |event| {
+        let op_type = event.op.get("type").and_then(|t| t.as_str());
+        if redact && matches!(op_type, Some("vote" | "retract")) {
+            json!({ "seq": event.seq, "ts": event.ts_ms, "op": { "type": op_type } })
+        } else {
+            json!({
+                "seq": event.seq,
+                "user": event.user,
+                "ts": event.ts_ms,
+                "op": crate::protocol::json::from_value(&event.op),
+            })
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .streaming(StreamedJson::new(
+            object_head(&fields, "events"),
+            Box::new(events),
+            turn,
+        )))
 }
 
 /// The room's kind, from its creation event when the page holds it, else from the room.

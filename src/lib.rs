@@ -22,7 +22,10 @@
 //! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator),
 //!   [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd token`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
-//! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`]).
+//! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`]);
+//!   [`http::guard`]: what every request passes first (per-IP connection cap, Host and
+//!   Origin rules, JSON bodies, body deadline) and the `{"code","msg"}` shape of every
+//!   error; [`http::reads`]: the rate, turns and streaming that bound reads.
 //!   [`session`]: the Session actor, the upgrade and the frame guard in front of
 //!   actix-ws.
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).

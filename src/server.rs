@@ -102,6 +102,12 @@ pub async fn run(
             handshakes_total: config.handshakes_total,
             handshakes_per_ip: config.handshakes_per_ip,
         }),
+        http_conns: crate::http::conns::HttpConns::new(config.max_http_conns_per_ip),
+        reads: crate::http::reads::ReadGate::new(
+            config.read_rate,
+            config.max_reads_in_flight,
+            config.reply_timeout,
+        ),
         config: config.clone(),
     });
 
@@ -113,10 +119,12 @@ pub async fn run(
     let app_shared = shared.clone();
     let enable_echo = config.enable_echo;
     let worker_threads = quiet_threads.clone();
+    let http_conns = shared.http_conns.clone();
     let server = HttpServer::new(move || {
         // Runs once on each worker thread, as it starts.
         worker_threads.register_current();
         let mut app = App::new()
+            .wrap(actix_web::middleware::from_fn(crate::http::guard::check))
             .app_data(app_shared.clone())
             .app_data(web::PayloadConfig::new(app_shared.config.max_frame))
             .configure(crate::http::routes)
@@ -126,8 +134,9 @@ pub async fn run(
         }
         app
     })
-    .on_connect(|conn, data| {
-        // Remember the socket so a session can cut a client that never reads.
+    .on_connect(move |conn, data| {
+        // Remember the socket so a session can cut a client that never reads, and
+        // count the connection against its address's cap (`http::conns`).
         if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
             use std::os::fd::AsRawFd;
             if let (Ok(local), Ok(peer)) = (tcp.local_addr(), tcp.peer_addr()) {
@@ -136,9 +145,13 @@ pub async fn run(
                     local,
                     peer,
                 });
+                data.insert(http_conns.connect(peer.ip()));
             }
         }
     })
+    // A request head must arrive within this (actix answers a late one 408 and closes);
+    // bodies have their own deadline (`http::guard`).
+    .client_request_timeout(config.header_timeout)
     .workers(config.workers)
     // Diffs are small frames sent as they happen: with Nagle on, one sent while the
     // previous is unacknowledged waits for the client's delayed ACK (40 ms here, the
@@ -167,6 +180,7 @@ pub async fn run(
             pruning.http_limiter.retain_recent();
             pruning.http_limiter.shrink_to_fit();
             pruning.admission.prune();
+            pruning.reads.prune();
         }
     });
     // Allocators keep freed memory (glibc in arenas, mimalloc per thread); after idle

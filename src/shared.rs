@@ -40,6 +40,10 @@ pub struct Shared {
     pub clock: governor::clock::DefaultClock,
     /// The connection caps (total and per client IP).
     pub admission: Arc<crate::admission::Admission>,
+    /// Open HTTP connections per client IP; slots are taken in `server`'s `on_connect`.
+    pub http_conns: Arc<crate::http::conns::HttpConns>,
+    /// The rate and turns of HTTP room reads.
+    pub reads: crate::http::reads::ReadGate,
 }
 
 /// What the server keeps of an open WebSocket connection.

@@ -158,15 +158,15 @@ fn wire_to_json(value: &WireValue) -> Json {
 }
 
 pub fn entries_json(entries: &[WireEntry]) -> Json {
-    Json::Array(
-        entries
-            .iter()
-            .map(|e| match &e.v {
-                Some(v) => json!({ "k": e.k, "v": wire_to_json(v), "ver": e.ver }),
-                None => json!({ "k": e.k, "ver": e.ver, "del": true }),
-            })
-            .collect(),
-    )
+    Json::Array(entries.iter().map(entry_json).collect())
+}
+
+/// One entry as JSON: `{"k","v","ver"}`, or `{"k","ver","del":true}` for a deleted key.
+pub fn entry_json(e: &WireEntry) -> Json {
+    match &e.v {
+        Some(v) => json!({ "k": e.k, "v": wire_to_json(v), "ver": e.ver }),
+        None => json!({ "k": e.k, "ver": e.ver, "del": true }),
+    }
 }
 
 fn code_str(code: super::codes::Code) -> &'static str {

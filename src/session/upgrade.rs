@@ -77,6 +77,11 @@ async fn upgrade(
     let protocols: Vec<&str> = protocol.into_iter().collect();
     let (response, ws_session, messages) =
         actix_ws::handle_with_protocols(req, payload, &protocols)?;
+    // From here the connection is a WebSocket: the WebSocket caps count it, not the
+    // HTTP connection cap it was held to while it was a request.
+    if let Some(slot) = req.conn_data::<crate::http::conns::ConnSlot>() {
+        slot.release();
+    }
     // Frames go out through our byte-bounded queue and body, not actix-ws's session
     // (see `outbound`); the session handle is dropped unused.
     drop(ws_session);

@@ -10,6 +10,8 @@ mod access;
 mod bad_input_ws;
 // JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
 mod auth;
+// Bad HTTP input (issue 10): stalled bodies, connection caps, read bounds, cross-site writes, error bodies.
+mod bad_input_http;
 // Bad input that reaches the store: values at the depth limit, damaged bytes in the data file.
 mod bad_input_store;
 // The Rust client SDK: mirrors, op acks, reconnect with resume and re-sent ops.

@@ -432,7 +432,7 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
-    fn parse(raw: &[u8]) -> HttpResponse {
+    pub fn parse(raw: &[u8]) -> HttpResponse {
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")

@@ -1,0 +1,525 @@
+//! The HTTP findings of the outside bad-input battery (issue 10), each sent exactly as
+//! found: bodies that never end, more connections than one address may hold, reads
+//! beyond the read rate and the read turns, cross-site writes and DNS rebinding with
+//! auth off, and the smaller ones (`limit=0`, `after=u64::MAX`, error bodies that were
+//! not `{"code","msg"}`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{HttpResponse, Server, NACK_CODES, TIMEOUT};
+
+/// How long a test waits for something the server does on its own schedule (a body
+/// deadline, a reply timeout) on a loaded two-core machine.
+const SLOW: Duration = Duration::from_secs(30);
+
+/// Sends `request` verbatim on a fresh connection and reads one response: up to its
+/// `Content-Length`, or until the server closes.
+async fn raw_http(server: &Server, request: &str) -> HttpResponse {
+    let exchange = async {
+        let mut stream = TcpStream::connect(server.addr).await.expect("HTTP connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("HTTP write");
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if response_complete(&raw) {
+                break;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+        raw
+    };
+    let raw = tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no HTTP response within {TIMEOUT:?} to {request:?}"));
+    HttpResponse::parse(&raw)
+}
+
+/// Whether `raw` holds a response head and the whole body its `Content-Length` names.
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|len| len.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() >= end + 4 + len)
+}
+
+/// Asserts the contract's error body: exactly `{"code","msg"}` with a contract code.
+fn assert_error_body(response: &HttpResponse, status: u16, code: &str) {
+    assert_eq!(response.status, status, "{}", response.text);
+    assert_eq!(response.code(), code, "{}", response.text);
+    assert!(NACK_CODES.contains(&code));
+    assert!(response.body["msg"].is_string(), "{}", response.text);
+    assert_eq!(
+        response.body.as_object().map(|o| o.len()),
+        Some(2),
+        "{}",
+        response.text
+    );
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{:?}",
+        response.headers
+    );
+}
+
+async fn create_chat(server: &Server, room: &str) {
+    let created = server
+        .post_as(
+            "alice",
+            "/api/rooms",
+            &json!({"room": room, "kind": "chat", "init": {}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+}
+
+async fn head_of(server: &Server, room: &str) -> u64 {
+    let page = server
+        .get(&format!("/api/rooms/{room}/events?limit=0"))
+        .await;
+    assert_eq!(page.status, 200, "{}", page.text);
+    page.body["head"].as_u64().expect("head is a number")
+}
+
+/// A POST whose head promises 1,000 bytes and whose body never comes: the battery's
+/// stalled request.
+fn stalled_post(server: &Server) -> String {
+    format!(
+        "POST /api/rooms HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{\"room\":",
+        server.host()
+    )
+}
+
+/// Reads what the server sends on `stream` until it closes (or resets) the connection.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .unwrap_or_else(|_| panic!("the server kept the connection open beyond {within:?}"));
+    raw
+}
+
+#[tokio::test]
+async fn stalled_bodies_time_out_and_connections_over_the_per_ip_cap_are_refused() {
+    const CAP: usize = 4;
+    const EXTRA: usize = 3;
+    let server = Server::start(&["--max-http-conns-per-ip", "4", "--body-timeout", "3s"]).await;
+    assert_eq!(server.get("/healthz").await.status, 200);
+
+    // More stalled POSTs from one address than it may hold.
+    let mut stalled = Vec::new();
+    for _ in 0..CAP + EXTRA {
+        let mut stream = TcpStream::connect(server.addr).await.expect("TCP connect");
+        stream
+            .write_all(stalled_post(&server).as_bytes())
+            .await
+            .expect("the head is sent");
+        stalled.push(stream);
+    }
+    // The extra ones are refused at once (429, closed); /healthz answers meanwhile, on a
+    // connection that is itself over the cap.
+    assert_eq!(server.get("/healthz").await.status, 200);
+    let readers = stalled
+        .into_iter()
+        .map(|mut stream| tokio::spawn(async move { read_until_closed(&mut stream, SLOW).await }));
+    let readers: Vec<_> = readers.collect();
+    assert_eq!(server.get("/healthz").await.status, 200);
+    let mut statuses = Vec::new();
+    for reader in readers {
+        let raw = reader.await.expect("the reader task ran");
+        let response = HttpResponse::parse(&raw);
+        match response.status {
+            429 => assert_error_body(&response, 429, "rate_limited"),
+            // The ones that held a slot: their body never came, so they time out.
+            408 => assert_error_body(&response, 408, "invalid"),
+            other => panic!("unexpected {other}: {}", response.text),
+        }
+        statuses.push(response.status);
+    }
+    statuses.sort_unstable();
+    let mut expected = vec![408; CAP];
+    expected.extend([429; EXTRA]);
+    assert_eq!(statuses, expected);
+
+    // The server stayed healthy and the address got its slots back.
+    assert_eq!(server.get("/healthz").await.status, 200);
+    let deadline = Instant::now() + SLOW;
+    loop {
+        let created = server
+            .post_as(
+                "alice",
+                "/api/rooms",
+                &json!({"room": "chat:after-stall", "kind": "chat", "init": {}}),
+            )
+            .await;
+        if created.status == 201 {
+            break;
+        }
+        assert_error_body(&created, 429, "rate_limited");
+        assert!(Instant::now() < deadline, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_does_not_count_against_the_http_connection_cap() {
+    let server = Server::start(&["--max-http-conns-per-ip", "2"]).await;
+    let _first = server.client("alice").await;
+    let _second = server.client("bob").await;
+    let _third = server.client("carol").await;
+    create_chat(&server, "chat:ws-cap").await;
+    assert_eq!(head_of(&server, "chat:ws-cap").await, 1);
+}
+
+#[tokio::test]
+async fn reads_over_the_per_ip_rate_get_429_rate_limited() {
+    let server = Server::start(&["--read-rate", "1"]).await;
+    create_chat(&server, "chat:reads").await;
+    // A burst of two, then one per second: twenty reads in a row cannot all pass.
+    let mut refused = 0;
+    for i in 0..20 {
+        let path = if i % 2 == 0 {
+            "/api/rooms/chat:reads".to_owned()
+        } else {
+            "/api/rooms/chat:reads/events".to_owned()
+        };
+        let response = server.get(&path).await;
+        if response.status == 429 {
+            assert_error_body(&response, 429, "rate_limited");
+            refused += 1;
+        } else {
+            assert_eq!(response.status, 200, "{}", response.text);
+        }
+    }
+    assert!(refused >= 10, "only {refused} of 20 reads were refused");
+    // Health checks and writes are not reads.
+    assert_eq!(server.get("/healthz").await.status, 200);
+    let posted = server
+        .post_as(
+            "alice",
+            "/api/rooms/chat:reads/ops",
+            &json!({"id": "p1", "op": {"type": "post", "text": "hi"}}),
+        )
+        .await;
+    assert_eq!(posted.status, 200, "{}", posted.text);
+}
+
+#[tokio::test]
+async fn a_read_not_taken_holds_its_turn_until_the_reply_timeout_cuts_it() {
+    let server = Server::start(&[
+        "--max-reads-in-flight",
+        "1",
+        "--reply-timeout",
+        "3s",
+        "--op-rate",
+        "100000",
+        "--op-burst",
+        "100000",
+    ])
+    .await;
+    // A room far larger than the loopback socket buffers: 768 values of 30,000 bytes.
+    let big = server
+        .post_as(
+            "alice",
+            "/api/rooms",
+            &json!({"room": "state:big", "kind": "state", "init": {}}),
+        )
+        .await;
+    assert_eq!(big.status, 201, "{}", big.text);
+    let value = "x".repeat(30_000);
+    for i in 0..768 {
+        let set = server
+            .post_as(
+                "alice",
+                "/api/rooms/state:big/ops",
+                &json!({"id": format!("s{i}"), "op": {"type": "set", "key": format!("k{i:04}"), "value": value}}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{}", set.text);
+    }
+    create_chat(&server, "chat:small").await;
+
+    // A client asks for the big room and reads only the first bytes.
+    let mut reader = TcpStream::connect(server.addr).await.expect("TCP connect");
+    let request = format!(
+        "GET /api/rooms/state:big HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.host()
+    );
+    reader
+        .write_all(request.as_bytes())
+        .await
+        .expect("request sent");
+    let mut first = [0u8; 12];
+    tokio::time::timeout(SLOW, reader.read_exact(&mut first))
+        .await
+        .expect("the reply starts")
+        .expect("the status line arrives");
+    assert_eq!(&first, b"HTTP/1.1 200");
+
+    // The only turn is held, so this read waits until the stalled reply is cut.
+    let small = tokio::time::timeout(SLOW, server.http("GET", "/api/rooms/chat:small", &[], None));
+    let small = small.await.expect("the small read got its turn");
+    assert_eq!(small.status, 200, "{}", small.text);
+
+    // By then the reader was disconnected with its reply unfinished.
+    let rest = read_until_closed(&mut reader, SLOW).await;
+    assert!(
+        rest.len() < 768 * 30_000,
+        "the whole reply ({} bytes) arrived: nothing cut the client that did not read",
+        rest.len()
+    );
+    assert_eq!(server.get("/healthz").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_large_room_reads_whole_and_in_key_order() {
+    let server = Server::start(&["--op-rate", "100000", "--op-burst", "100000"]).await;
+    let created = server
+        .post_as(
+            "alice",
+            "/api/rooms",
+            &json!({"room": "state:stream", "kind": "state", "init": {}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let value = "y".repeat(20_000);
+    for i in 0..40 {
+        let set = server
+            .post_as(
+                "alice",
+                "/api/rooms/state:stream/ops",
+                &json!({"id": format!("s{i}"), "op": {"type": "set", "key": format!("k{i:02}"), "value": value}}),
+            )
+            .await;
+        assert_eq!(set.status, 200, "{}", set.text);
+    }
+    for path in ["/api/rooms/state:stream", "/api/rooms/state:stream?at=41"] {
+        let state = server.get(path).await;
+        assert_eq!(state.status, 200, "{}", state.text);
+        assert_eq!(state.body["seq"], 41);
+        assert_eq!(state.body["kind"], "state");
+        let entries = state.body["entries"].as_array().expect("entries");
+        assert_eq!(entries.len(), 40);
+        for (i, entry) in entries.iter().enumerate() {
+            assert_eq!(entry["k"], format!("k{i:02}"));
+            assert_eq!(entry["v"], Value::String(value.clone()));
+            assert_eq!(entry["ver"], i as u64 + 2);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cross_site_writes_are_refused_with_auth_off() {
+    let server = Server::start(&[]).await;
+    create_chat(&server, "chat:xsite").await;
+    let host = server.host();
+
+    // The battery's cross-site form post: text/plain, no preflight.
+    let body = r#"{"id":"x1","op":{"type":"post","text":"from evil"}}"#;
+    let text_plain = raw_http(
+        &server,
+        &format!(
+            "POST /api/rooms/chat:xsite/ops HTTP/1.1\r\nHost: {host}\r\nOrigin: http://evil.example\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert_eq!(text_plain.status, 403, "{}", text_plain.text);
+    assert_error_body(&text_plain, 403, "forbidden");
+    // The same without Origin (a non-browser client) still needs JSON.
+    let no_origin = raw_http(
+        &server,
+        &format!(
+            "POST /api/rooms/chat:xsite/ops HTTP/1.1\r\nHost: {host}\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert_error_body(&no_origin, 415, "invalid");
+    // A JSON post from another origin.
+    let evil_json = server
+        .http(
+            "POST",
+            "/api/rooms/chat:xsite/ops",
+            &[("Origin", "http://evil.example")],
+            Some(&json!({"id": "x2", "op": {"type": "post", "text": "from evil"}})),
+        )
+        .await;
+    assert_error_body(&evil_json, 403, "forbidden");
+    let evil_delete = server
+        .http(
+            "DELETE",
+            "/api/rooms/chat:xsite",
+            &[("Origin", "http://evil.example")],
+            None,
+        )
+        .await;
+    assert_error_body(&evil_delete, 403, "forbidden");
+    assert_eq!(
+        head_of(&server, "chat:xsite").await,
+        1,
+        "nothing was written"
+    );
+
+    // Same-origin pages and non-browser clients write as before.
+    let same_origin = server
+        .http(
+            "POST",
+            "/api/rooms/chat:xsite/ops",
+            &[("Origin", &format!("http://{host}"))],
+            Some(&json!({"id": "ok1", "op": {"type": "post", "text": "hi"}})),
+        )
+        .await;
+    assert_eq!(same_origin.status, 200, "{}", same_origin.text);
+    assert_eq!(head_of(&server, "chat:xsite").await, 2);
+}
+
+#[tokio::test]
+async fn dns_rebinding_is_refused_on_a_loopback_bind() {
+    let server = Server::start(&[]).await;
+    create_chat(&server, "chat:rebind").await;
+    let port = server.addr.port();
+
+    // The battery's rebinding: Origin and Host agree, and both name the attacker.
+    let delete = raw_http(
+        &server,
+        "DELETE /api/rooms/chat:rebind HTTP/1.1\r\nHost: evil.example\r\n\
+         Origin: http://evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_error_body(&delete, 403, "forbidden");
+    let upgrade = raw_http(
+        &server,
+        "GET /ws HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://evil.example\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert_error_body(&upgrade, 403, "forbidden");
+    let read = raw_http(
+        &server,
+        "GET /api/rooms/chat:rebind HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_error_body(&read, 403, "forbidden");
+    assert_eq!(
+        head_of(&server, "chat:rebind").await,
+        1,
+        "the room is still there"
+    );
+
+    // Loopback names, with or without a port, are served.
+    for host in [
+        format!("localhost:{port}"),
+        "localhost".to_owned(),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let read = raw_http(
+            &server,
+            &format!(
+                "GET /api/rooms/chat:rebind HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(read.status, 200, "Host {host}: {}", read.text);
+    }
+}
+
+#[tokio::test]
+async fn allowed_hosts_serve_a_named_host_on_a_loopback_bind() {
+    let server = Server::start(&["--allowed-hosts", "app.example"]).await;
+    create_chat(&server, "chat:named").await;
+    let read = raw_http(
+        &server,
+        "GET /api/rooms/chat:named HTTP/1.1\r\nHost: app.example:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(read.status, 200, "{}", read.text);
+    let other = raw_http(
+        &server,
+        "GET /api/rooms/chat:named HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_error_body(&other, 403, "forbidden");
+}
+
+#[tokio::test]
+async fn events_limit_0_is_an_empty_page_and_after_beyond_the_head_is_not_gone() {
+    let server = Server::start(&[]).await;
+    create_chat(&server, "chat:pages").await;
+    let zero = server.get("/api/rooms/chat:pages/events?limit=0").await;
+    assert_eq!(zero.status, 200, "{}", zero.text);
+    assert_eq!(zero.body, json!({"head": 1, "events": []}));
+    let max = server
+        .get("/api/rooms/chat:pages/events?after=18446744073709551615")
+        .await;
+    assert_eq!(max.status, 200, "{}", max.text);
+    assert_eq!(max.body, json!({"head": 1, "events": []}));
+    let beyond_u64 = server
+        .get("/api/rooms/chat:pages/events?after=18446744073709551616")
+        .await;
+    assert_error_body(&beyond_u64, 400, "invalid");
+}
+
+#[tokio::test]
+async fn every_error_body_is_code_and_msg() {
+    let server = Server::start(&[]).await;
+    let host = server.host();
+    assert_error_body(&server.get("/no/such/path").await, 404, "not_found");
+    assert_error_body(
+        &server.http("POST", "/healthz", &[], Some(&json!({}))).await,
+        404,
+        "not_found",
+    );
+    // A body over --max-frame (65,536 bytes).
+    let big = json!({"room": "chat:big", "kind": "chat", "init": {"x": "z".repeat(70_000)}});
+    assert_error_body(&server.post("/api/rooms", &big).await, 413, "too_large");
+    // Malformed JSON.
+    let broken = raw_http(
+        &server,
+        &format!(
+            "POST /api/rooms HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1\r\nConnection: close\r\n\r\n{{"
+        ),
+    )
+    .await;
+    assert_error_body(&broken, 400, "invalid");
+    // A WebSocket handshake actix refuses (no Sec-WebSocket-Key).
+    let bad_upgrade = raw_http(
+        &server,
+        &format!(
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_error_body(&bad_upgrade, 400, "invalid");
+}
