@@ -29,8 +29,6 @@ struct Cli {
     serve: ServeArgs,
 }
 
-// Parsed once at startup and consumed at once: the size of the serve flags costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // Parsed once at startup: its size costs nothing.
 enum Command {
