@@ -111,9 +111,29 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "ok": true }))
 }
 
+/// The most damaged rooms `/readyz` lists by name (`n_damaged` counts them all).
+const MAX_DAMAGED_LISTED: usize = 100;
+
 async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
     if shared.store.is_healthy() {
-        Ok(HttpResponse::Ok().json(json!({ "ready": true })))
+        // Damaged rooms do not make the server unready: they answer `unavailable` on any
+        // server, so taking this one out of rotation would only add the healthy rooms to
+        // the outage. They are listed for the operator (README, "Damaged data").
+        let damaged = shared.store.damaged_rooms();
+        if damaged.is_empty() {
+            return Ok(HttpResponse::Ok().json(json!({ "ready": true })));
+        }
+        let listed: Vec<_> = damaged
+            .iter()
+            .take(MAX_DAMAGED_LISTED)
+            .map(|(room, error)| json!({ "room": room, "error": error }))
+            .collect();
+        Ok(HttpResponse::Ok().json(json!({
+            "ready": true,
+            "degraded": true,
+            "n_damaged": damaged.len(),
+            "damaged": listed,
+        })))
     } else {
         Err(ApiError::new(
             Code::Unavailable,

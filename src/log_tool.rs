@@ -81,6 +81,7 @@ pub fn run(args: LogArgs) -> Result<(), LogToolError> {
                 "{:<32} {:<6} {:>10} {:<16} {:>10} {:>10} {:>12}",
                 "room", "kind", "head", "epoch", "first", "events", "bytes"
             )?;
+            let mut damaged = 0;
             for room in store.list_rooms()? {
                 writeln!(
                     out,
@@ -93,6 +94,14 @@ pub fn run(args: LogArgs) -> Result<(), LogToolError> {
                     room.events,
                     room.bytes
                 )?;
+                if let Some(damage) = &room.damage {
+                    damaged += 1;
+                    writeln!(out, "  DAMAGED: rows cannot be read: {damage}")?;
+                }
+            }
+            if damaged > 0 {
+                eprintln!("roomd log: {damaged} damaged room(s); `roomd log verify` says more");
+                return Err(LogToolError::Problems(damaged));
             }
         }
         LogCommand::Show { room, after, limit } => {
@@ -135,12 +144,22 @@ pub fn run(args: LogArgs) -> Result<(), LogToolError> {
             }
         }
         LogCommand::Verify => {
-            let mut problems: Vec<String> = store
-                .verify()?
-                .into_iter()
-                .map(|problem| problem.to_string())
-                .collect();
-            for room in store.list_rooms()? {
+            let found = store.verify()?;
+            // Rooms with a problem already are not replayed: the replay would only meet
+            // the same damage again.
+            let flawed: std::collections::BTreeSet<&str> =
+                found.iter().map(|problem| problem.room.as_str()).collect();
+            let rooms = match store.list_rooms() {
+                Ok(rooms) => rooms,
+                // A damaged meta table: `verify` reported it; nothing to replay safely.
+                Err(e) if e.is_damage() => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let mut problems: Vec<String> = found.iter().map(|p| p.to_string()).collect();
+            for room in rooms {
+                if flawed.contains(room.room.as_str()) || room.damage.is_some() {
+                    continue;
+                }
                 if let Err(problem) = replay_room(&store, &room.room) {
                     problems.push(format!("room {}: {problem}", room.room));
                 }

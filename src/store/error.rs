@@ -135,6 +135,44 @@ pub enum StoreError {
     FailStopped { path: PathBuf, reason: String },
     #[error("store {} is shut down", .path.display())]
     ShutDown { path: PathBuf },
+    /// Reading the rows of `what` (a room, or a table) made redb panic or report
+    /// corruption: a page of the file is damaged. A damaged room answers `unavailable`
+    /// from then on, without touching the file again, until the file is restored and
+    /// roomd restarted; other rooms keep serving.
+    #[error("{what} in {} is damaged ({detail}); it is unavailable until the file is restored (`roomd log verify` lists every damaged room)", .path.display())]
+    Damaged {
+        what: String,
+        path: PathBuf,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// True when the error says the stored data is damaged (a row that does not decode,
+    /// a log with a gap, a page redb cannot read), as opposed to the store failing to do
+    /// its work (I/O, shutdown, a full queue) or refusing a batch.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Corrupt { .. }
+            | StoreError::CorruptSnapshot { .. }
+            | StoreError::SnapshotPastHead { .. }
+            | StoreError::NoBaseSnapshot { .. }
+            | StoreError::LogGap { .. }
+            | StoreError::Damaged { .. } => true,
+            StoreError::Read { source, .. } | StoreError::Scan { source, .. } => {
+                redb_corruption(source).is_some()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The message of a redb error that reports a corrupted file, if it is one.
+pub(crate) fn redb_corruption(error: &redb::Error) -> Option<&str> {
+    match error {
+        redb::Error::Corrupted(detail) => Some(detail),
+        _ => None,
+    }
 }
 
 /// Why [`Store::submit`](super::Store::submit) did not queue a batch. Either way the

@@ -44,7 +44,9 @@
 mod epochs;
 mod error;
 mod format;
+mod guard;
 mod lock;
+mod probe;
 mod reads;
 mod record;
 mod retention;
@@ -299,6 +301,9 @@ pub struct RoomInfo {
     pub bytes: u64,
     /// Stored snapshot rows.
     pub snapshots: u64,
+    /// Set when the room's rows could not all be read (a damaged page): what was found.
+    /// The counts then hold what was read before it.
+    pub damage: Option<String>,
 }
 
 /// What one trim may delete. An event is due when it is not among the newest
@@ -410,8 +415,17 @@ impl Store {
         format::check_or_write(dir)?;
         let epoch_salt = epochs::open(dir, config.durability)?;
         let db_path = dir.join(format::DB_FILE);
-        let db = open_database(&db_path, config.cache_bytes)?;
-        let store = Store::start(db, db_path, lock, &config, epoch_salt)?;
+        // redb panics on some damaged pages instead of returning an error; the guard
+        // turns that into an error naming the file.
+        let damaged = |detail| StoreError::Damaged {
+            what: "the database".to_owned(),
+            path: db_path.clone(),
+            detail,
+        };
+        let db = guard::catch(|| open_database(&db_path, config.cache_bytes))
+            .map_err(damaged)??;
+        let store = guard::catch(|| Store::start(db, db_path.clone(), lock, &config, epoch_salt))
+            .map_err(damaged)??;
         tracing::info!(data_dir = %dir.display(), durability = ?config.durability, "store open");
         Ok(store)
     }
@@ -435,7 +449,22 @@ impl Store {
         txn.commit().map_err(|e| init_error(e.into()))?;
         retention::finish_deletions(&db, QUICK_REPAIR).map_err(init_error)?;
 
-        let counts = tables::count_creators(&db).map_err(init_error)?;
+        // The counts only bound rooms per user: a damaged `creators` table costs that
+        // bound (logged), not the rooms.
+        let counts = match guard::catch(|| tables::count_creators(&db)) {
+            Ok(Ok(counts)) => counts,
+            Ok(Err(error)) if error::redb_corruption(&error).is_none() => {
+                return Err(init_error(error))
+            }
+            Ok(Err(error)) => {
+                tracing::error!(db = %db_path.display(), %error, "cannot count rooms per creator; the limit on rooms per user starts from zero");
+                Default::default()
+            }
+            Err(panic) => {
+                tracing::error!(db = %db_path.display(), error = %panic, "cannot count rooms per creator, a page is damaged; the limit on rooms per user starts from zero");
+                Default::default()
+            }
+        };
         let db = Arc::new(db);
         let slot = Arc::new(RwLock::new(Some(db.clone())));
         let health = Arc::new(Health::default());
@@ -597,6 +626,12 @@ impl Store {
 
     /// Queues `job`, or answers it at once with the fail-stop error.
     fn send(&self, job: Job) -> Result<(), SubmitError> {
+        if let Some(detail) = self.inner.health.damage_of(job.room()) {
+            // The room's pages cannot be read: nothing of it is written again.
+            let error = self.damaged(job.room(), detail);
+            job.fail(error);
+            return Ok(());
+        }
         if let Some(reason) = self.inner.health.failure() {
             // Fail-stop: answer at once instead of queueing work that cannot commit.
             job.fail(StoreError::FailStopped {
@@ -655,7 +690,8 @@ impl Store {
     /// is none) in seq order, and its op ids. Ok(None) if the room does not exist. Sees
     /// every batch whose receiver has resolved Ok.
     pub fn load_room(&self, room: &str) -> Result<Option<LoadedRoom>, StoreError> {
-        let mut loaded = tables::read_room(&*self.db()?, &self.inner.db_path, room)?;
+        let path = &self.inner.db_path;
+        let mut loaded = self.guarded_read(room, |db| tables::read_room(db, path, room))?;
         if let Some(room) = loaded.as_mut() {
             room.meta.epoch ^= self.inner.epoch_salt;
         }
@@ -672,13 +708,17 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Option<EventsPage>, StoreError> {
-        reads::read_events(&*self.db()?, &self.inner.db_path, room, after, limit)
+        let path = &self.inner.db_path;
+        self.guarded_read(room, |db| {
+            reads::read_events(db, path, room, after, limit)
+        })
     }
 
     /// Blocking: what rebuilds the room's state at `seq` (see [`AtSeq`] for the three
     /// cases). Ok(None) if the room does not exist.
     pub fn read_at(&self, room: &str, seq: u64) -> Result<Option<AtSeq>, StoreError> {
-        let mut at = reads::read_at(&*self.db()?, &self.inner.db_path, room, seq)?;
+        let path = &self.inner.db_path;
+        let mut at = self.guarded_read(room, |db| reads::read_at(db, path, room, seq))?;
         if let Some(at) = at.as_mut() {
             at.meta.epoch ^= self.inner.epoch_salt;
         }
@@ -688,7 +728,55 @@ impl Store {
     /// Blocking: every stored snapshot of `room`, oldest first (empty for an absent
     /// room). Each holds a whole room, so this is for `roomd log verify`, not serving.
     pub fn room_snapshots(&self, room: &str) -> Result<Vec<Snapshot>, StoreError> {
-        reads::room_snapshots(&*self.db()?, &self.inner.db_path, room)
+        let path = &self.inner.db_path;
+        self.guarded_read(room, |db| reads::room_snapshots(db, path, room))
+    }
+
+    /// Runs a blocking read of `room`'s rows. A room already known damaged is refused at
+    /// once, without touching the file; a read that makes redb panic, or finds a row or
+    /// page damaged, marks the room damaged (logged once) and returns the error.
+    fn guarded_read<T>(
+        &self,
+        room: &str,
+        read: impl FnOnce(&redb::Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if let Some(detail) = self.inner.health.damage_of(room) {
+            return Err(self.damaged(room, detail));
+        }
+        let db = self.db()?;
+        match guard::catch(|| read(&db)) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if error.is_damage() {
+                    self.note_damage(room, &error.to_string());
+                }
+                Err(error)
+            }
+            Err(panic) => {
+                self.note_damage(room, &panic);
+                Err(self.damaged(room, panic))
+            }
+        }
+    }
+
+    fn note_damage(&self, room: &str, detail: &str) {
+        writer::note_damage(&self.inner.health, &self.inner.db_path, room, detail);
+    }
+
+    fn damaged(&self, room: &str, detail: String) -> StoreError {
+        StoreError::Damaged {
+            what: format!("room {room}"),
+            path: self.inner.db_path.clone(),
+            detail,
+        }
+    }
+
+    /// Every room found damaged so far (by a read, a load or a write), in room order, with
+    /// what was found. Damage is found when a room's pages are read, so a room nobody
+    /// has touched since the start is not listed even if damaged; `roomd log verify`
+    /// reads everything.
+    pub fn damaged_rooms(&self) -> Vec<(String, String)> {
+        self.inner.health.damaged()
     }
 
     /// Blocking: every room with its counts and sizes, in room order, for `roomd log`.

@@ -11,9 +11,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::lock::DirLock;
+use super::error::redb_corruption;
+use super::guard;
 use super::record::{decode_event, decode_meta, decode_snapshot, StoredMeta};
 use super::tables::{CREATORS, EVENTS, META, OP_IDS, SNAPSHOTS};
 use super::{format, open_database, CompactReport, RoomInfo, StoreError, DEFAULT_CACHE_BYTES};
@@ -35,7 +37,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "room {}: {}", self.room, self.kind)
+        if self.room == DATABASE {
+            write!(f, "database: {}", self.kind)
+        } else {
+            write!(f, "room {}: {}", self.room, self.kind)
+        }
     }
 }
 
@@ -77,12 +83,20 @@ pub enum ProblemKind {
     },
     #[error("{rows} {table} rows belong to a room without metadata")]
     Orphan { table: &'static str, rows: u64 },
+    /// A page on the way to these rows is damaged: redb panicked or reported corruption
+    /// reading it (it checks page checksums only when it repairs, so damage shows here
+    /// when it breaks a page's structure or a row's bytes).
+    #[error("{table} rows cannot be read, a page of the file is damaged: {detail}")]
+    Unreadable { table: &'static str, detail: String },
     #[error("more than {limit} problems; the scan stopped here")]
     TooMany { limit: usize },
 }
 
 /// Every room's meta row, decoded or not, in room order.
 type Metas = BTreeMap<String, Result<StoredMeta, String>>;
+
+/// The name under which a problem outside any room is reported.
+pub const DATABASE: &str = "";
 
 fn scan_error(path: &Path) -> impl Fn(redb::Error) -> StoreError + '_ {
     move |source| StoreError::Scan {
@@ -91,59 +105,115 @@ fn scan_error(path: &Path) -> impl Fn(redb::Error) -> StoreError + '_ {
     }
 }
 
-fn read_metas(txn: &redb::ReadTransaction, path: &Path) -> Result<Metas, StoreError> {
-    let error = scan_error(path);
-    let table = txn.open_table(META).map_err(|e| error(e.into()))?;
-    let mut metas = BTreeMap::new();
-    for entry in table.iter().map_err(|e| error(e.into()))? {
-        let (room, row) = entry.map_err(|e| error(e.into()))?;
-        let decoded = decode_meta(row.value()).map_err(|e| e.to_string());
-        metas.insert(room.value().to_owned(), decoded);
+/// How a guarded scan of one table (or one room's rows in it) ended.
+enum Scanned {
+    Done,
+    /// A page could not be read: redb panicked or reported corruption.
+    Damaged(String),
+}
+
+/// Runs `scan` guarded: a panic or a corruption error is damage, another redb error
+/// (I/O) fails the whole listing or check.
+fn guarded(
+    path: &Path,
+    scan: impl FnOnce() -> Result<(), redb::Error>,
+) -> Result<Scanned, StoreError> {
+    match guard::catch(scan) {
+        Ok(Ok(())) => Ok(Scanned::Done),
+        Ok(Err(error)) => match redb_corruption(&error) {
+            Some(detail) => Ok(Scanned::Damaged(detail.to_owned())),
+            None => Err(scan_error(path)(error)),
+        },
+        Err(panic) => Ok(Scanned::Damaged(panic)),
     }
-    Ok(metas)
+}
+
+/// Reads every meta row it can. A damaged page of the meta table ends the scan there:
+/// the rooms read so far are returned with the damage.
+fn read_metas(db: &redb::Database, path: &Path) -> Result<(Metas, Option<String>), StoreError> {
+    let mut metas = BTreeMap::new();
+    let scanned = guarded(path, || {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(META)?;
+        for entry in table.iter()? {
+            let (room, row) = entry?;
+            let decoded = decode_meta(row.value()).map_err(|e| e.to_string());
+            metas.insert(room.value().to_owned(), decoded);
+        }
+        Ok(())
+    })?;
+    Ok(match scanned {
+        Scanned::Done => (metas, None),
+        Scanned::Damaged(detail) => (metas, Some(detail)),
+    })
 }
 
 /// Every room with its counts and sizes, in room order. A room whose meta row does not
-/// decode is left out (with a warning); `verify` reports it.
+/// decode is left out (with a warning); `verify` reports it. A room whose rows cannot be
+/// read is listed with what was found in `damage`; a damaged meta table fails the
+/// listing, naming the last room it could read.
 pub fn list_rooms(db: &redb::Database, path: &Path) -> Result<Vec<RoomInfo>, StoreError> {
-    let error = scan_error(path);
-    let txn = db.begin_read().map_err(|e| error(e.into()))?;
-    let metas = read_metas(&txn, path)?;
-    let mut rooms: BTreeMap<&str, RoomInfo> = BTreeMap::new();
+    let (metas, meta_damage) = read_metas(db, path)?;
+    if let Some(detail) = meta_damage {
+        return Err(StoreError::Damaged {
+            what: meta_scope(&metas),
+            path: path.to_owned(),
+            detail,
+        });
+    }
+    let mut rooms = Vec::with_capacity(metas.len());
     for (room, meta) in &metas {
-        match meta {
-            Ok(stored) => {
-                let info = RoomInfo {
-                    room: room.clone(),
-                    kind: stored.meta.kind,
-                    epoch: stored.meta.epoch,
-                    head: stored.head,
-                    first_retained: stored.first_retained,
-                    events: 0,
-                    bytes: 0,
-                    snapshots: 0,
-                };
-                rooms.insert(room, info);
+        let stored = match meta {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(room = %room, error = %e, "room metadata does not decode");
+                continue;
             }
-            Err(e) => tracing::warn!(room = %room, error = %e, "room metadata does not decode"),
+        };
+        let mut info = RoomInfo {
+            room: room.clone(),
+            kind: stored.meta.kind,
+            epoch: stored.meta.epoch,
+            head: stored.head,
+            first_retained: stored.first_retained,
+            events: 0,
+            bytes: 0,
+            snapshots: 0,
+            damage: None,
+        };
+        let scanned = guarded(path, || {
+            let txn = db.begin_read()?;
+            for entry in txn
+                .open_table(EVENTS)?
+                .range((room.as_str(), 0)..=(room.as_str(), u64::MAX))?
+            {
+                let (_, row) = entry?;
+                info.events += 1;
+                info.bytes += row.value().len() as u64;
+            }
+            for entry in txn
+                .open_table(SNAPSHOTS)?
+                .range((room.as_str(), 0)..=(room.as_str(), u64::MAX))?
+            {
+                entry?;
+                info.snapshots += 1;
+            }
+            Ok(())
+        })?;
+        if let Scanned::Damaged(detail) = scanned {
+            info.damage = Some(detail);
         }
+        rooms.push(info);
     }
-    let events = txn.open_table(EVENTS).map_err(|e| error(e.into()))?;
-    for entry in events.iter().map_err(|e| error(e.into()))? {
-        let (key, row) = entry.map_err(|e| error(e.into()))?;
-        if let Some(info) = rooms.get_mut(key.value().0) {
-            info.events += 1;
-            info.bytes += row.value().len() as u64;
-        }
+    Ok(rooms)
+}
+
+/// Names the part of the meta table a damaged page cut off.
+fn meta_scope(metas: &Metas) -> String {
+    match metas.keys().next_back() {
+        Some(last) => format!("the meta table after room {last}"),
+        None => "the meta table".to_owned(),
     }
-    let snapshots = txn.open_table(SNAPSHOTS).map_err(|e| error(e.into()))?;
-    for entry in snapshots.iter().map_err(|e| error(e.into()))? {
-        let (key, _) = entry.map_err(|e| error(e.into()))?;
-        if let Some(info) = rooms.get_mut(key.value().0) {
-            info.snapshots += 1;
-        }
-    }
-    Ok(rooms.into_values().collect())
 }
 
 /// Collects problems up to [`MAX_PROBLEMS`].
@@ -176,184 +246,101 @@ impl Problems {
     }
 }
 
-/// What the scan of one room has seen so far.
-#[derive(Default)]
-struct RoomScan {
-    /// The next seq the retained events must hold.
-    next_event: u64,
-    /// Whether a snapshot at or after `first_retained - 1` is stored.
-    has_base: bool,
-    orphan_events: u64,
-    orphan_snapshots: u64,
-    orphan_op_ids: u64,
-    orphan_creators: u64,
-}
-
 /// Checks every row: meta rows, event rows and snapshot rows decode; each room's events
 /// are gapless over `first_retained..=head` with nothing outside it; snapshots lie in
 /// `first_retained - 1..=head` and one covers a trimmed log; op ids name seqs up to the
-/// head; no row belongs to a room without metadata.
+/// head; no row belongs to a room without metadata. Every page is read under a guard,
+/// room by room: a page redb cannot read is reported as [`ProblemKind::Unreadable`] for
+/// the room (or table) being read, and the check goes on with the next room.
 pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreError> {
-    let error = scan_error(path);
-    let txn = db.begin_read().map_err(|e| error(e.into()))?;
-    let metas = read_metas(&txn, path)?;
     let mut problems = Problems {
         list: Vec::new(),
         full: false,
     };
-    let mut scans: BTreeMap<&str, RoomScan> = BTreeMap::new();
+    let (metas, meta_damage) = read_metas(db, path)?;
+    if let Some(detail) = meta_damage {
+        let kind = ProblemKind::Unreadable {
+            table: "meta",
+            detail: format!("{}: {detail}", meta_scope(&metas)),
+        };
+        if !problems.push(DATABASE, kind) {
+            return Ok(problems.list);
+        }
+    }
     for (room, meta) in &metas {
-        match meta {
-            Ok(stored) => {
-                scans.insert(
-                    room,
-                    RoomScan {
-                        next_event: stored.first_retained,
-                        has_base: stored.first_retained <= 1,
-                        ..RoomScan::default()
-                    },
-                );
+        let kinds = match meta {
+            Ok(stored) => check_room(db, path, room, stored)?,
+            Err(e) => vec![ProblemKind::CorruptMeta { error: e.clone() }],
+        };
+        for kind in kinds {
+            if !problems.push(room, kind) {
+                return Ok(problems.list);
             }
-            Err(e) => {
-                if !problems.push(room, ProblemKind::CorruptMeta { error: e.clone() }) {
-                    return Ok(problems.list);
+        }
+    }
+    // Rows of rooms without metadata. A damaged page in a table that no room's check
+    // already reported is reported once, for the table.
+    let damaged_tables: std::collections::BTreeSet<&'static str> = problems
+        .list
+        .iter()
+        .filter_map(|p| match &p.kind {
+            ProblemKind::Unreadable { table, .. } => Some(*table),
+            _ => None,
+        })
+        .collect();
+    let mut orphans: BTreeMap<String, RoomScan> = BTreeMap::new();
+    let known = |room: &str| metas.contains_key(room);
+    let tables: [(&'static str, TableDefinition<(&str, u64), &[u8]>); 2] =
+        [("events", EVENTS), ("snapshots", SNAPSHOTS)];
+    let mut table_damage = Vec::new();
+    for (name, table) in tables {
+        let scanned = guarded(path, || {
+            let txn = db.begin_read()?;
+            for entry in txn.open_table(table)?.iter()? {
+                let (key, _) = entry?;
+                let room = key.value().0;
+                if !known(room) {
+                    let scan = orphans.entry(room.to_owned()).or_default();
+                    match name {
+                        "events" => scan.orphan_events += 1,
+                        _ => scan.orphan_snapshots += 1,
+                    }
                 }
             }
-        }
+            Ok(())
+        })?;
+        table_damage.push((name, scanned));
     }
-    // Rows of a room whose meta does not decode are neither checked nor orphans.
-    let known = |room: &str| metas.contains_key(room);
-    let stored = |room: &str| metas.get(room).and_then(|meta| meta.as_ref().ok());
-    let mut orphans: BTreeMap<String, RoomScan> = BTreeMap::new();
-
-    let events = txn.open_table(EVENTS).map_err(|e| error(e.into()))?;
-    for entry in events.iter().map_err(|e| error(e.into()))? {
-        let (key, row) = entry.map_err(|e| error(e.into()))?;
-        let (room, seq) = key.value();
-        let Some(meta) = stored(room) else {
-            if !known(room) {
-                orphans.entry(room.to_owned()).or_default().orphan_events += 1;
-            }
-            continue;
-        };
-        let mut found = Vec::new();
-        if let Err(e) = decode_event(seq, row.value()) {
-            found.push(ProblemKind::CorruptEvent {
-                seq,
-                error: e.to_string(),
-            });
-        }
-        if seq < meta.first_retained || seq > meta.head {
-            found.push(ProblemKind::EventOutsideRetention {
-                seq,
-                first_retained: meta.first_retained,
-                head: meta.head,
-            });
-        } else if let Some(scan) = scans.get_mut(room) {
-            if seq != scan.next_event {
-                found.push(ProblemKind::Gap {
-                    expected: scan.next_event,
-                    found: seq,
-                });
-            }
-            scan.next_event = seq.saturating_add(1);
-        }
-        for kind in found {
-            if !problems.push(room, kind) {
-                return Ok(problems.list);
-            }
-        }
-    }
-
-    let snapshots = txn.open_table(SNAPSHOTS).map_err(|e| error(e.into()))?;
-    for entry in snapshots.iter().map_err(|e| error(e.into()))? {
-        let (key, row) = entry.map_err(|e| error(e.into()))?;
-        let (room, seq) = key.value();
-        let Some(meta) = stored(room) else {
-            if !known(room) {
-                orphans.entry(room.to_owned()).or_default().orphan_snapshots += 1;
-            }
-            continue;
-        };
-        let mut found = Vec::new();
-        let decoded = decode_snapshot(seq, row.value());
-        if let Err(e) = &decoded {
-            found.push(ProblemKind::CorruptSnapshot {
-                seq,
-                error: e.to_string(),
-            });
-        }
-        if seq.saturating_add(1) < meta.first_retained || seq > meta.head {
-            found.push(ProblemKind::SnapshotOutsideRetention {
-                seq,
-                first_retained: meta.first_retained,
-                head: meta.head,
-            });
-        } else if decoded.is_ok() {
-            if let Some(scan) = scans.get_mut(room) {
-                scan.has_base = true;
-            }
-        }
-        for kind in found {
-            if !problems.push(room, kind) {
-                return Ok(problems.list);
-            }
-        }
-    }
-
-    let op_ids = txn.open_table(OP_IDS).map_err(|e| error(e.into()))?;
-    for entry in op_ids.iter().map_err(|e| error(e.into()))? {
-        let (key, value) = entry.map_err(|e| error(e.into()))?;
-        let (room, seq) = key.value();
-        let (user, op_id) = value.value();
-        let Some(meta) = stored(room) else {
+    let scanned = guarded(path, || {
+        let txn = db.begin_read()?;
+        for entry in txn.open_table(OP_IDS)?.iter()? {
+            let (key, _) = entry?;
+            let room = key.value().0;
             if !known(room) {
                 orphans.entry(room.to_owned()).or_default().orphan_op_ids += 1;
             }
-            continue;
-        };
-        if seq > meta.head {
-            let kind = ProblemKind::OpIdPastHead {
-                user: user.to_owned(),
-                op_id: op_id.to_owned(),
-                seq,
-                head: meta.head,
-            };
-            if !problems.push(room, kind) {
-                return Ok(problems.list);
-            }
         }
-    }
-
+        Ok(())
+    })?;
+    table_damage.push(("op_ids", scanned));
     // A creator row goes in the same transaction as its room's meta row.
-    let creators = txn.open_table(CREATORS).map_err(|e| error(e.into()))?;
-    for entry in creators.iter().map_err(|e| error(e.into()))? {
-        let (key, _) = entry.map_err(|e| error(e.into()))?;
-        let room = key.value();
-        if !known(room) {
-            orphans.entry(room.to_owned()).or_default().orphan_creators += 1;
-        }
-    }
-
-    for (room, scan) in &scans {
-        let Some(meta) = stored(room) else {
-            continue;
-        };
-        let last = scan.next_event - 1;
-        if last != meta.head {
-            let kind = ProblemKind::HeadMismatch {
-                head: meta.head,
-                last,
-            };
-            if !problems.push(room, kind) {
-                return Ok(problems.list);
+    let scanned = guarded(path, || {
+        let txn = db.begin_read()?;
+        for entry in txn.open_table(CREATORS)?.iter()? {
+            let (key, _) = entry?;
+            let room = key.value();
+            if !known(room) {
+                orphans.entry(room.to_owned()).or_default().orphan_creators += 1;
             }
         }
-        if !scan.has_base {
-            let kind = ProblemKind::NoBaseSnapshot {
-                first_retained: meta.first_retained,
-            };
-            if !problems.push(room, kind) {
+        Ok(())
+    })?;
+    table_damage.push(("creators", scanned));
+    for (table, scanned) in table_damage {
+        if let Scanned::Damaged(detail) = scanned {
+            if !damaged_tables.contains(table)
+                && !problems.push(DATABASE, ProblemKind::Unreadable { table, detail })
+            {
                 return Ok(problems.list);
             }
         }
@@ -371,9 +358,155 @@ pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreErr
             }
         }
     }
-    // Each table's pass pushed in room order; one sort groups a room's problems.
+    // Rooms were checked in order, then tables; one stable sort groups a room's problems.
     problems.list.sort_by(|a, b| a.room.cmp(&b.room));
     Ok(problems.list)
+}
+
+/// What the scan of one room has seen so far, and the orphan rows of a room without
+/// metadata.
+#[derive(Default)]
+struct RoomScan {
+    orphan_events: u64,
+    orphan_snapshots: u64,
+    orphan_op_ids: u64,
+    orphan_creators: u64,
+}
+
+/// Checks one room's rows in its own read transaction, guarded table by table: a page
+/// that cannot be read ends the check of that table with [`ProblemKind::Unreadable`].
+fn check_room(
+    db: &redb::Database,
+    path: &Path,
+    room: &str,
+    meta: &StoredMeta,
+) -> Result<Vec<ProblemKind>, StoreError> {
+    let mut found = Vec::new();
+    // Events `first_retained..=head`, gapless, decoding.
+    let mut next_event = meta.first_retained;
+    let scanned = guarded(path, || {
+        let txn = db.begin_read()?;
+        for entry in txn
+            .open_table(EVENTS)?
+            .range((room, 0)..=(room, u64::MAX))?
+        {
+            let (key, row) = entry?;
+            let seq = key.value().1;
+            if let Err(e) = decode_event(seq, row.value()) {
+                found.push(ProblemKind::CorruptEvent {
+                    seq,
+                    error: e.to_string(),
+                });
+            }
+            if seq < meta.first_retained || seq > meta.head {
+                found.push(ProblemKind::EventOutsideRetention {
+                    seq,
+                    first_retained: meta.first_retained,
+                    head: meta.head,
+                });
+            } else {
+                if seq != next_event {
+                    found.push(ProblemKind::Gap {
+                        expected: next_event,
+                        found: seq,
+                    });
+                }
+                next_event = seq.saturating_add(1);
+            }
+        }
+        Ok(())
+    })?;
+    let events_read = match scanned {
+        Scanned::Done => true,
+        Scanned::Damaged(detail) => {
+            found.push(ProblemKind::Unreadable {
+                table: "events",
+                detail,
+            });
+            false
+        }
+    };
+    // Snapshots in `first_retained - 1..=head`, decoding; one is the base of a trimmed log.
+    let mut has_base = meta.first_retained <= 1;
+    let scanned = guarded(path, || {
+        let txn = db.begin_read()?;
+        for entry in txn
+            .open_table(SNAPSHOTS)?
+            .range((room, 0)..=(room, u64::MAX))?
+        {
+            let (key, row) = entry?;
+            let seq = key.value().1;
+            let decoded = decode_snapshot(seq, row.value());
+            if let Err(e) = &decoded {
+                found.push(ProblemKind::CorruptSnapshot {
+                    seq,
+                    error: e.to_string(),
+                });
+            }
+            if seq.saturating_add(1) < meta.first_retained || seq > meta.head {
+                found.push(ProblemKind::SnapshotOutsideRetention {
+                    seq,
+                    first_retained: meta.first_retained,
+                    head: meta.head,
+                });
+            } else if decoded.is_ok() {
+                has_base = true;
+            }
+        }
+        Ok(())
+    })?;
+    let snapshots_read = match scanned {
+        Scanned::Done => true,
+        Scanned::Damaged(detail) => {
+            found.push(ProblemKind::Unreadable {
+                table: "snapshots",
+                detail,
+            });
+            false
+        }
+    };
+    // Op ids kept for trimmed events name seqs up to the head.
+    let scanned = guarded(path, || {
+        let txn = db.begin_read()?;
+        for entry in txn
+            .open_table(OP_IDS)?
+            .range((room, 0)..=(room, u64::MAX))?
+        {
+            let (key, value) = entry?;
+            let seq = key.value().1;
+            if seq > meta.head {
+                let (user, op_id) = value.value();
+                found.push(ProblemKind::OpIdPastHead {
+                    user: user.to_owned(),
+                    op_id: op_id.to_owned(),
+                    seq,
+                    head: meta.head,
+                });
+            }
+        }
+        Ok(())
+    })?;
+    if let Scanned::Damaged(detail) = scanned {
+        found.push(ProblemKind::Unreadable {
+            table: "op_ids",
+            detail,
+        });
+    }
+    if events_read {
+        let last = next_event - 1;
+        if last != meta.head {
+            found.push(ProblemKind::HeadMismatch {
+                head: meta.head,
+                last,
+            });
+        }
+    }
+    if snapshots_read && !has_base {
+        found.push(ProblemKind::NoBaseSnapshot {
+            first_retained: meta.first_retained,
+        });
+    }
+    Ok(found)
 }
 
 /// Compacts `dir`'s database offline, holding the dir lock; see `Store::compact`.

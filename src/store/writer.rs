@@ -40,11 +40,13 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
+use redb::ReadableDatabase;
 use tokio::sync::oneshot;
 
 use crate::metrics::names;
 
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
+use super::{guard, probe};
 use super::tables::WriteTables;
 use super::{Batch, Durability, StoreError, TrimOutcome, TrimPolicy};
 
@@ -60,6 +62,15 @@ pub enum Job {
 }
 
 impl Job {
+    /// The room the job is for.
+    pub fn room(&self) -> &str {
+        match self {
+            Job::Batch(job) => &job.batch.room,
+            Job::Trim(job) => &job.room,
+            Job::Delete(job) => &job.room,
+        }
+    }
+
     /// Answers the job with `error` without running it.
     pub fn fail(self, error: StoreError) {
         // A dropped receiver means the caller gave up waiting; nothing to tell it.
@@ -129,6 +140,11 @@ pub struct Health {
     /// `creators` table at open, then moved by the writer as creations and deletions
     /// commit.
     rooms_by_creator: DashMap<String, usize>,
+    /// Rooms whose rows were found damaged, with what was found. Written by guarded
+    /// reads and the writer's probes; read before every job and read of a room, which is
+    /// then refused without touching the file. Never cleared: the damage stays until the
+    /// file is restored, and a restart finds it again.
+    damaged: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Health {
@@ -189,6 +205,30 @@ impl Health {
             })
             .ok()
             .map(|_| TrimSlot(self.clone()))
+    }
+
+    /// Records `room` as damaged; true the first time, so the caller logs it once.
+    pub fn mark_damaged(&self, room: &str, detail: &str) -> bool {
+        let mut damaged = self.damaged.lock();
+        if damaged.contains_key(room) {
+            return false;
+        }
+        damaged.insert(room.to_owned(), detail.to_owned());
+        true
+    }
+
+    /// What was found wrong with `room`, if it is known damaged.
+    pub fn damage_of(&self, room: &str) -> Option<String> {
+        self.damaged.lock().get(room).cloned()
+    }
+
+    /// Every room known damaged, in room order, with what was found.
+    pub fn damaged(&self) -> Vec<(String, String)> {
+        self.damaged
+            .lock()
+            .iter()
+            .map(|(room, detail)| (room.clone(), detail.clone()))
+            .collect()
     }
 
     pub(super) fn fail(&self, reason: String) {
@@ -489,6 +529,10 @@ impl Writer {
             let _ = job.reply.send(Ok(TrimOutcome::AlreadyRunning));
             return;
         }
+        if let Err(error) = self.probe_room(&job.room) {
+            let _ = job.reply.send(Err(error));
+            return;
+        }
         self.trims.push_back(Trim::new(job));
     }
 
@@ -507,6 +551,7 @@ impl Writer {
             }
             return;
         }
+        let group = self.probe_batches(group);
         let mut trim = self.trims.pop_front();
         if group.is_empty() && trim.is_none() {
             return;
@@ -518,7 +563,10 @@ impl Writer {
             Some(_) => self.answer_durably(),
         };
         let started = Instant::now();
-        match self.write_group(&group, trim.as_mut(), durable) {
+        let written = guard::catch(|| self.write_group(&group, trim.as_mut(), durable))
+            .map_err(|panic| WriteError::Panicked(panic))
+            .and_then(|result| result.map_err(WriteError::Redb));
+        match written {
             Ok(outcomes) => {
                 self.committed(durable);
                 if !group.is_empty() {
@@ -533,6 +581,11 @@ impl Writer {
                 for (job, outcome) in group.into_iter().zip(outcomes) {
                     if let (Ok(()), Some(creator)) = (&outcome, &job.creator) {
                         self.health.count_created(creator);
+                    }
+                    if let Err(error) = &outcome {
+                        if error.is_damage() {
+                            self.note_damage(&job.batch.room, &error.to_string());
+                        }
                     }
                     let _ = job.reply.send(outcome);
                 }
@@ -619,11 +672,15 @@ impl Writer {
         for trim in cancelled {
             trim.finish(Ok(TrimOutcome::Cancelled));
         }
+        if let Err(error) = self.probe_room(&job.room) {
+            let _ = job.reply.send(Err(error));
+            return;
+        }
         let mut deletion = Deletion::new(&job.room);
         // Each piece deletes rows or finishes, and the room's rows are finite, so this
         // ends; a room holds about history + snapshot interval events, a few pieces.
         loop {
-            let result = self.begin(false).and_then(|mut txn| {
+            let result = guard::catch(|| self.begin(false).and_then(|mut txn| {
                 {
                     let mut tables = WriteTables::open(&txn)?;
                     deletion.piece(&mut tables)?;
@@ -636,7 +693,9 @@ impl Writer {
                 })?;
                 txn.commit()?;
                 Ok(durable)
-            });
+            }))
+            .map_err(WriteError::Panicked)
+            .and_then(|result| result.map_err(WriteError::Redb));
             match result {
                 Ok(durable) => {
                     self.committed(durable);
@@ -689,7 +748,9 @@ impl Writer {
         if self.health.failure().is_some() {
             return;
         }
-        let result = self.begin(true).and_then(|txn| Ok(txn.commit()?));
+        let result = guard::catch(|| self.begin(true).and_then(|txn| Ok(txn.commit()?)))
+            .map_err(WriteError::Panicked)
+            .and_then(|result| result.map_err(WriteError::Redb));
         match result {
             Ok(()) => self.committed(true),
             Err(e) => {
@@ -704,10 +765,118 @@ impl Writer {
         }
     }
 
+    /// Answers, with `Damaged` and without writing, the batches of rooms known damaged
+    /// or whose pages the probe cannot read; returns the others.
+    fn probe_batches(&self, group: Vec<BatchJob>) -> Vec<BatchJob> {
+        let Some(db) = self.db.as_ref() else {
+            return group;
+        };
+        let mut txn = None;
+        let mut kept = Vec::with_capacity(group.len());
+        for job in group {
+            let room = job.batch.room.as_str();
+            if let Some(detail) = self.health.damage_of(room) {
+                let _ = job.reply.send(Err(self.damaged(room, detail)));
+                continue;
+            }
+            if txn.is_none() {
+                // A read transaction that cannot begin is an I/O failure the write
+                // meets too; it is reported there.
+                txn = db.begin_read().ok();
+            }
+            let Some(read) = txn.as_ref() else {
+                kept.push(job);
+                continue;
+            };
+            let keys = probe::BatchKeys {
+                room,
+                creates: job.batch.create.is_some(),
+                events: job.rows.first().zip(job.rows.last()).map(|(a, b)| (a.0, b.0)),
+                snapshot: job.snapshot.as_ref().map(|(seq, _)| *seq),
+                expire_op_ids_through: job.batch.expire_op_ids_through,
+            };
+            match probe::batch(read, &keys) {
+                Ok(()) => kept.push(job),
+                Err(detail) => {
+                    self.note_damage(room, &detail);
+                    let _ = job.reply.send(Err(self.damaged(room, detail)));
+                    // Not reused after a panic inside it.
+                    txn = None;
+                }
+            }
+        }
+        kept
+    }
+
+    /// Probes every row of `room` before maintenance touches it; `Err(Damaged)` (the
+    /// room marked) when a page of it cannot be read.
+    fn probe_room(&self, room: &str) -> Result<(), StoreError> {
+        if let Some(detail) = self.health.damage_of(room) {
+            return Err(self.damaged(room, detail));
+        }
+        let Some(db) = self.db.as_ref() else {
+            return Ok(());
+        };
+        let Ok(txn) = db.begin_read() else {
+            return Ok(());
+        };
+        probe::room(&txn, room).map_err(|detail| {
+            self.note_damage(room, &detail);
+            self.damaged(room, detail)
+        })
+    }
+
+    fn note_damage(&self, room: &str, detail: &str) {
+        note_damage(&self.health, &self.db_path, room, detail);
+    }
+
+    fn damaged(&self, room: &str, detail: String) -> StoreError {
+        StoreError::Damaged {
+            what: format!("room {room}"),
+            path: self.db_path.clone(),
+            detail,
+        }
+    }
+
     fn fail_stopped(&self, reason: String) -> StoreError {
         StoreError::FailStopped {
             path: self.db_path.clone(),
             reason,
         }
+    }
+}
+
+/// Why a write transaction did not commit.
+enum WriteError {
+    Redb(redb::Error),
+    /// redb panicked inside the transaction (a damaged page the probe did not read). The
+    /// transaction was dropped without its rollback, so redb marked the file as needing a
+    /// repair at the next open.
+    Panicked(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Redb(error) => write!(f, "{error}"),
+            WriteError::Panicked(panic) => write!(
+                f,
+                "redb panicked inside the write transaction ({panic}); a page is damaged, \
+                 and the next start repairs the file, which fails while the page is reachable"
+            ),
+        }
+    }
+}
+
+/// Records `room` as damaged and logs it the first time.
+pub fn note_damage(health: &Health, db_path: &std::path::Path, room: &str, detail: &str) {
+    if health.mark_damaged(room, detail) {
+        tracing::error!(
+            room = %room,
+            db = %db_path.display(),
+            damage = %detail,
+            "room is damaged: its rows cannot be read; it answers unavailable until the \
+             data file is restored, and other rooms keep serving"
+        );
     }
 }
