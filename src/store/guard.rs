@@ -105,6 +105,9 @@ mod tests {
         // The guard is left as it was found, so later panics on this thread are printed.
         assert!(!GUARDED.with(Cell::get));
         let nested = catch(|| catch(|| -> u8 { panic!("inner") }));
-        assert!(matches!(nested, Ok(Err(ref m)) if m.starts_with("inner")), "{nested:?}");
+        assert!(
+            matches!(nested, Ok(Err(ref m)) if m.starts_with("inner")),
+            "{nested:?}"
+        );
     }
 }

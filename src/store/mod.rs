@@ -422,8 +422,8 @@ impl Store {
             path: db_path.clone(),
             detail,
         };
-        let db = guard::catch(|| open_database(&db_path, config.cache_bytes))
-            .map_err(damaged)??;
+        let db =
+            guard::catch(|| open_database(&db_path, config.cache_bytes)).map_err(damaged)??;
         let store = guard::catch(|| Store::start(db, db_path.clone(), lock, &config, epoch_salt))
             .map_err(damaged)??;
         tracing::info!(data_dir = %dir.display(), durability = ?config.durability, "store open");
@@ -709,9 +709,7 @@ impl Store {
         limit: usize,
     ) -> Result<Option<EventsPage>, StoreError> {
         let path = &self.inner.db_path;
-        self.guarded_read(room, |db| {
-            reads::read_events(db, path, room, after, limit)
-        })
+        self.guarded_read(room, |db| reads::read_events(db, path, room, after, limit))
     }
 
     /// Blocking: what rebuilds the room's state at `seq` (see [`AtSeq`] for the three

@@ -701,6 +701,7 @@ fn list_rooms_counts_rows_and_bytes() {
                 events: 10,
                 bytes: (21..=30).map(event_bytes).sum(),
                 snapshots: 1,
+                damage: None,
             },
             RoomInfo {
                 room: "b".into(),
@@ -711,6 +712,7 @@ fn list_rooms_counts_rows_and_bytes() {
                 events: 2,
                 bytes: (1..=2).map(event_bytes).sum(),
                 snapshots: 0,
+                damage: None,
             },
         ]
     );

@@ -13,9 +13,9 @@ use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::lock::DirLock;
 use super::error::redb_corruption;
 use super::guard;
+use super::lock::DirLock;
 use super::record::{decode_event, decode_meta, decode_snapshot, StoredMeta};
 use super::tables::{CREATORS, EVENTS, META, OP_IDS, SNAPSHOTS};
 use super::{format, open_database, CompactReport, RoomInfo, StoreError, DEFAULT_CACHE_BYTES};
@@ -94,6 +94,9 @@ pub enum ProblemKind {
 
 /// Every room's meta row, decoded or not, in room order.
 type Metas = BTreeMap<String, Result<StoredMeta, String>>;
+
+/// A table of `(room, seq)` -> row bytes.
+type RowTable = TableDefinition<'static, (&'static str, u64), &'static [u8]>;
 
 /// The name under which a problem outside any room is reported.
 pub const DATABASE: &str = "";
@@ -290,8 +293,7 @@ pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreErr
         .collect();
     let mut orphans: BTreeMap<String, RoomScan> = BTreeMap::new();
     let known = |room: &str| metas.contains_key(room);
-    let tables: [(&'static str, TableDefinition<(&str, u64), &[u8]>); 2] =
-        [("events", EVENTS), ("snapshots", SNAPSHOTS)];
+    let tables: [(&'static str, RowTable); 2] = [("events", EVENTS), ("snapshots", SNAPSHOTS)];
     let mut table_damage = Vec::new();
     for (name, table) in tables {
         let scanned = guarded(path, || {
@@ -419,6 +421,12 @@ fn check_room(
     let events_read = match scanned {
         Scanned::Done => true,
         Scanned::Damaged(detail) => {
+            let detail = match next_event.checked_sub(1) {
+                Some(last) if last >= meta.first_retained => {
+                    format!("after event {last}: {detail}")
+                }
+                _ => detail,
+            };
             found.push(ProblemKind::Unreadable {
                 table: "events",
                 detail,

@@ -46,8 +46,8 @@ use tokio::sync::oneshot;
 use crate::metrics::names;
 
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
-use super::{guard, probe};
 use super::tables::WriteTables;
+use super::{guard, probe};
 use super::{Batch, Durability, StoreError, TrimOutcome, TrimPolicy};
 
 /// The most batches one transaction takes, so one commit stays bounded in size and the
@@ -564,7 +564,7 @@ impl Writer {
         };
         let started = Instant::now();
         let written = guard::catch(|| self.write_group(&group, trim.as_mut(), durable))
-            .map_err(|panic| WriteError::Panicked(panic))
+            .map_err(WriteError::Panicked)
             .and_then(|result| result.map_err(WriteError::Redb));
         match written {
             Ok(outcomes) => {
@@ -680,20 +680,22 @@ impl Writer {
         // Each piece deletes rows or finishes, and the room's rows are finite, so this
         // ends; a room holds about history + snapshot interval events, a few pieces.
         loop {
-            let result = guard::catch(|| self.begin(false).and_then(|mut txn| {
-                {
-                    let mut tables = WriteTables::open(&txn)?;
-                    deletion.piece(&mut tables)?;
-                }
-                let durable = deletion.is_done() && self.answer_durably();
-                txn.set_durability(if durable {
-                    redb::Durability::Immediate
-                } else {
-                    redb::Durability::None
-                })?;
-                txn.commit()?;
-                Ok(durable)
-            }))
+            let result = guard::catch(|| {
+                self.begin(false).and_then(|mut txn| {
+                    {
+                        let mut tables = WriteTables::open(&txn)?;
+                        deletion.piece(&mut tables)?;
+                    }
+                    let durable = deletion.is_done() && self.answer_durably();
+                    txn.set_durability(if durable {
+                        redb::Durability::Immediate
+                    } else {
+                        redb::Durability::None
+                    })?;
+                    txn.commit()?;
+                    Ok(durable)
+                })
+            })
             .map_err(WriteError::Panicked)
             .and_then(|result| result.map_err(WriteError::Redb));
             match result {
@@ -791,7 +793,11 @@ impl Writer {
             let keys = probe::BatchKeys {
                 room,
                 creates: job.batch.create.is_some(),
-                events: job.rows.first().zip(job.rows.last()).map(|(a, b)| (a.0, b.0)),
+                events: job
+                    .rows
+                    .first()
+                    .zip(job.rows.last())
+                    .map(|(a, b)| (a.0, b.0)),
                 snapshot: job.snapshot.as_ref().map(|(seq, _)| *seq),
                 expire_op_ids_through: job.batch.expire_op_ids_through,
             };
