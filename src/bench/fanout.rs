@@ -70,6 +70,33 @@ pub struct FanoutArgs {
     /// Longest wait, after the last post, for deliveries still on their way.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
+
+    /// Run with auth on: the server this command starts gets `--jwt-secret SECRET`
+    /// (with --url, the server must already use it), and every connection carries a
+    /// token whose `rooms` claim has a few patterns, the matching one last, so each
+    /// `sub` and `op` pays a realistic permission check.
+    #[arg(long, value_name = "SECRET")]
+    pub auth_secret: Option<String>,
+}
+
+/// A token for `user` that may read (subscribers) or also create and write (the
+/// publisher) the bench's rooms, behind two patterns that do not match.
+fn bench_token(secret: &str, user: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": user,
+        "rooms": {
+            "read": ["dm:{sub}:*", "poll:*", "chat:fanout-*"],
+            "write": ["dm:{sub}:*", "poll:*", "chat:fanout-*"],
+            "create": ["chat:fanout-*"],
+        },
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    // HS256 over a JSON object cannot fail.
+    .expect("an HS256 token of a JSON object encodes")
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +118,12 @@ impl Target {
         }
     }
 
-    fn path(self, user: &str) -> String {
+    fn path(self, user: &str, auth_secret: Option<&str>) -> String {
         match self {
-            Target::Roomd => format!("/ws?user={user}"),
+            Target::Roomd => match auth_secret {
+                Some(secret) => format!("/ws?token={}", bench_token(secret, user)),
+                None => format!("/ws?user={user}"),
+            },
             Target::Ws => "/".to_string(),
             Target::Socketio => "/socket.io/?EIO=4&transport=websocket".to_string(),
         }
@@ -133,6 +163,12 @@ pub fn run(args: &BenchArgs, fanout: &FanoutArgs, runtime: &Runtime) -> Result<R
         }
     }
     fd_limit::ensure_for(fanout.subscribers + 1)?;
+    let mut args = args.clone();
+    if let (Some(secret), None) = (&fanout.auth_secret, &args.url) {
+        args.server_args
+            .extend(["--jwt-secret".to_owned(), secret.clone()]);
+    }
+    let args = &args;
     let endpoint = Endpoint::open(args)?;
     let outcome = runtime.block_on(drive(&endpoint, fanout))?;
     let mut report = outcome.report(fanout);
@@ -346,7 +382,7 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
     // The publisher first: on roomd it creates the rooms the subscribers join.
     let mut publisher = client::connect(
         endpoint.addr,
-        &endpoint.url(&target.path("bench-publisher")),
+        &endpoint.url(&target.path("bench-publisher", fanout.auth_secret.as_deref())),
         ConnectOptions::sender(),
     )
     .await?;
@@ -362,7 +398,7 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
     let mut connecting = futures_util::stream::iter(0..fanout.subscribers)
         .map(|i| {
             let room = i % rooms.len();
-            let url = endpoint.url(&target.path(&format!("s{i}")));
+            let url = endpoint.url(&target.path(&format!("s{i}"), fanout.auth_secret.as_deref()));
             let room_id = rooms[room].clone();
             tokio::spawn(async move {
                 let mut ws = client::connect(addr, &url, ConnectOptions::receiver()).await?;
