@@ -64,6 +64,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Reverse proxies (comma-separated addresses or CIDR blocks, e.g. `10.0.0.0/8,::1`)
+    /// whose `Forwarded` / `X-Forwarded-For` headers are believed for the per-IP caps,
+    /// rate limits and logs. From any other peer these headers are ignored.
+    #[arg(long, env = "ROOMD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
+
     /// Like --api-key, the key read from this file (surrounding whitespace trimmed).
     #[arg(
         long,
@@ -306,6 +312,8 @@ pub struct Config {
     pub read_rate: u32,
     pub max_reads_in_flight: usize,
     pub reply_timeout: Duration,
+    /// Peers whose forwarding headers name the client (see `proxy`).
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
     pub heartbeat: Duration,
     pub max_frame: usize,
     pub max_subs: usize,
@@ -421,6 +429,7 @@ impl ServeArgs {
             read_rate: self.read_rate,
             max_reads_in_flight: self.max_reads_in_flight,
             reply_timeout: self.reply_timeout.max(Duration::from_secs(1)),
+            trusted_proxies: self.trusted_proxies,
             heartbeat: self.heartbeat.max(Duration::from_millis(50)),
             max_frame: self.max_frame as usize,
             max_subs: self.max_subs,

@@ -202,9 +202,8 @@ fn charge(req: &HttpRequest, shared: &Shared, identity: &Identity) -> Result<(),
 /// id from its record before the limit applies.
 fn over_rate(req: &HttpRequest, shared: &Shared, identity: &Identity) -> Option<String> {
     let key = if identity.guest {
-        let ip = req
-            .peer_addr()
-            .map_or_else(String::new, |a| a.ip().to_string());
+        let ip = crate::proxy::client_ip(req, &shared.config.trusted_proxies)
+            .map_or_else(String::new, |ip| ip.to_string());
         format!("ip:{ip}")
     } else {
         format!("user:{}", identity.user)
@@ -280,7 +279,9 @@ async fn create_room(
 
 /// Charges a read to the caller's address and waits for a turn to build and send it.
 async fn read_turn(req: &HttpRequest, shared: &Shared) -> Result<Turn, ApiError> {
-    shared.reads.charge(req.peer_addr().map(|a| a.ip()))?;
+    shared
+        .reads
+        .charge(crate::proxy::client_ip(req, &shared.config.trusted_proxies))?;
     let kill = KillSwitch::new(req.conn_data::<ConnSocket>().copied());
     shared.reads.turn(kill).await
 }

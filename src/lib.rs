@@ -32,7 +32,8 @@
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
 //!   [`auth`]: who a caller is (JWT with a secret, a PEM key or a JWKS; the API key;
 //!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the
-//!   Origin rule; [`admission`]: the connection caps (4429).
+//!   Origin rule; [`admission`]: the connection caps (4429); [`proxy`]: the client's
+//!   address through `--trusted-proxies`.
 //! - [`room`]: the Room actor, its batches, presence and the registry.
 //! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
 //!   handle rooms push frames through; it knows nothing of sessions or rooms.
@@ -80,6 +81,7 @@ pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
+pub mod proxy;
 pub mod room;
 pub mod server;
 pub mod session;

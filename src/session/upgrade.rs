@@ -145,7 +145,8 @@ pub async fn ws_rooms(
             return Ok(up.response);
         }
     };
-    let permit = match shared.admission.admit(req.peer_addr().map(|a| a.ip())) {
+    let client_ip = crate::proxy::client_ip(&req, &shared.config.trusted_proxies);
+    let permit = match shared.admission.admit(client_ip) {
         Ok(permit) => permit,
         Err(refused) => {
             up.outbound.close(close::TOO_MANY, refused.to_string());

@@ -30,6 +30,8 @@ mod history;
 mod http_api;
 // Connection limits: frame size, UTF-8, bad frames, rate, heartbeat, slow readers.
 mod limits;
+// --trusted-proxies: forwarding headers name the client only when a trusted proxy sent them.
+mod proxies;
 // Presence: member lists, joins and leaves, only for subscribers that ask.
 mod presence;
 // Busy rooms coalesce diffs per interval; idle rooms stop and reload unchanged.

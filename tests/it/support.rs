@@ -545,6 +545,12 @@ impl Connect {
         self
     }
 
+    /// Any extra header on the upgrade request.
+    pub fn header(mut self, name: &str, value: &str) -> Connect {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
     pub fn origin(mut self, origin: &str) -> Connect {
         self.headers.push(("Origin".into(), origin.into()));
         self
