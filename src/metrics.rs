@@ -41,7 +41,13 @@ const COMMIT_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// The process's recorder handle, installing the recorder on first use.
+/// How often the recorder's upkeep drains buffered histogram samples into their
+/// buckets. `build_recorder()` runs no upkeep by itself: without this, every commit's
+/// sample stayed in memory until the next scrape, without bound on an unscraped server.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The process's recorder handle, installing the recorder (and its upkeep thread) on
+/// first use.
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -59,6 +65,17 @@ pub fn handle() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was already installed; /metrics shows gauges only");
         }
         describe();
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            });
+        if let Err(e) = spawned {
+            // Only scrapes drain the samples then; the server still works.
+            tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+        }
         handle
     })
 }
