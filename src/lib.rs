@@ -69,23 +69,39 @@
 //! Deliberately absent: `kind` knows nothing of actix, redb or rkyv; `protocol`
 //! knows nothing of rooms' internals; no module but `main.rs` uses anyhow.
 
+#[cfg(feature = "server")]
 pub mod admission;
+#[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "server")]
 pub mod bench;
+#[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod http;
 pub mod kind;
+#[cfg(feature = "server")]
 pub mod log_tool;
+#[cfg(feature = "server")]
 pub mod memory;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod outbound;
 pub mod protocol;
+#[cfg(feature = "server")]
 pub mod proxy;
+#[cfg(feature = "server")]
 pub mod room;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod session;
+#[cfg(feature = "server")]
 pub mod shared;
+#[cfg(feature = "server")]
 pub mod store;
 pub mod token_tool;
 pub mod value;
