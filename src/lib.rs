@@ -18,6 +18,8 @@
 //!
 //! Top-level modules from the top of the stack to the bottom. A module uses only modules
 //! listed below it (Architecture invariant: the import graph has no upward edge).
+//! With `default-features = false, features = ["client"]` only [`client`],
+//! [`protocol`], [`kind`] and [`value`] are built: no actix, no redb.
 //!
 //! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator),
 //!   [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd token`).
