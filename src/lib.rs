@@ -105,5 +105,6 @@ pub mod session;
 pub mod shared;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod token_tool;
 pub mod value;
