@@ -24,6 +24,9 @@
 //! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator),
 //!   [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd token`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
+//! - [`web`]: the browser side: `/client.js`, the demo at `/`, `/dashboard`, and the
+//!   Admin API's room list and presence; [`sse`]: `GET /api/rooms/{room}/stream`, a room
+//!   as Server-Sent Events; [`cors`]: CORS for `--allowed-origins`.
 //! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`]);
 //!   [`http::guard`]: what every request passes first (per-IP connection cap, Host and
 //!   Origin rules, JSON bodies, body deadline) and the `{"code","msg"}` shape of every
@@ -82,6 +85,8 @@ pub mod client;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+pub mod cors;
+#[cfg(feature = "server")]
 pub mod http;
 pub mod kind;
 #[cfg(feature = "server")]
@@ -104,7 +109,11 @@ pub mod session;
 #[cfg(feature = "server")]
 pub mod shared;
 #[cfg(feature = "server")]
+pub mod sse;
+#[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 pub mod token_tool;
 pub mod value;
+#[cfg(feature = "server")]
+pub mod web;

@@ -28,6 +28,9 @@ pub mod names {
     /// Seconds from beginning a write transaction to its commit returning (fsync
     /// included under `immediate`), for commits that carry batches.
     pub const STORE_COMMIT_SECONDS: &str = "roomd_store_commit_seconds";
+    /// Frames a room queued to its subscribers (`snapshot`s excluded: one `diff` or
+    /// `presence` to 100 subscribers counts 100). The dashboard's deliveries/s.
+    pub const DELIVERIES: &str = "roomd_deliveries_total";
     /// Open WebSocket connections.
     pub const CONNECTIONS: &str = "roomd_connections";
     /// Room actors running (loaded rooms).
@@ -95,11 +98,22 @@ fn describe() {
         "Room batches written by the store writer."
     );
     describe_counter!(names::STORE_EVENTS, "Events appended to room logs.");
+    describe_counter!(
+        names::DELIVERIES,
+        "Frames rooms queued to their subscribers (diffs, presence)."
+    );
     describe_histogram!(
         names::STORE_COMMIT_SECONDS,
         Unit::Seconds,
         "Time to write and commit one group of batches."
     );
+}
+
+/// Counts `n` frames a room broadcast to its subscribers.
+pub fn count_deliveries(n: usize) {
+    if n > 0 {
+        metrics::counter!(names::DELIVERIES).increment(n as u64);
+    }
 }
 
 /// What the scrape-time gauges read.

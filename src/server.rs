@@ -128,7 +128,9 @@ pub async fn run(
             .app_data(app_shared.clone())
             .app_data(web::PayloadConfig::new(app_shared.config.max_frame))
             .configure(crate::http::routes)
-            .route("/ws", web::get().to(crate::session::upgrade::ws_rooms));
+            .configure(crate::web::routes)
+            .route("/ws", web::get().to(crate::session::upgrade::ws_rooms))
+            .wrap(actix_web::middleware::from_fn(crate::cors::cors));
         if enable_echo {
             app = app.route("/ws/echo", web::get().to(crate::session::upgrade::ws_echo));
         }

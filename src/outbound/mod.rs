@@ -249,8 +249,9 @@ impl Outbound {
         self.inner.lock().charged
     }
 
-    /// The body side: the next frame's wire bytes, None once the close was sent.
-    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    /// The body side: the next frame's wire bytes, None once the close was sent. Also
+    /// read by the SSE stream's body (`sse.rs`), which re-frames the text payloads.
+    pub(crate) fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let mut inner = self.inner.lock();
         if inner.close_sent {
             return Poll::Ready(None);

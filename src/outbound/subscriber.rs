@@ -19,6 +19,10 @@ pub struct SessionRef {
     pub dedup: bool,
     pub encoding: Encoding,
     pub outbound: Arc<Outbound>,
+    /// True for WebSocket sessions. False for an SSE stream (`sse.rs`), which is not a
+    /// room member: it is not in presence, gets no signals, and is not counted in the
+    /// admin room list's `subscribers`.
+    pub member: bool,
     /// Rooms that dropped this connection's subscription on their own (deleted); the
     /// session forgets them before it handles its next message.
     pub evicted: Arc<parking_lot::Mutex<Vec<String>>>,

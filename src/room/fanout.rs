@@ -163,6 +163,7 @@ impl Room {
                 gone.push(*id);
             }
         }
+        crate::metrics::count_deliveries(self.subscribers.len() - gone.len());
         for id in gone {
             self.remove_subscriber(id);
         }
@@ -170,7 +171,9 @@ impl Room {
 
     pub(super) fn remove_subscriber(&mut self, session_id: u64) {
         if let Some(sub) = self.subscribers.remove(&session_id) {
-            self.presence.leave(&sub.session.user);
+            if sub.session.member {
+                self.presence.leave(&sub.session.user);
+            }
         }
     }
 }
@@ -233,7 +236,7 @@ impl Room {
         let session_id = msg.session.session_id;
         let user = msg.session.user.clone();
         let is_new = !self.subscribers.contains_key(&session_id);
-        if is_new {
+        if is_new && msg.session.member {
             self.presence.join(&user);
         }
         if msg.presence {

@@ -177,7 +177,8 @@ impl Handler<Signal> for Room {
         };
         let mut encoded: [Option<Frame>; 2] = [None, None];
         for (id, sub) in &self.subscribers {
-            if *id == msg.session_id {
+            // Signals go to the other members; an SSE stream is not one.
+            if *id == msg.session_id || !sub.session.member {
                 continue;
             }
             let slot = match sub.session.encoding {

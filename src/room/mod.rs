@@ -25,6 +25,7 @@
 //! `fanout` (subscriptions, diff batching, presence) and [`recovery`] (rebuilding a
 //! room from the log without running a reducer, also used by `?at=` and `roomd log`).
 
+pub mod admin;
 pub mod batch;
 mod commit;
 pub mod error;

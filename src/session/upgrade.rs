@@ -159,6 +159,7 @@ pub async fn ws_rooms(
         dedup: !identity.guest,
         encoding,
         outbound: up.outbound,
+        member: true,
         evicted: Default::default(),
     };
     let guard = up.guard;

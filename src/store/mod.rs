@@ -18,7 +18,8 @@
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
 //! `retention.rs` the trimming and deletion pieces, `reads.rs` the HTTP reads,
-//! `tools.rs` listing, verifying and compacting for `roomd log`, `lock.rs` and
+//! `tools.rs` listing, verifying and compacting for `roomd log`, `listing.rs` the
+//! admin room list, `lock.rs` and
 //! `format.rs` the data dir's lock and format version, `epochs.rs` the epoch salt,
 //! `error.rs` the error types.
 //!
@@ -45,6 +46,7 @@ mod epochs;
 mod error;
 mod format;
 mod guard;
+mod listing;
 mod lock;
 mod probe;
 mod reads;
@@ -304,6 +306,16 @@ pub struct RoomInfo {
     /// Set when the room's rows could not all be read (a damaged page): what was found.
     /// The counts then hold what was read before it.
     pub damage: Option<String>,
+}
+
+/// One room of the admin room list ([`Store::rooms_page`]).
+#[derive(Debug, Clone)]
+pub struct ListedRoom {
+    pub room: String,
+    pub kind: Kind,
+    pub epoch: u64,
+    /// Seq of the last committed event.
+    pub head: u64,
 }
 
 /// What one trim may delete. An event is due when it is not among the newest
@@ -785,6 +797,31 @@ impl Store {
             room.epoch ^= self.inner.epoch_salt;
         }
         Ok(rooms)
+    }
+
+    /// Blocking: one page of the admin room list (ids after `after` starting with
+    /// `prefix`, at most `limit`), and whether more follow. Reads meta rows only.
+    pub fn rooms_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<ListedRoom>, bool), StoreError> {
+        let db = self.db()?;
+        let path = &self.inner.db_path;
+        // A damaged meta page makes redb panic: answered as damage, never unwound.
+        let page = guard::catch(|| listing::rooms_page(&db, path, prefix, after, limit)).map_err(
+            |detail| StoreError::Damaged {
+                what: "the room list".to_owned(),
+                path: path.clone(),
+                detail,
+            },
+        )?;
+        let (mut rooms, more) = page?;
+        for room in &mut rooms {
+            room.epoch ^= self.inner.epoch_salt;
+        }
+        Ok((rooms, more))
     }
 
     /// Blocking: checks every row of the log (see [`ProblemKind`] for what) and returns

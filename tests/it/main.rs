@@ -8,6 +8,8 @@ mod support;
 mod access;
 // Bad input on the WebSocket (pipelined bad frames, oversize, bad UTF-8, ids, identities) and clean closes.
 mod bad_input_ws;
+// The browser tests (tests/browser/run.mjs in headless chromium): client.js, demo, kill -9, dashboard.
+mod browser;
 // JWT identity on WebSocket and HTTP, and refusing to serve a public address unprotected.
 mod auth;
 // Bad HTTP input (issue 10): stalled bodies, connection caps, read bounds, cross-site writes, error bodies.
@@ -46,6 +48,8 @@ mod rooms_chat;
 mod rooms_poll;
 // State rooms: set/del/incr, compare-and-set, values, diff batching.
 mod rooms_state;
+// Server-Sent Events, CORS for --allowed-origins, and the Admin API's room list and presence.
+mod sse;
 // Ephemeral signals between room members.
 mod signals;
 // sub/unsub bookkeeping and the error frames of messages without an id.
