@@ -295,29 +295,44 @@ async fn a_stream_that_falls_behind_ends() {
     let mut stream =
         Stream::open_with(&server, "/api/rooms/state:big/stream", &[], Some(4096)).await;
     let big = "x".repeat(30_000);
-    let n = 300;
-    for i in 0..n {
-        writer
-            .send_op(
-                &format!("s{i}"),
-                "state:big",
-                json!({"type": "set", "key": format!("k{}", i % 50), "value": big}),
-            )
-            .await;
-    }
-    let last = writer.reply(&format!("s{}", n - 1)).await;
-    assert_eq!(last["t"], "ack", "{last}");
-    // Reading now gets what was buffered, then the cut (a reset or EOF); a stream that
-    // was not cut would just go quiet.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut chunk = vec![0u8; 65536];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.tcp.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => continue,
-            Err(_) => panic!("a stream that never read was not cut after {n} large diffs"),
+    // Batches of 20 pipelined 30 KB sets, each awaited (a loaded machine is slow), until
+    // the stream is cut: the socket's pending error (SO_ERROR) reports the reset at once,
+    // while reads would first return the data still buffered.
+    let mut cut = false;
+    for batch in 0..40 {
+        for i in batch * 20..(batch + 1) * 20 {
+            writer
+                .send_op(
+                    &format!("s{i}"),
+                    "state:big",
+                    json!({"type": "set", "key": format!("k{}", i % 50), "value": big}),
+                )
+                .await;
+        }
+        let last = writer.reply(&format!("s{}", batch * 20 + 19)).await;
+        assert_eq!(last["t"], "ack", "{last}");
+        if !matches!(stream.tcp.take_error(), Ok(None)) {
+            cut = true;
+            break;
         }
     }
+    if !cut {
+        // Read what is buffered: a cut stream then ends in a reset or EOF, a live one
+        // just goes quiet.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let mut chunk = vec![0u8; 65536];
+        cut = loop {
+            match tokio::time::timeout_at(deadline, stream.tcp.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue,
+                Err(_) => break false,
+            }
+        };
+    }
+    assert!(
+        cut,
+        "a stream that never read was not cut after 800 large diffs"
+    );
 }
 
 #[tokio::test]
