@@ -171,6 +171,24 @@ pub enum AuthError {
     UserTooLong(usize),
     #[error("empty user id")]
     EmptyUser,
+    #[error("user id contains a control character")]
+    UserControl,
+    #[error("user id is not UTF-8 once percent-decoded")]
+    UserNotUtf8,
+}
+
+impl AuthError {
+    /// A user id that breaks the id rules (as opposed to a missing or bad token or key):
+    /// with auth off it is the caller's malformed input, answered 400 `invalid`.
+    pub fn is_invalid_user(&self) -> bool {
+        matches!(
+            self,
+            AuthError::UserTooLong(_)
+                | AuthError::EmptyUser
+                | AuthError::UserControl
+                | AuthError::UserNotUtf8
+        )
+    }
 }
 
 /// A key that cannot be loaded (at startup or on SIGHUP).
@@ -464,16 +482,14 @@ impl Auth {
                 None => Err(AuthError::MissingToken),
             };
         }
-        let named = query.get("user").cloned().or_else(|| {
-            http.then(|| {
-                req.headers()
-                    .get("x-roomd-user")?
-                    .to_str()
-                    .ok()
-                    .map(str::to_owned)
-            })
-            .flatten()
-        });
+        let named = match query_user(req.query_string())? {
+            Some(user) => Some(user),
+            None if http => match req.headers().get("x-roomd-user") {
+                Some(value) => Some(header_user(value)?),
+                None => None,
+            },
+            None => None,
+        };
         match named {
             Some(user) => Ok(Identity {
                 user: check_user(&user)?,
@@ -517,7 +533,7 @@ impl Auth {
             return Err(AuthError::BadApiKey);
         }
         let user = match req.headers().get("x-roomd-user") {
-            Some(value) => check_user(value.to_str().map_err(|_| AuthError::EmptyUser)?)?,
+            Some(value) => check_user(&header_user(value)?)?,
             None => Arc::from(API_KEY_USER),
         };
         Ok(Identity {
@@ -596,7 +612,51 @@ fn check_user(user: &str) -> Result<Arc<str>, AuthError> {
     if user.len() > MAX_USER_ID {
         return Err(AuthError::UserTooLong(user.len()));
     }
+    if user.chars().any(char::is_control) {
+        return Err(AuthError::UserControl);
+    }
     Ok(Arc::from(user))
+}
+
+/// An `X-Roomd-User` value as text: visible ASCII, or bytes 0x80-0xFF (obs-text) that
+/// must still form UTF-8.
+fn header_user(value: &header::HeaderValue) -> Result<String, AuthError> {
+    String::from_utf8(value.as_bytes().to_vec()).map_err(|_| AuthError::UserNotUtf8)
+}
+
+/// The last `user=` of a query string, percent-decoded (`+` is a space), refusing bytes
+/// that do not form UTF-8 instead of replacing them as form decoding does.
+fn query_user(query: &str) -> Result<Option<String>, AuthError> {
+    let mut user = None;
+    for pair in query.split('&') {
+        if let Some(("user", raw)) = pair.split_once('=') {
+            user = Some(raw);
+        }
+    }
+    let Some(raw) = user else { return Ok(None) };
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut rest = raw.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        match (first, tail) {
+            (b'%', [hi, lo, after @ ..]) if hex(*hi).is_some() && hex(*lo).is_some() => {
+                // Both digits were just checked, so the byte is their value.
+                bytes.push((hex(*hi).unwrap_or(0) * 16 + hex(*lo).unwrap_or(0)) as u8);
+                rest = after;
+            }
+            (b'+', _) => {
+                bytes.push(b' ');
+                rest = tail;
+            }
+            (byte, _) => {
+                bytes.push(byte);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| AuthError::UserNotUtf8)
 }
 
 fn bearer(req: &HttpRequest) -> Option<String> {
@@ -754,6 +814,29 @@ mod tests {
             .verify_token(&token(serde_json::json!({"sub": "root", "admin": true})))
             .expect("a valid token");
         assert!(admin.may(Permission::Create, "anything"));
+    }
+
+    #[test]
+    fn query_user_is_percent_decoded_strictly() {
+        assert_eq!(
+            query_user("user=al%69ce+b").ok().flatten().as_deref(),
+            Some("alice b")
+        );
+        assert_eq!(
+            query_user("a=1&user=%C3%A9").ok().flatten().as_deref(),
+            Some("é")
+        );
+        assert_eq!(query_user("token=x").ok().flatten(), None);
+        assert!(matches!(
+            query_user("user=%FF"),
+            Err(AuthError::UserNotUtf8)
+        ));
+        // A `%` not followed by two hex digits stands for itself.
+        assert_eq!(
+            query_user("user=100%").ok().flatten().as_deref(),
+            Some("100%")
+        );
+        assert!(matches!(check_user("a\u{7}b"), Err(AuthError::UserControl)));
     }
 
     #[test]

@@ -22,8 +22,8 @@ use crate::auth::{AuthError, Identity, Permission};
 use crate::kind::Kind;
 use crate::outbound::{ConnSocket, KillSwitch};
 use crate::protocol::codes::Code;
-use crate::protocol::ids::{epoch_hex, RoomId};
-use crate::protocol::json::{entry_json, to_value};
+use crate::protocol::ids::{self, epoch_hex, RoomId};
+use crate::protocol::json::{entry_json, parse_object, to_value};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
 use crate::room::RoomError;
 use crate::shared::Shared;
@@ -83,15 +83,13 @@ impl actix_web::ResponseError for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
-        match e {
-            AuthError::UserTooLong(_) | AuthError::EmptyUser => {
-                ApiError::new(Code::Invalid, e.to_string())
-            }
-            AuthError::MissingToken | AuthError::BadToken(_) | AuthError::BadApiKey => ApiError {
-                code: Code::Forbidden,
-                msg: e.to_string(),
-                unauthorized: true,
-            },
+        if e.is_invalid_user() {
+            return ApiError::new(Code::Invalid, e.to_string());
+        }
+        ApiError {
+            code: Code::Forbidden,
+            msg: e.to_string(),
+            unauthorized: true,
         }
     }
 }
@@ -216,17 +214,7 @@ fn over_rate(req: &HttpRequest, shared: &Shared, identity: &Identity) -> Option<
 }
 
 fn parse_body(body: &[u8]) -> Result<serde_json::Map<String, Json>, ApiError> {
-    match serde_json::from_slice::<Json>(body) {
-        Ok(Json::Object(obj)) => Ok(obj),
-        Ok(_) => Err(ApiError::new(
-            Code::Invalid,
-            "the body must be a JSON object",
-        )),
-        Err(e) => Err(ApiError::new(
-            Code::Invalid,
-            format!("the body is not JSON: {e}"),
-        )),
-    }
+    parse_object(body).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))
 }
 
 async fn wait_reply(rx: oneshot::Receiver<Result<OpDone, RoomError>>) -> Result<OpDone, ApiError> {
@@ -362,6 +350,9 @@ async fn post_op(
         Some(Json::String(id)) => Some(id.clone()),
         Some(_) => return Err(ApiError::new(Code::Invalid, "`id` must be a string")),
     };
+    if let Some(id) = &op_id {
+        ids::check_op_id(id).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
+    }
     // An op without a user identity is never deduplicated.
     let op_id = op_id.filter(|_| !identity.guest);
     let op = obj

@@ -49,7 +49,8 @@
 //!   codes, room ids and epochs. Nothing else serializes a wire message.
 //! - [`kind`]: room state and the pure reducers of each room kind.
 //! - [`value`]: the domain `Value`, free of any serialization; [`metrics`]: `GET /metrics`;
-//!   [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc).
+//!   [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc);
+//!   [`peer_errors`]: actix-http's per-request parse errors as a once-a-minute summary.
 //!
 //! # Architecture invariants
 //!
@@ -97,6 +98,7 @@ pub mod memory;
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod outbound;
+pub mod peer_errors;
 pub mod protocol;
 #[cfg(feature = "server")]
 pub mod proxy;

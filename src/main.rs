@@ -71,13 +71,31 @@ fn serve() -> anyhow::Result<()> {
         Some(Command::Token(args)) => return Ok(roomd::token_tool::run(args)?),
         None => cli.serve,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .with_context(|| format!("bad --log filter `{}`", args.log))?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+            .with_context(|| format!("bad --log filter `{}`", args.log))?;
+        // actix-http logs every request it could not parse at ERROR; those go to a
+        // once-a-minute summary instead (see `roomd::peer_errors`).
+        let output = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                !roomd::peer_errors::is_peer_error(meta)
+            }))
+            .with_filter(filter);
+        tracing_subscriber::registry()
+            .with(output)
+            .with(
+                roomd::peer_errors::PeerErrors::default().with_filter(
+                    // Only those events: the layer adds no cost to any other callsite.
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target(roomd::peer_errors::DISPATCHER_TARGET, tracing::Level::ERROR),
+                ),
+            )
+            .init();
+    }
     let config = args.into_config()?;
     let listener = listen(config.bind).with_context(|| format!("cannot bind {}", config.bind))?;
     let bound = listener.local_addr().context("bound address")?;

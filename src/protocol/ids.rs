@@ -1,4 +1,4 @@
-//! Room ids and epochs as they appear on the wire.
+//! Room ids, op ids and epochs as they appear on the wire.
 
 use std::fmt;
 use std::sync::Arc;
@@ -56,6 +56,27 @@ impl std::borrow::Borrow<str> for RoomId {
     fn borrow(&self) -> &str {
         &self.0
     }
+}
+
+/// Longest op id (`id` of `create` and `op`, WebSocket and HTTP), in bytes. The contract
+/// sets none; roomd's choice (README, "Where the contract is silent"): every op id is
+/// held in the room's dedup window and echoed in its ack, so an unbounded one is memory
+/// for the taking. Twice [`MAX_ROOM_ID`], so an id built from a room id and a prefix or
+/// counter always fits.
+pub const MAX_OP_ID: usize = 256;
+
+/// An op id over [`MAX_OP_ID`] bytes (answered `invalid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("op id of {0} bytes exceeds limit of {MAX_OP_ID}")]
+pub struct OpIdTooLong(pub usize);
+
+/// Checks an op id where it enters the server (a client frame, an HTTP body), before
+/// it reaches a room.
+pub fn check_op_id(id: &str) -> Result<(), OpIdTooLong> {
+    if id.len() > MAX_OP_ID {
+        return Err(OpIdTooLong(id.len()));
+    }
+    Ok(())
 }
 
 /// Checks a room id against `^[A-Za-z0-9_.:-]{1,128}$`, not made of dots only.

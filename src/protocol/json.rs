@@ -3,9 +3,16 @@
 //! Decoding goes through `serde_json::Value` and explicit field checks, so every
 //! malformed frame becomes a [`BadFrame`] with a reason and never a panic. Encoding writes
 //! [`ServerMsg`] as the JSON shapes of PROTOCOL.md "Server to client".
+//!
+//! Parsing refuses duplicate object keys, which serde_json would silently resolve to the
+//! last value (a client and the server could then read one message two ways): a key
+//! repeated in the message itself (or in `since`) makes it a `bad_frame`; one inside
+//! `op`, `init` or `data` makes that value `invalid`, like any other malformed value.
+//! [`parse_object`] applies the same rule to HTTP bodies.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Number, Value as Json};
 
 use super::ids::{epoch_hex, parse_epoch};
@@ -15,17 +22,37 @@ use crate::value::{Value, MAX_DEPTH};
 
 /// Decodes one client text frame.
 pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
-    let frame: Json = serde_json::from_str(text).map_err(|e| BadFrame(format!("not JSON: {e}")))?;
-    let Json::Object(obj) = frame else {
+    let frame: Parsed =
+        serde_json::from_str(text).map_err(|e| BadFrame(format!("not JSON: {e}")))?;
+    let Json::Object(obj) = frame.value else {
         return Err(BadFrame("a frame must be a JSON object".into()));
     };
+    if let Some(key) = frame.own_duplicate {
+        return Err(BadFrame(format!("duplicate key `{key}`")));
+    }
+    let members = frame.member_duplicates;
+    // A value with a repeated key inside is `invalid` (nacked under the op's id); a
+    // repeated key anywhere else in the frame makes the frame unusable.
+    let value_of = |name: &str| -> Option<Result<Value, String>> {
+        let json = obj.get(name)?;
+        Some(match duplicate_in(&members, name) {
+            Some(key) => Err(format!("duplicate key `{key}`")),
+            None => to_value(json),
+        })
+    };
+    if let Some((field, key)) = members
+        .iter()
+        .find(|(field, _)| !matches!(field.as_str(), "op" | "init" | "data"))
+    {
+        return Err(BadFrame(format!("duplicate key `{key}` in `{field}`")));
+    }
     let tag = str_field(&obj, "t")?;
     let inbound = match tag {
         "create" => Inbound::Create {
             id: str_field(&obj, "id")?.to_owned(),
             room: str_field(&obj, "room")?.to_owned(),
             kind: str_field(&obj, "kind")?.to_owned(),
-            init: obj.get("init").map_or(Ok(Value::Null), to_value),
+            init: value_of("init").unwrap_or(Ok(Value::Null)),
         },
         "sub" => Inbound::Sub {
             room: str_field(&obj, "room")?.to_owned(),
@@ -46,13 +73,11 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
         "op" => Inbound::Op {
             id: str_field(&obj, "id")?.to_owned(),
             room: str_field(&obj, "room")?.to_owned(),
-            op: obj
-                .get("op")
-                .map_or(Err("missing `op`".to_owned()), to_value),
+            op: value_of("op").unwrap_or(Err("missing `op`".to_owned())),
         },
         "signal" => Inbound::Signal {
             room: str_field(&obj, "room")?.to_owned(),
-            data: obj.get("data").map_or(Ok(Value::Null), to_value),
+            data: value_of("data").unwrap_or(Ok(Value::Null)),
         },
         "auth" => Inbound::Auth {
             token: str_field(&obj, "token")?.to_owned(),
@@ -60,6 +85,150 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
         other => return Err(BadFrame(format!("unknown message type `{other}`"))),
     };
     Ok(inbound)
+}
+
+/// Why a JSON body could not be used (HTTP 400 `invalid`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("the body must be a JSON object")]
+    NotObject,
+    #[error("duplicate key `{0}` in the body")]
+    DuplicateKey(String),
+}
+
+/// Parses a JSON object (an HTTP body), refusing a key repeated anywhere in it.
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Json>, ObjectError> {
+    let parsed: Parsed =
+        serde_json::from_slice(bytes).map_err(|e| ObjectError::NotJson(e.to_string()))?;
+    if let Some(key) = parsed.duplicate {
+        return Err(ObjectError::DuplicateKey(key));
+    }
+    match parsed.value {
+        Json::Object(obj) => Ok(obj),
+        _ => Err(ObjectError::NotObject),
+    }
+}
+
+fn duplicate_in<'a>(members: &'a [(String, String)], field: &str) -> Option<&'a str> {
+    members
+        .iter()
+        .find(|(name, _)| name == field)
+        .map(|(_, key)| key.as_str())
+}
+
+/// A JSON value as serde_json parses it, and the object keys it repeats. serde_json's
+/// own `Value` keeps the last of a repeated key without a word; this keeps the first and
+/// reports the repetition. Nesting is bounded by serde_json's recursion limit (128).
+struct Parsed {
+    value: Json,
+    /// The first key repeated within one object, at any depth.
+    duplicate: Option<String>,
+    /// For an object: a key repeated in the object itself.
+    own_duplicate: Option<String>,
+    /// For an object: its members whose values repeat a key, with that key.
+    member_duplicates: Vec<(String, String)>,
+}
+
+impl Parsed {
+    fn plain(value: Json) -> Parsed {
+        Parsed {
+            value,
+            duplicate: None,
+            own_duplicate: None,
+            member_duplicates: Vec::new(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Parsed {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Parsed, D::Error> {
+        deserializer.deserialize_any(ParsedVisitor)
+    }
+}
+
+struct ParsedVisitor;
+
+impl<'de> Visitor<'de> for ParsedVisitor {
+    type Value = Parsed;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Parsed, E> {
+        Ok(Parsed::plain(Json::Bool(b)))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Parsed, E> {
+        Ok(Parsed::plain(Json::from(n)))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Parsed, E> {
+        Ok(Parsed::plain(Json::from(n)))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Parsed, E> {
+        // serde_json yields finite floats only; `from_f64` is None for the others.
+        Ok(Parsed::plain(
+            Number::from_f64(f).map_or(Json::Null, Json::Number),
+        ))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Parsed, E> {
+        Ok(Parsed::plain(Json::String(s.to_owned())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Parsed, E> {
+        Ok(Parsed::plain(Json::String(s)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Parsed, E> {
+        Ok(Parsed::plain(Json::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parsed, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        let mut duplicate = None;
+        while let Some(item) = seq.next_element::<Parsed>()? {
+            duplicate = duplicate.or(item.duplicate);
+            items.push(item.value);
+        }
+        Ok(Parsed {
+            duplicate,
+            ..Parsed::plain(Json::Array(items))
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Parsed, A::Error> {
+        let mut map = Map::new();
+        let mut own_duplicate: Option<String> = None;
+        let mut member_duplicates = Vec::new();
+        while let Some(key) = access.next_key::<String>()? {
+            let member: Parsed = access.next_value()?;
+            if let Some(inner) = member.duplicate {
+                member_duplicates.push((key.clone(), inner));
+            }
+            match map.entry(key) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(member.value);
+                }
+                serde_json::map::Entry::Occupied(slot) => {
+                    own_duplicate.get_or_insert_with(|| slot.key().clone());
+                }
+            }
+        }
+        let duplicate = own_duplicate
+            .clone()
+            .or_else(|| member_duplicates.first().map(|(_, key)| key.clone()));
+        Ok(Parsed {
+            value: Json::Object(map),
+            duplicate,
+            own_duplicate,
+            member_duplicates,
+        })
+    }
 }
 
 fn str_field<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<&'a str, BadFrame> {
@@ -270,6 +439,44 @@ mod tests {
         ] {
             assert!(decode(frame).is_err(), "{frame}");
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_bad_frames_in_the_message_and_invalid_inside_values() {
+        for frame in [
+            r#"{"t":"sub","t":"unsub","room":"r"}"#,
+            r#"{"t":"sub","room":"r","since":{"epoch":"0000000000000001","seq":1,"seq":2}}"#,
+        ] {
+            let err = decode(frame).expect_err(frame);
+            assert!(err.0.contains("duplicate key"), "{err}");
+        }
+        let frame = r#"{"t":"op","id":"c1","room":"r","op":{"a":[{"b":1,"b":1}]}}"#;
+        match decode(frame) {
+            Ok(Inbound::Op { op: Err(why), .. }) => assert_eq!(why, "duplicate key `b`"),
+            other => panic!("expected an invalid op, got {other:?}"),
+        }
+        // The same key in two different objects is no repetition.
+        let frame = r#"{"t":"op","id":"c1","room":"r","op":{"a":{"k":1},"b":{"k":2}}}"#;
+        assert!(matches!(decode(frame), Ok(Inbound::Op { op: Ok(_), .. })));
+    }
+
+    #[test]
+    fn http_bodies_refuse_duplicate_keys_at_any_depth() {
+        assert_eq!(
+            parse_object(br#"{"id":"a","op":{"x":[{"y":1,"y":2}]}}"#),
+            Err(ObjectError::DuplicateKey("y".into()))
+        );
+        assert_eq!(
+            parse_object(br#"{"id":"a","id":"b"}"#),
+            Err(ObjectError::DuplicateKey("id".into()))
+        );
+        assert_eq!(parse_object(b"[1]"), Err(ObjectError::NotObject));
+        let obj = parse_object(br#"{"n":1.5,"big":18446744073709551615,"s":"x","z":null}"#)
+            .expect("a plain object");
+        assert_eq!(
+            Json::Object(obj),
+            json!({"n":1.5,"big":18446744073709551615u64,"s":"x","z":null})
+        );
     }
 
     #[test]

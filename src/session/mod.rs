@@ -27,7 +27,7 @@ use self::frame_guard::GuardHandle;
 use crate::auth::{Identity, Permission};
 use crate::outbound::{Charge, Frame, SessionRef};
 use crate::protocol::codes::{close, Code};
-use crate::protocol::ids::RoomId;
+use crate::protocol::ids::{self, RoomId};
 use crate::protocol::message::ServerMsg;
 use crate::protocol::{Encoding, Inbound};
 use crate::room::messages::{self as room_msg, ReplyTo};
@@ -362,11 +362,16 @@ impl Session {
         }
     }
 
-    /// Checks an op or create before it goes to a room: None when its room id is bad
-    /// (nacked here), else whether it is over the rate limit. An op over the limit still
+    /// Checks an op or create before it goes to a room: None when its op id or room id
+    /// is bad (nacked `invalid` here), else whether it is over the rate limit. An op over the limit still
     /// goes to its room, which answers a re-sent id from its record and nacks anything
     /// else `rate_limited`: a re-send must get its original ack whatever the rate.
     fn check_op(&mut self, id: &str, room: &str) -> Option<(RoomId, Option<String>)> {
+        if let Err(e) = ids::check_op_id(id) {
+            // The id is echoed so the client can match the nack; it is not kept.
+            self.nack(id.to_owned(), Code::Invalid, e.to_string());
+            return None;
+        }
         let room = match RoomId::parse(room) {
             Ok(room) => room,
             Err(e) => {

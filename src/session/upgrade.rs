@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 
 use super::frame_guard::{self, GuardHandle};
 use super::Session;
-use crate::auth::{origin_allowed, AuthError};
+use crate::auth::origin_allowed;
 use crate::outbound::{
     Charge, ConnSocket, Frame, KillSwitch, OpenConnection, Outbound, OutboundBody, SessionRef,
 };
@@ -131,8 +131,8 @@ pub async fn ws_rooms(
         ));
     };
     let identity = shared.auth.identify(&req, false);
-    if let Err(e @ (AuthError::UserTooLong(_) | AuthError::EmptyUser)) = &identity {
-        if !shared.auth.enabled() {
+    if let Err(e) = &identity {
+        if e.is_invalid_user() && !shared.auth.enabled() {
             return Ok(error_response(400, "invalid", e.to_string()));
         }
     }

@@ -393,3 +393,340 @@ async fn client_still_sending_after_the_close_reads_4400_and_a_clean_end() {
         "the server kept taking the client's frames until its close drain ended"
     );
 }
+
+// Op ids, duplicate keys, identities and oversized headers: each probe sends exactly
+// the bad input an outside battery sent, and gets a clear, bounded answer.
+
+#[tokio::test]
+async fn op_id_over_256_bytes_is_nacked_invalid_on_json_and_refused_400_over_http() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:ids", "state", json!({})).await;
+
+    let long = "i".repeat(60_000);
+    let nack = alice
+        .op(&long, "state:ids", json!({"type": "incr", "key": "n"}))
+        .await;
+    assert_eq!(nack["t"], "nack", "{} {}", nack["t"], nack["seq"]);
+    assert_eq!(nack["code"], "invalid");
+    assert_eq!(nack["msg"], "op id of 60000 bytes exceeds limit of 256");
+    // A create with an over-long id is refused the same way.
+    alice
+        .send_json(
+            json!({"t": "create", "id": "c".repeat(257), "room": "chat:long-id",
+                          "kind": "chat", "init": {}}),
+        )
+        .await;
+    let nack = alice.reply(&"c".repeat(257)).await;
+    assert_eq!(nack["code"], "invalid", "{nack}");
+    // 256 bytes is within the limit.
+    alice
+        .ack(
+            &"k".repeat(256),
+            "state:ids",
+            json!({"type": "incr", "key": "n"}),
+        )
+        .await;
+
+    let response = server
+        .post_as(
+            "bob",
+            "/api/rooms/state:ids/ops",
+            &json!({"id": long, "op": {"type": "incr", "key": "n"}}),
+        )
+        .await;
+    assert_eq!(response.status, 400, "{}", response.text);
+    assert_eq!(response.code(), "invalid");
+
+    let state = server.room_state("state:ids").await;
+    assert_eq!(
+        state["seq"], 2,
+        "only the op with a 256-byte id was applied"
+    );
+    assert_eq!(server.get("/api/rooms/chat:long-id").await.status, 404);
+}
+
+#[tokio::test]
+async fn op_id_over_256_bytes_is_nacked_invalid_on_rkyv() {
+    use roomd::protocol::message::{ClientMsg, ServerMsg, WireValue};
+    use roomd::value::Value;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:rkyv-ids", "state", json!({})).await;
+    let mut client = crate::support::Connect::new()
+        .user("bob")
+        .subprotocols(roomd::protocol::SUBPROTOCOL_RKYV)
+        .handshake(&server)
+        .await
+        .expect("the rkyv upgrade is accepted");
+    let long = "i".repeat(60_000);
+    let op = ClientMsg::Op {
+        id: long.clone(),
+        room: "state:rkyv-ids".into(),
+        op: WireValue::from_value(&Value::Map(
+            [
+                ("type".to_owned(), Value::Str("incr".into())),
+                ("key".to_owned(), Value::Str("n".into())),
+            ]
+            .into_iter()
+            .collect(),
+        )),
+    };
+    let frame = roomd::protocol::binary::encode_client(&op);
+    client.send(Message::binary(frame.to_vec())).await;
+    let reply = loop {
+        match client.next_event(TIMEOUT).await {
+            crate::support::Event::Binary(bytes) => {
+                match roomd::protocol::binary::decode_server(&bytes).expect("a server frame") {
+                    msg @ ServerMsg::Nack { .. } | msg @ ServerMsg::Ack { .. } => break msg,
+                    _ => continue,
+                }
+            }
+            other => panic!("expected a binary reply, got {other:?}"),
+        }
+    };
+    match reply {
+        ServerMsg::Nack { id, code, msg } => {
+            assert!(id == long, "the nack echoes the id ({} bytes)", id.len());
+            assert_eq!(code, roomd::protocol::codes::Code::Invalid);
+            assert!(msg.contains("exceeds limit of 256"), "{msg}");
+        }
+        ServerMsg::Ack { seq, .. } => panic!("the op with a 60 KB id was acked at seq {seq}"),
+        _ => unreachable!("the loop above breaks only on an ack or a nack"),
+    }
+    assert_eq!(server.room_state("state:rkyv-ids").await["seq"], 1);
+}
+
+#[tokio::test]
+async fn duplicate_json_keys_are_refused_on_the_websocket_and_over_http() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:dup", "state", json!({})).await;
+
+    // A key repeated in the message itself: the frame cannot be used.
+    alice
+        .send_text(r#"{"t":"op","id":"d1","room":"state:dup","room":"state:other","op":{"type":"incr","key":"n"}}"#)
+        .await;
+    let error = alice.recv_until(|v| v["t"] == "error").await;
+    assert_eq!(error["code"], "bad_frame", "{error}");
+    assert!(
+        error["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("duplicate key `room`"),
+        "{error}"
+    );
+
+    // A key repeated inside the op: the op is invalid, nacked under its id.
+    alice
+        .send_text(
+            r#"{"t":"op","id":"d2","room":"state:dup","op":{"type":"incr","key":"n","key":"m"}}"#,
+        )
+        .await;
+    let nack = alice.reply("d2").await;
+    assert_eq!(nack["t"], "nack", "{nack}");
+    assert_eq!(nack["code"], "invalid");
+    assert!(
+        nack["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("duplicate key `key`"),
+        "{nack}"
+    );
+
+    // Deeper inside a value, and in a create's init.
+    alice
+        .send_text(r#"{"t":"op","id":"d3","room":"state:dup","op":{"type":"set","key":"k","value":{"a":[{"x":1,"x":2}]}}}"#)
+        .await;
+    assert_eq!(alice.reply("d3").await["code"], "invalid");
+    alice
+        .send_text(r#"{"t":"create","id":"d4","room":"poll:dup","kind":"poll","init":{"question":"q","options":["a","b"],"question":"r"}}"#)
+        .await;
+    assert_eq!(alice.reply("d4").await["code"], "invalid");
+
+    // Over HTTP: 400 invalid, for ops and for room creation.
+    let response = server
+        .http_raw(
+            "POST",
+            "/api/rooms/state:dup/ops",
+            &[("X-Roomd-User", "bob")],
+            r#"{"id":"h1","op":{"type":"incr","key":"n"},"op":{"type":"del","key":"n"}}"#,
+        )
+        .await;
+    assert_eq!(response.status, 400, "{}", response.text);
+    assert_eq!(response.code(), "invalid");
+    assert!(
+        response.text.contains("duplicate key `op`"),
+        "{}",
+        response.text
+    );
+    let response = server
+        .http_raw(
+            "POST",
+            "/api/rooms",
+            &[],
+            r#"{"room":"state:dup2","kind":"state","init":{"entries":{"a":1,"a":2}}}"#,
+        )
+        .await;
+    assert_eq!(response.status, 400, "{}", response.text);
+    assert_eq!(response.code(), "invalid");
+
+    // Nothing of it was applied.
+    assert_eq!(server.room_state("state:dup").await["seq"], 1);
+    assert_eq!(server.get("/api/rooms/state:dup2").await.status, 404);
+    assert_eq!(server.get("/api/rooms/poll:dup").await.status, 404);
+}
+
+#[tokio::test]
+async fn user_ids_with_control_characters_or_bad_utf8_are_refused() {
+    let server = Server::start(&[]).await;
+    for query in [
+        "user=%FF",
+        "user=al%C3",
+        "user=a%01b",
+        "user=a%0Ab",
+        "user=%7F",
+    ] {
+        let refused = crate::support::Connect::new()
+            .raw_query(query)
+            .handshake(&server)
+            .await;
+        assert_eq!(
+            refused.err(),
+            Some(400),
+            "?{query} is refused at the upgrade"
+        );
+        let response = server.get(&format!("/api/rooms/state:x?{query}")).await;
+        assert_eq!(response.status, 400, "?{query}: {}", response.text);
+        assert_eq!(response.code(), "invalid");
+    }
+    let response = server
+        .http(
+            "GET",
+            "/api/rooms/state:x",
+            &[("X-Roomd-User", "a\tb")],
+            None,
+        )
+        .await;
+    assert_eq!(response.status, 400, "{}", response.text);
+    assert_eq!(response.code(), "invalid");
+    // Percent-encoded UTF-8 is a fine user id.
+    let mut client = crate::support::Connect::new()
+        .raw_query("user=%C3%A9l%C3%A8ve")
+        .connect(&server)
+        .await;
+    assert_eq!(client.user(), "élève");
+    client.create_ok("chat:utf8", "chat", json!({})).await;
+}
+
+#[tokio::test]
+async fn token_not_valid_before_a_future_time_is_refused() {
+    let secret = "nbf-secret";
+    let server = Server::start(&["--jwt-secret", secret]).await;
+    let now = crate::support::now_secs();
+    let early = crate::support::jwt(
+        secret,
+        json!({"sub": "alice", "admin": true, "nbf": now + 300}),
+    );
+    let mut client = crate::support::Connect::new()
+        .token(&early)
+        .handshake(&server)
+        .await
+        .expect("the upgrade itself succeeds; the refusal is on the socket");
+    client.expect_close(4401).await;
+    let response = server
+        .http(
+            "GET",
+            "/api/rooms/state:x",
+            &[("Authorization", &format!("Bearer {early}"))],
+            None,
+        )
+        .await;
+    assert_eq!(response.status, 401, "{}", response.text);
+
+    // Within the 30 s leeway (clock skew), and in the past, the token is good.
+    for nbf in [now + 10, now - 60] {
+        let token = crate::support::jwt(secret, json!({"sub": "alice", "admin": true, "nbf": nbf}));
+        let client = crate::support::Connect::new()
+            .token(&token)
+            .connect(&server)
+            .await;
+        assert_eq!(client.user(), "alice");
+    }
+}
+
+#[tokio::test]
+async fn oversized_request_headers_are_refused_without_an_error_per_request() {
+    let server = Server::start(&[]).await;
+    let big = "x".repeat(200 * 1024);
+    for _ in 0..5 {
+        let request = format!(
+            "GET /healthz HTTP/1.1\r\nHost: {}\r\nX-Big: {big}\r\n\r\n",
+            server.host()
+        );
+        let mut stream = TcpStream::connect(server.addr).await.expect("TCP connect");
+        // The server may stop reading (and reset the connection) once the head is too
+        // large, so neither the write nor the read has to complete.
+        let _ = tokio::time::timeout(TIMEOUT, stream.write_all(request.as_bytes())).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut answer)).await;
+        if !answer.is_empty() {
+            let head = String::from_utf8_lossy(&answer);
+            assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+        }
+    }
+    assert_eq!(server.get("/healthz").await.status, 200);
+    let log = server.stderr_tail();
+    assert!(
+        !log.contains("ERROR"),
+        "an oversized head is not a server error:\n{log}"
+    );
+    let summaries = log.matches("malformed or oversized HTTP requests").count();
+    assert!(summaries <= 1, "at most one summary a minute:\n{log}");
+}
+
+#[tokio::test]
+async fn admin_disconnect_4403_reaches_a_client_that_keeps_sending() {
+    let server = Server::start(&[]).await;
+    let raw = Raw::connect(&server, "user=victim").await;
+    let Raw {
+        mut read,
+        mut write,
+        buf,
+    } = raw;
+    // Pongs back to back for about a second, then quiet: the close comes in the middle.
+    let writer = tokio::spawn(async move {
+        let pongs: Vec<u8> = (0..20)
+            .flat_map(|_| masked_frame(true, PONG, b""))
+            .collect();
+        for _ in 0..200 {
+            if write.write_all(&pongs).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    });
+    let mut reader = RawReader {
+        read: &mut read,
+        buf,
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Auth is off, so every caller is an admin.
+    let response = server
+        .post_as("admin", "/api/users/victim/disconnect", &json!({}))
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text);
+    assert_eq!(reader.close_code().await, 4403);
+    let end = reader.end(Duration::from_secs(10)).await;
+    assert!(
+        matches!(end, Next::Eof),
+        "expected a clean end, got {end:?}"
+    );
+    assert!(
+        writer.await.expect("the writer task ends"),
+        "the server kept taking the client's frames until its close drain ended"
+    );
+}

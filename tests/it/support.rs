@@ -307,6 +307,17 @@ impl Server {
         body: Option<&Value>,
     ) -> HttpResponse {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.http_raw(method, path, headers, &body).await
+    }
+
+    /// One HTTP/1.1 request with `body` sent as it is (for bodies no JSON library writes).
+    pub async fn http_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpResponse {
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
             self.host()
@@ -321,7 +332,7 @@ impl Server {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
         request.push_str("\r\n");
-        request.push_str(&body);
+        request.push_str(body);
         let exchange = async {
             let mut stream = TcpStream::connect(self.addr).await.expect("HTTP connect");
             stream
@@ -520,6 +531,8 @@ pub enum Event {
 #[derive(Default, Clone)]
 pub struct Connect {
     query: Vec<(String, String)>,
+    /// Query parts sent exactly as given (no percent-encoding), after `query`.
+    raw_query: Vec<String>,
     headers: Vec<(String, String)>,
     recv_buffer: Option<u32>,
 }
@@ -531,6 +544,13 @@ impl Connect {
 
     pub fn user(mut self, user: &str) -> Connect {
         self.query.push(("user".into(), user.into()));
+        self
+    }
+
+    /// Adds `part` (`name=value`) to the query exactly as given, for bytes a URL
+    /// encoder would never produce.
+    pub fn raw_query(mut self, part: &str) -> Connect {
+        self.raw_query.push(part.into());
         self
     }
 
@@ -576,6 +596,7 @@ impl Connect {
             .query
             .iter()
             .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .chain(self.raw_query.iter().cloned())
             .collect();
         let mut request = server
             .ws_url(&query.join("&"))
