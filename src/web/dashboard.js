@@ -60,9 +60,9 @@ function quantile(q, now, before) {
   return prevLe;
 }
 
-const history = {};
+const series = {};
 function push(name, value) {
-  const list = (history[name] ??= []);
+  const list = (series[name] ??= []);
   list.push(value ?? 0);
   if (list.length > HISTORY) list.shift();
   drawSpark($(`s-${name}`), list);
@@ -205,6 +205,8 @@ async function refresh() {
 $("token-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   sessionStorage.setItem("roomd-admin-token", $("token-input").value.trim());
+  // A token in the fragment would win over the one just pasted.
+  window.history.replaceState(null, "", location.pathname + location.search);
   refresh();
 });
 $("prefix").addEventListener("input", () => refreshRooms().catch(() => {}));

@@ -398,6 +398,7 @@ $("token-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const token = $("token-input").value.trim();
   sessionStorage.setItem("roomd-token", token);
+  window.history.replaceState(null, "", location.pathname + location.search);
   $("token-panel").hidden = true;
   if (client) client.close();
   start(token);

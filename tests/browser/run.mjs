@@ -9,6 +9,7 @@
 // non-zero if any test failed.
 
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { mkdtempSync, mkdirSync, rmSync, writeFileSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -40,7 +41,8 @@ function log(line) {
 // ------------------------------------------------------------------ the server
 
 class Server {
-  constructor() {
+  constructor(extraArgs = []) {
+    this.extraArgs = extraArgs;
     this.dataDir = mkdtempSync(join(tmpdir(), "roomd-browser-"));
     this.port = 0;
     this.child = null;
@@ -52,7 +54,7 @@ class Server {
   }
 
   async start() {
-    const args = ["--bind", `127.0.0.1:${this.port}`, "--data-dir", this.dataDir];
+    const args = ["--bind", `127.0.0.1:${this.port}`, "--data-dir", this.dataDir, ...this.extraArgs];
     const child = spawn(BIN, args, { stdio: ["ignore", "pipe", "pipe"] });
     this.child = child;
     child.stderr.on("data", (d) => {
@@ -157,6 +159,13 @@ async function waitText(page, selector, pattern) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** An HS256 JWT for `claims`, signed with `secret`. */
+function jwt(secret, claims) {
+  const part = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
 
 // ------------------------------------------------------------------ tests
 
@@ -493,11 +502,54 @@ test("dashboard_shows_figures_that_change_under_load", async ({ browser, server 
   await dash.context().close();
 });
 
+test("with_auth_on_the_demo_and_dashboard_ask_for_a_token_or_take_one_from_the_fragment", async ({ browser }) => {
+  const secret = "browser-test-secret";
+  const secured = new Server(["--jwt-secret", secret]);
+  try {
+    await secured.start();
+    const exp = Math.floor(Date.now() / 1000) + 3600;
+    const admin = jwt(secret, { sub: "root", admin: true, exp });
+    const plain = jwt(secret, { sub: "eve", exp, rooms: { read: ["*"] } });
+    // No token: the demo shows the token form instead of failing silently.
+    const asking = await openPage(browser, `${secured.base}/?space=auth`);
+    asking.allowNetworkErrors = true; // the refused upgrade's 401 statuses
+    await asking.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT_MS });
+    await waitText(asking, "#conn-text", /Token needed/);
+    // Pasting a token into the form connects.
+    await asking.fill("#token-input", admin);
+    await asking.click("#token-form button");
+    await waitOpen(asking);
+    await waitText(asking, "#me", /^root$/);
+    await asking.context().close();
+    // A token in the URL fragment is used directly.
+    const fragment = await openPage(browser, `${secured.base}/?space=auth#token=${admin}`);
+    await waitOpen(fragment);
+    await fragment.waitForFunction(() => document.querySelectorAll("#options .option").length === 4, null, { timeout: WAIT_MS });
+    noErrors(fragment, "demo with a token in the fragment");
+    await fragment.context().close();
+    // The dashboard takes an admin: a reader's token is refused, an admin's shows figures.
+    const dash = await openPage(browser, `${secured.base}/dashboard#token=${plain}`);
+    dash.allowHttpStatus = 403;
+    await dash.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT_MS });
+    await dash.fill("#token-input", admin);
+    await dash.click("#token-form button");
+    await dash.waitForFunction(() => window.dashboard.refreshes >= 1 && window.dashboard.rooms.length >= 3, null, { timeout: WAIT_MS })
+      .catch(async (e) => {
+        const seen = await dash.evaluate(() => JSON.stringify({ d: window.dashboard, status: document.getElementById("conn-text").textContent, hash: location.hash.length }));
+        throw new Error(`${e.message}; dashboard: ${seen}; errors: ${dash.errors}`);
+      });
+    await dash.context().close();
+  } finally {
+    await secured.stop();
+  }
+});
+
 // ------------------------------------------------------------------ runner
 
 const server = new Server();
 let browser;
 let failed = 0;
+let ran = 0;
 const started = Date.now();
 try {
   await server.start();
@@ -511,6 +563,7 @@ try {
   });
   for (const t of tests) {
     if (ONLY && t.name !== ONLY) continue;
+    ran += 1;
     const t0 = Date.now();
     try {
       if (!server.child) await server.start();
@@ -529,6 +582,6 @@ try {
   if (browser) await browser.close().catch(() => {});
   await server.stop();
 }
-log(`${tests.length - failed} of ${tests.length} browser tests passed in ${((Date.now() - started) / 1000).toFixed(1)} s; screenshots in ${SHOTS}`);
+log(`${ran - failed} of ${ran} browser tests passed in ${((Date.now() - started) / 1000).toFixed(1)} s; screenshots in ${SHOTS}`);
 writeFileSync(join(SHOTS, "report.txt"), report.join("\n") + "\n");
 process.exit(failed ? 1 : 0);
