@@ -41,7 +41,9 @@
 //!   address through `--trusted-proxies`.
 //! - [`room`]: the Room actor, its batches, presence and the registry.
 //! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
-//!   handle rooms push frames through; it knows nothing of sessions or rooms.
+//!   handle rooms push frames through; it knows nothing of sessions or rooms. Every close
+//!   the server starts is `Outbound::close`: the close frame, then the client's remaining
+//!   frames read and discarded until its close frame (or 2 s), then a clean TCP close.
 //! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
 //!   bounded pieces), record formats, reads for recovery, history and time travel.
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids).

@@ -26,6 +26,7 @@ enum Next {
     /// The server closed the connection cleanly (FIN).
     Eof,
     /// The connection failed (a reset): whatever the server sent last may be lost.
+    // The error text is read only through `Debug`, in failure messages.
     Reset(#[allow(dead_code)] String),
     Timeout,
 }
