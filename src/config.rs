@@ -98,7 +98,8 @@ pub struct ServeArgs {
 
     /// Open HTTP connections per client IP (a WebSocket leaves this count once
     /// upgraded). Requests on connections beyond it get 429 `rate_limited` and the
-    /// connection is closed; `/healthz`, `/readyz` and upgrades are still answered.
+    /// connection is closed; `/healthz`, `/readyz` and upgrades are still answered, and
+    /// such a connection that sends no request within 1 s is cut.
     #[arg(long, env = "ROOMD_MAX_HTTP_CONNS_PER_IP", default_value_t = 256)]
     pub max_http_conns_per_ip: usize,
 

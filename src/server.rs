@@ -142,12 +142,24 @@ pub async fn run(
         if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
             use std::os::fd::AsRawFd;
             if let (Ok(local), Ok(peer)) = (tcp.local_addr(), tcp.peer_addr()) {
-                data.insert(ConnSocket {
+                let socket = ConnSocket {
                     fd: tcp.as_raw_fd(),
                     local,
                     peer,
-                });
-                data.insert(http_conns.connect(peer.ip()));
+                };
+                data.insert(socket);
+                let slot = http_conns.connect(peer.ip());
+                if slot.refused() {
+                    // Over its address's cap: answered if it asks at once, else cut.
+                    let requested = slot.requested();
+                    actix_rt::spawn(async move {
+                        tokio::time::sleep(crate::http::conns::REFUSED_GRACE).await;
+                        if !requested.get() {
+                            crate::outbound::KillSwitch::new(Some(socket)).kill();
+                        }
+                    });
+                }
+                data.insert(slot);
             }
         }
     })

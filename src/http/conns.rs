@@ -5,15 +5,22 @@
 //! life; dropping the connection gives the slot back. A connection over the cap still
 //! gets a slot, marked refused: [`super::guard`] answers its requests 429 and closes it
 //! (apart from health checks and upgrades), so the client learns why instead of seeing
-//! a silent reset. A WebSocket starts as an HTTP request and then lives for hours: the
+//! a silent reset. A refused connection that sends no request within [`REFUSED_GRACE`]
+//! is cut, so a flood of idle connections from one address holds at most a second's
+//! worth of descriptors. A WebSocket starts as an HTTP request and then lives for hours: the
 //! upgrade releases its slot ([`ConnSlot::release`]) and the WebSocket caps
 //! (`session::admission`) count it from then on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
+
+/// How long a connection over the cap may take to send a request before it is cut.
+pub const REFUSED_GRACE: Duration = Duration::from_secs(1);
 
 /// Open HTTP connections per client IP, against `--max-http-conns-per-ip`.
 #[derive(Debug)]
@@ -57,7 +64,10 @@ impl HttpConns {
         } else {
             SlotState::Refused
         };
-        ConnSlot(RefCell::new(state))
+        ConnSlot {
+            state: RefCell::new(state),
+            requested: Rc::default(),
+        }
     }
 
     /// Connections holding a slot from `ip` now.
@@ -66,10 +76,14 @@ impl HttpConns {
     }
 }
 
-/// One connection's place in the count, kept in its connection data. `RefCell`: the
-/// connection data lives on the connection's worker thread only.
+/// One connection's place in the count, kept in its connection data. `RefCell`, `Rc`:
+/// the connection data lives on the connection's worker thread only.
 #[derive(Debug)]
-pub struct ConnSlot(RefCell<SlotState>);
+pub struct ConnSlot {
+    state: RefCell<SlotState>,
+    /// Set when a request arrives; read by the grace timer of a refused connection.
+    requested: Rc<Cell<bool>>,
+}
 
 #[derive(Debug)]
 enum SlotState {
@@ -84,12 +98,23 @@ enum SlotState {
 impl ConnSlot {
     /// Whether the connection came while its address was at the cap.
     pub fn refused(&self) -> bool {
-        matches!(*self.0.borrow(), SlotState::Refused)
+        matches!(*self.state.borrow(), SlotState::Refused)
+    }
+
+    /// Notes that a request arrived on this connection.
+    pub fn mark_request(&self) {
+        self.requested.set(true);
+    }
+
+    /// Whether a request has arrived, readable after the slot moved into the
+    /// connection's data (for the grace timer).
+    pub fn requested(&self) -> Rc<Cell<bool>> {
+        self.requested.clone()
     }
 
     /// Gives the slot back (the connection became a WebSocket).
     pub fn release(&self) {
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state.borrow_mut();
         if matches!(*state, SlotState::Held(_)) {
             *state = SlotState::Released;
         }
@@ -141,6 +166,9 @@ mod tests {
             "an upgraded connection leaves the count"
         );
         assert!(!second.refused());
+        let seen = second.requested();
+        second.mark_request();
+        assert!(seen.get());
         drop(second);
         assert_eq!(conns.open_from(a), 0);
         assert!(

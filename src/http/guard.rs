@@ -44,7 +44,11 @@ pub async fn check(
     };
     let config = &shared.config;
     let path = req.path().to_owned();
-    let over_cap = req.conn_data::<ConnSlot>().is_some_and(ConnSlot::refused);
+    let slot = req.conn_data::<ConnSlot>();
+    if let Some(slot) = slot {
+        slot.mark_request();
+    }
+    let over_cap = slot.is_some_and(ConnSlot::refused);
     if over_cap && !exempt_from_cap(&path) {
         let max = shared.http_conns.max_per_ip();
         return Ok(refuse(

@@ -187,6 +187,64 @@ async fn stalled_bodies_time_out_and_connections_over_the_per_ip_cap_are_refused
 }
 
 #[tokio::test]
+async fn idle_connections_over_the_per_ip_cap_are_cut_quickly() {
+    // A head deadline far beyond the wait below: only the cap's own grace can end them.
+    let server = Server::start(&[
+        "--max-http-conns-per-ip",
+        "2",
+        "--header-timeout",
+        "120s",
+        "--body-timeout",
+        "120s",
+    ])
+    .await;
+    // Two connections that surely hold the address's slots: a keep-alive answer (one
+    // over the cap is closed after its answer), then a body that never comes.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(server.addr).await.expect("TCP connect");
+        let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", server.host());
+        stream
+            .write_all(health.as_bytes())
+            .await
+            .expect("the request is sent");
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !response_complete(&raw) {
+            let n = tokio::time::timeout(TIMEOUT, stream.read(&mut buf))
+                .await
+                .expect("/healthz answers")
+                .expect("the answer is read");
+            assert!(n > 0, "closed before answering");
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let response = HttpResponse::parse(&raw);
+        assert_eq!(response.status, 200, "{}", response.text);
+        assert_ne!(
+            response.header("connection"),
+            Some("close"),
+            "not over the cap"
+        );
+        stream
+            .write_all(stalled_post(&server).as_bytes())
+            .await
+            .expect("the head is sent");
+        held.push(stream);
+    }
+    // Connections that only connect, over the cap: the server closes them on its own.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(TcpStream::connect(server.addr).await.expect("TCP connect"));
+    }
+    for mut stream in idle {
+        let sent = read_until_closed(&mut stream, SLOW).await;
+        assert!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
+    }
+    assert_eq!(server.get("/healthz").await.status, 200);
+    drop(held);
+}
+
+#[tokio::test]
 async fn a_websocket_does_not_count_against_the_http_connection_cap() {
     let server = Server::start(&["--max-http-conns-per-ip", "2"]).await;
     let _first = server.client("alice").await;
