@@ -90,7 +90,7 @@ pub struct ServeArgs {
     pub allowed_origins: Vec<String>,
 
     /// Host names served besides the loopback ones (comma separated; `*` for any). On a
-    /// loopback bind only `localhost`, `127.0.0.1` and `[::1]` (any port) are served
+    /// loopback bind only `localhost`, `127.x.y.z` and `[::1]` (any port) are served
     /// unless listed here, which stops DNS rebinding; on other binds any Host is served
     /// unless this list is given. Other hosts get 403 `forbidden`, HTTP and upgrade alike.
     #[arg(long, env = "ROOMD_ALLOWED_HOSTS", value_delimiter = ',')]
