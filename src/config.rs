@@ -97,7 +97,7 @@ pub struct ServeArgs {
     pub allowed_hosts: Vec<String>,
 
     /// Open HTTP connections per client IP (a WebSocket leaves this count once
-    /// upgraded). Requests on connections beyond it get 429 `rate_limited` and the
+    /// upgraded; connections from --trusted-proxies are not counted). Requests on connections beyond it get 429 `rate_limited` and the
     /// connection is closed; `/healthz`, `/readyz` and upgrades are still answered, and
     /// such a connection that sends no request within 1 s is cut.
     #[arg(long, env = "ROOMD_MAX_HTTP_CONNS_PER_IP", default_value_t = 256)]

@@ -120,6 +120,7 @@ pub async fn run(
     let enable_echo = config.enable_echo;
     let worker_threads = quiet_threads.clone();
     let http_conns = shared.http_conns.clone();
+    let trusted_proxies = config.trusted_proxies.clone();
     let server = HttpServer::new(move || {
         // Runs once on each worker thread, as it starts.
         worker_threads.register_current();
@@ -148,6 +149,11 @@ pub async fn run(
                     peer,
                 };
                 data.insert(socket);
+                // A trusted proxy carries many clients' connections: it is not capped
+                // per address (the clients behind it are, by the rate limits).
+                if trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+                    return;
+                }
                 let slot = http_conns.connect(peer.ip());
                 if slot.refused() {
                     // Over its address's cap: answered if it asks at once, else cut.

@@ -186,6 +186,55 @@ async fn stalled_bodies_time_out_and_connections_over_the_per_ip_cap_are_refused
     }
 }
 
+/// A connection that surely holds one of the address's slots: it got a keep-alive answer
+/// (one over the cap is closed after its answer), then sent a body that never comes.
+async fn hold_a_slot(server: &Server) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).await.expect("TCP connect");
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", server.host());
+    stream
+        .write_all(health.as_bytes())
+        .await
+        .expect("the request is sent");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !response_complete(&raw) {
+        let n = tokio::time::timeout(TIMEOUT, stream.read(&mut buf))
+            .await
+            .expect("/healthz answers")
+            .expect("the answer is read");
+        assert!(n > 0, "closed before answering");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let response = HttpResponse::parse(&raw);
+    assert_eq!(response.status, 200, "{}", response.text);
+    assert_ne!(
+        response.header("connection"),
+        Some("close"),
+        "not over the cap"
+    );
+    stream
+        .write_all(stalled_post(server).as_bytes())
+        .await
+        .expect("the head is sent");
+    stream
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_is_not_held_to_the_per_ip_connection_cap() {
+    let server = Server::start(&[
+        "--max-http-conns-per-ip",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+        "--body-timeout",
+        "120s",
+    ])
+    .await;
+    let _held = hold_a_slot(&server).await;
+    // A second connection from the proxy's address is served, not refused.
+    create_chat(&server, "chat:behind-proxy").await;
+}
+
 #[tokio::test]
 async fn idle_connections_over_the_per_ip_cap_are_cut_quickly() {
     // A head deadline far beyond the wait below: only the cap's own grace can end them.
@@ -198,38 +247,9 @@ async fn idle_connections_over_the_per_ip_cap_are_cut_quickly() {
         "120s",
     ])
     .await;
-    // Two connections that surely hold the address's slots: a keep-alive answer (one
-    // over the cap is closed after its answer), then a body that never comes.
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut stream = TcpStream::connect(server.addr).await.expect("TCP connect");
-        let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", server.host());
-        stream
-            .write_all(health.as_bytes())
-            .await
-            .expect("the request is sent");
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !response_complete(&raw) {
-            let n = tokio::time::timeout(TIMEOUT, stream.read(&mut buf))
-                .await
-                .expect("/healthz answers")
-                .expect("the answer is read");
-            assert!(n > 0, "closed before answering");
-            raw.extend_from_slice(&buf[..n]);
-        }
-        let response = HttpResponse::parse(&raw);
-        assert_eq!(response.status, 200, "{}", response.text);
-        assert_ne!(
-            response.header("connection"),
-            Some("close"),
-            "not over the cap"
-        );
-        stream
-            .write_all(stalled_post(&server).as_bytes())
-            .await
-            .expect("the head is sent");
-        held.push(stream);
+        held.push(hold_a_slot(&server).await);
     }
     // Connections that only connect, over the cap: the server closes them on its own.
     let mut idle = Vec::new();
