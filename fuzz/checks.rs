@@ -9,7 +9,10 @@
 use roomd::kind::{Changes, Ctx, Kind, Limits, RoomState};
 use roomd::protocol::message::{ClientMsg, WireValue};
 use roomd::protocol::{binary, json, Inbound};
+use roomd::store::{Batch, Durability, EventRecord, RoomMeta, StorageBackend, Store};
 use roomd::value::{Value, MAX_DEPTH};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// `decode_json`: any text decodes to a request or a `BadFrame`, and every value a frame
 /// carries survives JSON and flat-node round trips.
@@ -129,6 +132,332 @@ pub fn check_reduce_state(data: &[u8]) {
         if gen.byte() == 0xff {
             room.prune_tombstones(seq / 2);
         }
+    }
+}
+
+/// `store_faults`: batches, trims and deletions written through the real store (writer
+/// thread, group commit, probes, guarded reads) onto redb over an in-memory file that
+/// fails writes and syncs, loses what was not synced (a crash), or has bytes flipped,
+/// checked against a model of what was acknowledged. Properties:
+/// - nothing panics out of the store, whatever the file holds (redb's own panics on
+///   damaged pages must come back as errors);
+/// - without flipped bytes, every reopen succeeds and every room loads with every
+///   acknowledged event, in order and unchanged, and nothing that was never submitted;
+/// - with flipped bytes, opening and loading may fail, but as errors.
+pub fn check_store_faults(data: &[u8]) {
+    let mut gen = Gen::new(data);
+    let file = FaultyFile::default();
+    let mut model = StoreModel::default();
+    let mut store = Store::open_with_backend(file.backend(), Durability::Immediate)
+        .expect("an empty in-memory database opens");
+    for _ in 0..MAX_STORE_STEPS {
+        if gen.is_empty() {
+            break;
+        }
+        match gen.byte() % 8 {
+            0..=3 => {
+                let room = STORE_ROOMS[usize::from(gen.byte()) % STORE_ROOMS.len()];
+                let n_events = 1 + usize::from(gen.byte() % 3);
+                let events: Vec<Value> = (0..n_events).map(|_| gen.value(0)).collect();
+                model.submit(&store, room, events);
+            }
+            4 => {
+                // The next write or sync from now on fails (an I/O error).
+                let after = u32::from(gen.byte() % 16);
+                let sync = gen.byte() & 1 == 1;
+                file.fail_after(after, sync);
+            }
+            5 => {
+                if let Some(offset) = file.flip(u32::from_le_bytes(gen.bytes()), gen.byte()) {
+                    model.flipped = true;
+                    let _ = offset;
+                }
+            }
+            6 => {
+                // Restart: a clean shutdown, or a crash that keeps only what was synced.
+                let crash = gen.byte() & 1 == 1;
+                store.shutdown();
+                drop(store);
+                file.restart(crash);
+                match Store::open_with_backend(file.backend(), Durability::Immediate) {
+                    Ok(reopened) => store = reopened,
+                    Err(error) => {
+                        assert!(
+                            model.flipped,
+                            "reopening an undamaged file failed (crash {crash}): {error}"
+                        );
+                        return;
+                    }
+                }
+                model.check_all(&store);
+            }
+            _ => {
+                let room = STORE_ROOMS[usize::from(gen.byte()) % STORE_ROOMS.len()];
+                model.check_room(&store, room);
+            }
+        }
+    }
+    model.check_all(&store);
+    store.shutdown();
+}
+
+/// Steps per input.
+const MAX_STORE_STEPS: usize = 48;
+
+const STORE_ROOMS: [&str; 3] = ["r0", "r1", "r2"];
+
+/// What the store acknowledged, per room.
+#[derive(Default)]
+struct StoreModel {
+    /// Events acknowledged (their batch's receiver said Ok), by room, in seq order.
+    acked: BTreeMap<String, Vec<Value>>,
+    /// Events submitted but not acknowledged after the acked ones: they may or may not
+    /// have reached the file (a failed commit can land), so a load may show a prefix.
+    maybe: BTreeMap<String, Vec<Value>>,
+    /// Whether a byte of the file was flipped: from then on, loads may fail.
+    flipped: bool,
+    /// Whether a write failed: the store refuses writes until restart.
+    failed: bool,
+}
+
+impl StoreModel {
+    fn head(&self, room: &str) -> u64 {
+        self.acked.get(room).map_or(0, |events| events.len() as u64)
+    }
+
+    fn submit(&mut self, store: &Store, room: &str, ops: Vec<Value>) {
+        if self.maybe.get(room).is_some_and(|m| !m.is_empty()) {
+            // The room's head is unknown until a reopen shows which events landed.
+            return;
+        }
+        let head = self.head(room);
+        let events: Vec<EventRecord> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| EventRecord {
+                seq: head + 1 + i as u64,
+                user: "u".into(),
+                ts_ms: 1,
+                op: op.clone(),
+                changes: Changes::default(),
+                op_id: None,
+            })
+            .collect();
+        let batch = Batch {
+            create: (head == 0).then_some(RoomMeta {
+                kind: Kind::State,
+                epoch: 7,
+            }),
+            events,
+            ..Batch::new(room)
+        };
+        let outcome = match store.submit(batch) {
+            Ok(receiver) => receiver.blocking_recv().unwrap_or_else(|_| {
+                Err(roomd::store::StoreError::ShutDown {
+                    path: "writer gone".into(),
+                })
+            }),
+            Err(_) => return,
+        };
+        match outcome {
+            Ok(()) => self.acked.entry(room.to_owned()).or_default().extend(ops),
+            Err(error) => {
+                if !self.flipped {
+                    assert!(
+                        self.failed || matches!(error, roomd::store::StoreError::Commit { .. }),
+                        "a batch failed without an I/O fault or damage: {error}"
+                    );
+                }
+                self.failed = true;
+                self.maybe.entry(room.to_owned()).or_default().extend(ops);
+            }
+        }
+    }
+
+    fn check_all(&mut self, store: &Store) {
+        for room in STORE_ROOMS {
+            self.check_room(store, room);
+        }
+        // After a reopen the store takes writes again.
+        self.failed = false;
+    }
+
+    /// Loads `room` and compares it with the model; after a successful load the events
+    /// that landed become acknowledged and the rest are forgotten.
+    fn check_room(&mut self, store: &Store, room: &str) {
+        let loaded = match store.load_room(room) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                assert!(
+                    self.flipped || self.failed,
+                    "room {room} of an undamaged file does not load: {error}"
+                );
+                return;
+            }
+        };
+        if self.flipped {
+            // Bytes inside a value can change without redb noticing (it checks page
+            // checksums only when it repairs): only the absence of panics holds.
+            return;
+        }
+        let acked = self.acked.get(room).cloned().unwrap_or_default();
+        let maybe = self.maybe.get(room).cloned().unwrap_or_default();
+        let ops: Vec<Value> = match &loaded {
+            None => Vec::new(),
+            Some(loaded) => loaded.events.iter().map(|e| e.op.clone()).collect(),
+        };
+        assert!(
+            ops.len() >= acked.len() && ops.len() <= acked.len() + maybe.len(),
+            "room {room}: loaded {} events, acked {}, maybe {}",
+            ops.len(),
+            acked.len(),
+            maybe.len()
+        );
+        let expected = acked.iter().chain(&maybe).take(ops.len());
+        for (seq, (found, wanted)) in ops.iter().zip(expected).enumerate() {
+            assert_eq!(found, wanted, "room {room}: event {} differs", seq + 1);
+        }
+        if let Some(loaded) = &loaded {
+            assert_eq!(loaded.head, ops.len() as u64, "room {room}: head");
+        }
+        if !self.failed {
+            // What landed is now known: it is the room's log from here on.
+            self.acked.insert(room.to_owned(), ops);
+            self.maybe.remove(room);
+        }
+    }
+}
+
+/// An in-memory file under redb: `live` is what redb wrote, `synced` what the last
+/// successful sync made durable (a crash restarts from it). Writes and syncs can be set
+/// to fail.
+#[derive(Clone, Default)]
+struct FaultyFile {
+    state: Arc<Mutex<FileState>>,
+}
+
+#[derive(Default)]
+struct FileState {
+    live: Vec<u8>,
+    synced: Vec<u8>,
+    /// Fail the write or sync after this many more succeed.
+    fail_after: Option<(u32, bool)>,
+}
+
+impl FaultyFile {
+    fn backend(&self) -> FaultyBackend {
+        FaultyBackend { file: self.clone() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FileState> {
+        // A panic while holding it is a finding already; read through the poison.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail_after(&self, after: u32, sync: bool) {
+        self.lock().fail_after = Some((after, sync));
+    }
+
+    /// XORs `mask` (made nonzero) into the live and synced byte at `at` modulo the
+    /// length; None for an empty file.
+    fn flip(&self, at: u32, mask: u8) -> Option<usize> {
+        let mut state = self.lock();
+        if state.live.is_empty() {
+            return None;
+        }
+        let offset = at as usize % state.live.len();
+        let mask = mask.max(1);
+        state.live[offset] ^= mask;
+        if offset < state.synced.len() {
+            state.synced[offset] ^= mask;
+        }
+        Some(offset)
+    }
+
+    /// Before a reopen: faults are cleared, and a crash drops what was not synced.
+    fn restart(&self, crash: bool) {
+        let mut state = self.lock();
+        state.fail_after = None;
+        if crash {
+            state.live = state.synced.clone();
+        }
+    }
+
+    /// Counts down an armed fault for a write (`sync` false) or sync; true: fail this one.
+    fn fault(&self, sync: bool) -> bool {
+        let mut state = self.lock();
+        match state.fail_after {
+            Some((0, on_sync)) if on_sync == sync => true,
+            Some((n, on_sync)) if on_sync == sync => {
+                state.fail_after = Some((n - 1, on_sync));
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct FaultyBackend {
+    file: FaultyFile,
+}
+
+impl std::fmt::Debug for FaultyBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FaultyBackend({} bytes)", self.file.lock().live.len())
+    }
+}
+
+fn injected() -> std::io::Error {
+    std::io::Error::other("injected I/O failure")
+}
+
+impl StorageBackend for FaultyBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.file.lock().live.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let state = self.file.lock();
+        let start = usize::try_from(offset).map_err(|_| injected())?;
+        let end = start.checked_add(out.len()).ok_or_else(injected)?;
+        let bytes = state.live.get(start..end).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
+        })?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        if self.file.fault(false) {
+            return Err(injected());
+        }
+        let len = usize::try_from(len).map_err(|_| injected())?;
+        self.file.lock().live.resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.file.fault(true) {
+            return Err(injected());
+        }
+        let mut state = self.file.lock();
+        state.synced = state.live.clone();
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        if self.file.fault(false) {
+            return Err(injected());
+        }
+        let mut state = self.file.lock();
+        let start = usize::try_from(offset).map_err(|_| injected())?;
+        let end = start.checked_add(data.len()).ok_or_else(injected)?;
+        if state.live.len() < end {
+            state.live.resize(end, 0);
+        }
+        state.live[start..end].copy_from_slice(data);
+        Ok(())
     }
 }
 

@@ -46,3 +46,8 @@ fn wire_values_round_trip_over_their_corpus() {
 fn reducers_survive_their_corpus_and_undo_restores_apply() {
     replay("reduce_state", checks::check_reduce_state);
 }
+
+#[test]
+fn the_store_keeps_what_it_acked_under_io_faults_over_its_corpus() {
+    replay("store_faults", checks::check_store_faults);
+}

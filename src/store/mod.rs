@@ -71,6 +71,8 @@ pub use error::{StoreError, SubmitError};
 pub use format::FORMAT_VERSION;
 pub use reads::MAX_PAGE_EVENTS;
 pub use record::{RecordError, MAX_RECORD_BYTES, MAX_SNAPSHOT_BYTES};
+/// The storage under redb, for [`Store::open_with_backend`].
+pub use redb::StorageBackend;
 pub use retention::{MAX_PENDING_TRIMS, MAX_PIECE_ROWS};
 pub use tools::{Problem, ProblemKind, MAX_PROBLEMS};
 pub use writer::MAX_GROUP_BATCHES;
@@ -403,8 +405,9 @@ struct Inner {
     /// (see `epochs.rs`).
     epoch_salt: u64,
     /// Dropped last, after the database is closed, so no other process opens the dir
-    /// while this one still has the file.
-    _lock: DirLock,
+    /// while this one still has the file. None for a store over a backend
+    /// ([`Store::open_with_backend`]), which has no data dir.
+    lock: Option<DirLock>,
 }
 
 impl Store {
@@ -436,8 +439,9 @@ impl Store {
         };
         let db =
             guard::catch(|| open_database(&db_path, config.cache_bytes)).map_err(damaged)??;
-        let store = guard::catch(|| Store::start(db, db_path.clone(), lock, &config, epoch_salt))
-            .map_err(damaged)??;
+        let store =
+            guard::catch(|| Store::start(db, db_path.clone(), Some(lock), &config, epoch_salt))
+                .map_err(damaged)??;
         tracing::info!(data_dir = %dir.display(), durability = ?config.durability, "store open");
         Ok(store)
     }
@@ -447,7 +451,7 @@ impl Store {
     fn start(
         db: redb::Database,
         db_path: PathBuf,
-        lock: DirLock,
+        lock: Option<DirLock>,
         config: &StoreConfig,
         epoch_salt: u64,
     ) -> Result<Store, StoreError> {
@@ -511,9 +515,41 @@ impl Store {
                 health,
                 reads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
                 epoch_salt,
-                _lock: lock,
+                lock,
             }),
         })
+    }
+
+    /// Opens a store over `backend` instead of a data dir: no lock, no FORMAT file, no
+    /// epoch salt (stored epochs are returned as written), no quiet reopen. For the fuzz
+    /// target and tests that put faults under redb (`fuzz/checks.rs`,
+    /// `check_store_faults`); the server always uses [`Store::open`].
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        durability: Durability,
+    ) -> Result<Store, StoreError> {
+        let db_path = PathBuf::from("(in-memory backend)");
+        let damaged = |detail| StoreError::Damaged {
+            what: "the database".to_owned(),
+            path: db_path.clone(),
+            detail,
+        };
+        let config = StoreConfig {
+            durability,
+            quiet_reopen: None,
+            ..StoreConfig::new("(in-memory backend)")
+        };
+        let db = guard::catch(|| {
+            redb::Builder::new()
+                .set_cache_size(config.cache_bytes)
+                .create_with_backend(backend)
+                .map_err(|source| StoreError::Open {
+                    path: db_path.clone(),
+                    source: Box::new(source),
+                })
+        })
+        .map_err(damaged)??;
+        guard::catch(|| Store::start(db, db_path.clone(), None, &config, 0)).map_err(damaged)?
     }
 
     /// Non-blocking: queues a batch for the writer (bounded; Full when the queue is full
@@ -912,7 +948,7 @@ impl Inner {
         if let Some(handle) = writer.take() {
             match handle.join() {
                 // The writer's last commit was fsync'd: the run ended cleanly.
-                Ok(()) if self.health.failure().is_none() => {
+                Ok(()) if self.health.failure().is_none() && self.lock.is_some() => {
                     if let Some(dir) = self.db_path.parent() {
                         if let Err(e) = epochs::clean_shutdown(dir) {
                             tracing::error!(error = %e, "cannot record the clean shutdown");
