@@ -114,6 +114,8 @@ export interface ConnectOptions {
 export interface ClientEventMap {
   state: CustomEvent<StateDetail>;
   welcome: CustomEvent<Record<string, unknown>>;
+  /** A token refreshed through `getToken` was accepted (`exp` in unix seconds, or null). */
+  authed: CustomEvent<{ exp: number | null }>;
   error: CustomEvent<ErrorDetail>;
 }
 

@@ -276,7 +276,8 @@ export class Room extends EventTarget {
  *
  * Events: `state` (`{state, attempt, delay, code, reason, transport}`; states are
  * `connecting`, `open`, `reconnecting`, `closed`), `welcome` (the server's welcome
- * frame), `error` (`{code, msg}` not tied to a room or op).
+ * frame), `authed` (`{exp}`: a refreshed token was accepted), `error` (`{code, msg}`
+ * not tied to a room or op, e.g. a refreshed token the server refused).
  */
 export class Client extends EventTarget {
   constructor(url, options = {}) {
@@ -483,7 +484,7 @@ export class Client extends EventTarget {
         return p.reject(new RoomdError(msg.code, msg.msg));
       }
       case "authed":
-        return;
+        return emit(this, "authed", { exp: msg.exp ?? null });
       case "error": {
         const room = msg.room && this.rooms.get(msg.room);
         if (room) {

@@ -282,6 +282,24 @@ test("client_js_ops_nacks_presence_signals_bytes_resume_and_sse", async ({ brows
     } catch (e) {
       out.sseConflict = e.code;
     }
+    // `auto`: a WebSocket that cannot connect (here: one that fails before opening, as
+    // behind a proxy that blocks upgrades) falls back to SSE + HTTP.
+    const RealWebSocket = window.WebSocket;
+    window.WebSocket = class {
+      constructor() {
+        setTimeout(() => this.onclose?.({ code: 1006, reason: "blocked" }), 5);
+      }
+      close() {}
+    };
+    const d = connect(location.origin, { user: "dave", reconnect: { base: 10, cap: 20 } });
+    await d.ready();
+    window.WebSocket = RealWebSocket;
+    out.autoTransport = d.transport;
+    const rd = d.subscribe(room);
+    await rd.whenReady();
+    out.autoN = rd.get("n");
+    out.autoOp = (await d.op(room, { type: "incr", key: "n", by: 0 })) > 0;
+    d.close();
     const sc = c.subscribe(chat, { presence: true });
     await sc.whenReady();
     await until(() => sc.members.size > 0, "presence over SSE");
@@ -314,6 +332,9 @@ test("client_js_ops_nacks_presence_signals_bytes_resume_and_sse", async ({ brows
   eq(out.sseConflict, "conflict", "HTTP nack code");
   eq(out.sseMembers, ["alice"], "SSE presence lists members, not the stream");
   eq(out.sseSignal, false, "SSE cannot signal");
+  eq(out.autoTransport, "sse", "auto falls back to SSE when WebSocket cannot connect");
+  eq(out.autoN, 116, "the fallback reads the room");
+  assert(out.autoOp, "the fallback sends ops over HTTP");
   noErrors(page, "client.js test page");
   await page.context().close();
 });
@@ -527,6 +548,26 @@ test("with_auth_on_the_demo_and_dashboard_ask_for_a_token_or_take_one_from_the_f
     await fragment.waitForFunction(() => document.querySelectorAll("#options .option").length === 4, null, { timeout: WAIT_MS });
     noErrors(fragment, "demo with a token in the fragment");
     await fragment.context().close();
+    // getToken refreshes a token 30 s before its exp, in place ({"t":"auth"}).
+    const shortLived = jwt(secret, { sub: "root", admin: true, exp: Math.floor(Date.now() / 1000) + 32 });
+    const refresher = await openPage(browser, `${secured.base}/healthz`);
+    const refreshed = await refresher.evaluate(async ([token, fresh]) => {
+      const { connect } = await import("/client.js");
+      let asked = 0;
+      const c = connect(location.origin, { token, getToken: () => { asked += 1; return fresh; } });
+      await c.ready();
+      const authed = await new Promise((resolve, reject) => {
+        c.addEventListener("authed", (ev) => resolve(ev.detail));
+        c.addEventListener("error", (ev) => reject(new Error(JSON.stringify(ev.detail))));
+        setTimeout(() => reject(new Error("no authed within 10 s")), 10_000);
+      });
+      const state = c.state;
+      c.close();
+      return { asked, exp: authed.exp, state };
+    }, [shortLived, admin]);
+    eq(refreshed, { asked: 1, exp, state: "open" }, "token refresh through getToken");
+    noErrors(refresher, "token refresh page");
+    await refresher.context().close();
     // The dashboard takes an admin: a reader's token is refused, an admin's shows figures.
     const dash = await openPage(browser, `${secured.base}/dashboard#token=${plain}`);
     dash.allowHttpStatus = 403;
