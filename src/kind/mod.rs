@@ -13,6 +13,7 @@
 
 mod chat;
 mod poll;
+pub mod rules;
 // The kind is called "state" in PROTOCOL.md, so its module is too.
 #[allow(clippy::module_inception)]
 mod state;
@@ -410,6 +411,21 @@ impl RoomState {
         }
         before
     }
+}
+
+/// Runs a kind's code (`create` or `reduce`), turning a panic into the panic's message,
+/// so a bug in one kind's rules costs one op, not the room.
+///
+/// The callers pass only code that reads the state (`reduce` takes `&RoomState`), so a
+/// panic leaves nothing half-changed: that is why asserting unwind safety is sound.
+pub fn catch_panic<T>(code: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(code)).map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    })
 }
 
 /// What one live entry counts towards `live_bytes`.
@@ -859,6 +875,14 @@ mod tests {
             assert_eq!(refusal.code, RefuseCode::Invalid);
             assert!(refusal.msg.contains(field), "{}", refusal.msg);
         }
+    }
+
+    #[test]
+    fn a_panic_in_kind_code_becomes_its_message() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        let index = 3;
+        let failed = catch_panic(|| -> u8 { panic!("index {index} out of range") });
+        assert_eq!(failed, Err("index 3 out of range".to_owned()));
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! The "state" room kind: generic authoritative key-value state. Owns its `init`, its
 //! ops (`set`, `del`, `incr`), `if_ver` compare-and-set and the size limits.
 //!
-//! Every public entry is a client's key. The only private fact is the `creator`.
+//! Every public entry is a client's key. The private facts are the `creator` and, when
+//! `init` has them, the write `rules` ([`super::rules`]).
 //!
-//! Refusals are checked in one order: the op's shape and the key (`invalid`), the
-//! value's size (`too_large`), `if_ver` (`conflict`), what the key holds (`invalid`),
-//! then the room's totals (`limit`).
+//! Refusals are checked in one order: the op's shape and the key (`invalid`), the write
+//! rules (`forbidden`), the value's size (`too_large`), `if_ver` (`conflict`), what the
+//! key holds (`invalid`), then the room's totals (`limit`).
 
-use super::{entry_bytes, Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomState};
+use super::{entry_bytes, rules, Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomState};
 use crate::value::Value;
 
 pub(super) fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
     let fields = Fields::init(init)?;
-    fields.only(&["entries"])?;
+    fields.only(&["entries", "rules"])?;
+    let rules = rules::from_init(fields.opt("rules"))?;
     let entries = match fields.opt("entries") {
         None => None,
         Some(Value::Map(entries)) => Some(entries),
@@ -45,19 +47,22 @@ pub(super) fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes
             ),
         ));
     }
-    Ok(Changes {
-        public,
-        private: vec![("creator".to_owned(), Some(Value::Str(ctx.user.to_owned())))],
-    })
+    let mut private = vec![("creator".to_owned(), Some(Value::Str(ctx.user.to_owned())))];
+    private.extend(rules.map(|rules| ("rules".to_owned(), Some(rules))));
+    Ok(Changes { public, private })
 }
 
 pub(super) fn reduce(
     state: &RoomState,
     op: &Value,
-    _ctx: &Ctx,
+    ctx: &Ctx,
     limits: &Limits,
 ) -> Result<Changes, Refusal> {
     let (kind, fields) = Fields::op(op)?;
+    let may_write = |key: &str| {
+        let creator = state.private("creator").and_then(Value::as_str);
+        rules::check_write(state.private("rules"), creator, ctx.user, key)
+    };
     match kind {
         "set" => {
             fields.only(&["key", "value", "if_ver"])?;
@@ -65,6 +70,7 @@ pub(super) fn reduce(
             let value = fields.required("value")?;
             let if_ver = if_ver(&fields)?;
             check_key(key, limits)?;
+            may_write(key)?;
             check_value_size(value, limits)?;
             check_if_ver(state, key, if_ver)?;
             check_room_limits(state, key, value, limits)?;
@@ -75,6 +81,7 @@ pub(super) fn reduce(
             let key = fields.str("key")?;
             let if_ver = if_ver(&fields)?;
             check_key(key, limits)?;
+            may_write(key)?;
             if state.live(key).is_none() {
                 // Deleting what is not there is a mistake, unless the client expected a
                 // specific version, in which case its view is stale.
@@ -92,6 +99,7 @@ pub(super) fn reduce(
             let by = fields.opt_int("by")?.unwrap_or(1);
             let if_ver = if_ver(&fields)?;
             check_key(key, limits)?;
+            may_write(key)?;
             check_if_ver(state, key, if_ver)?;
             let current = match state.live(key) {
                 None => 0,

@@ -44,6 +44,10 @@ pub enum RoomError {
     TooManyRooms { user: String, created: usize },
     #[error("unknown kind `{0}` (use {1})")]
     UnknownKind(String, String),
+    /// The room kind's code panicked on this op; nothing of it was applied, the room
+    /// keeps serving.
+    #[error("the room's rules failed on this op; it was not applied")]
+    KindPanicked,
     /// The room kind's rules refused the op.
     #[error("{}", .0.msg)]
     Refused(Refusal),
@@ -66,7 +70,8 @@ impl RoomError {
             | RoomError::CommitFailed(_)
             | RoomError::DeleteRefused(_)
             | RoomError::DeleteFailed(_)
-            | RoomError::Restarted => Code::Unavailable,
+            | RoomError::Restarted
+            | RoomError::KindPanicked => Code::Unavailable,
             RoomError::TooManyRooms { .. } => Code::Limit,
             RoomError::UnknownKind(..) => Code::Invalid,
             RoomError::Refused(refusal) => refusal.code.into(),
@@ -99,6 +104,11 @@ mod tests {
                 "room r1 is being deleted; retry",
             ),
             (RoomError::Exists(room()), "exists", "room r1 exists"),
+            (
+                RoomError::KindPanicked,
+                "unavailable",
+                "the room's rules failed on this op; it was not applied",
+            ),
             (
                 RoomError::Refused(Refusal::new(RefuseCode::Conflict, "ver 3, not 2")),
                 "conflict",

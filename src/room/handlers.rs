@@ -9,7 +9,7 @@ use super::live::Live;
 use super::messages::*;
 use super::op_ids::OpKey;
 use super::{batch, Room, RoomError, Status};
-use crate::kind::{Ctx, Kind, RoomState};
+use crate::kind::{catch_panic, Ctx, Kind, RoomState};
 use crate::outbound::{encode, Charge, Frame};
 use crate::protocol::message::{ServerMsg, WireValue};
 use crate::protocol::Encoding;
@@ -77,9 +77,14 @@ impl Room {
             now_ms,
             seq: 1,
         };
-        let changes = match RoomState::create(kind, &init, &seq_ctx, &self.config.limits) {
-            Ok(changes) => changes,
-            Err(refusal) => return reply.nack(RoomError::Refused(refusal)),
+        let limits = &self.config.limits;
+        let changes = match catch_panic(|| RoomState::create(kind, &init, &seq_ctx, limits)) {
+            Ok(Ok(changes)) => changes,
+            Ok(Err(refusal)) => return reply.nack(RoomError::Refused(refusal)),
+            Err(panic) => {
+                tracing::error!(room = %self.room_id, kind = kind.as_str(), op = "create", %panic, "room kind code panicked; nacked unavailable");
+                return reply.nack(RoomError::KindPanicked);
+            }
         };
         let epoch = rand::random::<u64>();
         let mut live = Live::new(kind, epoch, RoomState::new(kind), 0);
@@ -131,12 +136,18 @@ impl Handler<Submit> for Room {
             now_ms: msg.now_ms,
             seq,
         };
-        match live.state.reduce(&msg.op, &seq_ctx, &self.config.limits) {
-            Ok(changes) => {
+        let limits = &self.config.limits;
+        let state = &live.state;
+        match catch_panic(|| state.reduce(&msg.op, &seq_ctx, limits)) {
+            Err(panic) => {
+                tracing::error!(room = %self.room_id, user = %msg.user, op = ?msg.op, %panic, "room kind code panicked; op nacked unavailable");
+                live.reply_nack(msg.reply, RoomError::KindPanicked);
+            }
+            Ok(Ok(changes)) => {
                 live.apply_event(&msg.user, msg.now_ms, msg.op, changes, op_key, msg.reply);
                 self.flush(ctx);
             }
-            Err(refusal) => live.reply_nack(msg.reply, RoomError::Refused(refusal)),
+            Ok(Err(refusal)) => live.reply_nack(msg.reply, RoomError::Refused(refusal)),
         }
     }
 }

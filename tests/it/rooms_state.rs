@@ -482,3 +482,68 @@ async fn pipelined_ops_arrive_as_chained_coalesced_diffs() {
         json!([{"k": "count", "v": n / 3, "ver": last}])
     );
 }
+
+#[tokio::test]
+async fn write_rules_limit_keys_to_their_user_the_creator_or_any_member_across_a_restart() {
+    let mut server = Server::start(&[]).await;
+    let init = json!({
+        "entries": {"config/title": "lobby"},
+        "rules": [
+            {"keys": "user/{user}/*"},
+            {"keys": "config/*", "write": "creator"},
+            {"keys": "board/*", "write": "member"}
+        ]
+    });
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:rules", "state", init).await;
+    let mut bob = server.client("bob").await;
+
+    let own = json!({"type": "set", "key": "user/bob/hp", "value": 10});
+    assert!(bob.ack("b1", "state:rules", own).await > 1);
+    let theirs = json!({"type": "set", "key": "user/alice/hp", "value": 0});
+    assert_eq!(bob.nack("b2", "state:rules", theirs).await, "forbidden");
+    let config = json!({"type": "set", "key": "config/title", "value": "mine"});
+    assert_eq!(
+        bob.nack("b3", "state:rules", config.clone()).await,
+        "forbidden"
+    );
+    assert!(alice.ack("a1", "state:rules", config).await > 1);
+    let board = json!({"type": "incr", "key": "board/moves"});
+    assert!(bob.ack("b4", "state:rules", board).await > 1);
+    let uncovered = json!({"type": "set", "key": "elsewhere", "value": 1});
+    assert_eq!(bob.nack("b5", "state:rules", uncovered).await, "forbidden");
+    let del = json!({"type": "del", "key": "user/bob/hp"});
+    assert_eq!(alice.nack("a2", "state:rules", del).await, "forbidden");
+
+    // The rules are part of the room's logged state: a restarted server applies them.
+    server.restart().await;
+    let mut bob = server.client("bob").await;
+    let config = json!({"type": "del", "key": "config/title"});
+    assert_eq!(bob.nack("b6", "state:rules", config).await, "forbidden");
+    let own = json!({"type": "del", "key": "user/bob/hp"});
+    assert!(bob.ack("b7", "state:rules", own).await > 1);
+    let state = server.room_state("state:rules").await;
+    let keys: Vec<&str> = state["entries"]
+        .as_array()
+        .expect("entries is a list")
+        .iter()
+        .map(|e| e["k"].as_str().expect("keys are strings"))
+        .collect();
+    assert_eq!(keys, ["board/moves", "config/title"]);
+
+    let mut carol = server.client("carol").await;
+    for (id, rules) in [
+        ("c1", json!("user/*")),
+        ("c2", json!([{"keys": "x", "write": "owner"}])),
+        ("c3", json!([{"keys": ""}])),
+    ] {
+        let reply = carol
+            .create(
+                &format!("state:bad-{id}"),
+                "state",
+                json!({ "rules": rules }),
+            )
+            .await;
+        assert_eq!(reply["code"], "invalid", "{id}: {reply}");
+    }
+}
