@@ -13,9 +13,16 @@ use clap::{Args, ValueEnum};
 use crate::store::Durability;
 
 /// Flags of `roomd serve`. Each flag can also come from the environment variable named
-/// next to it; a flag on the command line wins over the environment.
+/// next to it, or from the `--config` file; a flag on the command line wins over the
+/// environment, which wins over the file.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// TOML file of settings, keyed by flag name (`bind = "0.0.0.0:8080"`,
+    /// `public-read = ["poll:*"]`, `durability = "none"`); flags and ROOMD_* variables
+    /// win over it.
+    #[arg(long, env = "ROOMD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on. Port 0 picks a free port; the bound address is printed as
     /// `roomd listening on ADDR` on stdout.
     #[arg(long, env = "ROOMD_BIND", default_value = "127.0.0.1:8080")]
@@ -253,6 +260,19 @@ pub struct ServeArgs {
     /// Log filter, in `tracing` syntax (e.g. `info`, `roomd=debug`).
     #[arg(long, env = "ROOMD_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for
+    /// log collectors. Each connection logs one line at open and one at close (user,
+    /// client address, close code, duration, frames and bytes each way); tokens and API
+    /// keys are never logged.
+    #[arg(long, env = "ROOMD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,9 +486,129 @@ impl ServeArgs {
     }
 }
 
+/// Why a `--config` file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read --config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--config {path} is not TOML: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("--config {path}: unknown setting `{key}` (settings are named like the flags of `roomd serve`)")]
+    Unknown { path: PathBuf, key: String },
+    #[error("--config {path}: `{key}` must be a string, number, boolean or list of those")]
+    BadValue { path: PathBuf, key: String },
+}
+
+/// The `--config FILE` named on the command line (`--config F`, `--config=F`) or in
+/// `ROOMD_CONFIG`, if any.
+pub fn config_file_named(args: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--config" {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    std::env::var_os("ROOMD_CONFIG").map(PathBuf::from)
+}
+
+/// The settings of a `--config` file as `(ROOMD_* variable, value)` pairs, for every
+/// setting whose variable is not already set: the file then sits below flags and the
+/// environment and above the defaults, with the same parsing as both.
+pub fn config_file_env(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigFileError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let command = ServeArgs::augment_args(clap::Command::new("roomd"));
+    let mut pairs = Vec::new();
+    for (key, value) in &table {
+        let flag = key.replace('_', "-");
+        let env = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(flag.as_str()) && flag != "config")
+            .and_then(|arg| arg.get_env())
+            .ok_or_else(|| ConfigFileError::Unknown {
+                path: path.to_owned(),
+                key: key.clone(),
+            })?
+            .to_string_lossy()
+            .into_owned();
+        let scalar = |value: &toml::Value| match value {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(n) => Some(n.to_string()),
+            toml::Value::Float(f) => Some(f.to_string()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        };
+        let text = match value {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(scalar)
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.join(",")),
+            other => scalar(other),
+        }
+        .ok_or_else(|| ConfigFileError::BadValue {
+            path: path.to_owned(),
+            key: key.clone(),
+        })?;
+        if std::env::var_os(&env).is_none() {
+            pairs.push((env, text));
+        }
+    }
+    Ok(pairs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_files_name_settings_like_flags() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("roomd.toml");
+        std::fs::write(
+            &path,
+            "max_subs = 7\npublic-read = [\"poll:*\", \"chat:lobby\"]\ndurability = \"none\"\n",
+        )
+        .expect("writable");
+        let mut pairs = config_file_env(&path).expect("a valid file");
+        pairs.sort();
+        assert_eq!(
+            pairs,
+            vec![
+                ("ROOMD_DURABILITY".to_owned(), "none".to_owned()),
+                ("ROOMD_MAX_SUBS".to_owned(), "7".to_owned()),
+                (
+                    "ROOMD_PUBLIC_READ".to_owned(),
+                    "poll:*,chat:lobby".to_owned()
+                ),
+            ]
+        );
+        std::fs::write(&path, "no_such_flag = 1\n").expect("writable");
+        assert!(matches!(
+            config_file_env(&path),
+            Err(ConfigFileError::Unknown { .. })
+        ));
+        std::fs::write(&path, "bind = { a = 1 }\n").expect("writable");
+        assert!(matches!(
+            config_file_env(&path),
+            Err(ConfigFileError::BadValue { .. })
+        ));
+    }
 
     #[test]
     fn durations_accept_common_units() {

@@ -63,6 +63,15 @@ fn main() {
 }
 
 fn serve() -> anyhow::Result<()> {
+    // A `--config` file becomes ROOMD_* variables for the settings the environment does
+    // not set, so clap ranks them: flag > environment > file > default. Done first, while
+    // the process has one thread (setting variables is not thread-safe).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(path) = roomd::config::config_file_named(&argv) {
+        for (name, value) in roomd::config::config_file_env(&path)? {
+            std::env::set_var(name, value);
+        }
+    }
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
@@ -79,12 +88,19 @@ fn serve() -> anyhow::Result<()> {
             .with_context(|| format!("bad --log filter `{}`", args.log))?;
         // actix-http logs every request it could not parse at ERROR; those go to a
         // once-a-minute summary instead (see `roomd::peer_errors`).
-        let output = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                !roomd::peer_errors::is_peer_error(meta)
-            }))
-            .with_filter(filter);
+        let output = match args.log_format {
+            roomd::config::LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .boxed(),
+            roomd::config::LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .boxed(),
+        }
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            !roomd::peer_errors::is_peer_error(meta)
+        }))
+        .with_filter(filter);
         tracing_subscriber::registry()
             .with(output)
             .with(

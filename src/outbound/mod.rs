@@ -128,6 +128,19 @@ struct Inner {
     close_sent: bool,
     /// The body waiting for a frame.
     waker: Option<Waker>,
+    /// Frames and wire bytes handed to the connection so far (the close frame
+    /// included), for the connection's log line.
+    sent_frames: u64,
+    sent_bytes: u64,
+}
+
+/// What a connection has sent, for its log line at close.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SentStats {
+    pub frames: u64,
+    pub bytes: u64,
+    /// The close code asked for, if the server closed (or answered a close).
+    pub close_code: Option<u16>,
 }
 
 /// How long a slow consumer's connection (4001) may take to finish before its socket is
@@ -244,6 +257,16 @@ impl Outbound {
         self.inner.lock().closed_at.map(|at| at + CLOSE_DRAIN)
     }
 
+    /// Frames and bytes sent so far, and the close code.
+    pub fn sent(&self) -> SentStats {
+        let inner = self.inner.lock();
+        SentStats {
+            frames: inner.sent_frames,
+            bytes: inner.sent_bytes,
+            close_code: inner.close.as_ref().map(|(code, _)| *code),
+        }
+    }
+
     /// Bytes currently charged.
     pub fn charged(&self) -> usize {
         self.inner.lock().charged
@@ -264,6 +287,8 @@ impl Outbound {
             };
             Parser::write_close(&mut wire, Some(reason), false);
             inner.close_sent = true;
+            inner.sent_frames += 1;
+            inner.sent_bytes += wire.len() as u64;
             return Poll::Ready(Some(wire.freeze()));
         }
         let Some((frame, charged)) = inner.frames.pop_front() else {
@@ -271,6 +296,8 @@ impl Outbound {
             return Poll::Pending;
         };
         inner.charged -= charged;
+        inner.sent_frames += 1;
+        inner.sent_bytes += frame.len() as u64;
         drop(inner);
         Poll::Ready(Some(match frame {
             Frame::Data(wire) => wire,

@@ -60,6 +60,12 @@ pub struct Session {
     expiry: Option<SpawnHandle>,
     /// This connection's slot under the connection caps, given back when the actor ends.
     _permit: crate::admission::Permit,
+    /// For the connection's log lines: the client's address (through trusted proxies),
+    /// when it opened, and what it sent (frames, payload bytes).
+    peer: Option<std::net::IpAddr>,
+    opened: Instant,
+    frames_in: u64,
+    bytes_in: u64,
 }
 
 impl Session {
@@ -69,6 +75,7 @@ impl Session {
         guard: GuardHandle,
         identity: Identity,
         permit: crate::admission::Permit,
+        peer: Option<std::net::IpAddr>,
     ) -> Session {
         let config = &shared.config;
         let quota = Quota::per_second(
@@ -90,6 +97,10 @@ impl Session {
             identity,
             expiry: None,
             _permit: permit,
+            peer,
+            opened: Instant::now(),
+            frames_in: 0,
+            bytes_in: 0,
         }
     }
 
@@ -434,6 +445,13 @@ impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        tracing::info!(
+            session = self.session.session_id,
+            user = %self.session.user,
+            peer = ?self.peer,
+            encoding = ?self.session.encoding,
+            "connection open"
+        );
         // Control messages only (close requests at shutdown); frames never go through it.
         ctx.set_mailbox_capacity(16);
         let config = &self.shared.config;
@@ -462,6 +480,20 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // The one log line of a connection's end. Never the token: only who and how much.
+        let sent = self.session.outbound.sent();
+        tracing::info!(
+            session = self.session.session_id,
+            user = %self.session.user,
+            peer = ?self.peer,
+            close_code = sent.close_code.map_or(-1, i32::from),
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            frames_in = self.frames_in,
+            bytes_in = self.bytes_in,
+            frames_out = sent.frames,
+            bytes_out = sent.bytes,
+            "connection closed"
+        );
         for addr in self.subs.values() {
             // One per subscription when a connection ends: a rare lifecycle message.
             addr.do_send(room_msg::Unsubscribe {
@@ -477,6 +509,15 @@ impl Actor for Session {
 impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
     fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_seen = Instant::now();
+        self.frames_in += 1;
+        self.bytes_in += match &item {
+            Ok(AggregatedMessage::Text(text)) => text.len() as u64,
+            Ok(AggregatedMessage::Binary(bytes)) => bytes.len() as u64,
+            Ok(AggregatedMessage::Ping(bytes) | AggregatedMessage::Pong(bytes)) => {
+                bytes.len() as u64
+            }
+            _ => 0,
+        };
         let msg = match item {
             Ok(msg) => msg,
             Err(err) => {

@@ -166,7 +166,7 @@ pub async fn ws_rooms(
     let messages = up.messages;
     Session::create(move |ctx| {
         ctx.add_stream(messages);
-        Session::new(session_ref, shared, guard, identity, permit)
+        Session::new(session_ref, shared, guard, identity, permit, client_ip)
     });
     Ok(up.response)
 }

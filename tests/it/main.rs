@@ -34,6 +34,8 @@ mod http_api;
 mod limits;
 // --trusted-proxies: forwarding headers name the client only when a trusted proxy sent them.
 mod proxies;
+// Operations logs: one JSON line per connection at open and close, never a secret.
+mod logs;
 // Presence: member lists, joins and leaves, only for subscribers that ask.
 mod presence;
 // Busy rooms coalesce diffs per interval; idle rooms stop and reload unchanged.
