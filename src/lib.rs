@@ -100,6 +100,7 @@ pub mod memory;
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod outbound;
+#[cfg(feature = "server")]
 pub mod peer_errors;
 pub mod protocol;
 #[cfg(feature = "server")]
