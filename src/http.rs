@@ -233,9 +233,24 @@ async fn create_room(
     body: web::Bytes,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
+    let (room, msg, rx) = create_request(&req, &body, &shared).inspect_err(count_refused)?;
+    send_to_room(&shared, &room, msg).await;
+    let done = wait_reply(rx).await?;
+    Ok(HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) })))
+}
+
+/// An op or create answered by its room, with the receiver of the room's answer.
+type ToRoom<M> = (RoomId, M, oneshot::Receiver<Result<OpDone, RoomError>>);
+
+/// Checks a `POST /api/rooms` and builds its message to the room.
+fn create_request(
+    req: &HttpRequest,
+    body: &web::Bytes,
+    shared: &Shared,
+) -> Result<ToRoom<room_msg::Create>, ApiError> {
     // A bad token is 401 whatever the body.
-    shared.auth.identify(&req, true)?;
-    let obj = parse_body(&body)?;
+    shared.auth.identify(req, true)?;
+    let obj = parse_body(body)?;
     let (Some(Json::String(room)), Some(Json::String(kind))) = (obj.get("room"), obj.get("kind"))
     else {
         return Err(ApiError::new(
@@ -243,8 +258,8 @@ async fn create_room(
             "`room` and `kind` must be strings",
         ));
     };
-    let identity = authorize(&req, &shared, Permission::Create, room)?;
-    charge(&req, &shared, &identity)?;
+    let identity = authorize(req, shared, Permission::Create, room)?;
+    charge(req, shared, &identity)?;
     let room = room_id(room)?;
     let init = obj
         .get("init")
@@ -260,9 +275,13 @@ async fn create_room(
         refusal: None,
         reply: ReplyTo::http(tx),
     };
-    send_to_room(&shared, &room, msg).await;
-    let done = wait_reply(rx).await?;
-    Ok(HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) })))
+    Ok((room, msg, rx))
+}
+
+/// Counts an op or create the HTTP API refused before a room saw it (a room's answers
+/// are counted by their `ReplyTo`).
+fn count_refused(e: &ApiError) {
+    room_msg::count_op(None, Some(e.code));
 }
 
 /// Charges a read to the caller's address and waits for a turn to build and send it.
@@ -340,11 +359,24 @@ async fn post_op(
     body: web::Bytes,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
-    let room = path.into_inner();
-    let identity = authorize(&req, &shared, Permission::Write, &room)?;
-    let over_rate = over_rate(&req, &shared, &identity);
-    let room = room_id(&room)?;
-    let obj = parse_body(&body)?;
+    let (room, msg, rx) =
+        op_request(&req, &path.into_inner(), &body, &shared).inspect_err(count_refused)?;
+    send_to_room(&shared, &room, msg).await;
+    let done = wait_reply(rx).await?;
+    Ok(HttpResponse::Ok().json(json!({ "seq": done.seq })))
+}
+
+/// Checks a `POST /api/rooms/{room}/ops` and builds its message to the room.
+fn op_request(
+    req: &HttpRequest,
+    room: &str,
+    body: &web::Bytes,
+    shared: &Shared,
+) -> Result<ToRoom<room_msg::Submit>, ApiError> {
+    let identity = authorize(req, shared, Permission::Write, room)?;
+    let over_rate = over_rate(req, shared, &identity);
+    let room = room_id(room)?;
+    let obj = parse_body(body)?;
     let op_id = match obj.get("id") {
         None | Some(Json::Null) => None,
         Some(Json::String(id)) => Some(id.clone()),
@@ -376,9 +408,7 @@ async fn post_op(
         refusal,
         reply: ReplyTo::http(tx),
     };
-    send_to_room(&shared, &room, msg).await;
-    let done = wait_reply(rx).await?;
-    Ok(HttpResponse::Ok().json(json!({ "seq": done.seq })))
+    Ok((room, msg, rx))
 }
 
 /// The numeric query parameters of the read endpoints.

@@ -50,7 +50,8 @@
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
 //!   codes, room ids and epochs. Nothing else serializes a wire message.
 //! - [`kind`]: room state and the pure reducers of each room kind.
-//! - [`value`]: the domain `Value`, free of any serialization; [`metrics`]: `GET /metrics`;
+//! - [`value`]: the domain `Value`, free of any serialization; [`metrics`]: `GET /metrics`
+//!   (every figure's name, the recorder, its upkeep, handles registered once);
 //!   [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc);
 //!   [`peer_errors`]: actix-http's per-request parse errors as a once-a-minute summary.
 //!

@@ -1,18 +1,26 @@
-//! `GET /metrics`: the server's counters in the Prometheus text format.
+//! `GET /metrics`: the server's figures in the Prometheus text format, all through the
+//! `metrics` facade and `metrics-exporter-prometheus` (no exposition text is written by
+//! hand).
 //!
-//! Two kinds of figures:
-//! - counters and histograms recorded where things happen, through the `metrics` facade
-//!   (the store writer's commits, batches, events and commit time; see [`names`]);
-//! - gauges read when the endpoint is scraped (open connections, live rooms, store
+//! Three kinds of figures:
+//! - counters and histograms recorded where things happen (see [`names`]); the ones on
+//!   hot paths (every frame, every delivery, every op) go through handles registered
+//!   once ([`hot`], [`CounterSet`]), so recording is an atomic add (a histogram sample:
+//!   a timestamp and a slot in a lock-free bucket), with no key built or looked up;
+//! - gauges kept up to date where they change (open subscriptions);
+//! - gauges set when the endpoint is scraped (open connections, live rooms, store
 //!   health), so nothing on a hot path keeps them up to date.
 //!
 //! The recorder is process-global (`metrics` allows one); the first server to start
-//! installs it and later ones in the same process (tests) share it, so counters then add
-//! up across those servers. Nothing is exported unless a client asks.
+//! installs it and later ones in the same process (tests) share it, so figures then add
+//! up across those servers. Histogram samples are buffered by the recorder until its
+//! upkeep (every [`UPKEEP_INTERVAL`], on its own thread) or a scrape folds them into
+//! their buckets, so an unscraped server holds at most an interval's worth of samples.
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge, Histogram, Label};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// The metric names, in one place so the README and the code agree.
 pub mod names {
@@ -31,6 +39,32 @@ pub mod names {
     /// Frames a room queued to its subscribers (`snapshot`s excluded: one `diff` or
     /// `presence` to 100 subscribers counts 100). The dashboard's deliveries/s.
     pub const DELIVERIES: &str = "roomd_deliveries_total";
+    /// Ops and creates answered, over WebSocket and HTTP, by `kind` (the room's kind,
+    /// `none` when refused before a room of a known kind saw it) and `result` (`ack`
+    /// or the nack code).
+    pub const OPS: &str = "roomd_ops_total";
+    /// WebSocket frames handed to connections' sockets (close frames included).
+    pub const FRAMES_SENT: &str = "roomd_frames_sent_total";
+    /// The wire bytes of those frames (headers included).
+    pub const BYTES_SENT: &str = "roomd_bytes_sent_total";
+    /// WebSocket connections ended, by `code`: the close code sent (or echoed), `none`
+    /// when the connection ended without one.
+    pub const CONNECTIONS_CLOSED: &str = "roomd_connections_closed_total";
+    /// Subscriptions started (`snapshot` or `resumed` queued), WebSocket and SSE.
+    pub const SUBSCRIPTIONS_STARTED: &str = "roomd_subscriptions_started_total";
+    /// Subscriptions open now, WebSocket and SSE.
+    pub const SUBSCRIPTIONS: &str = "roomd_subscriptions";
+    /// Signals dropped, by `reason`: `room_busy` (the room's mailbox was full) or
+    /// `queue_full` (a receiver's outbound queue was half full); one per receiver.
+    pub const SIGNALS_DROPPED: &str = "roomd_signals_dropped_total";
+    /// Room actors that read their room from the store, by `result`: `live`, `absent`
+    /// (no such room) or `failed`.
+    pub const ROOM_LOADS: &str = "roomd_room_loads_total";
+    /// Seconds a room took to load (store read and rebuild).
+    pub const ROOM_LOAD_SECONDS: &str = "roomd_room_load_seconds";
+    /// Bytes charged to a connection's outbound queue right after a frame was queued to
+    /// it (the frame included): how close connections run to `--outbound-queue`.
+    pub const OUTBOUND_QUEUE_BYTES: &str = "roomd_outbound_queue_bytes";
     /// Open WebSocket connections.
     pub const CONNECTIONS: &str = "roomd_connections";
     /// Room actors running (loaded rooms).
@@ -44,9 +78,21 @@ const COMMIT_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// The room-load buckets, in seconds: 100 µs to 10 s.
+const LOAD_BUCKETS: [f64; 11] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0,
+];
+
+/// The outbound-queue buckets, in bytes: 256 B to 16 MiB by fours (the default
+/// `--outbound-queue` is 1 MiB).
+const QUEUE_BUCKETS: [f64; 10] = [
+    256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 524288.0, 1048576.0, 4194304.0, 16777216.0,
+];
+
 /// How often the recorder's upkeep drains buffered histogram samples into their
-/// buckets. `build_recorder()` runs no upkeep by itself: without this, every commit's
-/// sample stayed in memory until the next scrape, without bound on an unscraped server.
+/// buckets. `build_recorder()` runs no upkeep by itself: without this, every sample
+/// stayed in memory until the next scrape, without bound on an unscraped server (the
+/// test `tests/metrics_memory.rs` checks the bound).
 pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The process's recorder handle, installing the recorder (and its upkeep thread) on
@@ -54,18 +100,22 @@ pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full(names::STORE_COMMIT_SECONDS.into()),
-                &COMMIT_BUCKETS,
-            )
-            .expect("the bucket list is a non-empty constant")
-            .build_recorder();
+        let mut builder = PrometheusBuilder::new();
+        for (name, buckets) in [
+            (names::STORE_COMMIT_SECONDS, &COMMIT_BUCKETS[..]),
+            (names::ROOM_LOAD_SECONDS, &LOAD_BUCKETS[..]),
+            (names::OUTBOUND_QUEUE_BYTES, &QUEUE_BUCKETS[..]),
+        ] {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                .expect("the bucket lists are non-empty constants");
+        }
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first (an embedding program's);
-        // then its recorder gets the figures and this handle renders the gauges alone.
+        // then its recorder gets the figures and this handle renders nothing.
         if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("a metrics recorder was already installed; /metrics shows gauges only");
+            tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
         }
         describe();
         let upkeep = handle.clone();
@@ -74,6 +124,7 @@ pub fn handle() -> &'static PrometheusHandle {
             .spawn(move || loop {
                 std::thread::sleep(UPKEEP_INTERVAL);
                 upkeep.run_upkeep();
+                release_drained_blocks();
             });
         if let Err(e) = spawned {
             // Only scrapes drain the samples then; the server still works.
@@ -83,8 +134,21 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// Frees the sample blocks the upkeep just drained. The exporter's histogram buffers
+/// (`metrics_util::AtomicBucket`) hand drained blocks to crossbeam-epoch's default
+/// collector, which parks them in this thread's local bag until 64 batches pile up
+/// (megabytes of samples). A flush moves them to the global queue and collects; each
+/// collect also advances the epoch, so three of them free what no reader can still see
+/// (a record in progress at the moment of the drain keeps its block until a later
+/// upkeep).
+fn release_drained_blocks() {
+    for _ in 0..3 {
+        crossbeam_epoch::pin().flush();
+    }
+}
+
 fn describe() {
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         names::STORE_COMMITS,
         "Write transactions committed by the store writer."
@@ -98,21 +162,133 @@ fn describe() {
         "Room batches written by the store writer."
     );
     describe_counter!(names::STORE_EVENTS, "Events appended to room logs.");
-    describe_counter!(
-        names::DELIVERIES,
-        "Frames rooms queued to their subscribers (diffs, presence)."
-    );
     describe_histogram!(
         names::STORE_COMMIT_SECONDS,
         Unit::Seconds,
         "Time to write and commit one group of batches."
     );
+    describe_counter!(
+        names::DELIVERIES,
+        "Frames rooms queued to their subscribers (diffs, presence)."
+    );
+    describe_counter!(
+        names::OPS,
+        "Ops and creates answered, by room kind and result (ack or nack code)."
+    );
+    describe_counter!(names::FRAMES_SENT, "WebSocket frames handed to sockets.");
+    describe_counter!(
+        names::BYTES_SENT,
+        Unit::Bytes,
+        "Wire bytes of the WebSocket frames handed to sockets."
+    );
+    describe_counter!(
+        names::CONNECTIONS_CLOSED,
+        "WebSocket connections ended, by close code."
+    );
+    describe_counter!(names::SUBSCRIPTIONS_STARTED, "Subscriptions started.");
+    describe_gauge!(names::SUBSCRIPTIONS, "Subscriptions open.");
+    describe_counter!(
+        names::SIGNALS_DROPPED,
+        "Signals dropped under load, per receiver, by reason."
+    );
+    describe_counter!(names::ROOM_LOADS, "Rooms read from the store, by result.");
+    describe_histogram!(
+        names::ROOM_LOAD_SECONDS,
+        Unit::Seconds,
+        "Time to read and rebuild one room."
+    );
+    describe_histogram!(
+        names::OUTBOUND_QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes in a connection's outbound queue right after a frame was queued."
+    );
+    describe_gauge!(names::CONNECTIONS, "Open WebSocket connections.");
+    describe_gauge!(names::ROOMS_LIVE, "Room actors running.");
+    describe_gauge!(names::STORE_HEALTHY, "1 while the store accepts writes.");
+}
+
+/// The handles of the unlabelled figures recorded on hot paths, registered once.
+pub struct Hot {
+    pub store_commit_seconds: Histogram,
+    pub deliveries: Counter,
+    pub frames_sent: Counter,
+    pub bytes_sent: Counter,
+    pub outbound_queue_bytes: Histogram,
+    pub subscriptions_started: Counter,
+    pub subscriptions: Gauge,
+    pub room_load_seconds: Histogram,
+    pub room_loads_live: Counter,
+    pub room_loads_absent: Counter,
+    pub room_loads_failed: Counter,
+    pub signals_dropped_room_busy: Counter,
+    pub signals_dropped_queue_full: Counter,
+}
+
+/// The hot-path handles (installing the recorder first, so they are never the no-op
+/// handles of a recorder not yet there).
+pub fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| {
+        handle();
+        Hot {
+            store_commit_seconds: metrics::histogram!(names::STORE_COMMIT_SECONDS),
+            deliveries: metrics::counter!(names::DELIVERIES),
+            frames_sent: metrics::counter!(names::FRAMES_SENT),
+            bytes_sent: metrics::counter!(names::BYTES_SENT),
+            outbound_queue_bytes: metrics::histogram!(names::OUTBOUND_QUEUE_BYTES),
+            subscriptions_started: metrics::counter!(names::SUBSCRIPTIONS_STARTED),
+            subscriptions: metrics::gauge!(names::SUBSCRIPTIONS),
+            room_load_seconds: metrics::histogram!(names::ROOM_LOAD_SECONDS),
+            room_loads_live: metrics::counter!(names::ROOM_LOADS, "result" => "live"),
+            room_loads_absent: metrics::counter!(names::ROOM_LOADS, "result" => "absent"),
+            room_loads_failed: metrics::counter!(names::ROOM_LOADS, "result" => "failed"),
+            signals_dropped_room_busy: metrics::counter!(
+                names::SIGNALS_DROPPED,
+                "reason" => "room_busy"
+            ),
+            signals_dropped_queue_full: metrics::counter!(
+                names::SIGNALS_DROPPED,
+                "reason" => "queue_full"
+            ),
+        }
+    })
+}
+
+/// Counters of one name with fixed label sets, registered once: counting picks one by
+/// position (an index and an atomic add), with no key built or looked up. Modules that
+/// own the label values (nack codes, close codes, room kinds) keep one in a `static`.
+pub struct CounterSet(Box<[Counter]>);
+
+impl CounterSet {
+    /// One counter of `name` per label set, in order (installing the recorder first).
+    pub fn new<const N: usize>(
+        name: &'static str,
+        label_sets: impl IntoIterator<Item = [(&'static str, &'static str); N]>,
+    ) -> CounterSet {
+        handle();
+        CounterSet(
+            label_sets
+                .into_iter()
+                .map(|labels| {
+                    let labels: Vec<Label> =
+                        labels.iter().map(|&(k, v)| Label::new(k, v)).collect();
+                    metrics::counter!(name, labels)
+                })
+                .collect(),
+        )
+    }
+
+    /// The counter of the `index`th label set. Panics on an index past the sets given
+    /// to `new`, which is a bug in the caller's mapping.
+    pub fn get(&self, index: usize) -> &Counter {
+        &self.0[index]
+    }
 }
 
 /// Counts `n` frames a room broadcast to its subscribers.
 pub fn count_deliveries(n: usize) {
     if n > 0 {
-        metrics::counter!(names::DELIVERIES).increment(n as u64);
+        hot().deliveries.increment(n as u64);
     }
 }
 
@@ -123,27 +299,14 @@ pub struct Gauges {
     pub store_healthy: bool,
 }
 
-/// The Prometheus text for the recorded figures plus `gauges`.
+/// The Prometheus text: the scrape-time gauges are set from `gauges`, then everything
+/// recorded is rendered by the exporter.
 pub fn render(gauges: &Gauges) -> String {
-    let mut text = handle().render();
-    for (name, help, value) in [
-        (
-            names::CONNECTIONS,
-            "Open WebSocket connections.",
-            gauges.connections,
-        ),
-        (names::ROOMS_LIVE, "Room actors running.", gauges.rooms_live),
-        (
-            names::STORE_HEALTHY,
-            "1 while the store accepts writes.",
-            usize::from(gauges.store_healthy),
-        ),
-    ] {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    }
-    text
+    let handle = handle();
+    metrics::gauge!(names::CONNECTIONS).set(gauges.connections as f64);
+    metrics::gauge!(names::ROOMS_LIVE).set(gauges.rooms_live as f64);
+    metrics::gauge!(names::STORE_HEALTHY).set(f64::from(u8::from(gauges.store_healthy)));
+    handle.render()
 }
 
 /// The value of an unlabelled counter or gauge `name` in Prometheus text, for tools
@@ -172,6 +335,25 @@ mod tests {
         assert_eq!(scrape_value(&text, names::ROOMS_LIVE), Some(7.0));
         assert_eq!(scrape_value(&text, names::STORE_HEALTHY), Some(1.0));
         assert_eq!(scrape_value(&text, "roomd_missing"), None);
+        assert!(text.contains("# TYPE roomd_connections gauge"), "{text}");
+    }
+
+    #[test]
+    fn counter_sets_count_each_label_set_apart() {
+        let set = CounterSet::new(
+            "roomd_test_set_total",
+            [[("result", "a")], [("result", "b")]],
+        );
+        set.get(1).increment(2);
+        let text = render(&Gauges {
+            connections: 0,
+            rooms_live: 0,
+            store_healthy: true,
+        });
+        assert!(
+            text.contains("roomd_test_set_total{result=\"b\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl Outbound {
     /// Queues a frame without waiting; see the module docs for the overflow policy.
     pub fn push(&self, frame: Frame, charge: Charge) -> Pushed {
         let len = frame.len();
+        let mut queued = 0;
         let (pushed, waker) = {
             let mut inner = self.inner.lock();
             if inner.close.is_some() {
@@ -194,9 +195,15 @@ impl Outbound {
             } else {
                 inner.frames.push_back((frame, charged));
                 inner.charged += charged;
+                queued = inner.charged;
                 (Pushed::Queued, inner.waker.take())
             }
         };
+        if pushed == Pushed::Queued {
+            crate::metrics::hot()
+                .outbound_queue_bytes
+                .record(queued as f64);
+        }
         if pushed == Pushed::Overflowed {
             self.schedule_cut(SLOW_CONSUMER_GRACE);
         }
@@ -364,7 +371,12 @@ impl MessageBody for OutboundBody {
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         let this = self.get_mut();
         match this.outbound.poll_frame(cx) {
-            Poll::Ready(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(frame)) => {
+                let hot = crate::metrics::hot();
+                hot.frames_sent.increment(1);
+                hot.bytes_sent.increment(frame.len() as u64);
+                return Poll::Ready(Some(Ok(frame)));
+            }
             Poll::Pending => return Poll::Pending,
             // The close frame went out: drain until the client's close or the deadline.
             Poll::Ready(None) => {}

@@ -19,6 +19,28 @@ use crate::protocol::Encoding;
 pub(super) struct Subscriber {
     pub(super) session: SessionRef,
     pub(super) presence: bool,
+    /// Counts this subscription in `roomd_subscriptions` for as long as it exists,
+    /// whichever way it ends (unsubscribe, overflow, deletion, the room stopping).
+    _counted: OpenSubscription,
+}
+
+/// One open subscription in the `roomd_subscriptions` gauge, from its creation to its
+/// drop.
+struct OpenSubscription;
+
+impl OpenSubscription {
+    fn new() -> OpenSubscription {
+        let hot = crate::metrics::hot();
+        hot.subscriptions_started.increment(1);
+        hot.subscriptions.increment(1.0);
+        OpenSubscription
+    }
+}
+
+impl Drop for OpenSubscription {
+    fn drop(&mut self) {
+        crate::metrics::hot().subscriptions.decrement(1.0);
+    }
 }
 
 /// Committed changes waiting for the next diff frame.
@@ -254,6 +276,7 @@ impl Room {
             Subscriber {
                 session: msg.session,
                 presence: msg.presence,
+                _counted: OpenSubscription::new(),
             },
         );
         true

@@ -10,7 +10,7 @@ use super::messages::*;
 use super::op_ids::OpKey;
 use super::{batch, Room, RoomError, Status};
 use crate::kind::{catch_panic, Ctx, Kind, RoomState};
-use crate::outbound::{encode, Charge, Frame};
+use crate::outbound::{encode, Charge, Frame, Pushed};
 use crate::protocol::message::{ServerMsg, WireValue};
 use crate::protocol::Encoding;
 use crate::store::{self, RoomMeta};
@@ -29,6 +29,7 @@ impl Handler<Create> for Room {
             Ok(Some(live)) => live,
             Ok(None) => return self.create(msg, op_key, ctx),
         };
+        msg.reply.set_kind(live.kind);
         // A re-sent create is answered from the op-id record, with seq 1.
         if let Some(key) = &op_key {
             if let Some(seq) = live.op_ids.get(key) {
@@ -54,9 +55,12 @@ impl Room {
             init,
             now_ms,
             refusal,
-            reply,
+            mut reply,
             ..
         } = msg;
+        if let Some(kind) = Kind::parse(&kind) {
+            reply.set_kind(kind);
+        }
         if let Some(refusal) = refusal {
             return reply.nack(refusal);
         }
@@ -103,7 +107,7 @@ impl Room {
 impl Handler<Submit> for Room {
     type Result = ();
 
-    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Submit, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
         // A live room whose creation is not durable yet takes ops too: they wait in line
         // behind it like any other op, so the client sees no race.
@@ -117,6 +121,7 @@ impl Handler<Submit> for Room {
             }
             Ok(Some(live)) => live,
         };
+        msg.reply.set_kind(live.kind);
         let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
         if let Some(key) = &op_key {
             if let Some(seq) = live.op_ids.get(key) {
@@ -200,7 +205,11 @@ impl Handler<Signal> for Room {
                 .get_or_insert_with(|| encode(&signal, sub.session.encoding))
                 .clone();
             // Signals are the first thing dropped under load.
-            sub.session.outbound.push(frame, Charge::Droppable);
+            if sub.session.outbound.push(frame, Charge::Droppable) == Pushed::Dropped {
+                crate::metrics::hot()
+                    .signals_dropped_queue_full
+                    .increment(1);
+            }
         }
     }
 }

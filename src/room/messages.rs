@@ -8,7 +8,9 @@ use std::sync::Arc;
 use actix::{Message, MessageResponse};
 use tokio::sync::oneshot;
 
+use crate::kind::Kind;
 use crate::outbound::{Charge, SessionRef};
+use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry};
 use crate::protocol::Since;
 use crate::value::Value;
@@ -26,8 +28,14 @@ pub fn now_ms() -> i64 {
 /// Who is waiting for an op's outcome. Every op gets exactly one answer: a `ReplyTo`
 /// dropped unanswered (its room stopped with the message still queued) answers
 /// `unavailable`, so a client never waits forever.
+///
+/// It also counts the answer in `roomd_ops_total`, with the room's kind once the room
+/// has said it ([`ReplyTo::set_kind`]).
 #[derive(Debug)]
-pub struct ReplyTo(Option<Target>);
+pub struct ReplyTo {
+    target: Option<Target>,
+    kind: Option<Kind>,
+}
 
 #[derive(Debug)]
 enum Target {
@@ -46,15 +54,29 @@ pub struct OpDone {
 
 impl ReplyTo {
     pub fn session(session: SessionRef, id: String) -> ReplyTo {
-        ReplyTo(Some(Target::Session(session, id)))
+        ReplyTo {
+            target: Some(Target::Session(session, id)),
+            kind: None,
+        }
     }
 
     pub fn http(tx: oneshot::Sender<Result<OpDone, RoomError>>) -> ReplyTo {
-        ReplyTo(Some(Target::Http(tx)))
+        ReplyTo {
+            target: Some(Target::Http(tx)),
+            kind: None,
+        }
+    }
+
+    /// The kind of the room answering, for `roomd_ops_total`.
+    pub fn set_kind(&mut self, kind: Kind) {
+        self.kind = Some(kind);
     }
 
     pub fn ack(mut self, done: OpDone) {
-        match self.0.take() {
+        if self.target.is_some() {
+            count_op(self.kind, None);
+        }
+        match self.target.take() {
             Some(Target::Session(session, id)) => {
                 session.send(&ServerMsg::Ack { id, seq: done.seq }, Charge::Full)
             }
@@ -71,7 +93,10 @@ impl ReplyTo {
     }
 
     fn nack_in_place(&mut self, error: RoomError) {
-        match self.0.take() {
+        if self.target.is_some() {
+            count_op(self.kind, Some(error.code()));
+        }
+        match self.target.take() {
             Some(Target::Session(session, id)) => session.send(
                 &ServerMsg::Nack {
                     id,
@@ -92,6 +117,52 @@ impl Drop for ReplyTo {
     fn drop(&mut self) {
         self.nack_in_place(RoomError::Restarted);
     }
+}
+
+/// The `kind` label values of `roomd_ops_total`: the room kinds, then `none` (refused
+/// before a room of a known kind answered).
+const OP_KINDS: [&str; 4] = ["chat", "poll", "state", "none"];
+
+/// The nack codes in their declaration order (`Code` is `repr(u8)`, so `code as usize`
+/// is the position here; a test checks it).
+const NACK_CODES: [Code; 12] = [
+    Code::BadFrame,
+    Code::Invalid,
+    Code::NotFound,
+    Code::Exists,
+    Code::Forbidden,
+    Code::Conflict,
+    Code::Closed,
+    Code::RateLimited,
+    Code::TooLarge,
+    Code::Limit,
+    Code::Gone,
+    Code::Unavailable,
+];
+
+/// Counts one answered op or create in `roomd_ops_total`: `kind` None when no room of a
+/// known kind saw it, `nack` None for an ack. Also called by the session and the HTTP
+/// API for what they refuse before a room sees it. Registered once: an index and an
+/// atomic add per op.
+pub fn count_op(kind: Option<Kind>, nack: Option<Code>) {
+    static OPS: std::sync::OnceLock<crate::metrics::CounterSet> = std::sync::OnceLock::new();
+    let results = NACK_CODES.len() + 1;
+    let ops = OPS.get_or_init(|| {
+        let sets = OP_KINDS.iter().flat_map(|&kind| {
+            std::iter::once("ack")
+                .chain(NACK_CODES.iter().map(|code| code.as_str()))
+                .map(move |result| [("kind", kind), ("result", result)])
+        });
+        crate::metrics::CounterSet::new(crate::metrics::names::OPS, sets)
+    });
+    let kind_index = match kind {
+        Some(Kind::Chat) => 0,
+        Some(Kind::Poll) => 1,
+        Some(Kind::State) => 2,
+        None => 3,
+    };
+    let result_index = nack.map_or(0, |code| code as usize + 1);
+    ops.get(kind_index * results + result_index).increment(1);
 }
 
 /// Create the room (the first event). Answered through `reply`.
@@ -190,4 +261,17 @@ pub struct Drained {
 #[rtype(result = "()")]
 pub struct Delete {
     pub reply: oneshot::Sender<Result<(), RoomError>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nack_codes_are_listed_in_declaration_order() {
+        for (index, code) in NACK_CODES.iter().enumerate() {
+            assert_eq!(*code as usize, index, "{code:?}");
+        }
+        assert_eq!(Code::Unavailable as usize + 1, NACK_CODES.len());
+    }
 }

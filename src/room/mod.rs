@@ -171,15 +171,26 @@ impl Room {
         }
     }
 
-    fn loaded(&mut self, loaded: Result<Option<LoadedRoom>, String>) {
+    /// Takes the store's answer; `started` is when the load began (for its metrics).
+    fn loaded(&mut self, loaded: Result<Option<LoadedRoom>, String>, started: Instant) {
+        let hot = crate::metrics::hot();
         self.status = match loaded {
-            Ok(None) => Status::Absent,
-            Ok(Some(room)) => Status::Live(Box::new(recovery::rebuild(room))),
+            Ok(None) => {
+                hot.room_loads_absent.increment(1);
+                Status::Absent
+            }
+            Ok(Some(room)) => {
+                hot.room_loads_live.increment(1);
+                Status::Live(Box::new(recovery::rebuild(room)))
+            }
             Err(e) => {
+                hot.room_loads_failed.increment(1);
                 tracing::error!(room = %self.room_id, error = %e, "cannot load room");
                 Status::Failed(e)
             }
         };
+        hot.room_load_seconds
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// True when stopping loses nothing: no subscriber, nothing uncommitted, nobody
@@ -226,6 +237,7 @@ impl Actor for Room {
         ctx.run_interval(every, |room, ctx| room.check_idle(ctx));
         let store = self.store.clone();
         let room_id = self.room_id.clone();
+        let started = Instant::now();
         let load = async move {
             match store
                 .read_blocking(move |store| store.load_room(&room_id))
@@ -238,8 +250,8 @@ impl Actor for Room {
         };
         // `wait` pauses the mailbox: no message is handled before the room is loaded.
         // A room stopped while idle was not trimmed meanwhile; it asks once it is back.
-        ctx.wait(load.into_actor(self).map(|loaded, room, ctx| {
-            room.loaded(loaded);
+        ctx.wait(load.into_actor(self).map(move |loaded, room, ctx| {
+            room.loaded(loaded, started);
             room.maybe_trim(ctx, true);
         }));
     }

@@ -116,7 +116,9 @@ impl Session {
         });
     }
 
+    /// Nacks an op or create refused here, before any room saw it.
     fn nack(&self, id: String, code: Code, msg: impl Into<String>) {
+        room_msg::count_op(None, Some(code));
         self.send(&ServerMsg::Nack {
             id,
             code,
@@ -301,11 +303,14 @@ impl Session {
                     );
                 }
                 // Signals are dropped first under load: a full room mailbox drops it.
-                let _ = addr.try_send(room_msg::Signal {
+                let sent = addr.try_send(room_msg::Signal {
                     session_id: self.session.session_id,
                     user: self.user_ref(),
                     data,
                 });
+                if let Err(SendError::Full(_)) = sent {
+                    crate::metrics::hot().signals_dropped_room_busy.increment(1);
+                }
             }
             Inbound::Auth { token } => self.refresh(&token, ctx),
         }
@@ -494,6 +499,7 @@ impl Actor for Session {
             bytes_out = sent.bytes,
             "connection closed"
         );
+        count_close(sent.close_code);
         for addr in self.subs.values() {
             // One per subscription when a connection ends: a rare lifecycle message.
             addr.do_send(room_msg::Unsubscribe {
@@ -563,6 +569,34 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
         }
         ctx.stop();
     }
+}
+
+/// The `code` label values of `roomd_connections_closed_total`: the codes the server
+/// sends, the codes a client's close is commonly echoed with, then `other` (any other
+/// valid code a client chose) and `none` (ended without a close frame).
+const CLOSE_CODES: [&str; 18] = [
+    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4002", "4008", "4400",
+    "4401", "4403", "4429", "3000", "other", "none",
+];
+
+/// Counts a WebSocket connection ended with `code` (None: without a close frame).
+pub fn count_close(code: Option<u16>) {
+    static CLOSED: std::sync::OnceLock<crate::metrics::CounterSet> = std::sync::OnceLock::new();
+    let closed = CLOSED.get_or_init(|| {
+        crate::metrics::CounterSet::new(
+            crate::metrics::names::CONNECTIONS_CLOSED,
+            CLOSE_CODES.map(|code| [("code", code)]),
+        )
+    });
+    let known = &CLOSE_CODES[..CLOSE_CODES.len() - 2];
+    let index = match code {
+        None => CLOSE_CODES.len() - 1,
+        Some(code) => known
+            .iter()
+            .position(|label| label.parse() == Ok(code))
+            .unwrap_or(known.len()),
+    };
+    closed.get(index).increment(1);
 }
 
 /// Asks a session to close (shutdown: 4002).

@@ -142,6 +142,7 @@ pub async fn ws_rooms(
         Err(e) => {
             // The contract answers a bad token on the socket: close 4401.
             up.outbound.close(close::UNAUTHORIZED, e.to_string());
+            super::count_close(Some(close::UNAUTHORIZED));
             return Ok(up.response);
         }
     };
@@ -150,6 +151,7 @@ pub async fn ws_rooms(
         Ok(permit) => permit,
         Err(refused) => {
             up.outbound.close(close::TOO_MANY, refused.to_string());
+            super::count_close(Some(close::TOO_MANY));
             return Ok(up.response);
         }
     };

@@ -574,7 +574,8 @@ impl Writer {
                     metrics::counter!(names::STORE_BATCH_COMMITS).increment(1);
                     metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
                     metrics::counter!(names::STORE_EVENTS).increment(events as u64);
-                    metrics::histogram!(names::STORE_COMMIT_SECONDS)
+                    crate::metrics::hot()
+                        .store_commit_seconds
                         .record(started.elapsed().as_secs_f64());
                 }
                 // A dropped receiver means the room gave up waiting; nothing to tell it.

@@ -61,6 +61,88 @@ async fn metrics_count_connections_live_rooms_and_store_commits() {
     );
 }
 
+/// The labelled sample `name{labels}` in Prometheus text (0 when absent).
+fn labelled(text: &str, name: &str, labels: &str) -> f64 {
+    sample(text, &format!("{name}{{{labels}}}")).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_ops_by_kind_and_result_frames_closes_subscriptions_and_loads() {
+    let server = Server::start(&[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("chat:m", "chat", json!({})).await;
+    alice.sub("chat:m").await;
+    alice
+        .ack("m1", "chat:m", json!({"type": "post", "text": "hi"}))
+        .await;
+    assert_eq!(
+        alice
+            .nack("m2", "chat:m", json!({"type": "no-such-op"}))
+            .await,
+        "invalid"
+    );
+    assert_eq!(
+        alice
+            .nack("m3", "chat:absent", json!({"type": "post", "text": "hi"}))
+            .await,
+        "not_found"
+    );
+    let text = server.get("/metrics").await.text;
+    let ops = |kind: &str, result: &str| {
+        labelled(
+            &text,
+            "roomd_ops_total",
+            &format!("kind=\"{kind}\",result=\"{result}\""),
+        )
+    };
+    assert_eq!(ops("chat", "ack"), 2.0, "the create and m1: {text}");
+    assert_eq!(ops("chat", "invalid"), 1.0, "{text}");
+    assert_eq!(ops("none", "not_found"), 1.0, "{text}");
+    assert_eq!(sample(&text, "roomd_subscriptions"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "roomd_subscriptions_started_total"),
+        Some(1.0)
+    );
+    // welcome, 3 acks/nacks, snapshot, diff at least.
+    assert!(
+        sample(&text, "roomd_frames_sent_total").unwrap_or(0.0) >= 6.0,
+        "{text}"
+    );
+    assert!(sample(&text, "roomd_bytes_sent_total").unwrap_or(0.0) >= 100.0);
+    assert!(
+        labelled(&text, "roomd_room_loads_total", "result=\"absent\"") >= 2.0,
+        "chat:m before its creation and chat:absent: {text}"
+    );
+    assert!(text.contains("roomd_room_load_seconds_bucket"), "{text}");
+    assert!(text.contains("roomd_outbound_queue_bytes_bucket"), "{text}");
+
+    alice.close().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = server.get("/metrics").await.text;
+        let closed = labelled(&text, "roomd_connections_closed_total", "code=\"1000\"");
+        if closed == 1.0 && sample(&text, "roomd_subscriptions") == Some(0.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn http_ops_refused_before_a_room_count_with_kind_none() {
+    let server = Server::start(&[]).await;
+    let body = json!({"op": {"type": "post", "text": "hi"}, "id": 7});
+    let refused = server.post_as("alice", &ops_path("chat:h"), &body).await;
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    let text = server.get("/metrics").await.text;
+    assert_eq!(
+        labelled(&text, "roomd_ops_total", "kind=\"none\",result=\"invalid\""),
+        1.0,
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn create_room_is_201_with_seq_1_and_epoch_then_409_exists() {
     let server = Server::start(&[]).await;
