@@ -103,9 +103,11 @@ export interface ConnectOptions {
   user?: string;
   /** JWT when the server runs with auth. */
   token?: string;
-  /** Called for a fresh token shortly before `exp` and after a 4401 close. */
+  /** Called for a fresh token 30 s before `exp`, after a 4401 close, and before a
+   * reconnect whose token has expired. */
   getToken?: () => Promise<string> | string;
-  /** Default `auto`: WebSocket, falling back to SSE + HTTP when it cannot connect. */
+  /** Default `auto`: WebSocket, falling back to SSE + HTTP when it cannot connect while
+   * the server answers HTTP. */
   transport?: "auto" | "ws" | "sse";
   /** Backoff in ms: delays are uniform in [0, min(cap, base * 2^(attempt-1))]. */
   reconnect?: { base?: number; cap?: number };
@@ -125,7 +127,8 @@ export class Client extends EventTarget {
   /** The user id the server assigned (from `welcome`). */
   readonly user: string | null;
   readonly rooms: Map<string, Room>;
-  /** Ops not yet answered (queued while offline, or in flight and re-sent on reconnect). */
+  /** Ops and creates not yet answered (queued while offline, in flight and re-sent on
+   * reconnect, or in flight over HTTP). */
   readonly pendingOps: number;
   ready(): Promise<Client>;
   subscribe(roomId: string, options?: { presence?: boolean }): Room;

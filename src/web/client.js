@@ -12,7 +12,10 @@
 //   loss is rejected `interrupted` instead: the server does not deduplicate guests);
 // - checks every diff: one that does not continue the mirror (another epoch, or
 //   `from != seq + 1`) makes it re-subscribe `since` the mirror instead of guessing;
-// - refreshes the token before it expires through `getToken` ({"t":"auth"}).
+// - refreshes the token before it expires through `getToken` ({"t":"auth"}), and before
+//   reconnecting with a token that expired while disconnected;
+// - `transport: "auto"` falls back to SSE + HTTP only when WebSocket fails while the
+//   server answers HTTP (a server that is down is retried over WebSocket).
 //
 // `{"$b64": "..."}` values decode to Uint8Array, and Uint8Array values encode back.
 // Integers beyond 2^53 lose precision, as everywhere in JavaScript's JSON.
@@ -303,6 +306,7 @@ export class Client extends EventTarget {
     /** Rooms by id. */
     this.rooms = new Map();
     this._pending = new Map(); // op id -> {room, msg, resolve, reject, sent}
+    this._httpInFlight = 0; // ops and creates sent over HTTP (SSE transport), unanswered
     this._prefix = randomHex(6);
     this._counter = 0;
     this._attempt = 0;
@@ -315,9 +319,9 @@ export class Client extends EventTarget {
     this._start();
   }
 
-  /** Ops and creates sent or queued but not yet answered (WebSocket transport). */
+  /** Ops and creates sent or queued but not yet answered (over HTTP too). */
   get pendingOps() {
-    return this._pending.size;
+    return this._pending.size + this._httpInFlight;
   }
 
   /** Resolves once connected (the welcome arrived, or the SSE transport is in use). */
@@ -556,13 +560,29 @@ export class Client extends EventTarget {
       return this._fatal(code, reason || "unauthorized");
     }
     if (FATAL_CLOSE.has(code)) return this._fatal(code, reason);
-    // `auto`: a WebSocket that never opened twice in a row falls back to SSE + HTTP.
+    // `auto`: a WebSocket that never opened twice in a row, while the server answers
+    // HTTP, falls back to SSE + HTTP (a server that is down keeps being retried over
+    // WebSocket instead).
     if (this._opts.transport === "auto" && !opened && !this._everOpen && this._attempt >= 1) {
-      this.transport = "sse";
-      this._attempt = 0;
-      return this._openSse();
+      return this._probeHttp().then((reachable) => {
+        if (this.state === "closed" || this._ws) return;
+        if (!reachable) return this._scheduleReconnect(null, reason, code);
+        this.transport = "sse";
+        this._attempt = 0;
+        this._openSse();
+      });
     }
     this._scheduleReconnect(null, reason, code);
+  }
+
+  /** Whether the server answers HTTP at all (any status; CORS does not matter here). */
+  async _probeHttp() {
+    try {
+      await fetch(`${this._httpUrl}/healthz`, { mode: "no-cors", cache: "no-store" });
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   _fatal(code, reason) {
@@ -581,7 +601,10 @@ export class Client extends EventTarget {
     this._setState("reconnecting", { attempt: this._attempt, delay, code, reason });
     this._timer = setTimeout(async () => {
       if (this.state === "closed") return;
-      if (code === 4401 && this._opts.getToken) {
+      // A token that expired while disconnected would only be refused (4401): ask first.
+      const exp = this._token && tokenExpiry(this._token);
+      const expired = exp != null && exp * 1000 <= Date.now() + 5000;
+      if ((code === 4401 || expired) && this._opts.getToken) {
         try {
           this._token = await this._opts.getToken();
         } catch (e) {
@@ -652,8 +675,26 @@ export class Client extends EventTarget {
       if (!room._frame(msg)) this._resync(room);
     };
     for (const type of ["snapshot", "resumed", "diff", "presence"]) source.addEventListener(type, onFrame);
-    source.addEventListener("error", () => {
-      if (room._source !== source || source.readyState !== EventSource.CLOSED) return;
+    source.addEventListener("open", () => {
+      if (room._source === source && this.state === "reconnecting") this._setState("open", {});
+    });
+    source.addEventListener("error", (ev) => {
+      if (room._source !== source) return;
+      if (typeof ev.data === "string") {
+        // The server's `event: error` (e.g. the room was deleted): the stream ends.
+        let msg = {};
+        try {
+          msg = JSON.parse(ev.data);
+        } catch {
+          /* keep the defaults */
+        }
+        this._closeStream(room);
+        this.rooms.delete(room.id);
+        return room._fail(msg.code ?? "not_found", msg.msg ?? "the stream ended");
+      }
+      // A dropped stream: the browser reconnects it by itself with its Last-Event-ID.
+      if (this.state === "open") this._setState("reconnecting", { reason: "stream dropped" });
+      if (source.readyState !== EventSource.CLOSED) return;
       // The browser gave up (an HTTP error, not a dropped stream): find out why, retry.
       room._source = null;
       this._streamFailed(room);
@@ -682,7 +723,20 @@ export class Client extends EventTarget {
     }
   }
 
-  async _httpRequest(p) {
+  _httpRequest(p) {
+    // Counted in `pendingOps` until answered (the count drops before the promise settles).
+    this._httpInFlight += 1;
+    let done = false;
+    const settle = (fn) => (value) => {
+      if (!done) this._httpInFlight -= 1;
+      done = true;
+      fn(value);
+    };
+    return this._httpSend({ ...p, resolve: settle(p.resolve), reject: settle(p.reject) })
+      .catch(settle(p.reject));
+  }
+
+  async _httpSend(p) {
     const { msg } = p;
     const headers = { "content-type": "application/json" };
     if (this._token) headers.authorization = `Bearer ${this._token}`;

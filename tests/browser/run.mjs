@@ -10,7 +10,8 @@
 
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -339,6 +340,48 @@ test("client_js_ops_nacks_presence_signals_bytes_resume_and_sse", async ({ brows
   await page.context().close();
 });
 
+test("client_js_auto_keeps_retrying_websocket_while_the_server_is_down_and_an_sse_room_ends_on_delete", async ({ browser, server }) => {
+  const page = await openPage(browser, `${server.base}/healthz`);
+  page.allowNetworkErrors = true; // the refused connections to the closed port
+  const out = await page.evaluate(async () => {
+    const { connect } = await import("/client.js");
+    const out = {};
+    // Nothing listens on port 1: WebSocket and HTTP both fail, so `auto` must not
+    // settle for SSE (it would never come back to WebSocket); it keeps retrying.
+    const down = connect("http://127.0.0.1:1", { user: "zoe", reconnect: { base: 10, cap: 40 } });
+    const states = [];
+    down.addEventListener("state", (ev) => states.push(ev.detail.state));
+    await new Promise((r) => setTimeout(r, 1500));
+    out.downTransport = down.transport;
+    out.downState = down.state;
+    out.downAttempts = states.filter((s) => s === "reconnecting").length;
+    down.close();
+    // Over SSE, a deleted room's `event: error` ends its subscription with the code.
+    const room = `state:gone-${Math.random().toString(36).slice(2, 8)}`;
+    const c = connect(location.origin, { user: "carol", transport: "sse" });
+    await c.create(room, "state", {});
+    const r = c.subscribe(room);
+    await r.whenReady();
+    const ended = new Promise((resolve) => r.addEventListener("error", (ev) => resolve(ev.detail)));
+    out.deleted = (await fetch(`/api/rooms/${room}`, { method: "DELETE" })).status;
+    const detail = await ended;
+    out.endedCode = detail.code;
+    out.stillListed = c.rooms.has(room);
+    out.stateAfter = c.state;
+    c.close();
+    return out;
+  });
+  eq(out.downTransport, "ws", "auto stays on WebSocket while the server is unreachable");
+  eq(out.downState, "reconnecting", "and keeps reconnecting");
+  assert(out.downAttempts >= 3, `several attempts in 1.5 s: ${out.downAttempts}`);
+  assert(out.deleted >= 200 && out.deleted < 300, `DELETE answered ${out.deleted}`);
+  eq(out.endedCode, "not_found", "the room's error event carries the code");
+  eq(out.stillListed, false, "the ended room leaves client.rooms");
+  eq(out.stateAfter, "open", "the client itself stays open");
+  noErrors(page, "client.js auto/SSE page");
+  await page.context().close();
+});
+
 /** Two users on the demo, in separate browser contexts. */
 async function twoUsers(browser, server, space, viewport) {
   const a = await openPage(browser, `${server.base}/?space=${space}&user=alice`, viewport);
@@ -379,6 +422,7 @@ test("demo_two_browsers_see_votes_chat_presence_typing_and_board_conflicts", asy
   await a.click('[data-note="0"] .save');
   await a.waitForSelector('[data-note="0"].conflict', { timeout: WAIT_MS });
   await waitText(a, '[data-note="0"] .note-conflict', /bob saved this note first/);
+  await a.locator("#board-card").screenshot({ path: join(SHOTS, "demo-conflict-1440.png") });
   await a.click('[data-note="0"] .overwrite');
   await waitText(b, '[data-note="0"] .note-text', /Write the docs/);
   assert(!(await a.$('[data-note="0"].conflict')), "the conflict clears after overwrite");
@@ -582,6 +626,52 @@ test("with_auth_on_the_demo_and_dashboard_ask_for_a_token_or_take_one_from_the_f
     await dash.context().close();
   } finally {
     await secured.stop();
+  }
+});
+
+test("the_readme_client_example_runs_as_written_from_another_origin", async ({ browser }) => {
+  // The page exactly as README.md prints it, but for the server's port (it says 8080),
+  // served from a second origin that the server allows with --allowed-origins.
+  const readme = readFileSync(new URL("../../README.md", import.meta.url), "utf8");
+  const start = readme.indexOf("A complete page (save it as `poll.html`");
+  assert(start >= 0, "README.md has the client.js example");
+  const block = readme.slice(start).match(/```html\n([\s\S]*?)```/);
+  assert(block, "the example is an html code block");
+  const pages = createServer((req, res) => {
+    // (The browser also asks this origin for /favicon.ico: nothing, without an error.)
+    if (req.url !== "/poll.html") return res.writeHead(204).end();
+    res.writeHead(200, { "content-type": "text/html; charset=utf-8" }).end(pages.html);
+  });
+  await new Promise((ok) => pages.listen(0, "127.0.0.1", ok));
+  const origin = `http://127.0.0.1:${pages.address().port}`;
+  const server = new Server(["--allowed-origins", origin]);
+  try {
+    await server.start();
+    pages.html = block[1].replaceAll("http://127.0.0.1:8080", server.base);
+    assert(pages.html !== block[1], "the example names http://127.0.0.1:8080");
+    const page = await openPage(browser, `${origin}/poll.html`);
+    const logged = [];
+    page.on("console", (msg) => logged.push(msg.text()));
+    await waitText(page, "#state", /^open$/);
+    await waitText(page, "#question", /^Lunch\?$/);
+    await waitText(page, "#options", /pizza: 0\s*sushi: 0/);
+    await page.click("#options button:nth-child(2)");
+    await waitText(page, "#options", /pizza: 0\s*sushi: 1/);
+    const until = Date.now() + WAIT_MS;
+    while (!logged.some((l) => /^vote durable at seq \d+$/.test(l)) && Date.now() < until) await sleep(20);
+    assert(logged.some((l) => /^vote durable at seq \d+$/.test(l)), `the ack's seq is logged: ${logged}`);
+    // A second page sees the vote live, and (being alice too) moves her vote.
+    const other = await openPage(browser, `${origin}/poll.html`);
+    await waitText(other, "#options", /pizza: 0\s*sushi: 1/);
+    await other.click("#options button:nth-child(1)");
+    await waitText(page, "#options", /pizza: 1\s*sushi: 0/);
+    noErrors(page, "the README example");
+    noErrors(other, "the README example (second page)");
+    await page.context().close();
+    await other.context().close();
+  } finally {
+    await server.stop();
+    await new Promise((ok) => pages.close(ok));
   }
 });
 
