@@ -78,12 +78,20 @@ function drawSpark(canvas, list) {
   canvas.height = h * ratio;
   const ctx = canvas.getContext("2d");
   ctx.scale(ratio, ratio);
-  // Newest sample at the right edge, one slot per refresh, scaled to the window's max.
+  // Newest sample at the right edge, scaled to the window's max; the samples so far
+  // span the whole width until there are HISTORY of them (one per refresh).
   const max = Math.max(...list, 1e-9);
-  const step = w / (HISTORY - 1);
-  const points = list.map((v, i) => [w - (list.length - 1 - i) * step, h - 2 - (v / max) * (h - 4)]);
+  const shown = list.length > 1 ? list : [list[0], list[0]];
+  const step = w / (shown.length - 1);
+  const points = shown.map((v, i) => [i * step, h - 2 - (v / max) * (h - 4)]);
   ctx.beginPath();
-  ctx.moveTo(points[0][0], h);
+  ctx.moveTo(0, h - 0.5);
+  ctx.lineTo(w, h - 0.5);
+  ctx.strokeStyle = "#e4e7ec";
+  ctx.lineWidth = 1;
+  ctx.stroke();
+  ctx.beginPath();
+  ctx.moveTo(0, h);
   for (const [x, y] of points) ctx.lineTo(x, y);
   ctx.lineTo(w, h);
   ctx.closePath();

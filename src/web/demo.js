@@ -386,7 +386,7 @@ async function saveNote(i, overwrite) {
     state.conflict = true;
     const now = boardRoom.entries.get(`note/${i}`);
     noteNode(i).querySelector(".note-conflict").textContent = now
-      ? `Conflict: ${now.value.by} saved this note first (v${now.ver}). Your text is kept here: overwrite theirs, or cancel to keep it.`
+      ? `Conflict: ${now.value.by} saved this note first (v${now.ver}): “${now.value.text}”. Your text is still here: overwrite theirs with it, or cancel to keep theirs.`
       : "Conflict: this note changed while you edited it.";
     renderBoard();
   }
