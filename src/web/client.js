@@ -23,6 +23,9 @@
 
 const SUBPROTOCOL = "roomd.v1.json";
 
+/** The longest delay setTimeout honours (a longer one fires at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** Close codes after which reconnecting as-is would fail the same way. */
 const FATAL_CLOSE = new Set([1002, 1007, 1009, 4400, 4403]);
 
@@ -635,11 +638,24 @@ export class Client extends EventTarget {
     const exp = this._token && tokenExpiry(this._token);
     if (!exp || !this._opts.getToken) return;
     const lead = Math.max(0, (exp - 30) * 1000 - Date.now());
+    // setTimeout fires at once for delays beyond 2^31 - 1 ms (24.8 days): wait in steps.
+    if (lead > MAX_TIMER_MS) {
+      this._refreshTimer = setTimeout(() => this._scheduleRefresh(), MAX_TIMER_MS);
+      return;
+    }
     this._refreshTimer = setTimeout(async () => {
+      if (this.state === "closed") return;
       try {
         const token = await this._opts.getToken();
+        if (this.state === "closed") return;
         this._token = token;
         if (this.transport === "ws") this._send({ t: "auth", token });
+        const fresh = tokenExpiry(token);
+        if (fresh != null && fresh <= exp) {
+          // Asking again at once would loop; the server's 4401 at exp asks once more.
+          emit(this, "error", { code: "unauthorized", msg: "getToken returned a token that expires no later than the current one" });
+          return;
+        }
         this._scheduleRefresh();
       } catch (e) {
         emit(this, "error", { code: "unauthorized", msg: `getToken failed: ${e}` });

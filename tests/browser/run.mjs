@@ -610,6 +610,26 @@ test("with_auth_on_the_demo_and_dashboard_ask_for_a_token_or_take_one_from_the_f
       return { asked, exp: authed.exp, state };
     }, [shortLived, admin]);
     eq(refreshed, { asked: 1, exp, state: "open" }, "token refresh through getToken");
+    // A token valid for 60 days is not refreshed at once (setTimeout cannot wait that
+    // long in one go), and a getToken that hands back a token expiring no later is asked
+    // once, not in a loop.
+    const longLived = jwt(secret, { sub: "root", admin: true, exp: Math.floor(Date.now() / 1000) + 60 * 86400 });
+    const calm = await refresher.evaluate(async ([long, short]) => {
+      const { connect } = await import("/client.js");
+      let askedLong = 0;
+      let askedSame = 0;
+      const errors = [];
+      const a = connect(location.origin, { token: long, getToken: () => { askedLong += 1; return long; } });
+      const b = connect(location.origin, { token: short, getToken: () => { askedSame += 1; return short; } });
+      b.addEventListener("error", (ev) => errors.push(ev.detail.code));
+      await a.ready();
+      await b.ready();
+      await new Promise((r) => setTimeout(r, 1500));
+      a.close();
+      b.close();
+      return { askedLong, askedSame, errors };
+    }, [longLived, jwt(secret, { sub: "root", admin: true, exp: Math.floor(Date.now() / 1000) + 25 })]);
+    eq(calm, { askedLong: 0, askedSame: 1, errors: ["unauthorized"] }, "no refresh loop");
     noErrors(refresher, "token refresh page");
     await refresher.context().close();
     // The dashboard takes an admin: a reader's token is refused, an admin's shows figures.
