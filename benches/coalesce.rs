@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use roomd::kind::{Changes, Kind, RoomState, Undo};
+use roomd::kind::{Changes, RoomState, Undo};
 use roomd::room::batch::Batch;
 use roomd::room::messages::ReplyTo;
 use roomd::room::op_ids::OpKey;
@@ -41,7 +41,7 @@ struct Event {
 /// `n_events` events writing keys `0..n_keys` round robin.
 fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
     // `add_event` only stores the undo; an empty one costs what any other does to move.
-    let mut scratch = RoomState::new(Kind::State);
+    let mut scratch = RoomState::new();
     (0..n_events)
         .map(|i| {
             let key = object_key(i % n_keys);

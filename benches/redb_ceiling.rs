@@ -31,7 +31,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase as _, ReadableTableMetadata as _, TableDefinition};
-use roomd::kind::Kind;
 use roomd::store::{Batch, RoomMeta, Store, StoreConfig, DEFAULT_CACHE_BYTES, QUICK_REPAIR};
 use serde_json::json;
 use tempfile::TempDir;
@@ -64,7 +63,7 @@ fn ingest_row_bytes() -> Result<usize, Box<dyn Error>> {
     };
     commit(Batch {
         create: Some(RoomMeta {
-            kind: Kind::State,
+            kind: "state".to_owned(),
             epoch: 1,
         }),
         events: vec![create_event()],

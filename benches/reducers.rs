@@ -50,8 +50,13 @@ fn bench_op<'a>(
             b.iter(|| {
                 let seq = room.head + 1;
                 let changes = room
-                    .state
-                    .reduce(black_box(op_of(n)), &ctx(user_of(n), seq), &limits)
+                    .kind
+                    .reduce(
+                        &room.state,
+                        black_box(op_of(n)),
+                        &ctx(user_of(n), seq),
+                        &limits,
+                    )
                     .expect("every op of these benches is accepted");
                 let undo = room.state.apply(seq, &changes);
                 room.head = seq;

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use roomd::kind::Kind;
 use roomd::store::{Batch, Durability, RoomMeta, Store, StoreConfig};
 use tempfile::TempDir;
 
@@ -63,7 +62,7 @@ impl Log {
             .iter()
             .map(|room| Batch {
                 create: Some(RoomMeta {
-                    kind: Kind::State,
+                    kind: "state".to_owned(),
                     epoch: 1,
                 }),
                 events: vec![create_event()],

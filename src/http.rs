@@ -19,7 +19,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use crate::auth::{AuthError, Identity, Permission};
-use crate::kind::Kind;
+use crate::kind::KindRef;
 use crate::outbound::{ConnSocket, KillSwitch};
 use crate::protocol::codes::Code;
 use crate::protocol::ids::{self, epoch_hex, RoomId};
@@ -345,7 +345,7 @@ async fn read_room(
     let view = result?;
     Ok(state_reply(
         &room,
-        view.kind,
+        &view.kind,
         view.epoch,
         view.seq,
         Box::new(view.entries.into_iter().map(|entry| entry_json(&entry))),
@@ -491,8 +491,7 @@ async fn read_room_at(
             ),
         ));
     }
-    let kind = found.meta.kind;
-    let state = crate::room::recovery::replay(kind, found.snapshot.as_ref(), &found.events);
+    let state = crate::room::recovery::replay(found.snapshot.as_ref(), &found.events);
     drop(found.snapshot);
     drop(found.events);
     // The rebuilt state is the only copy: its entries are turned into JSON one at a
@@ -504,7 +503,7 @@ async fn read_room_at(
     });
     Ok(state_reply(
         room,
-        kind.as_str(),
+        &found.meta.kind,
         found.meta.epoch,
         at,
         Box::new(entries),
@@ -549,13 +548,22 @@ async fn read_events(
             ),
         ));
     }
-    // Votes are private: in poll rooms, only admins see who voted for what.
-    let redact = !identity.admin && page_kind(&shared, &room, &page).await == Some(Kind::Poll);
+    // The kind says which ops are private (a poll's votes): only admins see their
+    // author and body. A kind this server does not serve hides every op's.
+    let kind = match identity.admin {
+        true => None,
+        false => Some(page_kind(&shared, &room, &page).await),
+    };
     let mut fields = serde_json::Map::new();
     fields.insert("head".into(), json!(page.head));
     let events = page.events.into_iter().map(move |event| {
         let op_type = event.op.get("type").and_then(|t| t.as_str());
-        if redact && matches!(op_type, Some("vote" | "retract")) {
+        let private = match &kind {
+            None => false,
+            Some(None) => true,
+            Some(Some(kind)) => kind.private_op(&event.op),
+        };
+        if private {
             json!({ "seq": event.seq, "ts": event.ts_ms, "op": { "type": op_type } })
         } else {
             json!({
@@ -575,17 +583,20 @@ async fn read_events(
         )))
 }
 
-/// The room's kind, from its creation event when the page holds it, else from the room.
-async fn page_kind(shared: &Shared, room: &RoomId, page: &EventsPage) -> Option<Kind> {
+/// The room's kind, from its creation event when the page holds it, else from the room;
+/// `None` when it is not a kind this server serves.
+async fn page_kind(shared: &Shared, room: &RoomId, page: &EventsPage) -> Option<KindRef> {
+    let kinds = &shared.room_config.kinds;
     if let Some(first) = page.events.first().filter(|e| e.seq == 1) {
         return first
             .op
             .get("kind")
             .and_then(|k| k.as_str())
-            .and_then(Kind::parse);
+            .and_then(|name| kinds.get(name))
+            .cloned();
     }
     match shared.registry.get(room).send(room_msg::Read).await {
-        Ok(Ok(view)) => Kind::parse(view.kind),
+        Ok(Ok(view)) => kinds.get(&view.kind).cloned(),
         _ => None,
     }
 }

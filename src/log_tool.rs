@@ -199,11 +199,10 @@ fn replay_room(store: &Store, room: &str) -> Result<(), String> {
         .load_room(room)
         .map_err(|e| e.to_string())?
         .ok_or("listed but not loadable")?;
-    let kind = loaded.meta.kind;
     let snapshots = store.room_snapshots(room).map_err(|e| e.to_string())?;
     let (mut state, mut seq) = match snapshots.first() {
-        Some(oldest) => (state_of(kind, oldest), oldest.seq),
-        None if loaded.first_retained <= 1 => (RoomState::new(kind), 0),
+        Some(oldest) => (state_of(oldest), oldest.seq),
+        None if loaded.first_retained <= 1 => (RoomState::new(), 0),
         None => return Err("the log is trimmed but no snapshot covers its start".into()),
     };
     let mut later = snapshots.iter().skip(1).peekable();
@@ -222,7 +221,7 @@ fn replay_room(store: &Store, room: &str) -> Result<(), String> {
             apply_all(&mut state, std::slice::from_ref(event));
             seq = event.seq;
             while let Some(snapshot) = later.next_if(|s| s.seq <= seq) {
-                if snapshot.seq == seq && !same_entries(&state, &state_of(kind, snapshot)) {
+                if snapshot.seq == seq && !same_entries(&state, &state_of(snapshot)) {
                     return Err(format!(
                         "snapshot at seq {seq} differs from the replayed log"
                     ));
@@ -237,7 +236,7 @@ fn replay_room(store: &Store, room: &str) -> Result<(), String> {
         ));
     }
     // What the server loads (newest snapshot + tail) must be the replayed state.
-    let served = replay(kind, loaded.snapshot.as_ref(), &loaded.events);
+    let served = replay(loaded.snapshot.as_ref(), &loaded.events);
     if !same_entries(&served, &state) {
         return Err("newest snapshot plus tail differs from the full replay".into());
     }

@@ -20,6 +20,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::kind::Kinds;
 use crate::outbound::{ConnSocket, CLOSE_DRAIN, CUT_MARGIN};
 use crate::protocol::codes::close;
 use crate::room::messages::Drain;
@@ -41,10 +42,20 @@ pub enum ServerError {
 /// How long shutdown waits for sessions to close and rooms to commit.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Runs the server on `listener` until `shutdown` resolves, then shuts down in order.
-/// Must be called inside an actix `System`.
+/// Runs the server with the three built-in kinds (see [`run_with_kinds`]).
 pub async fn run(
     config: Config,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with_kinds(config, Kinds::builtin(), listener, shutdown).await
+}
+
+/// Runs the server, serving rooms of `kinds`, on `listener` until `shutdown` resolves,
+/// then shuts down in order. Must be called inside an actix `System`.
+pub async fn run_with_kinds(
+    config: Config,
+    kinds: Kinds,
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
@@ -67,6 +78,7 @@ pub async fn run(
     let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
     let room_config = RoomConfig {
         limits: config.limits.clone(),
+        kinds,
         history_events: config.history_events,
         history_age: config.history_age,
         idle_timeout: config.room_idle,

@@ -3,7 +3,7 @@
 //! empty "state" room it goes to. `store_append` submits these records through the
 //! store and `redb_ceiling` measures their row size, so both write the same bytes.
 
-use roomd::kind::{Changes, Ctx, Kind, Limits, RoomState};
+use roomd::kind::{Changes, Ctx, Limits, RoomKind, StateKind};
 use roomd::store::EventRecord;
 use roomd::value::Value;
 
@@ -39,7 +39,8 @@ pub fn create_event() -> EventRecord {
         now_ms: START_MS,
         seq: 1,
     };
-    let changes = RoomState::create(Kind::State, &Value::Null, &ctx, &Limits::default())
+    let changes = StateKind
+        .init(&Value::Null, &ctx, &Limits::default())
         .expect("an empty state room is a valid init");
     EventRecord {
         seq: 1,

@@ -6,8 +6,9 @@
 //! `reduce` and `apply`, so its entries, versions and private facts are what a live room
 //! of that shape holds. Measuring is left to the benches.
 
-use roomd::kind::{Changes, Ctx, Kind, Limits, RoomState};
+use roomd::kind::{Changes, ChatKind, Ctx, KindRef, Limits, PollKind, RoomState, StateKind};
 use roomd::value::Value;
+use std::sync::Arc;
 
 /// The room clock of event 1, in ms; each later event is 37 ms after the previous one.
 const START_MS: i64 = 1_750_000_000_000;
@@ -17,28 +18,34 @@ const N_USERS: u64 = 50;
 
 /// A room and the seq of its last event, so the next op gets `head + 1`.
 pub struct Room {
+    pub kind: KindRef,
     pub state: RoomState,
     pub head: u64,
 }
 
 impl Room {
     /// A room of `kind` after its creation event (seq 1) by `user000`.
-    pub fn create(kind: Kind, init: &Value) -> Room {
+    pub fn create(kind: KindRef, init: &Value) -> Room {
         let user = user(0);
         let ctx = ctx(&user, 1);
-        let changes = RoomState::create(kind, init, &ctx, &Limits::default())
+        let changes = kind
+            .init(init, &ctx, &Limits::default())
             .expect("the benches only build valid inits");
-        let mut state = RoomState::new(kind);
+        let mut state = RoomState::new();
         state.apply(1, &changes);
-        Room { state, head: 1 }
+        Room {
+            kind,
+            state,
+            head: 1,
+        }
     }
 
     /// Reduces and applies `op` by `user` as the next event and returns its changes.
     pub fn submit(&mut self, user: &str, op: &Value) -> Changes {
         let seq = self.head + 1;
         let changes = self
-            .state
-            .reduce(op, &ctx(user, seq), &Limits::default())
+            .kind
+            .reduce(&self.state, op, &ctx(user, seq), &Limits::default())
             .expect("the benches only submit ops their room accepts");
         self.state.apply(seq, &changes);
         self.head = seq;
@@ -114,7 +121,7 @@ pub fn vote_op(option: i64) -> Value {
 
 /// A "state" room holding `n_keys` small maps under [`object_key`]s, each set once.
 pub fn state_room(n_keys: u64) -> Room {
-    let mut room = Room::create(Kind::State, &Value::Null);
+    let mut room = Room::create(Arc::new(StateKind), &Value::Null);
     for i in 0..n_keys {
         room.submit(&user(i), &set_op(&object_key(i), small_map(i, 0)));
     }
@@ -123,7 +130,7 @@ pub fn state_room(n_keys: u64) -> Room {
 
 /// A chat room with the default history (500) holding `n_messages` posts.
 pub fn chat_room(n_messages: u64) -> Room {
-    let mut room = Room::create(Kind::Chat, &Value::Null);
+    let mut room = Room::create(Arc::new(ChatKind), &Value::Null);
     for i in 0..n_messages {
         room.submit(&user(i), &post_op(message_text(i)));
     }
@@ -139,7 +146,7 @@ pub fn poll_room(n_voters: u64, n_options: u64) -> Room {
         ("question", Value::Str("Where do we meet next week?".into())),
         ("options", Value::List(options)),
     ]);
-    let mut room = Room::create(Kind::Poll, &init);
+    let mut room = Room::create(Arc::new(PollKind), &init);
     for i in 0..n_voters {
         room.submit(&voter(i), &vote_op((i % n_options) as i64));
     }

@@ -3,33 +3,42 @@
 //!
 //! Messages are public entries `msg/<seq>` = `{"user","text","ts"}` (plus `"edited"`
 //! once edited). Private `creator` and `history` are written once, at creation. The
-//! index of live message seqs that eviction reads is kept by `RoomState::apply`; this
-//! module only reads it.
+//! index of live message seqs that eviction reads is `RoomState::numbered("msg")`, which
+//! `RoomState::apply` keeps for any kind.
 
-use super::{Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomState};
+use super::{Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomKind, RoomState};
 use crate::value::Value;
+
+/// The built-in "chat" kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChatKind;
+
+impl RoomKind for ChatKind {
+    fn name(&self) -> &str {
+        "chat"
+    }
+
+    fn init(&self, init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
+        create(init, ctx, limits)
+    }
+
+    fn reduce(
+        &self,
+        state: &RoomState,
+        op: &Value,
+        ctx: &Ctx,
+        limits: &Limits,
+    ) -> Result<Changes, Refusal> {
+        reduce(state, op, ctx, limits)
+    }
+}
 
 /// The public key of the message posted as event `seq`.
 fn message_key(seq: u64) -> String {
     format!("msg/{seq}")
 }
 
-/// The seq of a message key written by [`message_key`], or `None` for any other key.
-pub(super) fn message_seq(key: &str) -> Option<u64> {
-    let digits = key.strip_prefix("msg/")?;
-    // Only the canonical decimal form `message_key` writes, so "msg/+1" or "msg/01"
-    // can never alias a real message in the index.
-    let canonical = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && (digits == "0" || !digits.starts_with('0'));
-    if canonical {
-        digits.parse().ok()
-    } else {
-        None
-    }
-}
-
-pub(super) fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
+fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
     let fields = Fields::init(init)?;
     fields.only(&["history"])?;
     let history = match fields.opt_int("history")? {
@@ -56,12 +65,7 @@ pub(super) fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes
     })
 }
 
-pub(super) fn reduce(
-    state: &RoomState,
-    op: &Value,
-    ctx: &Ctx,
-    limits: &Limits,
-) -> Result<Changes, Refusal> {
+fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
     let (kind, fields) = Fields::op(op)?;
     match kind {
         "post" => {
@@ -113,16 +117,15 @@ fn post(state: &RoomState, text: &str, ctx: &Ctx, limits: &Limits) -> Result<Cha
         .and_then(|n| usize::try_from(n).ok())
         .filter(|n| *n >= 1)
         .unwrap_or(limits.default_chat_history.max(1));
-    let live = state.chat_messages();
     // Only existing messages are evicted, never the one being posted (history >= 1).
     // Event seqs are never reused, so `ctx.seq` is not live; skipping it anyway keeps a
     // key from appearing twice in `Changes` whatever the caller passes.
-    let n_evicted = (live.len() + 1).saturating_sub(history);
-    let mut public: Vec<(String, Option<Value>)> = live
-        .iter()
-        .filter(|seq| **seq != ctx.seq)
+    let n_evicted = (state.n_numbered("msg") + 1).saturating_sub(history);
+    let mut public: Vec<(String, Option<Value>)> = state
+        .numbered("msg")
+        .filter(|seq| *seq != ctx.seq)
         .take(n_evicted)
-        .map(|seq| (message_key(*seq), None))
+        .map(|seq| (message_key(seq), None))
         .collect();
     public.push((message_key(ctx.seq), Some(message)));
     Ok(Changes {
@@ -176,7 +179,7 @@ fn saturating_i64(n: usize) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
-    use super::super::{Kind, Slot};
+    use super::super::Slot;
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -202,7 +205,7 @@ mod tests {
             Some(n) => Value::map([("history", Value::Int(n))]),
             None => Value::map::<&str>([]),
         };
-        created(Kind::Chat, init, limits)
+        created(&ChatKind, init, limits)
     }
 
     fn message_keys(room: &RoomState) -> Vec<String> {
@@ -260,7 +263,7 @@ mod tests {
     fn post_adds_a_message_keyed_by_its_seq() {
         let limits = Limits::default();
         let mut room = chat(None, &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
         assert_eq!(
             room.get("msg/2"),
             Some(&Slot {
@@ -278,8 +281,8 @@ mod tests {
     fn post_refuses_empty_text_as_invalid() {
         let limits = Limits::default();
         let room = chat(None, &limits);
-        let refusal = room
-            .reduce(&post_op(""), &ctx("bob", 2), &limits)
+        let refusal = ChatKind
+            .reduce(&room, &post_op(""), &ctx("bob", 2), &limits)
             .unwrap_err();
         assert_eq!(refusal.code, RefuseCode::Invalid);
         assert!(refusal.msg.contains("\"text\""));
@@ -290,8 +293,8 @@ mod tests {
         let limits = Limits::default();
         let room = chat(None, &limits);
         let text = "x".repeat(5000);
-        let refusal = room
-            .reduce(&post_op(&text), &ctx("bob", 2), &limits)
+        let refusal = ChatKind
+            .reduce(&room, &post_op(&text), &ctx("bob", 2), &limits)
             .unwrap_err();
         assert_eq!(
             refusal,
@@ -301,8 +304,8 @@ mod tests {
             )
         );
         let text = "x".repeat(4096);
-        assert!(room
-            .reduce(&post_op(&text), &ctx("bob", 2), &limits)
+        assert!(ChatKind
+            .reduce(&room, &post_op(&text), &ctx("bob", 2), &limits)
             .is_ok());
     }
 
@@ -322,7 +325,9 @@ mod tests {
             ),
             (Value::map([("type", s("shout"))]), "\"shout\""),
         ] {
-            let refusal = room.reduce(&op, &ctx("bob", 2), &limits).unwrap_err();
+            let refusal = ChatKind
+                .reduce(&room, &op, &ctx("bob", 2), &limits)
+                .unwrap_err();
             assert_eq!(refusal.code, RefuseCode::Invalid);
             assert!(refusal.msg.contains(named), "{}", refusal.msg);
         }
@@ -332,9 +337,9 @@ mod tests {
     fn posting_beyond_history_evicts_the_oldest_message_in_the_same_changes() {
         let limits = Limits::default();
         let mut room = chat(Some(2), &limits);
-        submit(&mut room, "a", 2, post_op("one"), &limits).unwrap();
-        submit(&mut room, "a", 3, post_op("two"), &limits).unwrap();
-        let changes = submit(&mut room, "a", 4, post_op("three"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "a", 2, post_op("one"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "a", 3, post_op("two"), &limits).unwrap();
+        let changes = submit(&ChatKind, &mut room, "a", 4, post_op("three"), &limits).unwrap();
         assert_eq!(changes.public[0], ("msg/2".to_owned(), None));
         assert_eq!(message_keys(&room), ["msg/3", "msg/4"]);
         assert_eq!(
@@ -350,12 +355,12 @@ mod tests {
     fn eviction_skips_deleted_messages() {
         let limits = Limits::default();
         let mut room = chat(Some(2), &limits);
-        submit(&mut room, "a", 2, post_op("one"), &limits).unwrap();
-        submit(&mut room, "a", 3, post_op("two"), &limits).unwrap();
-        submit(&mut room, "a", 4, delete_op(2), &limits).unwrap();
-        let changes = submit(&mut room, "a", 5, post_op("three"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "a", 2, post_op("one"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "a", 3, post_op("two"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "a", 4, delete_op(2), &limits).unwrap();
+        let changes = submit(&ChatKind, &mut room, "a", 5, post_op("three"), &limits).unwrap();
         assert_eq!(changes.public.len(), 1, "nothing to evict: {changes:?}");
-        let changes = submit(&mut room, "a", 6, post_op("four"), &limits).unwrap();
+        let changes = submit(&ChatKind, &mut room, "a", 6, post_op("four"), &limits).unwrap();
         assert_eq!(changes.public[0], ("msg/3".to_owned(), None));
         assert_eq!(message_keys(&room), ["msg/5", "msg/6"]);
     }
@@ -365,7 +370,7 @@ mod tests {
         let limits = Limits::default();
         let mut room = chat(Some(1), &limits);
         for seq in 2..6 {
-            submit(&mut room, "a", seq, post_op("m"), &limits).unwrap();
+            submit(&ChatKind, &mut room, "a", seq, post_op("m"), &limits).unwrap();
             assert_eq!(message_keys(&room), [format!("msg/{seq}")]);
         }
     }
@@ -374,8 +379,8 @@ mod tests {
     fn edit_replaces_text_and_keeps_user_and_ts() {
         let limits = Limits::default();
         let mut room = chat(None, &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
-        submit(&mut room, "bob", 3, edit_op(2, "hello"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 3, edit_op(2, "hello"), &limits).unwrap();
         assert_eq!(
             room.get("msg/2"),
             Some(&Slot {
@@ -394,8 +399,8 @@ mod tests {
     fn delete_removes_the_message() {
         let limits = Limits::default();
         let mut room = chat(None, &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
-        submit(&mut room, "bob", 3, delete_op(2), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 3, delete_op(2), &limits).unwrap();
         assert_eq!(room.entries().count(), 0);
         assert_eq!(
             room.get("msg/2"),
@@ -410,9 +415,11 @@ mod tests {
     fn edit_or_delete_by_another_user_is_forbidden() {
         let limits = Limits::default();
         let mut room = chat(None, &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
         for op in [edit_op(2, "mine now"), delete_op(2)] {
-            let refusal = room.reduce(&op, &ctx("eve", 3), &limits).unwrap_err();
+            let refusal = ChatKind
+                .reduce(&room, &op, &ctx("eve", 3), &limits)
+                .unwrap_err();
             assert_eq!(refusal.code, RefuseCode::Forbidden);
         }
     }
@@ -421,14 +428,16 @@ mod tests {
     fn edit_or_delete_of_a_message_not_in_the_room_is_invalid() {
         let limits = Limits::default();
         let mut room = chat(Some(1), &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
-        submit(&mut room, "bob", 3, post_op("evicts 2"), &limits).unwrap();
-        submit(&mut room, "bob", 4, post_op("evicts 3"), &limits).unwrap();
-        submit(&mut room, "bob", 5, delete_op(4), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 3, post_op("evicts 2"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 4, post_op("evicts 3"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 5, delete_op(4), &limits).unwrap();
         // 2 and 3 were evicted, 4 deleted, 1 is the creation event, 99 and -1 never were.
         for msg in [1, 2, 3, 4, 99, -1, i64::MIN] {
             for op in [edit_op(msg, "x"), delete_op(msg)] {
-                let refusal = room.reduce(&op, &ctx("bob", 6), &limits).unwrap_err();
+                let refusal = ChatKind
+                    .reduce(&room, &op, &ctx("bob", 6), &limits)
+                    .unwrap_err();
                 assert_eq!(refusal.code, RefuseCode::Invalid, "{op:?}");
                 assert!(refusal.msg.contains("not in the room"), "{}", refusal.msg);
             }
@@ -439,23 +448,30 @@ mod tests {
     fn edit_checks_its_text_like_post() {
         let limits = Limits::default();
         let mut room = chat(None, &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
         let too_long = "x".repeat(4097);
-        let refusal = room
-            .reduce(&edit_op(2, &too_long), &ctx("bob", 3), &limits)
+        let refusal = ChatKind
+            .reduce(&room, &edit_op(2, &too_long), &ctx("bob", 3), &limits)
             .unwrap_err();
         assert_eq!(refusal.code, RefuseCode::TooLarge);
-        let refusal = room
-            .reduce(&edit_op(2, ""), &ctx("bob", 3), &limits)
+        let refusal = ChatKind
+            .reduce(&room, &edit_op(2, ""), &ctx("bob", 3), &limits)
             .unwrap_err();
         assert_eq!(refusal.code, RefuseCode::Invalid);
         let op = Value::map([("type", s("edit")), ("msg", s("2")), ("text", s("x"))]);
-        let refusal = room.reduce(&op, &ctx("bob", 3), &limits).unwrap_err();
+        let refusal = ChatKind
+            .reduce(&room, &op, &ctx("bob", 3), &limits)
+            .unwrap_err();
         assert!(refusal.msg.contains("\"msg\""), "{}", refusal.msg);
     }
 
     #[test]
-    fn message_seq_reads_only_canonical_message_keys() {
+    fn the_message_index_reads_only_canonical_message_keys() {
+        let message_seq = |key| {
+            super::super::numbered_key(key)
+                .filter(|(prefix, _)| *prefix == "msg")
+                .map(|(_, n)| n)
+        };
         assert_eq!(message_seq("msg/12"), Some(12));
         assert_eq!(message_seq("msg/0"), Some(0));
         for key in ["msg/", "msg/+1", "msg/01", "msg/1a", "msgs/1", "count/1"] {
@@ -467,11 +483,11 @@ mod tests {
     fn create_and_reduce_are_deterministic() {
         let limits = Limits::default();
         let mut room = chat(Some(2), &limits);
-        submit(&mut room, "bob", 2, post_op("hi"), &limits).unwrap();
+        submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
         let op = post_op("again");
         assert_eq!(
-            room.reduce(&op, &ctx("bob", 3), &limits),
-            room.reduce(&op, &ctx("bob", 3), &limits)
+            ChatKind.reduce(&room, &op, &ctx("bob", 3), &limits),
+            ChatKind.reduce(&room, &op, &ctx("bob", 3), &limits)
         );
     }
 
@@ -531,7 +547,7 @@ mod tests {
                     ModelOp::Edit(m, t) => (edit_op(*m, t), text_code(t).or(owner_code(*m))),
                     ModelOp::Delete(m) => (delete_op(*m), owner_code(*m)),
                 };
-                let result = submit(&mut room, user, seq, value, &limits);
+                let result = submit(&ChatKind, &mut room, user, seq, value, &limits);
                 prop_assert_eq!(code(&result), expected, "{:?} by {}", op, user);
                 if expected.is_none() {
                     match op {
@@ -573,7 +589,7 @@ mod tests {
                     .collect();
                 prop_assert_eq!(actual, expected_entries);
                 prop_assert_eq!(
-                    room.chat_messages().iter().copied().collect::<Vec<_>>(),
+                    room.numbered("msg").collect::<Vec<_>>(),
                     model.keys().copied().collect::<Vec<_>>()
                 );
             }
@@ -592,13 +608,13 @@ mod tests {
             let _ = create(&init, &ctx("u0", 1), &limits);
             let mut room = chat(Some(3), &limits);
             for seq in 0..posts as u64 {
-                submit(&mut room, USERS[seq as usize % 3], seq + 2, post_op("m"), &limits)
+                submit(&ChatKind, &mut room, USERS[seq as usize % 3], seq + 2, post_op("m"), &limits)
                     .expect("a short post is accepted");
             }
             for (i, op) in ops.into_iter().enumerate() {
                 let seq = (posts + i) as u64 + 2;
                 // Accepted ops are applied, so later ops meet the state they produced.
-                let _ = submit(&mut room, USERS[i % 3], seq, op, &limits);
+                let _ = submit(&ChatKind, &mut room, USERS[i % 3], seq, op, &limits);
             }
         }
     }

@@ -1,18 +1,23 @@
-//! Room state and the pure reducers of the three room kinds.
+//! Room state, the room-kind API and the three built-in kinds.
 //!
 //! This module owns [`RoomState`] (public entries with versions and tombstones, private
-//! server-only facts, and the live size counters), the refusal codes reducers return,
-//! and the shared op-parsing helpers. The rules of each kind live in `chat`, `poll` and
-//! `state`. It knows nothing of actors, sockets, the log or wire formats: the room actor
-//! calls `reduce`, records the returned [`Changes`] and then calls `apply`; recovery
-//! replays the recorded `Changes` through `apply` alone.
+//! server-only facts, and the live size counters), the [`RoomKind`] trait through which
+//! every kind (built-in or an application's) defines its rules, the [`Kinds`] registry,
+//! the refusal codes kinds return, and the op-parsing helpers ([`Fields`]). The built-in
+//! kinds live in `chat`, `poll` and `state` and use nothing an application's kind could
+//! not. It knows nothing of actors, sockets, the log or wire formats: the room actor
+//! calls [`RoomKind::reduce`], records the returned [`Changes`] and then calls `apply`;
+//! recovery replays the recorded `Changes` through `apply` alone.
 //!
-//! Architecture invariant: `create` and `reduce` are pure functions of
-//! (state, op, ctx, limits). They read no clock, do no IO, use no randomness and never
-//! panic, so replaying a log always rebuilds the same state.
+//! Architecture invariant: `init` and `reduce` are pure functions of
+//! (state, op, ctx, limits). They read no clock, do no IO, use no randomness and should
+//! not panic (a panic costs the op, see [`catch_panic`]), so replaying a log always
+//! rebuilds the same state.
 
 mod chat;
 mod poll;
+mod registry;
+mod room_kind;
 pub mod rules;
 // The kind is called "state" in PROTOCOL.md, so its module is too.
 #[allow(clippy::module_inception)]
@@ -23,32 +28,11 @@ use std::fmt;
 
 use crate::value::Value;
 
-/// The kind of a room, fixed at creation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Chat,
-    Poll,
-    State,
-}
-
-impl Kind {
-    pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "chat" => Some(Kind::Chat),
-            "poll" => Some(Kind::Poll),
-            "state" => Some(Kind::State),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Chat => "chat",
-            Kind::Poll => "poll",
-            Kind::State => "state",
-        }
-    }
-}
+pub use chat::ChatKind;
+pub use poll::PollKind;
+pub use registry::{KindError, Kinds};
+pub use room_kind::{KindRef, RoomKind};
+pub use state::StateKind;
 
 /// What one event changed, as recorded in the log and applied on recovery.
 ///
@@ -62,6 +46,30 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Adds a public entry `key` = `value`, visible to every viewer.
+    pub fn put(mut self, key: impl Into<String>, value: Value) -> Changes {
+        self.public.push((key.into(), Some(value)));
+        self
+    }
+
+    /// Deletes the public entry `key`.
+    pub fn delete(mut self, key: impl Into<String>) -> Changes {
+        self.public.push((key.into(), None));
+        self
+    }
+
+    /// Sets the private (server-only) fact `key`.
+    pub fn put_private(mut self, key: impl Into<String>, value: Value) -> Changes {
+        self.private.push((key.into(), Some(value)));
+        self
+    }
+
+    /// Removes the private fact `key`.
+    pub fn delete_private(mut self, key: impl Into<String>) -> Changes {
+        self.private.push((key.into(), None));
+        self
+    }
+
     /// True when the event changes nothing (for example a vote for the option the user
     /// already voted for).
     pub fn is_empty(&self) -> bool {
@@ -101,7 +109,8 @@ impl Refusal {
         }
     }
 
-    fn invalid(msg: impl Into<String>) -> Refusal {
+    /// An `invalid` refusal: the op is malformed or names something that is not there.
+    pub fn invalid(msg: impl Into<String>) -> Refusal {
         Refusal::new(RefuseCode::Invalid, msg)
     }
 }
@@ -184,7 +193,6 @@ pub struct Undo {
 /// scan of `public` would compute; every write to `public` goes through `put_public`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoomState {
-    kind: Kind,
     /// Entries clients see, including tombstones, by key.
     public: BTreeMap<String, Slot>,
     /// Server-only facts the reducers need; never sent to clients.
@@ -195,51 +203,23 @@ pub struct RoomState {
     live_bytes: usize,
     /// Tombstones with `ver <= tombstone_floor` may have been pruned.
     tombstone_floor: u64,
-    /// Chat rooms only: the seqs of the live `msg/<seq>` entries, so the reducer finds
-    /// the oldest message to evict without scanning.
-    chat_messages: BTreeSet<u64>,
+    /// The numbers of live keys of the form `<prefix>/<n>` (canonical decimal `n`), by
+    /// prefix, so a kind finds the oldest or newest numbered entry without scanning
+    /// (chat evicts its oldest `msg/<seq>` this way). Kept by `put_public`.
+    numbered: BTreeMap<String, BTreeSet<u64>>,
 }
 
 impl RoomState {
-    /// An empty room of `kind`, before its creation event is applied.
-    pub fn new(kind: Kind) -> Self {
+    /// An empty room, before its creation event is applied. The state does not know
+    /// its kind: everything in it came from recorded [`Changes`].
+    pub fn new() -> Self {
         RoomState {
-            kind,
             public: BTreeMap::new(),
             private: BTreeMap::new(),
             live_keys: 0,
             live_bytes: 0,
             tombstone_floor: 0,
-            chat_messages: BTreeSet::new(),
-        }
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    /// Pure: validates `init` for `kind`, returns the changes of the creation event
-    /// (seq 1; `ctx.user` is the creator).
-    pub fn create(
-        kind: Kind,
-        init: &Value,
-        ctx: &Ctx,
-        limits: &Limits,
-    ) -> Result<Changes, Refusal> {
-        match kind {
-            Kind::Chat => chat::create(init, ctx, limits),
-            Kind::Poll => poll::create(init, ctx, limits),
-            Kind::State => state::create(init, ctx, limits),
-        }
-    }
-
-    /// Pure: validates `op` against this state, returns its changes or the refusal.
-    /// Never mutates.
-    pub fn reduce(&self, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
-        match self.kind {
-            Kind::Chat => chat::reduce(self, op, ctx, limits),
-            Kind::Poll => poll::reduce(self, op, ctx, limits),
-            Kind::State => state::reduce(self, op, ctx, limits),
+            numbered: BTreeMap::new(),
         }
     }
 
@@ -326,7 +306,7 @@ impl RoomState {
     }
 
     /// The live public value under `key` (`None` for absent keys and tombstones).
-    fn live(&self, key: &str) -> Option<&Value> {
+    pub fn live(&self, key: &str) -> Option<&Value> {
         self.public.get(key).and_then(|slot| slot.value.as_ref())
     }
 
@@ -363,12 +343,11 @@ impl RoomState {
     /// Rebuilds a state from what `all_slots`, `private_entries` and `tombstone_floor`
     /// returned (a snapshot), recomputing the counters and the chat index.
     pub fn from_parts(
-        kind: Kind,
         public: impl IntoIterator<Item = (String, Slot)>,
         private: impl IntoIterator<Item = (String, Value)>,
         tombstone_floor: u64,
     ) -> RoomState {
-        let mut state = RoomState::new(kind);
+        let mut state = RoomState::new();
         for (key, slot) in public {
             state.put_public(&key, Some(slot));
         }
@@ -377,9 +356,15 @@ impl RoomState {
         state
     }
 
-    /// The seqs of live chat messages, oldest first (empty for other kinds).
-    fn chat_messages(&self) -> &BTreeSet<u64> {
-        &self.chat_messages
+    /// The numbers `n` of the live keys `<prefix>/<n>`, smallest first (`n` in canonical
+    /// decimal: no sign, no leading zero). Empty when there are none.
+    pub fn numbered(&self, prefix: &str) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        self.numbered.get(prefix).into_iter().flatten().copied()
+    }
+
+    /// How many live keys `<prefix>/<n>` there are (see [`RoomState::numbered`]).
+    pub fn n_numbered(&self, prefix: &str) -> usize {
+        self.numbered.get(prefix).map_or(0, BTreeSet::len)
     }
 
     /// Sets (`Some`) or removes (`None`) the slot under `key`, keeping the counters and
@@ -399,13 +384,17 @@ impl RoomState {
             self.live_keys = self.live_keys.saturating_sub(1);
             self.live_bytes = self.live_bytes.saturating_sub(entry_bytes(key, value));
         }
-        if self.kind == Kind::Chat {
-            if let Some(seq) = chat::message_seq(key) {
-                let live = self.public.get(key).is_some_and(|s| s.value.is_some());
-                if live {
-                    self.chat_messages.insert(seq);
-                } else {
-                    self.chat_messages.remove(&seq);
+        if let Some((prefix, n)) = numbered_key(key) {
+            let live = self.public.get(key).is_some_and(|s| s.value.is_some());
+            if live {
+                self.numbered
+                    .entry(prefix.to_owned())
+                    .or_default()
+                    .insert(n);
+            } else if let Some(set) = self.numbered.get_mut(prefix) {
+                set.remove(&n);
+                if set.is_empty() {
+                    self.numbered.remove(prefix);
                 }
             }
         }
@@ -428,13 +417,36 @@ pub fn catch_panic<T>(code: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// What one live entry counts towards `live_bytes`.
-fn entry_bytes(key: &str, value: &Value) -> usize {
+impl Default for RoomState {
+    fn default() -> Self {
+        RoomState::new()
+    }
+}
+
+/// Splits `<prefix>/<n>` into its prefix and number, for keys whose last segment is a
+/// canonical decimal number (no sign, no leading zero, so "msg/01" never aliases
+/// "msg/1"); `None` for any other key.
+fn numbered_key(key: &str) -> Option<(&str, u64)> {
+    let (prefix, digits) = key.rsplit_once('/')?;
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if canonical {
+        digits.parse().ok().map(|n| (prefix, n))
+    } else {
+        None
+    }
+}
+
+/// What one live entry counts towards `live_bytes` (and a room's byte limit): the key's
+/// length plus the value's JSON size.
+pub fn entry_bytes(key: &str, value: &Value) -> usize {
     key.len().saturating_add(value.json_size())
 }
 
-/// The fields of an op or `init` map, with typed getters whose refusals name the field.
-struct Fields<'a> {
+/// The fields of an op or `init` map, with typed getters whose refusals name the field:
+/// the parsing helpers every kind, built-in or not, may use.
+pub struct Fields<'a> {
     map: &'a BTreeMap<String, Value>,
 }
 
@@ -444,7 +456,7 @@ static NO_FIELDS: BTreeMap<String, Value> = BTreeMap::new();
 impl<'a> Fields<'a> {
     /// Splits an op into its `type` and its fields. The op must be a map with a string
     /// `type`.
-    fn op(op: &'a Value) -> Result<(&'a str, Fields<'a>), Refusal> {
+    pub fn op(op: &'a Value) -> Result<(&'a str, Fields<'a>), Refusal> {
         let map = op
             .as_map()
             .ok_or_else(|| Refusal::invalid("op must be a map"))?;
@@ -457,7 +469,7 @@ impl<'a> Fields<'a> {
     }
 
     /// The fields of `init`, which may be `Null` (no fields) or a map.
-    fn init(init: &'a Value) -> Result<Fields<'a>, Refusal> {
+    pub fn init(init: &'a Value) -> Result<Fields<'a>, Refusal> {
         match init {
             Value::Null => Ok(Fields { map: &NO_FIELDS }),
             Value::Map(map) => Ok(Fields { map }),
@@ -466,7 +478,7 @@ impl<'a> Fields<'a> {
     }
 
     /// Refuses any field other than `type` and those in `allowed`.
-    fn only(&self, allowed: &[&str]) -> Result<(), Refusal> {
+    pub fn only(&self, allowed: &[&str]) -> Result<(), Refusal> {
         match self
             .map
             .keys()
@@ -477,28 +489,28 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn opt(&self, name: &str) -> Option<&'a Value> {
+    pub fn opt(&self, name: &str) -> Option<&'a Value> {
         self.map.get(name)
     }
 
-    fn required(&self, name: &str) -> Result<&'a Value, Refusal> {
+    pub fn required(&self, name: &str) -> Result<&'a Value, Refusal> {
         self.opt(name)
             .ok_or_else(|| Refusal::invalid(format!("missing field \"{name}\"")))
     }
 
-    fn str(&self, name: &str) -> Result<&'a str, Refusal> {
+    pub fn str(&self, name: &str) -> Result<&'a str, Refusal> {
         self.required(name)?
             .as_str()
             .ok_or_else(|| Refusal::invalid(format!("field \"{name}\" must be a string")))
     }
 
-    fn int(&self, name: &str) -> Result<i64, Refusal> {
+    pub fn int(&self, name: &str) -> Result<i64, Refusal> {
         self.required(name)?
             .as_i64()
             .ok_or_else(|| Refusal::invalid(format!("field \"{name}\" must be an integer")))
     }
 
-    fn opt_int(&self, name: &str) -> Result<Option<i64>, Refusal> {
+    pub fn opt_int(&self, name: &str) -> Result<Option<i64>, Refusal> {
         match self.opt(name) {
             None => Ok(None),
             Some(_) => self.int(name).map(Some),
@@ -526,10 +538,11 @@ pub(crate) mod test_support {
     }
 
     /// A room of `kind` with its creation event applied as seq 1.
-    pub(crate) fn created(kind: Kind, init: Value, limits: &Limits) -> RoomState {
-        let changes =
-            RoomState::create(kind, &init, &ctx("u0", 1), limits).expect("test init is valid");
-        let mut room = RoomState::new(kind);
+    pub(crate) fn created(kind: &dyn RoomKind, init: Value, limits: &Limits) -> RoomState {
+        let changes = kind
+            .init(&init, &ctx("u0", 1), limits)
+            .expect("test init is valid");
+        let mut room = RoomState::new();
         let _ = room.apply(1, &changes);
         room
     }
@@ -537,13 +550,14 @@ pub(crate) mod test_support {
     /// Reduces and applies `op` as event `seq`, checking on the way that `undo` restores
     /// the state exactly.
     pub(crate) fn submit(
+        kind: &dyn RoomKind,
         room: &mut RoomState,
         user: &str,
         seq: u64,
         op: Value,
         limits: &Limits,
     ) -> Result<Changes, Refusal> {
-        let changes = room.reduce(&op, &ctx(user, seq), limits)?;
+        let changes = kind.reduce(room, &op, &ctx(user, seq), limits)?;
         apply_checked(room, seq, &changes);
         Ok(changes)
     }
@@ -634,20 +648,21 @@ mod snapshot_tests {
             now_ms: 7,
             seq,
         };
-        let mut room = RoomState::new(Kind::Chat);
+        let mut room = RoomState::new();
         let init = Value::map([("history", Value::Int(2))]);
-        let created = RoomState::create(Kind::Chat, &init, &ctx(1), &limits).expect("valid init");
+        let created = ChatKind.init(&init, &ctx(1), &limits).expect("valid init");
         room.apply(1, &created);
         for seq in 2..6 {
             let post = Value::map([
                 ("type", Value::Str("post".into())),
                 ("text", Value::Str(format!("m{seq}"))),
             ]);
-            let changes = room.reduce(&post, &ctx(seq), &limits).expect("valid post");
+            let changes = ChatKind
+                .reduce(&room, &post, &ctx(seq), &limits)
+                .expect("valid post");
             room.apply(seq, &changes);
         }
         let rebuilt = RoomState::from_parts(
-            room.kind(),
             room.all_slots().map(|(k, s)| (k.to_owned(), s.clone())),
             room.private_entries()
                 .map(|(k, v)| (k.to_owned(), v.clone())),
@@ -672,8 +687,7 @@ mod tests {
 
     #[test]
     fn new_room_is_empty() {
-        let room = RoomState::new(Kind::Poll);
-        assert_eq!(room.kind(), Kind::Poll);
+        let room = RoomState::new();
         assert_eq!(room.entries().count(), 0);
         assert_eq!(room.live_keys(), 0);
         assert_eq!(room.live_bytes(), 0);
@@ -694,7 +708,7 @@ mod tests {
 
     #[test]
     fn apply_stamps_public_keys_with_the_event_seq() {
-        let mut room = RoomState::new(Kind::State);
+        let mut room = RoomState::new();
         let changes = Changes {
             public: vec![("a".into(), Some(Value::Int(1)))],
             private: vec![("p".into(), Some(Value::Bool(true)))],
@@ -715,9 +729,17 @@ mod tests {
     #[test]
     fn deleting_leaves_a_tombstone_with_the_delete_seq() {
         let limits = Limits::default();
-        let mut room = created(Kind::State, Value::Null, &limits);
-        submit(&mut room, "u0", 2, set_op("a", Value::Int(1)), &limits).unwrap();
-        submit(&mut room, "u0", 3, del_op("a"), &limits).unwrap();
+        let mut room = created(&StateKind, Value::Null, &limits);
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            2,
+            set_op("a", Value::Int(1)),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u0", 3, del_op("a"), &limits).unwrap();
         assert_eq!(
             room.get("a"),
             Some(&Slot {
@@ -733,8 +755,16 @@ mod tests {
     #[test]
     fn undo_restores_public_private_and_counters_exactly() {
         let limits = Limits::default();
-        let mut room = created(Kind::State, Value::Null, &limits);
-        submit(&mut room, "u0", 2, set_op("a", Value::Int(1)), &limits).unwrap();
+        let mut room = created(&StateKind, Value::Null, &limits);
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            2,
+            set_op("a", Value::Int(1)),
+            &limits,
+        )
+        .unwrap();
         let before = room.clone();
         let changes = Changes {
             public: vec![("a".into(), None), ("b".into(), Some(s("new")))],
@@ -749,7 +779,7 @@ mod tests {
 
     #[test]
     fn undos_in_reverse_order_restore_the_state_before_all_applies() {
-        let mut room = RoomState::new(Kind::Chat);
+        let mut room = RoomState::new();
         let before = room.clone();
         let first = Changes {
             public: vec![("msg/1".into(), Some(s("a")))],
@@ -761,22 +791,16 @@ mod tests {
         };
         let undo_first = room.apply(1, &first);
         let undo_second = room.apply(2, &second);
-        assert_eq!(
-            room.chat_messages().iter().copied().collect::<Vec<_>>(),
-            [2]
-        );
+        assert_eq!(room.numbered("msg").collect::<Vec<_>>(), [2]);
         room.undo(undo_second);
-        assert_eq!(
-            room.chat_messages().iter().copied().collect::<Vec<_>>(),
-            [1]
-        );
+        assert_eq!(room.numbered("msg").collect::<Vec<_>>(), [1]);
         room.undo(undo_first);
         assert_eq!(room, before);
     }
 
     #[test]
     fn entries_are_live_and_sorted_by_key() {
-        let mut room = RoomState::new(Kind::State);
+        let mut room = RoomState::new();
         let changes = Changes {
             public: vec![
                 ("c".into(), Some(Value::Int(3))),
@@ -793,10 +817,26 @@ mod tests {
     #[test]
     fn changed_since_includes_tombstones_newer_than_since() {
         let limits = Limits::default();
-        let mut room = created(Kind::State, Value::Null, &limits);
-        submit(&mut room, "u0", 2, set_op("a", Value::Int(1)), &limits).unwrap();
-        submit(&mut room, "u0", 3, set_op("b", Value::Int(2)), &limits).unwrap();
-        submit(&mut room, "u0", 4, del_op("a"), &limits).unwrap();
+        let mut room = created(&StateKind, Value::Null, &limits);
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            2,
+            set_op("a", Value::Int(1)),
+            &limits,
+        )
+        .unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            3,
+            set_op("b", Value::Int(2)),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u0", 4, del_op("a"), &limits).unwrap();
         let changed = room.changed_since(2).unwrap();
         assert_eq!(
             changed,
@@ -823,12 +863,36 @@ mod tests {
     #[test]
     fn pruning_drops_old_tombstones_only() {
         let limits = Limits::default();
-        let mut room = created(Kind::State, Value::Null, &limits);
-        submit(&mut room, "u0", 2, set_op("a", Value::Int(1)), &limits).unwrap();
-        submit(&mut room, "u0", 3, set_op("b", Value::Int(2)), &limits).unwrap();
-        submit(&mut room, "u0", 4, del_op("a"), &limits).unwrap();
-        submit(&mut room, "u0", 5, del_op("b"), &limits).unwrap();
-        submit(&mut room, "u0", 6, set_op("c", Value::Int(3)), &limits).unwrap();
+        let mut room = created(&StateKind, Value::Null, &limits);
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            2,
+            set_op("a", Value::Int(1)),
+            &limits,
+        )
+        .unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            3,
+            set_op("b", Value::Int(2)),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u0", 4, del_op("a"), &limits).unwrap();
+        submit(&StateKind, &mut room, "u0", 5, del_op("b"), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            6,
+            set_op("c", Value::Int(3)),
+            &limits,
+        )
+        .unwrap();
         room.prune_tombstones(4);
         assert_eq!(room.get("a"), None);
         assert_eq!(
@@ -844,9 +908,17 @@ mod tests {
     #[test]
     fn changed_since_below_the_floor_is_none() {
         let limits = Limits::default();
-        let mut room = created(Kind::State, Value::Null, &limits);
-        submit(&mut room, "u0", 2, set_op("a", Value::Int(1)), &limits).unwrap();
-        submit(&mut room, "u0", 3, del_op("a"), &limits).unwrap();
+        let mut room = created(&StateKind, Value::Null, &limits);
+        submit(
+            &StateKind,
+            &mut room,
+            "u0",
+            2,
+            set_op("a", Value::Int(1)),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u0", 3, del_op("a"), &limits).unwrap();
         room.prune_tombstones(3);
         assert_eq!(room.changed_since(2), None);
         assert_eq!(room.changed_since(0), None);
@@ -855,7 +927,7 @@ mod tests {
 
     #[test]
     fn the_tombstone_floor_never_goes_down() {
-        let mut room = RoomState::new(Kind::State);
+        let mut room = RoomState::new();
         room.prune_tombstones(10);
         room.prune_tombstones(4);
         assert_eq!(room.changed_since(9), None);
@@ -864,14 +936,16 @@ mod tests {
 
     #[test]
     fn op_must_be_a_map_with_a_string_type() {
-        let room = created(Kind::State, Value::Null, &Limits::default());
+        let room = created(&StateKind, Value::Null, &Limits::default());
         let limits = Limits::default();
         for (op, field) in [
             (Value::Int(1), "map"),
             (Value::map([("key", s("a"))]), "\"type\""),
             (Value::map([("type", Value::Int(3))]), "\"type\""),
         ] {
-            let refusal = room.reduce(&op, &ctx("u0", 2), &limits).unwrap_err();
+            let refusal = StateKind
+                .reduce(&room, &op, &ctx("u0", 2), &limits)
+                .unwrap_err();
             assert_eq!(refusal.code, RefuseCode::Invalid);
             assert!(refusal.msg.contains(field), "{}", refusal.msg);
         }

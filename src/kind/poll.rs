@@ -7,8 +7,40 @@
 //! Refusals are checked in one order: the op's shape (`invalid`), then `closed`, then
 //! `forbidden`, then what the op refers to (`invalid`: option out of range, no vote).
 
-use super::{Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomState};
+use super::{Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomKind, RoomState};
 use crate::value::Value;
+
+/// The built-in "poll" kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PollKind;
+
+impl RoomKind for PollKind {
+    fn name(&self) -> &str {
+        "poll"
+    }
+
+    fn init(&self, init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
+        create(init, ctx, limits)
+    }
+
+    fn reduce(
+        &self,
+        state: &RoomState,
+        op: &Value,
+        ctx: &Ctx,
+        limits: &Limits,
+    ) -> Result<Changes, Refusal> {
+        reduce(state, op, ctx, limits)
+    }
+
+    fn private_op(&self, op: &Value) -> bool {
+        // Who voted for what is not public: a vote or retract names both.
+        matches!(
+            op.get("type").and_then(Value::as_str),
+            Some("vote" | "retract")
+        )
+    }
+}
 
 const MAX_QUESTION_BYTES: usize = 4096;
 const MAX_OPTION_BYTES: usize = 1024;
@@ -23,7 +55,7 @@ fn vote_key(user: &str) -> String {
     format!("vote/{user}")
 }
 
-pub(super) fn create(init: &Value, ctx: &Ctx, _limits: &Limits) -> Result<Changes, Refusal> {
+fn create(init: &Value, ctx: &Ctx, _limits: &Limits) -> Result<Changes, Refusal> {
     let fields = Fields::init(init)?;
     fields.only(&["question", "options"])?;
     let question = fields.str("question")?;
@@ -67,12 +99,7 @@ pub(super) fn create(init: &Value, ctx: &Ctx, _limits: &Limits) -> Result<Change
     })
 }
 
-pub(super) fn reduce(
-    state: &RoomState,
-    op: &Value,
-    ctx: &Ctx,
-    _limits: &Limits,
-) -> Result<Changes, Refusal> {
+fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, _limits: &Limits) -> Result<Changes, Refusal> {
     let (kind, fields) = Fields::op(op)?;
     match kind {
         "vote" => {
@@ -188,7 +215,6 @@ fn saturating_i64(n: usize) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
-    use super::super::Kind;
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -204,7 +230,7 @@ mod tests {
     }
 
     fn poll(limits: &Limits) -> RoomState {
-        created(Kind::Poll, lunch(), limits)
+        created(&PollKind, lunch(), limits)
     }
 
     fn vote(option: i64) -> Value {
@@ -321,8 +347,8 @@ mod tests {
     fn vote_counts_the_option_and_the_total() {
         let limits = Limits::default();
         let mut room = poll(&limits);
-        submit(&mut room, "a", 2, vote(1), &limits).unwrap();
-        submit(&mut room, "b", 3, vote(1), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 2, vote(1), &limits).unwrap();
+        submit(&PollKind, &mut room, "b", 3, vote(1), &limits).unwrap();
         assert_eq!(int(&room, "count/1"), Some(2));
         assert_eq!(int(&room, "total"), Some(2));
         assert_eq!(room.private("vote/a"), Some(&Value::Int(1)));
@@ -332,8 +358,8 @@ mod tests {
     fn vote_again_moves_the_vote() {
         let limits = Limits::default();
         let mut room = poll(&limits);
-        submit(&mut room, "a", 2, vote(0), &limits).unwrap();
-        submit(&mut room, "a", 3, vote(2), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 2, vote(0), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 3, vote(2), &limits).unwrap();
         assert_eq!(int(&room, "count/0"), Some(0));
         assert_eq!(int(&room, "count/2"), Some(1));
         assert_eq!(int(&room, "total"), Some(1));
@@ -344,8 +370,8 @@ mod tests {
     fn voting_for_the_same_option_again_changes_nothing() {
         let limits = Limits::default();
         let mut room = poll(&limits);
-        submit(&mut room, "a", 2, vote(1), &limits).unwrap();
-        let changes = submit(&mut room, "a", 3, vote(1), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 2, vote(1), &limits).unwrap();
+        let changes = submit(&PollKind, &mut room, "a", 3, vote(1), &limits).unwrap();
         assert!(changes.is_empty());
         assert_eq!(room.get("count/1").map(|slot| slot.ver), Some(2));
     }
@@ -355,14 +381,16 @@ mod tests {
         let limits = Limits::default();
         let room = poll(&limits);
         for option in [3, -1, i64::MAX, i64::MIN] {
-            let refusal = room
-                .reduce(&vote(option), &ctx("a", 2), &limits)
+            let refusal = PollKind
+                .reduce(&room, &vote(option), &ctx("a", 2), &limits)
                 .unwrap_err();
             assert_eq!(refusal.code, RefuseCode::Invalid);
             assert!(refusal.msg.contains("\"option\""), "{}", refusal.msg);
         }
         let op = Value::map([("type", s("vote")), ("option", s("1"))]);
-        let refusal = room.reduce(&op, &ctx("a", 2), &limits).unwrap_err();
+        let refusal = PollKind
+            .reduce(&room, &op, &ctx("a", 2), &limits)
+            .unwrap_err();
         assert_eq!(refusal.msg, "field \"option\" must be an integer");
     }
 
@@ -370,8 +398,8 @@ mod tests {
     fn retract_removes_the_vote() {
         let limits = Limits::default();
         let mut room = poll(&limits);
-        submit(&mut room, "a", 2, vote(1), &limits).unwrap();
-        submit(&mut room, "a", 3, retract(), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 2, vote(1), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 3, retract(), &limits).unwrap();
         assert_eq!(int(&room, "count/1"), Some(0));
         assert_eq!(int(&room, "total"), Some(0));
         assert_eq!(room.private("vote/a"), None);
@@ -381,7 +409,9 @@ mod tests {
     fn retract_without_a_vote_is_invalid() {
         let limits = Limits::default();
         let room = poll(&limits);
-        let refusal = room.reduce(&retract(), &ctx("a", 2), &limits).unwrap_err();
+        let refusal = PollKind
+            .reduce(&room, &retract(), &ctx("a", 2), &limits)
+            .unwrap_err();
         assert_eq!(refusal.code, RefuseCode::Invalid);
     }
 
@@ -389,7 +419,7 @@ mod tests {
     fn close_by_the_creator_closes_the_poll() {
         let limits = Limits::default();
         let mut room = poll(&limits);
-        submit(&mut room, "u0", 2, close(), &limits).unwrap();
+        submit(&PollKind, &mut room, "u0", 2, close(), &limits).unwrap();
         assert_eq!(room.live("closed"), Some(&Value::Bool(true)));
     }
 
@@ -397,7 +427,9 @@ mod tests {
     fn close_by_anyone_else_is_forbidden() {
         let limits = Limits::default();
         let room = poll(&limits);
-        let refusal = room.reduce(&close(), &ctx("a", 2), &limits).unwrap_err();
+        let refusal = PollKind
+            .reduce(&room, &close(), &ctx("a", 2), &limits)
+            .unwrap_err();
         assert_eq!(refusal.code, RefuseCode::Forbidden);
     }
 
@@ -405,19 +437,23 @@ mod tests {
     fn after_close_votes_retracts_and_closes_are_closed() {
         let limits = Limits::default();
         let mut room = poll(&limits);
-        submit(&mut room, "a", 2, vote(0), &limits).unwrap();
-        submit(&mut room, "u0", 3, close(), &limits).unwrap();
+        submit(&PollKind, &mut room, "a", 2, vote(0), &limits).unwrap();
+        submit(&PollKind, &mut room, "u0", 3, close(), &limits).unwrap();
         for (user, op) in [
             ("a", vote(1)),
             ("b", vote(0)),
             ("a", retract()),
             ("u0", close()),
         ] {
-            let refusal = room.reduce(&op, &ctx(user, 4), &limits).unwrap_err();
+            let refusal = PollKind
+                .reduce(&room, &op, &ctx(user, 4), &limits)
+                .unwrap_err();
             assert_eq!(refusal.code, RefuseCode::Closed, "{op:?}");
         }
         // Closed is checked before forbidden.
-        let refusal = room.reduce(&close(), &ctx("a", 4), &limits).unwrap_err();
+        let refusal = PollKind
+            .reduce(&room, &close(), &ctx("a", 4), &limits)
+            .unwrap_err();
         assert_eq!(refusal.code, RefuseCode::Closed);
     }
 
@@ -437,7 +473,9 @@ mod tests {
             ),
             (Value::map([("type", s("vote"))]), "\"option\""),
         ] {
-            let refusal = room.reduce(&op, &ctx("u0", 2), &limits).unwrap_err();
+            let refusal = PollKind
+                .reduce(&room, &op, &ctx("u0", 2), &limits)
+                .unwrap_err();
             assert_eq!(refusal.code, RefuseCode::Invalid);
             assert!(refusal.msg.contains(named), "{}", refusal.msg);
         }
@@ -508,7 +546,7 @@ mod tests {
                         (close(), expected)
                     }
                 };
-                let result = submit(&mut room, user, seq, value, &limits);
+                let result = submit(&PollKind, &mut room, user, seq, value, &limits);
                 prop_assert_eq!(code(&result), expected, "{:?} by {}", op, user);
                 if expected.is_none() {
                     match op {
@@ -546,7 +584,7 @@ mod tests {
             let _ = create(&init, &ctx("u0", 1), &limits);
             let mut room = poll(&limits);
             for (i, op) in ops.into_iter().enumerate() {
-                let _ = submit(&mut room, USERS[i % 3], i as u64 + 2, op, &limits);
+                let _ = submit(&PollKind, &mut room, USERS[i % 3], i as u64 + 2, op, &limits);
             }
         }
     }

@@ -8,10 +8,36 @@
 //! rules (`forbidden`), the value's size (`too_large`), `if_ver` (`conflict`), what the
 //! key holds (`invalid`), then the room's totals (`limit`).
 
-use super::{entry_bytes, rules, Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomState};
+use super::{
+    entry_bytes, rules, Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomKind, RoomState,
+};
 use crate::value::Value;
 
-pub(super) fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
+/// The built-in "state" kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StateKind;
+
+impl RoomKind for StateKind {
+    fn name(&self) -> &str {
+        "state"
+    }
+
+    fn init(&self, init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
+        create(init, ctx, limits)
+    }
+
+    fn reduce(
+        &self,
+        state: &RoomState,
+        op: &Value,
+        ctx: &Ctx,
+        limits: &Limits,
+    ) -> Result<Changes, Refusal> {
+        reduce(state, op, ctx, limits)
+    }
+}
+
+fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
     let fields = Fields::init(init)?;
     fields.only(&["entries", "rules"])?;
     let rules = rules::from_init(fields.opt("rules"))?;
@@ -52,12 +78,7 @@ pub(super) fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes
     Ok(Changes { public, private })
 }
 
-pub(super) fn reduce(
-    state: &RoomState,
-    op: &Value,
-    ctx: &Ctx,
-    limits: &Limits,
-) -> Result<Changes, Refusal> {
+fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
     let (kind, fields) = Fields::op(op)?;
     let may_write = |key: &str| {
         let creator = state.private("creator").and_then(Value::as_str);
@@ -226,7 +247,7 @@ fn check_room_limits(
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
-    use super::super::{Kind, Slot};
+    use super::super::Slot;
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -251,11 +272,12 @@ mod tests {
     }
 
     fn empty(limits: &Limits) -> RoomState {
-        created(Kind::State, Value::Null, limits)
+        created(&StateKind, Value::Null, limits)
     }
 
     fn refused(room: &RoomState, op: Value, limits: &Limits) -> Refusal {
-        room.reduce(&op, &ctx("u1", 99), limits)
+        StateKind
+            .reduce(room, &op, &ctx("u1", 99), limits)
             .expect_err("the op must be refused")
     }
 
@@ -264,7 +286,7 @@ mod tests {
         let limits = Limits::default();
         assert_eq!(empty(&limits).entries().count(), 0);
         let init = Value::map([("entries", Value::map([("a", Value::Int(1)), ("b", s("x"))]))]);
-        let room = created(Kind::State, init, &limits);
+        let room = created(&StateKind, init, &limits);
         assert_eq!(
             room.get("a"),
             Some(&Slot {
@@ -327,6 +349,7 @@ mod tests {
         let limits = Limits::default();
         let mut room = empty(&limits);
         submit(
+            &StateKind,
             &mut room,
             "u1",
             2,
@@ -335,6 +358,7 @@ mod tests {
         )
         .unwrap();
         submit(
+            &StateKind,
             &mut room,
             "u1",
             3,
@@ -356,6 +380,7 @@ mod tests {
         let limits = Limits::default();
         let mut room = empty(&limits);
         submit(
+            &StateKind,
             &mut room,
             "u1",
             2,
@@ -372,11 +397,20 @@ mod tests {
     fn a_tombstone_counts_as_absent_for_if_ver() {
         let limits = Limits::default();
         let mut room = empty(&limits);
-        submit(&mut room, "u1", 2, set("k", Value::Int(1), None), &limits).unwrap();
-        submit(&mut room, "u1", 3, del("k", None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            set("k", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u1", 3, del("k", None), &limits).unwrap();
         let refusal = refused(&room, set("k", Value::Int(2), Some(3)), &limits);
         assert_eq!(refusal.code, RefuseCode::Conflict);
         submit(
+            &StateKind,
             &mut room,
             "u1",
             4,
@@ -390,8 +424,24 @@ mod tests {
     fn set_with_a_stale_if_ver_is_a_conflict() {
         let limits = Limits::default();
         let mut room = empty(&limits);
-        submit(&mut room, "u1", 2, set("k", Value::Int(1), None), &limits).unwrap();
-        submit(&mut room, "u2", 3, set("k", Value::Int(2), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            set("k", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u2",
+            3,
+            set("k", Value::Int(2), None),
+            &limits,
+        )
+        .unwrap();
         let refusal = refused(&room, set("k", Value::Int(3), Some(2)), &limits);
         assert_eq!(refusal.code, RefuseCode::Conflict);
     }
@@ -407,8 +457,13 @@ mod tests {
         assert_eq!(refusal.code, RefuseCode::Invalid);
         assert_eq!(refusal.msg, "field \"key\" of 257 bytes, must be 1..=256");
         let longest = "k".repeat(256);
-        assert!(room
-            .reduce(&set(&longest, Value::Int(1), None), &ctx("u1", 2), &limits)
+        assert!(StateKind
+            .reduce(
+                &room,
+                &set(&longest, Value::Int(1), None),
+                &ctx("u1", 2),
+                &limits
+            )
             .is_ok());
     }
 
@@ -427,8 +482,8 @@ mod tests {
             )
         );
         let largest = s(&"x".repeat(32 * 1024 - 2));
-        assert!(room
-            .reduce(&set("k", largest, None), &ctx("u1", 2), &limits)
+        assert!(StateKind
+            .reduce(&room, &set("k", largest, None), &ctx("u1", 2), &limits)
             .is_ok());
     }
 
@@ -439,17 +494,49 @@ mod tests {
             ..Limits::default()
         };
         let mut room = empty(&limits);
-        submit(&mut room, "u1", 2, set("a", Value::Int(1), None), &limits).unwrap();
-        submit(&mut room, "u1", 3, set("b", Value::Int(1), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            set("a", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            3,
+            set("b", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
         let refusal = refused(&room, set("c", Value::Int(1), None), &limits);
         assert_eq!(
             refusal,
             Refusal::new(RefuseCode::Limit, "room of 3 keys would exceed limit of 2")
         );
         // Overwriting an existing key does not add one.
-        submit(&mut room, "u1", 4, set("b", Value::Int(2), None), &limits).unwrap();
-        submit(&mut room, "u1", 5, del("a", None), &limits).unwrap();
-        submit(&mut room, "u1", 6, set("c", Value::Int(1), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            4,
+            set("b", Value::Int(2), None),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u1", 5, del("a", None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            6,
+            set("c", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -460,11 +547,27 @@ mod tests {
         };
         let mut room = empty(&limits);
         // "a" + "\"123456\"" is 1 + 8 = 9 bytes.
-        submit(&mut room, "u1", 2, set("a", s("123456"), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            set("a", s("123456"), None),
+            &limits,
+        )
+        .unwrap();
         let refusal = refused(&room, set("b", Value::Int(12), None), &limits);
         assert_eq!(refusal.code, RefuseCode::Limit);
         assert_eq!(refusal.msg, "room of 12 bytes would exceed limit of 10");
-        submit(&mut room, "u1", 3, set("a", s("1234567"), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            3,
+            set("a", s("1234567"), None),
+            &limits,
+        )
+        .unwrap();
         assert_eq!(room.live_bytes(), 10);
     }
 
@@ -472,6 +575,7 @@ mod tests {
     fn a_room_over_its_limits_may_still_shrink() {
         let mut room = empty(&Limits::default());
         let _ = submit(
+            &StateKind,
             &mut room,
             "u1",
             2,
@@ -482,7 +586,15 @@ mod tests {
             max_room_bytes: 5,
             ..Limits::default()
         };
-        submit(&mut room, "u1", 3, set("a", s("1"), None), &lowered).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            3,
+            set("a", s("1"), None),
+            &lowered,
+        )
+        .unwrap();
         let refusal = refused(&room, set("a", s("12345"), None), &lowered);
         assert_eq!(refusal.code, RefuseCode::Limit);
     }
@@ -491,7 +603,15 @@ mod tests {
     fn del_removes_the_key_and_checks_if_ver() {
         let limits = Limits::default();
         let mut room = empty(&limits);
-        submit(&mut room, "u1", 2, set("k", Value::Int(1), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            set("k", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
         assert_eq!(
             refused(&room, del("k", Some(3)), &limits).code,
             RefuseCode::Conflict
@@ -500,7 +620,7 @@ mod tests {
             refused(&room, del("k", Some(0)), &limits).code,
             RefuseCode::Conflict
         );
-        submit(&mut room, "u1", 3, del("k", Some(2)), &limits).unwrap();
+        submit(&StateKind, &mut room, "u1", 3, del("k", Some(2)), &limits).unwrap();
         assert_eq!(room.live_keys(), 0);
     }
 
@@ -521,8 +641,16 @@ mod tests {
             RefuseCode::Conflict
         );
         // A tombstone is as missing as a key never set.
-        submit(&mut room, "u1", 2, set("k", Value::Int(1), None), &limits).unwrap();
-        submit(&mut room, "u1", 3, del("k", None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            set("k", Value::Int(1), None),
+            &limits,
+        )
+        .unwrap();
+        submit(&StateKind, &mut room, "u1", 3, del("k", None), &limits).unwrap();
         assert_eq!(
             refused(&room, del("k", None), &limits).code,
             RefuseCode::Invalid
@@ -537,8 +665,17 @@ mod tests {
     fn incr_counts_a_missing_key_as_zero_and_defaults_by_to_one() {
         let limits = Limits::default();
         let mut room = empty(&limits);
-        submit(&mut room, "u1", 2, incr("score/red", None, None), &limits).unwrap();
         submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            incr("score/red", None, None),
+            &limits,
+        )
+        .unwrap();
+        submit(
+            &StateKind,
             &mut room,
             "u1",
             3,
@@ -559,6 +696,7 @@ mod tests {
         let limits = Limits::default();
         let mut room = empty(&limits);
         submit(
+            &StateKind,
             &mut room,
             "u1",
             2,
@@ -582,6 +720,7 @@ mod tests {
         let limits = Limits::default();
         let mut room = empty(&limits);
         submit(
+            &StateKind,
             &mut room,
             "u1",
             2,
@@ -592,7 +731,15 @@ mod tests {
         let refusal = refused(&room, incr("k", None, None), &limits);
         assert_eq!(refusal.code, RefuseCode::Invalid);
         assert!(refusal.msg.contains("overflows"), "{}", refusal.msg);
-        submit(&mut room, "u1", 3, incr("n", Some(i64::MIN), None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            3,
+            incr("n", Some(i64::MIN), None),
+            &limits,
+        )
+        .unwrap();
         assert_eq!(
             refused(&room, incr("n", Some(-1), None), &limits).code,
             RefuseCode::Invalid
@@ -606,7 +753,15 @@ mod tests {
             ..Limits::default()
         };
         let mut room = empty(&limits);
-        submit(&mut room, "u1", 2, incr("a", None, None), &limits).unwrap();
+        submit(
+            &StateKind,
+            &mut room,
+            "u1",
+            2,
+            incr("a", None, None),
+            &limits,
+        )
+        .unwrap();
         assert_eq!(
             refused(&room, incr("b", None, None), &limits).code,
             RefuseCode::Limit
@@ -827,7 +982,7 @@ mod tests {
                         (incr(key, *by, if_ver), expected, Some(new))
                     }
                 };
-                let result = submit(&mut room, USERS[user], seq, value, &limits);
+                let result = submit(&StateKind, &mut room, USERS[user], seq, value, &limits);
                 prop_assert_eq!(code(&result), expected, "{:?}", op);
                 if expected.is_none() {
                     let key = match &op {
@@ -882,12 +1037,12 @@ mod tests {
                 ..Limits::default()
             };
             if let Ok(changes) = create(&init, &ctx("u0", 1), &limits) {
-                let mut room = RoomState::new(Kind::State);
+                let mut room = RoomState::new();
                 apply_checked(&mut room, 1, &changes);
             }
             let mut room = empty(&limits);
             for (i, op) in ops.into_iter().enumerate() {
-                let _ = submit(&mut room, USERS[i % 3], i as u64 + 2, op, &limits);
+                let _ = submit(&StateKind, &mut room, USERS[i % 3], i as u64 + 2, op, &limits);
             }
         }
     }

@@ -22,7 +22,7 @@ pub struct Summarize;
 /// What [`Summarize`] answers (None when the room does not exist).
 #[derive(Debug, Clone)]
 pub struct RoomSummary {
-    pub kind: &'static str,
+    pub kind: String,
     pub epoch: u64,
     /// Seq of the last committed event.
     pub seq: u64,
@@ -52,7 +52,7 @@ impl Handler<Summarize> for Room {
         match &self.status {
             Status::Live(live) if live.committed > 0 && live.deleting.is_none() => {
                 Some(RoomSummary {
-                    kind: live.kind.as_str(),
+                    kind: live.kind.name().to_owned(),
                     epoch: live.epoch,
                     seq: live.committed,
                     subscribers: self

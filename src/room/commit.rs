@@ -80,7 +80,7 @@ impl Room {
         live.merging = batch.events.len() > 1;
         let store_batch = store::Batch {
             room: self.room_id.to_string(),
-            create: batch.create,
+            create: batch.create.take(),
             events: batch.take_records(),
             expire_op_ids_through: expire_through,
             snapshot,

@@ -240,7 +240,7 @@ impl Room {
         });
         let reply = resumed.unwrap_or_else(|| ServerMsg::Snapshot {
             room: self.room_id.to_string(),
-            kind: live.kind.as_str().to_owned(),
+            kind: live.kind.name().to_owned(),
             epoch: live.epoch,
             seq: live.committed,
             entries: live.committed_entries(),

@@ -9,7 +9,7 @@ use super::live::Live;
 use super::messages::*;
 use super::op_ids::OpKey;
 use super::{batch, Room, RoomError, Status};
-use crate::kind::{catch_panic, Ctx, Kind, RoomState};
+use crate::kind::{catch_panic, Ctx, RoomState};
 use crate::outbound::{encode, Charge, Frame, Pushed};
 use crate::protocol::message::{ServerMsg, WireValue};
 use crate::protocol::Encoding;
@@ -29,7 +29,7 @@ impl Handler<Create> for Room {
             Ok(Some(live)) => live,
             Ok(None) => return self.create(msg, op_key, ctx),
         };
-        msg.reply.set_kind(live.kind);
+        msg.reply.set_kind(live.kind.name());
         // A re-sent create is answered from the op-id record, with seq 1.
         if let Some(key) = &op_key {
             if let Some(seq) = live.op_ids.get(key) {
@@ -58,8 +58,8 @@ impl Room {
             mut reply,
             ..
         } = msg;
-        if let Some(kind) = Kind::parse(&kind) {
-            reply.set_kind(kind);
+        if self.config.kinds.get(&kind).is_some() {
+            reply.set_kind(&kind);
         }
         if let Some(refusal) = refusal {
             return reply.nack(refusal);
@@ -73,8 +73,9 @@ impl Room {
                 created,
             });
         }
-        let Some(kind) = Kind::parse(&kind) else {
-            return reply.nack(RoomError::UnknownKind(kind, "chat, poll or state".into()));
+        let Some(kind) = self.config.kinds.get(&kind).cloned() else {
+            let known = self.config.kinds.names();
+            return reply.nack(RoomError::UnknownKind(kind, known));
         };
         let seq_ctx = Ctx {
             user: &user,
@@ -82,20 +83,24 @@ impl Room {
             seq: 1,
         };
         let limits = &self.config.limits;
-        let changes = match catch_panic(|| RoomState::create(kind, &init, &seq_ctx, limits)) {
+        let changes = match catch_panic(|| kind.init(&init, &seq_ctx, limits)) {
             Ok(Ok(changes)) => changes,
             Ok(Err(refusal)) => return reply.nack(RoomError::Refused(refusal)),
             Err(panic) => {
-                tracing::error!(room = %self.room_id, kind = kind.as_str(), op = "create", %panic, "room kind code panicked; nacked unavailable");
+                tracing::error!(room = %self.room_id, kind = kind.name(), op = "create", %panic, "room kind code panicked; nacked unavailable");
                 return reply.nack(RoomError::KindPanicked);
             }
         };
         let epoch = rand::random::<u64>();
-        let mut live = Live::new(kind, epoch, RoomState::new(kind), 0);
-        live.open_batch().create = Some(RoomMeta { kind, epoch });
+        let name = kind.name().to_owned();
+        let mut live = Live::new(kind, epoch, RoomState::new(), 0);
+        live.open_batch().create = Some(RoomMeta {
+            kind: name.clone(),
+            epoch,
+        });
         let op = crate::value::Value::map([
             ("type", crate::value::Value::Str("create".into())),
-            ("kind", crate::value::Value::Str(kind.as_str().into())),
+            ("kind", crate::value::Value::Str(name)),
             ("init", init),
         ]);
         live.apply_event(&user, now_ms, op, changes, op_key, reply);
@@ -121,7 +126,7 @@ impl Handler<Submit> for Room {
             }
             Ok(Some(live)) => live,
         };
-        msg.reply.set_kind(live.kind);
+        msg.reply.set_kind(live.kind.name());
         let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
         if let Some(key) = &op_key {
             if let Some(seq) = live.op_ids.get(key) {
@@ -142,8 +147,8 @@ impl Handler<Submit> for Room {
             seq,
         };
         let limits = &self.config.limits;
-        let state = &live.state;
-        match catch_panic(|| state.reduce(&msg.op, &seq_ctx, limits)) {
+        let (kind, state) = (&live.kind, &live.state);
+        match catch_panic(|| kind.reduce(state, &msg.op, &seq_ctx, limits)) {
             Err(panic) => {
                 tracing::error!(room = %self.room_id, user = %msg.user, op = ?msg.op, %panic, "room kind code panicked; op nacked unavailable");
                 live.reply_nack(msg.reply, RoomError::KindPanicked);
@@ -221,7 +226,7 @@ impl Handler<Read> for Room {
         self.last_activity = Instant::now();
         match self.status.standing(&self.room_id) {
             Ok(Some(live)) if live.committed > 0 => Ok(RoomView {
-                kind: live.kind.as_str(),
+                kind: live.kind.name().to_owned(),
                 epoch: live.epoch,
                 seq: live.committed,
                 entries: live.committed_entries(),

@@ -15,13 +15,14 @@ use super::batch::{self, Batch};
 use super::messages::{OpDone, ReplyTo};
 use super::op_ids::{OpIds, OpKey};
 use super::RoomError;
-use crate::kind::{Changes, Kind, RoomState, Slot};
+use crate::kind::{Changes, KindRef, RoomState, Slot};
 use crate::protocol::message::{WireEntry, WireValue};
 use crate::store::{EventRecord, Snapshot};
 
 /// A room that exists: its state and its commit pipeline.
 pub(super) struct Live {
-    pub(super) kind: Kind,
+    /// The room's kind: its rules judge every op.
+    pub(super) kind: KindRef,
     pub(super) epoch: u64,
     pub(super) state: RoomState,
     /// Seq of the last event applied to `state` (committed or not).
@@ -54,7 +55,7 @@ pub(super) struct Live {
 }
 
 impl Live {
-    pub(super) fn new(kind: Kind, epoch: u64, state: RoomState, head: u64) -> Live {
+    pub(super) fn new(kind: KindRef, epoch: u64, state: RoomState, head: u64) -> Live {
         Live {
             kind,
             epoch,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use actix::{Message, MessageResponse};
 use tokio::sync::oneshot;
 
-use crate::kind::Kind;
 use crate::outbound::{Charge, SessionRef};
 use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry};
@@ -34,7 +33,8 @@ pub fn now_ms() -> i64 {
 #[derive(Debug)]
 pub struct ReplyTo {
     target: Option<Target>,
-    kind: Option<Kind>,
+    /// The position of the room's kind in `OP_KINDS`.
+    kind: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -68,8 +68,8 @@ impl ReplyTo {
     }
 
     /// The kind of the room answering, for `roomd_ops_total`.
-    pub fn set_kind(&mut self, kind: Kind) {
-        self.kind = Some(kind);
+    pub fn set_kind(&mut self, kind: &str) {
+        self.kind = Some(kind_label(kind));
     }
 
     pub fn ack(mut self, done: OpDone) {
@@ -121,7 +121,18 @@ impl Drop for ReplyTo {
 
 /// The `kind` label values of `roomd_ops_total`: the room kinds, then `none` (refused
 /// before a room of a known kind answered).
-const OP_KINDS: [&str; 4] = ["chat", "poll", "state", "none"];
+const OP_KINDS: [&str; 5] = ["chat", "poll", "state", "custom", "none"];
+
+/// The position in `OP_KINDS` of a kind's label: an application's kinds share
+/// "custom", so the label set stays bounded whatever kinds a server serves.
+fn kind_label(kind: &str) -> usize {
+    match kind {
+        "chat" => 0,
+        "poll" => 1,
+        "state" => 2,
+        _ => 3,
+    }
+}
 
 /// The nack codes in their declaration order (`Code` is `repr(u8)`, so `code as usize`
 /// is the position here; a test checks it).
@@ -140,11 +151,11 @@ const NACK_CODES: [Code; 12] = [
     Code::Unavailable,
 ];
 
-/// Counts one answered op or create in `roomd_ops_total`: `kind` None when no room of a
-/// known kind saw it, `nack` None for an ack. Also called by the session and the HTTP
+/// Counts one answered op or create in `roomd_ops_total`: `kind` (a position in
+/// `OP_KINDS`, from [`ReplyTo::set_kind`]) None when no room of a known kind saw it, `nack` None for an ack. Also called by the session and the HTTP
 /// API for what they refuse before a room sees it. Registered once: an index and an
 /// atomic add per op.
-pub fn count_op(kind: Option<Kind>, nack: Option<Code>) {
+pub fn count_op(kind: Option<usize>, nack: Option<Code>) {
     static OPS: std::sync::OnceLock<crate::metrics::CounterSet> = std::sync::OnceLock::new();
     let results = NACK_CODES.len() + 1;
     let ops = OPS.get_or_init(|| {
@@ -155,12 +166,7 @@ pub fn count_op(kind: Option<Kind>, nack: Option<Code>) {
         });
         crate::metrics::CounterSet::new(crate::metrics::names::OPS, sets)
     });
-    let kind_index = match kind {
-        Some(Kind::Chat) => 0,
-        Some(Kind::Poll) => 1,
-        Some(Kind::State) => 2,
-        None => 3,
-    };
+    let kind_index = kind.unwrap_or(OP_KINDS.len() - 1);
     let result_index = nack.map_or(0, |code| code as usize + 1);
     ops.get(kind_index * results + result_index).increment(1);
 }
@@ -233,7 +239,7 @@ pub struct Read;
 /// A room's committed state.
 #[derive(Debug, Clone)]
 pub struct RoomView {
-    pub kind: &'static str,
+    pub kind: String,
     pub epoch: u64,
     pub seq: u64,
     pub entries: Vec<WireEntry>,

@@ -49,7 +49,7 @@ use self::live::Live;
 use self::messages::Subscribe;
 use self::presence::Presence;
 use self::registry::Registry;
-use crate::kind::Limits;
+use crate::kind::{Kinds, Limits};
 use crate::protocol::ids::RoomId;
 use crate::store::{LoadedRoom, Store};
 
@@ -60,6 +60,9 @@ pub use self::live::wire_entry;
 #[derive(Debug, Clone)]
 pub struct RoomConfig {
     pub limits: Limits,
+    /// The room kinds this server serves, by name: `create` picks one, and a loaded
+    /// room's kind judges its next ops.
+    pub kinds: Kinds,
     /// Tombstones are kept for this many events so `resumed` can be answered in memory.
     pub history_events: u64,
     /// Events older than this are trimmed too, once a snapshot covers them (None: no
@@ -86,6 +89,7 @@ impl Default for RoomConfig {
     fn default() -> Self {
         RoomConfig {
             limits: Limits::default(),
+            kinds: Kinds::builtin(),
             history_events: 10_000,
             history_age: None,
             op_ids_kept: 10_000,
@@ -179,10 +183,17 @@ impl Room {
                 hot.room_loads_absent.increment(1);
                 Status::Absent
             }
-            Ok(Some(room)) => {
-                hot.room_loads_live.increment(1);
-                Status::Live(Box::new(recovery::rebuild(room)))
-            }
+            Ok(Some(room)) => match recovery::rebuild(room, &self.config.kinds) {
+                Ok(live) => {
+                    hot.room_loads_live.increment(1);
+                    Status::Live(Box::new(live))
+                }
+                Err(e) => {
+                    hot.room_loads_failed.increment(1);
+                    tracing::error!(room = %self.room_id, error = %e, "cannot load room");
+                    Status::Failed(e)
+                }
+            },
             Err(e) => {
                 hot.room_loads_failed.increment(1);
                 tracing::error!(room = %self.room_id, error = %e, "cannot load room");

@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use super::live::Live;
 use super::op_ids::OpKey;
-use crate::kind::{Kind, RoomState};
+use crate::kind::{Kinds, RoomState};
 use crate::store::{EventRecord, LoadedRoom, Snapshot};
 
 /// The state a snapshot holds.
-pub fn state_of(kind: Kind, snapshot: &Snapshot) -> RoomState {
+pub fn state_of(snapshot: &Snapshot) -> RoomState {
     RoomState::from_parts(
-        kind,
         snapshot.public.clone(),
         snapshot.private.clone(),
         snapshot.tombstone_floor,
@@ -21,10 +20,10 @@ pub fn state_of(kind: Kind, snapshot: &Snapshot) -> RoomState {
 
 /// The state after `events` (in seq order, each after `snapshot`), applied on top of
 /// `snapshot`, or of the empty room when there is none (the log starts at the creation).
-pub fn replay(kind: Kind, snapshot: Option<&Snapshot>, events: &[EventRecord]) -> RoomState {
+pub fn replay(snapshot: Option<&Snapshot>, events: &[EventRecord]) -> RoomState {
     let mut state = match snapshot {
-        Some(snapshot) => state_of(kind, snapshot),
-        None => RoomState::new(kind),
+        Some(snapshot) => state_of(snapshot),
+        None => RoomState::new(),
     };
     apply_all(&mut state, events);
     state
@@ -39,11 +38,19 @@ pub fn apply_all(state: &mut RoomState, events: &[EventRecord]) {
 }
 
 /// Rebuilds a room from its latest snapshot and the log after it: recorded changes are
-/// applied, no reducer runs.
-pub(super) fn rebuild(room: LoadedRoom) -> Live {
-    let kind = room.meta.kind;
+/// applied, no reducer runs. The room's kind must be one this server knows (its rules
+/// judge the room's next ops): a room of an unknown kind is an error for that room
+/// alone.
+pub(super) fn rebuild(room: LoadedRoom, kinds: &Kinds) -> Result<Live, String> {
+    let Some(kind) = kinds.get(&room.meta.kind).cloned() else {
+        return Err(format!(
+            "the log names room kind \"{}\", which this server does not serve (it serves {})",
+            room.meta.kind,
+            kinds.names()
+        ));
+    };
     let snapshot_seq = room.snapshot.as_ref().map_or(0, |snapshot| snapshot.seq);
-    let mut state = replay(kind, room.snapshot.as_ref(), &room.events);
+    let mut state = replay(room.snapshot.as_ref(), &room.events);
     // Deletions are remembered exactly as far back as the log reaches, so `resumed`
     // is possible exactly when the log still holds every event after `since`.
     state.prune_tombstones(room.first_retained.saturating_sub(1));
@@ -53,5 +60,5 @@ pub(super) fn rebuild(room: LoadedRoom) -> Live {
         let key = OpKey::new(Arc::from(rec.user.as_str()), rec.op_id);
         live.op_ids.remember(key, rec.seq);
     }
-    live
+    Ok(live)
 }

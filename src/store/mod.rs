@@ -64,7 +64,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
-use crate::kind::{Changes, Kind, Slot};
+use crate::kind::{Changes, Slot};
 use crate::value::Value;
 
 pub use error::{StoreError, SubmitError};
@@ -156,9 +156,10 @@ pub enum Durability {
 }
 
 /// A room's fixed facts, written with its first event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomMeta {
-    pub kind: Kind,
+    /// The name of the room's kind ([`crate::kind::RoomKind::name`]).
+    pub kind: String,
     /// Changes only when events clients may have seen are lost, or the room is deleted
     /// and recreated; decided by the caller, stored here.
     pub epoch: u64,
@@ -295,7 +296,7 @@ impl AtSeq {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomInfo {
     pub room: String,
-    pub kind: Kind,
+    pub kind: String,
     pub epoch: u64,
     pub head: u64,
     pub first_retained: u64,
@@ -314,7 +315,7 @@ pub struct RoomInfo {
 #[derive(Debug, Clone)]
 pub struct ListedRoom {
     pub room: String,
-    pub kind: Kind,
+    pub kind: String,
     pub epoch: u64,
     /// Seq of the last committed event.
     pub head: u64,
@@ -599,6 +600,7 @@ impl Store {
         };
         let creator = batch
             .create
+            .as_ref()
             .and(batch.events.first())
             .map(|event| event.user.clone());
         batch.events = Vec::new();

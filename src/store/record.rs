@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use rkyv::rancor;
 
 use super::{EventRecord, RoomMeta, Snapshot};
-use crate::kind::{Changes, Kind, Slot};
+use crate::kind::{Changes, Slot};
 use crate::value::{Value, MAX_DEPTH};
 
 /// The version byte of event rows written now (with the op id). A reader refuses any
@@ -29,9 +29,13 @@ use crate::value::{Value, MAX_DEPTH};
 pub const EVENT_VERSION: u8 = 2;
 /// Event rows written before op ids moved into them: read as events without an op id.
 const EVENT_VERSION_NO_OP_ID: u8 = 1;
-/// The version byte of meta rows written now (with the first retained seq).
-pub const META_VERSION: u8 = 2;
-/// Meta rows written before retention existed: kind, epoch and head only.
+/// The version byte of meta rows written now (with the kind's name and the first
+/// retained seq).
+pub const META_VERSION: u8 = 3;
+/// Meta rows written while kinds were a closed set, stored as a code (0 chat, 1 poll,
+/// 2 state): read, never written.
+const META_VERSION_CODED: u8 = 2;
+/// Meta rows written before retention existed: kind code, epoch and head only.
 const META_VERSION_UNTRIMMED: u8 = 1;
 /// The version byte in front of every snapshot row.
 pub const SNAPSHOT_VERSION: u8 = 1;
@@ -158,6 +162,18 @@ struct EventRowNoOpId {
 /// transaction as the trimming that advances it.
 #[derive(rkyv::Archive, rkyv::Serialize)]
 struct MetaRow {
+    /// The kind's name, as [`crate::kind::RoomKind::name`] returns it.
+    kind: String,
+    epoch: u64,
+    head: u64,
+    first_retained: u64,
+}
+
+/// A meta row of [`META_VERSION_CODED`]; read, never written.
+// Only its archived form is read; the tests build one to read back.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct MetaRowCoded {
     kind: u8,
     epoch: u64,
     head: u64,
@@ -198,7 +214,7 @@ struct SnapshotRow {
 }
 
 /// A meta row decoded: the room's fixed facts and where its log starts and ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMeta {
     pub meta: RoomMeta,
     pub head: u64,
@@ -300,7 +316,7 @@ pub fn encode_meta(stored: &StoredMeta) -> Result<Vec<u8>, RecordError> {
     check_retained(stored.first_retained, stored.head)?;
     versioned(
         &MetaRow {
-            kind: kind_code(stored.meta.kind),
+            kind: stored.meta.kind.clone(),
             epoch: stored.meta.epoch,
             head: stored.head,
             first_retained: stored.first_retained,
@@ -310,27 +326,38 @@ pub fn encode_meta(stored: &StoredMeta) -> Result<Vec<u8>, RecordError> {
     )
 }
 
-/// Decodes a metadata row of either version; a version 1 row is an untrimmed room.
+/// Decodes a metadata row of any version; a version 1 row is an untrimmed room, and
+/// rows of versions 1 and 2 name their kind by code.
 pub fn decode_meta(bytes: &[u8]) -> Result<StoredMeta, RecordError> {
-    let (kind, epoch, head, first_retained) = if bytes.first() == Some(&META_VERSION_UNTRIMMED) {
-        let row: &ArchivedMetaRowUntrimmed =
-            access(bytes, META_VERSION_UNTRIMMED, MAX_RECORD_BYTES)?;
-        (row.kind, row.epoch.to_native(), row.head.to_native(), 1)
-    } else {
-        let row: &ArchivedMetaRow = access(bytes, META_VERSION, MAX_RECORD_BYTES)?;
-        (
-            row.kind,
-            row.epoch.to_native(),
-            row.head.to_native(),
-            row.first_retained.to_native(),
-        )
+    let (kind, epoch, head, first_retained) = match bytes.first() {
+        Some(&META_VERSION_UNTRIMMED) => {
+            let row: &ArchivedMetaRowUntrimmed =
+                access(bytes, META_VERSION_UNTRIMMED, MAX_RECORD_BYTES)?;
+            let kind = kind_from_code(row.kind)?.to_owned();
+            (kind, row.epoch.to_native(), row.head.to_native(), 1)
+        }
+        Some(&META_VERSION_CODED) => {
+            let row: &ArchivedMetaRowCoded = access(bytes, META_VERSION_CODED, MAX_RECORD_BYTES)?;
+            (
+                kind_from_code(row.kind)?.to_owned(),
+                row.epoch.to_native(),
+                row.head.to_native(),
+                row.first_retained.to_native(),
+            )
+        }
+        _ => {
+            let row: &ArchivedMetaRow = access(bytes, META_VERSION, MAX_RECORD_BYTES)?;
+            (
+                row.kind.as_str().to_owned(),
+                row.epoch.to_native(),
+                row.head.to_native(),
+                row.first_retained.to_native(),
+            )
+        }
     };
     check_retained(first_retained, head)?;
     Ok(StoredMeta {
-        meta: RoomMeta {
-            kind: kind_from_code(kind)?,
-            epoch,
-        },
+        meta: RoomMeta { kind, epoch },
         head,
         first_retained,
     })
@@ -444,20 +471,13 @@ fn check_floor(floor: u64, seq: u64) -> Result<(), RecordError> {
     Ok(())
 }
 
-/// The one place a kind becomes a number on disk; codes are never reused.
-fn kind_code(kind: Kind) -> u8 {
-    match kind {
-        Kind::Chat => 0,
-        Kind::Poll => 1,
-        Kind::State => 2,
-    }
-}
-
-fn kind_from_code(code: u8) -> Result<Kind, RecordError> {
+/// The kind a meta row of version 1 or 2 names by code. Rows written now carry the
+/// kind's name instead.
+fn kind_from_code(code: u8) -> Result<&'static str, RecordError> {
     match code {
-        0 => Ok(Kind::Chat),
-        1 => Ok(Kind::Poll),
-        2 => Ok(Kind::State),
+        0 => Ok("chat"),
+        1 => Ok("poll"),
+        2 => Ok("state"),
         code => Err(RecordError::UnknownKind { code }),
     }
 }
@@ -801,9 +821,12 @@ mod tests {
 
     #[test]
     fn meta_round_trips_every_kind() {
-        for kind in [Kind::Chat, Kind::Poll, Kind::State] {
+        for kind in ["chat", "poll", "state", "rps"] {
             let stored = StoredMeta {
-                meta: RoomMeta { kind, epoch: 42 },
+                meta: RoomMeta {
+                    kind: kind.to_owned(),
+                    epoch: 42,
+                },
                 head: 9,
                 first_retained: 5,
             };
@@ -829,15 +852,37 @@ mod tests {
                 stored.head,
                 stored.first_retained
             ),
-            (Kind::Poll, 3, 12, 1)
+            ("poll".to_owned(), 3, 12, 1)
         );
+    }
+
+    #[test]
+    fn meta_row_of_version_2_reads_its_kind_code_as_a_name() {
+        for (code, name) in [(0, "chat"), (1, "poll"), (2, "state")] {
+            let row = MetaRowCoded {
+                kind: code,
+                epoch: 3,
+                head: 12,
+                first_retained: 4,
+            };
+            let bytes = versioned(&row, META_VERSION_CODED, MAX_RECORD_BYTES).unwrap();
+            let stored = decode_meta(&bytes).unwrap();
+            assert_eq!(
+                (
+                    stored.meta.kind.as_str(),
+                    stored.head,
+                    stored.first_retained
+                ),
+                (name, 12, 4)
+            );
+        }
     }
 
     #[test]
     fn first_retained_past_head_plus_one_is_refused_both_ways() {
         let stored = StoredMeta {
             meta: RoomMeta {
-                kind: Kind::Chat,
+                kind: "chat".to_owned(),
                 epoch: 1,
             },
             head: 4,
@@ -851,7 +896,7 @@ mod tests {
             })
         ));
         let row = MetaRow {
-            kind: 0,
+            kind: "chat".to_owned(),
             epoch: 1,
             head: 4,
             first_retained: 0,
@@ -1091,13 +1136,13 @@ mod tests {
 
     #[test]
     fn unknown_kind_code_is_refused() {
-        let row = MetaRow {
+        let row = MetaRowCoded {
             kind: 200,
             epoch: 1,
             head: 1,
             first_retained: 1,
         };
-        let bytes = versioned(&row, META_VERSION, MAX_RECORD_BYTES).unwrap();
+        let bytes = versioned(&row, META_VERSION_CODED, MAX_RECORD_BYTES).unwrap();
         assert!(matches!(
             decode_meta(&bytes),
             Err(RecordError::UnknownKind { code: 200 })

@@ -133,7 +133,7 @@ impl<'txn> WriteTables<'txn> {
                 }))
             }
             (Some(stored), None) => (stored.meta, stored.head, stored.first_retained),
-            (None, Some(create)) => (*create, 0, 1),
+            (None, Some(create)) => (create.clone(), 0, 1),
         };
         // The rows run gaplessly among themselves (`encode_events`); they must also
         // continue the stored head.

@@ -18,7 +18,7 @@ use super::*;
 
 pub(super) fn meta() -> RoomMeta {
     RoomMeta {
-        kind: Kind::State,
+        kind: "state".to_owned(),
         epoch: 7,
     }
 }

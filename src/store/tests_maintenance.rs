@@ -469,7 +469,7 @@ fn deletion_removes_every_row_in_queue_order_and_the_room_can_start_again() {
     let created = store
         .submit(Batch {
             create: Some(RoomMeta {
-                kind: Kind::Chat,
+                kind: "chat".to_owned(),
                 epoch: 8,
             }),
             ..batch("a", 1, 1)
@@ -493,7 +493,7 @@ fn deletion_removes_every_row_in_queue_order_and_the_room_can_start_again() {
             again.head,
             again.first_retained
         ),
-        (Kind::Chat, 8, 1, 1)
+        ("chat".to_owned(), 8, 1, 1)
     );
     assert_eq!((again.snapshot, seqs(&again.events)), (None, vec![1]));
     assert!(again.op_ids.is_empty());
@@ -694,7 +694,7 @@ fn list_rooms_counts_rows_and_bytes() {
         vec![
             RoomInfo {
                 room: "a".into(),
-                kind: Kind::State,
+                kind: "state".to_owned(),
                 epoch: 7,
                 head: 30,
                 first_retained: 21,
@@ -705,7 +705,7 @@ fn list_rooms_counts_rows_and_bytes() {
             },
             RoomInfo {
                 room: "b".into(),
-                kind: Kind::State,
+                kind: "state".to_owned(),
                 epoch: 7,
                 head: 2,
                 first_retained: 1,

@@ -175,7 +175,7 @@ pub fn list_rooms(db: &redb::Database, path: &Path) -> Result<Vec<RoomInfo>, Sto
         };
         let mut info = RoomInfo {
             room: room.clone(),
-            kind: stored.meta.kind,
+            kind: stored.meta.kind.clone(),
             epoch: stored.meta.epoch,
             head: stored.head,
             first_retained: stored.first_retained,
