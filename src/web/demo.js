@@ -137,8 +137,11 @@ function showState(detail) {
     $("conn-text").textContent = text;
   }
   if (detail.state === "closed" && detail.code === 4401) {
+    // Nothing to show without a token: the form alone, not an app stuck loading.
     $("token-panel").hidden = false;
+    $("app").hidden = true;
     $("conn-text").textContent = "Token needed";
+    $("me").textContent = "not signed in";
   }
   pill.dataset.state = detail.state;
   updatePending();
@@ -321,7 +324,7 @@ const editing = new Map(); // note index -> {ver, conflict}
 function setupBoard() {
   const board = $("board");
   for (let i = 0; i < NOTES; i++) {
-    board.append(el("article", { class: "note", "data-note": String(i) },
+    board.append(el("article", { class: "note", "data-note": String(i), style: `--h: ${(i * 57 + 40) % 360}` },
       el("p", { class: "note-text" }),
       el("textarea", { class: "note-edit", rows: "3", maxlength: "280", "aria-label": `Note ${i + 1}` }),
       el("p", { class: "note-conflict" }),
@@ -332,6 +335,8 @@ function setupBoard() {
         el("button", { type: "button", class: "danger overwrite", onclick: () => saveNote(i, true) }, "Overwrite"),
         el("span", { class: "note-meta" }))));
   }
+  for (const node of board.querySelectorAll(".note-text")) node.textContent = "Loading…";
+  for (const node of board.querySelectorAll(".note")) node.classList.add("blank");
 }
 
 function noteNode(i) {
@@ -349,7 +354,6 @@ function renderBoard() {
     node.querySelector(".note-text").textContent = entry ? entry.value.text : "Empty note: click Edit to write one.";
     node.classList.toggle("blank", !entry);
     node.querySelector(".note-meta").textContent = entry ? `${entry.value.by} · v${entry.ver}` : "";
-    node.style.setProperty("--h", String((i * 57 + 40) % 360));
   }
 }
 
@@ -400,6 +404,7 @@ $("token-form").addEventListener("submit", (ev) => {
   sessionStorage.setItem("roomd-token", token);
   window.history.replaceState(null, "", location.pathname + location.search);
   $("token-panel").hidden = true;
+  $("app").hidden = false;
   if (client) client.close();
   start(token);
 });

@@ -5,7 +5,8 @@
 // The script starts and restarts the server itself (127.0.0.1, a free port kept across
 // the kill -9 restart, a temporary data dir), runs each test with a deadline, writes
 // screenshots of the demo and the dashboard at 375 and 1440 px into
-// $ROOMD_SCREENSHOTS (default target/browser-screenshots) with a report.txt, and exits
+// $ROOMD_SCREENSHOTS (default target/browser-screenshots; also the board in conflict,
+// the page while reconnecting, and the token forms) with a report.txt, and exits
 // non-zero if any test failed.
 
 import { spawn } from "node:child_process";
@@ -580,6 +581,8 @@ test("with_auth_on_the_demo_and_dashboard_ask_for_a_token_or_take_one_from_the_f
     asking.allowNetworkErrors = true; // the refused upgrade's 401 statuses
     await asking.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT_MS });
     await waitText(asking, "#conn-text", /Token needed/);
+    await asking.setViewportSize({ width: 375, height: 812 });
+    await asking.screenshot({ path: join(SHOTS, "demo-token-375.png"), fullPage: true });
     // Pasting a token into the form connects.
     await asking.fill("#token-input", admin);
     await asking.click("#token-form button");
@@ -636,6 +639,7 @@ test("with_auth_on_the_demo_and_dashboard_ask_for_a_token_or_take_one_from_the_f
     const dash = await openPage(browser, `${secured.base}/dashboard#token=${plain}`);
     dash.allowHttpStatus = 403;
     await dash.waitForSelector("#token-panel:not([hidden])", { timeout: WAIT_MS });
+    await dash.screenshot({ path: join(SHOTS, "dashboard-token-1280.png") });
     await dash.fill("#token-input", admin);
     await dash.click("#token-form button");
     await dash.waitForFunction(() => window.dashboard.refreshes >= 1 && window.dashboard.rooms.length >= 3, null, { timeout: WAIT_MS })
