@@ -451,6 +451,35 @@ test("demo_two_browsers_see_votes_chat_presence_typing_and_board_conflicts", asy
   await b.context().close();
 });
 
+test("demo_new_poll_is_created_and_followed_by_every_open_page", async ({ browser, server }) => {
+  const [a, b] = await twoUsers(browser, server, "fresh", { width: 1280, height: 900 });
+  await a.click("#new-poll-toggle");
+  await a.fill("#new-question", "Where do we meet?");
+  await a.fill("#new-options", "Berlin, Lisbon, Oslo");
+  await a.click('#new-poll button[type="submit"]');
+  for (const p of [a, b]) {
+    await waitText(p, "#question", /^Where do we meet\?$/);
+    await p.waitForFunction(() => document.querySelectorAll("#options .option").length === 3, null, { timeout: WAIT_MS });
+  }
+  assert(await a.$eval("#new-poll", (f) => f.hidden), "the form closes after creating");
+  await b.click("#options .option:nth-child(2) button");
+  await waitText(a, "#options .option:nth-child(2) .count", /^1 · 100%/);
+  const pollId = await a.evaluate(() => window.demo.poll.id);
+  assert(/^poll:fresh-/.test(pollId), `a new room: ${pollId}`);
+  // A page opened afterwards follows the board's pointer to the new poll too.
+  const c = await openPage(browser, `${server.base}/?space=fresh&user=carol`);
+  await waitText(c, "#question", /^Where do we meet\?$/);
+  await waitText(c, "#options .option:nth-child(2) .count", /^1 · 100%/);
+  // A poll with one option is refused on the page, before the server.
+  await a.click("#new-poll-toggle");
+  await a.fill("#new-question", "Only one?");
+  await a.fill("#new-options", "yes");
+  await a.click('#new-poll button[type="submit"]');
+  await waitText(a, "#poll-note", /at least two options/);
+  for (const p of [a, b, c]) noErrors(p, "demo new poll");
+  for (const p of [a, b, c]) await p.context().close();
+});
+
 test("demo_vote_latency_browser_to_browser", async ({ browser, server }) => {
   const [a, b] = await twoUsers(browser, server, "latency", { width: 1280, height: 900 });
   await b.evaluate(() => {
