@@ -319,7 +319,9 @@ export class Client extends EventTarget {
     this._refreshTimer = null;
     this._welcome = null;
     this._openWaiters = [];
-    this._start();
+    // Started on the next microtask, so listeners added right after `connect()` see the
+    // first `state` event (the SSE transport is `open` at once).
+    queueMicrotask(() => this.state !== "closed" && this._start());
   }
 
   /** Ops and creates sent or queued but not yet answered (over HTTP too). */

@@ -7,8 +7,9 @@
 // - `state:<space>`: sticky notes edited with `if_ver`; a conflict is shown, not lost.
 //
 // `?space=NAME` picks the rooms (default `demo`), `?user=NAME` the user id when auth is
-// off; with auth on, `#token=JWT` or the token form. `window.demo` exposes the client
-// and rooms for the browser tests.
+// off; with auth on, `#token=JWT` or the token form; `?transport=sse` reads over SSE and
+// sends over HTTP (no typing indicator there: SSE cannot signal). `window.demo` exposes
+// the client and rooms for the browser tests.
 
 import { connect } from "/client.js";
 
@@ -73,9 +74,12 @@ let boardRoom = null;
 const demo = { space, votes: 0, get client() { return client; } };
 window.demo = demo;
 
+// `?transport=sse` (or `ws`) forces one; default `auto`.
+const transport = ["auto", "ws", "sse"].includes(params.get("transport")) ? params.get("transport") : "auto";
+
 async function start(token) {
   const user = token ? undefined : demoUser();
-  client = connect(location.origin, token ? { token } : { user });
+  client = connect(location.origin, { ...(token ? { token } : { user }), transport });
   client.addEventListener("state", (ev) => showState(ev.detail));
   client.addEventListener("welcome", (ev) => {
     $("me").textContent = ev.detail.user;

@@ -511,43 +511,47 @@ test("demo_vote_latency_browser_to_browser", async ({ browser, server }) => {
   await b.context().close();
 });
 
-test("demo_survives_kill_9_and_a_vote_cast_while_down_lands_once", async ({ browser, server }) => {
-  const a = await openPage(browser, `${server.base}/?space=crash&user=alice`);
-  await waitOpen(a);
-  await a.waitForFunction(() => document.querySelectorAll("#options .option").length === 4, null, { timeout: WAIT_MS });
-  await a.evaluate(() => {
-    window.__samePage = true;
+for (const transport of ["ws", "sse"]) {
+  const space = `crash-${transport}`;
+  test(`demo_over_${transport}_survives_kill_9_and_a_vote_cast_while_down_lands_once`, async ({ browser, server }) => {
+    const a = await openPage(browser, `${server.base}/?space=${space}&user=alice&transport=${transport}`);
+    await waitOpen(a);
+    await a.waitForFunction(() => document.querySelectorAll("#options .option").length === 4, null, { timeout: WAIT_MS });
+    await a.evaluate(() => {
+      window.__samePage = true;
+    });
+    await a.click("#options .option:nth-child(1) button");
+    await waitText(a, "#options .option:nth-child(1) .count", /^1 ·/);
+    await a.waitForFunction(() => window.demo.client.pendingOps === 0, null, { timeout: WAIT_MS });
+    // A vote in flight when the server dies (it may or may not have committed), then one
+    // cast while it is down.
+    a.allowNetworkErrors = true;
+    await a.click("#options .option:nth-child(2) button");
+    await server.kill9();
+    await a.waitForSelector('#conn[data-state="reconnecting"]', { timeout: WAIT_MS });
+    await a.click("#options .option:nth-child(3) button");
+    await waitText(a, "#poll-note", /waiting to be sent/);
+    if (transport === "ws") await a.screenshot({ path: join(SHOTS, "demo-reconnecting-1280.png") });
+    await sleep(500);
+    await server.start(); // same data dir, same port
+    await waitOpen(a);
+    await waitText(a, "#options .option:nth-child(3) .count", /^1 ·/);
+    await a.waitForFunction(() => window.demo.client.pendingOps === 0, null, { timeout: WAIT_MS });
+    a.allowNetworkErrors = false;
+    assert(await a.evaluate(() => window.__samePage === true), "the page was not reloaded");
+    const state = await server.json(`/api/rooms/poll:${space}`);
+    const get = (k) => state.body.entries.find((e) => e.k === k)?.v;
+    eq([get("count/0"), get("count/1"), get("count/2"), get("total")], [0, 0, 1, 1], "one vote, on option 2");
+    const events = await server.json(`/api/rooms/poll:${space}/events`);
+    const votes = events.body.events.filter((e) => e.op.type === "vote" && e.user === "alice").map((e) => e.op.option);
+    eq(votes.filter((o) => o === 2).length, 1, `the vote cast while down is logged once (votes: ${votes})`);
+    assert(votes.filter((o) => o === 1).length <= 1, `the in-flight vote applied at most once (votes: ${votes})`);
+    eq(votes[0], 0, "the first vote");
+    noErrors(a, `demo over ${transport} across kill -9`);
+    eq(await a.evaluate(() => window.demo.client.transport), transport, "the transport asked for");
+    await a.context().close();
   });
-  await a.click("#options .option:nth-child(1) button");
-  await waitText(a, "#options .option:nth-child(1) .count", /^1 ·/);
-  await a.waitForFunction(() => window.demo.client.pendingOps === 0, null, { timeout: WAIT_MS });
-  // A vote in flight when the server dies (it may or may not have committed), then one
-  // cast while it is down.
-  a.allowNetworkErrors = true;
-  await a.click("#options .option:nth-child(2) button");
-  await server.kill9();
-  await a.waitForSelector('#conn[data-state="reconnecting"]', { timeout: WAIT_MS });
-  await a.click("#options .option:nth-child(3) button");
-  await waitText(a, "#poll-note", /waiting to be sent/);
-  await a.screenshot({ path: join(SHOTS, "demo-reconnecting-1280.png") });
-  await sleep(500);
-  await server.start(); // same data dir, same port
-  await waitOpen(a);
-  await waitText(a, "#options .option:nth-child(3) .count", /^1 ·/);
-  await a.waitForFunction(() => window.demo.client.pendingOps === 0, null, { timeout: WAIT_MS });
-  a.allowNetworkErrors = false;
-  assert(await a.evaluate(() => window.__samePage === true), "the page was not reloaded");
-  const state = await server.json("/api/rooms/poll:crash");
-  const get = (k) => state.body.entries.find((e) => e.k === k)?.v;
-  eq([get("count/0"), get("count/1"), get("count/2"), get("total")], [0, 0, 1, 1], "one vote, on option 2");
-  const events = await server.json("/api/rooms/poll:crash/events");
-  const votes = events.body.events.filter((e) => e.op.type === "vote" && e.user === "alice").map((e) => e.op.option);
-  eq(votes.filter((o) => o === 2).length, 1, `the vote cast while down is logged once (votes: ${votes})`);
-  assert(votes.filter((o) => o === 1).length <= 1, `the in-flight vote applied at most once (votes: ${votes})`);
-  eq(votes[0], 0, "the first vote");
-  noErrors(a, "demo across kill -9");
-  await a.context().close();
-});
+}
 
 test("dashboard_shows_figures_that_change_under_load", async ({ browser, server }) => {
   const dash = await openPage(browser, `${server.base}/dashboard`, { width: 1440, height: 900 });
