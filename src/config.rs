@@ -86,6 +86,19 @@ pub struct ServeArgs {
     )]
     pub api_key_file: Option<PathBuf>,
 
+    /// PEM certificate chain (the server's certificate first, then intermediates, like
+    /// Let's Encrypt's `fullchain.pem`). With --tls-key, the server speaks only HTTPS and
+    /// `wss://` on --bind. Both files are re-read on SIGHUP: new connections get the new
+    /// certificate, open ones continue; if the new files are unusable the old certificate
+    /// stays (and an error is logged).
+    #[arg(long, env = "ROOMD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert: PKCS#8 (`PRIVATE KEY`), RSA or EC (like Let's
+    /// Encrypt's `privkey.pem`).
+    #[arg(long, env = "ROOMD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     /// Allow running without auth on a non-loopback address (anyone can act as anyone).
     #[arg(long, env = "ROOMD_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -358,6 +371,8 @@ pub struct Config {
     pub snapshot_interval: Duration,
     pub workers: usize,
     pub enable_echo: bool,
+    /// Certificate and key when serving TLS (`server::run` loads them; SIGHUP reloads).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// A setting that cannot work, with the reason.
@@ -381,6 +396,11 @@ pub enum ConfigError {
     },
     #[error("--api-key-file {0} is empty")]
     EmptyApiKey(PathBuf),
+    #[error("{given} needs {missing} too: TLS takes a certificate chain and its private key")]
+    TlsHalf {
+        given: &'static str,
+        missing: &'static str,
+    },
 }
 
 impl ServeArgs {
@@ -432,6 +452,22 @@ impl ServeArgs {
         if self.history_age.is_some_and(|age| age.is_zero()) {
             return Err(ConfigError::ZeroHistoryAge);
         }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::TlsHalf {
+                    given: "--tls-cert",
+                    missing: "--tls-key",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::TlsHalf {
+                    given: "--tls-key",
+                    missing: "--tls-cert",
+                })
+            }
+        };
         let workers = self
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -482,6 +518,7 @@ impl ServeArgs {
             snapshot_interval: self.snapshot_interval,
             workers,
             enable_echo: self.enable_echo,
+            tls,
         })
     }
 }
@@ -626,6 +663,28 @@ mod tests {
             .try_get_matches_from(std::iter::once("roomd").chain(flags.iter().copied()))
             .expect("the flags parse");
         ServeArgs::from_arg_matches(&matches).expect("the matches fit ServeArgs")
+    }
+
+    #[test]
+    fn tls_takes_both_files_or_neither() {
+        assert_eq!(serve_args(&[]).into_config().unwrap().tls, None);
+        let config = serve_args(&["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .into_config()
+            .unwrap();
+        assert_eq!(
+            config.tls,
+            Some(crate::tls::TlsFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        assert!(matches!(
+            serve_args(&["--tls-key", "k.pem"]).into_config(),
+            Err(ConfigError::TlsHalf {
+                given: "--tls-key",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -39,6 +39,8 @@
 //!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the
 //!   Origin rule; [`admission`]: the connection caps (4429); [`proxy`]: the client's
 //!   address through `--trusted-proxies`.
+//! - [`tls`]: the server's certificate (`--tls-cert`, `--tls-key`): loading and checking
+//!   it, and the rustls resolver that swaps it on SIGHUP under open connections.
 //! - [`room`]: the Room actor, its batches, presence and the registry.
 //! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
 //!   handle rooms push frames through; it knows nothing of sessions or rooms. Every close
@@ -46,7 +48,7 @@
 //!   frames read and discarded until its close frame (or 2 s), then a clean TCP close.
 //! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
 //!   bounded pieces), record formats, reads for recovery, history and time travel.
-//! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids).
+//! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids, `wss://`).
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
 //!   codes, room ids and epochs. Nothing else serializes a wire message.
 //! - [`kind`]: room state and the pure reducers of each room kind.
@@ -118,6 +120,8 @@ pub mod shared;
 pub mod sse;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod tls;
 #[cfg(feature = "server")]
 pub mod token_tool;
 pub mod value;

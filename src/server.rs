@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Arbiter;
+use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
 use governor::{Quota, RateLimiter};
@@ -28,6 +29,7 @@ use crate::room::registry::Registry;
 use crate::room::RoomConfig;
 use crate::shared::Shared;
 use crate::store::{Store, StoreConfig, StoreError};
+use crate::tls::CertStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -35,6 +37,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Key(#[from] crate::auth::KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot start the HTTP server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -68,6 +72,10 @@ pub async fn run_with_kinds(
     };
     // Keys first: a bad key file should stop the start before the store is touched.
     let auth = Auth::new(config.auth.clone())?;
+    let certs = match config.tls.clone() {
+        Some(files) => Some(Arc::new(CertStore::open(files)?)),
+        None => None,
+    };
     // Opening takes the lock and may repair the file: blocking work, off this thread.
     // Installed before the store opens, so the writer's first commits are counted.
     crate::metrics::handle();
@@ -152,7 +160,12 @@ pub async fn run_with_kinds(
     .on_connect(move |conn, data| {
         // Remember the socket so a session can cut a client that never reads, and
         // count the connection against its address's cap (`http::conns`).
-        if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
+        // Under TLS the TCP stream is inside the TLS one.
+        let tcp = conn.downcast_ref::<actix_rt::net::TcpStream>().or_else(|| {
+            conn.downcast_ref::<TlsStream<actix_rt::net::TcpStream>>()
+                .map(|tls| tls.get_ref().0)
+        });
+        if let Some(tcp) = tcp {
             use std::os::fd::AsRawFd;
             if let (Ok(local), Ok(peer)) = (tcp.local_addr(), tcp.peer_addr()) {
                 let socket = ConnSocket {
@@ -195,14 +208,19 @@ pub async fn run_with_kinds(
     .client_disconnect_timeout(Duration::ZERO)
     .shutdown_timeout(1)
     // The sessions' own caps (4429) are below this; it only bounds what actix accepts.
-    .max_connections(config.max_connections.saturating_add(1_024))
-    .listen(listener)?
+    .max_connections(config.max_connections.saturating_add(1_024));
+    let server = match &certs {
+        Some(certs) => {
+            server.listen_rustls_0_23(listener, crate::tls::server_config(certs.clone()))?
+        }
+        None => server.listen(listener)?,
+    }
     .run();
     let handle = server.handle();
     let served = actix_rt::spawn(server);
 
     let addr = config.bind;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), auth = shared.auth.enabled(), "roomd serving");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), auth = shared.auth.enabled(), tls = certs.is_some(), "roomd serving");
 
     // Prune idle HTTP rate-limit keys now and then so the map stays bounded.
     let pruning = shared.clone();
@@ -233,20 +251,37 @@ pub async fn run_with_kinds(
         }
     });
 
-    // SIGHUP re-reads what can change under a running server: the JWKS.
+    // SIGHUP re-reads what can change under a running server: the JWKS and the TLS
+    // certificate. Open connections are untouched by either.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangup) => {
             let reloading = shared.clone();
+            let certs = certs.clone();
             actix_rt::spawn(async move {
                 while hangup.recv().await.is_some() {
                     match reloading.auth.reload() {
                         Ok(keys) => tracing::info!(keys, "SIGHUP: keys reloaded"),
                         Err(e) => tracing::error!(error = %e, "SIGHUP: keys kept: {e}"),
                     }
+                    if let Some(certs) = &certs {
+                        // Reading two small files: not worth a blocking-pool hop.
+                        match certs.reload() {
+                            Ok(()) => tracing::info!(
+                                cert = %certs.files().cert.display(),
+                                "SIGHUP: TLS certificate reloaded"
+                            ),
+                            Err(e) => tracing::error!(
+                                error = %e,
+                                "SIGHUP: TLS certificate kept: {e}"
+                            ),
+                        }
+                    }
                 }
             });
         }
-        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP; keys reload only on restart"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; keys and certificates reload only on restart")
+        }
     }
 
     shutdown.await;

@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::codec::{self, Incoming};
 use super::error::{ClientError, OpError};
@@ -183,6 +183,8 @@ pub(crate) struct Driver {
     subs: HashMap<String, Sub>,
     next_sub_id: u64,
     connections: u64,
+    /// Built at the first `wss://` attempt from `options.tls_roots`, then reused.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Driver {
@@ -209,7 +211,25 @@ impl Driver {
             subs: HashMap::new(),
             next_sub_id: 1,
             connections: 0,
+            tls: None,
         }
+    }
+
+    /// How to dial `url`: over TLS for `wss://`, with the configuration built once.
+    fn connector(&mut self, url: &str) -> Result<Connector, ClientError> {
+        if !super::tls::is_tls(url) {
+            return Ok(Connector::Plain);
+        }
+        let config = match &self.tls {
+            Some(config) => config.clone(),
+            None => {
+                let config =
+                    super::tls::client_config(&self.options.tls_roots).map_err(ClientError::Tls)?;
+                self.tls = Some(config.clone());
+                config
+            }
+        };
+        Ok(Connector::Rustls(config))
     }
 
     /// Runs until the client ends. `first` learns how the first connection went.
@@ -219,7 +239,11 @@ impl Driver {
         let end = loop {
             self.status.send_replace(Status::Connecting);
             let url = self.endpoint.url();
-            let attempt = open(url.clone(), self.options.clone());
+            let connector = match self.connector(&url) {
+                Ok(connector) => connector,
+                Err(e) => break e,
+            };
+            let attempt = open(url.clone(), self.options.clone(), connector);
             let Some(opened) = self.serve_offline(attempt).await else {
                 break ClientError::ClientClosed;
             };
@@ -848,7 +872,7 @@ fn percent_encode(text: &str) -> String {
 }
 
 /// Connects, upgrades with the chosen subprotocol and reads the `welcome`.
-async fn open(url: String, options: Options) -> Result<(Ws, Welcome), End> {
+async fn open(url: String, options: Options, connector: Connector) -> Result<(Ws, Welcome), End> {
     let bad_endpoint = |reason: String| {
         End::Fatal(ClientError::BadEndpoint {
             url: url.clone(),
@@ -875,10 +899,14 @@ async fn open(url: String, options: Options) -> Result<(Ws, Welcome), End> {
         .max_message_size(Some(options.max_message_bytes))
         .max_frame_size(Some(options.max_message_bytes));
     let handshake = async {
-        let (mut ws, _response) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-                .await
-                .map_err(connect_error)?;
+        let (mut ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(connector),
+        )
+        .await
+        .map_err(|e| connect_error(e, &url))?;
         loop {
             let message = match ws.next().await {
                 None => return Err(End::Retry("closed before welcome".into())),
@@ -929,7 +957,7 @@ async fn open(url: String, options: Options) -> Result<(Ws, Welcome), End> {
     }
 }
 
-fn connect_error(e: tungstenite::Error) -> End {
+fn connect_error(e: tungstenite::Error, url: &str) -> End {
     match e {
         tungstenite::Error::Http(response) => match response.status().as_u16() {
             status @ (401 | 403) => End::Fatal(ClientError::Unauthorized {
@@ -943,6 +971,14 @@ fn connect_error(e: tungstenite::Error) -> End {
             url: String::new(),
             reason: e.to_string(),
         }),
+        // A TLS server answers a plaintext request with a TLS alert, which is not HTTP.
+        tungstenite::Error::Protocol(e @ tungstenite::error::ProtocolError::HttparseError(_))
+            if !super::tls::is_tls(url) =>
+        {
+            End::Fatal(ClientError::Protocol(format!(
+                "upgrade failed: {e} (if the server serves TLS, use a wss:// URL)"
+            )))
+        }
         tungstenite::Error::Protocol(e) => {
             End::Fatal(ClientError::Protocol(format!("upgrade failed: {e}")))
         }

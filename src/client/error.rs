@@ -15,6 +15,11 @@ pub enum ClientError {
     /// TCP connect, the upgrade or the `welcome` failed or timed out.
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The TLS settings for a `wss://` endpoint are unusable (a CA file that cannot be
+    /// read or holds no certificate). A certificate the server presents that does not
+    /// verify is a [`ClientError::Connect`] instead (it may be renewed).
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     /// The upgrade was refused with this HTTP status (e.g. 400: encoding not offered).
     #[error("upgrade refused with HTTP {status}")]
     UpgradeRefused { status: u16 },

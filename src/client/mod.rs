@@ -20,6 +20,8 @@
 //!   answers a re-sent id from its record before its rate limit applies; a re-sent op
 //!   that is nacked `rate_limited` anyway (it never reached the log) is sent again a
 //!   second later instead of being reported as refused.
+//! - `wss://` endpoints are dialed over TLS (rustls), trusting the system's root
+//!   certificates or the CA given in [`Options::tls_roots`] ([`TlsRoots`]).
 //! - A `diff` that does not continue a mirror (`from != seq + 1`, or another epoch)
 //!   makes the client re-subscribe `since` the mirror; the gap is never papered over.
 //! - Close codes: 4001, 4002, 4008 (and 4429, 1000, 1001, unknown codes) reconnect;
@@ -129,6 +131,7 @@ mod error;
 mod mirror;
 mod options;
 mod subscription;
+mod tls;
 
 use std::sync::Arc;
 
@@ -136,7 +139,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 pub use codec::{decode_server, encode_client};
 pub use error::{ClientError, OpError};
-pub use options::{Auth, Encoding, Endpoint, Options, Reconnect};
+pub use options::{Auth, Encoding, Endpoint, Options, Reconnect, TlsRoots};
 pub use subscription::{Change, Entry, Member, Presence, RoomEvent, Subscription};
 
 use crate::protocol::codes::Code;

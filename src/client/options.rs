@@ -1,9 +1,11 @@
 //! How a [`Client`](super::Client) connects: where to ([`Endpoint`]), as whom ([`Auth`]),
-//! in which encoding, how it reconnects ([`Reconnect`]), and the bounds of its queues.
+//! in which encoding, whom it trusts over `wss://` ([`TlsRoots`]), how it reconnects
+//! ([`Reconnect`]), and the bounds of its queues.
 //!
 //! Plain data only: the connection task reads these, nothing here does I/O.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +89,21 @@ impl fmt::Debug for Auth {
     }
 }
 
+/// The certificate authorities a `wss://` server's certificate must chain to. Read
+/// once, at the client's first `wss://` connection attempt; unused for `ws://`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsRoots {
+    /// The operating system's trusted roots (on Linux the OpenSSL store, e.g.
+    /// `/etc/ssl/certs`; `SSL_CERT_FILE` / `SSL_CERT_DIR` override it).
+    #[default]
+    System,
+    /// Only the certificates of this PEM text (one or more `CERTIFICATE` blocks): a
+    /// private CA, or a self-signed server certificate.
+    Pem(Vec<u8>),
+    /// Only the certificates of this PEM file.
+    File(PathBuf),
+}
+
 /// Reconnecting after a connection is lost: exponential backoff with full jitter.
 ///
 /// Attempt `n` (1, 2, …) after a loss waits a uniformly random time in
@@ -129,6 +146,8 @@ pub struct Options {
     /// `Rkyv` (`roomd.v1.rkyv`, the default) or `Json` (`roomd.v1.json`).
     pub encoding: Encoding,
     pub reconnect: Reconnect,
+    /// Whom `wss://` endpoints must prove to be (default: the system's roots).
+    pub tls_roots: TlsRoots,
     /// Bound of the channel from handles to the connection task. When it is full,
     /// `op`, `create`, `subscribe` and `signal` wait for room (backpressure).
     pub command_buffer: usize,
@@ -164,6 +183,7 @@ impl Default for Options {
             auth: Auth::Guest,
             encoding: Encoding::Rkyv,
             reconnect: Reconnect::default(),
+            tls_roots: TlsRoots::System,
             command_buffer: 256,
             event_buffer: 256,
             max_in_flight: 256,

@@ -54,5 +54,7 @@ mod rooms_state;
 mod sse;
 // Ephemeral signals between room members.
 mod signals;
+// TLS: HTTPS and wss:// on one port, the client's CA, certificate reload on SIGHUP, bad files.
+mod tls;
 // sub/unsub bookkeeping and the error frames of messages without an id.
 mod subscriptions;

@@ -186,10 +186,15 @@ impl Server {
     /// Runs `roomd serve --bind BIND --data-dir TMP ARGS` and returns its exit status,
     /// failing the test if it starts listening instead of exiting.
     pub async fn run_expecting_exit(bind: &str, args: &[&str]) -> ExitStatus {
+        Self::run_expecting_exit_with_stderr(bind, args).await.0
+    }
+
+    /// Like `run_expecting_exit`, also returning what the process wrote to stderr.
+    pub async fn run_expecting_exit_with_stderr(bind: &str, args: &[&str]) -> (ExitStatus, String) {
         let tmp = tempfile::tempdir().expect("a temporary directory can be created");
         let log_tmp = tempfile::tempdir().expect("a temporary directory can be created");
-        let log =
-            File::create(log_tmp.path().join("roomd.stderr")).expect("the log can be created");
+        let log_path = log_tmp.path().join("roomd.stderr");
+        let log = File::create(&log_path).expect("the log can be created");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let mut child = command(bind, tmp.path(), &args, log)
             .spawn()
@@ -204,7 +209,10 @@ impl Server {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().expect("the child can be polled") {
-                return status;
+                return (
+                    status,
+                    std::fs::read_to_string(&log_path).unwrap_or_default(),
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
