@@ -310,6 +310,7 @@ export class Client extends EventTarget {
     this.rooms = new Map();
     this._pending = new Map(); // op id -> {room, msg, resolve, reject, sent}
     this._httpInFlight = 0; // ops and creates sent over HTTP (SSE transport), unanswered
+    this._httpQueue = Promise.resolve(); // they go one at a time, in order
     this._prefix = randomHex(6);
     this._counter = 0;
     this._attempt = 0;
@@ -750,8 +751,12 @@ export class Client extends EventTarget {
       done = true;
       fn(value);
     };
-    return this._httpSend({ ...p, resolve: settle(p.resolve), reject: settle(p.reject) })
+    // One request at a time, in the order made: retried ops (the server was down) must
+    // not overtake each other, as they do not over WebSocket either.
+    const run = () => this._httpSend({ ...p, resolve: settle(p.resolve), reject: settle(p.reject) })
       .catch(settle(p.reject));
+    this._httpQueue = this._httpQueue.then(run, run);
+    return this._httpQueue;
   }
 
   async _httpSend(p) {

@@ -535,7 +535,14 @@ for (const transport of ["ws", "sse"]) {
     await sleep(500);
     await server.start(); // same data dir, same port
     await waitOpen(a);
-    await waitText(a, "#options .option:nth-child(3) .count", /^1 ·/);
+    await waitText(a, "#options .option:nth-child(3) .count", /^1 ·/).catch(async (e) => {
+      const seen = await a.evaluate(() => {
+        const rooms = [...window.demo.client.rooms.values()].map((r) => ({ id: r.id, seq: r.seq, syncing: r._syncing, rs: r._source?.readyState, closed: r._closed }));
+        return { state: window.demo.client.state, pending: window.demo.client.pendingOps, rooms };
+      });
+      const events = await server.json(`/api/rooms/poll:${space}/events`);
+      throw new Error(`${e.message}; page ${JSON.stringify(seen)}; server ${JSON.stringify(events.body)}`);
+    });
     await a.waitForFunction(() => window.demo.client.pendingOps === 0, null, { timeout: WAIT_MS });
     a.allowNetworkErrors = false;
     assert(await a.evaluate(() => window.__samePage === true), "the page was not reloaded");
