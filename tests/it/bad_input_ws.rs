@@ -231,6 +231,19 @@ async fn pipelining_client_over_the_connection_cap_reads_4429() {
 }
 
 #[tokio::test]
+async fn pipelining_client_with_a_refused_token_reads_4401() {
+    let secret = "pipelined-secret";
+    let server = Server::start(&["--jwt-secret", secret]).await;
+    let forged = crate::support::jwt("another-secret", json!({"sub": "mallory"}));
+    // The handshake and 40 frames in one write: the token is refused on the socket.
+    let mut raw =
+        Raw::connect_pipelined(&server, &format!("token={forged}"), &bad_frames(40)).await;
+    assert_eq!(raw.close_code().await, 4401);
+    assert!(raw.write(&close_frame(4401)).await);
+    assert!(matches!(raw.end(TIMEOUT).await, Next::Eof));
+}
+
+#[tokio::test]
 async fn sigterm_4002_reaches_a_client_that_keeps_sending() {
     let mut server = Server::start(&[]).await;
     let raw = Raw::connect(&server, "user=chatty").await;
@@ -447,57 +460,69 @@ async fn op_id_over_256_bytes_is_nacked_invalid_on_json_and_refused_400_over_htt
     assert_eq!(server.get("/api/rooms/chat:long-id").await.status, 404);
 }
 
+/// The committed fixture `client/op_incr.bin` (an `incr` on `state:game`, id `c6`) with
+/// its id replaced by `id`, which must be over 8 bytes (an out-of-line string, format in
+/// `tests/fixtures/rkyv/README.md`). The id's bytes go first: every relative pointer of
+/// the archive keeps its target, and only the id's own repr changes: a length (first
+/// byte `0b10` and the low 6 bits, the next three bytes the rest, little-endian), then
+/// the i32 offset from the repr back to the bytes.
+fn op_incr_with_id(id: &str) -> Vec<u8> {
+    let base = include_bytes!("../fixtures/rkyv/client/op_incr.bin");
+    let inline = b"c6\xff\xff\xff\xff\xff\xff";
+    let at = base
+        .windows(inline.len())
+        .position(|window| window == inline)
+        .expect("the fixture's inline id `c6`")
+        + id.len();
+    let len = u32::try_from(id.len()).expect("an id under 4 GiB");
+    let offset = -i32::try_from(at).expect("a frame under 2 GiB");
+    let mut frame = id.as_bytes().to_vec();
+    frame.extend_from_slice(base);
+    frame[at] = 0x80 | (len & 0x3f) as u8;
+    frame[at + 1..at + 4].copy_from_slice(&(len >> 6).to_le_bytes()[..3]);
+    frame[at + 4..at + 8].copy_from_slice(&offset.to_le_bytes());
+    frame
+}
+
 #[tokio::test]
 async fn op_id_over_256_bytes_is_nacked_invalid_on_rkyv() {
-    use roomd::protocol::message::{ClientMsg, ServerMsg, WireValue};
-    use roomd::value::Value;
+    use roomd::protocol::message::ServerMsg;
     use tokio_tungstenite::tungstenite::Message;
 
     let server = Server::start(&[]).await;
     let mut alice = server.client("alice").await;
-    alice.create_ok("state:rkyv-ids", "state", json!({})).await;
+    alice.create_ok("state:game", "state", json!({})).await;
     let mut client = crate::support::Connect::new()
         .user("bob")
         .subprotocols(roomd::protocol::SUBPROTOCOL_RKYV)
         .handshake(&server)
         .await
         .expect("the rkyv upgrade is accepted");
-    let long = "i".repeat(60_000);
-    let op = ClientMsg::Op {
-        id: long.clone(),
-        room: "state:rkyv-ids".into(),
-        op: WireValue::from_value(&Value::Map(
-            [
-                ("type".to_owned(), Value::Str("incr".into())),
-                ("key".to_owned(), Value::Str("n".into())),
-            ]
-            .into_iter()
-            .collect(),
-        )),
-    };
-    let frame = roomd::protocol::binary::encode_client(&op);
-    client.send(Message::binary(frame.to_vec())).await;
-    let reply = loop {
-        match client.next_event(TIMEOUT).await {
-            crate::support::Event::Binary(bytes) => {
-                match roomd::protocol::binary::decode_server(&bytes).expect("a server frame") {
-                    msg @ ServerMsg::Nack { .. } | msg @ ServerMsg::Ack { .. } => break msg,
-                    _ => continue,
+    // The same patch at 256 bytes is a valid op: the frame itself is sound.
+    for (id, accepted) in [("k".repeat(256), true), ("i".repeat(60_000), false)] {
+        client.send(Message::binary(op_incr_with_id(&id))).await;
+        let reply = loop {
+            match client.next_event(TIMEOUT).await {
+                crate::support::Event::Binary(bytes) => {
+                    match roomd::protocol::binary::decode_server(&bytes).expect("a server frame") {
+                        msg @ ServerMsg::Nack { .. } | msg @ ServerMsg::Ack { .. } => break msg,
+                        _ => continue,
+                    }
                 }
+                other => panic!("expected a binary reply, got {other:?}"),
             }
-            other => panic!("expected a binary reply, got {other:?}"),
+        };
+        match reply {
+            ServerMsg::Ack { id: got, .. } if accepted => assert!(got == id),
+            ServerMsg::Nack { id: got, code, msg } if !accepted => {
+                assert!(got == id, "the nack echoes the id ({} bytes)", got.len());
+                assert_eq!(code, roomd::protocol::codes::Code::Invalid);
+                assert!(msg.contains("exceeds limit of 256"), "{msg}");
+            }
+            other => panic!("an id of {} bytes was answered {other:?}", id.len()),
         }
-    };
-    match reply {
-        ServerMsg::Nack { id, code, msg } => {
-            assert!(id == long, "the nack echoes the id ({} bytes)", id.len());
-            assert_eq!(code, roomd::protocol::codes::Code::Invalid);
-            assert!(msg.contains("exceeds limit of 256"), "{msg}");
-        }
-        ServerMsg::Ack { seq, .. } => panic!("the op with a 60 KB id was acked at seq {seq}"),
-        _ => unreachable!("the loop above breaks only on an ack or a nack"),
     }
-    assert_eq!(server.room_state("state:rkyv-ids").await["seq"], 1);
+    assert_eq!(server.room_state("state:game").await["seq"], 2);
 }
 
 #[tokio::test]
