@@ -9,6 +9,7 @@ its peak during the reads (VmHWM, reset just before them), and after.
 
     cargo build --release && python3 benches/large_reads/run.py [ROOMD] [extra serve flags]
 """
+import collections
 import http.client
 import json
 import os
@@ -95,7 +96,7 @@ def main():
             peak = status(pid, "VmHWM")
             time.sleep(1)
             after = status(pid, "VmRSS")
-            statuses = sorted({s for s, _ in results})
+            statuses = dict(sorted(collections.Counter(s for s, _ in results).items()))
             sizes = sorted({n for _, n in results})
             print(f"{label}: {READERS} concurrent in {took:.1f} s, statuses {statuses}, "
                   f"reply bytes {sizes}; RSS before {mib(before)}, peak {mib(peak)} "

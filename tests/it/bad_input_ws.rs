@@ -280,6 +280,36 @@ async fn sigterm_4002_reaches_a_client_that_keeps_sending() {
     writer.abort();
 }
 
+/// A client that keeps writing `frame(i)` every 5 ms (at most 2,000 times) until told
+/// (through the returned sender) that its reader has the server's close frame; it then
+/// writes 20 more at once, as a client does whose frames were already on their way, and
+/// its own close. The task answers whether the server took every write: during its
+/// close drain (PROTOCOL.md 1.1: until the client's close or 2 s) it must keep reading.
+fn keep_sending(
+    mut write: OwnedWriteHalf,
+    frame: impl Fn(usize) -> Vec<u8> + Send + 'static,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<bool>,
+) {
+    let (seen_close, mut closed) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        for i in 0..2000 {
+            if write.write_all(&frame(i)).await.is_err() {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = closed.wait_for(|seen| *seen) => break,
+            }
+        }
+        let mut last: Vec<u8> = (2000..2020).flat_map(&frame).collect();
+        last.extend(close_frame(1000));
+        write.write_all(&last).await.is_ok()
+    });
+    (seen_close, writer)
+}
+
 /// The reading half of a [`Raw`] client whose writing half is busy elsewhere.
 struct RawReader<'a> {
     read: &'a mut OwnedReadHalf,
@@ -377,26 +407,20 @@ async fn client_still_sending_after_the_close_reads_4400_and_a_clean_end() {
     let raw = Raw::connect(&server, "user=chatty").await;
     let Raw {
         mut read,
-        mut write,
+        write,
         buf,
     } = raw;
-    // Bad frames back to back for about a second, each its own write: the server decides
-    // to close after the 10th while the rest are still arriving.
-    let writer = tokio::spawn(async move {
-        for i in 0..200 {
-            let frame = masked_frame(true, TEXT, format!("not json {i}").as_bytes());
-            if write.write_all(&frame).await.is_err() {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        true
+    // Bad frames, each its own write, 5 ms apart: the server decides to close after the
+    // 10th while the rest are still arriving.
+    let (seen_close, writer) = keep_sending(write, |i| {
+        masked_frame(true, TEXT, format!("not json {i}").as_bytes())
     });
     let mut reader = RawReader {
         read: &mut read,
         buf,
     };
     assert_eq!(reader.close_code().await, 4400);
+    seen_close.send_replace(true);
     let end = reader.end(Duration::from_secs(10)).await;
     assert!(
         matches!(end, Next::Eof),
@@ -404,7 +428,7 @@ async fn client_still_sending_after_the_close_reads_4400_and_a_clean_end() {
     );
     assert!(
         writer.await.expect("the writer task ends"),
-        "the server kept taking the client's frames until its close drain ended"
+        "the server stopped taking the client's frames before the client's close"
     );
 }
 
@@ -719,21 +743,14 @@ async fn admin_disconnect_4403_reaches_a_client_that_keeps_sending() {
     let raw = Raw::connect(&server, "user=victim").await;
     let Raw {
         mut read,
-        mut write,
+        write,
         buf,
     } = raw;
-    // Pongs back to back for about a second, then quiet: the close comes in the middle.
-    let writer = tokio::spawn(async move {
-        let pongs: Vec<u8> = (0..20)
+    // Pongs, 20 at a time every 5 ms: the close comes while they flow.
+    let (seen_close, writer) = keep_sending(write, |_| {
+        (0..20)
             .flat_map(|_| masked_frame(true, PONG, b""))
-            .collect();
-        for _ in 0..200 {
-            if write.write_all(&pongs).await.is_err() {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        true
+            .collect()
     });
     let mut reader = RawReader {
         read: &mut read,
@@ -746,6 +763,7 @@ async fn admin_disconnect_4403_reaches_a_client_that_keeps_sending() {
         .await;
     assert_eq!(response.status, 200, "{}", response.text);
     assert_eq!(reader.close_code().await, 4403);
+    seen_close.send_replace(true);
     let end = reader.end(Duration::from_secs(10)).await;
     assert!(
         matches!(end, Next::Eof),
@@ -753,6 +771,6 @@ async fn admin_disconnect_4403_reaches_a_client_that_keeps_sending() {
     );
     assert!(
         writer.await.expect("the writer task ends"),
-        "the server kept taking the client's frames until its close drain ended"
+        "the server stopped taking the client's frames before the client's close"
     );
 }
