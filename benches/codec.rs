@@ -58,10 +58,7 @@ fn diff(n_changed: u64) -> ServerMsg {
     let to = from + n_changed - 1;
     let changes: Vec<WireEntry> = (0..n_changed)
         .map(|i| {
-            let slot = Slot {
-                value: Some(small_map(i * 3, 1)),
-                ver: from + i,
-            };
+            let slot = Slot::new(Some(small_map(i * 3, 1)), from + i);
             wire_entry(&object_key(i * 3), &slot)
         })
         .collect();

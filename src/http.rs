@@ -322,25 +322,31 @@ async fn read_room(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let room = path.into_inner();
-    authorize(&req, &shared, Permission::Read, &room)?;
+    let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
     let query = Query::parse(&req)?;
     let turn = read_turn(&req, &shared).await?;
+    let viewer = identity.user.clone();
     if let Some(at) = query.at {
-        return read_room_at(&shared, &room, at, turn).await;
+        return read_room_at(&shared, &room, at, viewer, turn).await;
     }
-    let result = match shared.registry.get(&room).send(room_msg::Read).await {
+    let read = || room_msg::Read {
+        viewer: viewer.clone(),
+    };
+    let result = match shared.registry.get(&room).send(read()).await {
         Ok(result) => result,
         // The room stopped between lookup and send: start it again once.
-        Err(_) => shared
-            .registry
-            .get(&room)
-            .send(room_msg::Read)
-            .await
-            .unwrap_or(Err(RoomError::Rejected(
-                Code::Unavailable,
-                "the room stopped before answering; retry".into(),
-            ))),
+        Err(_) => {
+            shared
+                .registry
+                .get(&room)
+                .send(read())
+                .await
+                .unwrap_or(Err(RoomError::Rejected(
+                    Code::Unavailable,
+                    "the room stopped before answering; retry".into(),
+                )))
+        }
     };
     let view = result?;
     Ok(state_reply(
@@ -463,6 +469,7 @@ async fn read_room_at(
     shared: &Shared,
     room: &RoomId,
     at: u64,
+    viewer: Arc<str>,
     turn: Turn,
 ) -> Result<HttpResponse, ApiError> {
     let room_id = room.to_owned();
@@ -496,7 +503,11 @@ async fn read_room_at(
     drop(found.events);
     // The rebuilt state is the only copy: its entries are turned into JSON one at a
     // time as the reply streams, by key (keys are small next to values).
-    let keys: Vec<String> = state.entries().map(|(key, _)| key.to_owned()).collect();
+    let keys: Vec<String> = state
+        .entries()
+        .filter(|(_, slot)| slot.visible_to(&viewer))
+        .map(|(key, _)| key.to_owned())
+        .collect();
     let entries = keys.into_iter().filter_map(move |key| {
         let slot = state.get(&key)?;
         Some(entry_json(&crate::room::wire_entry(&key, slot)))
@@ -563,6 +574,11 @@ async fn read_events(
             Some(None) => true,
             Some(Some(kind)) => kind.private_op(&event.op),
         };
+        // An event that touched entries hidden from the caller shows only that it
+        // happened: no author, no op, nothing of what it changed.
+        if !identity.admin && touches_hidden(&event.changes, &identity.user) {
+            return json!({ "seq": event.seq, "ts": event.ts_ms, "hidden": true });
+        }
         if private {
             json!({ "seq": event.seq, "ts": event.ts_ms, "op": { "type": op_type } })
         } else {
@@ -583,6 +599,17 @@ async fn read_events(
         )))
 }
 
+/// True when `changes` wrote or deleted an entry whose recorded audience leaves `viewer`
+/// out (the room records the audience of every hidden entry an event touches).
+fn touches_hidden(changes: &crate::kind::Changes, viewer: &str) -> bool {
+    changes.private.iter().any(|(key, fact)| {
+        key.starts_with(crate::kind::audience::AUDIENCE_PREFIX)
+            && fact
+                .as_ref()
+                .is_some_and(|fact| !crate::kind::Audience::from_value(fact).contains(viewer))
+    })
+}
+
 /// The room's kind, from its creation event when the page holds it, else from the room;
 /// `None` when it is not a kind this server serves.
 async fn page_kind(shared: &Shared, room: &RoomId, page: &EventsPage) -> Option<KindRef> {
@@ -595,7 +622,10 @@ async fn page_kind(shared: &Shared, room: &RoomId, page: &EventsPage) -> Option<
             .and_then(|name| kinds.get(name))
             .cloned();
     }
-    match shared.registry.get(room).send(room_msg::Read).await {
+    let read = room_msg::Read {
+        viewer: Arc::from("server"),
+    };
+    match shared.registry.get(room).send(read).await {
         Ok(Ok(view)) => kinds.get(&view.kind).cloned(),
         _ => None,
     }

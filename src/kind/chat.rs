@@ -273,6 +273,7 @@ mod tests {
                     ("ts", Value::Int(1002)),
                 ])),
                 ver: 2,
+                audience: None,
             })
         );
     }
@@ -342,13 +343,7 @@ mod tests {
         let changes = submit(&ChatKind, &mut room, "a", 4, post_op("three"), &limits).unwrap();
         assert_eq!(changes.public[0], ("msg/2".to_owned(), None));
         assert_eq!(message_keys(&room), ["msg/3", "msg/4"]);
-        assert_eq!(
-            room.get("msg/2"),
-            Some(&Slot {
-                value: None,
-                ver: 4
-            })
-        );
+        assert_eq!(room.get("msg/2"), Some(&Slot::new(None, 4)));
     }
 
     #[test]
@@ -391,6 +386,7 @@ mod tests {
                     ("edited", Value::Int(1003)),
                 ])),
                 ver: 3,
+                audience: None,
             })
         );
     }
@@ -402,13 +398,7 @@ mod tests {
         submit(&ChatKind, &mut room, "bob", 2, post_op("hi"), &limits).unwrap();
         submit(&ChatKind, &mut room, "bob", 3, delete_op(2), &limits).unwrap();
         assert_eq!(room.entries().count(), 0);
-        assert_eq!(
-            room.get("msg/2"),
-            Some(&Slot {
-                value: None,
-                ver: 3
-            })
-        );
+        assert_eq!(room.get("msg/2"), Some(&Slot::new(None, 3)));
     }
 
     #[test]

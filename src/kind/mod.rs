@@ -14,6 +14,7 @@
 //! not panic (a panic costs the op, see [`catch_panic`]), so replaying a log always
 //! rebuilds the same state.
 
+pub mod audience;
 mod chat;
 mod poll;
 mod registry;
@@ -25,9 +26,11 @@ mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::value::Value;
 
+pub use audience::{visible, Audience, Visibility};
 pub use chat::ChatKind;
 pub use poll::PollKind;
 pub use registry::{KindError, Kinds};
@@ -49,6 +52,24 @@ impl Changes {
     /// Adds a public entry `key` = `value`, visible to every viewer.
     pub fn put(mut self, key: impl Into<String>, value: Value) -> Changes {
         self.public.push((key.into(), Some(value)));
+        self
+    }
+
+    /// Adds a public entry `key` = `value` that only `users` may see: every read path
+    /// (snapshot, diff, resumed, `GET`, `?at=`, `/events`, the stream) hides it, and
+    /// any trace of the event that wrote it, from everyone else. Writing the key again
+    /// with `put` shows it to everyone; deleting it tells only its audience.
+    pub fn put_for(
+        mut self,
+        key: impl Into<String>,
+        value: Value,
+        users: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Changes {
+        let key = key.into();
+        let audience = Audience::new(users);
+        self.private
+            .push((audience::fact_key(&key), Some(audience.to_value())));
+        self.public.push((key, Some(value)));
         self
     }
 
@@ -174,6 +195,25 @@ pub struct Slot {
     /// deletion until `prune_tombstones` drops it.
     pub value: Option<Value>,
     pub ver: u64,
+    /// Who may see the entry (`None`: everyone). Kept from the recorded audience facts
+    /// ([`audience`]); a tombstone keeps the audience of the entry it deleted.
+    pub audience: Visibility,
+}
+
+impl Slot {
+    /// A slot visible to everyone.
+    pub fn new(value: Option<Value>, ver: u64) -> Slot {
+        Slot {
+            value,
+            ver,
+            audience: None,
+        }
+    }
+
+    /// True when `user` may see this entry.
+    pub fn visible_to(&self, user: &str) -> bool {
+        visible(&self.audience, user)
+    }
 }
 
 /// What one `apply` overwrote, so `undo` can put it back.
@@ -207,6 +247,8 @@ pub struct RoomState {
     /// prefix, so a kind finds the oldest or newest numbered entry without scanning
     /// (chat evicts its oldest `msg/<seq>` this way). Kept by `put_public`.
     numbered: BTreeMap<String, BTreeSet<u64>>,
+    /// Slots (tombstones included) with an audience; kept by `put_public`.
+    n_hidden: usize,
 }
 
 impl RoomState {
@@ -220,6 +262,7 @@ impl RoomState {
             live_bytes: 0,
             tombstone_floor: 0,
             numbered: BTreeMap::new(),
+            n_hidden: 0,
         }
     }
 
@@ -227,13 +270,41 @@ impl RoomState {
     /// and no clock. Public keys get `Slot { value, ver: seq }` (a `None` value leaves a
     /// tombstone with `ver: seq`); private keys are set or removed.
     pub fn apply(&mut self, seq: u64, changes: &Changes) -> Undo {
+        // Only events that record an audience pay for looking one up.
+        let has_audiences = changes
+            .private
+            .iter()
+            .any(|(key, _)| key.starts_with(audience::AUDIENCE_PREFIX));
         let public = changes
             .public
             .iter()
             .map(|(key, value)| {
+                let before = self.public.get(key);
+                let recorded = match has_audiences {
+                    false => None,
+                    true => {
+                        let fact = audience::fact_key(key);
+                        changes.private.iter().find(|(k, _)| *k == fact)
+                    }
+                };
+                let audience = match recorded {
+                    Some((_, Some(fact))) => {
+                        let mut audience = Audience::from_value(fact);
+                        audience.narrowed =
+                            audience::narrows(&before.and_then(|s| s.audience.clone()), &audience)
+                                && before.is_some();
+                        Some(Arc::new(audience))
+                    }
+                    Some((_, None)) => None,
+                    // Not recorded: a write shows the entry to everyone, a deletion keeps
+                    // the audience (`complete_audiences` records both explicitly).
+                    None if value.is_some() => None,
+                    None => before.and_then(|slot| slot.audience.clone()),
+                };
                 let slot = Slot {
                     value: value.clone(),
                     ver: seq,
+                    audience,
                 };
                 (key.clone(), self.put_public(key, Some(slot)))
             })
@@ -250,6 +321,36 @@ impl RoomState {
             })
             .collect();
         Undo { public, private }
+    }
+
+    /// Records in `changes` the audience of every public key it touches whose audience
+    /// this state holds and the changes leave unsaid (a `put` over a hidden entry shows
+    /// it to everyone; a deletion keeps its audience), so the log says on its own which
+    /// events touched hidden entries. The room calls it before recording; a state with
+    /// no hidden entries returns at once.
+    pub fn complete_audiences(&self, changes: &mut Changes) {
+        if self.n_hidden == 0 {
+            return;
+        }
+        let mut facts = Vec::new();
+        for (key, value) in &changes.public {
+            let Some(audience) = self.public.get(key).and_then(|s| s.audience.as_ref()) else {
+                continue;
+            };
+            let fact = audience::fact_key(key);
+            if changes.private.iter().any(|(k, _)| *k == fact) {
+                continue;
+            }
+            let recorded = value.as_ref().map_or(Some(audience.to_value()), |_| None);
+            facts.push((fact, recorded));
+        }
+        changes.private.extend(facts);
+    }
+
+    /// How many entries (tombstones included) have an audience: 0 means every viewer
+    /// sees the same room, and the read paths take their shared fast path.
+    pub fn n_hidden(&self) -> usize {
+        self.n_hidden
     }
 
     /// Reverts one `apply`. Undos must be applied in reverse order of their applies,
@@ -295,8 +396,15 @@ impl RoomState {
     /// Drops tombstones with `ver <= up_to` and raises the floor to `up_to` (it never
     /// goes down).
     pub fn prune_tombstones(&mut self, up_to: u64) {
-        self.public
-            .retain(|_, slot| slot.value.is_some() || slot.ver > up_to);
+        let mut n_pruned_hidden = 0;
+        self.public.retain(|_, slot| {
+            let keep = slot.value.is_some() || slot.ver > up_to;
+            if !keep && slot.audience.is_some() {
+                n_pruned_hidden += 1;
+            }
+            keep
+        });
+        self.n_hidden -= n_pruned_hidden;
         self.tombstone_floor = self.tombstone_floor.max(up_to);
     }
 
@@ -348,10 +456,17 @@ impl RoomState {
         tombstone_floor: u64,
     ) -> RoomState {
         let mut state = RoomState::new();
-        for (key, slot) in public {
+        state.private = private.into_iter().collect();
+        for (key, mut slot) in public {
+            // The audience comes from its recorded fact. How the entry got it is not
+            // recorded, so it counts as narrowed (see `Audience::narrowed`).
+            slot.audience = state.private.get(&audience::fact_key(&key)).map(|fact| {
+                let mut audience = Audience::from_value(fact);
+                audience.narrowed = true;
+                Arc::new(audience)
+            });
             state.put_public(&key, Some(slot));
         }
-        state.private = private.into_iter().collect();
         state.tombstone_floor = tombstone_floor;
         state
     }
@@ -370,6 +485,9 @@ impl RoomState {
     /// Sets (`Some`) or removes (`None`) the slot under `key`, keeping the counters and
     /// the chat index in step, and returns the slot it replaced.
     fn put_public(&mut self, key: &str, slot: Option<Slot>) -> Option<Slot> {
+        if slot.as_ref().is_some_and(|slot| slot.audience.is_some()) {
+            self.n_hidden += 1;
+        }
         if let Some(value) = slot.as_ref().and_then(|slot| slot.value.as_ref()) {
             self.live_keys += 1;
             self.live_bytes += entry_bytes(key, value);
@@ -378,6 +496,9 @@ impl RoomState {
             Some(slot) => self.public.insert(key.to_owned(), slot),
             None => self.public.remove(key),
         };
+        if before.as_ref().is_some_and(|slot| slot.audience.is_some()) {
+            self.n_hidden = self.n_hidden.saturating_sub(1);
+        }
         if let Some(value) = before.as_ref().and_then(|slot| slot.value.as_ref()) {
             // The entry was counted when it was put, so these cannot underflow;
             // saturating keeps that a non-panicking fact rather than a hope.
@@ -714,13 +835,7 @@ mod tests {
             private: vec![("p".into(), Some(Value::Bool(true)))],
         };
         let _ = room.apply(7, &changes);
-        assert_eq!(
-            room.get("a"),
-            Some(&Slot {
-                value: Some(Value::Int(1)),
-                ver: 7
-            })
-        );
+        assert_eq!(room.get("a"), Some(&Slot::new(Some(Value::Int(1)), 7)));
         assert_eq!(room.private("p"), Some(&Value::Bool(true)));
         assert_eq!(room.live_keys(), 1);
         assert_eq!(room.live_bytes(), 1 + 1);
@@ -740,13 +855,7 @@ mod tests {
         )
         .unwrap();
         submit(&StateKind, &mut room, "u0", 3, del_op("a"), &limits).unwrap();
-        assert_eq!(
-            room.get("a"),
-            Some(&Slot {
-                value: None,
-                ver: 3
-            })
-        );
+        assert_eq!(room.get("a"), Some(&Slot::new(None, 3)));
         assert_eq!(room.entries().count(), 0);
         assert_eq!(room.live_keys(), 0);
         assert_eq!(room.live_bytes(), 0);
@@ -841,20 +950,8 @@ mod tests {
         assert_eq!(
             changed,
             vec![
-                (
-                    "a",
-                    &Slot {
-                        value: None,
-                        ver: 4
-                    }
-                ),
-                (
-                    "b",
-                    &Slot {
-                        value: Some(Value::Int(2)),
-                        ver: 3
-                    }
-                ),
+                ("a", &Slot::new(None, 4)),
+                ("b", &Slot::new(Some(Value::Int(2)), 3)),
             ]
         );
         assert_eq!(room.changed_since(4), Some(vec![]));
@@ -895,13 +992,7 @@ mod tests {
         .unwrap();
         room.prune_tombstones(4);
         assert_eq!(room.get("a"), None);
-        assert_eq!(
-            room.get("b"),
-            Some(&Slot {
-                value: None,
-                ver: 5
-            })
-        );
+        assert_eq!(room.get("b"), Some(&Slot::new(None, 5)));
         assert!(room.get("c").is_some());
     }
 

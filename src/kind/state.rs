@@ -287,13 +287,7 @@ mod tests {
         assert_eq!(empty(&limits).entries().count(), 0);
         let init = Value::map([("entries", Value::map([("a", Value::Int(1)), ("b", s("x"))]))]);
         let room = created(&StateKind, init, &limits);
-        assert_eq!(
-            room.get("a"),
-            Some(&Slot {
-                value: Some(Value::Int(1)),
-                ver: 1
-            })
-        );
+        assert_eq!(room.get("a"), Some(&Slot::new(Some(Value::Int(1)), 1)));
         assert_eq!(room.live_keys(), 2);
         assert_eq!(room.live_bytes(), (1 + 1) + (1 + 3));
         assert_eq!(room.private("creator"), Some(&s("u0")));
@@ -366,13 +360,7 @@ mod tests {
             &limits,
         )
         .unwrap();
-        assert_eq!(
-            room.get("players/alice"),
-            Some(&Slot {
-                value: Some(s("x")),
-                ver: 3
-            })
-        );
+        assert_eq!(room.get("players/alice"), Some(&Slot::new(Some(s("x")), 3)));
     }
 
     #[test]

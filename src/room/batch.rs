@@ -3,6 +3,7 @@
 
 use super::messages::{OpDone, ReplyTo};
 use super::op_ids::OpKey;
+use super::views::{DiffChanges, Seen};
 use super::RoomError;
 use crate::kind::{Changes, RoomState, Slot, Undo};
 use crate::store::{EventRecord, RoomMeta};
@@ -108,7 +109,7 @@ impl Batch {
         }
     }
 
-    /// Adds an applied event, its ack (in arrival order) and its op id.
+    /// Adds an event applied to `state`, its ack (in arrival order) and its op id.
     pub fn add_event(
         &mut self,
         record: EventRecord,
@@ -116,17 +117,17 @@ impl Batch {
         op_key: Option<OpKey>,
         reply: ReplyTo,
         epoch: u64,
+        state: &RoomState,
     ) {
         let seq = record.seq;
         for (key, value) in &record.changes.public {
             self.bytes += key.len() + value.as_ref().map_or(4, |v| v.json_size());
-            self.coalesced.insert(
-                key.clone(),
-                Slot {
-                    value: value.clone(),
-                    ver: seq,
-                },
-            );
+            // The slot as `apply` left it, audience included.
+            let slot = state
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| Slot::new(value.clone(), seq));
+            self.coalesced.insert(key.clone(), slot);
         }
         if let Some(key) = op_key {
             self.op_ids.push((key, seq));
@@ -147,9 +148,19 @@ impl Batch {
             .map(|(_, seq)| *seq)
     }
 
-    /// Moves out the batch's changes, each key at its last value: its part of a diff.
-    pub fn take_coalesced(&mut self) -> BTreeMap<String, Slot> {
-        std::mem::take(&mut self.coalesced)
+    /// Moves out the batch's changes, each key at its last value: its part of a diff,
+    /// with who could see each key that ends hidden before the batch.
+    pub fn take_coalesced(&mut self) -> DiffChanges {
+        let slots = std::mem::take(&mut self.coalesced);
+        let before = slots
+            .iter()
+            .filter(|(_, slot)| slot.audience.is_some())
+            .map(|(key, _)| {
+                let prior = self.priors.get(key).and_then(Option::as_ref);
+                (key.clone(), Seen::of(prior))
+            })
+            .collect();
+        DiffChanges { slots, before }
     }
 
     /// The commit failed: undo this batch's events (newest first) and answer every

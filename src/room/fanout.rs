@@ -2,15 +2,13 @@
 //! most one diff per `batch_interval` for a busy room), presence, and broadcasting a
 //! message to every subscriber, encoded once per encoding.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::live::wire_entry;
 use super::messages::Subscribe;
+use super::views::DiffChanges;
 use super::{batch, presence, Room, RoomError, Status};
-use crate::kind::Slot;
 use crate::outbound::{encode, Charge, Frame, Pushed, SessionRef};
 use crate::protocol::message::ServerMsg;
 use crate::protocol::Encoding;
@@ -48,7 +46,7 @@ pub(super) struct UnsentDiff {
     epoch: u64,
     from: u64,
     to: u64,
-    changes: BTreeMap<String, Slot>,
+    changes: DiffChanges,
 }
 
 impl Room {
@@ -70,7 +68,7 @@ impl Room {
         epoch: u64,
         from: u64,
         to: u64,
-        changes: BTreeMap<String, Slot>,
+        changes: DiffChanges,
         ctx: &mut Context<Self>,
     ) {
         match &mut self.unsent {
@@ -136,23 +134,52 @@ impl Room {
         let Some(unsent) = self.unsent.take() else {
             return;
         };
-        let diff = ServerMsg::Diff {
+        let diff = |changes| ServerMsg::Diff {
             room: self.room_id.to_string(),
             epoch: unsent.epoch,
             from: unsent.from,
             to: unsent.to,
-            changes: unsent
-                .changes
-                .iter()
-                .map(|(k, slot)| wire_entry(k, slot))
-                .collect(),
+            changes,
         };
         // A diff to nobody does not count: the first subscriber's first diff leaves at
         // once.
         if !self.subscribers.is_empty() {
             self.last_diff_at = Some(Instant::now());
         }
-        self.broadcast(&diff, Charge::Bulk, None);
+        if unsent.changes.is_shared() {
+            // Every viewer sees the same diff: encoded once per encoding.
+            let msg = diff(unsent.changes.shared_entries());
+            self.broadcast(&msg, Charge::Bulk, None);
+            return;
+        }
+        let ids: Vec<u64> = self.subscribers.keys().copied().collect();
+        let plan = unsent
+            .changes
+            .plan(ids.iter().map(|id| &*self.subscribers[id].session.user));
+        let msgs: Vec<ServerMsg> = plan.views.into_iter().map(diff).collect();
+        // Each view is encoded once per encoding in use, however many share it.
+        let mut encoded: Vec<[Option<Frame>; 2]> = vec![[None, None]; msgs.len()];
+        let mut gone = Vec::new();
+        for (id, view) in ids.iter().zip(plan.of_subscriber) {
+            let sub = &self.subscribers[id];
+            let slot = match sub.session.encoding {
+                Encoding::Json => 0,
+                Encoding::Rkyv => 1,
+            };
+            let frame = encoded[view][slot]
+                .get_or_insert_with(|| encode(&msgs[view], sub.session.encoding))
+                .clone();
+            if matches!(
+                sub.session.outbound.push(frame, Charge::Bulk),
+                Pushed::Overflowed | Pushed::Closed
+            ) {
+                gone.push(*id);
+            }
+        }
+        crate::metrics::count_deliveries(ids.len() - gone.len());
+        for id in gone {
+            self.remove_subscriber(id);
+        }
     }
 
     /// Queues one message to every subscriber (or those wanting presence), encoding it
@@ -229,7 +256,7 @@ impl Room {
             if epoch != live.epoch || seq > live.committed {
                 return None;
             }
-            live.committed_changes_since(seq)
+            live.committed_changes_since(seq, &msg.session.user)
                 .map(|changes| ServerMsg::Resumed {
                     room: self.room_id.to_string(),
                     epoch: live.epoch,
@@ -243,7 +270,7 @@ impl Room {
             kind: live.kind.name().to_owned(),
             epoch: live.epoch,
             seq: live.committed,
-            entries: live.committed_entries(),
+            entries: live.committed_entries(&msg.session.user),
             recovered: false,
         });
         if matches!(

@@ -222,14 +222,14 @@ impl Handler<Signal> for Room {
 impl Handler<Read> for Room {
     type Result = Result<RoomView, RoomError>;
 
-    fn handle(&mut self, _msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         match self.status.standing(&self.room_id) {
             Ok(Some(live)) if live.committed > 0 => Ok(RoomView {
                 kind: live.kind.name().to_owned(),
                 epoch: live.epoch,
                 seq: live.committed,
-                entries: live.committed_entries(),
+                entries: live.committed_entries(&msg.viewer),
             }),
             Err(e @ RoomError::LoadFailed(_)) => Err(e),
             // Being created or being deleted: not there for a reader.

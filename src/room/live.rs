@@ -102,7 +102,7 @@ impl Live {
         user: &Arc<str>,
         now_ms: i64,
         op: crate::value::Value,
-        changes: Changes,
+        mut changes: Changes,
         op_key: Option<OpKey>,
         reply: ReplyTo,
     ) {
@@ -110,6 +110,7 @@ impl Live {
         self.open_batch();
         self.head += 1;
         let seq = self.head;
+        self.state.complete_audiences(&mut changes);
         if let Some(batch) = self.batches.back_mut() {
             batch.note_priors(&self.state, &changes);
         }
@@ -124,7 +125,7 @@ impl Live {
         };
         let epoch = self.epoch;
         if let Some(batch) = self.batches.back_mut() {
-            batch.add_event(record, undo, op_key, reply, epoch);
+            batch.add_event(record, undo, op_key, reply, epoch, &self.state);
         }
     }
 
@@ -172,28 +173,27 @@ impl Live {
         self.reply_later(batch::Reply::Nack(reply, error));
     }
 
-    /// The committed value of every public key, sorted: the working state with the
-    /// uncommitted keys' prior slots laid over it.
-    pub(super) fn committed_entries(&self) -> Vec<WireEntry> {
+    /// The committed live entries `viewer` may see, sorted by key.
+    pub(super) fn committed_entries(&self, viewer: &str) -> Vec<WireEntry> {
         let overlay = self.overlay();
         let mut out = Vec::new();
         let mut overlay_iter = overlay.iter().peekable();
         for (key, slot) in self.state.entries() {
             while let Some((okey, oslot)) = overlay_iter.peek() {
                 if okey.as_str() < key {
-                    push_live(&mut out, okey, oslot);
+                    push_live(&mut out, okey, oslot, viewer);
                     overlay_iter.next();
                 } else {
                     break;
                 }
             }
-            if overlay.contains_key(key) {
+            if overlay.contains_key(key) || !slot.visible_to(viewer) {
                 continue;
             }
             out.push(wire_entry(key, slot));
         }
         for (okey, oslot) in overlay_iter {
-            push_live(&mut out, okey, oslot);
+            push_live(&mut out, okey, oslot, viewer);
         }
         // Overlay keys equal to a working key were skipped above and are pushed here or
         // in the loop; sort once to keep the contract's key order.
@@ -202,21 +202,37 @@ impl Live {
         out
     }
 
-    /// Committed entries and tombstones with ver > since, or None when tombstones that
-    /// old are gone (the caller answers with a snapshot).
-    pub(super) fn committed_changes_since(&self, since: u64) -> Option<Vec<WireEntry>> {
+    /// Committed entries and tombstones with ver > since that `viewer` may see, or None
+    /// when tombstones that old may be pruned, or when an entry changed since then was
+    /// taken from viewers who may have seen it (only a snapshot can tell them).
+    /// Entries hidden from `viewer` from their start leave no trace.
+    pub(super) fn committed_changes_since(
+        &self,
+        since: u64,
+        viewer: &str,
+    ) -> Option<Vec<WireEntry>> {
         let overlay = self.overlay();
         let working = self.state.changed_since(since)?;
-        let mut out: Vec<WireEntry> = working
+        let mut changed: Vec<(&str, &Slot)> = working
             .into_iter()
             .filter(|(k, _)| !overlay.contains_key(*k))
-            .map(|(k, slot)| wire_entry(k, slot))
             .collect();
         for (key, prior) in &overlay {
             if let Some(slot) = prior {
                 if slot.ver > since {
-                    out.push(wire_entry(key, slot));
+                    changed.push((key, slot));
                 }
+            }
+        }
+        let mut out = Vec::with_capacity(changed.len());
+        for (key, slot) in changed {
+            match &slot.audience {
+                Some(audience) if !audience.contains(viewer) => {
+                    if audience.narrowed() {
+                        return None;
+                    }
+                }
+                _ => out.push(wire_entry(key, slot)),
             }
         }
         out.sort_by(|a, b| a.k.cmp(&b.k));
@@ -235,9 +251,9 @@ impl Live {
     }
 }
 
-fn push_live(out: &mut Vec<WireEntry>, key: &str, prior: &Option<Slot>) {
+fn push_live(out: &mut Vec<WireEntry>, key: &str, prior: &Option<Slot>, viewer: &str) {
     if let Some(slot) = prior {
-        if slot.value.is_some() {
+        if slot.value.is_some() && slot.visible_to(viewer) {
             out.push(wire_entry(key, slot));
         }
     }

@@ -231,10 +231,13 @@ pub struct Signal {
     pub data: Value,
 }
 
-/// Read the committed state (HTTP `GET /api/rooms/{room}`).
+/// Read the committed state (HTTP `GET /api/rooms/{room}`): the entries `viewer` may
+/// see.
 #[derive(Message)]
 #[rtype(result = "Result<RoomView, RoomError>")]
-pub struct Read;
+pub struct Read {
+    pub viewer: Arc<str>,
+}
 
 /// A room's committed state.
 #[derive(Debug, Clone)]

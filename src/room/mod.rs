@@ -37,6 +37,7 @@ pub mod op_ids;
 pub mod presence;
 pub mod recovery;
 pub mod registry;
+pub mod views;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -423,7 +423,7 @@ pub fn decode_snapshot(seq: u64, bytes: &[u8]) -> Result<Snapshot, RecordError> 
         previous = Some(key);
         check_ver(key, ver, seq)?;
         let value = slot.value.as_ref().map(unflatten).transpose()?;
-        public.push((key.to_owned(), Slot { value, ver }));
+        public.push((key.to_owned(), Slot::new(value, ver)));
     }
     let rows = row.private.as_slice();
     let mut private = Vec::with_capacity(rows.len());
@@ -915,27 +915,9 @@ mod tests {
         Snapshot {
             seq: 40,
             public: vec![
-                (
-                    "a".into(),
-                    Slot {
-                        value: Some(nested_value()),
-                        ver: 3,
-                    },
-                ),
-                (
-                    "b".into(),
-                    Slot {
-                        value: None,
-                        ver: 40,
-                    },
-                ),
-                (
-                    "c".into(),
-                    Slot {
-                        value: Some(Value::Float(2.5)),
-                        ver: 1,
-                    },
-                ),
+                ("a".into(), Slot::new(Some(nested_value()), 3)),
+                ("b".into(), Slot::new(None, 40)),
+                ("c".into(), Slot::new(Some(Value::Float(2.5)), 1)),
             ],
             private: vec![
                 ("creator".into(), Value::Str("alice".into())),

@@ -10,19 +10,10 @@ fn snapshot(seq: u64) -> Snapshot {
     Snapshot {
         seq,
         public: vec![
-            (
-                "gone".to_owned(),
-                Slot {
-                    value: None,
-                    ver: 1,
-                },
-            ),
+            ("gone".to_owned(), Slot::new(None, 1)),
             (
                 format!("key{seq}"),
-                Slot {
-                    value: Some(Value::Int(seq as i64)),
-                    ver: seq,
-                },
+                Slot::new(Some(Value::Int(seq as i64)), seq),
             ),
         ],
         private: vec![("creator".to_owned(), Value::Str("user1".into()))],
