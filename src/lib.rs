@@ -21,8 +21,11 @@
 //! With `default-features = false, features = ["client"]` only [`client`],
 //! [`protocol`], [`kind`] and [`value`] are built: no actix, no redb.
 //!
-//! - `main.rs` and the tools: [`bench`](mod@bench) (`roomd bench`, the load generator),
-//!   [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd token`).
+//! - `main.rs` (`roomd::Server::new().main()`) and [`builder`]: [`Server`], the builder an
+//!   application uses to be its own roomd with its kinds added (command line, logging,
+//!   socket, signals), and the tools it dispatches to: [`bench`](mod@bench) (`roomd
+//!   bench`, the load generator), [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd
+//!   token`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
 //! - [`web`]: the browser side: `/client.js`, the demo at `/`, `/dashboard`, and the
 //!   Admin API's room list and presence; [`sse`]: `GET /api/rooms/{room}/stream`, a room
@@ -41,7 +44,8 @@
 //!   address through `--trusted-proxies`.
 //! - [`tls`]: the server's certificate (`--tls-cert`, `--tls-key`): loading and checking
 //!   it, and the rustls resolver that swaps it on SIGHUP under open connections.
-//! - [`room`]: the Room actor, its batches, presence and the registry.
+//! - [`room`]: the Room actor, its batches, presence and the registry;
+//!   [`room::views`]: a diff's per-viewer views, planned once per distinct view.
 //! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
 //!   handle rooms push frames through; it knows nothing of sessions or rooms. Every close
 //!   the server starts is `Outbound::close`: the close frame, then the client's remaining
@@ -51,7 +55,9 @@
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids, `wss://`).
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
 //!   codes, room ids and epochs. Nothing else serializes a wire message.
-//! - [`kind`]: room state and the pure reducers of each room kind.
+//! - [`kind`]: room state, the room-kind API ([`kind::RoomKind`], the [`kind::Kinds`]
+//!   registry), the built-in kinds (chat, poll, state) written on that API alone, and
+//!   entry audiences ([`kind::audience`]: who may see an entry, recorded in the changes).
 //! - [`value`]: the domain `Value`, free of any serialization; [`metrics`]: `GET /metrics`
 //!   (every figure's name, the recorder, its upkeep, handles registered once);
 //!   [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc);
@@ -69,7 +75,11 @@
 //! 5. Untrusted bytes (network and disk) are decoded only through validated paths with
 //!    a size bound first; rkyv is always validated and values are flat on the wire.
 //! 6. Reducers are pure: (state, op, user, time, seq) in, changes out. Recovery applies
-//!    recorded changes and never re-runs them.
+//!    recorded changes and never re-runs them; the log names each room's kind, and a
+//!    room whose kind the server does not serve fails to load alone.
+//! 10. Every read path filters by the viewer: an entry with an audience reaches its
+//!     audience only (snapshot, diff, resumed, `GET`, `?at=`, `/events`, the stream),
+//!     and the audience is in the recorded changes, so no read runs kind code.
 //! 7. Blocking IO never runs on an actix thread: the writer has its own thread, reads
 //!    run on the blocking pool, at most `store::MAX_CONCURRENT_READS` at a time.
 //! 8. Bad input from one client never harms another client, a room or the log.
@@ -78,7 +88,7 @@
 //!    diffs know nothing of them.
 //!
 //! Deliberately absent: `kind` knows nothing of actix, redb or rkyv; `protocol`
-//! knows nothing of rooms' internals; no module but `main.rs` uses anyhow.
+//! knows nothing of rooms' internals; nothing uses anyhow (errors are thiserror enums).
 
 #[cfg(feature = "server")]
 pub mod admission;
@@ -86,6 +96,8 @@ pub mod admission;
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod bench;
+#[cfg(feature = "server")]
+pub mod builder;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
@@ -127,3 +139,6 @@ pub mod token_tool;
 pub mod value;
 #[cfg(feature = "server")]
 pub mod web;
+
+#[cfg(feature = "server")]
+pub use builder::Server;

@@ -245,6 +245,48 @@ fn client_messages() -> Vec<Named<ClientMsg>> {
                 token: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln".into(),
             },
         ),
+        // A room of an application's kind: the rock-paper-scissors of `examples/rps.rs`.
+        (
+            "create_rps",
+            ClientMsg::Create {
+                id: "r1".into(),
+                room: "rps:game".into(),
+                kind: "rps".into(),
+                init: wire(Value::map::<&str>([])),
+            },
+        ),
+        (
+            "sub_rps",
+            ClientMsg::Sub {
+                room: "rps:game".into(),
+                presence: false,
+                since: None,
+            },
+        ),
+        (
+            "op_rps_join",
+            ClientMsg::Op {
+                id: "r2".into(),
+                room: "rps:game".into(),
+                op: wire(Value::map([("type", s("join"))])),
+            },
+        ),
+        (
+            "op_rps_rock",
+            ClientMsg::Op {
+                id: "r3".into(),
+                room: "rps:game".into(),
+                op: wire(Value::map([("type", s("move")), ("move", s("rock"))])),
+            },
+        ),
+        (
+            "op_rps_paper",
+            ClientMsg::Op {
+                id: "r4".into(),
+                room: "rps:game".into(),
+                op: wire(Value::map([("type", s("move")), ("move", s("paper"))])),
+            },
+        ),
     ]
 }
 
@@ -286,6 +328,15 @@ pub fn client_json(name: &str) -> Option<&'static str> {
             r#"{"t":"signal","room":"chat:general","data":{"cursor":{"x":3,"y":-7},"typing":true}}"#
         }
         "auth" => r#"{"t":"auth","token":"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln"}"#,
+        "create_rps" => r#"{"t":"create","id":"r1","room":"rps:game","kind":"rps","init":{}}"#,
+        "sub_rps" => r#"{"t":"sub","room":"rps:game"}"#,
+        "op_rps_join" => r#"{"t":"op","id":"r2","room":"rps:game","op":{"type":"join"}}"#,
+        "op_rps_rock" => {
+            r#"{"t":"op","id":"r3","room":"rps:game","op":{"type":"move","move":"rock"}}"#
+        }
+        "op_rps_paper" => {
+            r#"{"t":"op","id":"r4","room":"rps:game","op":{"type":"move","move":"paper"}}"#
+        }
         _ => return None,
     };
     Some(text)

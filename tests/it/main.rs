@@ -36,6 +36,8 @@ mod limits;
 mod proxies;
 // Operations logs: one JSON line per connection at open and close, never a secret.
 mod logs;
+// The rock-paper-scissors example: a kind of the application's own, hidden moves on every read path.
+mod rps;
 // Presence: member lists, joins and leaves, only for subscribers that ask.
 mod presence;
 // Busy rooms coalesce diffs per interval; idle rooms stop and reload unchanged.

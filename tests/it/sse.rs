@@ -10,19 +10,19 @@ use crate::support::{jwt, Server, TIMEOUT};
 
 /// One SSE event as read off the wire.
 #[derive(Debug, Default, Clone)]
-struct SseEvent {
-    event: String,
+pub(crate) struct SseEvent {
+    pub(crate) event: String,
     id: Option<String>,
-    data: Value,
+    pub(crate) data: Value,
     /// A `: ping` comment (no event).
     ping: bool,
 }
 
 /// A raw SSE reader: one request on its own connection, the chunked body parsed as it
 /// arrives.
-struct Stream {
+pub(crate) struct Stream {
     tcp: tokio::net::TcpStream,
-    status: u16,
+    pub(crate) status: u16,
     head: String,
     /// Body bytes received but not yet parsed into events.
     buf: Vec<u8>,
@@ -31,7 +31,7 @@ struct Stream {
 }
 
 impl Stream {
-    async fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> Stream {
+    pub(crate) async fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> Stream {
         Self::open_with(server, path, headers, None).await
     }
 
@@ -151,7 +151,7 @@ impl Stream {
     }
 
     /// The next event that is not a ping, failing the test if none comes.
-    async fn event(&mut self) -> SseEvent {
+    pub(crate) async fn event(&mut self) -> SseEvent {
         loop {
             let event = self.next(TIMEOUT).await.expect("an SSE event in time");
             if !event.ping {

@@ -47,6 +47,22 @@ pub const NACK_CODES: &[&str] = &[
     "unavailable",
 ];
 
+/// The build of example `name` next to the `roomd` binary (`target/<profile>/examples`).
+fn example_bin(name: &str) -> PathBuf {
+    let roomd = roomd_bin();
+    let bin = roomd
+        .parent()
+        .expect("the roomd binary is in a directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: `cargo test` builds it (or `cargo build --example {name}`)",
+        bin.display()
+    );
+    bin
+}
+
 fn roomd_bin() -> PathBuf {
     // Inside the roomd package cargo sets CARGO_BIN_EXE_roomd; elsewhere (a scratch crate
     // that only compiles these tests) ROOMD_BIN names the binary.
@@ -91,6 +107,8 @@ pub fn jwt(secret: &str, claims: Value) -> String {
 
 /// A `roomd serve` process on 127.0.0.1 with its own data directory. Killed on drop.
 pub struct Server {
+    /// The program: the `roomd` binary, or an example built on `roomd::Server`.
+    bin: PathBuf,
     /// Where the server listens now; changes on every restart (the port is ephemeral).
     pub addr: SocketAddr,
     /// Flags given after `--bind` and `--data-dir`, reused by `restart`.
@@ -116,13 +134,36 @@ impl Server {
         Self::start_inner(data_dir.to_path_buf(), None, args).await
     }
 
+    /// Starts `cargo`'s build of example `name` (a binary built on `roomd::Server`, which
+    /// `cargo test` builds) on `data_dir` (a fresh temporary one when None).
+    pub async fn start_example(name: &str, data_dir: Option<&Path>, args: &[&str]) -> Server {
+        let bin = example_bin(name);
+        let mut server = match data_dir {
+            Some(dir) => Self::prepare(dir.to_path_buf(), None, args),
+            None => {
+                let tmp = tempfile::tempdir().expect("a temporary directory can be created");
+                Self::prepare(tmp.path().to_path_buf(), Some(tmp), args)
+            }
+        };
+        server.bin = bin;
+        server.spawn().await;
+        server
+    }
+
     async fn start_inner(
         data_dir: PathBuf,
         data_tmp: Option<tempfile::TempDir>,
         args: &[&str],
     ) -> Server {
+        let mut server = Self::prepare(data_dir, data_tmp, args);
+        server.spawn().await;
+        server
+    }
+
+    fn prepare(data_dir: PathBuf, data_tmp: Option<tempfile::TempDir>, args: &[&str]) -> Server {
         let log_tmp = tempfile::tempdir().expect("a temporary directory can be created");
-        let mut server = Server {
+        Server {
+            bin: roomd_bin(),
             addr: "127.0.0.1:0".parse().expect("a literal address"),
             args: args.iter().map(|s| s.to_string()).collect(),
             data_dir,
@@ -130,9 +171,7 @@ impl Server {
             log_path: log_tmp.path().join("roomd.stderr"),
             _data_tmp: data_tmp,
             _log_tmp: log_tmp,
-        };
-        server.spawn().await;
-        server
+        }
     }
 
     async fn spawn(&mut self) {
@@ -145,7 +184,7 @@ impl Server {
             .append(true)
             .open(&self.log_path)
             .expect("the log file can be opened");
-        let mut child = command("127.0.0.1:0", &self.data_dir, &self.args, log)
+        let mut child = command(&self.bin, "127.0.0.1:0", &self.data_dir, &self.args, log)
             .spawn()
             .expect("the roomd binary can be spawned");
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -196,7 +235,7 @@ impl Server {
         let log_path = log_tmp.path().join("roomd.stderr");
         let log = File::create(&log_path).expect("the log can be created");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut child = command(bind, tmp.path(), &args, log)
+        let mut child = command(&roomd_bin(), bind, tmp.path(), &args, log)
             .spawn()
             .expect("the roomd binary can be spawned");
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -403,8 +442,8 @@ impl Drop for Server {
     }
 }
 
-fn command(bind: &str, data_dir: &Path, args: &[String], log: File) -> Command {
-    let mut cmd = Command::new(roomd_bin());
+fn command(bin: &Path, bind: &str, data_dir: &Path, args: &[String], log: File) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .arg("--bind")
         .arg(bind)
