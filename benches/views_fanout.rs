@@ -41,7 +41,12 @@ fn diff_of(changes: Vec<roomd::protocol::message::WireEntry>, seq: u64) -> Serve
 }
 
 /// One diff to every subscriber, as the room sends it; returns the encodings made.
-fn fan_out(changes: &DiffChanges, users: &[Arc<str>], queues: &mut [Vec<Frame>], seq: u64) -> usize {
+fn fan_out(
+    changes: &DiffChanges,
+    users: &[Arc<str>],
+    queues: &mut [Vec<Frame>],
+    seq: u64,
+) -> usize {
     if changes.is_shared() {
         let frame = encode(&diff_of(changes.shared_entries(), seq), Encoding::Json);
         for queue in queues.iter_mut() {
@@ -70,7 +75,7 @@ fn run(name: &str, changes: &DiffChanges, users: &[Arc<str>], secs: u64) {
         encodings = fan_out(changes, users, &mut queues, diffs + 1);
         diffs += 1;
         // The writers take the frames off the queues in the real server.
-        if diffs % 16 == 0 {
+        if diffs.is_multiple_of(16) {
             queues.iter_mut().for_each(Vec::clear);
         }
     }
@@ -105,7 +110,10 @@ fn main() {
         .insert("round".into(), Slot::new(Some(Value::Int(2)), 9));
     hidden.before.insert("move/alice".into(), Seen::Nobody);
 
-    println!("{} subscribers (2 players, {spectators} spectators), JSON", users.len());
+    println!(
+        "{} subscribers (2 players, {spectators} spectators), JSON",
+        users.len()
+    );
     run("shared", &shared, &users, secs);
     run("per-viewer", &hidden, &users, secs);
 }
