@@ -84,6 +84,11 @@ pub async fn run_with_kinds(
         .map_err(|e| std::io::Error::other(format!("store open task failed: {e}")))??;
 
     let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
+    // Named so a profile or `top -H` tells room threads from the HTTP workers (actix
+    // names both `actix-rt|system…`, and Linux keeps only 15 bytes of a name).
+    for (i, arbiter) in arbiters.iter().enumerate() {
+        arbiter.spawn_fn(move || name_this_thread(&format!("roomd-room-{i}")));
+    }
     let room_config = RoomConfig {
         limits: config.limits.clone(),
         kinds,
@@ -360,4 +365,17 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT"),
         }
     })
+}
+
+/// Renames the calling thread as the kernel sees it (`comm`, at most 15 bytes), for
+/// profilers and `top -H`. Best effort: a name that does not fit is cut.
+fn name_this_thread(name: &str) {
+    let mut bytes = [0u8; 16];
+    let len = name.len().min(15);
+    bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a
+    // buffer that outlives the call; the last byte is always 0.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -30,6 +31,8 @@ pub struct ConnectOptions {
     pub write_buffer: usize,
     /// Local address to bind before connecting (None: the kernel picks).
     pub source: Option<IpAddr>,
+    /// The `Sec-WebSocket-Protocol` offered (None: none, which the server takes as JSON).
+    pub subprotocol: Option<&'static str>,
 }
 
 impl ConnectOptions {
@@ -39,6 +42,7 @@ impl ConnectOptions {
             read_buffer: 8 * 1024,
             write_buffer: 0,
             source: None,
+            subprotocol: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl ConnectOptions {
             read_buffer: 64 * 1024,
             write_buffer: 64 * 1024,
             source: None,
+            subprotocol: None,
         }
     }
 }
@@ -75,8 +80,17 @@ pub async fn connect(
         let config = WebSocketConfig::default()
             .read_buffer_size(options.read_buffer)
             .write_buffer_size(options.write_buffer);
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        if let Some(subprotocol) = options.subprotocol {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                subprotocol
+                    .parse()
+                    .map_err(|_| "bad subprotocol".to_string())?,
+            );
+        }
         let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                 .await
                 .map_err(|e| e.to_string())?;
         Ok::<Ws, String>(ws)
@@ -120,6 +134,45 @@ pub async fn next_text(ws: &mut Ws, waiting_for: &str) -> Result<Utf8Bytes, Benc
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => return Ok(text),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(BenchError::Protocol(format!(
+                        "the server closed the connection ({}) while the bench waited for {waiting_for}",
+                        close_reason(frame.as_ref())
+                    )))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return Err(BenchError::Protocol(format!(
+                        "connection failed while waiting for {waiting_for}: {e}"
+                    )))
+                }
+                None => {
+                    return Err(BenchError::Protocol(format!(
+                        "connection ended while waiting for {waiting_for}"
+                    )))
+                }
+            }
+        }
+    };
+    tokio::time::timeout(SETUP_TIMEOUT, read)
+        .await
+        .map_err(|_| BenchError::Timeout(SETUP_TIMEOUT, format!("waiting for {waiting_for}")))?
+}
+
+/// The next binary frame during setup, decoded as a server message (`roomd.v1.rkyv`),
+/// skipping control and text frames.
+pub async fn next_binary(
+    ws: &mut Ws,
+    waiting_for: &str,
+) -> Result<crate::protocol::message::ServerMsg, BenchError> {
+    let read = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(bytes))) => {
+                    return crate::protocol::binary::decode_server(&bytes).map_err(|e| {
+                        BenchError::Protocol(format!("{waiting_for}: {}", e.0))
+                    })
+                }
                 Some(Ok(Message::Close(frame))) => {
                     return Err(BenchError::Protocol(format!(
                         "the server closed the connection ({}) while the bench waited for {waiting_for}",

@@ -43,6 +43,11 @@ pub struct ConnectionsArgs {
     /// is read.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub settle: Duration,
+
+    /// Each connection also subscribes to one shared `state` room (created first) and
+    /// waits for its snapshot, so the RSS per connection includes a subscription.
+    #[arg(long)]
+    pub subscribe: bool,
 }
 
 const QUANTILES: [(&str, f64); 3] = [("p50", 0.50), ("p99", 0.99), ("max", 1.0)];
@@ -86,6 +91,7 @@ pub fn run(
         report::latency_row(&outcome.histogram, &QUANTILES),
     );
     r.field("count", connections.count);
+    r.field("subscribed", connections.subscribe);
     r.field("connected", outcome.connected);
     r.field("failed", outcome.failed);
     r.field("connect_per_s", report::round(per_s, 1));
@@ -163,6 +169,19 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
     let generator_before = ProcSample::read(std::process::id());
     let spread = endpoint.addr.ip().is_loopback();
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The shared room, created before the clock starts; its creator stays connected.
+    let mut shared_room = None;
+    let mut _creator = None;
+    if args.subscribe {
+        match create_shared_room(endpoint).await {
+            Ok((ws, room)) => {
+                _creator = Some(ws);
+                shared_room = Some(room);
+            }
+            Err(e) => eprintln!("roomd bench: cannot create the shared room: {e}"),
+        }
+    }
+    let subscribe_to: Option<std::sync::Arc<str>> = shared_room.map(std::sync::Arc::from);
 
     let bar = progress::bar("connecting", args.count as u64, "conns");
     let started = Instant::now();
@@ -175,8 +194,10 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
                 read_buffer: 4 * 1024,
                 write_buffer: 0,
                 source: spread.then(|| client::loopback_source(i, args.per_source)),
+                subprotocol: None,
             };
             let url = endpoint.url(&format!("/ws?user=c{i}"));
+            let subscribe_to = subscribe_to.clone();
             tokio::spawn(async move {
                 let began = Instant::now();
                 let mut ws = client::connect(addr, &url, options).await?;
@@ -186,6 +207,17 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
                         "expected welcome, got {}",
                         welcome.as_str()
                     )));
+                }
+                if let Some(room) = subscribe_to {
+                    let sub = format!(r#"{{"t":"sub","room":"{room}"}}"#);
+                    client::send_text(&mut ws, sub, "sub").await?;
+                    let reply = client::next_text(&mut ws, "snapshot").await?;
+                    if !reply.as_str().contains("\"snapshot\"") {
+                        return Err(BenchError::Protocol(format!(
+                            "expected a snapshot, got {}",
+                            reply.as_str()
+                        )));
+                    }
                 }
                 Ok((ws, began.elapsed()))
             })
@@ -243,6 +275,30 @@ async fn drive(endpoint: &Endpoint, args: &ConnectionsArgs) -> Outcome {
         generator_before,
         generator_after,
     }
+}
+
+/// Opens a connection that creates the `state` room every connection subscribes to.
+async fn create_shared_room(endpoint: &Endpoint) -> Result<(Ws, String), BenchError> {
+    let room = format!(
+        "state:conns-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let url = endpoint.url("/ws?user=bench-creator");
+    let mut ws = client::connect(endpoint.addr, &url, ConnectOptions::receiver()).await?;
+    client::next_text(&mut ws, "welcome").await?;
+    let create =
+        format!(r#"{{"t":"create","id":"c1","room":"{room}","kind":"state","init":{{}}}}"#);
+    client::send_text(&mut ws, create, "create").await?;
+    let reply = client::next_text(&mut ws, "the ack of the create").await?;
+    if !reply.as_str().contains("\"ack\"") {
+        return Err(BenchError::Protocol(format!(
+            "creating the shared room failed: {}",
+            reply.as_str()
+        )));
+    }
+    Ok((ws, room))
 }
 
 /// Keeps a connection open and read (so pings are answered) until told to stop.

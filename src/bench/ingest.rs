@@ -9,7 +9,8 @@
 //!
 //! Writer `i` sends op `n` to room `(i + n) mod K`, so every writer spreads its window
 //! over all rooms and each room sees several writers. Replies are matched to ops by id
-//! (`w<i>.<n>`), parsed with a borrowed two-field struct rather than a whole JSON value.
+//! (`w<i>.<n>`), parsed with a borrowed two-field struct rather than a whole JSON value
+//! (JSON), or read in place from the validated archive (`--encoding rkyv`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +60,27 @@ pub struct IngestArgs {
     /// op whenever one is answered (closed loop, the default).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+
+    /// The writers' encoding: `json` (`roomd.v1.json`, text frames) or `rkyv`
+    /// (`roomd.v1.rkyv`, binary frames). Rooms are created over JSON either way.
+    #[arg(long, value_enum, default_value_t = WireEncoding::Json)]
+    pub encoding: WireEncoding,
+}
+
+/// The encoding the writers speak.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireEncoding {
+    Json,
+    Rkyv,
+}
+
+impl WireEncoding {
+    fn as_str(self) -> &'static str {
+        match self {
+            WireEncoding::Json => "json",
+            WireEncoding::Rkyv => "rkyv",
+        }
+    }
 }
 
 /// How often an open-loop writer sends the ops that have come due.
@@ -95,8 +117,11 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
     let mut r = Report::new(
         "ingest",
         format!(
-            "ingest: {} writers × {load}, `set` over {} state rooms for {:?}",
-            ingest.writers, ingest.rooms, ingest.duration
+            "ingest: {} writers × {load}, `set` over {} state rooms for {:?}, {}",
+            ingest.writers,
+            ingest.rooms,
+            ingest.duration,
+            ingest.encoding.as_str()
         ),
     );
     let secs = outcome.window.as_secs_f64().max(1e-9);
@@ -121,6 +146,7 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
     r.field("rooms", ingest.rooms);
     r.field("window", ingest.window);
     r.field("rate", ingest.rate);
+    r.field("encoding", ingest.encoding.as_str());
     r.field("late", outcome.late);
     r.field("duration_s", ingest.duration.as_secs_f64());
     r.field("acked", outcome.acked);
@@ -255,12 +281,12 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
             .map(|k| format!("state:ingest-{run_id}-{k}"))
             .collect(),
     );
-    let mut control = connect(endpoint, "bench-control").await?;
+    let mut control = connect(endpoint, "bench-control", WireEncoding::Json).await?;
     create_rooms(&mut control, &rooms).await?;
 
     let mut writers = Vec::with_capacity(ingest.writers);
     for i in 0..ingest.writers {
-        writers.push(connect(endpoint, &format!("w{i}")).await?);
+        writers.push(connect(endpoint, &format!("w{i}"), ingest.encoding).await?);
     }
 
     let acked_so_far = Arc::new(AtomicU64::new(0));
@@ -279,6 +305,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
                 window: ingest.window,
                 keys: ingest.keys,
                 value: value.clone(),
+                encoding: ingest.encoding,
                 start,
                 deadline,
                 // Writer i's share of the rate; the first rate % writers get one more.
@@ -345,13 +372,32 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
     })
 }
 
-async fn connect(endpoint: &Endpoint, user: &str) -> Result<Ws, BenchError> {
+async fn connect(
+    endpoint: &Endpoint,
+    user: &str,
+    encoding: WireEncoding,
+) -> Result<Ws, BenchError> {
+    let options = ConnectOptions {
+        subprotocol: match encoding {
+            WireEncoding::Json => None,
+            WireEncoding::Rkyv => Some("roomd.v1.rkyv"),
+        },
+        ..ConnectOptions::sender()
+    };
     let mut ws = client::connect(
         endpoint.addr,
         &endpoint.url(&format!("/ws?user={user}")),
-        ConnectOptions::sender(),
+        options,
     )
     .await?;
+    if encoding == WireEncoding::Rkyv {
+        return match client::next_binary(&mut ws, "welcome").await? {
+            crate::protocol::message::ServerMsg::Welcome { .. } => Ok(ws),
+            other => Err(BenchError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            ))),
+        };
+    }
     let welcome = client::next_text(&mut ws, "welcome").await?;
     if !welcome.as_str().contains("\"welcome\"") {
         return Err(BenchError::Protocol(format!(
@@ -401,6 +447,7 @@ struct Job {
     window: usize,
     keys: u64,
     value: Arc<str>,
+    encoding: WireEncoding,
     start: Instant,
     /// No new ops after this.
     deadline: Instant,
@@ -414,10 +461,31 @@ impl Job {
     fn op(&self, n: u64) -> Message {
         let room = &self.rooms[(self.index + n as usize) % self.rooms.len()];
         let key = n % self.keys;
-        Message::text(format!(
-            r#"{{"t":"op","id":"w{}.{n}","room":"{room}","op":{{"type":"set","key":"k{key}","value":"{}"}}}}"#,
-            self.index, self.value
-        ))
+        match self.encoding {
+            WireEncoding::Json => Message::text(format!(
+                r#"{{"t":"op","id":"w{}.{n}","room":"{room}","op":{{"type":"set","key":"k{key}","value":"{}"}}}}"#,
+                self.index, self.value
+            )),
+            WireEncoding::Rkyv => {
+                use crate::protocol::message::{ClientMsg, Node, WireValue};
+                let op = WireValue {
+                    nodes: vec![
+                        Node::Map(3),
+                        Node::Str("key".into()),
+                        Node::Str(format!("k{key}")),
+                        Node::Str("type".into()),
+                        Node::Str("set".into()),
+                        Node::Str("value".into()),
+                        Node::Str(self.value.to_string()),
+                    ],
+                };
+                Message::binary(crate::protocol::binary::encode_client(&ClientMsg::Op {
+                    id: format!("w{}.{n}", self.index),
+                    room: room.clone(),
+                    op,
+                }))
+            }
+        }
     }
 }
 
@@ -554,15 +622,27 @@ fn on_reply(
     writer: &mut Writer,
     in_flight: &mut InFlight,
 ) -> Result<bool, String> {
-    let text = match message {
-        Some(Ok(Message::Text(text))) => text,
+    let (kind, n, text) = match message {
+        Some(Ok(Message::Text(text))) => {
+            let Some((kind, Some(n))) = parse_reply(text.as_str()) else {
+                return Ok(false);
+            };
+            (kind == "ack", n, text.as_str().to_owned())
+        }
+        Some(Ok(Message::Binary(bytes))) => {
+            let Some((kind, n)) = parse_binary_reply(&bytes) else {
+                return Ok(false);
+            };
+            (
+                kind,
+                n,
+                format!("{:?}", crate::protocol::binary::decode_server(&bytes)),
+            )
+        }
         Some(Ok(Message::Close(frame))) => return Err(client::close_reason(frame.as_ref())),
         Some(Ok(_)) => return Ok(false),
         Some(Err(e)) => return Err(e.to_string()),
         None => return Err("the server ended the connection".into()),
-    };
-    let Some((kind, Some(n))) = parse_reply(text.as_str()) else {
-        return Ok(false);
     };
     let Some(sent) = in_flight.sent_at.remove(&n) else {
         return Ok(false);
@@ -571,14 +651,12 @@ fn on_reply(
     let micros = now.duration_since(sent).as_micros() as u64;
     writer.histogram.saturating_record(micros.max(1));
     writer.last_reply = Some(now);
-    if kind == "ack" {
+    if kind {
         writer.acked += 1;
         job.acked_so_far.fetch_add(1, Ordering::Relaxed);
     } else {
         writer.nacked += 1;
-        writer
-            .first_nack
-            .get_or_insert_with(|| text.as_str().to_string());
+        writer.first_nack.get_or_insert(text);
     }
     Ok(now < job.deadline)
 }
@@ -600,6 +678,20 @@ fn parse_reply(text: &str) -> Option<(&str, Option<u64>)> {
         .and_then(|id| id.rsplit_once('.'))
         .and_then(|(_, n)| n.parse().ok());
     Some((reply.t, n))
+}
+
+/// `(is an ack, op number)` of a binary reply to a `w<i>.<n>` op: read in place from the
+/// validated archive. None for other frames (diffs, errors, replies to other ids).
+fn parse_binary_reply(bytes: &[u8]) -> Option<(bool, u64)> {
+    use crate::protocol::message::ArchivedServerMsg;
+    let archived = rkyv::access::<ArchivedServerMsg, rkyv::rancor::Error>(bytes).ok()?;
+    let (ack, id) = match archived {
+        ArchivedServerMsg::Ack { id, .. } => (true, id.as_str()),
+        ArchivedServerMsg::Nack { id, .. } => (false, id.as_str()),
+        _ => return None,
+    };
+    let n = id.rsplit_once('.')?.1.parse().ok()?;
+    Some((ack, n))
 }
 
 #[cfg(test)]
