@@ -24,7 +24,7 @@ use crate::value::{Value, MAX_DEPTH};
 pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
     let frame: Parsed =
         serde_json::from_str(text).map_err(|e| BadFrame(format!("not JSON: {e}")))?;
-    let Json::Object(obj) = frame.value else {
+    let Json::Object(mut obj) = frame.value else {
         return Err(BadFrame("a frame must be a JSON object".into()));
     };
     if let Some(key) = frame.own_duplicate {
@@ -32,12 +32,13 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
     }
     let members = frame.member_duplicates;
     // A value with a repeated key inside is `invalid` (nacked under the op's id); a
-    // repeated key anywhere else in the frame makes the frame unusable.
-    let value_of = |name: &str| -> Option<Result<Value, String>> {
-        let json = obj.get(name)?;
+    // repeated key anywhere else in the frame makes the frame unusable. Fields are moved
+    // out of the parsed frame, not copied: an op's strings are allocated once.
+    let value_of = |obj: &mut Map<String, Json>, name: &str| -> Option<Result<Value, String>> {
+        let json = obj.swap_remove(name)?;
         Some(match duplicate_in(&members, name) {
             Some(key) => Err(format!("duplicate key `{key}`")),
-            None => to_value(json),
+            None => into_value(json, 0),
         })
     };
     if let Some((field, key)) = members
@@ -46,13 +47,13 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
     {
         return Err(BadFrame(format!("duplicate key `{key}` in `{field}`")));
     }
-    let tag = str_field(&obj, "t")?;
-    let inbound = match tag {
+    let tag = take_str(&mut obj, "t")?;
+    let inbound = match tag.as_str() {
         "create" => Inbound::Create {
-            id: str_field(&obj, "id")?.to_owned(),
-            room: str_field(&obj, "room")?.to_owned(),
-            kind: str_field(&obj, "kind")?.to_owned(),
-            init: value_of("init").unwrap_or(Ok(Value::Null)),
+            id: take_str(&mut obj, "id")?,
+            room: take_str(&mut obj, "room")?,
+            kind: take_str(&mut obj, "kind")?,
+            init: value_of(&mut obj, "init").unwrap_or(Ok(Value::Null)),
         },
         "sub" => Inbound::Sub {
             room: str_field(&obj, "room")?.to_owned(),
@@ -71,13 +72,13 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
             room: str_field(&obj, "room")?.to_owned(),
         },
         "op" => Inbound::Op {
-            id: str_field(&obj, "id")?.to_owned(),
-            room: str_field(&obj, "room")?.to_owned(),
-            op: value_of("op").unwrap_or(Err("missing `op`".to_owned())),
+            id: take_str(&mut obj, "id")?,
+            room: take_str(&mut obj, "room")?,
+            op: value_of(&mut obj, "op").unwrap_or(Err("missing `op`".to_owned())),
         },
         "signal" => Inbound::Signal {
-            room: str_field(&obj, "room")?.to_owned(),
-            data: value_of("data").unwrap_or(Ok(Value::Null)),
+            room: take_str(&mut obj, "room")?,
+            data: value_of(&mut obj, "data").unwrap_or(Ok(Value::Null)),
         },
         "auth" => Inbound::Auth {
             token: str_field(&obj, "token")?.to_owned(),
@@ -239,6 +240,15 @@ fn str_field<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<&'a str, BadF
     }
 }
 
+/// [`str_field`], moving the string out of the object.
+fn take_str(obj: &mut Map<String, Json>, name: &str) -> Result<String, BadFrame> {
+    match obj.swap_remove(name) {
+        Some(Json::String(s)) => Ok(s),
+        Some(_) => Err(BadFrame(format!("`{name}` must be a string"))),
+        None => Err(BadFrame(format!("missing `{name}`"))),
+    }
+}
+
 fn decode_since(since: &Map<String, Json>) -> Result<Since, BadFrame> {
     let epoch = match since.get("epoch") {
         Some(Json::String(s)) => parse_epoch(s),
@@ -253,13 +263,14 @@ fn decode_since(since: &Map<String, Json>) -> Result<Since, BadFrame> {
 
 /// Converts a JSON value to a domain value under the value rules of PROTOCOL.md.
 pub fn to_value(json: &Json) -> Result<Value, String> {
-    to_value_at(json, 0)
+    into_value(json.clone(), 0)
 }
 
-fn to_value_at(json: &Json, depth: usize) -> Result<Value, String> {
+/// [`to_value`] of a value the caller gives up: strings and keys move, not copy.
+fn into_value(json: Json, depth: usize) -> Result<Value, String> {
     Ok(match json {
         Json::Null => Value::Null,
-        Json::Bool(b) => Value::Bool(*b),
+        Json::Bool(b) => Value::Bool(b),
         Json::Number(n) => {
             if let Some(i) = n.as_i64() {
                 Value::Int(i)
@@ -270,15 +281,15 @@ fn to_value_at(json: &Json, depth: usize) -> Result<Value, String> {
                 Value::Float(n.as_f64().ok_or("number is not representable")?)
             }
         }
-        Json::String(s) => Value::Str(s.clone()),
+        Json::String(s) => Value::Str(s),
         Json::Array(items) => {
             if depth >= MAX_DEPTH {
                 return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
             }
             Value::List(
                 items
-                    .iter()
-                    .map(|item| to_value_at(item, depth + 1))
+                    .into_iter()
+                    .map(|item| into_value(item, depth + 1))
                     .collect::<Result<_, _>>()?,
             )
         }
@@ -293,8 +304,8 @@ fn to_value_at(json: &Json, depth: usize) -> Result<Value, String> {
                 return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
             }
             Value::Map(
-                obj.iter()
-                    .map(|(k, v)| Ok((k.clone(), to_value_at(v, depth + 1)?)))
+                obj.into_iter()
+                    .map(|(k, v)| Ok((k, into_value(v, depth + 1)?)))
                     .collect::<Result<_, String>>()?,
             )
         }
@@ -344,6 +355,11 @@ fn code_str(code: super::codes::Code) -> &'static str {
 
 /// Encodes one server message as a JSON text frame.
 pub fn encode(msg: &ServerMsg) -> String {
+    // The one message sent per op: written directly, not through a `json!` tree (which
+    // allocates a map and a string per field). Same bytes as the tree would give.
+    if let ServerMsg::Ack { id, seq } = msg {
+        return encode_ack(id, *seq);
+    }
     let json = match msg {
         ServerMsg::Welcome {
             proto,
@@ -411,9 +427,30 @@ pub fn encode(msg: &ServerMsg) -> String {
     json.to_string()
 }
 
+/// `{"t":"ack","id":…,"seq":…}`, the id escaped as serde_json escapes any string.
+fn encode_ack(id: &str, seq: u64) -> String {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(id.len() + 40);
+    out.extend_from_slice(br#"{"t":"ack","id":"#);
+    // Writing a string into a Vec cannot fail.
+    serde_json::to_writer(&mut out, id).expect("a string serializes into memory");
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, r#","seq":{seq}}}"#);
+    // serde_json writes UTF-8 and the rest is ASCII.
+    String::from_utf8(out).expect("JSON is UTF-8")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acks_are_written_as_the_json_tree_would_write_them() {
+        for (id, seq) in [("c1", 1), ("w3.17", u64::MAX), ("a \"quoted\"\n\u{7f}é", 0)] {
+            let tree = json!({ "t": "ack", "id": id, "seq": seq }).to_string();
+            assert_eq!(encode(&ServerMsg::Ack { id: id.into(), seq }), tree);
+        }
+    }
 
     #[test]
     fn ops_with_bad_values_decode_as_invalid_not_bad_frame() {

@@ -7,6 +7,7 @@ use super::views::{DiffChanges, Seen};
 use super::RoomError;
 use crate::kind::{Changes, RoomState, Slot, Undo};
 use crate::store::{EventRecord, RoomMeta};
+use indexmap::IndexMap;
 use std::collections::BTreeMap;
 
 /// A reply held back until the batch it follows is committed, so replies to one caller
@@ -54,8 +55,10 @@ pub struct Batch {
     pub priors: BTreeMap<String, Option<Slot>>,
     /// Each public key this batch changed, at its last value: the batch's diff.
     pub coalesced: BTreeMap<String, Slot>,
-    /// Op ids of this batch's events, remembered once committed.
-    pub op_ids: Vec<(OpKey, u64)>,
+    /// Op ids of this batch's events with their seqs, in seq order, remembered once
+    /// committed. Indexed: every op with an id asks whether its id is in flight, and a
+    /// scan would cost as many comparisons as a busy room has ops in flight.
+    pub op_ids: IndexMap<OpKey, u64>,
     /// Approximate JSON size of the changed values, for [`MAX_BATCH_BYTES`].
     bytes: usize,
     /// Set when a snapshot at this seq was submitted with the batch.
@@ -71,7 +74,7 @@ impl Batch {
             replies: Vec::new(),
             priors: BTreeMap::new(),
             coalesced: BTreeMap::new(),
-            op_ids: Vec::new(),
+            op_ids: IndexMap::new(),
             bytes: 0,
             snapshot_seq: None,
         }
@@ -130,7 +133,7 @@ impl Batch {
             self.coalesced.insert(key.clone(), slot);
         }
         if let Some(key) = op_key {
-            self.op_ids.push((key, seq));
+            self.op_ids.insert(key, seq);
         }
         self.replies.push(Reply::Ack(reply, OpDone { seq, epoch }));
         self.events.push(BatchEvent {
@@ -142,10 +145,7 @@ impl Batch {
 
     /// The seq of an uncommitted event carrying this op id.
     pub fn seq_of(&self, key: &OpKey) -> Option<u64> {
-        self.op_ids
-            .iter()
-            .find(|(known, _)| known == key)
-            .map(|(_, seq)| *seq)
+        self.op_ids.get(key).copied()
     }
 
     /// Moves out the batch's changes, each key at its last value: its part of a diff,

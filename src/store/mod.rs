@@ -70,6 +70,9 @@ use crate::value::Value;
 pub use error::{StoreError, SubmitError};
 pub use format::FORMAT_VERSION;
 pub use reads::MAX_PAGE_EVENTS;
+/// One event's row as the store writes it (rooms encode their events in `submit`); public
+/// for the per-op benchmark (`benches/ingest_op.rs`).
+pub use record::encode_event;
 pub use record::{RecordError, MAX_RECORD_BYTES, MAX_SNAPSHOT_BYTES};
 /// The storage under redb, for [`Store::open_with_backend`].
 pub use redb::StorageBackend;

@@ -135,6 +135,9 @@ struct ChangeRow {
 /// The stored form of an [`EventRecord`]. The seq is not repeated here: it is the
 /// row's key, and the key is authoritative. The op id rides in the row, so a commit
 /// writes one row per op (the `op_ids` table only keeps ids whose events were trimmed).
+// Only its archived form is read (rows are written as [`EventRowRef`]); the tests
+// build one to check the two give the same bytes.
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(rkyv::Archive, rkyv::Serialize)]
 struct EventRow {
     user: String,
@@ -143,6 +146,47 @@ struct EventRow {
     public: Vec<ChangeRow>,
     private: Vec<ChangeRow>,
     op_id: Option<String>,
+}
+
+/// The rows an event is written as: [`EventRow`], [`ChangeRow`], [`FlatValue`] and
+/// [`Node`] borrowing the record's strings instead of owning copies. Same fields, same
+/// order, and `Inline` archives a `&String` exactly as a `String`, so the bytes are
+/// those of the owned rows (a test holds them equal) and each string is copied once,
+/// into the archive.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+enum NodeRef<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(#[rkyv(with = rkyv::with::Inline)] &'a String),
+    Bytes(#[rkyv(with = rkyv::with::Inline)] &'a Vec<u8>),
+    List(u32),
+    Map(u32),
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct FlatValueRef<'a> {
+    nodes: Vec<NodeRef<'a>>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct ChangeRowRef<'a> {
+    #[rkyv(with = rkyv::with::Inline)]
+    key: &'a String,
+    value: Option<FlatValueRef<'a>>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct EventRowRef<'a> {
+    #[rkyv(with = rkyv::with::Inline)]
+    user: &'a String,
+    ts_ms: i64,
+    op: FlatValueRef<'a>,
+    public: Vec<ChangeRowRef<'a>>,
+    private: Vec<ChangeRowRef<'a>>,
+    #[rkyv(with = rkyv::with::Map<rkyv::with::Inline>)]
+    op_id: Option<&'a String>,
 }
 
 /// An event row of [`EVENT_VERSION_NO_OP_ID`]; read, never written.
@@ -225,15 +269,31 @@ pub struct StoredMeta {
 
 /// Encodes an event (without its seq, which is the row key) as a versioned row.
 pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
-    let row = EventRow {
-        user: event.user.clone(),
+    let row = EventRowRef {
+        user: &event.user,
         ts_ms: event.ts_ms,
-        op: flatten(&event.op)?,
-        public: change_rows(&event.changes.public)?,
-        private: change_rows(&event.changes.private)?,
-        op_id: event.op_id.clone(),
+        op: flatten_ref(&event.op)?,
+        public: change_rows_ref(&event.changes.public)?,
+        private: change_rows_ref(&event.changes.private)?,
+        op_id: event.op_id.as_ref(),
     };
-    versioned(&row, EVENT_VERSION, MAX_RECORD_BYTES)
+    // Serialized straight behind the version byte: rkyv's positions are relative and
+    // every archived type here has alignment 1 (the `unaligned` format), so the archive
+    // reads the same from `bytes[1..]` as from a buffer of its own, with no copy.
+    let mut bytes = Vec::with_capacity(256);
+    bytes.push(EVENT_VERSION);
+    let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&row, bytes).map_err(|e| {
+        RecordError::Serialize {
+            reason: e.to_string(),
+        }
+    })?;
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_RECORD_BYTES,
+        });
+    }
+    Ok(bytes)
 }
 
 /// Decodes an event row stored under `seq` (of either version).
@@ -527,6 +587,21 @@ where
     })
 }
 
+fn change_rows_ref(
+    changes: &[(String, Option<Value>)],
+) -> Result<Vec<ChangeRowRef<'_>>, RecordError> {
+    changes
+        .iter()
+        .map(|(key, value)| {
+            Ok(ChangeRowRef {
+                key,
+                value: value.as_ref().map(flatten_ref).transpose()?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
 fn change_rows(changes: &[(String, Option<Value>)]) -> Result<Vec<ChangeRow>, RecordError> {
     changes
         .iter()
@@ -553,30 +628,49 @@ fn changes_from_rows(
 /// What the flattening walk visits next: a value at a nesting depth, or a map key.
 enum Pending<'a> {
     Value(&'a Value, usize),
-    Key(&'a str),
+    Key(&'a String),
 }
 
 /// Flattens `value` into pre-order nodes with an explicit stack. Refuses values deeper
 /// than [`MAX_RECORD_DEPTH`] and non-finite floats, which a reader would refuse.
 fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
+    let nodes = flatten_ref(value)?
+        .nodes
+        .into_iter()
+        .map(|node| match node {
+            NodeRef::Null => Node::Null,
+            NodeRef::Bool(b) => Node::Bool(b),
+            NodeRef::Int(n) => Node::Int(n),
+            NodeRef::Float(f) => Node::Float(f),
+            NodeRef::Str(s) => Node::Str(s.clone()),
+            NodeRef::Bytes(b) => Node::Bytes(b.clone()),
+            NodeRef::List(n) => Node::List(n),
+            NodeRef::Map(n) => Node::Map(n),
+        })
+        .collect();
+    Ok(FlatValue { nodes })
+}
+
+/// [`flatten`], borrowing the value's strings.
+fn flatten_ref(value: &Value) -> Result<FlatValueRef<'_>, RecordError> {
     let mut nodes = Vec::new();
     let mut stack = vec![Pending::Value(value, 0)];
     while let Some(next) = stack.pop() {
         let (value, depth) = match next {
             Pending::Key(key) => {
-                nodes.push(Node::Str(key.to_owned()));
+                nodes.push(NodeRef::Str(key));
                 continue;
             }
             Pending::Value(value, depth) => (value, depth),
         };
         let node = match value {
-            Value::Null => Node::Null,
-            Value::Bool(b) => Node::Bool(*b),
-            Value::Int(n) => Node::Int(*n),
-            Value::Float(f) if f.is_finite() => Node::Float(*f),
+            Value::Null => NodeRef::Null,
+            Value::Bool(b) => NodeRef::Bool(*b),
+            Value::Int(n) => NodeRef::Int(*n),
+            Value::Float(f) if f.is_finite() => NodeRef::Float(*f),
             Value::Float(f) => return Err(RecordError::NonFinite { value: *f }),
-            Value::Str(s) => Node::Str(s.clone()),
-            Value::Bytes(b) => Node::Bytes(b.clone()),
+            Value::Str(s) => NodeRef::Str(s),
+            Value::Bytes(b) => NodeRef::Bytes(b),
             Value::List(items) => {
                 if depth + 1 > MAX_RECORD_DEPTH {
                     return Err(RecordError::TooDeep);
@@ -585,7 +679,7 @@ fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
                 for item in items.iter().rev() {
                     stack.push(Pending::Value(item, depth + 1));
                 }
-                Node::List(item_count(items.len())?)
+                NodeRef::List(item_count(items.len())?)
             }
             Value::Map(map) => {
                 if depth + 1 > MAX_RECORD_DEPTH {
@@ -595,12 +689,12 @@ fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
                     stack.push(Pending::Value(item, depth + 1));
                     stack.push(Pending::Key(key));
                 }
-                Node::Map(item_count(map.len())?)
+                NodeRef::Map(item_count(map.len())?)
             }
         };
         nodes.push(node);
     }
-    Ok(FlatValue { nodes })
+    Ok(FlatValueRef { nodes })
 }
 
 fn item_count(len: usize) -> Result<u32, RecordError> {
@@ -794,6 +888,24 @@ mod tests {
         let bytes = encode_event(&without).unwrap();
         assert_eq!(decode_event_op_id(&bytes).unwrap(), None);
         assert_event_eq(&decode_event(7, &bytes).unwrap(), &without);
+    }
+
+    #[test]
+    fn borrowed_event_rows_are_byte_for_byte_the_owned_rows() {
+        let mut original = event(nested_value());
+        for op_id in [Some("w3.17".to_owned()), None] {
+            original.op_id = op_id;
+            let owned = EventRow {
+                user: original.user.clone(),
+                ts_ms: original.ts_ms,
+                op: flatten(&original.op).unwrap(),
+                public: change_rows(&original.changes.public).unwrap(),
+                private: change_rows(&original.changes.private).unwrap(),
+                op_id: original.op_id.clone(),
+            };
+            let expected = versioned(&owned, EVENT_VERSION, MAX_RECORD_BYTES).unwrap();
+            assert_eq!(encode_event(&original).unwrap(), expected);
+        }
     }
 
     #[test]
