@@ -16,9 +16,15 @@
 # spread the same way; the last table sets each run's acked ops/s against that ceiling. The generator shares the 2 cores with the server; loopback only,
 # every case bounded by DURATION plus a drain.
 #
+# The last table checks issue 14's targets (immediate durability, closed loop unless
+# said): 100 rooms at most 8 µs of server CPU per acked op and at least half the 1-room
+# ceiling at 256 rows per commit; 1 room at least 200,000 acked ops/s; 10,000 rooms at
+# least 100,000; open loop at RATE over 100 rooms, ack p99 at most 5 ms. Each row shows
+# the raw redb ceiling of the same run beside it.
+#
 # Environment: DURATION (default 10s), WINDOW (default 256), RATE (default 20000),
-# ROOMS (default "1 100 10000"), ROOMD_BIN (default target/release/roomd),
-# RESULTS_DIR (keep every JSON there).
+# ROOMS (default "1 100 10000"), ENCODING (json or rkyv, default json),
+# ROOMD_BIN (default target/release/roomd), RESULTS_DIR (keep every JSON there).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,6 +34,7 @@ duration=${DURATION:-10s}
 window=${WINDOW:-256}
 rate=${RATE:-20000}
 rooms_list=${ROOMS:-1 100 10000}
+encoding=${ENCODING:-json}
 
 if [[ ! -x $bin ]]; then
   echo "error: $bin is missing; run \`cargo build --release\` first" >&2
@@ -46,7 +53,7 @@ for rooms in $rooms_list; do
       load=(--window "$window")
       [[ $mode == open ]] && load=(--rate "$rate" --window 4096)
       echo "running $name" >&2
-      "$bin" bench ingest --json --writers 8 --rooms "$rooms" "${load[@]}" \
+      "$bin" bench ingest --json --encoding "$encoding" --writers 8 --rooms "$rooms" "${load[@]}" \
         --duration "$duration" --server-arg="--durability=$durability" \
         >"$results/$name.json"
     done
@@ -56,8 +63,8 @@ done
 python3 - "$results" "$rooms_list" "$window" "$rate" <<'PY'
 import json, sys
 results, rooms_list, window, rate = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
-print(f"| rooms | durability | load | acked ops/s | ack p50 / p99 ms | commits/s | events / batches per commit | host load |")
-print("|---|---|---|---|---|---|---|---|")
+print(f"| rooms | durability | load | acked ops/s | ack p50 / p99 ms | server CPU µs per op | commits/s | events / batches per commit | host load |")
+print("|---|---|---|---|---|---|---|---|---|")
 for rooms in rooms_list:
     for durability in ("immediate", "none"):
         for mode in ("closed", "open"):
@@ -66,7 +73,8 @@ for rooms in rooms_list:
             lat = r["ack_latency_ms"]
             load = f"{window} in flight x 8" if mode == "closed" else f"{rate}/s offered"
             print(f"| {rooms} | {durability} | {load} | {r['acked_ops_per_s']:,.0f} "
-                  f"| {lat['p50']} / {lat['p99']} | {r.get('store_commits_per_s', '-')} "
+                  f"| {lat['p50']} / {lat['p99']} | {r.get('server_cpu_s_per_million_ops', '-')} "
+                  f"| {r.get('store_commits_per_s', '-')} "
                   f"| {r.get('events_per_commit', '-')} / {r.get('batches_per_commit', '-')} "
                   f"| {r.get('host_load_1m', '-')} |")
 PY
@@ -120,4 +128,53 @@ for rooms in rooms_list:
         print(f"| {rooms} | {durability} | {acked:,.0f} | {shaped:,.0f} ({events} events over "
               f"{batches} rooms) | {shaped / acked:.2f}x | {plain[durability]:,.0f} "
               f"| {plain[durability] / acked:.2f}x |")
+PY
+
+echo
+python3 - "$results" "$rooms_list" "$rate" <<'PY'
+import json, os, sys
+results, rooms_list, rate = sys.argv[1], sys.argv[2].split(), sys.argv[3]
+with open(f"{results}/ceiling.txt") as f:
+    ceiling = json.loads([l for l in f if l.startswith("{")][-1])
+with open(f"{results}/shapes.json") as f:
+    shapes = json.load(f)
+plain = next(r["appends_per_s"] for r in ceiling["results"]
+             if r["quick_repair"] and r["batch"] == 256 and r["durability"] == "immediate")
+def run(rooms, mode):
+    path = f"{results}/rooms{rooms}-immediate-{mode}.json"
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+def shaped(rooms):
+    events, batches, _ = shapes[f"{rooms}-immediate"]
+    return next(s["appends_per_s"] for s in ceiling["shaped"]
+                if s["durability"] == "immediate" and s["events"] == events
+                and s["room_batches"] == batches and s["rooms"] == int(rooms))
+print("Targets (issue 14; immediate durability):")
+print()
+print("| target | measured | raw redb ceiling in this run | met |")
+print("|---|---|---|---|")
+def row(target, measured, ceiling, met):
+    print(f"| {target} | {measured} | {ceiling} | {'yes' if met else '**no**'} |")
+r = run(100, "closed")
+if r:
+    cpu = r.get("server_cpu_s_per_million_ops")
+    row("100 rooms: server CPU per acked op <= 8 µs", f"{cpu} µs", "-", cpu is not None and cpu <= 8)
+    acked = r["acked_ops_per_s"]
+    row("100 rooms: acked ops/s >= half the 1-room ceiling at 256 rows/commit",
+        f"{acked:,.0f} ({acked / plain:.2f} of it)",
+        f"{plain:,.0f} (shaped like this run: {shaped(100):,.0f})", acked >= plain / 2)
+r = run(1, "closed")
+if r:
+    acked = r["acked_ops_per_s"]
+    row("1 room: acked ops/s >= 200,000", f"{acked:,.0f}", f"{shaped(1):,.0f} (shaped)", acked >= 200_000)
+r = run(10000, "closed")
+if r:
+    acked = r["acked_ops_per_s"]
+    row("10,000 rooms: acked ops/s >= 100,000", f"{acked:,.0f}", f"{shaped(10000):,.0f} (shaped)", acked >= 100_000)
+r = run(100, "open")
+if r:
+    p99 = r["ack_latency_ms"]["p99"]
+    row(f"100 rooms, {int(rate):,} ops/s offered: ack p99 <= 5 ms", f"{p99} ms", "-", p99 <= 5)
 PY
