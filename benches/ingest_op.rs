@@ -99,8 +99,8 @@ fn pieces(c: &mut Criterion) {
             n = (n + 1) % ops.len();
             let seq = room.head + 1;
             let changes = room
-                .state
-                .reduce(black_box(&ops[n]), &ctx(&author, seq), &limits)
+                .kind
+                .reduce(&room.state, black_box(&ops[n]), &ctx(&author, seq), &limits)
                 .expect("a set is accepted");
             let undo = room.state.apply(seq, &changes);
             room.head = seq;
@@ -114,8 +114,8 @@ fn pieces(c: &mut Criterion) {
         .map(|op| {
             let seq = room.head + 1;
             let changes = room
-                .state
-                .reduce(op, &ctx(&author, seq), &limits)
+                .kind
+                .reduce(&room.state, op, &ctx(&author, seq), &limits)
                 .expect("a set is accepted");
             room.head = seq;
             EventRecord {
@@ -158,8 +158,8 @@ fn pieces(c: &mut Criterion) {
             };
             let seq = room.head + 1;
             let changes = room
-                .state
-                .reduce(&op, &ctx(&author, seq), &limits)
+                .kind
+                .reduce(&room.state, &op, &ctx(&author, seq), &limits)
                 .expect("a set is accepted");
             let undo = room.state.apply(seq, &changes);
             room.head = seq;

@@ -1,7 +1,7 @@
 //! The `roomd.v1.json` codec: one JSON object per text frame.
 //!
-//! Decoding goes through `serde_json::Value` and explicit field checks, so every
-//! malformed frame becomes a [`BadFrame`] with a reason and never a panic. Encoding writes
+//! Decoding goes through a light parsed tree (`frame_tree`) and explicit field checks,
+//! so every malformed frame becomes a [`BadFrame`] with a reason and never a panic. Encoding writes
 //! [`ServerMsg`] as the JSON shapes of PROTOCOL.md "Server to client".
 //!
 //! Parsing refuses duplicate object keys, which serde_json would silently resolve to the
@@ -15,16 +15,19 @@ use base64::Engine as _;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Number, Value as Json};
 
+use super::frame_tree::{self, ParsedTree, Tree};
 use super::ids::{epoch_hex, parse_epoch};
 use super::message::{ServerMsg, WireEntry, WireValue};
 use super::{BadFrame, Inbound, Since};
 use crate::value::{Value, MAX_DEPTH};
 
-/// Decodes one client text frame.
+/// Decodes one client text frame. It is parsed into a [`frame_tree`] tree rather than
+/// a `serde_json::Value`: no hash map per object, and the fields and the op's strings
+/// move into the request instead of being copied (this is most of a JSON op's cost).
 pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
-    let frame: Parsed =
+    let frame: ParsedTree =
         serde_json::from_str(text).map_err(|e| BadFrame(format!("not JSON: {e}")))?;
-    let Json::Object(mut obj) = frame.value else {
+    let Tree::Object(mut obj) = frame.tree else {
         return Err(BadFrame("a frame must be a JSON object".into()));
     };
     if let Some(key) = frame.own_duplicate {
@@ -32,13 +35,12 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
     }
     let members = frame.member_duplicates;
     // A value with a repeated key inside is `invalid` (nacked under the op's id); a
-    // repeated key anywhere else in the frame makes the frame unusable. Fields are moved
-    // out of the parsed frame, not copied: an op's strings are allocated once.
-    let value_of = |obj: &mut Map<String, Json>, name: &str| -> Option<Result<Value, String>> {
-        let json = obj.swap_remove(name)?;
+    // repeated key anywhere else in the frame makes the frame unusable.
+    let value_of = |obj: &mut Vec<(String, Tree)>, name: &str| -> Option<Result<Value, String>> {
+        let tree = frame_tree::take(obj, name)?;
         Some(match duplicate_in(&members, name) {
             Some(key) => Err(format!("duplicate key `{key}`")),
-            None => into_value(json, 0),
+            None => frame_tree::into_value(tree, 0),
         })
     };
     if let Some((field, key)) = members
@@ -56,20 +58,20 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
             init: value_of(&mut obj, "init").unwrap_or(Ok(Value::Null)),
         },
         "sub" => Inbound::Sub {
-            room: str_field(&obj, "room")?.to_owned(),
-            presence: match obj.get("presence") {
-                None | Some(Json::Null) => false,
-                Some(Json::Bool(b)) => *b,
+            room: take_str(&mut obj, "room")?,
+            presence: match frame_tree::get(&obj, "presence") {
+                None | Some(Tree::Null) => false,
+                Some(Tree::Bool(b)) => *b,
                 Some(_) => return Err(BadFrame("`presence` must be a boolean".into())),
             },
-            since: match obj.get("since") {
-                None | Some(Json::Null) => None,
-                Some(Json::Object(since)) => Some(decode_since(since)?),
+            since: match frame_tree::get(&obj, "since") {
+                None | Some(Tree::Null) => None,
+                Some(Tree::Object(since)) => Some(decode_since(since)?),
                 Some(_) => return Err(BadFrame("`since` must be an object".into())),
             },
         },
         "unsub" => Inbound::Unsub {
-            room: str_field(&obj, "room")?.to_owned(),
+            room: take_str(&mut obj, "room")?,
         },
         "op" => Inbound::Op {
             id: take_str(&mut obj, "id")?,
@@ -81,7 +83,7 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
             data: value_of(&mut obj, "data").unwrap_or(Ok(Value::Null)),
         },
         "auth" => Inbound::Auth {
-            token: str_field(&obj, "token")?.to_owned(),
+            token: take_str(&mut obj, "token")?,
         },
         other => return Err(BadFrame(format!("unknown message type `{other}`"))),
     };
@@ -122,14 +124,11 @@ fn duplicate_in<'a>(members: &'a [(String, String)], field: &str) -> Option<&'a 
 /// A JSON value as serde_json parses it, and the object keys it repeats. serde_json's
 /// own `Value` keeps the last of a repeated key without a word; this keeps the first and
 /// reports the repetition. Nesting is bounded by serde_json's recursion limit (128).
+/// HTTP bodies only: client frames are parsed by `frame_tree` under the same rules.
 struct Parsed {
     value: Json,
     /// The first key repeated within one object, at any depth.
     duplicate: Option<String>,
-    /// For an object: a key repeated in the object itself.
-    own_duplicate: Option<String>,
-    /// For an object: its members whose values repeat a key, with that key.
-    member_duplicates: Vec<(String, String)>,
 }
 
 impl Parsed {
@@ -137,8 +136,6 @@ impl Parsed {
         Parsed {
             value,
             duplicate: None,
-            own_duplicate: None,
-            member_duplicates: Vec::new(),
         }
     }
 }
@@ -205,11 +202,11 @@ impl<'de> Visitor<'de> for ParsedVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Parsed, A::Error> {
         let mut map = Map::new();
         let mut own_duplicate: Option<String> = None;
-        let mut member_duplicates = Vec::new();
+        let mut member_duplicate: Option<String> = None;
         while let Some(key) = access.next_key::<String>()? {
             let member: Parsed = access.next_value()?;
-            if let Some(inner) = member.duplicate {
-                member_duplicates.push((key.clone(), inner));
+            if member_duplicate.is_none() {
+                member_duplicate = member.duplicate;
             }
             match map.entry(key) {
                 serde_json::map::Entry::Vacant(slot) => {
@@ -220,42 +217,31 @@ impl<'de> Visitor<'de> for ParsedVisitor {
                 }
             }
         }
-        let duplicate = own_duplicate
-            .clone()
-            .or_else(|| member_duplicates.first().map(|(_, key)| key.clone()));
         Ok(Parsed {
             value: Json::Object(map),
-            duplicate,
-            own_duplicate,
-            member_duplicates,
+            duplicate: own_duplicate.or(member_duplicate),
         })
     }
 }
 
-fn str_field<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<&'a str, BadFrame> {
-    match obj.get(name) {
-        Some(Json::String(s)) => Ok(s),
+/// A string field of the frame, moved out of it.
+fn take_str(obj: &mut Vec<(String, Tree)>, name: &str) -> Result<String, BadFrame> {
+    match frame_tree::take(obj, name) {
+        Some(Tree::Str(s)) => Ok(s),
         Some(_) => Err(BadFrame(format!("`{name}` must be a string"))),
         None => Err(BadFrame(format!("missing `{name}`"))),
     }
 }
 
-/// [`str_field`], moving the string out of the object.
-fn take_str(obj: &mut Map<String, Json>, name: &str) -> Result<String, BadFrame> {
-    match obj.swap_remove(name) {
-        Some(Json::String(s)) => Ok(s),
-        Some(_) => Err(BadFrame(format!("`{name}` must be a string"))),
-        None => Err(BadFrame(format!("missing `{name}`"))),
-    }
-}
-
-fn decode_since(since: &Map<String, Json>) -> Result<Since, BadFrame> {
-    let epoch = match since.get("epoch") {
-        Some(Json::String(s)) => parse_epoch(s),
+fn decode_since(since: &[(String, Tree)]) -> Result<Since, BadFrame> {
+    let epoch = match frame_tree::get(since, "epoch") {
+        Some(Tree::Str(s)) => parse_epoch(s),
         _ => return Err(BadFrame("`since.epoch` must be a string".into())),
     };
-    let seq = match since.get("seq") {
-        Some(Json::Number(n)) if n.is_i64() || n.is_u64() => n.as_u64(),
+    // A negative seq names no position (None), as a malformed epoch does.
+    let seq = match frame_tree::get(since, "seq") {
+        Some(Tree::Int(n)) => u64::try_from(*n).ok(),
+        Some(Tree::Big(n)) => Some(*n),
         _ => return Err(BadFrame("`since.seq` must be an integer".into())),
     };
     Ok(Since { epoch, seq })
@@ -263,14 +249,13 @@ fn decode_since(since: &Map<String, Json>) -> Result<Since, BadFrame> {
 
 /// Converts a JSON value to a domain value under the value rules of PROTOCOL.md.
 pub fn to_value(json: &Json) -> Result<Value, String> {
-    into_value(json.clone(), 0)
+    to_value_at(json, 0)
 }
 
-/// [`to_value`] of a value the caller gives up: strings and keys move, not copy.
-fn into_value(json: Json, depth: usize) -> Result<Value, String> {
+fn to_value_at(json: &Json, depth: usize) -> Result<Value, String> {
     Ok(match json {
         Json::Null => Value::Null,
-        Json::Bool(b) => Value::Bool(b),
+        Json::Bool(b) => Value::Bool(*b),
         Json::Number(n) => {
             if let Some(i) = n.as_i64() {
                 Value::Int(i)
@@ -281,15 +266,15 @@ fn into_value(json: Json, depth: usize) -> Result<Value, String> {
                 Value::Float(n.as_f64().ok_or("number is not representable")?)
             }
         }
-        Json::String(s) => Value::Str(s),
+        Json::String(s) => Value::Str(s.clone()),
         Json::Array(items) => {
             if depth >= MAX_DEPTH {
                 return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
             }
             Value::List(
                 items
-                    .into_iter()
-                    .map(|item| into_value(item, depth + 1))
+                    .iter()
+                    .map(|item| to_value_at(item, depth + 1))
                     .collect::<Result<_, _>>()?,
             )
         }
@@ -304,8 +289,8 @@ fn into_value(json: Json, depth: usize) -> Result<Value, String> {
                 return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
             }
             Value::Map(
-                obj.into_iter()
-                    .map(|(k, v)| Ok((k, into_value(v, depth + 1)?)))
+                obj.iter()
+                    .map(|(k, v)| Ok((k.clone(), to_value_at(v, depth + 1)?)))
                     .collect::<Result<_, String>>()?,
             )
         }
@@ -495,6 +480,38 @@ mod tests {
         // The same key in two different objects is no repetition.
         let frame = r#"{"t":"op","id":"c1","room":"r","op":{"a":{"k":1},"b":{"k":2}}}"#;
         assert!(matches!(decode(frame), Ok(Inbound::Op { op: Ok(_), .. })));
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_in_objects_past_the_linear_search() {
+        let keys: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let op = format!(r#"{{{},"k5":0}}"#, keys.join(","));
+        let frame = format!(r#"{{"t":"op","id":"c1","room":"r","op":{op}}}"#);
+        match decode(&frame) {
+            Ok(Inbound::Op { op: Err(why), .. }) => assert_eq!(why, "duplicate key `k5`"),
+            other => panic!("expected an invalid op, got {other:?}"),
+        }
+        let frame = format!(
+            r#"{{"t":"op","id":"c1","room":"r",{},"k39":1}}"#,
+            keys.join(",")
+        );
+        let err = decode(&frame).expect_err("a repeated key in the frame");
+        assert_eq!(err.0, "duplicate key `k39`");
+        // Without the repetition the 40 keys are a valid op, the first of each kept.
+        let frame = format!(
+            r#"{{"t":"op","id":"c1","room":"r","op":{{{}}}}}"#,
+            keys.join(",")
+        );
+        match decode(&frame) {
+            Ok(Inbound::Op {
+                op: Ok(Value::Map(map)),
+                ..
+            }) => {
+                assert_eq!(map.len(), 40);
+                assert_eq!(map.get("k39"), Some(&Value::Int(39)));
+            }
+            other => panic!("expected a valid op, got {other:?}"),
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod binary;
 pub mod codes;
 pub mod fixtures;
+mod frame_tree;
 pub mod ids;
 pub mod json;
 pub mod message;
