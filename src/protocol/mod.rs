@@ -1,7 +1,8 @@
 //! The wire boundary: every byte a client sends or receives is defined here.
 //!
 //! `message` holds the published message types (the rkyv schema client authors build
-//! against), `json` and `binary` are the two codecs of PROTOCOL.md, `codes` maps outcomes
+//! against), `json` and `binary` are the two codecs of PROTOCOL.md (`frame_tree` is the
+//! parsed form of a JSON client frame), `codes` maps outcomes
 //! to nack/error codes and close codes in one place, and `ids` checks room ids and
 //! formats epochs. Nothing outside this module serializes a wire message; the rest of the
 //! server talks in [`Inbound`] requests and [`message::ServerMsg`] replies.
