@@ -21,7 +21,7 @@ use super::message::{ServerMsg, WireEntry, WireValue};
 use super::{BadFrame, Inbound, Since};
 use crate::value::{Value, MAX_DEPTH};
 
-/// Decodes one client text frame. It is parsed into a [`frame_tree`] tree rather than
+/// Decodes one client text frame. It is parsed into a `frame_tree` tree rather than
 /// a `serde_json::Value`: no hash map per object, and the fields and the op's strings
 /// move into the request instead of being copied (this is most of a JSON op's cost).
 pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
