@@ -18,7 +18,8 @@ use crate::kind::{KindError, Kinds, RoomKind};
 /// `roomd` with no arguments serves on 127.0.0.1:8080 with its data in ./data (auth off,
 /// loopback only). `roomd serve [FLAGS]` is the full form; the flags below work with or
 /// without `serve`. Every flag can also come from the ROOMD_* environment variable named
-/// next to it; a flag on the command line wins.
+/// next to it, or from the --config TOML file; a flag on the command line wins over the
+/// environment, which wins over the file.
 #[derive(Parser)]
 #[command(
     name = "roomd",
@@ -202,8 +203,10 @@ fn init_logging(args: &ServeArgs) -> Result<(), RunError> {
     // actix-http logs every request it could not parse at ERROR; those go to a
     // once-a-minute summary instead (see `crate::peer_errors`).
     let output = match args.log_format {
+        // Colours only on a terminal: the journal and log files get plain text.
         crate::config::LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
         crate::config::LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

@@ -453,7 +453,7 @@ impl Actor for Session {
         tracing::info!(
             session = self.session.session_id,
             user = %self.session.user,
-            peer = ?self.peer,
+            peer = %LogPeer(self.peer),
             encoding = ?self.session.encoding,
             "connection open"
         );
@@ -490,7 +490,7 @@ impl Actor for Session {
         tracing::info!(
             session = self.session.session_id,
             user = %self.session.user,
-            peer = ?self.peer,
+            peer = %LogPeer(self.peer),
             close_code = sent.close_code.map_or(-1, i32::from),
             duration_ms = self.opened.elapsed().as_millis() as u64,
             frames_in = self.frames_in,
@@ -568,6 +568,19 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             return self.close(ctx, close::TOO_LARGE, violation.to_string());
         }
         ctx.stop();
+    }
+}
+
+/// The client's address in a log line: the IP alone (`203.0.113.7`), or `unknown` when
+/// the connection had no socket address.
+struct LogPeer(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for LogPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("unknown"),
+        }
     }
 }
 

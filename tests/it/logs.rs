@@ -65,7 +65,7 @@ async fn each_connection_logs_open_and_close_in_json_without_secrets() {
     };
     let fields = &closed["fields"];
     assert_eq!(fields["user"], "alice", "{closed}");
-    assert_eq!(fields["peer"], "Some(127.0.0.1)", "{closed}");
+    assert_eq!(fields["peer"], "127.0.0.1", "{closed}");
     assert_eq!(fields["close_code"], 1000, "{closed}");
     assert!(fields["duration_ms"].as_u64().is_some(), "{closed}");
     assert!(fields["frames_in"].as_u64().unwrap_or(0) >= 2, "{closed}");
@@ -83,4 +83,31 @@ async fn each_connection_logs_open_and_close_in_json_without_secrets() {
         !log.contains("very-secret-api-key"),
         "the API key was logged"
     );
+}
+
+#[tokio::test]
+async fn the_logged_peer_is_the_client_named_by_a_trusted_proxy_and_text_has_no_colours() {
+    let server = Server::start(&["--trusted-proxies", "127.0.0.1"]).await;
+    let alice = Connect::new()
+        .user("alice")
+        .header("X-Forwarded-For", "203.0.113.7")
+        .connect(&server)
+        .await;
+    alice.close().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = server.stderr_tail();
+        let closed = log.lines().find(|line| line.contains("connection closed"));
+        if let Some(line) = closed {
+            assert!(line.contains("peer=203.0.113.7"), "{line}");
+            // stderr is a pipe here, as under systemd: no terminal colour codes.
+            assert!(!log.contains('\u{1b}'), "colour codes in:\n{log}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `connection closed` line:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
