@@ -6,9 +6,10 @@
 //! sessions; replies come back on a oneshot. Errors are `{"code","msg"}` with the status
 //! mapped in `protocol::codes`. The admin endpoints go through [`require_admin`]. What
 //! every request passes first (connection cap, Host, Origin, body type and deadline) is
-//! [`guard`]; the bound on reads is [`reads`]; the per-IP connection count is [`conns`].
+//! [`guard`]; a read's streamed reply is [`reads`]. The per-IP connection count and the
+//! rate and turns of reads are `admission`'s ([`crate::admission::http_conns`],
+//! [`crate::admission::read_gate`]), below `shared`, which holds them.
 
-pub mod conns;
 pub mod guard;
 pub mod reads;
 
@@ -18,6 +19,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
+use crate::admission::read_gate::Turn;
 use crate::auth::{AuthError, Identity, Permission};
 use crate::kind::KindRef;
 use crate::outbound::{ConnSocket, KillSwitch};
@@ -28,7 +30,7 @@ use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
 use crate::room::RoomError;
 use crate::shared::Shared;
 use crate::store::{EventsPage, Store};
-use reads::{object_head, StreamedJson, Turn};
+use reads::{object_head, StreamedJson};
 
 /// Registers the routes on an actix-web service config.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -290,7 +292,7 @@ async fn read_turn(req: &HttpRequest, shared: &Shared) -> Result<Turn, ApiError>
         .reads
         .charge(crate::proxy::client_ip(req, &shared.config.trusted_proxies))?;
     let kill = KillSwitch::new(req.conn_data::<ConnSocket>().copied());
-    shared.reads.turn(kill).await
+    Ok(shared.reads.turn(kill).await?)
 }
 
 /// A room's state as a streamed `{"room","kind","epoch","seq","entries"}` reply.

@@ -17,7 +17,9 @@
 //! # Codemap
 //!
 //! Top-level modules from the top of the stack to the bottom. A module uses only modules
-//! listed below it (Architecture invariant: the import graph has no upward edge).
+//! listed below it, in the order they are first named here, one line's included
+//! (Architecture invariant: the import graph has no upward edge; `.ci/import_graph.py`
+//! checks it from the `crate::` paths and prints the graph with `--list`).
 //! With `default-features = false, features = ["client"]` only [`client`],
 //! [`protocol`], [`kind`] and [`value`] are built: no actix, no redb.
 //!
@@ -33,15 +35,17 @@
 //! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`]);
 //!   [`http::guard`]: what every request passes first (per-IP connection cap, Host and
 //!   Origin rules, JSON bodies, body deadline) and the `{"code","msg"}` shape of every
-//!   error; [`http::reads`]: the rate, turns and streaming that bound reads.
+//!   error; [`http::reads`]: a read's streamed reply.
 //!   [`session`]: the Session actor, the upgrade and the frame guard in front of
 //!   actix-ws.
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
 //!   [`auth`]: who a caller is (JWT with a secret, a PEM key or a JWKS; the API key;
 //!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the
-//!   Origin rule; [`admission`]: the connection caps (4429); [`proxy`]: the client's
-//!   address through `--trusted-proxies`.
+//!   Origin rule; [`admission`]: what is let in and how much at once: the WebSocket
+//!   caps (4429), [`admission::http_conns`] (open HTTP connections per IP) and
+//!   [`admission::read_gate`] (the rate and turns of room reads); [`proxy`]: the
+//!   client's address through `--trusted-proxies`.
 //! - [`tls`]: the server's certificate (`--tls-cert`, `--tls-key`): loading and checking
 //!   it, and the rustls resolver that swaps it on SIGHUP under open connections.
 //! - [`room`]: the Room actor, its batches, presence and the registry;

@@ -127,8 +127,8 @@ pub async fn run_with_kinds(
             handshakes_total: config.handshakes_total,
             handshakes_per_ip: config.handshakes_per_ip,
         }),
-        http_conns: crate::http::conns::HttpConns::new(config.max_http_conns_per_ip),
-        reads: crate::http::reads::ReadGate::new(
+        http_conns: crate::admission::http_conns::HttpConns::new(config.max_http_conns_per_ip),
+        reads: crate::admission::read_gate::ReadGate::new(
             config.read_rate,
             config.max_reads_in_flight,
             config.reply_timeout,
@@ -164,7 +164,7 @@ pub async fn run_with_kinds(
     })
     .on_connect(move |conn, data| {
         // Remember the socket so a session can cut a client that never reads, and
-        // count the connection against its address's cap (`http::conns`).
+        // count the connection against its address's cap (`admission::http_conns`).
         // Under TLS the TCP stream is inside the TLS one.
         let tcp = conn.downcast_ref::<actix_rt::net::TcpStream>().or_else(|| {
             conn.downcast_ref::<TlsStream<actix_rt::net::TcpStream>>()
@@ -189,7 +189,7 @@ pub async fn run_with_kinds(
                     // Over its address's cap: answered if it asks at once, else cut.
                     let requested = slot.requested();
                     actix_rt::spawn(async move {
-                        tokio::time::sleep(crate::http::conns::REFUSED_GRACE).await;
+                        tokio::time::sleep(crate::admission::http_conns::REFUSED_GRACE).await;
                         if !requested.get() {
                             crate::outbound::KillSwitch::new(Some(socket)).kill();
                         }

@@ -41,9 +41,9 @@ pub struct Shared {
     /// The connection caps (total and per client IP).
     pub admission: Arc<crate::admission::Admission>,
     /// Open HTTP connections per client IP; slots are taken in `server`'s `on_connect`.
-    pub http_conns: Arc<crate::http::conns::HttpConns>,
+    pub http_conns: Arc<crate::admission::http_conns::HttpConns>,
     /// The rate and turns of HTTP room reads.
-    pub reads: crate::http::reads::ReadGate,
+    pub reads: crate::admission::read_gate::ReadGate,
 }
 
 /// What the server keeps of an open WebSocket connection.

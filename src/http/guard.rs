@@ -1,8 +1,8 @@
 //! What every HTTP request passes before a handler sees it, and what every error reply
 //! looks like after.
 //!
-//! In order: the connection's place in the per-IP cap ([`super::conns`]; over it:
-//! 429 and close), the Host allow-list (against DNS rebinding on a loopback bind; 403),
+//! In order: the connection's place in the per-IP cap
+//! ([`crate::admission::http_conns`]; over it: 429 and close), the Host allow-list (against DNS rebinding on a loopback bind; 403),
 //! the Origin rule on writes (the upgrade's rule, `auth::origin_allowed`; 403), JSON as
 //! the only body type (415), and a deadline on the body (`--body-timeout`; 408 and
 //! close). After the handler, an error reply that is not already the contract's
@@ -27,7 +27,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::json;
 
-use super::conns::ConnSlot;
+use crate::admission::http_conns::ConnSlot;
 use crate::auth::origin_allowed;
 use crate::protocol::codes::Code;
 use crate::shared::Shared;

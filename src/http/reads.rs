@@ -1,128 +1,35 @@
-//! The cost bound of HTTP room reads (`GET /api/rooms/{room}`, `?at=`, `/events`).
+//! Streamed replies of HTTP room reads, and the contract codes of a refused read.
 //!
-//! A read holds a copy of what it sends: the room's committed entries, a state rebuilt
-//! from the log, or a page of events, up to a room's 64 MiB. Three things bound it:
-//! - a rate per client IP (`--read-rate`, burst twice that; over it, 429);
-//! - turns: at most `--max-reads-in-flight` reads are built and sent at once; the
-//!   others wait up to [`TURN_WAIT`] for a turn, then get 503 `unavailable`. A turn
-//!   lasts until the reply is sent (or the client goes), and a reply not sent within
-//!   `--reply-timeout` has its connection cut, so a client that does not read cannot
-//!   keep a turn;
-//! - the reply is streamed: items are serialized 64 KiB at a time as the client takes
-//!   them, and each item's copy is freed once written, so a read never holds a second
-//!   full copy as JSON text (it took ~100-125 MB per 64 MiB room before).
+//! A read holds a copy of what it sends, up to a room's 64 MiB; the rate and turns that
+//! bound how many are built at once are [`crate::admission::read_gate`]'s. The reply is
+//! streamed: items are serialized 64 KiB at a time as the client takes them, and each
+//! item's copy is freed once written, so a read never holds a second full copy as JSON
+//! text (it took ~100-125 MB per 64 MiB room before). The reply holds its read's
+//! [`Turn`] until its last chunk.
 
-use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::Value as Json;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::ApiError;
-use crate::outbound::KillSwitch;
+use crate::admission::read_gate::{ReadRefused, Turn};
 use crate::protocol::codes::Code;
 
-/// How long a read waits for a turn before it is answered 503.
-pub const TURN_WAIT: Duration = Duration::from_secs(10);
+impl From<ReadRefused> for ApiError {
+    fn from(refused: ReadRefused) -> ApiError {
+        let code = match refused {
+            ReadRefused::RateLimited { .. } => Code::RateLimited,
+            ReadRefused::Busy { .. } => Code::Unavailable,
+        };
+        ApiError::new(code, refused.to_string())
+    }
+}
 
 /// Bytes serialized per chunk of a streamed reply.
 const CHUNK_BYTES: usize = 64 * 1024;
-
-/// The rate and the turns of reads, shared by every worker.
-pub struct ReadGate {
-    /// Keyed by client IP; pruned with the other limiters (`server.rs`), so the map is
-    /// bounded by the addresses seen within about one burst.
-    per_ip: DefaultKeyedRateLimiter<IpAddr>,
-    rate: u32,
-    turns: Arc<Semaphore>,
-    max_turns: usize,
-    reply_timeout: Duration,
-}
-
-impl ReadGate {
-    pub fn new(rate: u32, max_in_flight: usize, reply_timeout: Duration) -> ReadGate {
-        let per_second = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
-        let burst = per_second.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        ReadGate {
-            per_ip: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
-            rate,
-            turns: Arc::new(Semaphore::new(max_in_flight.max(1))),
-            max_turns: max_in_flight.max(1),
-            reply_timeout,
-        }
-    }
-
-    /// Charges one read to `ip` (None: address unknown, not limited).
-    pub fn charge(&self, ip: Option<IpAddr>) -> Result<(), ApiError> {
-        match ip {
-            Some(ip) if self.per_ip.check_key(&ip).is_err() => Err(ApiError::new(
-                Code::RateLimited,
-                format!(
-                    "too many reads from this address: {} per second (--read-rate)",
-                    self.rate
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits for a turn to build and send one reply; `kill` cuts the connection if the
-    /// reply is not sent within the reply timeout.
-    pub async fn turn(&self, kill: KillSwitch) -> Result<Turn, ApiError> {
-        let permit = tokio::time::timeout(TURN_WAIT, self.turns.clone().acquire_owned()).await;
-        let permit = match permit {
-            Ok(Ok(permit)) => permit,
-            // The semaphore is never closed; a closed one would mean shutdown.
-            Ok(Err(_)) | Err(_) => {
-                return Err(ApiError::new(
-                    Code::Unavailable,
-                    format!(
-                        "{} reads are being sent (--max-reads-in-flight) and none finished \
-                         within {} s; retry",
-                        self.max_turns,
-                        TURN_WAIT.as_secs()
-                    ),
-                ))
-            }
-        };
-        let (done, finished) = oneshot::channel::<()>();
-        let timeout = self.reply_timeout;
-        tokio::spawn(async move {
-            tokio::select! {
-                // The turn ended (its sender dropped): nothing to do.
-                _ = finished => {}
-                _ = tokio::time::sleep(timeout) => {
-                    tracing::info!(?timeout, "a read's reply was not taken in time; disconnecting");
-                    kill.kill();
-                }
-            }
-        });
-        Ok(Turn {
-            _permit: permit,
-            _done: done,
-        })
-    }
-
-    /// Forgets the rate buckets of addresses quiet long enough to refill them.
-    pub fn prune(&self) {
-        self.per_ip.retain_recent();
-        self.per_ip.shrink_to_fit();
-    }
-}
-
-/// One read's turn: held by its reply until the last byte is handed to actix or the
-/// reply is dropped; dropping it frees the turn and stops the reply timer.
-pub struct Turn {
-    _permit: OwnedSemaphorePermit,
-    _done: oneshot::Sender<()>,
-}
 
 /// A JSON object whose one list is streamed: `head` (the object up to the list's `[`),
 /// the items comma-separated, then `]}`.
@@ -192,8 +99,11 @@ impl Stream for StreamedJson {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::read_gate::ReadGate;
+    use crate::outbound::KillSwitch;
     use futures_util::StreamExt;
     use serde_json::json;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_streamed_reply_is_one_json_object_and_frees_its_turn() {
@@ -226,18 +136,5 @@ mod tests {
     fn an_empty_list_is_still_an_object() {
         let head = object_head(&serde_json::Map::new(), "entries");
         assert_eq!(head, r#"{"entries":["#);
-    }
-
-    #[test]
-    fn reads_over_the_burst_are_refused() {
-        let gate = ReadGate::new(1, 1, Duration::from_secs(60));
-        let ip: IpAddr = "127.0.0.1".parse().expect("literal");
-        assert!(gate.charge(Some(ip)).is_ok());
-        assert!(gate.charge(Some(ip)).is_ok());
-        assert!(gate.charge(Some(ip)).is_err());
-        assert!(
-            gate.charge(None).is_ok(),
-            "an unknown address is not limited"
-        );
     }
 }

@@ -79,7 +79,7 @@ async fn upgrade(
         actix_ws::handle_with_protocols(req, payload, &protocols)?;
     // From here the connection is a WebSocket: the WebSocket caps count it, not the
     // HTTP connection cap it was held to while it was a request.
-    if let Some(slot) = req.conn_data::<crate::http::conns::ConnSlot>() {
+    if let Some(slot) = req.conn_data::<crate::admission::http_conns::ConnSlot>() {
         slot.release();
     }
     // Frames go out through our byte-bounded queue and body, not actix-ws's session

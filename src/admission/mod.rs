@@ -8,6 +8,14 @@
 //! every attempt takes a token, refused ones too. Over a cap or a rate, the upgrade is
 //! answered on the socket with close 4429 (PROTOCOL.md "Close codes"), like a bad token,
 //! so clients see the documented code.
+//!
+//! The HTTP side's admission lives beside it: [`http_conns`], the per-IP cap on open
+//! HTTP connections, and [`read_gate`], the rate and turns of room reads. They sit here,
+//! below `shared` (which holds them) and `http` (which applies them), so no module
+//! imports one above it.
+
+pub mod http_conns;
+pub mod read_gate;
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;

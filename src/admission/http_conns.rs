@@ -3,13 +3,13 @@
 //! Every accepted TCP connection takes a [`ConnSlot`] when actix hands it over
 //! (`server.rs`, `on_connect`), and keeps it in the connection's data for its whole
 //! life; dropping the connection gives the slot back. A connection over the cap still
-//! gets a slot, marked refused: [`super::guard`] answers its requests 429 and closes it
+//! gets a slot, marked refused: `http::guard` answers its requests 429 and closes it
 //! (apart from health checks and upgrades), so the client learns why instead of seeing
 //! a silent reset. A refused connection that sends no request within [`REFUSED_GRACE`]
 //! is cut, so a flood of idle connections from one address holds at most a second's
 //! worth of descriptors. A WebSocket starts as an HTTP request and then lives for hours: the
 //! upgrade releases its slot ([`ConnSlot::release`]) and the WebSocket caps
-//! (`session::admission`) count it from then on.
+//! ([`super::Admission`]) count it from then on.
 
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
