@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use super::Slot;
 use crate::value::Value;
 
 /// The private-fact prefix under which an entry's audience is recorded. Private keys
@@ -23,15 +24,19 @@ pub const AUDIENCE_PREFIX: &str = "\u{0}audience/";
 #[derive(Debug, Clone)]
 pub struct Audience {
     users: Box<[String]>,
-    /// Set when the write that gave the entry this audience took it from someone who
-    /// could see the version before (or when that is unknown, after a rebuild from a
-    /// snapshot). Such a viewer must learn that the entry went away, which a `resumed`
-    /// cannot say without the history, so a resume over it becomes a snapshot.
-    pub(super) narrowed: bool,
+    /// The seq of the last write that took the entry from someone who could see the
+    /// version before it (0: never). Later writes that only keep or widen the audience
+    /// carry it over, so it stays put while the entry is rewritten for the same users.
+    /// A viewer outside the audience that resumes from before it may hold the entry
+    /// and must learn it went away, which a `resumed` cannot say without the history,
+    /// so that resume becomes a snapshot. After a rebuild from a snapshot the history
+    /// is unknown and it is the entry's ver, an upper bound: the narrowing was a write
+    /// no later than the last one.
+    pub(super) narrowed_at: u64,
 }
 
 impl PartialEq for Audience {
-    /// Two audiences are equal when they hold the same users; `narrowed` is bookkeeping
+    /// Two audiences are equal when they hold the same users; `narrowed_at` is bookkeeping
     /// of how the room got there, not part of the state.
     fn eq(&self, other: &Audience) -> bool {
         self.users == other.users
@@ -46,7 +51,7 @@ impl Audience {
         users.dedup();
         Audience {
             users: users.into_boxed_slice(),
-            narrowed: false,
+            narrowed_at: 0,
         }
     }
 
@@ -56,9 +61,10 @@ impl Audience {
             .is_ok()
     }
 
-    /// See the field: a resume over this entry by someone outside it needs a snapshot.
-    pub fn narrowed(&self) -> bool {
-        self.narrowed
+    /// Whether the entry was taken from someone after `since` (see the field): a resume
+    /// from `since` over this entry by someone outside the audience needs a snapshot.
+    pub fn narrowed_after(&self, since: u64) -> bool {
+        self.narrowed_at > since
     }
 
     pub fn users(&self) -> &[String] {
@@ -99,11 +105,30 @@ pub fn fact_key(key: &str) -> String {
 }
 
 /// Whether a write that replaces `before` with `after` takes the entry away from
-/// someone who could see `before` (see [`Audience::narrowed`]).
+/// someone who could see `before` (see [`Audience::narrowed_after`]).
 pub(super) fn narrows(before: &Visibility, after: &Audience) -> bool {
     match before {
         None => true,
         Some(before) => !before.is_subset_of(after),
+    }
+}
+
+/// The `narrowed_at` of an entry written at `seq` with audience `after` over the slot
+/// `before` (None: the key did not exist, so nobody held it). When the write takes the
+/// entry from someone it is `seq`, or, over a tombstone, the deletion's seq: who saw the
+/// deletion holds nothing, so only a resume from before it can hold the entry. Else the
+/// last narrowing's seq, carried over.
+pub(super) fn narrowed_at(before: Option<&Slot>, after: &Audience, seq: u64) -> u64 {
+    match before {
+        None => 0,
+        Some(before) if narrows(&before.audience, after) => match before.value {
+            Some(_) => seq,
+            None => before.ver,
+        },
+        Some(before) => before
+            .audience
+            .as_ref()
+            .map_or(0, |audience| audience.narrowed_at),
     }
 }
 
@@ -117,7 +142,7 @@ mod tests {
         assert_eq!(a.users(), ["alice", "bob"]);
         assert!(a.contains("alice") && !a.contains("carol"));
         let mut b = Audience::new(["alice", "bob"]);
-        b.narrowed = true;
+        b.narrowed_at = 7;
         assert_eq!(a, b);
         assert_eq!(Audience::from_value(&a.to_value()), a);
         assert!(Audience::from_value(&Value::Int(3)).users().is_empty());
@@ -131,5 +156,32 @@ mod tests {
         let both = Audience::new(["alice", "bob"]);
         assert!(!narrows(&Some(Arc::new(alice.clone())), &both));
         assert!(narrows(&Some(Arc::new(both)), &alice));
+    }
+
+    #[test]
+    fn the_last_narrowing_is_carried_over_by_writes_that_do_not_narrow() {
+        let alice = Audience::new(["alice"]);
+        let public = Slot::new(Some(Value::Int(1)), 3);
+        assert_eq!(narrowed_at(None, &alice, 4), 0, "a new key was nobody's");
+        assert_eq!(
+            narrowed_at(Some(&public), &alice, 4),
+            4,
+            "public, then hidden"
+        );
+        let deleted = Slot::new(None, 3);
+        assert_eq!(
+            narrowed_at(Some(&deleted), &alice, 4),
+            3,
+            "a public tombstone: only who held the entry before its deletion lost it"
+        );
+        let mut narrowed = alice.clone();
+        narrowed.narrowed_at = 4;
+        let mut before = Slot::new(Some(Value::Int(2)), 4);
+        before.audience = Some(Arc::new(narrowed));
+        assert_eq!(narrowed_at(Some(&before), &alice, 9), 4, "the same users");
+        let both = Audience::new(["alice", "bob"]);
+        assert_eq!(narrowed_at(Some(&before), &both, 9), 4, "widened");
+        let bob = Audience::new(["bob"]);
+        assert_eq!(narrowed_at(Some(&before), &bob, 9), 9, "alice lost it");
     }
 }

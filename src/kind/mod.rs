@@ -290,9 +290,7 @@ impl RoomState {
                 let audience = match recorded {
                     Some((_, Some(fact))) => {
                         let mut audience = Audience::from_value(fact);
-                        audience.narrowed =
-                            audience::narrows(&before.and_then(|s| s.audience.clone()), &audience)
-                                && before.is_some();
+                        audience.narrowed_at = audience::narrowed_at(before, &audience, seq);
                         Some(Arc::new(audience))
                     }
                     Some((_, None)) => None,
@@ -458,11 +456,11 @@ impl RoomState {
         let mut state = RoomState::new();
         state.private = private.into_iter().collect();
         for (key, mut slot) in public {
-            // The audience comes from its recorded fact. How the entry got it is not
-            // recorded, so it counts as narrowed (see `Audience::narrowed`).
+            // The audience comes from its recorded fact. When it last narrowed is not
+            // recorded: the slot's ver bounds it (see `Audience::narrowed_after`).
             slot.audience = state.private.get(&audience::fact_key(&key)).map(|fact| {
                 let mut audience = Audience::from_value(fact);
-                audience.narrowed = true;
+                audience.narrowed_at = slot.ver;
                 Arc::new(audience)
             });
             state.put_public(&key, Some(slot));
