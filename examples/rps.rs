@@ -144,9 +144,10 @@ impl RoomKind for Rps {
                         winner.map_or(Value::Null, |w| Value::Str(w.to_owned())),
                     ),
                 ]);
+                // The mover's own move was never written (it goes straight into
+                // `last`); deleting it would leave a tombstone everyone sees.
                 let mut changes = Changes::default()
                     .put("last", last)
-                    .delete(Rps::move_key(ctx.user))
                     .delete(Rps::move_key(other))
                     .put("round", Value::Int(round.saturating_add(1)));
                 if let Some(winner) = winner {

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::admission::read_gate::Turn;
 use crate::auth::{AuthError, Identity, Permission};
+use crate::kind::audience::{event_view, EventView};
 use crate::kind::KindRef;
 use crate::outbound::{ConnSocket, KillSwitch};
 use crate::protocol::codes::Code;
@@ -577,12 +578,31 @@ async fn read_events(
             Some(None) => true,
             Some(Some(kind)) => kind.private_op(&event.op),
         };
-        // An event that touched entries hidden from the caller shows only that it
-        // happened: no author, no op, nothing of what it changed. Admins too (with auth
-        // off every caller is one): hidden entries follow the user id on every read
-        // path; `roomd log` shows the whole log.
-        if touches_hidden(&event.changes, &viewer) {
-            return json!({ "seq": event.seq, "ts": event.ts_ms, "hidden": true });
+        // An event that touched entries hidden from the caller shows neither its author
+        // nor its op (either may tell what the hidden entries hold): only the changes
+        // the caller may see, or, when it may see none, only that the event happened.
+        // Admins too (with auth off every caller is one): hidden entries follow the
+        // user id on every read path; `roomd log` shows the whole log.
+        match event_view(&event.changes, &viewer) {
+            EventView::Whole => {}
+            EventView::Hidden => {
+                return json!({ "seq": event.seq, "ts": event.ts_ms, "hidden": true });
+            }
+            EventView::Partly(seen) => {
+                // Entries as in `snapshot` and `diff` (`protocol::json::entry_json`).
+                let changes: Vec<Json> = seen
+                    .into_iter()
+                    .map(|(key, value)| match value {
+                        Some(value) => json!({
+                            "k": key,
+                            "v": crate::protocol::json::from_value(value),
+                            "ver": event.seq,
+                        }),
+                        None => json!({ "k": key, "ver": event.seq, "del": true }),
+                    })
+                    .collect();
+                return json!({ "seq": event.seq, "ts": event.ts_ms, "changes": changes });
+            }
         }
         if private {
             json!({ "seq": event.seq, "ts": event.ts_ms, "op": { "type": op_type } })
@@ -602,17 +622,6 @@ async fn read_events(
             Box::new(events),
             turn,
         )))
-}
-
-/// True when `changes` wrote or deleted an entry whose recorded audience leaves `viewer`
-/// out (the room records the audience of every hidden entry an event touches).
-fn touches_hidden(changes: &crate::kind::Changes, viewer: &str) -> bool {
-    changes.private.iter().any(|(key, fact)| {
-        key.starts_with(crate::kind::audience::AUDIENCE_PREFIX)
-            && fact
-                .as_ref()
-                .is_some_and(|fact| !crate::kind::Audience::from_value(fact).contains(viewer))
-    })
 }
 
 /// The room's kind, from its creation event when the page holds it, else from the room;

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use super::Slot;
+use super::{Changes, Slot};
 use crate::value::Value;
 
 /// The private-fact prefix under which an entry's audience is recorded. Private keys
@@ -132,6 +132,56 @@ pub(super) fn narrowed_at(before: Option<&Slot>, after: &Audience, seq: u64) -> 
     }
 }
 
+/// What a viewer may see of one recorded event (`GET /events`).
+#[derive(Debug, PartialEq)]
+pub enum EventView<'a> {
+    /// The event touched no entry hidden from the viewer: it is shown whole.
+    Whole,
+    /// It touched entries hidden from the viewer and these others: the viewer sees
+    /// these changes (key and value, `None` for a deletion) and nothing else of it.
+    Partly(Vec<(&'a str, Option<&'a Value>)>),
+    /// Every entry it touched is hidden from the viewer: only that it happened shows.
+    Hidden,
+}
+
+/// What `viewer` may see of an event that made `changes`. An entry's audience in the
+/// event is its recorded fact (the room records one for every hidden entry an event
+/// writes or deletes, see `RoomState::complete_audiences`); an entry without one is
+/// everyone's.
+pub fn event_view<'a>(changes: &'a Changes, viewer: &str) -> EventView<'a> {
+    let hidden_from_viewer = |key: &str| {
+        let fact = fact_key(key);
+        changes.private.iter().any(|(k, recorded)| {
+            *k == fact
+                && recorded
+                    .as_ref()
+                    .is_some_and(|audience| !Audience::from_value(audience).contains(viewer))
+        })
+    };
+    // Most events record no audience: one pass over the private facts settles them.
+    let records_audiences = changes
+        .private
+        .iter()
+        .any(|(key, recorded)| key.starts_with(AUDIENCE_PREFIX) && recorded.is_some());
+    if !records_audiences {
+        return EventView::Whole;
+    }
+    let mut seen = Vec::with_capacity(changes.public.len());
+    let mut hidden = false;
+    for (key, value) in &changes.public {
+        if hidden_from_viewer(key) {
+            hidden = true;
+        } else {
+            seen.push((key.as_str(), value.as_ref()));
+        }
+    }
+    match (hidden, seen.is_empty()) {
+        (false, _) => EventView::Whole,
+        (true, true) => EventView::Hidden,
+        (true, false) => EventView::Partly(seen),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +206,53 @@ mod tests {
         let both = Audience::new(["alice", "bob"]);
         assert!(!narrows(&Some(Arc::new(alice.clone())), &both));
         assert!(narrows(&Some(Arc::new(both)), &alice));
+    }
+
+    /// The event that ends an rps round: both hidden moves deleted, `last` and
+    /// `round` for everyone.
+    fn round_end() -> Changes {
+        let mut changes = Changes::default()
+            .put("last", Value::Str("bob won".into()))
+            .delete("move/alice")
+            .delete("move/bob")
+            .put("round", Value::Int(2));
+        for user in ["alice", "bob"] {
+            changes.private.push((
+                fact_key(&format!("move/{user}")),
+                Some(Audience::new([user]).to_value()),
+            ));
+        }
+        changes
+    }
+
+    #[test]
+    fn a_viewer_sees_the_changes_of_an_event_meant_for_them_and_no_more() {
+        let changes = round_end();
+        let last = Value::Str("bob won".into());
+        let round = Value::Int(2);
+        assert_eq!(
+            event_view(&changes, "alice"),
+            EventView::Partly(vec![
+                ("last", Some(&last)),
+                ("move/alice", None),
+                ("round", Some(&round)),
+            ]),
+            "alice sees her own move go, not bob's"
+        );
+        assert_eq!(
+            event_view(&changes, "carol"),
+            EventView::Partly(vec![("last", Some(&last)), ("round", Some(&round))])
+        );
+        let first_move =
+            Changes::default().put_for("move/alice", Value::Str("rock".into()), ["alice"]);
+        assert_eq!(event_view(&first_move, "alice"), EventView::Whole);
+        assert_eq!(event_view(&first_move, "bob"), EventView::Hidden);
+        let public = Changes::default().put("round", Value::Int(3));
+        assert_eq!(event_view(&public, "bob"), EventView::Whole);
+        // A hidden entry shown to everyone again records its audience as removed.
+        let mut shown = Changes::default().put("hand", Value::Int(1));
+        shown.private.push((fact_key("hand"), None));
+        assert_eq!(event_view(&shown, "bob"), EventView::Whole);
     }
 
     #[test]

@@ -107,6 +107,46 @@ async fn check_http_paths(server: &Server, user: &str, at: u64, hidden: &[&str])
     assert_no_trace(&snapshot.data, hidden, &format!("SSE snapshot as {user}"));
 }
 
+/// `/events` of round 1 (alice's move at `first`, bob's at `second`) as each player and
+/// a spectator. Alice may see everything both events changed, so she gets them whole.
+/// Bob and carol get alice's move as `hidden` and the move that ends the round as the
+/// changes they may see, without author or op (the deletion of alice's hidden move is
+/// not among them).
+async fn check_round_events(server: &Server, joined: u64, first: u64, second: u64) {
+    let last = json!({"round": 1, "moves": {"alice": "rock", "bob": "paper"}, "winner": "bob"});
+    let whole = |seq: u64, user: &str, choice: &str| json!({"seq": seq, "user": user, "op": {"type": "move", "move": choice}});
+    let redacted = json!({"seq": second, "changes": [
+        {"k": "last", "v": last, "ver": second},
+        {"k": "round", "v": 2, "ver": second},
+        {"k": "score/bob", "v": 1, "ver": second},
+    ]});
+    let hidden = json!({"seq": first, "hidden": true});
+    for (user, expected) in [
+        (
+            "alice",
+            [whole(first, "alice", "rock"), whole(second, "bob", "paper")],
+        ),
+        ("bob", [hidden.clone(), redacted.clone()]),
+        ("carol", [hidden.clone(), redacted.clone()]),
+    ] {
+        let events = server
+            .get(&format!(
+                "/api/rooms/{ROOM}/events?after={joined}&user={user}"
+            ))
+            .await;
+        assert_eq!(events.status, 200, "{}", events.text);
+        let mut expected = expected;
+        for (i, event) in expected.iter_mut().enumerate() {
+            event["ts"] = events.body["events"][i]["ts"].clone();
+        }
+        assert_eq!(
+            events.body["events"],
+            json!(expected),
+            "/events of round 1 as {user}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn rps_plays_over_json_and_hides_the_first_move_on_every_read_path() {
     let mut server = Server::start_example("rps", None, &[]).await;
@@ -185,6 +225,7 @@ async fn rps_plays_over_json_and_hides_the_first_move_on_every_read_path() {
         assert_eq!(entry(changes, "round").unwrap()["v"], 2);
         assert_eq!(entry(changes, "score/bob").unwrap()["v"], 1);
     }
+    check_round_events(&server, joined, first, second).await;
     let state = server.room_state(ROOM).await;
     let entries = &state["entries"];
     assert!(entry(entries, "move/alice").is_none() && entry(entries, "move/bob").is_none());
