@@ -270,6 +270,41 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMD_ENABLE_ECHO")]
     pub enable_echo: bool,
 
+    /// Cluster mode: a NATS server URL (`nats://127.0.0.1:4222`; repeat the flag, or
+    /// separate with commas, for several servers of one NATS cluster). Without it roomd
+    /// is a single node and the other --cluster-* flags and --node-id are refused.
+    #[arg(
+        long,
+        env = "ROOMD_CLUSTER_NATS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub cluster_nats: Vec<String>,
+
+    /// Cluster mode: this node's id, one of --cluster-nodes (letters, digits, `_`, `-`).
+    #[arg(long, env = "ROOMD_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Cluster mode: every member's id, the same list on every node (comma separated).
+    /// Each room is owned by one member, picked by rendezvous hashing of the room id over
+    /// this list. A node whose list differs from a live node's refuses to start.
+    #[arg(
+        long,
+        env = "ROOMD_CLUSTER_NODES",
+        value_delimiter = ',',
+        value_name = "ID,ID,..."
+    )]
+    pub cluster_nodes: Vec<String>,
+
+    /// Cluster mode: the NATS subject prefix, so several clusters can share one NATS.
+    #[arg(
+        long,
+        env = "ROOMD_CLUSTER_NAME",
+        default_value = "roomd",
+        value_name = "NAME"
+    )]
+    pub cluster_name: String,
+
     /// Log filter, in `tracing` syntax (e.g. `info`, `roomd=debug`).
     #[arg(long, env = "ROOMD_LOG", default_value = "info")]
     pub log: String,
@@ -373,6 +408,21 @@ pub struct Config {
     pub enable_echo: bool,
     /// Certificate and key when serving TLS (`server::run` loads them; SIGHUP reloads).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Cluster mode (`--cluster-nats`); None: a single node, exactly as without a cluster.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// How this node takes part in a cluster (read by `cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// NATS server URLs, tried in turn (one NATS cluster).
+    pub nats_urls: Vec<String>,
+    /// This node's id; one of `nodes`.
+    pub node_id: String,
+    /// Every member, in the order given (ownership does not depend on it).
+    pub nodes: Vec<String>,
+    /// The subject prefix of every subject the cluster uses.
+    pub name: String,
 }
 
 /// A setting that cannot work, with the reason.
@@ -396,6 +446,8 @@ pub enum ConfigError {
     },
     #[error("--api-key-file {0} is empty")]
     EmptyApiKey(PathBuf),
+    #[error("{0}")]
+    Cluster(String),
     #[error("{given} needs {missing} too: TLS takes a certificate chain and its private key")]
     TlsHalf {
         given: &'static str,
@@ -468,6 +520,13 @@ impl ServeArgs {
                 })
             }
         };
+        let cluster = cluster_settings(
+            &self.cluster_nats,
+            self.node_id.as_deref(),
+            &self.cluster_nodes,
+            &self.cluster_name,
+        )
+        .map_err(ConfigError::Cluster)?;
         let workers = self
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -519,8 +578,74 @@ impl ServeArgs {
             workers,
             enable_echo: self.enable_echo,
             tls,
+            cluster,
         })
     }
+}
+
+/// Whether `id` can be a node id or a token of the cluster name: it becomes part of NATS
+/// subjects, so letters, digits, `_` and `-` only, at most 64 bytes.
+fn is_subject_token(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The cluster flags checked together: None without --cluster-nats (and then no other
+/// cluster flag may be given), else the settings, or why they cannot work.
+fn cluster_settings(
+    nats_urls: &[String],
+    node_id: Option<&str>,
+    nodes: &[String],
+    name: &str,
+) -> Result<Option<ClusterSettings>, String> {
+    let nats_urls = non_empty(nats_urls);
+    let nodes = non_empty(nodes);
+    if nats_urls.is_empty() {
+        return match (node_id, nodes.is_empty()) {
+            (None, true) => Ok(None),
+            _ => Err("--node-id and --cluster-nodes need --cluster-nats (cluster mode)".into()),
+        };
+    }
+    let Some(node_id) = node_id.map(str::trim).filter(|id| !id.is_empty()) else {
+        return Err("--cluster-nats needs --node-id: this node's id in --cluster-nodes".into());
+    };
+    if nodes.is_empty() {
+        return Err(
+            "--cluster-nats needs --cluster-nodes: every member's id, the same list on every node"
+                .into(),
+        );
+    }
+    for id in nodes.iter().map(String::as_str).chain([node_id]) {
+        if !is_subject_token(id) {
+            return Err(format!(
+                "node id `{id}`: use 1 to 64 letters, digits, `_` or `-`"
+            ));
+        }
+    }
+    let mut sorted: Vec<&String> = nodes.iter().collect();
+    sorted.sort();
+    if let Some(twice) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("--cluster-nodes names `{}` twice", twice[0]));
+    }
+    if !nodes.iter().any(|id| id == node_id) {
+        return Err(format!(
+            "--node-id `{node_id}` is not in --cluster-nodes ({})",
+            nodes.join(",")
+        ));
+    }
+    if !name.split('.').all(is_subject_token) {
+        return Err(format!(
+            "--cluster-name `{name}`: use letters, digits, `_` or `-` (dots between words)"
+        ));
+    }
+    Ok(Some(ClusterSettings {
+        nats_urls,
+        node_id: node_id.to_owned(),
+        nodes,
+        name: name.to_owned(),
+    }))
 }
 
 /// Why a `--config` file cannot be used.
@@ -685,6 +810,67 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn cluster_flags_are_checked_together() {
+        assert_eq!(serve_args(&[]).into_config().unwrap().cluster, None);
+        let config = serve_args(&[
+            "--cluster-nats",
+            "nats://127.0.0.1:4222",
+            "--cluster-nats",
+            "nats://127.0.0.1:4223",
+            "--node-id",
+            "b",
+            "--cluster-nodes",
+            "a,b,c",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            config.cluster,
+            Some(ClusterSettings {
+                nats_urls: vec![
+                    "nats://127.0.0.1:4222".into(),
+                    "nats://127.0.0.1:4223".into()
+                ],
+                node_id: "b".into(),
+                nodes: vec!["a".into(), "b".into(), "c".into()],
+                name: "roomd".into(),
+            })
+        );
+        let refused = |flags: &[&str]| match serve_args(flags).into_config() {
+            Err(ConfigError::Cluster(why)) => why,
+            other => panic!("{flags:?} gave {other:?}"),
+        };
+        let nats = ["--cluster-nats", "nats://127.0.0.1:4222"];
+        let with_nats = |more: &[&'static str]| -> Vec<&'static str> {
+            nats.iter().chain(more).copied().collect()
+        };
+        assert!(refused(&["--node-id", "a"]).contains("need --cluster-nats"));
+        assert!(refused(&with_nats(&["--cluster-nodes", "a,b"])).contains("needs --node-id"));
+        assert!(refused(&with_nats(&["--node-id", "a"])).contains("needs --cluster-nodes"));
+        assert!(
+            refused(&with_nats(&["--node-id", "d", "--cluster-nodes", "a,b"]))
+                .contains("`d` is not in --cluster-nodes (a,b)")
+        );
+        assert!(
+            refused(&with_nats(&["--node-id", "a", "--cluster-nodes", "a,b,a"]))
+                .contains("names `a` twice")
+        );
+        assert!(
+            refused(&with_nats(&["--node-id", "a", "--cluster-nodes", "a,b.c"]))
+                .contains("node id `b.c`")
+        );
+        assert!(refused(&with_nats(&[
+            "--node-id",
+            "a",
+            "--cluster-nodes",
+            "a",
+            "--cluster-name",
+            "x.>"
+        ]))
+        .contains("--cluster-name `x.>`"));
     }
 
     #[test]

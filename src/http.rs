@@ -116,31 +116,36 @@ async fn healthz() -> HttpResponse {
 const MAX_DAMAGED_LISTED: usize = 100;
 
 async fn readyz(shared: web::Data<Shared>) -> Result<HttpResponse, ApiError> {
-    if shared.store.is_healthy() {
-        // Damaged rooms do not make the server unready: they answer `unavailable` on any
-        // server, so taking this one out of rotation would only add the healthy rooms to
-        // the outage. They are listed for the operator (README, "Damaged data").
-        let damaged = shared.store.damaged_rooms();
-        if damaged.is_empty() {
-            return Ok(HttpResponse::Ok().json(json!({ "ready": true })));
-        }
+    if !shared.store.is_healthy() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "the store cannot be written",
+        ));
+    }
+    let mut body = json!({ "ready": true });
+    // Damaged rooms do not make the server unready: they answer `unavailable` on any
+    // server, so taking this one out of rotation would only add the healthy rooms to
+    // the outage. They are listed for the operator (README, "Damaged data").
+    let damaged = shared.store.damaged_rooms();
+    if !damaged.is_empty() {
         let listed: Vec<_> = damaged
             .iter()
             .take(MAX_DAMAGED_LISTED)
             .map(|(room, error)| json!({ "room": room, "error": error }))
             .collect();
-        Ok(HttpResponse::Ok().json(json!({
-            "ready": true,
-            "degraded": true,
-            "n_damaged": damaged.len(),
-            "damaged": listed,
-        })))
-    } else {
-        Err(ApiError::new(
-            Code::Unavailable,
-            "the store cannot be written",
-        ))
+        body["degraded"] = json!(true);
+        body["n_damaged"] = json!(damaged.len());
+        body["damaged"] = json!(listed);
     }
+    // Cluster mode: without NATS the rooms this node owns still work for its clients,
+    // so it stays ready; `degraded` and `cluster.nats` say the rest is unavailable.
+    if let Some(cluster) = &shared.cluster {
+        if !cluster.nats_connected() {
+            body["degraded"] = json!(true);
+        }
+        body["cluster"] = cluster.status();
+    }
+    Ok(HttpResponse::Ok().json(body))
 }
 
 /// The Prometheus text (`metrics.rs`). Open like `/healthz`: it names no room or user.

@@ -39,6 +39,9 @@
 //!   [`session`]: the Session actor, the upgrade and the frame guard in front of
 //!   actix-ws.
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
+//! - [`cluster`]: cluster mode (`--cluster-nats`): the NATS connection, which node owns
+//!   a room ([`cluster::hrw`], rendezvous hashing) and the startup agreement on the
+//!   member list ([`cluster::membership`]). Absent without `--cluster-nats`.
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
 //!   [`auth`]: who a caller is (JWT with a secret, a PEM key or a JWKS; the API key;
 //!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the
@@ -104,6 +107,8 @@ pub mod bench;
 pub mod builder;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "server")]
+pub mod cluster;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]

@@ -39,6 +39,8 @@ pub enum ServerError {
     Key(#[from] crate::auth::KeyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot start the HTTP server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,6 +76,12 @@ pub async fn run_with_kinds(
     let auth = Auth::new(config.auth.clone())?;
     let certs = match config.tls.clone() {
         Some(files) => Some(Arc::new(CertStore::open(files)?)),
+        None => None,
+    };
+    // Cluster mode: NATS reached and the member list agreed before this node opens its
+    // store, so a node that would disagree on who owns a room never serves one.
+    let cluster = match config.cluster.clone() {
+        Some(settings) => Some(crate::cluster::Cluster::join(settings).await?),
         None => None,
     };
     // Opening takes the lock and may repair the file: blocking work, off this thread.
@@ -134,6 +142,7 @@ pub async fn run_with_kinds(
             config.reply_timeout,
         ),
         config: config.clone(),
+        cluster,
     });
 
     // The room threads and (as each builds its app) the HTTP workers.

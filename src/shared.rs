@@ -44,6 +44,8 @@ pub struct Shared {
     pub http_conns: Arc<crate::admission::http_conns::HttpConns>,
     /// The rate and turns of HTTP room reads.
     pub reads: crate::admission::read_gate::ReadGate,
+    /// Cluster mode's membership and NATS connection; None on a single node.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What the server keeps of an open WebSocket connection.

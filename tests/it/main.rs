@@ -18,6 +18,8 @@ mod bad_input_http;
 mod bad_input_store;
 // The Rust client SDK: mirrors, op acks, reconnect with resume and re-sent ops.
 mod client;
+// Cluster mode over NATS: membership agreement, /readyz, forwarded ops.
+mod cluster;
 // Crash loop: kill -9 under pipelined JSON and rkyv load, checked against a model of the acks.
 mod crash;
 // Restarts, kill -9 and SIGTERM: acked ops, epochs and op ids survive.

@@ -1,0 +1,147 @@
+//! Cluster mode (`--cluster-nats`): several roomd nodes behind one NATS, each room owned
+//! by one node.
+//!
+//! This module owns the node's NATS connection and everything said over it: which node
+//! owns a room ([`hrw`], rendezvous hashing over the static member list), the startup
+//! agreement on that list ([`membership`]). Nothing about a room lives anywhere but on
+//! its owner: its Room actor, log, op-id window and epoch.
+//!
+//! Without `--cluster-nats` no [`Cluster`] exists and nothing here runs: the single
+//! node is exactly as it was.
+//!
+//! Subjects, all under `--cluster-name` (`{cluster}` below):
+//! - `{cluster}.members`: every node answers an announcement with its own (startup check).
+
+pub mod hrw;
+pub mod membership;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ClusterSettings;
+
+/// How long a node waits for NATS at startup before giving up (it cannot check the
+/// member list without it, so it does not start).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// This node's membership and NATS connection. Built once at startup by [`Cluster::join`]
+/// and shared (read-only) by sessions and HTTP handlers through `Shared`.
+pub struct Cluster {
+    settings: ClusterSettings,
+    client: async_nats::Client,
+    /// Random per process: tells this process's NATS messages from a restarted one's.
+    instance: u64,
+}
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "cannot reach NATS at {urls} within {timeout:?}: {reason} (cluster mode checks the \
+         member list over NATS before it serves)"
+    )]
+    Connect {
+        urls: String,
+        timeout: Duration,
+        reason: String,
+    },
+    #[error("cluster membership check: {0}")]
+    Membership(#[from] membership::AgreeError),
+    #[error("cannot subscribe on NATS: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+impl Cluster {
+    /// Connects to NATS, starts answering the member-list question, checks that every
+    /// live node agrees on the list.
+    pub async fn join(settings: ClusterSettings) -> Result<Arc<Cluster>, ClusterError> {
+        let node = settings.node_id.clone();
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("roomd {}.{node}", settings.name))
+            .connection_timeout(CONNECT_TIMEOUT)
+            // Reconnect for ever: while NATS is away, locally owned rooms keep working.
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let node = node.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!(%node, "cluster: NATS connected")
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(%node, "cluster: NATS disconnected; rooms owned elsewhere are unavailable until it returns")
+                        }
+                        other => tracing::warn!(%node, "cluster: NATS {other}"),
+                    }
+                }
+            });
+        let urls = settings.nats_urls.join(",");
+        let client =
+            tokio::time::timeout(CONNECT_TIMEOUT, options.connect(settings.nats_urls.clone()))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|connected| connected.map_err(|e| e.to_string()))
+                .map_err(|reason| ClusterError::Connect {
+                    urls,
+                    timeout: CONNECT_TIMEOUT,
+                    reason,
+                })?;
+        let instance = rand::random::<u64>();
+        let ours = membership::Announcement::new(&settings, instance);
+        let subject = format!("{}.members", settings.name);
+        membership::answer(client.clone(), subject.clone(), ours.clone()).await?;
+        let agreeing = membership::agree(&client, subject, &ours).await?;
+        tracing::info!(
+            node = %settings.node_id,
+            members = %settings.nodes.join(","),
+            live = %agreeing.join(","),
+            "cluster: joined; the live nodes agree on the member list"
+        );
+        Ok(Arc::new(Cluster {
+            settings,
+            client,
+            instance,
+        }))
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.settings.node_id
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// The node that owns `room_id`.
+    pub fn owner(&self, room_id: &str) -> &str {
+        // The list is never empty: `config` requires this node in it.
+        hrw::owner(room_id, &self.settings.nodes).unwrap_or(&self.settings.node_id)
+    }
+
+    /// Whether this node owns `room_id` (its ops and subscriptions are served here).
+    pub fn owns(&self, room_id: &str) -> bool {
+        self.owner(room_id) == self.settings.node_id
+    }
+
+    /// Whether the NATS connection is up now.
+    pub fn nats_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// What `/readyz` says about the cluster.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node": self.settings.node_id,
+            "members": self.settings.nodes,
+            "nats": if self.nats_connected() { "connected" } else { "disconnected" },
+        })
+    }
+}
