@@ -4,7 +4,8 @@
 //! - `decode`: the `set` frame `roomd bench ingest` sends, JSON text and rkyv binary,
 //!   through the server's decoders up to the `Inbound` request with its domain `Value`.
 //! - `reduce_apply`: that `set` reduced and applied in a 1,000-key `state` room.
-//! - `encode_event_row`: its log record encoded as the store writes it.
+//! - `encode_event_row`: its log record encoded as the store writes it (a log row of
+//!   one event; a room batch's row holds its events alike).
 //! - `encode_ack`: its `ack`, as a whole WebSocket frame in each encoding.
 //! - `per_op`: the four in a row (JSON), what one op costs outside the mailboxes, the
 //!   store and the socket.
@@ -23,7 +24,7 @@ use roomd::kind::Limits;
 use roomd::outbound::encode;
 use roomd::protocol::message::{ClientMsg, Node, ServerMsg, WireValue};
 use roomd::protocol::{binary, json, Encoding, Inbound};
-use roomd::store::{encode_event, EventRecord};
+use roomd::store::{encode_log_row, EventRecord};
 use roomd::value::Value;
 
 use rooms::{ctx, state_room, user};
@@ -131,7 +132,8 @@ fn pieces(c: &mut Criterion) {
     group.bench_function("encode_event_row", |b| {
         b.iter(|| {
             n = (n + 1) % records.len();
-            encode_event(black_box(&records[n])).expect("the record encodes")
+            encode_log_row(std::slice::from_ref(black_box(&records[n])))
+                .expect("the record encodes")
         })
     });
 
@@ -171,7 +173,7 @@ fn pieces(c: &mut Criterion) {
                 changes,
                 op_id: Some(id.clone()),
             };
-            let row = encode_event(&record).expect("the record encodes");
+            let row = encode_log_row(std::slice::from_ref(&record)).expect("the record encodes");
             let ack = encode(&ServerMsg::Ack { id, seq }, Encoding::Json);
             (undo, row, ack)
         })

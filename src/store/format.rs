@@ -14,7 +14,14 @@ use super::StoreError;
 
 /// The data dir format this build reads and writes.
 /// Version 2 keys the `op_ids` table by `(room, seq)` instead of `(room, user, op_id)`.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 writes one log row per room batch (keyed by its last seq) where version 2
+/// wrote one row per event; a row of one event reads as a batch of one, so a version 2
+/// dir is read as it is and its FORMAT file says 3 from the first open on (a build
+/// that reads version 2 only would misread the new rows, and refuses the dir by name).
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The older format this build still reads, upgrading the FORMAT file on open.
+const UPGRADABLE_VERSION: u32 = 2;
 
 /// The database file's name inside the data dir.
 pub const DB_FILE: &str = "roomd.redb";
@@ -26,14 +33,23 @@ pub fn check_or_write(dir: &Path) -> Result<(), StoreError> {
     match fs::read_to_string(&path) {
         Ok(text) => {
             let found = text.trim();
-            if found.parse::<u32>() == Ok(FORMAT_VERSION) {
-                Ok(())
-            } else {
-                Err(StoreError::FormatVersion {
+            match found.parse::<u32>() {
+                Ok(FORMAT_VERSION) => Ok(()),
+                Ok(UPGRADABLE_VERSION) => {
+                    tracing::info!(
+                        dir = %dir.display(),
+                        from = UPGRADABLE_VERSION,
+                        to = FORMAT_VERSION,
+                        "data dir format upgraded: its event rows are read as they are, \
+                         new events are written one row per room batch"
+                    );
+                    write_atomically(dir, &path)
+                }
+                _ => Err(StoreError::FormatVersion {
                     path,
                     found: found.to_owned(),
                     expected: FORMAT_VERSION,
-                })
+                }),
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -91,10 +107,22 @@ mod tests {
         fs::write(dir.path().join("FORMAT"), "1\n").unwrap();
         let err = check_or_write(dir.path()).unwrap_err();
         let expected = format!(
-            "{} says format version \"1\", but this roomd reads format version 2",
+            "{} says format version \"1\", but this roomd reads format version 3",
             dir.path().join("FORMAT").display()
         );
         assert_eq!(err.to_string(), expected);
+    }
+
+    #[test]
+    fn format_2_dir_is_read_and_upgraded_to_3() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("FORMAT"), "2\n").unwrap();
+        fs::write(dir.path().join(DB_FILE), b"").unwrap();
+        check_or_write(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+            "3\n"
+        );
     }
 
     #[test]

@@ -70,9 +70,10 @@ use crate::value::Value;
 pub use error::{StoreError, SubmitError};
 pub use format::FORMAT_VERSION;
 pub use reads::MAX_PAGE_EVENTS;
-/// One event's row as the store writes it (rooms encode their events in `submit`); public
-/// for the per-op benchmark (`benches/ingest_op.rs`).
-pub use record::encode_event;
+/// A log row of consecutive events as the store writes it (one per room batch; rooms
+/// encode their events in `submit`); public for the per-op benchmark
+/// (`benches/ingest_op.rs`).
+pub use record::encode_log_row;
 pub use record::{RecordError, MAX_RECORD_BYTES, MAX_SNAPSHOT_BYTES};
 /// The storage under redb, for [`Store::open_with_backend`].
 pub use redb::StorageBackend;
@@ -303,7 +304,7 @@ pub struct RoomInfo {
     pub epoch: u64,
     pub head: u64,
     pub first_retained: u64,
-    /// Stored event rows.
+    /// Stored events (a row holds one room batch's).
     pub events: u64,
     /// The sum of the stored event rows' sizes, in bytes.
     pub bytes: u64,
@@ -417,7 +418,7 @@ struct Inner {
 impl Store {
     /// Creates the dir if needed, takes an exclusive lock (flock on DIR/LOCK; a second
     /// instance fails with a clear StoreError naming the dir), checks/writes DIR/FORMAT
-    /// (format version 1; a different version fails clearly), opens DIR/roomd.redb with
+    /// ([`FORMAT_VERSION`]; a version 2 dir is read and upgraded, any other fails clearly), opens DIR/roomd.redb with
     /// the cache size set explicitly, finishes any room deletion a crash interrupted,
     /// and spawns the one writer thread.
     ///

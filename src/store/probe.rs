@@ -23,7 +23,7 @@ use super::tables::{CREATORS, DELETING, EVENTS, META, OP_IDS, SNAPSHOTS};
 pub struct BatchKeys<'a> {
     pub room: &'a str,
     pub creates: bool,
-    /// The seqs of its first and last event, if it has events.
+    /// The keys (last seqs) of its first and last log row, if it has events.
     pub events: Option<(u64, u64)>,
     pub snapshot: Option<u64>,
     /// Op ids up to this seq are removed (0: none).

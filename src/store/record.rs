@@ -8,7 +8,9 @@
 //! only turns one row into bytes and back.
 //!
 //! Every row is one format-version byte followed by an rkyv archive; each row type has its
-//! own version ([`EVENT_VERSION`], [`META_VERSION`], [`SNAPSHOT_VERSION`]). Meta rows of
+//! own version ([`BATCH_VERSION`], [`META_VERSION`], [`SNAPSHOT_VERSION`]). Log rows hold
+//! one room batch's events; the event rows of one event that older builds wrote
+//! ([`EVENT_VERSION`] and before) read as log rows of one event ([`LogRow`]). Meta rows of
 //! version 1 (before retention, so without a first retained seq) are still read, as
 //! untrimmed rooms. A [`Value`] is stored flat, as its nodes in pre-order, so no archived
 //! type is recursive and validation cost is linear. Decoding checks the size limit first,
@@ -24,11 +26,17 @@ use super::{EventRecord, RoomMeta, Snapshot};
 use crate::kind::{Changes, Slot};
 use crate::value::{Value, MAX_DEPTH};
 
-/// The version byte of event rows written now (with the op id). A reader refuses any
-/// version it does not know rather than guessing at the layout.
+/// The version byte of the rows of one event (with its op id) that builds before batch
+/// rows wrote (data dir format 2); read, no longer written. A reader refuses any version
+/// it does not know rather than guessing at the layout.
 pub const EVENT_VERSION: u8 = 2;
 /// Event rows written before op ids moved into them: read as events without an op id.
 const EVENT_VERSION_NO_OP_ID: u8 = 1;
+/// The version byte of log rows written now: one room batch's events in one row
+/// ([`encode_log_row`]), stored under the seq of its last event. Rows of one event
+/// ([`EVENT_VERSION`], [`EVENT_VERSION_NO_OP_ID`]) are still read ([`log_row`]): an
+/// event row is a log row of one event.
+pub const BATCH_VERSION: u8 = 3;
 /// The version byte of meta rows written now (with the kind's name and the first
 /// retained seq).
 pub const META_VERSION: u8 = 3;
@@ -53,6 +61,11 @@ pub const MAX_RECORD_DEPTH: usize = MAX_DEPTH + 1;
 /// validation so a corrupt length cannot make the reader walk gigabytes; checked on write
 /// so the store never writes a row it would refuse to read back.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+/// The largest log row ([`BATCH_VERSION`]), in bytes: one event of up to
+/// [`MAX_RECORD_BYTES`] with the row's own few bytes around it. A room batch whose row
+/// would be larger is written as several rows (`tables::encode_events`).
+pub const MAX_LOG_ROW_BYTES: usize = MAX_RECORD_BYTES + 4096;
 
 /// The largest snapshot row, in bytes. A snapshot holds a whole room (tombstones and
 /// private facts included), so its bound is twice the default room limit of 64 MiB
@@ -101,6 +114,10 @@ pub enum RecordError {
     VerAfterSeq { key: String, ver: u64, seq: u64 },
     #[error("snapshot tombstone floor {floor} is after the snapshot's seq {seq}")]
     FloorAfterSeq { floor: u64, seq: u64 },
+    #[error(
+        "log row stored under seq {last} holds {len} events from seq {first}, which do not end there"
+    )]
+    RowSpan { first: u64, len: usize, last: u64 },
     #[error("meta row's first retained seq {first_retained} is past head {head} + 1, or 0")]
     RetainedPastHead { first_retained: u64, head: u64 },
 }
@@ -189,6 +206,24 @@ struct EventRowRef<'a> {
     op_id: Option<&'a String>,
 }
 
+/// The stored form of one room batch's events ([`BATCH_VERSION`]): the seq of the
+/// first, then each event as its own [`EventRow`] would hold it. The row's key is the
+/// seq of the last event, so a range read from seq `s` finds the row holding `s` first.
+// Only its archived form is read (rows are written as [`BatchRowRef`]).
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct BatchRow {
+    first: u64,
+    events: Vec<EventRow>,
+}
+
+/// [`BatchRow`] borrowing the records' strings, as [`EventRowRef`] does: the same bytes.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct BatchRowRef<'a> {
+    first: u64,
+    events: Vec<EventRowRef<'a>>,
+}
+
 /// An event row of [`EVENT_VERSION_NO_OP_ID`]; read, never written.
 // Only its archived form is read; the tests build one to read back.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -267,7 +302,10 @@ pub struct StoredMeta {
     pub first_retained: u64,
 }
 
-/// Encodes an event (without its seq, which is the row key) as a versioned row.
+/// Encodes an event (without its seq, which is the row key) as a row of
+/// [`EVENT_VERSION`], as builds before batch rows wrote them: the tests write old files
+/// with it.
+#[cfg(test)]
 pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
     let row = EventRowRef {
         user: &event.user,
@@ -296,31 +334,166 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, RecordError> {
     Ok(bytes)
 }
 
-/// Decodes an event row stored under `seq` (of either version).
-pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> {
-    if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
-        let row: &ArchivedEventRowNoOpId = access(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
-        return event_from_row(
-            seq,
-            &row.user,
-            row.ts_ms.to_native(),
-            &row.op,
-            &row.public,
-            &row.private,
-            None,
-        );
+/// Encodes consecutive events (`events[i].seq == events[0].seq + i`, checked by the
+/// caller) as one log row, stored under the last one's seq. Each string is copied once,
+/// into the archive; nothing is built per event but its flattened values.
+pub fn encode_log_row(events: &[EventRecord]) -> Result<Vec<u8>, RecordError> {
+    let first = events.first().map_or(0, |event| event.seq);
+    let rows = events
+        .iter()
+        .map(|event| {
+            Ok(EventRowRef {
+                user: &event.user,
+                ts_ms: event.ts_ms,
+                op: flatten_ref(&event.op)?,
+                public: change_rows_ref(&event.changes.public)?,
+                private: change_rows_ref(&event.changes.private)?,
+                op_id: event.op_id.as_ref(),
+            })
+        })
+        .collect::<Result<Vec<_>, RecordError>>()?;
+    let row = BatchRowRef {
+        first,
+        events: rows,
+    };
+    // Behind the version byte, as `encode_event` does (alignment 1 throughout).
+    let mut bytes = Vec::with_capacity(64 + 192 * events.len());
+    bytes.push(BATCH_VERSION);
+    let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&row, bytes).map_err(|e| {
+        RecordError::Serialize {
+            reason: e.to_string(),
+        }
+    })?;
+    if bytes.len() > MAX_LOG_ROW_BYTES {
+        return Err(RecordError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_LOG_ROW_BYTES,
+        });
     }
-    let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
-    let op_id = row.op_id.as_ref().map(|id| id.as_str().to_owned());
-    event_from_row(
-        seq,
-        &row.user,
-        row.ts_ms.to_native(),
-        &row.op,
-        &row.public,
-        &row.private,
-        op_id,
-    )
+    Ok(bytes)
+}
+
+/// A validated row of the events table, stored under `last`: the events
+/// `first()..=last()`, each read on demand. Rows of one event (either older version)
+/// and batch rows read alike.
+pub struct LogRow<'a> {
+    last: u64,
+    row: RowRef<'a>,
+}
+
+enum RowRef<'a> {
+    NoOpId(&'a ArchivedEventRowNoOpId),
+    Event(&'a ArchivedEventRow),
+    Batch(&'a ArchivedBatchRow),
+}
+
+/// One event inside a [`LogRow`].
+enum EventRef<'a> {
+    NoOpId(&'a ArchivedEventRowNoOpId),
+    Event(&'a ArchivedEventRow),
+}
+
+/// Validates the row stored under `last` (size first, then the whole archive) and checks
+/// that its events end at `last`. Decoding an event from it is then [`LogRow::event`].
+pub fn log_row(last: u64, bytes: &[u8]) -> Result<LogRow<'_>, RecordError> {
+    let row = match bytes.first() {
+        Some(&EVENT_VERSION_NO_OP_ID) => {
+            RowRef::NoOpId(access(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?)
+        }
+        Some(&EVENT_VERSION) => RowRef::Event(access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?),
+        _ => {
+            let row: &ArchivedBatchRow = access(bytes, BATCH_VERSION, MAX_LOG_ROW_BYTES)?;
+            let first = row.first.to_native();
+            let len = row.events.len();
+            let ends_at_last =
+                len > 0 && first >= 1 && first.checked_add(len as u64 - 1) == Some(last);
+            if !ends_at_last {
+                return Err(RecordError::RowSpan { first, len, last });
+            }
+            RowRef::Batch(row)
+        }
+    };
+    Ok(LogRow { last, row })
+}
+
+impl<'a> LogRow<'a> {
+    /// The seq of the row's first event.
+    pub fn first(&self) -> u64 {
+        match self.row {
+            RowRef::Batch(row) => row.first.to_native(),
+            RowRef::NoOpId(_) | RowRef::Event(_) => self.last,
+        }
+    }
+
+    /// The seq of the row's last event: its key.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// How many events the row holds.
+    pub fn len(&self) -> u64 {
+        self.last - self.first() + 1
+    }
+
+    fn at(&self, seq: u64) -> EventRef<'a> {
+        assert!(
+            (self.first()..=self.last).contains(&seq),
+            "seq {seq} is outside the row {}..={}",
+            self.first(),
+            self.last
+        );
+        match self.row {
+            RowRef::NoOpId(row) => EventRef::NoOpId(row),
+            RowRef::Event(row) => EventRef::Event(row),
+            RowRef::Batch(row) => {
+                EventRef::Event(&row.events[(seq - row.first.to_native()) as usize])
+            }
+        }
+    }
+
+    /// Rebuilds the event `seq` (in `first()..=last()`, or this panics).
+    pub fn event(&self, seq: u64) -> Result<EventRecord, RecordError> {
+        match self.at(seq) {
+            EventRef::NoOpId(row) => event_from_row(
+                seq,
+                &row.user,
+                row.ts_ms.to_native(),
+                &row.op,
+                &row.public,
+                &row.private,
+                None,
+            ),
+            EventRef::Event(row) => event_from_row(
+                seq,
+                &row.user,
+                row.ts_ms.to_native(),
+                &row.op,
+                &row.public,
+                &row.private,
+                row.op_id.as_ref().map(|id| id.as_str().to_owned()),
+            ),
+        }
+    }
+
+    /// The `(user, op id)` of the event `seq`, without rebuilding its op or changes.
+    /// None for an event whose op carried no id.
+    pub fn op_id(&self, seq: u64) -> Option<(String, String)> {
+        match self.at(seq) {
+            EventRef::NoOpId(_) => None,
+            EventRef::Event(row) => row
+                .op_id
+                .as_ref()
+                .map(|id| (row.user.as_str().to_owned(), id.as_str().to_owned())),
+        }
+    }
+
+    /// The timestamp of the event `seq`, for trimming by age.
+    pub fn ts_ms(&self, seq: u64) -> i64 {
+        match self.at(seq) {
+            EventRef::NoOpId(row) => row.ts_ms.to_native(),
+            EventRef::Event(row) => row.ts_ms.to_native(),
+        }
+    }
 }
 
 /// Rebuilds an event from the fields both row versions share.
@@ -346,29 +519,10 @@ fn event_from_row(
     })
 }
 
-/// The `(user, op id)` of an event row, without rebuilding its op or changes (the row
-/// is still validated whole). None for an event whose op carried no id.
-pub fn decode_event_op_id(bytes: &[u8]) -> Result<Option<(String, String)>, RecordError> {
-    if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
-        access::<ArchivedEventRowNoOpId>(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
-        return Ok(None);
-    }
-    let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
-    Ok(row
-        .op_id
-        .as_ref()
-        .map(|id| (row.user.as_str().to_owned(), id.as_str().to_owned())))
-}
-
-/// The timestamp of an event row, without rebuilding its op and changes (the row is
-/// still validated whole), for trimming by age.
-pub fn event_ts_ms(bytes: &[u8]) -> Result<i64, RecordError> {
-    if bytes.first() == Some(&EVENT_VERSION_NO_OP_ID) {
-        let row: &ArchivedEventRowNoOpId = access(bytes, EVENT_VERSION_NO_OP_ID, MAX_RECORD_BYTES)?;
-        return Ok(row.ts_ms.to_native());
-    }
-    let row: &ArchivedEventRow = access(bytes, EVENT_VERSION, MAX_RECORD_BYTES)?;
-    Ok(row.ts_ms.to_native())
+/// Decodes the event of a row of one event stored under `seq` (any layout), for tests.
+#[cfg(test)]
+pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<EventRecord, RecordError> {
+    log_row(seq, bytes)?.event(seq)
 }
 
 /// Encodes a room's metadata, head seq and first retained seq as a versioned row.
@@ -860,6 +1014,14 @@ mod tests {
         (0..depth).fold(Value::Int(1), |inner, _| Value::List(vec![inner]))
     }
 
+    fn ts_of(bytes: &[u8]) -> Result<i64, RecordError> {
+        log_row(7, bytes).map(|row| row.ts_ms(7))
+    }
+
+    fn op_id_of(bytes: &[u8]) -> Result<Option<(String, String)>, RecordError> {
+        log_row(7, bytes).map(|row| row.op_id(7))
+    }
+
     fn assert_event_eq(a: &EventRecord, b: &EventRecord) {
         assert_eq!(
             (a.seq, &a.user, a.ts_ms, &a.op, &a.changes, &a.op_id),
@@ -874,19 +1036,19 @@ mod tests {
         assert_eq!(bytes[0], EVENT_VERSION);
         let decoded = decode_event(7, &bytes).unwrap();
         assert_event_eq(&decoded, &original);
-        assert_eq!(event_ts_ms(&bytes).unwrap(), -5);
-        assert!(event_ts_ms(&bytes[..bytes.len() - 1]).is_err());
+        assert_eq!(ts_of(&bytes).unwrap(), -5);
+        assert!(ts_of(&bytes[..bytes.len() - 1]).is_err());
         assert_eq!(
-            decode_event_op_id(&bytes).unwrap(),
+            op_id_of(&bytes).unwrap(),
             Some(("alice".to_owned(), "op-7".to_owned()))
         );
-        assert!(decode_event_op_id(&bytes[..bytes.len() - 1]).is_err());
+        assert!(op_id_of(&bytes[..bytes.len() - 1]).is_err());
         let without = EventRecord {
             op_id: None,
             ..original
         };
         let bytes = encode_event(&without).unwrap();
-        assert_eq!(decode_event_op_id(&bytes).unwrap(), None);
+        assert_eq!(op_id_of(&bytes).unwrap(), None);
         assert_event_eq(&decode_event(7, &bytes).unwrap(), &without);
     }
 
@@ -908,6 +1070,101 @@ mod tests {
         }
     }
 
+    /// Events `first..=last` like `event`, op ids on the even ones.
+    fn run(first: u64, last: u64) -> Vec<EventRecord> {
+        (first..=last)
+            .map(|seq| EventRecord {
+                seq,
+                ts_ms: seq as i64 * 10,
+                op_id: (seq % 2 == 0).then(|| format!("op{seq}")),
+                ..event(Value::Int(seq as i64))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn log_row_round_trips_each_event_its_op_id_and_timestamp() {
+        let events = run(7, 9);
+        let bytes = encode_log_row(&events).unwrap();
+        assert_eq!(bytes[0], BATCH_VERSION);
+        let row = log_row(9, &bytes).unwrap();
+        assert_eq!((row.first(), row.last(), row.len()), (7, 9, 3));
+        for original in &events {
+            assert_event_eq(&row.event(original.seq).unwrap(), original);
+            assert_eq!(row.ts_ms(original.seq), original.ts_ms);
+            assert_eq!(
+                row.op_id(original.seq),
+                original.op_id.clone().map(|id| (original.user.clone(), id))
+            );
+        }
+        // One event is a row too.
+        let one = encode_log_row(&events[..1]).unwrap();
+        assert_event_eq(&log_row(7, &one).unwrap().event(7).unwrap(), &events[0]);
+    }
+
+    #[test]
+    fn log_row_under_the_wrong_key_or_damaged_is_refused() {
+        let bytes = encode_log_row(&run(7, 9)).unwrap();
+        for key in [8, 10, 0] {
+            assert!(
+                matches!(
+                    log_row(key, &bytes),
+                    Err(RecordError::RowSpan {
+                        first: 7,
+                        len: 3,
+                        ..
+                    })
+                ),
+                "key {key}"
+            );
+        }
+        assert!(log_row(9, &bytes[..bytes.len() - 1]).is_err());
+        let mut other = bytes.clone();
+        other[0] = 9;
+        assert!(matches!(
+            log_row(9, &other),
+            Err(RecordError::Version {
+                found: 9,
+                expected: BATCH_VERSION
+            })
+        ));
+        // An empty batch row holds nothing a key could name.
+        let empty = encode_log_row(&[]).unwrap();
+        assert!(matches!(
+            log_row(0, &empty),
+            Err(RecordError::RowSpan { len: 0, .. })
+        ));
+        assert!(log_row(9, &[]).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the row")]
+    fn asking_a_log_row_for_a_seq_it_does_not_hold_panics() {
+        let bytes = encode_log_row(&run(7, 9)).unwrap();
+        let _ = log_row(9, &bytes).unwrap().event(6);
+    }
+
+    #[test]
+    fn borrowed_log_rows_are_byte_for_byte_the_owned_rows() {
+        let events = run(3, 5);
+        let owned = BatchRow {
+            first: 3,
+            events: events
+                .iter()
+                .map(|event| EventRow {
+                    user: event.user.clone(),
+                    ts_ms: event.ts_ms,
+                    op: flatten(&event.op).unwrap(),
+                    public: change_rows(&event.changes.public).unwrap(),
+                    private: change_rows(&event.changes.private).unwrap(),
+                    op_id: event.op_id.clone(),
+                })
+                .collect(),
+        };
+        let expected = versioned(&owned, BATCH_VERSION, MAX_LOG_ROW_BYTES).unwrap();
+        assert_eq!(encode_log_row(&events).unwrap(), expected);
+    }
+
     #[test]
     fn event_rows_written_before_op_ids_moved_in_read_without_one() {
         let original = event(nested_value());
@@ -927,8 +1184,8 @@ mod tests {
                 ..original
             },
         );
-        assert_eq!(decode_event_op_id(&bytes).unwrap(), None);
-        assert_eq!(event_ts_ms(&bytes).unwrap(), -5);
+        assert_eq!(op_id_of(&bytes).unwrap(), None);
+        assert_eq!(ts_of(&bytes).unwrap(), -5);
     }
 
     #[test]

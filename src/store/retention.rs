@@ -8,8 +8,10 @@
 //! snapshot, and every one stamped before the cutoff is due too, up to the first that
 //! is not (the run of old events, so the log stays gapless whatever order timestamps
 //! are in). `base` is the newest snapshot seq among the due events. The pieces delete
-//! events up to `base` (oldest first, moving the meta row's first retained seq past
-//! each deleted one in the same transaction), then snapshots before `base`. Events
+//! events up to `base` (oldest first, whole log rows, moving the meta row's first
+//! retained seq past each deleted one in the same transaction; the row holding `base`,
+//! if it holds later events too, is rewritten under its key with those alone), then
+//! snapshots before `base`. Events
 //! first: while they go, the older snapshots still rebuild the seqs that remain. The
 //! snapshot at `base` is kept, so the room always loads; op ids are never touched. The
 //! store never reads a clock: the cutoff comes with the job.
@@ -182,34 +184,43 @@ impl Trim {
         let room = self.job.room.as_str();
         let mut due_through = next - 1;
         let mut stopped = false;
+        // Rows are keyed by their last seq: the first one from `next` holds `next`.
         for entry in tables
             .events
-            .range((room, next)..=(room, limit))?
+            .range((room, next)..=(room, u64::MAX))?
             .take(*budget)
         {
-            let (key, row) = entry?;
+            let (key, guard) = entry?;
             *budget -= 1;
-            let seq = key.value().1;
-            match record::event_ts_ms(row.value()) {
-                // A gap cannot happen (the log is gapless from the first retained seq);
-                // if it did, stopping there keeps it from growing.
-                Ok(ts_ms) if ts_ms < older_than_ms && seq == due_through + 1 => {
-                    due_through = seq;
-                }
-                // Timestamps are stamped as ops arrive, so they may run backwards a
-                // little between seqs: the run of old events ends at the first young
-                // one, and the log stays gapless.
-                Ok(_) => {
-                    stopped = true;
-                    break;
-                }
+            let last = key.value().1;
+            let row = match record::log_row(last, guard.value()) {
+                Ok(row) => row,
                 Err(source) => {
                     return Ok(TrimState::Finished(Err(StoreError::Corrupt {
                         room: room.to_owned(),
-                        seq: Some(seq),
+                        seq: Some(last),
                         source,
                     })))
                 }
+            };
+            // A gap cannot happen (the log is gapless from the first retained seq);
+            // if it did, stopping there keeps it from growing.
+            if row.first() > due_through + 1 {
+                stopped = true;
+                break;
+            }
+            for seq in due_through + 1..=last.min(limit) {
+                // Timestamps are stamped as ops arrive, so they may run backwards a
+                // little between seqs: the run of old events ends at the first young
+                // one, and the log stays gapless.
+                if row.ts_ms(seq) >= older_than_ms {
+                    stopped = true;
+                    break;
+                }
+                due_through = seq;
+            }
+            if stopped || due_through >= limit {
+                break;
             }
         }
         if !stopped && due_through < limit && *budget == 0 {
@@ -245,30 +256,71 @@ impl Trim {
         budget: &mut usize,
     ) -> Result<TrimState, redb::StorageError> {
         let room = self.job.room.as_str();
-        let seqs = first_keys(&tables.events, room, 0, base, *budget)?;
         let keep_from = self.job.policy.keep_op_ids_from;
-        for &seq in &seqs {
-            // The event's op id outlives its row while the room still dedups against
-            // it; an id that cannot be read is dropped with its row (verify reports
-            // corrupt rows; dedup of that one op is all that is lost).
-            let removed = tables.events.remove((room, seq))?;
-            if seq < keep_from {
+        // Rows are keyed by their last seq: those up to `base` hold only due events.
+        let lasts = first_keys(&tables.events, room, 0, base, *budget)?;
+        let mut deleted_through = lasts.last().copied();
+        for &last in &lasts {
+            // An event's op id outlives its row while the room still dedups against
+            // it; ids that cannot be read are dropped with their row (verify reports
+            // corrupt rows; dedup of those ops is all that is lost).
+            let Some(removed) = tables.events.remove((room, last))? else {
+                continue;
+            };
+            if last < keep_from {
                 continue;
             }
-            let Some(row) = removed else { continue };
-            if let Ok(Some((user, op_id))) = record::decode_event_op_id(row.value()) {
-                tables
-                    .op_ids
-                    .insert((room, seq), (user.as_str(), op_id.as_str()))?;
+            if let Ok(row) = record::log_row(last, removed.value()) {
+                keep_op_ids(&mut tables.op_ids, room, &row, keep_from, last)?;
             }
         }
-        *budget -= seqs.len();
-        self.report.events_deleted += seqs.len() as u64;
-        if let Some(&last) = seqs.last() {
+        *budget -= lasts.len();
+        // Every row up to `base` is gone: the row holding `base` (if it holds more)
+        // keeps its events after `base`, rewritten under the same key.
+        if *budget > 0 {
+            let straddling = tables
+                .events
+                .range((room, base.saturating_add(1))..=(room, u64::MAX))?
+                .next()
+                .transpose()?
+                .map(|(key, row)| (key.value().1, row.value().to_vec()));
+            if let Some((last, bytes)) = straddling {
+                let rewritten = record::log_row(last, &bytes).and_then(|row| {
+                    if row.first() > base {
+                        return Ok(None);
+                    }
+                    let kept = (base + 1..=last)
+                        .map(|seq| row.event(seq))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(Some((row, record::encode_log_row(&kept)?)))
+                });
+                match rewritten {
+                    Ok(None) => {}
+                    Ok(Some((row, kept))) => {
+                        keep_op_ids(&mut tables.op_ids, room, &row, keep_from, base)?;
+                        tables.events.insert((room, last), kept.as_slice())?;
+                        *budget -= 1;
+                        deleted_through = Some(base);
+                    }
+                    Err(source) => {
+                        return Ok(TrimState::Finished(Err(StoreError::Corrupt {
+                            room: room.to_owned(),
+                            seq: Some(last),
+                            source,
+                        })))
+                    }
+                }
+            }
+        }
+        if let Some(through) = deleted_through {
             match tables.stored_meta(room)? {
                 Ok(Some(mut stored)) => {
                     // Never past the head: `base` is a snapshot seq at or below it.
-                    stored.first_retained = stored.first_retained.max(last + 1);
+                    let first_retained = stored.first_retained.max(through + 1);
+                    // The log is gapless from the first retained seq, so this counts
+                    // the events of the rows deleted and of the part cut off.
+                    self.report.events_deleted += first_retained - stored.first_retained;
+                    stored.first_retained = first_retained;
                     tables.put_meta(room, &stored)?;
                     self.report.first_retained = stored.first_retained;
                 }
@@ -295,6 +347,22 @@ impl Trim {
             TrimState::Deleting { base }
         })
     }
+}
+
+/// Copies the op ids of `row`'s events `keep_from..=through` to the `op_ids` table.
+fn keep_op_ids(
+    op_ids: &mut redb::Table<(&'static str, u64), (&'static str, &'static str)>,
+    room: &str,
+    row: &record::LogRow,
+    keep_from: u64,
+    through: u64,
+) -> Result<(), redb::StorageError> {
+    for seq in row.first().max(keep_from)..=through.min(row.last()) {
+        if let Some((user, op_id)) = row.op_id(seq) {
+            op_ids.insert((room, seq), (user.as_str(), op_id.as_str()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The newest snapshot seq of `room` at or below `hi`.

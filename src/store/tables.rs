@@ -1,8 +1,13 @@
 //! The layout of `roomd.redb`: its tables, how one batch is written into them, and how
 //! one room is read back.
 //!
-//! - `events`: `(room, seq)` -> event row (`record.rs`), one per event, gapless per room
-//!   from the room's first retained seq to its head.
+//! - `events`: `(room, last)` -> log row (`record.rs`): the events of one room batch,
+//!   `first..=last`, in one row keyed by the seq of its last event (an older build wrote
+//!   one row per event, keyed by its seq: a row of one event, read alike). A range read
+//!   from seq `s` finds the row holding `s` first. Rows run gaplessly per room from the
+//!   room's first retained seq to its head. One row per room batch (not per event) is
+//!   one B-tree insert per batch: the insert per event was a third of the server's CPU
+//!   per op (`benches/README.md`, issue 14).
 //! - `meta`: `room` -> meta row (kind, epoch, head seq, first retained seq). The head
 //!   moves in the same transaction as the events that advance it, and the first
 //!   retained seq in the same transaction as the trimming that deletes events, so a
@@ -32,7 +37,7 @@ use redb::{
     ReadOnlyTable, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 
-use super::record::{self, decode_event, decode_meta, encode_event, encode_meta, StoredMeta};
+use super::record::{self, decode_meta, encode_log_row, encode_meta, log_row, StoredMeta};
 use super::{Batch, EventRecord, LoadedRoom, OpIdRecord, Snapshot, StoreError};
 
 pub(super) const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
@@ -104,14 +109,14 @@ impl<'txn> WriteTables<'txn> {
         Ok(())
     }
 
-    /// Writes one batch, given its event rows as [`encode_events`] made them, and its
+    /// Writes one batch, given its log rows as [`encode_events`] made them, and its
     /// encoded snapshot `(seq, row)`. The outer error is a storage failure that dooms
     /// the whole transaction; the inner one refuses this batch alone, before anything
     /// of it is written.
     pub fn apply(
         &mut self,
         batch: &Batch,
-        rows: &[(u64, Vec<u8>)],
+        rows: &LogRows,
         creator: Option<&str>,
         snapshot: Option<(u64, &[u8])>,
     ) -> Result<Result<(), StoreError>, redb::StorageError> {
@@ -137,16 +142,14 @@ impl<'txn> WriteTables<'txn> {
         };
         // The rows run gaplessly among themselves (`encode_events`); they must also
         // continue the stored head.
-        if let Some(&(first, _)) = rows.first() {
-            if first != head + 1 {
-                return Ok(Err(StoreError::SeqGap {
-                    room: room.to_owned(),
-                    expected: head + 1,
-                    found: first,
-                }));
-            }
+        if rows.events > 0 && rows.first != head + 1 {
+            return Ok(Err(StoreError::SeqGap {
+                room: room.to_owned(),
+                expected: head + 1,
+                found: rows.first,
+            }));
         }
-        let new_head = head + rows.len() as u64;
+        let new_head = head + rows.events;
         if let Some((seq, _)) = snapshot {
             if seq == 0 || seq > new_head {
                 return Ok(Err(StoreError::SnapshotSeq {
@@ -160,8 +163,8 @@ impl<'txn> WriteTables<'txn> {
         if let (Some(_), Some(creator)) = (&batch.create, creator) {
             self.creators.insert(room, creator)?;
         }
-        for (seq, row) in rows {
-            self.events.insert((room, *seq), row.as_slice())?;
+        for (last, row) in &rows.rows {
+            self.events.insert((room, *last), row.as_slice())?;
         }
         if let Some((seq, row)) = snapshot {
             self.snapshots.insert((room, seq), row)?;
@@ -182,15 +185,24 @@ impl<'txn> WriteTables<'txn> {
     }
 }
 
-/// Encodes a batch's events as `(seq, row)`, checking that they run gaplessly from the
-/// first one's seq (whether that continues the stored head is checked when the batch is
-/// written). `Store::submit` calls this on the caller's thread, so the one writer thread
-/// neither encodes events nor frees them.
-pub fn encode_events(
-    room: &str,
-    events: &[EventRecord],
-) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-    let mut rows = Vec::with_capacity(events.len());
+/// A batch's events encoded as log rows, for [`WriteTables::apply`].
+#[derive(Debug, Default)]
+pub struct LogRows {
+    /// The seq of the first event (meaningless when there are none).
+    pub first: u64,
+    /// How many events the rows hold, `first..first + events`.
+    pub events: u64,
+    /// `(last seq, row)`, in seq order: usually one row, more only when one row would
+    /// pass [`record::MAX_LOG_ROW_BYTES`].
+    pub rows: Vec<(u64, Vec<u8>)>,
+}
+
+/// Encodes a batch's events as log rows (one, unless the row would be too large: then
+/// halves, recursively), checking that they run gaplessly from the first one's seq
+/// (whether that continues the stored head is checked when the batch is written).
+/// `Store::submit` calls this on the caller's thread, so the one writer thread neither
+/// encodes events nor frees them.
+pub fn encode_events(room: &str, events: &[EventRecord]) -> Result<LogRows, StoreError> {
     let first = events.first().map_or(1, |event| event.seq);
     for (expected, event) in (first..).zip(events) {
         if event.seq != expected {
@@ -200,14 +212,51 @@ pub fn encode_events(
                 found: event.seq,
             });
         }
-        let row = encode_event(event).map_err(|source| StoreError::Encode {
-            room: room.to_owned(),
-            seq: event.seq,
-            source,
-        })?;
-        rows.push((event.seq, row));
     }
+    let mut rows = LogRows {
+        first,
+        events: events.len() as u64,
+        rows: Vec::with_capacity(1),
+    };
+    encode_rows(room, events, &mut rows.rows)?;
     Ok(rows)
+}
+
+fn encode_rows(
+    room: &str,
+    events: &[EventRecord],
+    rows: &mut Vec<(u64, Vec<u8>)>,
+) -> Result<(), StoreError> {
+    let Some(last) = events.last() else {
+        return Ok(());
+    };
+    match encode_log_row(events) {
+        Ok(row) => {
+            rows.push((last.seq, row));
+            Ok(())
+        }
+        Err(record::RecordError::TooLarge { .. }) if events.len() > 1 => {
+            let (older, newer) = events.split_at(events.len() / 2);
+            encode_rows(room, older, rows)?;
+            encode_rows(room, newer, rows)
+        }
+        Err(source) => {
+            // Name the event that cannot be encoded (the error path alone pays this).
+            let failing = events
+                .iter()
+                .find_map(|event| {
+                    encode_log_row(std::slice::from_ref(event))
+                        .err()
+                        .map(|e| (event.seq, e))
+                })
+                .unwrap_or((events[0].seq, source));
+            Err(StoreError::Encode {
+                room: room.to_owned(),
+                seq: failing.0,
+                source: failing.1,
+            })
+        }
+    }
 }
 
 /// How many rooms each user created (rooms deleted since do not count), from the
@@ -280,6 +329,9 @@ impl<'a> RoomReads<'a> {
 
     /// The events `from..=to`, at most `limit` of them, checked to start at `from` and
     /// run gaplessly (up to `to` when fewer than `limit`). `head` is for the error.
+    /// Rows are keyed by their last seq, so the first row of the range from `from` holds
+    /// `from`; of a row reaching past `to` or the limit only the events asked for are
+    /// rebuilt.
     pub fn events(
         &self,
         from: u64,
@@ -299,30 +351,48 @@ impl<'a> RoomReads<'a> {
         };
         let range = self
             .events
-            .range((self.room, from)..=(self.room, to))
+            .range((self.room, from)..=(self.room, u64::MAX))
             .map_err(|e| self.read_error(e))?;
-        for entry in range.take(limit) {
+        let mut next = from;
+        for entry in range {
             let (key, value) = entry.map_err(|e| self.read_error(e))?;
-            let seq = key.value().1;
-            let expected = events.last().map_or(from, |previous| previous.seq + 1);
-            if seq != expected {
-                return Err(gap(expected, seq));
+            let last = key.value().1;
+            let row = log_row(last, value.value()).map_err(|source| self.corrupt(last, source))?;
+            // The first row may start before `from`; every later one where the one
+            // before it ended.
+            let starts_ok = if next == from {
+                row.first() <= from
+            } else {
+                row.first() == next
+            };
+            if !starts_ok {
+                return Err(gap(next, row.first()));
             }
-            let event = decode_event(seq, value.value()).map_err(|source| StoreError::Corrupt {
-                room: self.room.to_owned(),
-                seq: Some(seq),
-                source,
-            })?;
-            events.push(event);
+            while next <= last.min(to) && events.len() < limit {
+                let event = row
+                    .event(next)
+                    .map_err(|source| self.corrupt(next, source))?;
+                events.push(event);
+                next += 1;
+            }
+            if next > to || events.len() == limit {
+                break;
+            }
         }
         // Fewer than asked for: the range must have run to its end.
-        let last = events
-            .last()
-            .map_or(from.saturating_sub(1), |last| last.seq);
+        let last = next - 1;
         if events.len() < limit && last != to {
             return Err(gap(to, last));
         }
         Ok(events)
+    }
+
+    fn corrupt(&self, seq: u64, source: record::RecordError) -> StoreError {
+        StoreError::Corrupt {
+            room: self.room.to_owned(),
+            seq: Some(seq),
+            source,
+        }
     }
 
     /// The newest snapshot with a seq in `lo..=hi`, if one is stored.
@@ -365,9 +435,9 @@ impl<'a> RoomReads<'a> {
     }
 
     /// The op ids stored in the rows of events `from..=to` (those not loaded whole),
-    /// reading only the id out of each row.
-    /// Newest first, and at most `limit` of them: a long log (a large
-    /// `--history-events`) is not read whole for ids the room would forget at once.
+    /// reading only the id out of each event. Newest first, and at most `limit` of them:
+    /// a long log (a large `--history-events`) is not read whole for ids the room would
+    /// forget at once.
     pub fn event_op_ids(
         &self,
         from: u64,
@@ -378,25 +448,32 @@ impl<'a> RoomReads<'a> {
         if from > to || limit == 0 {
             return Ok(op_ids);
         }
-        let range = self
+        // The row holding `to` may reach past it: it is the first one keyed after `to`
+        // when no row ends at `to`.
+        let past_to = self
+            .events
+            .range((self.room, to.saturating_add(1))..=(self.room, u64::MAX))
+            .map_err(|e| self.read_error(e))?
+            .next();
+        let up_to = self
             .events
             .range((self.room, from)..=(self.room, to))
-            .map_err(|e| self.read_error(e))?;
-        for entry in range.rev() {
-            if op_ids.len() >= limit {
-                break;
-            }
+            .map_err(|e| self.read_error(e))?
+            .rev();
+        for entry in past_to.into_iter().chain(up_to) {
             let (key, value) = entry.map_err(|e| self.read_error(e))?;
-            let seq = key.value().1;
-            let id = record::decode_event_op_id(value.value()).map_err(|source| {
-                StoreError::Corrupt {
-                    room: self.room.to_owned(),
-                    seq: Some(seq),
-                    source,
+            let last = key.value().1;
+            let row = log_row(last, value.value()).map_err(|source| self.corrupt(last, source))?;
+            if row.first() > to {
+                continue;
+            }
+            for seq in (row.first().max(from)..=last.min(to)).rev() {
+                if op_ids.len() >= limit {
+                    return Ok(op_ids);
                 }
-            })?;
-            if let Some((user, op_id)) = id {
-                op_ids.push(OpIdRecord { user, op_id, seq });
+                if let Some((user, op_id)) = row.op_id(seq) {
+                    op_ids.push(OpIdRecord { user, op_id, seq });
+                }
             }
         }
         Ok(op_ids)

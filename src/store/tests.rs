@@ -299,9 +299,11 @@ fn event_that_cannot_be_encoded_refuses_only_its_batch() {
 fn corrupt_event_row_on_disk_gives_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    commit(&store, batch("a", 1, 3)).unwrap();
+    commit(&store, batch("a", 1, 2)).unwrap();
+    commit(&store, batch("a", 3, 3)).unwrap();
     drop(store);
-    // Corrupt the file behind a closed store, then open it again.
+    // Corrupt the file behind a closed store, then open it again: the row of the
+    // second batch is gone.
     let db = redb::Database::open(dir.path().join(format::DB_FILE)).unwrap();
     let txn = db.begin_write().unwrap();
     txn.open_table(tables::EVENTS)
@@ -322,9 +324,11 @@ fn corrupt_event_row_on_disk_gives_an_error_not_a_panic() {
 fn missing_event_row_on_disk_is_reported_as_a_gap() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    commit(&store, batch("a", 1, 3)).unwrap();
+    commit(&store, batch("a", 1, 2)).unwrap();
+    commit(&store, batch("a", 3, 3)).unwrap();
     drop(store);
-    // Corrupt the file behind a closed store, then open it again.
+    // Corrupt the file behind a closed store, then open it again: the row of the
+    // second batch is gone.
     let db = redb::Database::open(dir.path().join(format::DB_FILE)).unwrap();
     let txn = db.begin_write().unwrap();
     txn.open_table(tables::EVENTS)

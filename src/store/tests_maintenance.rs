@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use redb::{ReadableDatabase, ReadableTable};
+
 use super::tests::{batch, commit, event, meta, open};
 use super::*;
 
@@ -42,6 +44,30 @@ fn fill(store: &Store, room: &str, head: u64, step: u64, snapshots_at: &[u64]) {
         commit(store, next).unwrap();
         first = last + 1;
     }
+}
+
+/// Writes events `1..=head` of `room` one row each (as batches of one event are
+/// written), with a snapshot at every seq in `snapshots_at`, in one transaction beside
+/// the idle writer: thousands of rows without thousands of fsyncs, for the tests that
+/// count rows per maintenance piece (a commit writes one row per room batch).
+fn fill_rows(store: &Store, room: &str, head: u64, snapshots_at: &[u64]) {
+    let db = store.inner.db.read().as_ref().expect("open").clone();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut tables = tables::WriteTables::open(&txn).unwrap();
+        for seq in 1..=head {
+            let one = batch(room, seq, seq);
+            let rows = tables::encode_events(room, &one.events).unwrap();
+            let snapshot = snapshots_at
+                .contains(&seq)
+                .then(|| record::encode_snapshot(&snapshot(seq)).unwrap());
+            tables
+                .apply(&one, &rows, None, snapshot.as_deref().map(|row| (seq, row)))
+                .unwrap()
+                .unwrap();
+        }
+    }
+    txn.commit().unwrap();
 }
 
 fn trim(store: &Store, room: &str, history_events: u64) -> TrimOutcome {
@@ -165,7 +191,7 @@ fn snapshot_past_the_batch_is_refused_whole_and_a_bad_one_is_dropped() {
 fn trim_keeps_what_the_policy_says_in_bounded_pieces_while_other_rooms_commit() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    fill(&store, "big", 5_000, 500, &[1_000, 3_000, 4_500]);
+    fill_rows(&store, "big", 5_000, &[1_000, 3_000, 4_500]);
     commit(&store, batch_with_snapshot("big", 5_001, 5_010, 5_010)).unwrap();
     commit(&store, batch("big", 5_011, 5_011)).unwrap();
     let pieces_before = store.maintenance_pieces();
@@ -360,7 +386,7 @@ fn age_limit_reports_a_corrupt_event_and_deletes_nothing() {
 fn age_limit_reads_the_log_in_bounded_pieces() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    fill(&store, "a", 5_000, 500, &[4_500]);
+    fill_rows(&store, "a", 5_000, &[4_500]);
     let pieces_before = store.maintenance_pieces();
     // Reading 4,500 events takes three pieces (the last has 1,500 rows of budget left
     // for deleting), deleting them two more.
@@ -385,7 +411,7 @@ fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
     let store = open(dir.path());
     // Big enough that its trim takes three pieces, so it still runs when the second
     // trim of the room is taken from the queue.
-    fill(&store, "a", 5_000, 2_500, &[5_000]);
+    fill_rows(&store, "a", 5_000, &[5_000]);
     let blocker = hold_writer(&store);
     // Park the writer on a batch first: it takes the batch, then blocks on the held
     // transaction, so every trim below stays queued. (Without this the writer could take
@@ -442,7 +468,7 @@ fn second_trim_of_a_room_and_trims_past_the_bound_are_not_queued_twice() {
 fn deletion_removes_every_row_in_queue_order_and_the_room_can_start_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    fill(&store, "a", 4_500, 1_500, &[1_500, 3_000]);
+    fill_rows(&store, "a", 4_500, &[1_500, 3_000]);
     let mut with_ops = batch("a", 4_501, 4_501);
     with_ops.events[0].op_id = Some("x".into());
     commit(&store, with_ops).unwrap();
@@ -616,7 +642,8 @@ fn verify_reports_a_gap_and_a_corrupt_snapshot() {
     assert!(store.verify().unwrap().is_empty());
     drop(store);
     with_closed_db(dir.path(), |tables| {
-        tables.events.remove(("a", 5)).unwrap();
+        // The row of events 5..=8 (rows are keyed by their last seq).
+        tables.events.remove(("a", 8)).unwrap().unwrap();
         let garbage = [record::SNAPSHOT_VERSION, 0xde, 0xad].as_slice();
         tables.snapshots.insert(("a", 8), garbage).unwrap();
         // Leftovers of a room with no meta row.
@@ -638,7 +665,7 @@ fn verify_reports_a_gap_and_a_corrupt_snapshot() {
                     "a",
                     ProblemKind::Gap {
                         expected: 5,
-                        found: 6
+                        found: 9
                     }
                 ),
                 ("a", ProblemKind::CorruptSnapshot { seq: 8, .. }),
@@ -662,7 +689,7 @@ fn verify_reports_a_gap_and_a_corrupt_snapshot() {
     );
     assert_eq!(
         problems[0].to_string(),
-        "room a: events are not gapless: expected seq 5, found 6"
+        "room a: events are not gapless: expected seq 5, found 9"
     );
     // Loading uses the newest snapshot, which is the corrupt one.
     assert!(matches!(
@@ -679,7 +706,11 @@ fn list_rooms_counts_rows_and_bytes() {
     fill(&store, "b", 2, 2, &[]);
     trim(&store, "a", 10);
     let rooms = store.list_rooms().unwrap();
-    let event_bytes = |seq| record::encode_event(&event(seq)).unwrap().len() as u64;
+    // One row per batch: events 21..=30 of "a" (its older rows trimmed), 1..=2 of "b".
+    let row_bytes = |first, last| {
+        let events: Vec<EventRecord> = (first..=last).map(event).collect();
+        record::encode_log_row(&events).unwrap().len() as u64
+    };
     assert_eq!(
         rooms,
         vec![
@@ -690,7 +721,7 @@ fn list_rooms_counts_rows_and_bytes() {
                 head: 30,
                 first_retained: 21,
                 events: 10,
-                bytes: (21..=30).map(event_bytes).sum(),
+                bytes: row_bytes(21, 30),
                 snapshots: 1,
                 damage: None,
             },
@@ -701,7 +732,7 @@ fn list_rooms_counts_rows_and_bytes() {
                 head: 2,
                 first_retained: 1,
                 events: 2,
-                bytes: (1..=2).map(event_bytes).sum(),
+                bytes: row_bytes(1, 2),
                 snapshots: 0,
                 damage: None,
             },
@@ -714,7 +745,7 @@ fn compact_shrinks_the_file_after_deletions_and_needs_the_dir_lock() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     for room in 0..20 {
-        fill(&store, &format!("room{room}"), 1_000, 500, &[1_000]);
+        fill_rows(&store, &format!("room{room}"), 1_000, &[1_000]);
     }
     for room in 1..20 {
         delete(&store, &format!("room{room}"));
@@ -843,4 +874,212 @@ fn a_load_reads_only_the_newest_op_ids_of_a_long_log() {
     assert_eq!(loaded.op_ids.first().map(|op| op.seq), Some(1_001));
     assert_eq!(loaded.op_ids.last().map(|op| op.seq), Some(total));
     assert!(loaded.op_ids.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+}
+
+/// Events `first..=last`, each with the op id `op{seq}`.
+fn with_op_ids(room: &str, first: u64, last: u64) -> Batch {
+    let mut batch = batch(room, first, last);
+    for event in &mut batch.events {
+        event.op_id = Some(format!("op{}", event.seq));
+    }
+    batch
+}
+
+#[test]
+fn a_batch_is_one_row_and_reads_page_inside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, with_op_ids("a", 1, 10)).unwrap();
+    commit(&store, with_op_ids("a", 11, 12)).unwrap();
+    let rooms = store.list_rooms().unwrap();
+    assert_eq!((rooms[0].events, rooms[0].head), (12, 12));
+    store.shutdown();
+    drop(store);
+    // One row per batch, keyed by its last seq.
+    let db = redb::Database::open(dir.path().join(format::DB_FILE)).unwrap();
+    let keys: Vec<u64> = {
+        let txn = db.begin_read().unwrap();
+        let events = txn.open_table(tables::EVENTS).unwrap();
+        events
+            .iter()
+            .unwrap()
+            .map(|entry| entry.unwrap().0.value().1)
+            .collect()
+    };
+    assert_eq!(keys, vec![10, 12]);
+    drop(db);
+
+    let store = open(dir.path());
+    // Pages start and end inside a row, and run across rows.
+    let page = store.read_events("a", 3, 4).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![4, 5, 6, 7]);
+    assert_eq!(page.events[0], {
+        let mut e = event(4);
+        e.op_id = Some("op4".into());
+        e
+    });
+    let page = store.read_events("a", 8, 3).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![9, 10, 11]);
+    let page = store.read_events("a", 11, 100).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![12]);
+    let page = store.read_events("a", 12, 100).unwrap().unwrap();
+    assert!(page.events.is_empty());
+    // Time travel to a seq inside a row.
+    let at = store.read_at("a", 5).unwrap().unwrap();
+    assert_eq!(seqs(&at.events), vec![1, 2, 3, 4, 5]);
+    // A snapshot inside a row: the load reads the events after it from the same row,
+    // and the op ids before it out of that row too.
+    commit(
+        &store,
+        Batch {
+            snapshot: Some(snapshot(11)),
+            ..Batch::new("a")
+        },
+    )
+    .unwrap();
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(seqs(&loaded.events), vec![12]);
+    let ids: Vec<(u64, &str)> = loaded
+        .op_ids
+        .iter()
+        .map(|op| (op.seq, op.op_id.as_str()))
+        .collect();
+    let expected: Vec<(u64, String)> = (1..=12).map(|seq| (seq, format!("op{seq}"))).collect();
+    let expected: Vec<(u64, &str)> = expected.iter().map(|(s, id)| (*s, id.as_str())).collect();
+    assert_eq!(ids, expected);
+    assert!(store.verify().unwrap().is_empty());
+}
+
+#[test]
+fn trim_to_a_snapshot_inside_a_row_rewrites_the_rest_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(
+        &store,
+        Batch {
+            snapshot: Some(snapshot(4)),
+            ..with_op_ids("a", 1, 10)
+        },
+    )
+    .unwrap();
+    commit(&store, with_op_ids("a", 11, 12)).unwrap();
+    let policy = TrimPolicy {
+        keep_op_ids_from: 3,
+        ..TrimPolicy::history_events(0)
+    };
+    assert_eq!(
+        trim_by(&store, "a", policy),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 5,
+            events_deleted: 4,
+            snapshots_deleted: 0,
+            pieces: 1,
+        })
+    );
+    let page = store.read_events("a", 0, 100).unwrap().unwrap();
+    assert_eq!(page.first_retained, 5);
+    assert_eq!(seqs(&page.events), (5..=12).collect::<Vec<_>>());
+    assert_eq!(page.events[0].op_id.as_deref(), Some("op5"));
+    // The op ids of trimmed events 3 and 4 moved to the op_ids table; 1 and 2 are gone.
+    let loaded = store.load_room("a").unwrap().unwrap();
+    let ids: Vec<u64> = loaded.op_ids.iter().map(|op| op.seq).collect();
+    assert_eq!(ids, (3..=12).collect::<Vec<_>>());
+    assert_eq!(loaded.snapshot.map(|s| s.seq), Some(4));
+    assert!(store.verify().unwrap().is_empty());
+    let rooms = store.list_rooms().unwrap();
+    assert_eq!(rooms[0].events, 8);
+}
+
+#[test]
+fn age_trim_stops_inside_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(
+        &store,
+        Batch {
+            snapshot: Some(snapshot(6)),
+            ..batch("a", 1, 10)
+        },
+    )
+    .unwrap();
+    // Events are stamped 1_700_000_000_000 + seq: those before 8 are old enough, and
+    // the newest snapshot among them is 6.
+    assert_eq!(
+        trim_by(&store, "a", by_age(10_000, 1_700_000_000_008)),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 7,
+            events_deleted: 6,
+            snapshots_deleted: 0,
+            pieces: 1,
+        })
+    );
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(
+        (loaded.first_retained, seqs(&loaded.events)),
+        (7, vec![7, 8, 9, 10])
+    );
+    assert!(store.verify().unwrap().is_empty());
+}
+
+#[test]
+fn rows_of_one_event_written_by_an_older_build_are_read_trimmed_and_extended() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch("a", 1, 1)).unwrap();
+    drop(store);
+    // Events 1..=6 as format 2 wrote them: one row per event, op ids inside, a
+    // snapshot at 3.
+    with_closed_db(dir.path(), |tables| {
+        for seq in 1..=6 {
+            let mut old = event(seq);
+            old.op_id = Some(format!("op{seq}"));
+            let row = record::encode_event(&old).unwrap();
+            assert_eq!(row[0], record::EVENT_VERSION);
+            tables.events.insert(("a", seq), row.as_slice()).unwrap();
+        }
+        let snapshot_row = record::encode_snapshot(&snapshot(3)).unwrap();
+        tables
+            .snapshots
+            .insert(("a", 3), snapshot_row.as_slice())
+            .unwrap();
+        let mut stored = tables.stored_meta("a").unwrap().unwrap().unwrap();
+        stored.head = 6;
+        tables.put_meta("a", &stored).unwrap();
+    });
+    let store = open(dir.path());
+    commit(&store, with_op_ids("a", 7, 9)).unwrap();
+    let page = store.read_events("a", 4, 4).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![5, 6, 7, 8]);
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(seqs(&loaded.events), vec![4, 5, 6, 7, 8, 9]);
+    assert_eq!(loaded.op_ids.len(), 9);
+    assert!(store.verify().unwrap().is_empty());
+    assert_eq!(
+        trim(&store, "a", 0),
+        TrimOutcome::Done(TrimReport {
+            first_retained: 4,
+            events_deleted: 3,
+            snapshots_deleted: 0,
+            pieces: 1,
+        })
+    );
+    assert_eq!(store.list_rooms().unwrap()[0].events, 6);
+    assert!(store.verify().unwrap().is_empty());
+}
+
+#[test]
+fn a_batch_too_large_for_one_row_is_written_as_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Three events of 6 MiB: one row would pass MAX_LOG_ROW_BYTES.
+    let mut big = batch("a", 1, 3);
+    for event in &mut big.events {
+        event.op = Value::Bytes(vec![7; 6 * 1024 * 1024]);
+    }
+    commit(&store, big).unwrap();
+    let rooms = store.list_rooms().unwrap();
+    assert_eq!((rooms[0].events, rooms[0].head), (3, 3));
+    let page = store.read_events("a", 1, 10).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![2, 3]);
+    assert!(store.verify().unwrap().is_empty());
 }

@@ -16,7 +16,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use super::error::redb_corruption;
 use super::guard;
 use super::lock::DirLock;
-use super::record::{decode_event, decode_meta, decode_snapshot, StoredMeta};
+use super::record::{decode_meta, decode_snapshot, log_row, StoredMeta};
 use super::tables::{CREATORS, EVENTS, META, OP_IDS, SNAPSHOTS};
 use super::{format, open_database, CompactReport, RoomInfo, StoreError, DEFAULT_CACHE_BYTES};
 
@@ -190,8 +190,10 @@ pub fn list_rooms(db: &redb::Database, path: &Path) -> Result<Vec<RoomInfo>, Sto
                 .open_table(EVENTS)?
                 .range((room.as_str(), 0)..=(room.as_str(), u64::MAX))?
             {
-                let (_, row) = entry?;
-                info.events += 1;
+                let (key, row) = entry?;
+                // A row holds a batch's events; one that does not decode counts as
+                // one (`verify` says what is wrong with it).
+                info.events += log_row(key.value().1, row.value()).map_or(1, |row| row.len());
                 info.bytes += row.value().len() as u64;
             }
             for entry in txn
@@ -393,27 +395,47 @@ fn check_room(
             .range((room, 0)..=(room, u64::MAX))?
         {
             let (key, row) = entry?;
-            let seq = key.value().1;
-            if let Err(e) = decode_event(seq, row.value()) {
-                found.push(ProblemKind::CorruptEvent {
-                    seq,
-                    error: e.to_string(),
-                });
-            }
-            if seq < meta.first_retained || seq > meta.head {
+            let last = key.value().1;
+            // A row holds the events `first..=last`; one that does not decode is
+            // taken as ending where its key says, so the scan goes on after it.
+            let first = match log_row(last, row.value()) {
+                Ok(row) => {
+                    for seq in row.first()..=last {
+                        if let Err(e) = row.event(seq) {
+                            found.push(ProblemKind::CorruptEvent {
+                                seq,
+                                error: e.to_string(),
+                            });
+                        }
+                    }
+                    row.first()
+                }
+                Err(e) => {
+                    found.push(ProblemKind::CorruptEvent {
+                        seq: last,
+                        error: e.to_string(),
+                    });
+                    next_event.clamp(meta.first_retained, last.max(meta.first_retained))
+                }
+            };
+            if first < meta.first_retained || last > meta.head {
                 found.push(ProblemKind::EventOutsideRetention {
-                    seq,
+                    seq: if first < meta.first_retained {
+                        first
+                    } else {
+                        last
+                    },
                     first_retained: meta.first_retained,
                     head: meta.head,
                 });
             } else {
-                if seq != next_event {
+                if first != next_event {
                     found.push(ProblemKind::Gap {
                         expected: next_event,
-                        found: seq,
+                        found: first,
                     });
                 }
-                next_event = seq.saturating_add(1);
+                next_event = last.saturating_add(1);
             }
         }
         Ok(())

@@ -46,7 +46,7 @@ use tokio::sync::oneshot;
 use crate::metrics::names;
 
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
-use super::tables::WriteTables;
+use super::tables::{LogRows, WriteTables};
 use super::{guard, probe};
 use super::{Batch, Durability, StoreError, TrimOutcome, TrimPolicy};
 
@@ -93,8 +93,8 @@ pub struct BatchJob {
     /// The batch, with its events taken out and encoded into `rows`, and its snapshot
     /// taken out and encoded into `snapshot`.
     pub batch: Batch,
-    /// The events' `(seq, row)`, encoded by `submit` on the caller's thread.
-    pub rows: Vec<(u64, Vec<u8>)>,
+    /// The events' log rows, encoded by `submit` on the caller's thread.
+    pub rows: LogRows,
     /// For a batch that creates its room: the user of the creation event.
     pub creator: Option<String>,
     /// The snapshot's seq and row, encoded by `submit` on the caller's thread.
@@ -570,10 +570,10 @@ impl Writer {
             Ok(outcomes) => {
                 self.committed(durable);
                 if !group.is_empty() {
-                    let events: usize = group.iter().map(|job| job.rows.len()).sum();
+                    let events: u64 = group.iter().map(|job| job.rows.events).sum();
                     metrics::counter!(names::STORE_BATCH_COMMITS).increment(1);
                     metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
-                    metrics::counter!(names::STORE_EVENTS).increment(events as u64);
+                    metrics::counter!(names::STORE_EVENTS).increment(events);
                     crate::metrics::hot()
                         .store_commit_seconds
                         .record(started.elapsed().as_secs_f64());
@@ -796,8 +796,9 @@ impl Writer {
                 creates: job.batch.create.is_some(),
                 events: job
                     .rows
+                    .rows
                     .first()
-                    .zip(job.rows.last())
+                    .zip(job.rows.rows.last())
                     .map(|(a, b)| (a.0, b.0)),
                 snapshot: job.snapshot.as_ref().map(|(seq, _)| *seq),
                 expire_op_ids_through: job.batch.expire_op_ids_through,
