@@ -102,6 +102,24 @@ fn room_id(room: &str) -> Result<RoomId, ApiError> {
     RoomId::parse(room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))
 }
 
+/// Cluster mode: Ok when this node owns `room` (always on a single node). Reads,
+/// events, deletes, signals, presence and streams of a room owned by another node are
+/// not forwarded yet: 503 `unavailable`, naming the owner.
+pub fn local_room(shared: &Shared, room: &RoomId) -> Result<(), ApiError> {
+    match &shared.cluster {
+        Some(cluster) if !cluster.owns(room) => Err(ApiError::new(
+            Code::Unavailable,
+            format!(
+                "room {room} is owned by node {}; this node forwards only ops and creates \
+                 to it (ask node {} for the rest)",
+                cluster.owner(room),
+                cluster.owner(room)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl From<RoomError> for ApiError {
     fn from(e: RoomError) -> ApiError {
         ApiError::new(e.code(), e.to_string())
@@ -242,7 +260,7 @@ async fn create_room(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let (room, msg, rx) = create_request(&req, &body, &shared).inspect_err(count_refused)?;
-    send_to_room(&shared, &room, msg).await;
+    send_op_to_room(&shared, &room, msg).await;
     let done = wait_reply(rx).await?;
     Ok(HttpResponse::Created().json(json!({ "seq": done.seq, "epoch": epoch_hex(done.epoch) })))
 }
@@ -332,6 +350,7 @@ async fn read_room(
     let room = path.into_inner();
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
+    local_room(&shared, &room)?;
     let query = Query::parse(&req)?;
     let turn = read_turn(&req, &shared).await?;
     let viewer = identity.user.clone();
@@ -375,7 +394,7 @@ async fn post_op(
 ) -> Result<HttpResponse, ApiError> {
     let (room, msg, rx) =
         op_request(&req, &path.into_inner(), &body, &shared).inspect_err(count_refused)?;
-    send_to_room(&shared, &room, msg).await;
+    send_op_to_room(&shared, &room, msg).await;
     let done = wait_reply(rx).await?;
     Ok(HttpResponse::Ok().json(json!({ "seq": done.seq })))
 }
@@ -542,6 +561,7 @@ async fn read_events(
     let room = path.into_inner();
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
+    local_room(&shared, &room)?;
     let query = Query::parse(&req)?;
     let after = query.after.unwrap_or(0);
     // `limit=0` asks for no events: the reply still carries `head` (a cheap way to
@@ -660,6 +680,7 @@ async fn delete_room(
     let room = path.into_inner();
     require_admin(&req, &shared)?;
     let room = room_id(&room)?;
+    local_room(&shared, &room)?;
     let (tx, rx) = oneshot::channel();
     send_to_room(&shared, &room, room_msg::Delete { reply: tx }).await;
     match rx.await {
@@ -674,6 +695,19 @@ async fn delete_room(
 
 /// Sends to a room, restarting it once if it stopped; a message lost anyway answers
 /// through its dropped `ReplyTo`.
+/// An op or create to its room: [`send_to_room`] on the room's owner, forwarded to the
+/// owner over NATS elsewhere (cluster mode); either way answered through its `ReplyTo`.
+async fn send_op_to_room<M>(shared: &Arc<Shared>, room: &RoomId, msg: M)
+where
+    M: actix::Message<Result = ()> + crate::cluster::rpc::Forwardable + Send + 'static,
+    crate::room::Room: actix::Handler<M>,
+{
+    match shared.cluster.as_ref().filter(|c| !c.owns(room)) {
+        Some(cluster) => crate::cluster::forward::forward_one(cluster, room, msg).await,
+        None => send_to_room(shared, room, msg).await,
+    }
+}
+
 async fn send_to_room<M>(shared: &Arc<Shared>, room: &RoomId, msg: M)
 where
     M: actix::Message<Result = ()> + Send + 'static,
@@ -700,6 +734,7 @@ async fn signal_room(
     let room = path.into_inner();
     require_admin(&req, &shared)?;
     let room = room_id(&room)?;
+    local_room(&shared, &room)?;
     let obj = parse_body(&body)?;
     let data = obj
         .get("data")

@@ -145,6 +145,11 @@ pub async fn run_with_kinds(
         cluster,
     });
 
+    // Cluster mode: this node answers the ops other nodes forward to the rooms it owns.
+    if let Some(cluster) = &shared.cluster {
+        crate::cluster::rpc::serve(cluster.clone(), registry.clone()).await?;
+    }
+
     // The room threads and (as each builds its app) the HTTP workers.
     let quiet_threads = Arc::new(crate::memory::QuietThreads::default());
     for arbiter in registry.arbiters() {

@@ -60,6 +60,7 @@ pub async fn stream(
     // Read permission is checked before anything about the room (deny by default).
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = RoomId::parse(&room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
+    crate::http::local_room(&shared, &room)?;
     if shared.shutting_down.load(Ordering::Acquire) {
         return Err(ApiError::new(Code::Unavailable, "server shutting down"));
     }

@@ -3,17 +3,23 @@
 //!
 //! This module owns the node's NATS connection and everything said over it: which node
 //! owns a room ([`hrw`], rendezvous hashing over the static member list), the startup
-//! agreement on that list ([`membership`]). Nothing about a room lives anywhere but on
-//! its owner: its Room actor, log, op-id window and epoch.
+//! agreement on that list ([`membership`]), and ops and creates forwarded from the node
+//! a client is connected to to the room's owner ([`forward`] sends them, [`rpc`]
+//! answers them through the owner's normal room path). Nothing about a room lives
+//! anywhere but on its owner: its Room actor, log, op-id window and epoch.
 //!
 //! Without `--cluster-nats` no [`Cluster`] exists and nothing here runs: the single
 //! node is exactly as it was.
 //!
 //! Subjects, all under `--cluster-name` (`{cluster}` below):
-//! - `{cluster}.members`: every node answers an announcement with its own (startup check).
+//! - `{cluster}.members`: every node answers an announcement with its own (startup check);
+//! - `{cluster}.node.{id}.rpc`: requests to node `id` (forwarded ops and creates);
+//! - `{cluster}.reply.{id}.{instance}.{token}`: their answers.
 
+pub mod forward;
 pub mod hrw;
 pub mod membership;
+pub mod rpc;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +37,8 @@ pub struct Cluster {
     client: async_nats::Client,
     /// Random per process: tells this process's NATS messages from a restarted one's.
     instance: u64,
+    /// Sends ops to their owners and routes the answers back.
+    forwarder: forward::Forwarder,
 }
 
 /// Why cluster mode could not start.
@@ -49,17 +57,22 @@ pub enum ClusterError {
     Membership(#[from] membership::AgreeError),
     #[error("cannot subscribe on NATS: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot flush to NATS: {0}")]
+    Flush(#[from] async_nats::client::FlushError),
 }
 
 impl Cluster {
     /// Connects to NATS, starts answering the member-list question, checks that every
-    /// live node agrees on the list.
+    /// live node agrees on the list, and starts routing the answers of forwarded ops.
+    /// The owner side of forwarding starts later ([`rpc::serve`]), once the registry
+    /// exists.
     pub async fn join(settings: ClusterSettings) -> Result<Arc<Cluster>, ClusterError> {
         let node = settings.node_id.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("roomd {}.{node}", settings.name))
             .connection_timeout(CONNECT_TIMEOUT)
-            // Reconnect for ever: while NATS is away, locally owned rooms keep working.
+            // Reconnect for ever: while NATS is away, locally owned rooms keep working
+            // and everything else is `unavailable` (see `forward`).
             .max_reconnects(None)
             .event_callback(move |event| {
                 let node = node.clone();
@@ -97,10 +110,12 @@ impl Cluster {
             live = %agreeing.join(","),
             "cluster: joined; the live nodes agree on the member list"
         );
+        let forwarder = forward::Forwarder::start(&client, &settings, instance).await?;
         Ok(Arc::new(Cluster {
             settings,
             client,
             instance,
+            forwarder,
         }))
     }
 
@@ -136,6 +151,10 @@ impl Cluster {
         self.instance
     }
 
+    pub fn forwarder(&self) -> &forward::Forwarder {
+        &self.forwarder
+    }
+
     /// What `/readyz` says about the cluster.
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
@@ -144,4 +163,9 @@ impl Cluster {
             "nats": if self.nats_connected() { "connected" } else { "disconnected" },
         })
     }
+}
+
+/// `{cluster}.node.{node}.rpc`.
+pub fn rpc_subject(cluster: &str, node: &str) -> String {
+    format!("{cluster}.node.{node}.rpc")
 }

@@ -12,6 +12,7 @@
 //! reach each room in the order they arrived, and a client that floods requests is
 //! slowed to the rooms' pace instead of growing a queue.
 
+mod forwarding;
 pub mod frame_guard;
 pub mod upgrade;
 
@@ -66,6 +67,8 @@ pub struct Session {
     opened: Instant,
     frames_in: u64,
     bytes_in: u64,
+    /// Cluster mode: this connection's ops forwarded to other nodes, awaiting answers.
+    forwards: crate::cluster::forward::AckOrder,
 }
 
 impl Session {
@@ -101,6 +104,7 @@ impl Session {
             opened: Instant::now(),
             frames_in: 0,
             bytes_in: 0,
+            forwards: Default::default(),
         }
     }
 
@@ -184,7 +188,7 @@ impl Session {
                     refusal,
                     reply: ReplyTo::session(self.session.clone(), id),
                 };
-                self.deliver(ctx, room, msg);
+                self.route(ctx, room, msg);
             }
             Inbound::Op { id, room, op } => {
                 if !self.identity.may(Permission::Write, &room) {
@@ -202,7 +206,7 @@ impl Session {
                     refusal,
                     reply: ReplyTo::session(self.session.clone(), id),
                 };
-                self.deliver(ctx, room, msg);
+                self.route(ctx, room, msg);
             }
             Inbound::Sub {
                 room,
@@ -227,6 +231,17 @@ impl Session {
                         Code::Limit,
                         Some(&room),
                         format!("subscriptions limited to {limit} per connection"),
+                    );
+                }
+                if let Some(cluster) = self.shared.cluster.as_ref().filter(|c| !c.owns(&room_id)) {
+                    let owner = cluster.owner(&room_id);
+                    return self.error(
+                        Code::Unavailable,
+                        Some(&room),
+                        format!(
+                            "room {room_id} is owned by node {owner}; subscriptions across \
+                             nodes are not built yet: subscribe on node {owner}"
+                        ),
                     );
                 }
                 let registry = self.shared.registry.clone();

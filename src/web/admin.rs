@@ -90,6 +90,7 @@ pub async fn presence(
     require_admin(&req, &shared)?;
     let room = RoomId::parse(&path.into_inner())
         .map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
+    crate::http::local_room(&shared, &room)?;
     let result = match shared.registry.get(&room).send(ReadPresence).await {
         Ok(result) => result,
         // The room stopped between lookup and send: start it again once.

@@ -196,3 +196,145 @@ async fn cluster_mode_without_a_reachable_nats_does_not_start() {
     assert!(!status.success());
     assert!(stderr.contains("need --cluster-nats"), "{stderr}");
 }
+
+/// Three nodes `a`, `b`, `c` on one NATS.
+async fn three_nodes(nats: &Nats) -> Vec<Server> {
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        nodes.push(start_node(nats, id, "a,b,c").await);
+    }
+    nodes
+}
+
+/// The index of the node owning `room`: the only one that does not answer a read of it
+/// with 503 (reads are not forwarded, and a non-owner names the owner instead).
+async fn owner_of(nodes: &[Server], room: &str) -> usize {
+    let mut owners = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let response = node.get(&format!("/api/rooms/{room}")).await;
+        if response.status != 503 {
+            owners.push(i);
+        } else {
+            assert_eq!(response.code(), "unavailable", "{}", response.text);
+        }
+    }
+    assert_eq!(owners.len(), 1, "exactly one node owns {room}: {owners:?}");
+    owners[0]
+}
+
+fn incr() -> serde_json::Value {
+    json!({"type": "incr", "key": "n", "by": 1})
+}
+
+#[tokio::test]
+async fn ops_through_non_owners_are_applied_once_and_acked_in_order() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "state:forwarded";
+    let owner = owner_of(&nodes, room).await;
+    let (n1, n2) = ((owner + 1) % 3, (owner + 2) % 3);
+
+    // Create and op through a non-owner.
+    let mut alice = nodes[n1].client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    assert_eq!(alice.ack("x1", room, incr()).await, 2);
+    // A refusal comes back with the owner's code and message.
+    let reply = alice
+        .op("bad", room, json!({"type": "del", "key": "missing"}))
+        .await;
+    assert_eq!(reply["t"], "nack");
+    assert_eq!(reply["code"], "invalid");
+    // The same op id re-sent through another node: the original ack, applied once.
+    let mut again = nodes[n2].client("alice").await;
+    let reply = again.op("x1", room, incr()).await;
+    assert_eq!(reply, json!({"t": "ack", "id": "x1", "seq": 2}));
+    // A re-sent create is answered from the record too (seq 1); another id is `exists`.
+    let create_again = again.create(room, "state", json!({})).await;
+    assert_eq!(create_again["seq"], 1, "{create_again}");
+    let other_create = again
+        .reply_to(json!({"t": "create", "id": "c2", "room": room, "kind": "state", "init": {}}))
+        .await;
+    assert_eq!(other_create["code"], "exists", "{other_create}");
+
+    // Pipelined ops through a non-owner: acked in the order sent, seqs in that order.
+    for i in 0..30 {
+        alice.send_op(&format!("p{i}"), room, incr()).await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 30 {
+        let msg = alice
+            .recv_until(|v| v["t"] == "ack" || v["t"] == "nack")
+            .await;
+        assert_eq!(msg["t"], "ack", "{msg}");
+        assert_eq!(msg["id"], format!("p{}", seqs.len()), "acks out of order");
+        seqs.push(msg["seq"].as_u64().expect("an integer seq"));
+    }
+    assert_eq!(seqs, (3..33).collect::<Vec<u64>>());
+
+    // HTTP ops are forwarded too, with the same effectively-once rule.
+    let posted = nodes[n2]
+        .post_as(
+            "bob",
+            &format!("/api/rooms/{room}/ops"),
+            &json!({"id": "h1", "op": incr()}),
+        )
+        .await;
+    assert_eq!(posted.status, 200, "{}", posted.text);
+    assert_eq!(posted.body, json!({"seq": 33}));
+    let reposted = nodes[n1]
+        .post_as(
+            "bob",
+            &format!("/api/rooms/{room}/ops"),
+            &json!({"id": "h1", "op": incr()}),
+        )
+        .await;
+    assert_eq!(reposted.body, json!({"seq": 33}));
+
+    // The owner holds every op once: 1 + 30 + 1 increments.
+    let state = nodes[owner].room_state(room).await;
+    assert_eq!(state["seq"], 33);
+    assert_eq!(state["entries"], json!([{"k": "n", "v": 32, "ver": 33}]));
+
+    // Not forwarded yet: a subscription on a non-owner is refused, loudly.
+    let refused = alice.sub_msg(json!({"t": "sub", "room": room})).await;
+    assert_eq!(refused["t"], "error");
+    assert_eq!(refused["code"], "unavailable");
+}
+
+#[tokio::test]
+async fn an_owner_killed_gives_unavailable_and_after_restart_the_room_continues() {
+    let nats = Nats::start().await;
+    let mut nodes = three_nodes(&nats).await;
+    let room = "state:owner-restarts";
+    let owner = owner_of(&nodes, room).await;
+    let other = (owner + 1) % 3;
+    let mut alice = nodes[other].client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    assert_eq!(alice.ack("k1", room, incr()).await, 2);
+    let before = nodes[owner].room_state(room).await;
+
+    nodes[owner].kill9().await;
+    let reply = alice.op("k2", room, incr()).await;
+    assert_eq!(reply["t"], "nack", "{reply}");
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    let posted = nodes[other]
+        .post_as(
+            "bob",
+            &format!("/api/rooms/{room}/ops"),
+            &json!({"id": "h", "op": incr()}),
+        )
+        .await;
+    assert_eq!(posted.status, 503, "{}", posted.text);
+
+    nodes[owner].restart().await;
+    // The nacked op was not recorded: re-sent, it applies now; the acked one is
+    // answered from the record. Same epoch, seq continues.
+    assert_eq!(alice.ack("k2", room, incr()).await, 3);
+    assert_eq!(
+        alice.op("k1", room, incr()).await,
+        json!({"t": "ack", "id": "k1", "seq": 2})
+    );
+    let after = nodes[owner].room_state(room).await;
+    assert_eq!(after["epoch"], before["epoch"]);
+    assert_eq!(after["entries"], json!([{"k": "n", "v": 2, "ver": 3}]));
+}

@@ -1,0 +1,304 @@
+//! The sending side of forwarded ops: a client's `op` or `create` (WebSocket or HTTP)
+//! for a room this node does not own goes to the owner as an [`Request`], and the
+//! owner's answer comes back as the client's `ack` or `nack`.
+//!
+//! Answers come back on one subscription per process
+//! (`{cluster}.reply.{node}.{instance}.*`, the last token naming the request), routed to
+//! the waiting request here. Every forwarded op gets exactly one answer:
+//! - the owner's `ack` or `nack`;
+//! - `unavailable` at once when NATS is down, when no node serves the owner's subject
+//!   (the owner is not running: NATS answers "no responders"), or when this node
+//!   already has [`MAX_IN_FLIGHT`] forwards waiting (the overflow policy: refuse the
+//!   newest, never queue without bound; the client retries);
+//! - `unavailable` after [`FORWARD_TIMEOUT`] without an answer. The op may still have
+//!   been applied then (the owner was slow, or its answer was lost): a re-send with the
+//!   same op id, through any node, gets the original ack.
+//!
+//! [`AckOrder`] keeps the contract's order: a connection's answers for one room go out
+//! in the order its ops were sent, whatever order the owner's answers arrive in.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::rpc::{Forwardable, Reply, Request};
+use super::Cluster;
+use crate::config::ClusterSettings;
+use crate::protocol::codes::Code;
+use crate::protocol::ids::RoomId;
+use crate::room::messages::{OpDone, ReplyTo};
+use crate::room::RoomError;
+
+/// Forwards waiting for their owner's answer on this node, all connections together.
+pub const MAX_IN_FLIGHT: usize = 8_192;
+
+/// How long a forwarded op waits for its owner's answer before it is nacked
+/// `unavailable`. An ack waits for the owner's commit (an fsync under `immediate`), so
+/// this is far above a healthy answer's time.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Answer = Result<OpDone, RoomError>;
+
+/// Forwards waiting for an answer: request token -> (owner, where the answer goes).
+type Pending = Arc<Mutex<HashMap<u64, (String, oneshot::Sender<Answer>)>>>;
+
+/// Sends forwarded ops and routes their answers (one per process, in [`Cluster`]).
+pub struct Forwarder {
+    client: async_nats::Client,
+    cluster_name: String,
+    /// `{cluster}.reply.{node}.{instance}`: answers arrive on `{reply_prefix}.{token}`.
+    reply_prefix: String,
+    pending: Pending,
+    next_token: AtomicU64,
+    in_flight: Arc<Semaphore>,
+}
+
+/// A forward sent and not yet answered; [`Ticket::answer`] waits for it.
+pub struct Ticket {
+    token: u64,
+    owner: String,
+    rx: oneshot::Receiver<Answer>,
+    pending: Pending,
+    /// Given back when the answer (or the timeout) comes.
+    _permit: OwnedSemaphorePermit,
+}
+
+fn unavailable(msg: String) -> RoomError {
+    RoomError::Rejected(Code::Unavailable, msg)
+}
+
+impl Forwarder {
+    /// Subscribes to this process's answers and starts routing them.
+    pub async fn start(
+        client: &async_nats::Client,
+        settings: &ClusterSettings,
+        instance: u64,
+    ) -> Result<Forwarder, async_nats::SubscribeError> {
+        let reply_prefix = format!(
+            "{}.reply.{}.{instance:016x}",
+            settings.name, settings.node_id
+        );
+        let mut answers = client.subscribe(format!("{reply_prefix}.*")).await?;
+        let pending: Pending = Arc::default();
+        let routing = pending.clone();
+        actix_rt::spawn(async move {
+            while let Some(message) = answers.next().await {
+                let token = message
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|t| t.parse::<u64>().ok());
+                let Some((owner, tx)) = token.and_then(|t| routing.lock().remove(&t)) else {
+                    // Answered after its timeout: the client already got `unavailable`.
+                    continue;
+                };
+                let answer = if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                    Err(unavailable(format!(
+                        "node {owner}, the room's owner, is not running"
+                    )))
+                } else {
+                    serde_json::from_slice::<Reply>(&message.payload)
+                        .map(Reply::into_answer)
+                        .unwrap_or_else(|e| {
+                            Err(unavailable(format!(
+                                "unreadable answer from node {owner}: {e}"
+                            )))
+                        })
+                };
+                let _ = tx.send(answer);
+            }
+        });
+        Ok(Forwarder {
+            client: client.clone(),
+            cluster_name: settings.name.clone(),
+            reply_prefix,
+            pending,
+            next_token: AtomicU64::new(1),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        })
+    }
+
+    /// Publishes `request` to `owner`. Returns once the request is handed to the NATS
+    /// client, so requests sent one after another reach the owner in that order; the
+    /// answer is [`Ticket::answer`]. Err: refused at once (see the module docs).
+    pub async fn send(&self, owner: &str, request: &Request) -> Result<Ticket, RoomError> {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(unavailable(format!(
+                "{MAX_IN_FLIGHT} ops are already waiting for other nodes; retry"
+            )));
+        };
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(unavailable(format!(
+                "NATS is unreachable, so node {owner} (the room's owner) is too"
+            )));
+        }
+        let payload = serde_json::to_vec(request).unwrap_or_default();
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(token, (owner.to_owned(), tx));
+        let subject = super::rpc_subject(&self.cluster_name, owner);
+        let reply = format!("{}.{token}", self.reply_prefix);
+        if let Err(e) = self
+            .client
+            .publish_with_reply(subject, reply, payload.into())
+            .await
+        {
+            self.pending.lock().remove(&token);
+            return Err(unavailable(format!("cannot reach node {owner}: {e}")));
+        }
+        Ok(Ticket {
+            token,
+            owner: owner.to_owned(),
+            rx,
+            pending: self.pending.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+impl Ticket {
+    /// The owner's answer, or `unavailable` after [`FORWARD_TIMEOUT`].
+    pub async fn answer(self) -> Answer {
+        match tokio::time::timeout(FORWARD_TIMEOUT, self.rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) | Err(_) => {
+                self.pending.lock().remove(&self.token);
+                Err(unavailable(format!(
+                    "no answer from node {} (the room's owner) within {FORWARD_TIMEOUT:?}; \
+                     re-send with the same id to learn the outcome",
+                    self.owner
+                )))
+            }
+        }
+    }
+}
+
+/// Forwards one message to its room's owner and gives the answer to the message's
+/// `ReplyTo` (the HTTP API's path: one request, one answer).
+pub async fn forward_one<M: Forwardable>(cluster: &Cluster, room: &RoomId, msg: M) {
+    let (request, reply) = msg.into_request(room);
+    let answer = match cluster
+        .forwarder()
+        .send(cluster.owner(room), &request)
+        .await
+    {
+        Ok(ticket) => ticket.answer().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(done) => reply.ack(done),
+        Err(e) => reply.nack(e),
+    }
+}
+
+/// One connection's forwarded ops awaiting answers, per room in the order sent: an
+/// answer is given only once every earlier op of that room has been answered. Bounded
+/// by the connection's op rate and [`MAX_IN_FLIGHT`].
+#[derive(Debug, Default)]
+pub struct AckOrder {
+    rooms: HashMap<String, VecDeque<Waiting>>,
+    next_slot: u64,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    slot: u64,
+    reply: ReplyTo,
+    answer: Option<Answer>,
+}
+
+impl AckOrder {
+    /// Records an op sent for `room`; its answer is later given with the returned slot.
+    pub fn push(&mut self, room: &str, reply: ReplyTo) -> u64 {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.rooms
+            .entry(room.to_owned())
+            .or_default()
+            .push_back(Waiting {
+                slot,
+                reply,
+                answer: None,
+            });
+        slot
+    }
+
+    /// Records the answer for `slot`, then answers, in order, every op of `room` whose
+    /// turn has come.
+    pub fn answer(&mut self, room: &str, slot: u64, answer: Answer) {
+        let Some(queue) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if let Some(waiting) = queue.iter_mut().find(|w| w.slot == slot) {
+            waiting.answer = Some(answer);
+        }
+        while queue.front().is_some_and(|w| w.answer.is_some()) {
+            let Some(Waiting {
+                reply,
+                answer: Some(answer),
+                ..
+            }) = queue.pop_front()
+            else {
+                break;
+            };
+            match answer {
+                Ok(done) => reply.ack(done),
+                Err(e) => reply.nack(e),
+            }
+        }
+        if queue.is_empty() {
+            self.rooms.remove(room);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_go_out_in_the_order_the_ops_were_sent() {
+        let mut order = AckOrder::default();
+        let mut receivers = Vec::new();
+        let mut slots = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = oneshot::channel();
+            slots.push(order.push("r", ReplyTo::http(tx)));
+            receivers.push(rx);
+        }
+        let (tx, mut other_room) = oneshot::channel();
+        let other = order.push("s", ReplyTo::http(tx));
+        let done = |seq| Ok(OpDone { seq, epoch: 1 });
+        // The third answer first: held back behind the first two.
+        order.answer("r", slots[2], done(12));
+        assert!(receivers[2].try_recv().is_err());
+        // Another room is not held up by this one.
+        order.answer("s", other, done(5));
+        assert!(matches!(
+            other_room.try_recv(),
+            Ok(Ok(OpDone { seq: 5, .. }))
+        ));
+        order.answer("r", slots[0], done(10));
+        assert!(matches!(
+            receivers[0].try_recv(),
+            Ok(Ok(OpDone { seq: 10, .. }))
+        ));
+        assert!(receivers[2].try_recv().is_err());
+        order.answer(
+            "r",
+            slots[1],
+            Err(RoomError::Rejected(Code::Conflict, "if_ver".into())),
+        );
+        assert!(matches!(receivers[1].try_recv(), Ok(Err(_))));
+        assert!(matches!(
+            receivers[2].try_recv(),
+            Ok(Ok(OpDone { seq: 12, .. }))
+        ));
+        assert!(order.rooms.is_empty());
+    }
+}

@@ -1,0 +1,343 @@
+//! Requests between nodes: the wire of a forwarded op or create, and the owner's side
+//! that runs them through its normal room path.
+//!
+//! A node that does not own a room sends the room's owner a [`Request`] on
+//! `{cluster}.node.{owner}.rpc` ([`super::forward`] does that); the owner hands it to
+//! the room as an ordinary `Submit` or `Create`, so its op-id window, its commit and its
+//! ordering apply unchanged (a re-send through another node gets the original ack), and
+//! answers with a [`Reply`] once the room has answered (after the commit: log before
+//! send). Both are JSON: small, and readable with `nats sub` when something goes wrong.
+//!
+//! The owner reads its requests in arrival order and hands each to its room before it
+//! reads the next, so ops from one connection (published in order on one NATS
+//! connection) reach their room in order. A room whose mailbox is full therefore holds
+//! up this node's requests for other rooms until it takes the message; that is the
+//! same back-pressure a local connection meets, shared by the node. Requests NATS could
+//! not hand over while this loop waits are buffered by the NATS client (65,536 messages
+//! per subscription); past that NATS drops them, and their senders time out with
+//! `unavailable` (see `forward::FORWARD_TIMEOUT`).
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{Cluster, ClusterError};
+use crate::protocol::codes::Code;
+use crate::protocol::ids::RoomId;
+use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
+use crate::room::registry::Registry;
+use crate::room::{Room, RoomError};
+
+/// A forwarded op or create: everything the owner's room needs, and nothing of the
+/// client's connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    pub room: String,
+    pub user: String,
+    /// The client's op id (None for guests: never deduplicated).
+    pub op_id: Option<String>,
+    /// When the op arrived at the node the client is connected to (ms since 1970).
+    pub now_ms: i64,
+    pub what: What,
+    /// Refused before it was forwarded (over the rate, malformed); the owner still
+    /// answers a re-sent op id from its record first.
+    pub refusal: Option<WireError>,
+}
+
+/// What a [`Request`] asks of the room.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum What {
+    /// An op, as the JSON of the contract (`$b64` for bytes).
+    Submit { op: serde_json::Value },
+    Create {
+        kind: String,
+        init: serde_json::Value,
+    },
+}
+
+/// A refusal's contract code and message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WireError {
+    pub code: String,
+    pub msg: String,
+}
+
+/// The owner's answer to a [`Request`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ack { seq: u64, epoch: u64 },
+    Nack(WireError),
+}
+
+/// Every contract code, to read one back by name.
+const CODES: [Code; 12] = [
+    Code::BadFrame,
+    Code::Invalid,
+    Code::NotFound,
+    Code::Exists,
+    Code::Forbidden,
+    Code::Conflict,
+    Code::Closed,
+    Code::RateLimited,
+    Code::TooLarge,
+    Code::Limit,
+    Code::Gone,
+    Code::Unavailable,
+];
+
+impl WireError {
+    pub fn of(error: &RoomError) -> WireError {
+        WireError {
+            code: error.code().as_str().to_owned(),
+            msg: error.to_string(),
+        }
+    }
+
+    /// The refusal as the room error it stands for (same code, same message); an
+    /// unknown code (a newer node) is `unavailable`.
+    pub fn into_room_error(self) -> RoomError {
+        let code = CODES
+            .into_iter()
+            .find(|code| code.as_str() == self.code)
+            .unwrap_or(Code::Unavailable);
+        RoomError::Rejected(code, self.msg)
+    }
+}
+
+impl Reply {
+    pub fn of(answer: &Result<OpDone, RoomError>) -> Reply {
+        match answer {
+            Ok(done) => Reply::Ack {
+                seq: done.seq,
+                epoch: done.epoch,
+            },
+            Err(e) => Reply::Nack(WireError::of(e)),
+        }
+    }
+
+    pub fn into_answer(self) -> Result<OpDone, RoomError> {
+        match self {
+            Reply::Ack { seq, epoch } => Ok(OpDone { seq, epoch }),
+            Reply::Nack(e) => Err(e.into_room_error()),
+        }
+    }
+}
+
+/// A room message that can be forwarded: split into the request for the owner and the
+/// `ReplyTo` the owner's answer is given to.
+pub trait Forwardable: Sized {
+    fn into_request(self, room: &RoomId) -> (Request, ReplyTo);
+}
+
+impl Forwardable for room_msg::Submit {
+    fn into_request(self, room: &RoomId) -> (Request, ReplyTo) {
+        let request = Request {
+            room: room.to_string(),
+            user: self.user.to_string(),
+            op_id: self.op_id,
+            now_ms: self.now_ms,
+            what: What::Submit {
+                op: crate::protocol::json::from_value(&self.op),
+            },
+            refusal: self.refusal.as_ref().map(WireError::of),
+        };
+        (request, self.reply)
+    }
+}
+
+impl Forwardable for room_msg::Create {
+    fn into_request(self, room: &RoomId) -> (Request, ReplyTo) {
+        let request = Request {
+            room: room.to_string(),
+            user: self.user.to_string(),
+            op_id: self.op_id,
+            now_ms: self.now_ms,
+            what: What::Create {
+                kind: self.kind,
+                init: crate::protocol::json::from_value(&self.init),
+            },
+            refusal: self.refusal.as_ref().map(WireError::of),
+        };
+        (request, self.reply)
+    }
+}
+
+/// Serves this node's requests (`{cluster}.node.{id}.rpc`) for as long as the NATS
+/// connection lives; see the module docs for the order and the bounds.
+pub async fn serve(cluster: Arc<Cluster>, registry: Arc<Registry>) -> Result<(), ClusterError> {
+    let subject = super::rpc_subject(&cluster.settings().name, cluster.node_id());
+    let mut requests = cluster.client().subscribe(subject).await?;
+    // Subscribed at the server before this node says it listens: a forward sent once
+    // it is up finds it.
+    cluster.client().flush().await?;
+    actix_rt::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let Some(reply_to) = message.reply.clone() else {
+                continue;
+            };
+            let answer = match serde_json::from_slice::<Request>(&message.payload) {
+                Ok(request) => run(&cluster, &registry, request).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: unreadable request refused");
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Err(RoomError::Rejected(
+                        Code::Invalid,
+                        format!("unreadable cluster request: {e}"),
+                    )));
+                    rx
+                }
+            };
+            let client = cluster.client().clone();
+            actix_rt::spawn(async move {
+                // The room drops its `ReplyTo` only by answering `unavailable`.
+                let answer = answer.await.unwrap_or(Err(RoomError::Restarted));
+                let payload = serde_json::to_vec(&Reply::of(&answer)).unwrap_or_default();
+                // A lost reply times out at the sender (`unavailable`); a re-send of the
+                // op id is then answered from the room's record.
+                let _ = client.publish(reply_to, payload.into()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Hands one request to its room (waiting while the room's mailbox is full); the
+/// receiver gets the room's answer.
+async fn run(
+    cluster: &Cluster,
+    registry: &Arc<Registry>,
+    request: Request,
+) -> oneshot::Receiver<Result<OpDone, RoomError>> {
+    let (tx, rx) = oneshot::channel();
+    let reply = ReplyTo::http(tx);
+    let room = match RoomId::parse(&request.room) {
+        Ok(room) => room,
+        Err(e) => {
+            reply.nack(RoomError::Rejected(Code::Invalid, e.to_string()));
+            return rx;
+        }
+    };
+    if !cluster.owns(&room) {
+        // Only when two nodes disagree on the member list (refused at startup).
+        reply.nack(RoomError::Rejected(
+            Code::Unavailable,
+            format!(
+                "node {} does not own room {room} (its owner is {}); check --cluster-nodes",
+                cluster.node_id(),
+                cluster.owner(&room)
+            ),
+        ));
+        return rx;
+    }
+    let refusal = request.refusal.map(WireError::into_room_error);
+    let user: Arc<str> = request.user.into();
+    match request.what {
+        What::Submit { op } => {
+            let (op, refusal) = value_of(&op, "op", refusal);
+            let msg = room_msg::Submit {
+                user,
+                op_id: request.op_id,
+                op,
+                now_ms: request.now_ms,
+                refusal,
+                reply,
+            };
+            deliver(registry, &room, msg).await;
+        }
+        What::Create { kind, init } => {
+            let (init, refusal) = value_of(&init, "init", refusal);
+            let msg = room_msg::Create {
+                user,
+                op_id: request.op_id,
+                kind,
+                init,
+                now_ms: request.now_ms,
+                refusal,
+                reply,
+            };
+            deliver(registry, &room, msg).await;
+        }
+    }
+    rx
+}
+
+/// The value of a forwarded body; one that does not read back (a sender's bug) is a
+/// refusal, after any refusal the sender already made.
+fn value_of(
+    json: &serde_json::Value,
+    what: &str,
+    refusal: Option<RoomError>,
+) -> (crate::value::Value, Option<RoomError>) {
+    match crate::protocol::json::to_value(json) {
+        Ok(value) => (value, refusal),
+        Err(why) => (
+            crate::value::Value::Null,
+            refusal.or(Some(RoomError::Rejected(
+                Code::Invalid,
+                format!("{what}: {why}"),
+            ))),
+        ),
+    }
+}
+
+/// Sends a message to its room, starting the room if it stopped meanwhile; a message
+/// that cannot be delivered answers `unavailable` through its `ReplyTo`.
+async fn deliver<M>(registry: &Arc<Registry>, room: &RoomId, msg: M)
+where
+    M: actix::Message<Result = ()> + Send + 'static,
+    Room: actix::Handler<M>,
+{
+    let addr = registry.get(room);
+    match addr.try_send(msg) {
+        Ok(()) => {}
+        Err(actix::prelude::SendError::Full(msg) | actix::prelude::SendError::Closed(msg)) => {
+            let _ = registry.get(room).send(msg).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_read_back_as_written() {
+        let request = Request {
+            room: "poll:lunch".into(),
+            user: "alice".into(),
+            op_id: Some("c2".into()),
+            now_ms: 1_767_225_600_000,
+            what: What::Submit {
+                op: serde_json::json!({"type": "vote", "option": 1, "blob": {"$b64": "AAE="}}),
+            },
+            refusal: Some(WireError {
+                code: "rate_limited".into(),
+                msg: "ops limited".into(),
+            }),
+        };
+        let bytes = serde_json::to_vec(&request).expect("serializable");
+        assert_eq!(
+            serde_json::from_slice::<Request>(&bytes).expect("readable"),
+            request
+        );
+        let refused = Reply::of(&Err(RoomError::Rejected(Code::Conflict, "if_ver".into())));
+        match refused.into_answer() {
+            Err(e) => {
+                assert_eq!(e.code(), Code::Conflict);
+                assert_eq!(e.to_string(), "if_ver");
+            }
+            Ok(done) => panic!("a nack read back as {done:?}"),
+        }
+        let unknown = WireError {
+            code: "from_the_future".into(),
+            msg: "?".into(),
+        };
+        assert_eq!(unknown.into_room_error().code(), Code::Unavailable);
+        let acked = Reply::of(&Ok(OpDone { seq: 58, epoch: 7 })).into_answer();
+        assert!(matches!(acked, Ok(OpDone { seq: 58, epoch: 7 })));
+    }
+}
