@@ -3,10 +3,11 @@
 //! a peer broadcast server (`fanout --target ws|socketio`), and prints a table or, with
 //! `--json`, one JSON object on stdout.
 //!
-//! Codemap: `fanout`, `ingest` and `connections` are the scenarios, each returning a
-//! `report::Report`; `server` starts and stops the local roomd; `proc_stats` reads a
-//! server's CPU time and RSS from /proc; `client` opens WebSocket connections (from a
-//! chosen 127.0.0.x source address when asked); `progress` draws the bar on stderr.
+//! Codemap: `fanout`, `ingest`, `connections` and `views` are the scenarios, each
+//! returning a `report::Report`; `server` starts and stops the local roomd; `proc_stats`
+//! reads a server's CPU time and RSS from /proc; `client` opens WebSocket connections
+//! (from a chosen 127.0.0.x source address when asked); `progress` draws the bar on
+//! stderr.
 //!
 //! Architecture invariant: the generator shares the machine with the server, so the hot
 //! paths (a subscriber reading a frame, a writer reading an ack) never parse a whole JSON
@@ -22,6 +23,7 @@ mod proc_stats;
 mod progress;
 mod report;
 mod server;
+mod views;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +33,7 @@ use clap::{Args, Subcommand};
 pub use connections::ConnectionsArgs;
 pub use fanout::{FanoutArgs, Target};
 pub use ingest::IngestArgs;
+pub use views::ViewsArgs;
 
 /// Flags of `roomd bench`; the global ones may come before or after the scenario.
 #[derive(Args, Debug, Clone)]
@@ -73,6 +76,11 @@ pub enum Scenario {
     /// Opens N idle connections; reports the connect rate and the server's RSS per
     /// connection.
     Connections(ConnectionsArgs),
+    /// Two players and N spectators in an `rps` room (per-viewer entries) and a `state`
+    /// room, written in turn at the same rate; reports deliveries/s of each and their
+    /// ratio. Needs a server that serves kind `rps`: run it as
+    /// `target/release/examples/rps bench views`.
+    Views(ViewsArgs),
 }
 
 /// Why a bench could not run to the end.
@@ -160,6 +168,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         Scenario::Fanout(scenario) => fanout::run(&args, scenario, &runtime)?,
         Scenario::Ingest(scenario) => ingest::run(&args, scenario, &runtime)?,
         Scenario::Connections(scenario) => connections::run(&args, scenario, &runtime)?,
+        Scenario::Views(scenario) => views::run(&args, scenario, &runtime)?,
     };
     // The scenario has stopped its server; tasks still holding a connection (the
     // publisher's reply reader) end with the runtime.
