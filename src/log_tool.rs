@@ -41,7 +41,8 @@ pub enum LogCommand {
         limit: u64,
     },
     /// Check every record: it decodes, seq is gapless within retention, and each
-    /// snapshot plus the logged changes after it equals the next snapshot and the head.
+    /// snapshot plus the logged changes after it equals the next snapshot and the head;
+    /// then every page of the file against its checksum (without writing to the file).
     /// Exits nonzero on any problem, naming it.
     Verify,
     /// Compact the database file, giving space freed by trimming back to the disk.
@@ -172,7 +173,7 @@ pub fn run(args: LogArgs) -> Result<(), LogToolError> {
             }
             writeln!(
                 out,
-                "ok: every record decodes, seq is gapless, snapshots agree with the log"
+                "ok: every record decodes, seq is gapless, snapshots agree with the log, page checksums match"
             )?;
         }
         LogCommand::Compact => unreachable!("handled above, before the store is opened"),

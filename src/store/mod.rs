@@ -42,6 +42,7 @@
 //! Not here: deciding epochs, when to snapshot or trim, building room state from
 //! records, and mapping errors to wire codes.
 
+mod checksums;
 mod epochs;
 mod error;
 mod format;

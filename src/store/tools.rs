@@ -13,6 +13,7 @@ use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::checksums;
 use super::error::redb_corruption;
 use super::guard;
 use super::lock::DirLock;
@@ -88,6 +89,11 @@ pub enum ProblemKind {
     /// when it breaks a page's structure or a row's bytes).
     #[error("{table} rows cannot be read, a page of the file is damaged: {detail}")]
     Unreadable { table: &'static str, detail: String },
+    /// Pages of the file fail their checksums (redb's integrity check, run on a
+    /// copy-on-write view of the file): a byte changed outside redb. The rows may still
+    /// decode, holding changed data; the check does not say which room's.
+    #[error("page checksums do not match, the file was changed outside roomd: {detail}")]
+    Checksums { detail: String },
     #[error("more than {limit} problems; the scan stopped here")]
     TooMany { limit: usize },
 }
@@ -361,6 +367,9 @@ pub fn verify(db: &redb::Database, path: &Path) -> Result<Vec<Problem>, StoreErr
                 return Ok(problems.list);
             }
         }
+    }
+    if let Some(detail) = checksums::check(path)? {
+        problems.push(DATABASE, ProblemKind::Checksums { detail });
     }
     // Rooms were checked in order, then tables; one stable sort groups a room's problems.
     problems.list.sort_by(|a, b| a.room.cmp(&b.room));

@@ -267,3 +267,55 @@ async fn a_damaged_page_makes_its_room_unavailable_while_the_others_keep_serving
     assert_eq!(entry_value(&server, "good:b", "k").await, json!(2));
     assert_eq!(entry_value(&server, "good:a", "n").await, json!(2));
 }
+
+/// Changes one letter of `marker`'s every copy in the data file (the rows still decode),
+/// returning how many it changed.
+fn change_a_letter_of(data_dir: &std::path::Path, marker: &str) -> usize {
+    let path = data_dir.join("roomd.redb");
+    let mut bytes = std::fs::read(&path).expect("the data file can be read");
+    let at: Vec<usize> = bytes
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, window)| *window == marker.as_bytes())
+        .map(|(at, _)| at)
+        .collect();
+    for &at in &at {
+        bytes[at] ^= 0x20; // lower case to upper case: still UTF-8, still a valid row
+    }
+    std::fs::write(&path, bytes).expect("the data file can be written");
+    at.len()
+}
+
+#[tokio::test]
+async fn a_changed_letter_inside_a_stored_value_fails_log_verify_by_its_page_checksum() {
+    let dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let mut server = Server::start_in(dir.path(), &[]).await;
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:v", "state", json!({})).await;
+    let op = json!({"type": "set", "key": "motto", "value": "zebras-never-sleep-here"});
+    alice.ack("v1", "state:v", op).await;
+    drop(alice);
+    server.terminate();
+    let status = server.wait_exit(std::time::Duration::from_secs(10)).await;
+    assert!(status.success(), "roomd exited with {status} on SIGTERM");
+
+    let sound = roomd_log(dir.path(), &["verify"]);
+    let stdout = String::from_utf8_lossy(&sound.stdout);
+    assert_eq!(sound.status.code(), Some(0), "{stdout}");
+    let before = std::fs::read(dir.path().join("roomd.redb")).expect("readable");
+
+    assert!(change_a_letter_of(dir.path(), "zebras-never-sleep-here") > 0);
+    let damaged = std::fs::read(dir.path().join("roomd.redb")).expect("readable");
+    assert_ne!(before, damaged);
+    let verify = roomd_log(dir.path(), &["verify"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr),
+    );
+    assert_eq!(verify.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("database: page checksums do not match"),
+        "{stdout}{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
