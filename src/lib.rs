@@ -41,9 +41,11 @@
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
 //! - [`cluster`]: cluster mode (`--cluster-nats`): the NATS connection, which node owns
 //!   a room ([`cluster::hrw`], rendezvous hashing), the startup agreement on the
-//!   member list ([`cluster::membership`]), and ops forwarded to a room's owner
+//!   member list ([`cluster::membership`]), ops forwarded to a room's owner
 //!   ([`cluster::forward`] sends, [`cluster::rpc`] answers on the owner through its
-//!   normal room path). Absent without `--cluster-nats`.
+//!   normal room path), and subscriptions to rooms owned elsewhere (a relay on the
+//!   owner, [`cluster::relay`], sends numbered frames to [`cluster::remote`]). Absent
+//!   without `--cluster-nats`.
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
 //!   [`auth`]: who a caller is (JWT with a secret, a PEM key or a JWKS; the API key;
 //!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the

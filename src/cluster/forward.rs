@@ -44,8 +44,8 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Answer = Result<OpDone, RoomError>;
 
-/// Forwards waiting for an answer: request token -> (owner, where the answer goes).
-type Pending = Arc<Mutex<HashMap<u64, (String, oneshot::Sender<Answer>)>>>;
+/// Forwards waiting for an answer: request token -> (owner, where the reply goes).
+type Pending = Arc<Mutex<HashMap<u64, (String, oneshot::Sender<Result<Reply, RoomError>>)>>>;
 
 /// Sends forwarded ops and routes their answers (one per process, in [`Cluster`]).
 pub struct Forwarder {
@@ -62,7 +62,7 @@ pub struct Forwarder {
 pub struct Ticket {
     token: u64,
     owner: String,
-    rx: oneshot::Receiver<Answer>,
+    rx: oneshot::Receiver<Result<Reply, RoomError>>,
     pending: Pending,
     /// Given back when the answer (or the timeout) comes.
     _permit: OwnedSemaphorePermit,
@@ -102,13 +102,9 @@ impl Forwarder {
                         "node {owner}, the room's owner, is not running"
                     )))
                 } else {
-                    serde_json::from_slice::<Reply>(&message.payload)
-                        .map(Reply::into_answer)
-                        .unwrap_or_else(|e| {
-                            Err(unavailable(format!(
-                                "unreadable answer from node {owner}: {e}"
-                            )))
-                        })
+                    serde_json::from_slice::<Reply>(&message.payload).map_err(|e| {
+                        unavailable(format!("unreadable answer from node {owner}: {e}"))
+                    })
                 };
                 let _ = tx.send(answer);
             }
@@ -162,10 +158,15 @@ impl Forwarder {
 }
 
 impl Ticket {
-    /// The owner's answer, or `unavailable` after [`FORWARD_TIMEOUT`].
+    /// The owner's answer to an op, or `unavailable` after [`FORWARD_TIMEOUT`].
     pub async fn answer(self) -> Answer {
+        self.reply().await.and_then(Reply::into_answer)
+    }
+
+    /// The owner's reply, or `unavailable` after [`FORWARD_TIMEOUT`].
+    pub async fn reply(self) -> Result<Reply, RoomError> {
         match tokio::time::timeout(FORWARD_TIMEOUT, self.rx).await {
-            Ok(Ok(answer)) => answer,
+            Ok(Ok(reply)) => reply,
             Ok(Err(_)) | Err(_) => {
                 self.pending.lock().remove(&self.token);
                 Err(unavailable(format!(

@@ -14,11 +14,16 @@
 //! Subjects, all under `--cluster-name` (`{cluster}` below):
 //! - `{cluster}.members`: every node answers an announcement with its own (startup check);
 //! - `{cluster}.node.{id}.rpc`: requests to node `id` (forwarded ops and creates);
-//! - `{cluster}.reply.{id}.{instance}.{token}`: their answers.
+//! - `{cluster}.reply.{id}.{instance}.{token}`: their answers;
+//! - `{cluster}.deliver.{id}.{instance}.{session}.{owner}`: frames of remote
+//!   subscriptions, from the owner's relay ([`relay`]) to the subscriber's node
+//!   ([`remote`]).
 
 pub mod forward;
 pub mod hrw;
 pub mod membership;
+pub mod relay;
+pub mod remote;
 pub mod rpc;
 
 use std::sync::Arc;
@@ -39,6 +44,8 @@ pub struct Cluster {
     instance: u64,
     /// Sends ops to their owners and routes the answers back.
     forwarder: forward::Forwarder,
+    /// This node's subscriptions to rooms owned elsewhere.
+    remote: Arc<remote::Remote>,
 }
 
 /// Why cluster mode could not start.
@@ -111,12 +118,26 @@ impl Cluster {
             "cluster: joined; the live nodes agree on the member list"
         );
         let forwarder = forward::Forwarder::start(&client, &settings, instance).await?;
-        Ok(Arc::new(Cluster {
+        let remote =
+            remote::Remote::start(&client, &settings.name, &settings.node_id, instance).await?;
+        let cluster = Arc::new(Cluster {
             settings,
             client,
             instance,
             forwarder,
-        }))
+            remote,
+        });
+        let pinging = Arc::downgrade(&cluster);
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(remote::PING_INTERVAL).await;
+                let Some(cluster) = pinging.upgrade() else {
+                    return;
+                };
+                cluster.ping_owners().await;
+            }
+        });
+        Ok(cluster)
     }
 
     pub fn node_id(&self) -> &str {
@@ -153,6 +174,35 @@ impl Cluster {
 
     pub fn forwarder(&self) -> &forward::Forwarder {
         &self.forwarder
+    }
+
+    pub fn remote(&self) -> &Arc<remote::Remote> {
+        &self.remote
+    }
+
+    /// Pings every owner this node has remote subscriptions on (see [`remote`]).
+    async fn ping_owners(&self) {
+        for owner in self.remote.owners() {
+            let request = rpc::Request {
+                room: String::new(),
+                user: String::new(),
+                op_id: None,
+                now_ms: 0,
+                what: rpc::What::Ping {
+                    node: self.remote.node_key().to_owned(),
+                },
+                refusal: None,
+            };
+            let reply = match self.forwarder.send(&owner, &request).await {
+                Ok(ticket) => ticket.reply().await,
+                Err(e) => Err(e),
+            };
+            let alive = match reply {
+                Ok(rpc::Reply::Done { instance, .. }) => Some(instance),
+                _ => None,
+            };
+            self.remote.owner_is(&owner, alive);
+        }
     }
 
     /// What `/readyz` says about the cluster.

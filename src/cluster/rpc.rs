@@ -1,5 +1,7 @@
 //! Requests between nodes: the wire of a forwarded op or create, and the owner's side
-//! that runs them through its normal room path.
+//! that runs them through its normal room path. The requests of remote subscriptions
+//! (subscribe, unsubscribe, signal, close, ping) travel the same way and are answered
+//! by the owner's relays (`relay`).
 //!
 //! A node that does not own a room sends the room's owner a [`Request`] on
 //! `{cluster}.node.{owner}.rpc` ([`super::forward`] does that); the owner hands it to
@@ -23,9 +25,11 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::relay::{Relays, RemoteConn};
 use super::{Cluster, ClusterError};
 use crate::protocol::codes::Code;
 use crate::protocol::ids::RoomId;
+use crate::protocol::{Encoding, Since};
 use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
 use crate::room::registry::Registry;
 use crate::room::{Room, RoomError};
@@ -51,10 +55,38 @@ pub struct Request {
 #[serde(rename_all = "snake_case")]
 pub enum What {
     /// An op, as the JSON of the contract (`$b64` for bytes).
-    Submit { op: serde_json::Value },
+    Submit {
+        op: serde_json::Value,
+    },
     Create {
         kind: String,
         init: serde_json::Value,
+    },
+    /// Subscribe a remote connection (`relay`): its frames go to `deliver`.
+    Subscribe {
+        deliver: String,
+        /// `{node}.{instance}` of the subscriber's node.
+        node: String,
+        dedup: bool,
+        rkyv: bool,
+        presence: bool,
+        /// `since` as the client sent it (None: no `since`).
+        since: Option<(Option<u64>, Option<u64>)>,
+    },
+    Unsubscribe {
+        deliver: String,
+    },
+    /// The remote connection ended.
+    Close {
+        deliver: String,
+    },
+    Signal {
+        deliver: String,
+        data: serde_json::Value,
+    },
+    /// A subscriber's node is alive (`remote`); answered with this process's instance.
+    Ping {
+        node: String,
     },
 }
 
@@ -69,8 +101,17 @@ pub struct WireError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Ack { seq: u64, epoch: u64 },
+    Ack {
+        seq: u64,
+        epoch: u64,
+    },
     Nack(WireError),
+    /// The answer to the requests of remote subscriptions: whether it worked, and
+    /// which process of the owner answered.
+    Done {
+        ok: bool,
+        instance: u64,
+    },
 }
 
 /// Every contract code, to read one back by name.
@@ -123,6 +164,10 @@ impl Reply {
         match self {
             Reply::Ack { seq, epoch } => Ok(OpDone { seq, epoch }),
             Reply::Nack(e) => Err(e.into_room_error()),
+            Reply::Done { .. } => Err(RoomError::Rejected(
+                Code::Unavailable,
+                "the owner answered an op as something else".into(),
+            )),
         }
     }
 }
@@ -167,35 +212,47 @@ impl Forwardable for room_msg::Create {
 }
 
 /// Serves this node's requests (`{cluster}.node.{id}.rpc`) for as long as the NATS
-/// connection lives; see the module docs for the order and the bounds.
-pub async fn serve(cluster: Arc<Cluster>, registry: Arc<Registry>) -> Result<(), ClusterError> {
+/// connection lives; see the module docs for the order and the bounds. `queue_limit`
+/// bounds each remote connection's relay like a local connection's queue.
+pub async fn serve(
+    cluster: Arc<Cluster>,
+    registry: Arc<Registry>,
+    queue_limit: usize,
+) -> Result<(), ClusterError> {
     let subject = super::rpc_subject(&cluster.settings().name, cluster.node_id());
     let mut requests = cluster.client().subscribe(subject).await?;
     // Subscribed at the server before this node says it listens: a forward sent once
     // it is up finds it.
     cluster.client().flush().await?;
+    let relays = Relays::new(cluster.client().clone(), registry.clone(), queue_limit);
     actix_rt::spawn(async move {
         while let Some(message) = requests.next().await {
             let Some(reply_to) = message.reply.clone() else {
                 continue;
             };
             let answer = match serde_json::from_slice::<Request>(&message.payload) {
-                Ok(request) => run(&cluster, &registry, request).await,
+                Ok(request) => match request.what {
+                    What::Submit { .. } | What::Create { .. } => {
+                        Answer::Later(run(&cluster, &registry, request).await)
+                    }
+                    _ => Answer::Now(control(&cluster, &relays, request).await),
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "cluster: unreadable request refused");
-                    let (tx, rx) = oneshot::channel();
-                    let _ = tx.send(Err(RoomError::Rejected(
-                        Code::Invalid,
-                        format!("unreadable cluster request: {e}"),
-                    )));
-                    rx
+                    Answer::Now(Reply::Nack(WireError {
+                        code: Code::Invalid.as_str().into(),
+                        msg: format!("unreadable cluster request: {e}"),
+                    }))
                 }
             };
             let client = cluster.client().clone();
             actix_rt::spawn(async move {
-                // The room drops its `ReplyTo` only by answering `unavailable`.
-                let answer = answer.await.unwrap_or(Err(RoomError::Restarted));
-                let payload = serde_json::to_vec(&Reply::of(&answer)).unwrap_or_default();
+                let reply = match answer {
+                    // The room drops its `ReplyTo` only by answering `unavailable`.
+                    Answer::Later(rx) => Reply::of(&rx.await.unwrap_or(Err(RoomError::Restarted))),
+                    Answer::Now(reply) => reply,
+                };
+                let payload = serde_json::to_vec(&reply).unwrap_or_default();
                 // A lost reply times out at the sender (`unavailable`); a re-send of the
                 // op id is then answered from the room's record.
                 let _ = client.publish(reply_to, payload.into()).await;
@@ -203,6 +260,61 @@ pub async fn serve(cluster: Arc<Cluster>, registry: Arc<Registry>) -> Result<(),
         }
     });
     Ok(())
+}
+
+/// A request's answer: now, or once its room has answered.
+enum Answer {
+    Now(Reply),
+    Later(oneshot::Receiver<Result<OpDone, RoomError>>),
+}
+
+/// The requests of remote subscriptions, answered by the relays.
+async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply {
+    let instance = cluster.instance();
+    let done = |ok| Reply::Done { ok, instance };
+    match request.what {
+        What::Subscribe {
+            deliver,
+            node,
+            dedup,
+            rkyv,
+            presence,
+            since,
+        } => {
+            let room = match RoomId::parse(&request.room) {
+                Ok(room) if cluster.owns(&room) => room,
+                _ => return done(false),
+            };
+            let conn = RemoteConn {
+                deliver,
+                node,
+                user: request.user.into(),
+                dedup,
+                encoding: if rkyv { Encoding::Rkyv } else { Encoding::Json },
+            };
+            let since = since.map(|(epoch, seq)| Since { epoch, seq });
+            done(relays.subscribe(conn, &room, presence, since).await)
+        }
+        What::Unsubscribe { deliver } => {
+            relays.unsubscribe(&deliver, &request.room);
+            done(true)
+        }
+        What::Close { deliver } => {
+            relays.close(&deliver);
+            done(true)
+        }
+        What::Signal { deliver, data } => {
+            if let Ok(data) = crate::protocol::json::to_value(&data) {
+                relays.signal(&deliver, &request.room, data);
+            }
+            done(true)
+        }
+        What::Ping { node } => {
+            relays.ping(&node);
+            done(true)
+        }
+        What::Submit { .. } | What::Create { .. } => done(false),
+    }
 }
 
 /// Hands one request to its room (waiting while the room's mailbox is full); the
@@ -261,6 +373,8 @@ async fn run(
             };
             deliver(registry, &room, msg).await;
         }
+        // Answered by `control`.
+        _ => reply.nack(RoomError::Rejected(Code::Invalid, "not an op".into())),
     }
     rx
 }

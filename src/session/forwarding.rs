@@ -1,5 +1,6 @@
 //! Cluster mode in the Session: ops and creates for a room another node owns go to
-//! that node (`cluster::forward`), and their answers come back in the order sent.
+//! that node (`cluster::forward`), and their answers come back in the order sent;
+//! subscriptions, unsubscriptions and signals for such a room go to its owner's relay.
 //!
 //! The request is handed to NATS inside `ctx.wait`, so a connection's ops leave in the
 //! order they arrived, as they reach a local room's mailbox in order; the answer is
@@ -12,10 +13,13 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::Session;
-use crate::cluster::rpc::Forwardable;
+use crate::cluster::rpc::{Forwardable, Reply, Request, What};
 use crate::cluster::Cluster;
+use crate::protocol::codes::Code;
 use crate::protocol::ids::RoomId;
+use crate::protocol::{Encoding, Since};
 use crate::room::Room;
+use crate::value::Value;
 
 impl Session {
     /// Sends an op-like message to its room: here when this node owns it (or there is
@@ -57,5 +61,137 @@ impl Session {
                     }
                 }),
         );
+    }
+}
+
+/// Remote subscriptions: a `sub` to a room another node owns is made on the owner
+/// through a relay (`cluster::relay`); its frames arrive through `cluster::remote`.
+impl Session {
+    /// Subscriptions to rooms owned elsewhere.
+    pub(super) fn n_remote_subs(&self) -> usize {
+        self.shared
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.remote().count(self.session.session_id))
+    }
+
+    pub(super) fn sub_remote(
+        &mut self,
+        ctx: &mut Context<Self>,
+        cluster: Arc<Cluster>,
+        room: RoomId,
+        presence: bool,
+        since: Option<Since>,
+    ) {
+        let remote = cluster.remote().clone();
+        remote.register(&self.session);
+        let owner = cluster.owner(&room).to_owned();
+        let session_id = self.session.session_id;
+        let request = Request {
+            room: room.to_string(),
+            user: self.session.user.to_string(),
+            op_id: None,
+            now_ms: 0,
+            what: What::Subscribe {
+                deliver: remote.deliver_subject(session_id, &owner),
+                node: remote.node_key().to_owned(),
+                dedup: self.session.dedup,
+                rkyv: self.session.encoding == Encoding::Rkyv,
+                presence,
+                since: since.map(|s| (s.epoch, s.seq)),
+            },
+            refusal: None,
+        };
+        let asked = async move {
+            let reply = match cluster.forwarder().send(&owner, &request).await {
+                Ok(ticket) => ticket.reply().await,
+                Err(e) => Err(e),
+            };
+            (remote, owner, reply)
+        };
+        ctx.wait(asked.into_actor(self).map(
+            move |(remote, owner, reply), session, _ctx| match reply {
+                Ok(Reply::Done { ok: true, instance }) => {
+                    remote.add_room(session_id, &room, &owner, instance)
+                }
+                // The owner's answer (`error`) came through the relay.
+                Ok(Reply::Done { ok: false, .. }) => {
+                    remote.remove_room(session_id, &room);
+                }
+                Ok(_) => session.error(
+                    Code::Unavailable,
+                    Some(&room),
+                    format!("node {owner} answered the subscription as an op"),
+                ),
+                Err(e) => session.error(e.code(), Some(&room), e.to_string()),
+            },
+        ));
+    }
+
+    /// Sends a control request about `room` to its owner without waiting for the reply
+    /// (unsubscribe, signal, close): a lost one is cleaned up by the relay's expiry.
+    fn tell_owner(&self, owner: String, room: &str, what: What) {
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        let request = Request {
+            room: room.to_owned(),
+            user: self.session.user.to_string(),
+            op_id: None,
+            now_ms: 0,
+            what,
+            refusal: None,
+        };
+        actix_rt::spawn(async move {
+            if let Ok(ticket) = cluster.forwarder().send(&owner, &request).await {
+                let _ = ticket.reply().await;
+            }
+        });
+    }
+
+    /// `unsub` of a remote subscription; false when there is none.
+    pub(super) fn unsub_remote(&mut self, room: &str) -> bool {
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return false;
+        };
+        let session_id = self.session.session_id;
+        let Some(owner) = cluster.remote().remove_room(session_id, room) else {
+            return false;
+        };
+        let deliver = cluster.remote().deliver_subject(session_id, &owner);
+        self.tell_owner(owner, room, What::Unsubscribe { deliver });
+        true
+    }
+
+    /// Whether this connection subscribes to `room` on another node.
+    pub(super) fn is_remote_sub(&self, room: &str) -> bool {
+        self.shared
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.remote().is_subscribed(self.session.session_id, room))
+    }
+
+    /// A signal to a remotely subscribed room (checked by the caller).
+    pub(super) fn signal_remote(&mut self, room: &str, data: &Value) {
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        let session_id = self.session.session_id;
+        let owner = cluster.owner(room).to_owned();
+        let deliver = cluster.remote().deliver_subject(session_id, &owner);
+        let data = crate::protocol::json::from_value(data);
+        self.tell_owner(owner, room, What::Signal { deliver, data });
+    }
+
+    /// The connection ended: its relays on other nodes are closed.
+    pub(super) fn end_remote(&mut self) {
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        let session_id = self.session.session_id;
+        for owner in cluster.remote().drop_session(session_id) {
+            let deliver = cluster.remote().deliver_subject(session_id, &owner);
+            self.tell_owner(owner, "", What::Close { deliver });
+        }
     }
 }

@@ -224,7 +224,8 @@ impl Session {
                     Ok(room_id) => room_id,
                     Err(e) => return self.error(Code::Invalid, Some(&room), e.to_string()),
                 };
-                if !self.subs.contains_key(&room) && self.subs.len() >= self.shared.config.max_subs
+                if !self.subs.contains_key(&room)
+                    && self.subs.len() + self.n_remote_subs() >= self.shared.config.max_subs
                 {
                     let limit = self.shared.config.max_subs;
                     return self.error(
@@ -233,16 +234,8 @@ impl Session {
                         format!("subscriptions limited to {limit} per connection"),
                     );
                 }
-                if let Some(cluster) = self.shared.cluster.as_ref().filter(|c| !c.owns(&room_id)) {
-                    let owner = cluster.owner(&room_id);
-                    return self.error(
-                        Code::Unavailable,
-                        Some(&room),
-                        format!(
-                            "room {room_id} is owned by node {owner}; subscriptions across \
-                             nodes are not built yet: subscribe on node {owner}"
-                        ),
-                    );
+                if let Some(cluster) = self.shared.cluster.clone().filter(|c| !c.owns(&room_id)) {
+                    return self.sub_remote(ctx, cluster, room_id, presence, since);
                 }
                 let registry = self.shared.registry.clone();
                 let msg = room_msg::Subscribe {
@@ -285,6 +278,7 @@ impl Session {
                         session_id: self.session.session_id,
                     });
                 }
+                None if self.unsub_remote(&room) => {}
                 None => self.error(Code::NotFound, Some(&room), "not subscribed to this room"),
             },
             Inbound::Signal { room, data } => {
@@ -295,13 +289,14 @@ impl Session {
                         "no write permission on this room",
                     );
                 }
-                let Some(addr) = self.subs.get(&room) else {
+                let addr = self.subs.get(&room).cloned();
+                if addr.is_none() && !self.is_remote_sub(&room) {
                     return self.error(
                         Code::NotFound,
                         Some(&room),
                         "signal to a room not subscribed",
                     );
-                };
+                }
                 let data = match data {
                     Ok(data) => data,
                     Err(why) => {
@@ -317,6 +312,9 @@ impl Session {
                         format!("signal of {size} bytes exceeds limit of {limit}"),
                     );
                 }
+                let Some(addr) = addr else {
+                    return self.signal_remote(&room, &data);
+                };
                 // Signals are dropped first under load: a full room mailbox drops it.
                 let sent = addr.try_send(room_msg::Signal {
                     session_id: self.session.session_id,
@@ -515,6 +513,7 @@ impl Actor for Session {
             "connection closed"
         );
         count_close(sent.close_code);
+        self.end_remote();
         for addr in self.subs.values() {
             // One per subscription when a connection ends: a rare lifecycle message.
             addr.do_send(room_msg::Unsubscribe {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Server, TIMEOUT};
+use crate::support::{Mirror, Server, TIMEOUT};
 
 /// A `nats-server` on 127.0.0.1 (Debian's package; `.ci/run` installs it). Killed on drop.
 struct Nats {
@@ -294,11 +294,6 @@ async fn ops_through_non_owners_are_applied_once_and_acked_in_order() {
     let state = nodes[owner].room_state(room).await;
     assert_eq!(state["seq"], 33);
     assert_eq!(state["entries"], json!([{"k": "n", "v": 32, "ver": 33}]));
-
-    // Not forwarded yet: a subscription on a non-owner is refused, loudly.
-    let refused = alice.sub_msg(json!({"t": "sub", "room": room})).await;
-    assert_eq!(refused["t"], "error");
-    assert_eq!(refused["code"], "unavailable");
 }
 
 #[tokio::test]
@@ -337,4 +332,121 @@ async fn an_owner_killed_gives_unavailable_and_after_restart_the_room_continues(
     let after = nodes[owner].room_state(room).await;
     assert_eq!(after["epoch"], before["epoch"]);
     assert_eq!(after["entries"], json!([{"k": "n", "v": 2, "ver": 3}]));
+}
+
+#[tokio::test]
+async fn clients_on_different_nodes_in_one_room_converge() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "state:converge";
+    let owner = owner_of(&nodes, room).await;
+    let mut creator = nodes[owner].client("carol").await;
+    creator.create_ok(room, "state", json!({})).await;
+
+    // One subscriber (with presence) and one writer on every node.
+    let mut subscribers = Vec::new();
+    let mut mirrors = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut client = node.client(&format!("user{i}")).await;
+        let snapshot = client.sub_presence(room).await;
+        mirrors.push(Mirror::from_snapshot(&snapshot));
+        subscribers.push(client);
+    }
+    // Presence is the room's on its owner: members from every node.
+    let mut last = subscribers.pop().expect("three subscribers");
+    let members = last
+        .recv_until(|v| v["t"] == "presence" && v["members"].is_array())
+        .await;
+    let users: Vec<&str> = members["members"]
+        .as_array()
+        .expect("a member list")
+        .iter()
+        .filter_map(|m| m["user"].as_str())
+        .collect();
+    assert_eq!(users, ["user0", "user1", "user2"], "{members}");
+    subscribers.push(last);
+
+    let mut writers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        writers.push(node.client(&format!("writer{i}")).await);
+    }
+    for round in 0..5 {
+        for (i, writer) in writers.iter_mut().enumerate() {
+            let op = json!({"type": "incr", "key": format!("w{i}"), "by": 1});
+            writer.ack(&format!("r{round}"), room, op).await;
+        }
+    }
+    // 1 create + 15 ops: every mirror reaches seq 16 through gapless diffs.
+    for (client, mirror) in subscribers.iter_mut().zip(&mut mirrors) {
+        for diff in client.diffs_until(room, 16).await {
+            mirror.apply(&diff);
+        }
+        assert_eq!(mirror.seq, 16);
+        for i in 0..3 {
+            assert_eq!(mirror.value(&format!("w{i}")), Some(&json!(5)));
+        }
+    }
+    assert_eq!(mirrors[0].entries, mirrors[1].entries);
+    assert_eq!(mirrors[1].entries, mirrors[2].entries);
+
+    // A signal from a subscriber on a non-owner reaches the members on other nodes.
+    let sender = (owner + 1) % 3;
+    subscribers[sender]
+        .send_json(json!({"t": "signal", "room": room, "data": {"typing": true}}))
+        .await;
+    let heard = subscribers[owner].recv_until(|v| v["t"] == "signal").await;
+    assert_eq!(heard["user"], format!("user{sender}"));
+    assert_eq!(heard["data"], json!({"typing": true}));
+
+    // Unsubscribed on a non-owner: no more diffs there, others still get them.
+    let quiet = (owner + 2) % 3;
+    subscribers[quiet].recv_until(|v| v["t"] == "signal").await;
+    subscribers[quiet].unsub(room).await;
+    writers[owner].ack("last", room, incr()).await;
+    subscribers[owner].diffs_until(room, 17).await;
+    subscribers[quiet]
+        .expect_silence(Duration::from_millis(300))
+        .await;
+}
+
+#[tokio::test]
+async fn subscribers_on_other_nodes_hear_the_owner_die_and_resume_after_its_restart() {
+    let nats = Nats::start().await;
+    let mut nodes = three_nodes(&nats).await;
+    let room = "state:resume-across";
+    let owner = owner_of(&nodes, room).await;
+    let other = (owner + 1) % 3;
+    let mut writer = nodes[other].client("writer").await;
+    writer.create_ok(room, "state", json!({})).await;
+    writer.ack("w1", room, incr()).await;
+
+    let mut watcher = nodes[other].client("watcher").await;
+    let snapshot = watcher.sub(room).await;
+    let mut mirror = Mirror::from_snapshot(&snapshot);
+    assert_eq!(mirror.seq, 2);
+
+    nodes[owner].kill9().await;
+    let told = watcher
+        .recv_until(|v| v["t"] == "error" && v["room"] == room)
+        .await;
+    assert_eq!(told["code"], "unavailable", "{told}");
+    // While the owner is down a new subscription is refused too.
+    let refused = watcher.sub_msg(json!({"t": "sub", "room": room})).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+
+    nodes[owner].restart().await;
+    writer.ack("w2", room, incr()).await;
+    let resumed = watcher
+        .sub_msg(
+            json!({"t": "sub", "room": room, "since": {"epoch": mirror.epoch, "seq": mirror.seq}}),
+        )
+        .await;
+    assert_eq!(resumed["t"], "resumed", "{resumed}");
+    mirror.apply(&resumed);
+    assert_eq!(mirror.seq, 3);
+    writer.ack("w3", room, incr()).await;
+    for diff in watcher.diffs_until(room, 4).await {
+        mirror.apply(&diff);
+    }
+    assert_eq!(mirror.value("n"), Some(&json!(3)));
 }

@@ -1,0 +1,263 @@
+//! Remote subscriptions, the owner's side: a connection on another node subscribes to a
+//! room here through a relay, a stand-in connection whose frames go to that node over
+//! NATS instead of to a socket.
+//!
+//! A relay is one [`SessionRef`] per (remote connection, this owner), with its own
+//! byte-bounded [`Outbound`]: the room treats it as any subscriber (snapshot, resume,
+//! per-viewer views, presence, signals, deletion), so nothing in the room knows about
+//! the cluster. A pump drains the relay's queue and publishes each frame, already
+//! encoded for the client, to `{cluster}.deliver.{node}.{instance}.{session}.{owner}`,
+//! prefixed with a sequence number (8 bytes, big endian, from 1) so the receiving node
+//! detects a frame NATS dropped (core NATS is at-most-once) and closes that client with
+//! 4001: the client resumes from the log without a gap.
+//!
+//! Overflow policy: the relay's queue has the connection's `--outbound-queue` limit; on
+//! overflow the relay closes with 4001 and the pump publishes an empty frame (the
+//! sequence number alone), which closes the client with 4001 too.
+//!
+//! Relays of a node that stopped pinging (see `remote`) for [`RELAY_EXPIRY`] are closed,
+//! so a node killed with its subscribers leaves nothing behind here.
+//!
+//! Known cost, to be replaced by one NATS subscription per node and room: the owner
+//! publishes each frame once per remote subscriber, not once per node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use parking_lot::Mutex;
+
+use crate::outbound::{KillSwitch, Outbound, SessionRef};
+use crate::protocol::codes::close::SLOW_CONSUMER;
+use crate::protocol::ids::RoomId;
+use crate::protocol::{Encoding, Since};
+use crate::room::messages as room_msg;
+use crate::room::registry::Registry;
+use crate::room::Room;
+
+/// How long a node may go without a ping before its relays here are closed.
+pub const RELAY_EXPIRY: Duration = Duration::from_secs(5);
+
+/// Relay session ids have the top bit set: local session ids count up from 1, so the
+/// two never meet in a room's subscriber map.
+const RELAY_SESSION_BIT: u64 = 1 << 63;
+
+/// Who subscribes: the remote connection as the room must see it.
+#[derive(Debug, Clone)]
+pub struct RemoteConn {
+    /// The subject its frames go to (unique per remote connection and owner).
+    pub deliver: String,
+    /// `{node}.{instance}` of the node it is connected to, for expiry.
+    pub node: String,
+    pub user: Arc<str>,
+    pub dedup: bool,
+    pub encoding: Encoding,
+}
+
+struct Relay {
+    session: SessionRef,
+    node: String,
+    created: Instant,
+    rooms: HashMap<String, Addr<Room>>,
+}
+
+/// Every relay on this owner.
+pub struct Relays {
+    client: async_nats::Client,
+    registry: Arc<Registry>,
+    queue_limit: usize,
+    next_id: AtomicU64,
+    /// By deliver subject.
+    relays: Mutex<HashMap<String, Relay>>,
+    /// Last ping per `{node}.{instance}`.
+    seen: Mutex<HashMap<String, Instant>>,
+}
+
+impl Relays {
+    pub fn new(
+        client: async_nats::Client,
+        registry: Arc<Registry>,
+        queue_limit: usize,
+    ) -> Arc<Relays> {
+        let relays = Arc::new(Relays {
+            client,
+            registry,
+            queue_limit,
+            next_id: AtomicU64::new(1),
+            relays: Mutex::default(),
+            seen: Mutex::default(),
+        });
+        let sweeping = Arc::downgrade(&relays);
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(relays) = sweeping.upgrade() else {
+                    return;
+                };
+                relays.expire();
+            }
+        });
+        relays
+    }
+
+    /// Subscribes `conn` to `room`: the room answers on the relay (snapshot, resumed or
+    /// error) and the result says whether the subscription exists.
+    pub async fn subscribe(
+        &self,
+        conn: RemoteConn,
+        room: &RoomId,
+        presence: bool,
+        since: Option<Since>,
+    ) -> bool {
+        self.seen.lock().insert(conn.node.clone(), Instant::now());
+        let session = self.relay(&conn);
+        let msg = room_msg::Subscribe {
+            session,
+            presence,
+            since,
+        };
+        let mut addr = self.registry.get(room);
+        let ok = match addr.send(msg.clone()).await {
+            Ok(ok) => ok,
+            // The room stopped between lookup and send: start it again once.
+            Err(_) => {
+                addr = self.registry.get(room);
+                addr.send(msg).await.unwrap_or(false)
+            }
+        };
+        if ok {
+            if let Some(relay) = self.relays.lock().get_mut(&conn.deliver) {
+                relay.rooms.insert(room.to_string(), addr);
+            }
+        }
+        ok
+    }
+
+    /// The relay of `conn`, made (with its pump) on its first subscription.
+    fn relay(&self, conn: &RemoteConn) -> SessionRef {
+        let mut relays = self.relays.lock();
+        if let Some(relay) = relays.get(&conn.deliver) {
+            return relay.session.clone();
+        }
+        let outbound = Outbound::new(self.queue_limit, KillSwitch::new(None));
+        let session = SessionRef {
+            session_id: RELAY_SESSION_BIT | self.next_id.fetch_add(1, Ordering::Relaxed),
+            user: conn.user.clone(),
+            dedup: conn.dedup,
+            encoding: conn.encoding,
+            outbound: outbound.clone(),
+            member: true,
+            evicted: Default::default(),
+        };
+        relays.insert(
+            conn.deliver.clone(),
+            Relay {
+                session: session.clone(),
+                node: conn.node.clone(),
+                created: Instant::now(),
+                rooms: HashMap::new(),
+            },
+        );
+        actix_rt::spawn(pump(self.client.clone(), conn.deliver.clone(), outbound));
+        session
+    }
+
+    /// Ends `deliver`'s subscription to `room` (`unsub`).
+    pub fn unsubscribe(&self, deliver: &str, room: &str) {
+        let mut relays = self.relays.lock();
+        let Some(relay) = relays.get_mut(deliver) else {
+            return;
+        };
+        if let Some(addr) = relay.rooms.remove(room) {
+            // Rare lifecycle message: `do_send` is fine.
+            addr.do_send(room_msg::Unsubscribe {
+                session_id: relay.session.session_id,
+            });
+        }
+    }
+
+    /// The remote connection ended: every subscription of its relay ends.
+    pub fn close(&self, deliver: &str) {
+        let relay = self.relays.lock().remove(deliver);
+        if let Some(relay) = relay {
+            end(relay);
+        }
+    }
+
+    /// A signal from the remote connection to `room`'s other members.
+    pub fn signal(&self, deliver: &str, room: &str, data: crate::value::Value) {
+        let relays = self.relays.lock();
+        let Some(relay) = relays.get(deliver) else {
+            return;
+        };
+        if let Some(addr) = relay.rooms.get(room) {
+            // Signals are dropped first under load: a full room mailbox drops it.
+            let _ = addr.try_send(room_msg::Signal {
+                session_id: relay.session.session_id,
+                user: relay.session.user.clone(),
+                data,
+            });
+        }
+    }
+
+    /// A node's ping: its relays here stay.
+    pub fn ping(&self, node: &str) {
+        self.seen.lock().insert(node.to_owned(), Instant::now());
+    }
+
+    /// Closes the relays of nodes silent for [`RELAY_EXPIRY`].
+    fn expire(&self) {
+        let now = Instant::now();
+        let fresh = |at: &Instant| now.duration_since(*at) < RELAY_EXPIRY;
+        let mut seen = self.seen.lock();
+        seen.retain(|_, at| fresh(at));
+        let expired: Vec<Relay> = {
+            let mut relays = self.relays.lock();
+            let gone: Vec<String> = relays
+                .iter()
+                .filter(|(_, r)| !fresh(&r.created) && !seen.contains_key(&r.node))
+                .map(|(deliver, _)| deliver.clone())
+                .collect();
+            gone.iter().filter_map(|d| relays.remove(d)).collect()
+        };
+        drop(seen);
+        for relay in expired {
+            tracing::info!(node = %relay.node, rooms = relay.rooms.len(), "cluster: a node stopped pinging; its subscriptions here end");
+            end(relay);
+        }
+    }
+}
+
+fn end(relay: Relay) {
+    for addr in relay.rooms.values() {
+        addr.do_send(room_msg::Unsubscribe {
+            session_id: relay.session.session_id,
+        });
+    }
+    relay.session.outbound.close(1000, "");
+}
+
+/// Publishes the relay's frames, numbered, until it closes; see the module docs.
+async fn pump(client: async_nats::Client, deliver: String, outbound: Arc<Outbound>) {
+    let mut seq: u64 = 0;
+    while let Some(frame) = std::future::poll_fn(|cx| outbound.poll_frame(cx)).await {
+        seq += 1;
+        if outbound.is_closing() {
+            // This is the relay's close frame, not the client's: only an overflow is
+            // passed on (as the empty frame); an ended subscription says nothing.
+            if outbound.sent().close_code == Some(SLOW_CONSUMER) {
+                let _ = client
+                    .publish(deliver.clone(), seq.to_be_bytes().to_vec().into())
+                    .await;
+            }
+            break;
+        }
+        let mut payload = Vec::with_capacity(8 + frame.len());
+        payload.extend_from_slice(&seq.to_be_bytes());
+        payload.extend_from_slice(&frame);
+        // A publish fails only while NATS is away; the receiver sees the gap.
+        let _ = client.publish(deliver.clone(), payload.into()).await;
+    }
+}
