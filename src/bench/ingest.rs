@@ -5,7 +5,12 @@
 //! takes). With `--rate R` it is open loop: the writers send R ops/s between them on a
 //! 1 ms tick whatever the replies do, so latency is measured at a given load; an op
 //! that is due while the writer already has `--window` in flight is sent late, and the
-//! report counts those (`late`), as latency from then on no longer means the same.
+//! report counts those (`late`). In open loop an op's latency runs from its scheduled
+//! time (op `n` of a writer at rate r: start + n / r), not from when it was written, so
+//! a generator that falls behind (a late tick, a starved thread, a full window) does
+//! not hide the wait it caused (no coordinated omission); the report gives the send
+//! lag (scheduled -> written) apart, which tells the generator's share of the latency
+//! from the server's. The store's commit times (from `/metrics`) are beside them.
 //!
 //! Writer `i` sends op `n` to room `(i + n) mod K`, so every writer spreads its window
 //! over all rooms and each room sees several writers. Replies are matched to ops by id
@@ -138,10 +143,22 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
     if ingest.rate > 0 {
         r.row("late (window full when due)", outcome.late);
     }
-    r.row(
-        "ack latency",
-        report::latency_row(&outcome.histogram, &QUANTILES),
-    );
+    let from = if ingest.rate > 0 {
+        "ack latency (from the scheduled time)"
+    } else {
+        "ack latency"
+    };
+    r.row(from, report::latency_row(&outcome.histogram, &QUANTILES));
+    if ingest.rate > 0 {
+        r.row(
+            "send lag (scheduled -> written)",
+            report::latency_row(&outcome.send_lag, &QUANTILES),
+        );
+        r.field(
+            "send_lag_ms",
+            report::latency_json(&outcome.send_lag, &QUANTILES),
+        );
+    }
     r.field("writers", ingest.writers);
     r.field("rooms", ingest.rooms);
     r.field("window", ingest.window);
@@ -192,6 +209,37 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
             "batches_per_commit",
             report::round(store.batches / commits, 2),
         );
+        if store.commit_count > 0.0 {
+            let mean_ms = store.commit_seconds / store.commit_count * 1e3;
+            let p50 = store.commit_quantile_ms(0.5);
+            let p99 = store.commit_quantile_ms(0.99);
+            r.row(
+                "store commit time",
+                format!(
+                    "mean {mean_ms:.2} ms, p50 <= {} ms, p99 <= {} ms (buckets)",
+                    p50.map_or("?".to_owned(), |ms| ms.to_string()),
+                    p99.map_or("?".to_owned(), |ms| ms.to_string()),
+                ),
+            );
+            // A long tail of ack latency is often a few slow fsyncs: count them.
+            let slow = |le: f64| {
+                let within = store
+                    .commit_buckets
+                    .iter()
+                    .find(|(b, _)| *b == le)
+                    .map_or(store.commit_count, |(_, c)| *c);
+                store.commit_count - within
+            };
+            r.row(
+                "store commits slower than 100 / 250 ms",
+                format!("{} / {}", slow(0.1), slow(0.25)),
+            );
+            r.field("commits_over_100ms", slow(0.1));
+            r.field("commits_over_250ms", slow(0.25));
+            r.field("commit_mean_ms", report::round(mean_ms, 3));
+            r.field("commit_p50_le_ms", p50);
+            r.field("commit_p99_le_ms", p99);
+        }
     }
     if let Some(nack) = outcome.first_nack {
         r.note(format!("first nack: {nack}"));
@@ -221,6 +269,8 @@ struct Outcome {
     /// First op sent -> last reply read.
     window: Duration,
     histogram: Histogram<u64>,
+    /// Open loop: scheduled -> written, per op.
+    send_lag: Histogram<u64>,
     server_before: Option<super::proc_stats::ProcSample>,
     server_after: Option<super::proc_stats::ProcSample>,
     problems: Vec<String>,
@@ -234,9 +284,39 @@ struct StoreCounts {
     batch_commits: f64,
     batches: f64,
     events: f64,
+    /// Time spent in commits that carried batches, and how many (the histogram's
+    /// `_sum` and `_count`).
+    commit_seconds: f64,
+    commit_count: f64,
+    /// The commit-time histogram: `(upper bound in seconds, commits at or below it)`.
+    commit_buckets: Vec<(f64, f64)>,
 }
 
 impl StoreCounts {
+    /// The smallest bucket bound (in ms) holding at least `q` of the commits.
+    fn commit_quantile_ms(&self, q: f64) -> Option<f64> {
+        let wanted = q * self.commit_count;
+        self.commit_buckets
+            .iter()
+            .find(|(_, count)| *count >= wanted)
+            .map(|(le, _)| le * 1e3)
+    }
+
+    fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(&prefix)?;
+                let (le, count) = rest.split_once("\"} ")?;
+                Some((le.parse().ok()?, count.trim().parse().ok()?))
+            })
+            .filter(|(le, _): &(f64, f64)| le.is_finite())
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
     fn scrape(endpoint: &Endpoint) -> Option<StoreCounts> {
         use crate::metrics::{names, scrape_value};
         let text = endpoint.scrape_metrics()?;
@@ -246,6 +326,11 @@ impl StoreCounts {
             batch_commits: scrape_value(&text, names::STORE_BATCH_COMMITS).unwrap_or(0.0),
             batches: scrape_value(&text, names::STORE_BATCHES).unwrap_or(0.0),
             events: scrape_value(&text, names::STORE_EVENTS).unwrap_or(0.0),
+            commit_seconds: scrape_value(&text, &format!("{}_sum", names::STORE_COMMIT_SECONDS))
+                .unwrap_or(0.0),
+            commit_count: scrape_value(&text, &format!("{}_count", names::STORE_COMMIT_SECONDS))
+                .unwrap_or(0.0),
+            commit_buckets: Self::buckets(&text, names::STORE_COMMIT_SECONDS),
         })
     }
 
@@ -255,6 +340,20 @@ impl StoreCounts {
             batch_commits: self.batch_commits - before.batch_commits,
             batches: self.batches - before.batches,
             events: self.events - before.events,
+            commit_seconds: self.commit_seconds - before.commit_seconds,
+            commit_count: self.commit_count - before.commit_count,
+            commit_buckets: self
+                .commit_buckets
+                .iter()
+                .map(|&(le, count)| {
+                    let earlier = before
+                        .commit_buckets
+                        .iter()
+                        .find(|(b, _)| *b == le)
+                        .map_or(0.0, |(_, c)| *c);
+                    (le, count - earlier)
+                })
+                .collect(),
         }
     }
 }
@@ -262,6 +361,7 @@ impl StoreCounts {
 /// What one writer saw.
 struct Writer {
     histogram: Histogram<u64>,
+    send_lag: Histogram<u64>,
     acked: u64,
     nacked: u64,
     late: u64,
@@ -330,6 +430,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
     bar.finish_and_clear();
 
     let mut histogram = report::latency_histogram();
+    let mut send_lag = report::latency_histogram();
     let (mut acked, mut nacked, mut unanswered, mut late) = (0, 0, 0, 0);
     let (mut first_nack, mut last_reply, mut problems) = (None, start, Vec::new());
     for task in tasks {
@@ -339,6 +440,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
         };
         // Same bounds on both sides, so adding cannot fail.
         let _ = histogram.add(&writer.histogram);
+        let _ = send_lag.add(&writer.send_lag);
         acked += writer.acked;
         nacked += writer.nacked;
         unanswered += writer.unanswered;
@@ -366,6 +468,7 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
         first_nack,
         window: last_reply - start,
         histogram,
+        send_lag,
         server_before,
         server_after,
         problems,
@@ -458,6 +561,14 @@ struct Job {
 }
 
 impl Job {
+    /// Open loop: when op `n` is due (start + n / rate); None in closed loop.
+    fn scheduled(&self, n: u64) -> Option<Instant> {
+        (self.rate > 0).then(|| {
+            let nanos = u128::from(n) * 1_000_000_000 / u128::from(self.rate);
+            self.start + Duration::from_nanos(nanos as u64)
+        })
+    }
+
     fn op(&self, n: u64) -> Message {
         let room = &self.rooms[(self.index + n as usize) % self.rooms.len()];
         let key = n % self.keys;
@@ -492,6 +603,7 @@ impl Job {
 async fn write(mut ws: Ws, job: Job) -> Writer {
     let mut writer = Writer {
         histogram: report::latency_histogram(),
+        send_lag: report::latency_histogram(),
         acked: 0,
         nacked: 0,
         late: 0,
@@ -525,11 +637,22 @@ struct InFlight {
 }
 
 impl InFlight {
-    async fn send(&mut self, ws: &mut Ws, job: &Job) -> Result<(), String> {
+    /// Writes the next op. Its latency counts from when it was written in closed loop,
+    /// from its scheduled time in open loop (the lag between the two is recorded).
+    async fn send(&mut self, ws: &mut Ws, job: &Job, writer: &mut Writer) -> Result<(), String> {
         ws.feed(job.op(self.next))
             .await
             .map_err(|e| e.to_string())?;
-        self.sent_at.insert(self.next, Instant::now());
+        let now = Instant::now();
+        let since = match job.scheduled(self.next) {
+            Some(scheduled) => {
+                let lag = now.saturating_duration_since(scheduled).as_micros() as u64;
+                writer.send_lag.saturating_record(lag.max(1));
+                scheduled.min(now)
+            }
+            None => now,
+        };
+        self.sent_at.insert(self.next, since);
         self.next += 1;
         Ok(())
     }
@@ -543,7 +666,7 @@ async fn pump(
     in_flight: &mut InFlight,
 ) -> Result<(), String> {
     for _ in 0..job.window {
-        in_flight.send(ws, job).await?;
+        in_flight.send(ws, job, writer).await?;
     }
     ws.flush().await.map_err(|e| e.to_string())?;
     let drain_until = tokio::time::Instant::from_std(job.deadline + DRAIN);
@@ -554,7 +677,7 @@ async fn pump(
         // Handle every reply already read, then write the new ops with one flush.
         loop {
             if on_reply(message, job, writer, in_flight)? {
-                in_flight.send(ws, job).await?;
+                in_flight.send(ws, job, writer).await?;
             }
             match ws.next().now_or_never() {
                 Some(more) => message = more,
@@ -593,7 +716,7 @@ async fn pump_open(
                         counted_late = due;
                         break;
                     }
-                    in_flight.send(ws, job).await?;
+                    in_flight.send(ws, job, writer).await?;
                     sent = true;
                 }
                 if sent {
