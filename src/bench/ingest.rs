@@ -512,22 +512,30 @@ async fn connect(
 }
 
 /// Creates the state rooms, pipelined, and waits for every ack.
+/// Most room creations in flight at once: each is a batch in the store writer's queue
+/// (4,096 by default), so creating 10,000 rooms all at once filled it and the server
+/// nacked the rest `unavailable`, as it should.
+const CREATES_IN_FLIGHT: usize = 512;
+
 async fn create_rooms(ws: &mut Ws, rooms: &[String]) -> Result<(), BenchError> {
     let send_error = |e: tokio_tungstenite::tungstenite::Error| BenchError::Send {
         what: "create",
         reason: e.to_string(),
     };
-    for (k, room) in rooms.iter().enumerate() {
-        let frame = serde_json::json!({
-            "t": "create", "id": format!("c{k}"), "room": room, "kind": "state", "init": {}
-        });
-        ws.feed(Message::text(frame.to_string()))
-            .await
-            .map_err(send_error)?;
-    }
-    ws.flush().await.map_err(send_error)?;
+    let mut sent = 0;
     let mut acked = 0;
     while acked < rooms.len() {
+        while sent < rooms.len() && sent - acked < CREATES_IN_FLIGHT {
+            let frame = serde_json::json!({
+                "t": "create", "id": format!("c{sent}"), "room": rooms[sent], "kind": "state",
+                "init": {}
+            });
+            ws.feed(Message::text(frame.to_string()))
+                .await
+                .map_err(send_error)?;
+            sent += 1;
+        }
+        ws.flush().await.map_err(send_error)?;
         let text = client::next_text(ws, "the ack of a create").await?;
         match parse_reply(text.as_str()) {
             Some(("ack", _)) => acked += 1,
