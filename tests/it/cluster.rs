@@ -450,3 +450,57 @@ async fn subscribers_on_other_nodes_hear_the_owner_die_and_resume_after_its_rest
     }
     assert_eq!(mirror.value("n"), Some(&json!(3)));
 }
+
+#[tokio::test]
+async fn with_nats_killed_local_rooms_work_and_the_rest_is_unavailable_until_it_returns() {
+    let mut nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    // A room node 0 owns and one it does not.
+    let mut local = None;
+    let mut remote = None;
+    for i in 0..64 {
+        let room = format!("state:nats-down-{i}");
+        match owner_of(&nodes, &room).await {
+            0 if local.is_none() => local = Some(room),
+            o if o != 0 && remote.is_none() => remote = Some(room),
+            _ => {}
+        }
+        if local.is_some() && remote.is_some() {
+            break;
+        }
+    }
+    let (local, remote) = (local.expect("a room of node 0"), remote.expect("a room elsewhere"));
+    let mut alice = nodes[0].client("alice").await;
+    alice.create_ok(&local, "state", json!({})).await;
+    alice.create_ok(&remote, "state", json!({})).await;
+
+    nats.kill9();
+    readyz_until(&nodes[0], TIMEOUT, |body| body["cluster"]["nats"] == json!("disconnected")).await;
+    assert_eq!(alice.ack("l1", &local, incr()).await, 2);
+    let mut watcher = nodes[0].client("watcher").await;
+    watcher.sub(&local).await;
+    let reply = alice.op("r1", &remote, incr()).await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    let refused = watcher.sub_msg(json!({"t": "sub", "room": remote})).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+
+    nats.spawn().await;
+    readyz_until(&nodes[0], Duration::from_secs(15), |body| {
+        body["cluster"]["nats"] == json!("connected")
+    })
+    .await;
+    // The other nodes reconnect on their own schedule: retry until the owner answers.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = alice.op("r1", &remote, incr()).await;
+        if reply["t"] == "ack" {
+            assert_eq!(reply["seq"], 2);
+            break;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(Instant::now() < deadline, "the owner never came back: {reply}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snapshot = watcher.sub(&remote).await;
+    assert_eq!(snapshot["seq"], 2);
+}
