@@ -160,6 +160,14 @@ impl Remote {
             .is_some_and(|t| t.rooms.contains_key(room))
     }
 
+    /// The rooms a connection subscribes to remotely.
+    pub fn rooms(&self, session_id: u64) -> Vec<String> {
+        self.targets
+            .lock()
+            .get(&session_id)
+            .map_or_else(Vec::new, |t| t.rooms.keys().cloned().collect())
+    }
+
     /// Remote subscriptions of a connection.
     pub fn count(&self, session_id: u64) -> usize {
         self.targets

@@ -130,7 +130,15 @@ impl Session {
 
     /// Sends a control request about `room` to its owner without waiting for the reply
     /// (unsubscribe, signal, close): a lost one is cleaned up by the relay's expiry.
-    fn tell_owner(&self, owner: String, room: &str, what: What) {
+    /// With `ctx`, it is handed to NATS before the connection's next request, so an
+    /// `unsub` reaches the owner's room before a later op does.
+    fn tell_owner(
+        &mut self,
+        ctx: Option<&mut Context<Self>>,
+        owner: String,
+        room: &str,
+        what: What,
+    ) {
         let Some(cluster) = self.shared.cluster.clone() else {
             return;
         };
@@ -142,15 +150,30 @@ impl Session {
             what,
             refusal: None,
         };
-        actix_rt::spawn(async move {
-            if let Ok(ticket) = cluster.forwarder().send(&owner, &request).await {
-                let _ = ticket.reply().await;
+        let sent = async move { cluster.forwarder().send(&owner, &request).await };
+        match ctx {
+            Some(ctx) => ctx.wait(sent.into_actor(self).map(|sent, _session, ctx| {
+                if let Ok(ticket) = sent {
+                    ctx.spawn(
+                        async move {
+                            let _ = ticket.reply().await;
+                        }
+                        .into_actor(_session),
+                    );
+                }
+            })),
+            None => {
+                actix_rt::spawn(async move {
+                    if let Ok(ticket) = sent.await {
+                        let _ = ticket.reply().await;
+                    }
+                });
             }
-        });
+        }
     }
 
     /// `unsub` of a remote subscription; false when there is none.
-    pub(super) fn unsub_remote(&mut self, room: &str) -> bool {
+    pub(super) fn unsub_remote(&mut self, ctx: &mut Context<Self>, room: &str) -> bool {
         let Some(cluster) = self.shared.cluster.clone() else {
             return false;
         };
@@ -159,8 +182,16 @@ impl Session {
             return false;
         };
         let deliver = cluster.remote().deliver_subject(session_id, &owner);
-        self.tell_owner(owner, room, What::Unsubscribe { deliver });
+        self.tell_owner(Some(ctx), owner, room, What::Unsubscribe { deliver });
         true
+    }
+
+    /// The rooms this connection subscribes to on other nodes.
+    pub(super) fn remote_rooms(&self) -> Vec<String> {
+        self.shared
+            .cluster
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.remote().rooms(self.session.session_id))
     }
 
     /// Whether this connection subscribes to `room` on another node.
@@ -172,7 +203,7 @@ impl Session {
     }
 
     /// A signal to a remotely subscribed room (checked by the caller).
-    pub(super) fn signal_remote(&mut self, room: &str, data: &Value) {
+    pub(super) fn signal_remote(&mut self, ctx: &mut Context<Self>, room: &str, data: &Value) {
         let Some(cluster) = self.shared.cluster.clone() else {
             return;
         };
@@ -180,7 +211,7 @@ impl Session {
         let owner = cluster.owner(room).to_owned();
         let deliver = cluster.remote().deliver_subject(session_id, &owner);
         let data = crate::protocol::json::from_value(data);
-        self.tell_owner(owner, room, What::Signal { deliver, data });
+        self.tell_owner(Some(ctx), owner, room, What::Signal { deliver, data });
     }
 
     /// The connection ended: its relays on other nodes are closed.
@@ -191,7 +222,7 @@ impl Session {
         let session_id = self.session.session_id;
         for owner in cluster.remote().drop_session(session_id) {
             let deliver = cluster.remote().deliver_subject(session_id, &owner);
-            self.tell_owner(owner, "", What::Close { deliver });
+            self.tell_owner(None, owner, "", What::Close { deliver });
         }
     }
 }

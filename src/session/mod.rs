@@ -278,7 +278,7 @@ impl Session {
                         session_id: self.session.session_id,
                     });
                 }
-                None if self.unsub_remote(&room) => {}
+                None if self.unsub_remote(ctx, &room) => {}
                 None => self.error(Code::NotFound, Some(&room), "not subscribed to this room"),
             },
             Inbound::Signal { room, data } => {
@@ -313,7 +313,7 @@ impl Session {
                     );
                 }
                 let Some(addr) = addr else {
-                    return self.signal_remote(&room, &data);
+                    return self.signal_remote(ctx, &room, &data);
                 };
                 // Signals are dropped first under load: a full room mailbox drops it.
                 let sent = addr.try_send(room_msg::Signal {
@@ -355,8 +355,9 @@ impl Session {
         let lost: Vec<String> = self
             .subs
             .keys()
-            .filter(|room| !self.identity.may(Permission::Read, room))
             .cloned()
+            .chain(self.remote_rooms())
+            .filter(|room| !self.identity.may(Permission::Read, room))
             .collect();
         for room in lost {
             if let Some(addr) = self.subs.remove(&room) {
@@ -364,6 +365,8 @@ impl Session {
                 addr.do_send(room_msg::Unsubscribe {
                     session_id: self.session.session_id,
                 });
+            } else {
+                self.unsub_remote(ctx, &room);
             }
             self.error(
                 Code::Forbidden,

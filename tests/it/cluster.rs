@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Mirror, Server, TIMEOUT};
+use crate::support::{jwt, now_secs, Connect, Mirror, Server, TIMEOUT};
 
 /// A `nats-server` on 127.0.0.1 (Debian's package; `.ci/run` installs it). Killed on drop.
 struct Nats {
@@ -209,9 +209,16 @@ async fn three_nodes(nats: &Nats) -> Vec<Server> {
 /// The index of the node owning `room`: the only one that does not answer a read of it
 /// with 503 (reads are not forwarded, and a non-owner names the owner instead).
 async fn owner_of(nodes: &[Server], room: &str) -> usize {
+    owner_of_as(nodes, room, &[]).await
+}
+
+/// [`owner_of`] with request headers (a token when auth is on).
+async fn owner_of_as(nodes: &[Server], room: &str, headers: &[(&str, &str)]) -> usize {
     let mut owners = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        let response = node.get(&format!("/api/rooms/{room}")).await;
+        let response = node
+            .http("GET", &format!("/api/rooms/{room}"), headers, None)
+            .await;
         if response.status != 503 {
             owners.push(i);
         } else {
@@ -469,13 +476,19 @@ async fn with_nats_killed_local_rooms_work_and_the_rest_is_unavailable_until_it_
             break;
         }
     }
-    let (local, remote) = (local.expect("a room of node 0"), remote.expect("a room elsewhere"));
+    let (local, remote) = (
+        local.expect("a room of node 0"),
+        remote.expect("a room elsewhere"),
+    );
     let mut alice = nodes[0].client("alice").await;
     alice.create_ok(&local, "state", json!({})).await;
     alice.create_ok(&remote, "state", json!({})).await;
 
     nats.kill9();
-    readyz_until(&nodes[0], TIMEOUT, |body| body["cluster"]["nats"] == json!("disconnected")).await;
+    readyz_until(&nodes[0], TIMEOUT, |body| {
+        body["cluster"]["nats"] == json!("disconnected")
+    })
+    .await;
     assert_eq!(alice.ack("l1", &local, incr()).await, 2);
     let mut watcher = nodes[0].client("watcher").await;
     watcher.sub(&local).await;
@@ -498,9 +511,56 @@ async fn with_nats_killed_local_rooms_work_and_the_rest_is_unavailable_until_it_
             break;
         }
         assert_eq!(reply["code"], "unavailable", "{reply}");
-        assert!(Instant::now() < deadline, "the owner never came back: {reply}");
+        assert!(
+            Instant::now() < deadline,
+            "the owner never came back: {reply}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let snapshot = watcher.sub(&remote).await;
     assert_eq!(snapshot["seq"], 2);
+}
+
+#[tokio::test]
+async fn permissions_are_checked_on_the_node_the_client_is_connected_to() {
+    let nats = Nats::start().await;
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let mut args = node_args(&nats, id, "a,b");
+        args.extend(["--jwt-secret", "s3cret"].map(str::to_owned));
+        nodes.push(Server::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await);
+    }
+    let token = |rooms: serde_json::Value| {
+        jwt(
+            "s3cret",
+            json!({"sub": "alice", "exp": now_secs() + 600, "rooms": rooms}),
+        )
+    };
+    let all = token(json!({"read": ["*"], "write": ["*"], "create": ["*"]}));
+    let bearer = format!("Bearer {all}");
+    // A room owned by node b, for a client on node a.
+    let mut room = String::new();
+    for i in 0..64 {
+        room = format!("state:acl-{i}");
+        if owner_of_as(&nodes, &room, &[("Authorization", &bearer)]).await == 1 {
+            break;
+        }
+    }
+    let mut alice = Connect::new().token(&all).connect(&nodes[0]).await;
+    alice.create_ok(&room, "state", json!({})).await;
+    alice.sub(&room).await;
+    let read_only = token(json!({"read": ["*"]}));
+    let mut reader = Connect::new().token(&read_only).connect(&nodes[0]).await;
+    assert_eq!(reader.nack("w", &room, incr()).await, "forbidden");
+
+    // A refreshed token that cannot read the room ends the remote subscription.
+    alice
+        .send_json(json!({"t": "auth", "token": token(json!({"write": ["*"]}))}))
+        .await;
+    let ended = alice
+        .recv_until(|v| v["t"] == "error" && v["room"] == room.as_str())
+        .await;
+    assert_eq!(ended["code"], "forbidden", "{ended}");
+    assert_eq!(alice.ack("after", &room, incr()).await, 2);
+    alice.expect_silence(Duration::from_millis(300)).await;
 }

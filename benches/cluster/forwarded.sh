@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The added latency of a forwarded op and of a remote subscription, against local, in
+# the same run: one nats-server and two roomd nodes (a, b) on 127.0.0.1, and
+# `roomd bench ingest` / `roomd bench fanout` pointed at node a with one room each run.
+# Each run's room is owned by a or by b (rendezvous hashing of a random name), so runs
+# are classified afterwards by whether node a lists the room (GET /api/rooms lists the
+# rooms of the node asked): local, or forwarded / relayed through b.
+#
+#   benches/cluster/forwarded.sh [RUNS]     (default 6 runs of each bench; release build)
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+runs=${1:-6}
+bin=target/release/roomd
+[ -x "$bin" ] || cargo build --release
+nats=$(command -v nats-server || echo /usr/sbin/nats-server)
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+nats_port=$(free_port)
+"$nats" -a 127.0.0.1 -p "$nats_port" >/dev/null 2>&1 & pids+=($!)
+sleep 0.5
+declare -A port
+for id in a b; do
+  port[$id]=$(free_port)
+  "$bin" --bind "127.0.0.1:${port[$id]}" --data-dir "$work/$id" --op-rate 100000 --op-burst 100000 \
+    --cluster-nats "nats://127.0.0.1:$nats_port" --node-id "$id" --cluster-nodes a,b \
+    >"$work/$id.out" 2>"$work/$id.err" & pids+=($!)
+done
+for id in a b; do
+  for _ in $(seq 100); do grep -q listening "$work/$id.out" 2>/dev/null && break; sleep 0.1; done
+done
+a_pid=${pids[1]}
+url="ws://127.0.0.1:${port[a]}"
+rooms_on_a() { curl -s "http://127.0.0.1:${port[a]}/api/rooms?prefix=$1&limit=1000"; }
+
+echo "kind,where,p50_ms,p99_ms,rate,server_cpu"
+for i in $(seq "$runs"); do
+  before=$(rooms_on_a state:ingest | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rooms"]))')
+  "$bin" bench ingest --url "$url" --server-pid "$a_pid" --json --writers 1 --window 1 --rooms 1 \
+    --duration 3s >"$work/ingest-$i.json"
+  after=$(rooms_on_a state:ingest | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rooms"]))')
+  where=$([ "$after" -gt "$before" ] && echo local || echo forwarded)
+  python3 - "$work/ingest-$i.json" "$where" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+lat = r.get("ack_latency_ms") or r.get("latency_ms") or {}
+print(f"ingest-op,{sys.argv[2]},{lat.get('p50')},{lat.get('p99')},{r.get('acked_per_s') or r.get('ops_per_s')},{r.get('server_cpu_s') or r.get('server', {}).get('cpu_s')}")
+PY
+done
+for i in $(seq "$runs"); do
+  before=$(rooms_on_a chat:fanout | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rooms"]))')
+  "$bin" bench fanout --url "$url" --server-pid "$a_pid" --json --subscribers 100 --rate 100 --rooms 1 \
+    --duration 3s >"$work/fanout-$i.json"
+  after=$(rooms_on_a chat:fanout | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rooms"]))')
+  where=$([ "$after" -gt "$before" ] && echo local || echo relayed)
+  python3 - "$work/fanout-$i.json" "$where" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+lat = r.get("latency_ms") or {}
+print(f"fanout-delivery,{sys.argv[2]},{lat.get('p50')},{lat.get('p99')},{r.get('deliveries_per_s')},{r.get('server_cpu_s') or r.get('cpu_per_million_deliveries_s')}")
+PY
+done
+cp "$work"/ingest-1.json "$work"/fanout-1.json target/ 2>/dev/null || true
