@@ -102,7 +102,7 @@ fn room_id(room: &str) -> Result<RoomId, ApiError> {
     RoomId::parse(room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))
 }
 
-/// Cluster mode: Ok when this node owns `room` (always on a single node). Reads,
+/// Cluster mode: Ok when this node owns `room` (always on a single node). Time travel,
 /// events, deletes, signals, presence and streams of a room owned by another node are
 /// not forwarded yet: 503 `unavailable`, naming the owner.
 pub fn local_room(shared: &Shared, room: &RoomId) -> Result<(), ApiError> {
@@ -110,8 +110,8 @@ pub fn local_room(shared: &Shared, room: &RoomId) -> Result<(), ApiError> {
         Some(cluster) if !cluster.owns(room) => Err(ApiError::new(
             Code::Unavailable,
             format!(
-                "room {room} is owned by node {}; this node forwards only ops and creates \
-                 to it (ask node {} for the rest)",
+                "room {room} is owned by node {}; this node forwards only ops, creates, \
+                 subscriptions and state reads to it (ask node {} for the rest)",
                 cluster.owner(room),
                 cluster.owner(room)
             ),
@@ -350,12 +350,26 @@ async fn read_room(
     let room = path.into_inner();
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
-    local_room(&shared, &room)?;
     let query = Query::parse(&req)?;
+    if query.at.is_some() {
+        local_room(&shared, &room)?;
+    }
     let turn = read_turn(&req, &shared).await?;
     let viewer = identity.user.clone();
     if let Some(at) = query.at {
         return read_room_at(&shared, &room, at, viewer, turn).await;
+    }
+    // Cluster mode: the state of a room owned elsewhere is read on its owner.
+    if let Some(cluster) = shared.cluster.as_ref().filter(|c| !c.owns(&room)) {
+        let view = crate::cluster::forward::read(cluster, &room, &viewer).await?;
+        return Ok(state_reply(
+            &room,
+            &view.kind,
+            view.epoch,
+            view.seq,
+            Box::new(view.entries.into_iter()),
+            turn,
+        ));
     }
     let read = || room_msg::Read {
         viewer: viewer.clone(),

@@ -197,6 +197,49 @@ pub async fn forward_one<M: Forwardable>(cluster: &Cluster, room: &RoomId, msg: 
     }
 }
 
+/// A room's state read on its owner (`GET /api/rooms/{room}` on another node).
+#[derive(Debug)]
+pub struct RemoteView {
+    pub kind: String,
+    pub epoch: u64,
+    pub seq: u64,
+    /// The entries `viewer` may see, as the contract's JSON.
+    pub entries: Vec<serde_json::Value>,
+}
+
+/// Reads `room`'s committed state on its owner, as `viewer` may see it.
+pub async fn read(cluster: &Cluster, room: &RoomId, viewer: &str) -> Result<RemoteView, RoomError> {
+    let request = Request {
+        room: room.to_string(),
+        user: viewer.to_owned(),
+        op_id: None,
+        now_ms: 0,
+        what: super::rpc::What::Read,
+        refusal: None,
+    };
+    let ticket = cluster
+        .forwarder()
+        .send(cluster.owner(room), &request)
+        .await?;
+    match ticket.reply().await? {
+        Reply::View {
+            kind,
+            epoch,
+            seq,
+            entries,
+        } => Ok(RemoteView {
+            kind,
+            epoch,
+            seq,
+            entries,
+        }),
+        other => Err(other
+            .into_answer()
+            .err()
+            .unwrap_or_else(|| unavailable("the owner answered a read as an op".into()))),
+    }
+}
+
 /// One connection's forwarded ops awaiting answers, per room in the order sent: an
 /// answer is given only once every earlier op of that room has been answered. Bounded
 /// by the connection's op rate and [`MAX_IN_FLIGHT`].

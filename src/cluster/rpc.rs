@@ -88,6 +88,8 @@ pub enum What {
     Ping {
         node: String,
     },
+    /// `GET /api/rooms/{room}` for `user` (the viewer): answered with [`Reply::View`].
+    Read,
 }
 
 /// A refusal's contract code and message.
@@ -111,6 +113,13 @@ pub enum Reply {
     Done {
         ok: bool,
         instance: u64,
+    },
+    /// A room's committed state as `user` may see it (entries as the contract's JSON).
+    View {
+        kind: String,
+        epoch: u64,
+        seq: u64,
+        entries: Vec<serde_json::Value>,
     },
 }
 
@@ -164,7 +173,7 @@ impl Reply {
         match self {
             Reply::Ack { seq, epoch } => Ok(OpDone { seq, epoch }),
             Reply::Nack(e) => Err(e.into_room_error()),
-            Reply::Done { .. } => Err(RoomError::Rejected(
+            Reply::Done { .. } | Reply::View { .. } => Err(RoomError::Rejected(
                 Code::Unavailable,
                 "the owner answered an op as something else".into(),
             )),
@@ -235,6 +244,7 @@ pub async fn serve(
                     What::Submit { .. } | What::Create { .. } => {
                         Answer::Later(run(&cluster, &registry, request).await)
                     }
+                    What::Read => Answer::Now(read(&cluster, &registry, request).await),
                     _ => Answer::Now(control(&cluster, &relays, request).await),
                 },
                 Err(e) => {
@@ -313,7 +323,47 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
             relays.ping(&node);
             done(true)
         }
-        What::Submit { .. } | What::Create { .. } => done(false),
+        What::Submit { .. } | What::Create { .. } | What::Read => done(false),
+    }
+}
+
+/// A forwarded `GET /api/rooms/{room}`: the room's committed state for the viewer.
+async fn read(cluster: &Cluster, registry: &Arc<Registry>, request: Request) -> Reply {
+    let refused = |e: RoomError| Reply::Nack(WireError::of(&e));
+    let room = match RoomId::parse(&request.room) {
+        Ok(room) if cluster.owns(&room) => room,
+        Ok(room) => {
+            return refused(RoomError::Rejected(
+                Code::Unavailable,
+                format!("node {} does not own room {room}", cluster.node_id()),
+            ))
+        }
+        Err(e) => return refused(RoomError::Rejected(Code::Invalid, e.to_string())),
+    };
+    let read = || room_msg::Read {
+        viewer: request.user.as_str().into(),
+    };
+    let result = match registry.get(&room).send(read()).await {
+        Ok(result) => result,
+        // The room stopped between lookup and send: start it again once.
+        Err(_) => registry
+            .get(&room)
+            .send(read())
+            .await
+            .unwrap_or(Err(RoomError::Restarted)),
+    };
+    match result {
+        Ok(view) => Reply::View {
+            kind: view.kind,
+            epoch: view.epoch,
+            seq: view.seq,
+            entries: view
+                .entries
+                .iter()
+                .map(crate::protocol::json::entry_json)
+                .collect(),
+        },
+        Err(e) => refused(e),
     }
 }
 

@@ -206,8 +206,8 @@ async fn three_nodes(nats: &Nats) -> Vec<Server> {
     nodes
 }
 
-/// The index of the node owning `room`: the only one that does not answer a read of it
-/// with 503 (reads are not forwarded, and a non-owner names the owner instead).
+/// The index of the node owning `room`: the only one that does not answer a time-travel
+/// read of it with 503 (`?at=` is not forwarded; a non-owner names the owner instead).
 async fn owner_of(nodes: &[Server], room: &str) -> usize {
     owner_of_as(nodes, room, &[]).await
 }
@@ -217,7 +217,7 @@ async fn owner_of_as(nodes: &[Server], room: &str, headers: &[(&str, &str)]) -> 
     let mut owners = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let response = node
-            .http("GET", &format!("/api/rooms/{room}"), headers, None)
+            .http("GET", &format!("/api/rooms/{room}?at=1"), headers, None)
             .await;
         if response.status != 503 {
             owners.push(i);
@@ -297,10 +297,15 @@ async fn ops_through_non_owners_are_applied_once_and_acked_in_order() {
         .await;
     assert_eq!(reposted.body, json!({"seq": 33}));
 
-    // The owner holds every op once: 1 + 30 + 1 increments.
+    // The owner holds every op once: 1 + 30 + 1 increments; a read on any node is
+    // the owner's state.
     let state = nodes[owner].room_state(room).await;
     assert_eq!(state["seq"], 33);
     assert_eq!(state["entries"], json!([{"k": "n", "v": 32, "ver": 33}]));
+    assert_eq!(nodes[n1].room_state(room).await, state);
+    assert_eq!(nodes[n2].room_state(room).await, state);
+    let missing = nodes[n1].get("/api/rooms/state:nowhere-at-all").await;
+    assert_eq!(missing.status, 404, "{}", missing.text);
 }
 
 #[tokio::test]
