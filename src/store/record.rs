@@ -118,6 +118,8 @@ pub enum RecordError {
         "log row stored under seq {last} holds {len} events from seq {first}, which do not end there"
     )]
     RowSpan { first: u64, len: usize, last: u64 },
+    #[error("seq {seq} is outside the log row {first}..={last}")]
+    NotInRow { seq: u64, first: u64, last: u64 },
     #[error("meta row's first retained seq {first_retained} is past head {head} + 1, or 0")]
     RetainedPastHead { first_retained: u64, head: u64 },
 }
@@ -435,25 +437,27 @@ impl<'a> LogRow<'a> {
         self.last - self.first() + 1
     }
 
-    fn at(&self, seq: u64) -> EventRef<'a> {
-        assert!(
-            (self.first()..=self.last).contains(&seq),
-            "seq {seq} is outside the row {}..={}",
-            self.first(),
-            self.last
-        );
-        match self.row {
+    /// The event `seq`, or an error naming the row's span when the row does not hold it.
+    fn at(&self, seq: u64) -> Result<EventRef<'a>, RecordError> {
+        if !(self.first()..=self.last).contains(&seq) {
+            return Err(RecordError::NotInRow {
+                seq,
+                first: self.first(),
+                last: self.last,
+            });
+        }
+        Ok(match self.row {
             RowRef::NoOpId(row) => EventRef::NoOpId(row),
             RowRef::Event(row) => EventRef::Event(row),
             RowRef::Batch(row) => {
                 EventRef::Event(&row.events[(seq - row.first.to_native()) as usize])
             }
-        }
+        })
     }
 
-    /// Rebuilds the event `seq` (in `first()..=last()`, or this panics).
+    /// Rebuilds the event `seq` ([`RecordError::NotInRow`] outside `first()..=last()`).
     pub fn event(&self, seq: u64) -> Result<EventRecord, RecordError> {
-        match self.at(seq) {
+        match self.at(seq)? {
             EventRef::NoOpId(row) => event_from_row(
                 seq,
                 &row.user,
@@ -476,9 +480,9 @@ impl<'a> LogRow<'a> {
     }
 
     /// The `(user, op id)` of the event `seq`, without rebuilding its op or changes.
-    /// None for an event whose op carried no id.
+    /// None for an event whose op carried no id, or a seq the row does not hold.
     pub fn op_id(&self, seq: u64) -> Option<(String, String)> {
-        match self.at(seq) {
+        match self.at(seq).ok()? {
             EventRef::NoOpId(_) => None,
             EventRef::Event(row) => row
                 .op_id
@@ -487,12 +491,13 @@ impl<'a> LogRow<'a> {
         }
     }
 
-    /// The timestamp of the event `seq`, for trimming by age.
-    pub fn ts_ms(&self, seq: u64) -> i64 {
-        match self.at(seq) {
+    /// The timestamp of the event `seq`, for trimming by age; None for a seq the row
+    /// does not hold.
+    pub fn ts_ms(&self, seq: u64) -> Option<i64> {
+        Some(match self.at(seq).ok()? {
             EventRef::NoOpId(row) => row.ts_ms.to_native(),
             EventRef::Event(row) => row.ts_ms.to_native(),
-        }
+        })
     }
 }
 
@@ -1015,7 +1020,7 @@ mod tests {
     }
 
     fn ts_of(bytes: &[u8]) -> Result<i64, RecordError> {
-        log_row(7, bytes).map(|row| row.ts_ms(7))
+        log_row(7, bytes).map(|row| row.ts_ms(7).expect("the row holds seq 7"))
     }
 
     fn op_id_of(bytes: &[u8]) -> Result<Option<(String, String)>, RecordError> {
@@ -1091,7 +1096,7 @@ mod tests {
         assert_eq!((row.first(), row.last(), row.len()), (7, 9, 3));
         for original in &events {
             assert_event_eq(&row.event(original.seq).unwrap(), original);
-            assert_eq!(row.ts_ms(original.seq), original.ts_ms);
+            assert_eq!(row.ts_ms(original.seq), Some(original.ts_ms));
             assert_eq!(
                 row.op_id(original.seq),
                 original.op_id.clone().map(|id| (original.user.clone(), id))
@@ -1138,10 +1143,22 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "outside the row")]
-    fn asking_a_log_row_for_a_seq_it_does_not_hold_panics() {
+    fn asking_a_log_row_for_a_seq_it_does_not_hold_is_an_error_naming_its_span() {
         let bytes = encode_log_row(&run(7, 9)).unwrap();
-        let _ = log_row(9, &bytes).unwrap().event(6);
+        let row = log_row(9, &bytes).unwrap();
+        for seq in [6, 10] {
+            assert!(matches!(
+                row.event(seq),
+                Err(RecordError::NotInRow {
+                    first: 7,
+                    last: 9,
+                    ..
+                })
+            ));
+        }
+        assert_eq!(row.event(8).unwrap().seq, 8);
+        assert_eq!((row.op_id(6), row.ts_ms(10)), (None, None));
+        assert!(row.ts_ms(9).is_some());
     }
 
     #[test]

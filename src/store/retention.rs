@@ -212,8 +212,9 @@ impl Trim {
             for seq in due_through + 1..=last.min(limit) {
                 // Timestamps are stamped as ops arrive, so they may run backwards a
                 // little between seqs: the run of old events ends at the first young
-                // one, and the log stays gapless.
-                if row.ts_ms(seq) >= older_than_ms {
+                // one, and the log stays gapless. A seq the row does not hold (it
+                // cannot happen) stops the run too.
+                if row.ts_ms(seq).is_none_or(|ts| ts >= older_than_ms) {
                     stopped = true;
                     break;
                 }
