@@ -16,22 +16,6 @@ use crate::protocol::message::{ClientMsg, ServerMsg, WireEntry, WireMember, Wire
 use crate::protocol::{binary, json as server_json, BadFrame, Encoding};
 use crate::value::Value;
 
-/// Every nack/error code, to read JSON's `code` strings back.
-const CODES: [Code; 12] = [
-    Code::BadFrame,
-    Code::Invalid,
-    Code::NotFound,
-    Code::Exists,
-    Code::Forbidden,
-    Code::Conflict,
-    Code::Closed,
-    Code::RateLimited,
-    Code::TooLarge,
-    Code::Limit,
-    Code::Gone,
-    Code::Unavailable,
-];
-
 /// Encodes a client message as a `roomd.v1.json` text frame.
 ///
 /// Values are written node for node, with no depth check, so the server judges them
@@ -282,10 +266,7 @@ fn epoch_field(obj: &Map<String, Json>) -> Result<u64, BadFrame> {
 
 fn code_field(obj: &Map<String, Json>) -> Result<Code, BadFrame> {
     let text = str_field(obj, "code")?;
-    CODES
-        .into_iter()
-        .find(|code| code.as_str() == text)
-        .ok_or_else(|| bad(format!("unknown code `{text}`")))
+    Code::from_name(text).ok_or_else(|| bad(format!("unknown code `{text}`")))
 }
 
 fn user_list(obj: &Map<String, Json>, name: &str) -> Result<Vec<String>, BadFrame> {

@@ -123,22 +123,6 @@ pub enum Reply {
     },
 }
 
-/// Every contract code, to read one back by name.
-const CODES: [Code; 12] = [
-    Code::BadFrame,
-    Code::Invalid,
-    Code::NotFound,
-    Code::Exists,
-    Code::Forbidden,
-    Code::Conflict,
-    Code::Closed,
-    Code::RateLimited,
-    Code::TooLarge,
-    Code::Limit,
-    Code::Gone,
-    Code::Unavailable,
-];
-
 impl WireError {
     pub fn of(error: &RoomError) -> WireError {
         WireError {
@@ -150,10 +134,7 @@ impl WireError {
     /// The refusal as the room error it stands for (same code, same message); an
     /// unknown code (a newer node) is `unavailable`.
     pub fn into_room_error(self) -> RoomError {
-        let code = CODES
-            .into_iter()
-            .find(|code| code.as_str() == self.code)
-            .unwrap_or(Code::Unavailable);
+        let code = Code::from_name(&self.code).unwrap_or(Code::Unavailable);
         RoomError::Rejected(code, self.msg)
     }
 }

@@ -25,6 +25,28 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in declaration order (`Code` is `repr(u8)`, so `code as usize` is its
+    /// position here; a test checks it).
+    pub const ALL: [Code; 12] = [
+        Code::BadFrame,
+        Code::Invalid,
+        Code::NotFound,
+        Code::Exists,
+        Code::Forbidden,
+        Code::Conflict,
+        Code::Closed,
+        Code::RateLimited,
+        Code::TooLarge,
+        Code::Limit,
+        Code::Gone,
+        Code::Unavailable,
+    ];
+
+    /// The code whose [`Code::as_str`] is `name`, if any.
+    pub fn from_name(name: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|code| code.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::BadFrame => "bad_frame",
@@ -92,4 +114,18 @@ pub mod close {
     pub const DISCONNECTED: u16 = 4403;
     /// Too many connections (per IP or in total).
     pub const TOO_MANY: u16 = 4429;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    #[test]
+    fn every_code_sits_at_its_discriminant_and_reads_back_by_name() {
+        for (index, code) in Code::ALL.into_iter().enumerate() {
+            assert_eq!(code as usize, index);
+            assert_eq!(Code::from_name(code.as_str()), Some(code));
+        }
+        assert_eq!(Code::from_name("no_such_code"), None);
+    }
 }

@@ -134,34 +134,17 @@ fn kind_label(kind: &str) -> usize {
     }
 }
 
-/// The nack codes in their declaration order (`Code` is `repr(u8)`, so `code as usize`
-/// is the position here; a test checks it).
-const NACK_CODES: [Code; 12] = [
-    Code::BadFrame,
-    Code::Invalid,
-    Code::NotFound,
-    Code::Exists,
-    Code::Forbidden,
-    Code::Conflict,
-    Code::Closed,
-    Code::RateLimited,
-    Code::TooLarge,
-    Code::Limit,
-    Code::Gone,
-    Code::Unavailable,
-];
-
 /// Counts one answered op or create in `roomd_ops_total`: `kind` (a position in
 /// `OP_KINDS`, from [`ReplyTo::set_kind`]) None when no room of a known kind saw it, `nack` None for an ack. Also called by the session and the HTTP
 /// API for what they refuse before a room sees it. Registered once: an index and an
 /// atomic add per op.
 pub fn count_op(kind: Option<usize>, nack: Option<Code>) {
     static OPS: std::sync::OnceLock<crate::metrics::CounterSet> = std::sync::OnceLock::new();
-    let results = NACK_CODES.len() + 1;
+    let results = Code::ALL.len() + 1;
     let ops = OPS.get_or_init(|| {
         let sets = OP_KINDS.iter().flat_map(|&kind| {
             std::iter::once("ack")
-                .chain(NACK_CODES.iter().map(|code| code.as_str()))
+                .chain(Code::ALL.iter().map(|code| code.as_str()))
                 .map(move |result| [("kind", kind), ("result", result)])
         });
         crate::metrics::CounterSet::new(crate::metrics::names::OPS, sets)
@@ -278,9 +261,9 @@ mod tests {
 
     #[test]
     fn nack_codes_are_listed_in_declaration_order() {
-        for (index, code) in NACK_CODES.iter().enumerate() {
+        for (index, code) in Code::ALL.iter().enumerate() {
             assert_eq!(*code as usize, index, "{code:?}");
         }
-        assert_eq!(Code::Unavailable as usize + 1, NACK_CODES.len());
+        assert_eq!(Code::Unavailable as usize + 1, Code::ALL.len());
     }
 }
