@@ -18,7 +18,8 @@
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
 //! `retention.rs` the trimming and deletion pieces, `reads.rs` the HTTP reads,
-//! `tools.rs` listing, verifying and compacting for `roomd log`, `listing.rs` the
+//! `tools.rs` listing, verifying and compacting for `roomd log`, `checksums.rs` the page
+//! checksum check `verify` runs on a copy-on-write view of the file, `listing.rs` the
 //! admin room list, `lock.rs` and
 //! `format.rs` the data dir's lock and format version, `epochs.rs` the epoch salt,
 //! `error.rs` the error types.
