@@ -10,6 +10,8 @@
 //! rate and turns of reads are `admission`'s ([`crate::admission::http_conns`],
 //! [`crate::admission::read_gate`]), below `shared`, which holds them.
 
+pub mod admin;
+pub mod forwarded;
 pub mod guard;
 pub mod reads;
 
@@ -31,6 +33,7 @@ use crate::room::messages::{self as room_msg, OpDone, ReplyTo};
 use crate::room::RoomError;
 use crate::shared::Shared;
 use crate::store::{EventsPage, Store};
+use forwarded::Call;
 use reads::{object_head, StreamedJson};
 
 /// Registers the routes on an actix-web service config.
@@ -100,24 +103,6 @@ impl From<AuthError> for ApiError {
 /// A room id from a path or body, checked once here.
 fn room_id(room: &str) -> Result<RoomId, ApiError> {
     RoomId::parse(room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))
-}
-
-/// Cluster mode: Ok when this node owns `room` (always on a single node). Time travel,
-/// events, deletes, signals, presence and streams of a room owned by another node are
-/// not forwarded yet: 503 `unavailable`, naming the owner.
-pub fn local_room(shared: &Shared, room: &RoomId) -> Result<(), ApiError> {
-    match &shared.cluster {
-        Some(cluster) if !cluster.owns(room) => Err(ApiError::new(
-            Code::Unavailable,
-            format!(
-                "room {room} is owned by node {}; this node forwards only ops, creates, \
-                 subscriptions and state reads to it (ask node {} for the rest)",
-                cluster.owner(room),
-                cluster.owner(room)
-            ),
-        )),
-        _ => Ok(()),
-    }
 }
 
 impl From<RoomError> for ApiError {
@@ -319,6 +304,28 @@ async fn read_turn(req: &HttpRequest, shared: &Shared) -> Result<Turn, ApiError>
     Ok(shared.reads.turn(kill).await?)
 }
 
+/// The fields of a room's state before its `entries`: `{"room","kind","epoch","seq"}`.
+fn state_fields(room: &str, kind: &str, epoch: u64, seq: u64) -> serde_json::Map<String, Json> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("room".into(), json!(room));
+    fields.insert("kind".into(), json!(kind));
+    fields.insert("epoch".into(), json!(epoch_hex(epoch)));
+    fields.insert("seq".into(), json!(seq));
+    fields
+}
+
+/// A 200 whose body is `fields` and then `list` holding `items`, streamed.
+fn streamed(
+    fields: serde_json::Map<String, Json>,
+    list: &str,
+    items: Box<dyn Iterator<Item = Json>>,
+    turn: Turn,
+) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .streaming(StreamedJson::new(object_head(&fields, list), items, turn))
+}
+
 /// A room's state as a streamed `{"room","kind","epoch","seq","entries"}` reply.
 fn state_reply(
     room: &str,
@@ -328,18 +335,12 @@ fn state_reply(
     entries: Box<dyn Iterator<Item = Json>>,
     turn: Turn,
 ) -> HttpResponse {
-    let mut fields = serde_json::Map::new();
-    fields.insert("room".into(), json!(room));
-    fields.insert("kind".into(), json!(kind));
-    fields.insert("epoch".into(), json!(epoch_hex(epoch)));
-    fields.insert("seq".into(), json!(seq));
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .streaming(StreamedJson::new(
-            object_head(&fields, "entries"),
-            entries,
-            turn,
-        ))
+    streamed(
+        state_fields(room, kind, epoch, seq),
+        "entries",
+        entries,
+        turn,
+    )
 }
 
 async fn read_room(
@@ -351,13 +352,16 @@ async fn read_room(
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
     let query = Query::parse(&req)?;
-    if query.at.is_some() {
-        local_room(&shared, &room)?;
-    }
     let turn = read_turn(&req, &shared).await?;
     let viewer = identity.user.clone();
     if let Some(at) = query.at {
-        return read_room_at(&shared, &room, at, viewer, turn).await;
+        // Cluster mode: time travel in a room owned elsewhere is done on its owner; the
+        // turn is held until its answer is here.
+        if let Some(cluster) = forwarded::elsewhere(&shared, &room) {
+            return forwarded::forward(cluster, &room, &viewer, &Call::At { at }).await;
+        }
+        let (fields, entries) = state_at(&shared, &room, at, viewer).await?;
+        return Ok(streamed(fields, "entries", entries, turn));
     }
     // Cluster mode: the state of a room owned elsewhere is read on its owner.
     if let Some(cluster) = shared.cluster.as_ref().filter(|c| !c.owns(&room)) {
@@ -504,15 +508,20 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// `GET /api/rooms/{room}?at=N`: the state as it was at seq N, rebuilt from the newest
-/// snapshot at or before N and the logged changes after it.
-async fn read_room_at(
+/// The fields and entries of a room's state as `viewer` may see it.
+type StateParts = (
+    serde_json::Map<String, Json>,
+    Box<dyn Iterator<Item = Json>>,
+);
+
+/// `GET /api/rooms/{room}?at=N` on the room's owner: the state as it was at seq N,
+/// rebuilt from the newest snapshot at or before N and the logged changes after it.
+async fn state_at(
     shared: &Shared,
     room: &RoomId,
     at: u64,
     viewer: Arc<str>,
-    turn: Turn,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<StateParts, ApiError> {
     let room_id = room.to_owned();
     let found = blocking(&shared.store, move |store| store.read_at(&room_id, at)).await?;
     let Some(found) = found else {
@@ -553,13 +562,9 @@ async fn read_room_at(
         let slot = state.get(&key)?;
         Some(entry_json(&crate::room::wire_entry(&key, slot)))
     });
-    Ok(state_reply(
-        room,
-        &found.meta.kind,
-        found.meta.epoch,
-        at,
+    Ok((
+        state_fields(room, &found.meta.kind, found.meta.epoch, at),
         Box::new(entries),
-        turn,
     ))
 }
 
@@ -575,13 +580,36 @@ async fn read_events(
     let room = path.into_inner();
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = room_id(&room)?;
-    local_room(&shared, &room)?;
     let query = Query::parse(&req)?;
     let after = query.after.unwrap_or(0);
     // `limit=0` asks for no events: the reply still carries `head` (a cheap way to
     // learn it). Above the page size it is capped, as the contract says.
     let limit = query.limit.unwrap_or(100).min(MAX_EVENTS_PAGE) as usize;
     let turn = read_turn(&req, &shared).await?;
+    let viewer = identity.user.clone();
+    if let Some(cluster) = forwarded::elsewhere(&shared, &room) {
+        let call = Call::Events {
+            after,
+            limit,
+            admin: identity.admin,
+        };
+        return forwarded::forward(cluster, &room, &viewer, &call).await;
+    }
+    let (fields, events) =
+        events_page(&shared, &room, after, limit, viewer, identity.admin).await?;
+    Ok(streamed(fields, "events", events, turn))
+}
+
+/// A page of `GET /api/rooms/{room}/events` on the room's owner: `{"head"}` and the
+/// events after `after` as `viewer` may see them (`admin` sees private ops).
+async fn events_page(
+    shared: &Shared,
+    room: &RoomId,
+    after: u64,
+    limit: usize,
+    viewer: Arc<str>,
+    admin: bool,
+) -> Result<StateParts, ApiError> {
     let room_id = room.clone();
     let page = blocking(&shared.store, move |store| {
         store.read_events(&room_id, after, limit)
@@ -603,11 +631,10 @@ async fn read_events(
     }
     // The kind says which ops are private (a poll's votes): only admins see their
     // author and body. A kind this server does not serve hides every op's.
-    let kind = match identity.admin {
+    let kind = match admin {
         true => None,
-        false => Some(page_kind(&shared, &room, &page).await),
+        false => Some(page_kind(shared, room, &page).await),
     };
-    let viewer = identity.user.clone();
     let mut fields = serde_json::Map::new();
     fields.insert("head".into(), json!(page.head));
     let events = page.events.into_iter().map(move |event| {
@@ -654,13 +681,7 @@ async fn read_events(
             })
         }
     });
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .streaming(StreamedJson::new(
-            object_head(&fields, "events"),
-            Box::new(events),
-            turn,
-        )))
+    Ok((fields, Box::new(events)))
 }
 
 /// The room's kind, from its creation event when the page holds it, else from the room;
@@ -694,11 +715,19 @@ async fn delete_room(
     let room = path.into_inner();
     require_admin(&req, &shared)?;
     let room = room_id(&room)?;
-    local_room(&shared, &room)?;
+    if let Some(cluster) = forwarded::elsewhere(&shared, &room) {
+        return forwarded::forward(cluster, &room, "", &Call::Delete).await;
+    }
+    delete(&shared, &room).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Deletes a room this node owns.
+async fn delete(shared: &Arc<Shared>, room: &RoomId) -> Result<(), ApiError> {
     let (tx, rx) = oneshot::channel();
-    send_to_room(&shared, &room, room_msg::Delete { reply: tx }).await;
+    send_to_room(shared, room, room_msg::Delete { reply: tx }).await;
     match rx.await {
-        Ok(Ok(())) => Ok(HttpResponse::NoContent().finish()),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::new(
             Code::Unavailable,
@@ -737,8 +766,9 @@ where
 }
 
 /// `POST /api/rooms/{room}/signal` `{"data":…}` (admin): 202, and a `signal` from user
-/// `server` to every subscriber of the room on this server. A room that is not loaded
-/// has no subscribers, so it is not loaded for this.
+/// `server` to every subscriber of the room (in cluster mode sent by its owner, so
+/// subscribers on every node get it). A room that is not loaded has no subscribers, so
+/// it is not loaded for this.
 async fn signal_room(
     req: HttpRequest,
     path: web::Path<String>,
@@ -748,7 +778,6 @@ async fn signal_room(
     let room = path.into_inner();
     require_admin(&req, &shared)?;
     let room = room_id(&room)?;
-    local_room(&shared, &room)?;
     let obj = parse_body(&body)?;
     let data = obj
         .get("data")
@@ -762,7 +791,18 @@ async fn signal_room(
             format!("signal of {size} bytes exceeds limit of {limit}"),
         ));
     }
-    if let Some(addr) = shared.registry.live(&room) {
+    if let Some(cluster) = forwarded::elsewhere(&shared, &room) {
+        let data = crate::protocol::json::from_value(&data);
+        return forwarded::forward(cluster, &room, "", &Call::Signal { data }).await;
+    }
+    signal(&shared, &room, data);
+    Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+/// A signal from user `server` to the subscribers of a room this node owns (on every
+/// node: remote subscribers are the room's too).
+fn signal(shared: &Shared, room: &RoomId, data: crate::value::Value) {
+    if let Some(addr) = shared.registry.live(room) {
         // Like a member's signal: dropped when the room's mailbox is full.
         let _ = addr.try_send(room_msg::Signal {
             session_id: room_msg::SERVER_SESSION,
@@ -770,7 +810,6 @@ async fn signal_room(
             data,
         });
     }
-    Ok(HttpResponse::Accepted().json(json!({})))
 }
 
 /// `POST /api/users/{user}/disconnect` (admin): closes every WebSocket connection of

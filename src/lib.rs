@@ -29,13 +29,15 @@
 //!   bench`, the load generator), [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd
 //!   token`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
-//! - [`web`]: the browser side: `/client.js`, the demo at `/`, `/dashboard`, and the
-//!   Admin API's room list and presence; [`sse`]: `GET /api/rooms/{room}/stream`, a room
-//!   as Server-Sent Events; [`cors`]: CORS for `--allowed-origins`.
-//! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`]);
+//! - [`web`]: the browser side: `/client.js`, the demo at `/`, `/dashboard`;
+//!   [`sse`]: `GET /api/rooms/{room}/stream`, a room as Server-Sent Events; [`cors`]:
+//!   CORS for `--allowed-origins`.
+//! - [`http`]: the HTTP API, admin endpoints included ([`http::require_admin`];
+//!   [`http::admin`]: the room list and presence the dashboard reads);
 //!   [`http::guard`]: what every request passes first (per-IP connection cap, Host and
 //!   Origin rules, JSON bodies, body deadline) and the `{"code","msg"}` shape of every
-//!   error; [`http::reads`]: a read's streamed reply.
+//!   error; [`http::reads`]: a read's streamed reply; [`http::forwarded`]: cluster
+//!   mode's calls about a room another node owns, answered there as if local.
 //!   [`session`]: the Session actor, the upgrade and the frame guard in front of
 //!   actix-ws.
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).

@@ -147,8 +147,15 @@ pub async fn run_with_kinds(
 
     // Cluster mode: this node answers the ops other nodes forward to the rooms it owns.
     if let Some(cluster) = &shared.cluster {
-        crate::cluster::rpc::serve(cluster.clone(), registry.clone(), config.outbound_queue)
-            .await?;
+        crate::cluster::rpc::serve(
+            cluster.clone(),
+            registry.clone(),
+            config.outbound_queue,
+            Arc::new(crate::http::forwarded::OwnerCalls {
+                shared: shared.clone().into_inner(),
+            }),
+        )
+        .await?;
     }
 
     // The room threads and (as each builds its app) the HTTP workers.

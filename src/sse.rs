@@ -22,6 +22,10 @@
 //! `Last-Event-ID`. A `: ping` comment goes out when nothing was written for a
 //! heartbeat. At shutdown the stream ends with the WebSocket sessions (it is in
 //! `Shared::sessions`).
+//!
+//! Cluster mode: a stream of a room another node owns is a remote subscription on the
+//! owner (`cluster::stream`), whose frames arrive on the same kind of queue, so the
+//! body below does not know the difference; only its end is told elsewhere.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,7 +64,6 @@ pub async fn stream(
     // Read permission is checked before anything about the room (deny by default).
     let identity = authorize(&req, &shared, Permission::Read, &room)?;
     let room = RoomId::parse(&room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
-    crate::http::local_room(&shared, &room)?;
     if shared.shutting_down.load(Ordering::Acquire) {
         return Err(ApiError::new(Code::Unavailable, "server shutting down"));
     }
@@ -90,6 +93,25 @@ pub async fn stream(
         evicted: Default::default(),
     };
     let session_id = session.session_id;
+    // Cluster mode: a room owned elsewhere is streamed from its owner (`cluster::stream`).
+    if let Some(cluster) = crate::http::forwarded::elsewhere(&shared, &room).cloned() {
+        let subscribed =
+            crate::cluster::stream::subscribe(&cluster, &session, &room, presence, since)
+                .await
+                .map_err(|e| ApiError::new(e.code(), e.to_string()));
+        if !matches!(subscribed, Ok(true)) {
+            crate::cluster::stream::end(&cluster, session_id);
+            subscribed?;
+            return Err(remote_refusal(&outbound).await);
+        }
+        return Ok(respond(
+            &shared,
+            &identity.user,
+            outbound,
+            session_id,
+            Ending::Remote(cluster),
+        ));
+    }
     let msg = Subscribe {
         session,
         presence,
@@ -110,30 +132,74 @@ pub async fn stream(
         // The room answered on the queue with an `error` frame (`not_found`, ...).
         return Err(refusal(&outbound));
     }
+    Ok(respond(
+        &shared,
+        &identity.user,
+        outbound,
+        session_id,
+        Ending::Local(addr),
+    ))
+}
+
+/// The stream's response, its body reading `outbound`.
+fn respond(
+    shared: &Arc<Shared>,
+    user: &Arc<str>,
+    outbound: Arc<Outbound>,
+    session_id: u64,
+    ending: Ending,
+) -> HttpResponse {
     // Listed with the WebSocket sessions: shutdown and the admin disconnect end it too.
     shared.sessions.insert(
         session_id,
         LiveSession {
-            user: identity.user.clone(),
+            user: user.clone(),
             outbound: outbound.clone(),
         },
     );
     let body = SseBody {
         outbound,
         shared: shared.clone(),
-        room: addr,
+        ending,
         session_id,
         preamble: true,
         heartbeat: shared.config.heartbeat,
         idle: Box::pin(tokio::time::sleep(shared.config.heartbeat)),
         ended: false,
     };
-    Ok(HttpResponse::Ok()
+    HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         // Proxies that buffer responses (nginx) would hold events back.
         .insert_header(("x-accel-buffering", "no"))
-        .body(body))
+        .body(body)
+}
+
+/// Who is told when a stream ends.
+enum Ending {
+    /// The room, on this node.
+    Local(Addr<Room>),
+    /// The room's owner, through the cluster.
+    Remote(Arc<crate::cluster::Cluster>),
+}
+
+/// How long a refused remote stream waits for the owner's `error` frame, which travels
+/// apart from the owner's answer.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`refusal`] for a stream the room's owner refused: its `error` frame may arrive after
+/// the owner's answer did.
+async fn remote_refusal(outbound: &Outbound) -> ApiError {
+    let arrived = tokio::time::timeout(
+        REFUSAL_WAIT,
+        futures_util::future::poll_fn(|cx| outbound.poll_frame(cx)),
+    )
+    .await;
+    match arrived {
+        Ok(Some(frame)) => error_of(&frame),
+        _ => None,
+    }
+    .unwrap_or_else(|| ApiError::new(Code::Unavailable, "the room's owner refused the stream"))
 }
 
 /// `<epoch hex>:<seq>`, as in an event's `id`.
@@ -150,19 +216,26 @@ fn refusal(outbound: &Outbound) -> ApiError {
     let waker = futures_util::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     if let Poll::Ready(Some(frame)) = outbound.poll_frame(&mut cx) {
-        if let Some(Ok(Json::Object(error))) =
-            ws_text_payload(&frame).map(serde_json::from_slice::<Json>)
-        {
-            let code = error
-                .get("code")
-                .and_then(Json::as_str)
-                .and_then(parse_code)
-                .unwrap_or(Code::Unavailable);
-            let msg = error.get("msg").and_then(Json::as_str).unwrap_or_default();
-            return ApiError::new(code, msg);
+        if let Some(error) = error_of(&frame) {
+            return error;
         }
     }
     ApiError::new(Code::Unavailable, "the room refused the subscription")
+}
+
+/// The `error` message in a server frame, as an HTTP error.
+fn error_of(frame: &[u8]) -> Option<ApiError> {
+    let Some(Ok(Json::Object(error))) = ws_text_payload(frame).map(serde_json::from_slice::<Json>)
+    else {
+        return None;
+    };
+    let code = error
+        .get("code")
+        .and_then(Json::as_str)
+        .and_then(parse_code)
+        .unwrap_or(Code::Unavailable);
+    let msg = error.get("msg").and_then(Json::as_str).unwrap_or_default();
+    Some(ApiError::new(code, msg))
 }
 
 /// A code by its wire name (only the ones a refused `sub` can carry need to match).
@@ -230,8 +303,8 @@ fn sse_event(payload: &[u8]) -> (Bytes, bool) {
 struct SseBody {
     outbound: Arc<Outbound>,
     shared: Arc<Shared>,
-    /// The room, told when the stream ends.
-    room: Addr<Room>,
+    /// Told when the stream ends.
+    ending: Ending,
     session_id: u64,
     /// `retry:` not yet written.
     preamble: bool,
@@ -303,10 +376,13 @@ impl MessageBody for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         self.shared.sessions.remove(&self.session_id);
-        // One per stream when it ends: a rare lifecycle message, so `do_send` is fine.
-        self.room.do_send(Unsubscribe {
-            session_id: self.session_id,
-        });
+        match &self.ending {
+            // One per stream when it ends: a rare lifecycle message, so `do_send` is fine.
+            Ending::Local(room) => room.do_send(Unsubscribe {
+                session_id: self.session_id,
+            }),
+            Ending::Remote(cluster) => crate::cluster::stream::end(cluster, self.session_id),
+        }
     }
 }
 

@@ -44,8 +44,72 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Answer = Result<OpDone, RoomError>;
 
-/// Forwards waiting for an answer: request token -> (owner, where the reply goes).
-type Pending = Arc<Mutex<HashMap<u64, (String, oneshot::Sender<Result<Reply, RoomError>>)>>>;
+/// Forwards waiting for an answer, by request token.
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+/// A forward waiting for its answer.
+struct Waiter {
+    owner: String,
+    tx: oneshot::Sender<Result<Reply, RoomError>>,
+    /// The parts of an answer sent in parts (`rpc::publish_reply`) received so far,
+    /// joined; freed with the waiter (answer or timeout). Bounded by
+    /// `rpc::MAX_REPLY_BYTES`, and the number of waiters by [`MAX_IN_FLIGHT`].
+    parts: Vec<u8>,
+    /// The index of the next part expected.
+    next_part: usize,
+}
+
+/// What a message on the answer subject makes of its waiter's answer.
+enum Received {
+    /// The whole answer is here.
+    Whole(Result<Reply, RoomError>),
+    /// A part of it; more are to come.
+    Part,
+}
+
+/// Reads one message of a waiter's answer: the whole answer, or one part of it
+/// (`{index}/{count}` in [`rpc::PART_HEADER`](super::rpc::PART_HEADER)), joined in
+/// order. A part out of order (NATS lost one) fails the answer `unavailable`.
+fn receive(waiter: &mut Waiter, message: &async_nats::Message) -> Received {
+    let owner = &waiter.owner;
+    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Received::Whole(Err(unavailable(format!(
+            "node {owner}, the room's owner, is not running"
+        ))));
+    }
+    let part = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(super::rpc::PART_HEADER))
+        .map(|v| v.as_str().to_owned());
+    let whole = match part {
+        None => &message.payload[..],
+        Some(part) => {
+            let (index, count) = part
+                .split_once('/')
+                .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+                .unwrap_or((usize::MAX, 0));
+            let over = waiter.parts.len() + message.payload.len() > super::rpc::MAX_REPLY_BYTES;
+            if index != waiter.next_part || index >= count || over {
+                return Received::Whole(Err(unavailable(format!(
+                    "part {part} of the answer from node {owner} came after part {} of it: \
+                     NATS lost one; retry",
+                    waiter.next_part
+                ))));
+            }
+            waiter.parts.extend_from_slice(&message.payload);
+            waiter.next_part += 1;
+            if waiter.next_part < count {
+                return Received::Part;
+            }
+            &waiter.parts[..]
+        }
+    };
+    Received::Whole(
+        serde_json::from_slice::<Reply>(whole)
+            .map_err(|e| unavailable(format!("unreadable answer from node {owner}: {e}"))),
+    )
+}
 
 /// Sends forwarded ops and routes their answers (one per process, in [`Cluster`]).
 pub struct Forwarder {
@@ -93,20 +157,19 @@ impl Forwarder {
                     .rsplit('.')
                     .next()
                     .and_then(|t| t.parse::<u64>().ok());
-                let Some((owner, tx)) = token.and_then(|t| routing.lock().remove(&t)) else {
-                    // Answered after its timeout: the client already got `unavailable`.
+                let Some(token) = token else {
                     continue;
                 };
-                let answer = if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                    Err(unavailable(format!(
-                        "node {owner}, the room's owner, is not running"
-                    )))
-                } else {
-                    serde_json::from_slice::<Reply>(&message.payload).map_err(|e| {
-                        unavailable(format!("unreadable answer from node {owner}: {e}"))
-                    })
+                let mut pending = routing.lock();
+                // None: answered after its timeout; the client already got `unavailable`.
+                let Some(waiter) = pending.get_mut(&token) else {
+                    continue;
                 };
-                let _ = tx.send(answer);
+                if let Received::Whole(answer) = receive(waiter, &message) {
+                    if let Some(waiter) = pending.remove(&token) {
+                        let _ = waiter.tx.send(answer);
+                    }
+                }
             }
         });
         Ok(Forwarder {
@@ -134,9 +197,27 @@ impl Forwarder {
             )));
         }
         let payload = serde_json::to_vec(request).unwrap_or_default();
+        let max_payload = self.client.max_payload();
+        if payload.len() > max_payload.saturating_sub(1024) {
+            return Err(RoomError::Rejected(
+                Code::TooLarge,
+                format!(
+                    "the request is {} bytes; NATS carries at most {max_payload} between nodes",
+                    payload.len()
+                ),
+            ));
+        }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(token, (owner.to_owned(), tx));
+        self.pending.lock().insert(
+            token,
+            Waiter {
+                owner: owner.to_owned(),
+                tx,
+                parts: Vec::new(),
+                next_part: 0,
+            },
+        );
         let subject = super::rpc_subject(&self.cluster_name, owner);
         let reply = format!("{}.{token}", self.reply_prefix);
         if let Err(e) = self

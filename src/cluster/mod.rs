@@ -6,14 +6,17 @@
 //! agreement on that list ([`membership`]), and ops and creates forwarded from the node
 //! a client is connected to to the room's owner ([`forward`] sends them, [`rpc`]
 //! answers them through the owner's normal room path). Nothing about a room lives
-//! anywhere but on its owner: its Room actor, log, op-id window and epoch.
+//! anywhere but on its owner: its Room actor, log, op-id window and epoch. The HTTP
+//! API's other calls about a room travel the same way ([`rpc::Calls`]), and an SSE
+//! stream of a room owned elsewhere is a remote subscription ([`stream`]).
 //!
 //! Without `--cluster-nats` no [`Cluster`] exists and nothing here runs: the single
 //! node is exactly as it was.
 //!
 //! Subjects, all under `--cluster-name` (`{cluster}` below):
 //! - `{cluster}.members`: every node answers an announcement with its own (startup check);
-//! - `{cluster}.node.{id}.rpc`: requests to node `id` (forwarded ops and creates);
+//! - `{cluster}.node.{id}.rpc`: requests to node `id` (forwarded ops, creates, HTTP
+//!   calls, and the control requests of remote subscriptions);
 //! - `{cluster}.reply.{id}.{instance}.{token}`: their answers;
 //! - `{cluster}.deliver.{id}.{instance}.{session}.{owner}`: frames of remote
 //!   subscriptions, from the owner's relay ([`relay`]) to the subscriber's node
@@ -25,6 +28,7 @@ pub mod membership;
 pub mod relay;
 pub mod remote;
 pub mod rpc;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -54,6 +54,8 @@ pub struct RemoteConn {
     pub user: Arc<str>,
     pub dedup: bool,
     pub encoding: Encoding,
+    /// False for an SSE stream: not in presence, not counted as a subscriber.
+    pub member: bool,
 }
 
 struct Relay {
@@ -148,7 +150,7 @@ impl Relays {
             dedup: conn.dedup,
             encoding: conn.encoding,
             outbound: outbound.clone(),
-            member: true,
+            member: conn.member,
             evicted: Default::default(),
         };
         relays.insert(

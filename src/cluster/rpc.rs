@@ -1,7 +1,14 @@
 //! Requests between nodes: the wire of a forwarded op or create, and the owner's side
 //! that runs them through its normal room path. The requests of remote subscriptions
 //! (subscribe, unsubscribe, signal, close, ping) travel the same way and are answered
-//! by the owner's relays (`relay`).
+//! by the owner's relays (`relay`); the HTTP API's other calls (time travel, events,
+//! delete, signal, presence, each node's own rooms) travel as [`What::Call`] and are
+//! answered by the HTTP API's code on the owner ([`Calls`], handed in at startup).
+//!
+//! A reply larger than the NATS server's `max_payload` goes in numbered parts
+//! ([`publish_reply`]); the sender joins them or fails the call `unavailable` when
+//! one is lost, so a body is never cut short. A request larger than `max_payload` is
+//! refused `too_large` before it is sent.
 //!
 //! A node that does not own a room sends the room's owner a [`Request`] on
 //! `{cluster}.node.{owner}.rpc` ([`super::forward`] does that); the owner hands it to
@@ -21,6 +28,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -72,6 +80,9 @@ pub enum What {
         presence: bool,
         /// `since` as the client sent it (None: no `since`).
         since: Option<(Option<u64>, Option<u64>)>,
+        /// False for an SSE stream (not a room member); absent (older nodes): true.
+        #[serde(default = "member_default")]
+        member: bool,
     },
     Unsubscribe {
         deliver: String,
@@ -90,6 +101,17 @@ pub enum What {
     },
     /// `GET /api/rooms/{room}` for `user` (the viewer): answered with [`Reply::View`].
     Read,
+    /// Any other HTTP call of the room's owner (time travel, events, delete, signal,
+    /// presence) or of every node (its own rooms for the cluster-wide list), for `user`.
+    /// What `call` holds is the HTTP API's business ([`Calls`] answers it there): this
+    /// module only carries it.
+    Call {
+        call: serde_json::Value,
+    },
+}
+
+fn member_default() -> bool {
+    true
 }
 
 /// A refusal's contract code and message.
@@ -121,6 +143,25 @@ pub enum Reply {
         seq: u64,
         entries: Vec<serde_json::Value>,
     },
+    /// The answer to a [`What::Call`]: the HTTP status and body the owner's HTTP API
+    /// gave (no body for a 204). Refusals travel as [`Reply::Nack`].
+    Http {
+        status: u16,
+        body: Option<serde_json::Value>,
+    },
+}
+
+/// Answers [`What::Call`] requests on this node. The HTTP API implements it (it sits
+/// above this module in the codemap, so the owner's side of its calls is handed in at
+/// startup rather than called from here).
+pub trait Calls: 'static {
+    /// The reply to `call` for `user` about `room` (empty for calls about no room).
+    fn answer(
+        &self,
+        room: String,
+        user: String,
+        call: serde_json::Value,
+    ) -> LocalBoxFuture<'static, Reply>;
 }
 
 impl WireError {
@@ -154,10 +195,12 @@ impl Reply {
         match self {
             Reply::Ack { seq, epoch } => Ok(OpDone { seq, epoch }),
             Reply::Nack(e) => Err(e.into_room_error()),
-            Reply::Done { .. } | Reply::View { .. } => Err(RoomError::Rejected(
-                Code::Unavailable,
-                "the owner answered an op as something else".into(),
-            )),
+            Reply::Done { .. } | Reply::View { .. } | Reply::Http { .. } => {
+                Err(RoomError::Rejected(
+                    Code::Unavailable,
+                    "the owner answered an op as something else".into(),
+                ))
+            }
         }
     }
 }
@@ -203,11 +246,13 @@ impl Forwardable for room_msg::Create {
 
 /// Serves this node's requests (`{cluster}.node.{id}.rpc`) for as long as the NATS
 /// connection lives; see the module docs for the order and the bounds. `queue_limit`
-/// bounds each remote connection's relay like a local connection's queue.
+/// bounds each remote connection's relay like a local connection's queue; `calls`
+/// answers the HTTP API's other calls.
 pub async fn serve(
     cluster: Arc<Cluster>,
     registry: Arc<Registry>,
     queue_limit: usize,
+    calls: Arc<dyn Calls>,
 ) -> Result<(), ClusterError> {
     let subject = super::rpc_subject(&cluster.settings().name, cluster.node_id());
     let mut requests = cluster.client().subscribe(subject).await?;
@@ -226,6 +271,10 @@ pub async fn serve(
                         Answer::Later(run(&cluster, &registry, request).await)
                     }
                     What::Read => Answer::Now(read(&cluster, &registry, request).await),
+                    // Answered beside this loop: a call may read the store for a while.
+                    What::Call { call } => {
+                        Answer::Task(calls.answer(request.room, request.user, call))
+                    }
                     _ => Answer::Now(control(&cluster, &relays, request).await),
                 },
                 Err(e) => {
@@ -242,21 +291,78 @@ pub async fn serve(
                     // The room drops its `ReplyTo` only by answering `unavailable`.
                     Answer::Later(rx) => Reply::of(&rx.await.unwrap_or(Err(RoomError::Restarted))),
                     Answer::Now(reply) => reply,
+                    Answer::Task(task) => task.await,
                 };
-                let payload = serde_json::to_vec(&reply).unwrap_or_default();
                 // A lost reply times out at the sender (`unavailable`); a re-send of the
                 // op id is then answered from the room's record.
-                let _ = client.publish(reply_to, payload.into()).await;
+                publish_reply(&client, reply_to, &reply).await;
             });
         }
     });
     Ok(())
 }
 
-/// A request's answer: now, or once its room has answered.
+/// A request's answer: now, once its room has answered, or once a call is done.
 enum Answer {
     Now(Reply),
     Later(oneshot::Receiver<Result<OpDone, RoomError>>),
+    Task(LocalBoxFuture<'static, Reply>),
+}
+
+/// The header of a reply sent in parts: `{index}/{count}`, from `0/{count}`.
+pub const PART_HEADER: &str = "Roomd-Part";
+
+/// Room for the headers and framing NATS counts against `max_payload` besides the
+/// payload itself.
+const HEADROOM: usize = 4 * 1024;
+
+/// The largest reply sent at all (in parts): a room holds at most 64 MiB, and its
+/// entries as JSON (`$b64` bytes, keys and versions) stay well below this.
+pub const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
+
+/// Sends `reply` to `reply_to`. A reply larger than the NATS server's `max_payload`
+/// (1 MiB by default: a big room's state or a page of large events) goes in parts of at
+/// most that size, numbered in [`PART_HEADER`] and published in order on this one
+/// connection, which NATS keeps in order; the sender joins them (`forward`), and a lost
+/// part fails the whole call `unavailable` there, never a truncated body. A reply over
+/// [`MAX_REPLY_BYTES`] is refused `too_large` instead.
+pub async fn publish_reply(
+    client: &async_nats::Client,
+    reply_to: async_nats::Subject,
+    reply: &Reply,
+) {
+    let mut payload = serde_json::to_vec(reply).unwrap_or_default();
+    if payload.len() > MAX_REPLY_BYTES {
+        let refused = Reply::Nack(WireError {
+            code: Code::TooLarge.as_str().into(),
+            msg: format!(
+                "the answer is {} bytes, over the {MAX_REPLY_BYTES} a node sends another",
+                payload.len()
+            ),
+        });
+        payload = serde_json::to_vec(&refused).unwrap_or_default();
+    }
+    let part_bytes = client.max_payload().saturating_sub(HEADROOM).max(HEADROOM);
+    if payload.len() <= part_bytes {
+        let _ = client.publish(reply_to, payload.into()).await;
+        return;
+    }
+    let payload = bytes::Bytes::from(payload);
+    let count = payload.len().div_ceil(part_bytes);
+    for index in 0..count {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(PART_HEADER, format!("{index}/{count}"));
+        let end = ((index + 1) * part_bytes).min(payload.len());
+        let part = payload.slice(index * part_bytes..end);
+        if client
+            .publish_with_headers(reply_to.clone(), headers, part)
+            .await
+            .is_err()
+        {
+            // The sender times out (`unavailable`) without the rest.
+            return;
+        }
+    }
 }
 
 /// The requests of remote subscriptions, answered by the relays.
@@ -271,6 +377,7 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
             rkyv,
             presence,
             since,
+            member,
         } => {
             let room = match RoomId::parse(&request.room) {
                 Ok(room) if cluster.owns(&room) => room,
@@ -282,6 +389,7 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
                 user: request.user.into(),
                 dedup,
                 encoding: if rkyv { Encoding::Rkyv } else { Encoding::Json },
+                member,
             };
             let since = since.map(|(epoch, seq)| Since { epoch, seq });
             done(relays.subscribe(conn, &room, presence, since).await)
@@ -304,7 +412,7 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
             relays.ping(&node);
             done(true)
         }
-        What::Submit { .. } | What::Create { .. } | What::Read => done(false),
+        What::Submit { .. } | What::Create { .. } | What::Read | What::Call { .. } => done(false),
     }
 }
 

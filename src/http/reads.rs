@@ -66,6 +66,17 @@ pub fn object_head(fields: &serde_json::Map<String, Json>, list: &str) -> String
     text
 }
 
+/// The whole object [`StreamedJson`] would stream, built at once: `fields`, then `list`
+/// holding `items` (for a reply that travels to another node in one piece).
+pub fn collect(
+    mut fields: serde_json::Map<String, Json>,
+    list: &str,
+    items: Box<dyn Iterator<Item = Json>>,
+) -> Json {
+    fields.insert(list.to_owned(), Json::Array(items.collect()));
+    Json::Object(fields)
+}
+
 impl Stream for StreamedJson {
     type Item = Result<Bytes, std::convert::Infallible>;
 

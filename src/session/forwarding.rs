@@ -99,6 +99,7 @@ impl Session {
                 rkyv: self.session.encoding == Encoding::Rkyv,
                 presence,
                 since: since.map(|s| (s.epoch, s.seq)),
+                member: true,
             },
             refusal: None,
         };

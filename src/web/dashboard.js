@@ -4,7 +4,8 @@
 //   (roomd_deliveries_total), events per commit, and the commit latency p50/p99
 //   estimated from the roomd_store_commit_seconds histogram buckets of the last second
 //   (linear interpolation inside a bucket, as Prometheus' histogram_quantile does);
-// - GET /api/rooms (the Admin API; an admin token when auth is on): the room list.
+// - GET /api/rooms (the Admin API; an admin token when auth is on): the room list
+//   (cluster-wide in cluster mode, `partial` when a node did not answer).
 // `window.dashboard` exposes the latest figures for the browser tests.
 
 const $ = (id) => document.getElementById(id);
@@ -184,7 +185,8 @@ async function refreshRooms() {
     tr.innerHTML = `<td class="room"></td><td><span class="kind kind-${r.kind}">${r.kind}</span></td>`
       + `<td class="num">${fmt(r.seq)}</td><td class="num">${fmt(r.subscribers)}</td><td class="col-epoch"><code>${r.epoch}</code></td>`;
     tr.querySelector(".room").textContent = r.room;
-    tr.querySelector(".room").title = r.room;
+    // Cluster mode: each room carries the node that owns it.
+    tr.querySelector(".room").title = r.node ? `${r.room} (owned by node ${r.node})` : r.room;
     return tr;
   });
   if (rows.length === 0) {
@@ -194,7 +196,10 @@ async function refreshRooms() {
   }
   $("rooms").replaceChildren(...rows);
   $("rooms-count").textContent = `${body.rooms.length}${body.next ? "+" : ""}`;
-  $("rooms-more").textContent = body.next ? "Showing the first 200; filter by prefix to see others." : "";
+  const more = body.next ? "Showing the first 200; filter by prefix to see others." : "";
+  // Cluster mode: a node that did not answer leaves its rooms out; say so.
+  const missing = body.partial ? (body.missing || []).map((m) => m.node).join(", ") : "";
+  $("rooms-more").textContent = missing ? `Partial list: node ${missing} did not answer. ${more}` : more;
 }
 
 async function refresh() {

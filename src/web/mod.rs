@@ -1,13 +1,11 @@
 //! What the browser gets from the binary: the JavaScript client (`/client.js`, its
 //! types `/client.d.ts`), the demo page (`/`), the operators' dashboard
-//! (`/dashboard`), the SSE stream route, and the Admin API the dashboard reads
-//! ([`admin`]).
+//! (`/dashboard`), and the routes of the SSE stream and of the Admin API the dashboard
+//! reads (`crate::http::admin`).
 //!
 //! The assets are files in this directory, embedded at build time (`include_str!`), so
 //! the binary serves them with nothing to install and they cannot drift from the
 //! server they came with. They are plain HTML, CSS and ES modules: no build step.
-
-pub mod admin;
 
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
@@ -73,8 +71,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
     }
     cfg.route("/favicon.ico", web::get().to(HttpResponse::NoContent))
-        .route("/api/rooms", web::get().to(admin::list_rooms))
-        .route("/api/rooms/{room}/presence", web::get().to(admin::presence))
+        .route("/api/rooms", web::get().to(crate::http::admin::list_rooms))
+        .route(
+            "/api/rooms/{room}/presence",
+            web::get().to(crate::http::admin::presence),
+        )
         .route(
             "/api/rooms/{room}/stream",
             web::get().to(crate::sse::stream),

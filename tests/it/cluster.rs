@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{jwt, now_secs, Connect, Mirror, Server, TIMEOUT};
+use crate::sse::Stream;
+use crate::support::{jwt, now_secs, Connect, HttpResponse, Mirror, Server, TIMEOUT};
 
 /// A `nats-server` on 127.0.0.1 (Debian's package; `.ci/run` installs it). Killed on drop.
 struct Nats {
@@ -206,27 +207,24 @@ async fn three_nodes(nats: &Nats) -> Vec<Server> {
     nodes
 }
 
-/// The index of the node owning `room`: the only one that does not answer a time-travel
-/// read of it with 503 (`?at=` is not forwarded; a non-owner names the owner instead).
-async fn owner_of(nodes: &[Server], room: &str) -> usize {
-    owner_of_as(nodes, room, &[]).await
-}
-
-/// [`owner_of`] with request headers (a token when auth is on).
-async fn owner_of_as(nodes: &[Server], room: &str, headers: &[(&str, &str)]) -> usize {
-    let mut owners = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let response = node
-            .http("GET", &format!("/api/rooms/{room}?at=1"), headers, None)
-            .await;
-        if response.status != 503 {
-            owners.push(i);
-        } else {
-            assert_eq!(response.code(), "unavailable", "{}", response.text);
+/// The index of the node owning `room` in a cluster of the first `n` of `a`, `b`, `c`:
+/// rendezvous hashing as the README says (FNV-1a over the node id, a 0xff byte and the
+/// room id, then the SplitMix64 finalizer; the highest score owns). The room list's
+/// `node` field is checked against it (`every_http_call_through_a_non_owner_…`).
+fn owner_of(n: usize, room: &str) -> usize {
+    let score = |node: &str| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for &byte in node.as_bytes().iter().chain(&[0xff]).chain(room.as_bytes()) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
         }
-    }
-    assert_eq!(owners.len(), 1, "exactly one node owns {room}: {owners:?}");
-    owners[0]
+        hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        hash ^ (hash >> 31)
+    };
+    (0..n)
+        .max_by_key(|&i| score(["a", "b", "c"][i]))
+        .expect("at least one node")
 }
 
 fn incr() -> serde_json::Value {
@@ -238,7 +236,7 @@ async fn ops_through_non_owners_are_applied_once_and_acked_in_order() {
     let nats = Nats::start().await;
     let nodes = three_nodes(&nats).await;
     let room = "state:forwarded";
-    let owner = owner_of(&nodes, room).await;
+    let owner = owner_of(nodes.len(), room);
     let (n1, n2) = ((owner + 1) % 3, (owner + 2) % 3);
 
     // Create and op through a non-owner.
@@ -313,7 +311,7 @@ async fn an_owner_killed_gives_unavailable_and_after_restart_the_room_continues(
     let nats = Nats::start().await;
     let mut nodes = three_nodes(&nats).await;
     let room = "state:owner-restarts";
-    let owner = owner_of(&nodes, room).await;
+    let owner = owner_of(nodes.len(), room);
     let other = (owner + 1) % 3;
     let mut alice = nodes[other].client("alice").await;
     alice.create_ok(room, "state", json!({})).await;
@@ -351,7 +349,7 @@ async fn clients_on_different_nodes_in_one_room_converge() {
     let nats = Nats::start().await;
     let nodes = three_nodes(&nats).await;
     let room = "state:converge";
-    let owner = owner_of(&nodes, room).await;
+    let owner = owner_of(nodes.len(), room);
     let mut creator = nodes[owner].client("carol").await;
     creator.create_ok(room, "state", json!({})).await;
 
@@ -426,7 +424,7 @@ async fn subscribers_on_other_nodes_hear_the_owner_die_and_resume_after_its_rest
     let nats = Nats::start().await;
     let mut nodes = three_nodes(&nats).await;
     let room = "state:resume-across";
-    let owner = owner_of(&nodes, room).await;
+    let owner = owner_of(nodes.len(), room);
     let other = (owner + 1) % 3;
     let mut writer = nodes[other].client("writer").await;
     writer.create_ok(room, "state", json!({})).await;
@@ -472,7 +470,7 @@ async fn with_nats_killed_local_rooms_work_and_the_rest_is_unavailable_until_it_
     let mut remote = None;
     for i in 0..64 {
         let room = format!("state:nats-down-{i}");
-        match owner_of(&nodes, &room).await {
+        match owner_of(nodes.len(), &room) {
             0 if local.is_none() => local = Some(room),
             o if o != 0 && remote.is_none() => remote = Some(room),
             _ => {}
@@ -542,12 +540,11 @@ async fn permissions_are_checked_on_the_node_the_client_is_connected_to() {
         )
     };
     let all = token(json!({"read": ["*"], "write": ["*"], "create": ["*"]}));
-    let bearer = format!("Bearer {all}");
     // A room owned by node b, for a client on node a.
     let mut room = String::new();
     for i in 0..64 {
         room = format!("state:acl-{i}");
-        if owner_of_as(&nodes, &room, &[("Authorization", &bearer)]).await == 1 {
+        if owner_of(nodes.len(), &room) == 1 {
             break;
         }
     }
@@ -568,4 +565,264 @@ async fn permissions_are_checked_on_the_node_the_client_is_connected_to() {
     assert_eq!(ended["code"], "forbidden", "{ended}");
     assert_eq!(alice.ack("after", &room, incr()).await, 2);
     alice.expect_silence(Duration::from_millis(300)).await;
+}
+
+/// `GET path` on every node: the status and body of each.
+async fn get_everywhere(
+    nodes: &[Server],
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Vec<(u16, serde_json::Value)> {
+    let mut answers = Vec::new();
+    for node in nodes {
+        let response: HttpResponse = node.http("GET", path, headers, None).await;
+        answers.push((response.status, response.body));
+    }
+    answers
+}
+
+/// Asserts every node answers `GET path` as the owner does; returns the owner's body.
+async fn same_everywhere(nodes: &[Server], owner: usize, path: &str) -> serde_json::Value {
+    let answers = get_everywhere(nodes, path, &[]).await;
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(
+            answer, &answers[owner],
+            "GET {path}: node {i} differs from the owner (node {owner})"
+        );
+    }
+    answers[owner].1.clone()
+}
+
+#[tokio::test]
+async fn every_http_call_through_a_non_owner_is_answered_as_by_the_owner() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "poll:forwarded-http";
+    let owner = owner_of(3, room);
+    let (n1, n2) = ((owner + 1) % 3, (owner + 2) % 3);
+    let created = nodes[n1]
+        .post_as(
+            "alice",
+            "/api/rooms",
+            &json!({"room": room, "kind": "poll", "init": {"question": "Lunch?", "options": ["pizza", "sushi"]}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    // Members with presence on two nodes, votes through all three.
+    let mut carol = nodes[n1].client("carol").await;
+    carol.sub_presence(room).await;
+    let mut dave = nodes[n2].client("dave").await;
+    dave.sub_presence(room).await;
+    for (i, user) in ["alice", "bob", "erin"].into_iter().enumerate() {
+        let voted = nodes[i]
+            .post_as(
+                user,
+                &format!("/api/rooms/{room}/ops"),
+                &json!({"id": "v", "op": {"type": "vote", "option": i % 2}}),
+            )
+            .await;
+        assert_eq!(voted.status, 200, "{}", voted.text);
+    }
+    dave.diffs_until(room, 4).await;
+
+    // Reads: the state, time travel, events and their pages, presence; and their errors.
+    let state = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}")).await;
+    assert_eq!(state["seq"], 4, "{state}");
+    let past = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}?at=2")).await;
+    assert_eq!(past["seq"], 2, "{past}");
+    let events = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}/events")).await;
+    assert_eq!(events["head"], 4);
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(4),
+        "{events}"
+    );
+    let page = same_everywhere(
+        &nodes,
+        owner,
+        &format!("/api/rooms/{room}/events?after=1&limit=2"),
+    )
+    .await;
+    assert_eq!(page["events"][0]["seq"], 2, "{page}");
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(2), "{page}");
+    let head = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}/events?limit=0")).await;
+    assert_eq!(head, json!({"head": 4, "events": []}));
+    let presence = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}/presence")).await;
+    assert_eq!(
+        presence,
+        json!({"room": room, "members": [{"user": "carol", "conns": 1}, {"user": "dave", "conns": 1}]})
+    );
+    for path in [
+        format!("/api/rooms/{room}?at=9"),
+        format!("/api/rooms/{room}?at=0"),
+        "/api/rooms/poll:nowhere?at=1".to_owned(),
+        "/api/rooms/poll:nowhere/events".to_owned(),
+        "/api/rooms/poll:nowhere/presence".to_owned(),
+    ] {
+        let answers = get_everywhere(&nodes, &path, &[]).await;
+        assert!(answers[0].0 >= 400, "GET {path}: {answers:?}");
+        assert!(
+            answers.iter().all(|a| a == &answers[0]),
+            "GET {path}: {answers:?}"
+        );
+    }
+
+    // The room list is cluster-wide: every node lists every room with its owner.
+    let other = "state:forwarded-list";
+    nodes[owner]
+        .post(
+            "/api/rooms",
+            &json!({"room": other, "kind": "state", "init": {}}),
+        )
+        .await;
+    let list = same_everywhere(&nodes, owner, "/api/rooms").await;
+    let ids = ["a", "b", "c"];
+    assert_eq!(
+        list,
+        json!({"rooms": [
+            {"room": room, "kind": "poll", "epoch": state["epoch"], "seq": 4, "subscribers": 2, "node": ids[owner]},
+            {"room": other, "kind": "state", "epoch": list["rooms"][1]["epoch"], "seq": 1, "subscribers": 0, "node": ids[owner_of(3, other)]},
+        ], "next": null, "partial": false}),
+    );
+    let first = same_everywhere(&nodes, owner, "/api/rooms?limit=1").await;
+    assert_eq!(first["rooms"][0]["room"], room);
+    assert_eq!(first["next"], room);
+    let rest = same_everywhere(&nodes, owner, &format!("/api/rooms?limit=1&after={room}")).await;
+    assert_eq!(rest["rooms"][0]["room"], other);
+    assert_eq!(rest["next"], json!(null));
+
+    // The SSE stream on a non-owner: the owner's snapshot, then diffs, not a member.
+    let mut stream = Stream::open(
+        &nodes[n2],
+        &format!("/api/rooms/{room}/stream?presence=1"),
+        &[],
+    )
+    .await;
+    assert_eq!(stream.status, 200);
+    let snapshot = stream.event().await;
+    assert_eq!(snapshot.event, "snapshot");
+    assert_eq!(snapshot.data["entries"], state["entries"]);
+    assert_eq!(snapshot.data["seq"], 4);
+    let members = stream.event().await;
+    assert_eq!(members.event, "presence", "{:?}", members.data);
+    let voted = nodes[n1]
+        .post_as(
+            "frank",
+            &format!("/api/rooms/{room}/ops"),
+            &json!({"op": {"type": "vote", "option": 1}}),
+        )
+        .await;
+    assert_eq!(voted.body, json!({"seq": 5}));
+    let diff = stream.event().await;
+    assert_eq!(
+        (diff.event.as_str(), &diff.data["from"], &diff.data["to"]),
+        ("diff", &json!(5), &json!(5))
+    );
+    let presence = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}/presence")).await;
+    assert_eq!(
+        presence["members"].as_array().map(Vec::len),
+        Some(2),
+        "the stream is no member: {presence}"
+    );
+    // A resume through a non-owner: `resumed` from the seq given.
+    let epoch = state["epoch"].as_str().expect("an epoch");
+    let mut resumed = Stream::open(
+        &nodes[n1],
+        &format!("/api/rooms/{room}/stream"),
+        &[("Last-Event-ID", &format!("{epoch}:3"))],
+    )
+    .await;
+    let caught_up = resumed.event().await;
+    assert_eq!(caught_up.event, "resumed");
+    assert_eq!(
+        (&caught_up.data["from"], &caught_up.data["to"]),
+        (&json!(4), &json!(5))
+    );
+    let missing = Stream::open(&nodes[n1], "/api/rooms/poll:nowhere/stream", &[]).await;
+    let local_missing = Stream::open(
+        &nodes[owner_of(3, "poll:nowhere")],
+        "/api/rooms/poll:nowhere/stream",
+        &[],
+    )
+    .await;
+    assert_eq!((missing.status, local_missing.status), (404, 404));
+
+    // The admin signal through a non-owner reaches members on every node.
+    let signalled = nodes[n2]
+        .post(
+            &format!("/api/rooms/{room}/signal"),
+            &json!({"data": {"hi": 1}}),
+        )
+        .await;
+    assert_eq!((signalled.status, &signalled.body), (202, &json!({})));
+    for client in [&mut carol, &mut dave] {
+        let heard = client.recv_until(|v| v["t"] == "signal").await;
+        assert_eq!(
+            (&heard["user"], &heard["data"]),
+            (&json!("server"), &json!({"hi": 1}))
+        );
+    }
+    let too_big = "x".repeat(2_000);
+    let refused = nodes[n2]
+        .post(
+            &format!("/api/rooms/{room}/signal"),
+            &json!({"data": too_big}),
+        )
+        .await;
+    let local = nodes[owner]
+        .post(
+            &format!("/api/rooms/{room}/signal"),
+            &json!({"data": too_big}),
+        )
+        .await;
+    assert_eq!((refused.status, &refused.body), (local.status, &local.body));
+
+    // DELETE through a non-owner: 204, then gone on every node; subscribers are told.
+    let deleted = nodes[n1]
+        .http("DELETE", &format!("/api/rooms/{room}"), &[], None)
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+    let gone = dave
+        .recv_until(|v| v["t"] == "error" && v["room"] == room)
+        .await;
+    assert_eq!(gone["code"], "not_found", "{gone}");
+    let ended = stream.event().await;
+    assert_eq!(
+        (ended.event.as_str(), &ended.data["code"]),
+        ("error", &json!("not_found"))
+    );
+    for answer in get_everywhere(&nodes, &format!("/api/rooms/{room}"), &[]).await {
+        assert_eq!(answer.0, 404, "{answer:?}");
+    }
+    let again = nodes[n2]
+        .http("DELETE", &format!("/api/rooms/{room}"), &[], None)
+        .await;
+    let local = nodes[owner]
+        .http("DELETE", &format!("/api/rooms/{room}"), &[], None)
+        .await;
+    assert_eq!((again.status, &again.body), (local.status, &local.body));
+}
+
+#[tokio::test]
+async fn answers_larger_than_a_nats_message_arrive_whole() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "state:big-answers";
+    let owner = owner_of(3, room);
+    let other = (owner + 1) % 3;
+    let mut alice = nodes[other].client("alice").await;
+    alice.create_ok(room, "state", json!({})).await;
+    // 60 values of 30 KB: about 1.8 MB of state and of events, over NATS's 1 MiB.
+    for i in 0..60 {
+        let value = format!("{i:02}").repeat(15_000);
+        let op = json!({"type": "set", "key": format!("k{i:02}"), "value": value});
+        alice.ack(&format!("s{i}"), room, op).await;
+    }
+    let state = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}")).await;
+    assert_eq!(state["entries"].as_array().map(Vec::len), Some(60));
+    assert!(state.to_string().len() > 1_800_000);
+    let past = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}?at=41")).await;
+    assert_eq!(past["entries"].as_array().map(Vec::len), Some(40));
+    let events = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}/events")).await;
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(61));
 }

@@ -1,10 +1,16 @@
 //! The Admin API the dashboard reads (PROTOCOL.md 1.1 "Admin API"): the room list and a
 //! room's presence. Admin only when auth is on (a token with `"admin": true`, or the
 //! API key; `http::require_admin`); with auth off every caller is an admin.
+//!
+//! Cluster mode: a room's presence is read on its owner (the member list there holds
+//! the members on every node); the room list is cluster-wide, each node's own rooms
+//! gathered over NATS ([`super::forwarded`]) and merged in id order, each room with the
+//! `node` that owns it, and `"partial": true` with the nodes that did not answer.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
+use serde_json::{json, Value as Json};
 
+use super::forwarded::{self, Call};
 use crate::http::{require_admin, ApiError};
 use crate::protocol::codes::Code;
 use crate::protocol::ids::{epoch_hex, RoomId};
@@ -16,7 +22,7 @@ const MAX_PAGE: usize = 1_000;
 const DEFAULT_PAGE: usize = 100;
 
 /// `GET /api/rooms?prefix=P&after=R&limit=M`: rooms in id order with their kind, epoch,
-/// committed seq and open subscriptions on this server (0 for rooms not loaded).
+/// committed seq and open subscriptions on their owner (0 for rooms not loaded).
 pub async fn list_rooms(
     req: HttpRequest,
     shared: web::Data<Shared>,
@@ -35,6 +41,72 @@ pub async fn list_rooms(
             .map_err(|_| ApiError::new(Code::Invalid, "`limit` must be a non-negative integer"))?
             .clamp(1, MAX_PAGE),
     };
+    let Some(cluster) = &shared.cluster else {
+        let (rooms, more) = rooms_page(&shared, prefix, after, limit).await?;
+        let next = more
+            .then(|| rooms.last().map(|r| r["room"].clone()))
+            .flatten();
+        return Ok(HttpResponse::Ok().json(json!({ "rooms": rooms, "next": next })));
+    };
+    // Every node's first `limit` rooms after `after`, merged: the first `limit` of the
+    // union are the page, and a room past it on any node sorts after the page's last.
+    let call = Call::Rooms {
+        prefix: prefix.clone(),
+        after: after.clone(),
+        limit,
+    };
+    let pages = futures_util::future::join_all(cluster.settings().nodes.iter().map(|node| {
+        let (shared, call) = (shared.clone(), call.clone());
+        let (prefix, after) = (prefix.clone(), after.clone());
+        async move {
+            let page = match node == cluster.node_id() {
+                true => rooms_page(&shared, prefix, after, limit)
+                    .await
+                    .map(|(rooms, more)| json!({ "rooms": rooms, "more": more })),
+                false => forwarded::ask(cluster, node, "", "", &call).await,
+            };
+            (node.clone(), page)
+        }
+    }))
+    .await;
+    let mut rooms = Vec::new();
+    let mut more = false;
+    let mut missing = Vec::new();
+    for (node, page) in pages {
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                missing.push(json!({ "node": node, "msg": e.to_string() }));
+                continue;
+            }
+        };
+        more |= page["more"] == json!(true);
+        for mut room in page["rooms"].as_array().cloned().unwrap_or_default() {
+            room["node"] = json!(node);
+            rooms.push(room);
+        }
+    }
+    rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
+    more |= rooms.len() > limit;
+    rooms.truncate(limit);
+    let next = more
+        .then(|| rooms.last().map(|r| r["room"].clone()))
+        .flatten();
+    let mut body = json!({ "rooms": rooms, "next": next, "partial": !missing.is_empty() });
+    if !missing.is_empty() {
+        body["missing"] = json!(missing);
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// This node's own rooms: the first `limit` in id order after `after` with `prefix`, as
+/// the list shows them, and whether more follow.
+pub async fn rooms_page(
+    shared: &Shared,
+    prefix: String,
+    after: Option<String>,
+    limit: usize,
+) -> Result<(Vec<Json>, bool), ApiError> {
     let page = shared
         .store
         .read_blocking(move |store| store.rooms_page(&prefix, after.as_deref(), limit))
@@ -60,8 +132,7 @@ pub async fn list_rooms(
         }
     }))
     .await;
-    let next = more.then(|| rooms.last().map(|r| r.room.clone())).flatten();
-    let rooms: Vec<_> = rooms
+    let rooms = rooms
         .iter()
         .zip(summaries)
         .map(|(listed, summary)| {
@@ -78,7 +149,7 @@ pub async fn list_rooms(
             })
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "rooms": rooms, "next": next })))
+    Ok((rooms, more))
 }
 
 /// `GET /api/rooms/{room}/presence`: the member list (users and connection counts).
@@ -90,13 +161,20 @@ pub async fn presence(
     require_admin(&req, &shared)?;
     let room = RoomId::parse(&path.into_inner())
         .map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
-    crate::http::local_room(&shared, &room)?;
-    let result = match shared.registry.get(&room).send(ReadPresence).await {
+    if let Some(cluster) = forwarded::elsewhere(&shared, &room) {
+        return forwarded::forward(cluster, &room, "", &Call::Presence).await;
+    }
+    Ok(HttpResponse::Ok().json(presence_body(&shared, &room).await?))
+}
+
+/// `{"room","members"}` of a room this node owns.
+pub async fn presence_body(shared: &Shared, room: &RoomId) -> Result<Json, ApiError> {
+    let result = match shared.registry.get(room).send(ReadPresence).await {
         Ok(result) => result,
         // The room stopped between lookup and send: start it again once.
         Err(_) => shared
             .registry
-            .get(&room)
+            .get(room)
             .send(ReadPresence)
             .await
             .unwrap_or_else(|_| Err((Code::Unavailable, "the room restarted; retry".into()))),
@@ -106,5 +184,5 @@ pub async fn presence(
         .iter()
         .map(|m| json!({ "user": m.user, "conns": m.conns }))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "room": room.as_str(), "members": members })))
+    Ok(json!({ "room": room.as_str(), "members": members }))
 }
