@@ -565,6 +565,73 @@ async fn permissions_are_checked_on_the_node_the_client_is_connected_to() {
     assert_eq!(ended["code"], "forbidden", "{ended}");
     assert_eq!(alice.ack("after", &room, incr()).await, 2);
     alice.expect_silence(Duration::from_millis(300)).await;
+
+    // HTTP calls are checked on the node asked, then answered by the owner, which
+    // keeps a poll's votes private to admins in `/events`.
+    let mut poll = String::new();
+    for i in 0..64 {
+        poll = format!("poll:acl-{i}");
+        if owner_of(nodes.len(), &poll) == 1 {
+            break;
+        }
+    }
+    let admin = jwt(
+        "s3cret",
+        json!({"sub": "root", "exp": now_secs() + 600, "admin": true}),
+    );
+    let writer = token(json!({"write": ["*"]}));
+    let [as_all, as_reader, as_admin, as_writer] =
+        [&all, &read_only, &admin, &writer].map(|token| format!("Bearer {token}"));
+    let as_all = [("Authorization", as_all.as_str())];
+    let as_reader = [("Authorization", as_reader.as_str())];
+    let as_admin = [("Authorization", as_admin.as_str())];
+    let as_writer = [("Authorization", as_writer.as_str())];
+    let created = nodes[0]
+        .http(
+            "POST",
+            "/api/rooms",
+            &as_all,
+            Some(&json!({"room": poll, "kind": "poll", "init": {"question": "q", "options": ["x", "y"]}})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let voted = nodes[0]
+        .http(
+            "POST",
+            &format!("/api/rooms/{poll}/ops"),
+            &as_all,
+            Some(&json!({"op": {"type": "vote", "option": 1}})),
+        )
+        .await;
+    assert_eq!(voted.status, 200, "{}", voted.text);
+    let events = get_everywhere(&nodes, &format!("/api/rooms/{poll}/events"), &as_reader).await;
+    assert_eq!(events[0], events[1], "the non-owner answers as the owner");
+    assert_eq!(
+        events[0].1["events"][1]["op"],
+        json!({"type": "vote"}),
+        "{:?}",
+        events[0]
+    );
+    assert!(
+        events[0].1["events"][1].get("user").is_none(),
+        "{:?}",
+        events[0]
+    );
+    let seen = get_everywhere(&nodes, &format!("/api/rooms/{poll}/events"), &as_admin).await;
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0].1["events"][1]["user"], "alice", "{:?}", seen[0]);
+    let refused = nodes[0]
+        .http("GET", &format!("/api/rooms/{poll}?at=1"), &as_writer, None)
+        .await;
+    assert_eq!((refused.status, refused.code()), (403, "forbidden"));
+    let refused = nodes[0]
+        .http("DELETE", &format!("/api/rooms/{poll}"), &as_reader, None)
+        .await;
+    assert_eq!((refused.status, refused.code()), (403, "forbidden"));
+    let deleted = nodes[0]
+        .http("DELETE", &format!("/api/rooms/{poll}"), &as_admin, None)
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
 }
 
 /// `GET path` on every node: the status and body of each.
@@ -825,4 +892,299 @@ async fn answers_larger_than_a_nats_message_arrive_whole() {
     assert_eq!(past["entries"].as_array().map(Vec::len), Some(40));
     let events = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}/events")).await;
     assert_eq!(events["events"].as_array().map(Vec::len), Some(61));
+}
+
+#[tokio::test]
+async fn an_owner_killed_and_restarted_resumes_gaplessly_on_every_node() {
+    let nats = Nats::start().await;
+    let mut nodes = three_nodes(&nats).await;
+    let room = "state:resume-everywhere";
+    let owner = owner_of(3, room);
+    let (n1, n2) = ((owner + 1) % 3, (owner + 2) % 3);
+    let mut writer = nodes[n1].client("writer").await;
+    writer.create_ok(room, "state", json!({})).await;
+    writer.ack("w1", room, incr()).await;
+    // A watcher on every node, and an SSE stream on a non-owner.
+    let mut watchers = Vec::new();
+    let mut mirrors = Vec::new();
+    for node in &nodes {
+        let mut watcher = node.client("watcher").await;
+        mirrors.push(Mirror::from_snapshot(&watcher.sub(room).await));
+        watchers.push(watcher);
+    }
+    let mut stream = Stream::open(&nodes[n2], &format!("/api/rooms/{room}/stream"), &[]).await;
+    let snapshot = stream.event().await;
+    assert_eq!(snapshot.data["seq"], 2);
+    writer.ack("w2", room, incr()).await;
+    for (watcher, mirror) in watchers.iter_mut().zip(&mut mirrors) {
+        for diff in watcher.diffs_until(room, 3).await {
+            mirror.apply(&diff);
+        }
+    }
+    let last_id = stream.event().await.id.expect("a diff has an id");
+
+    nodes[owner].kill9().await;
+    for i in [n1, n2] {
+        let told = watchers[i]
+            .recv_until(|v| v["t"] == "error" && v["room"] == room)
+            .await;
+        assert_eq!(told["code"], "unavailable", "{told}");
+    }
+    let ended = stream.event().await;
+    assert_eq!(
+        (ended.event.as_str(), &ended.data["code"]),
+        ("error", &json!("unavailable"))
+    );
+    // The room list says which node did not answer.
+    let list = nodes[n1].get("/api/rooms").await;
+    assert_eq!(list.body["partial"], true, "{}", list.text);
+    assert_eq!(list.body["missing"][0]["node"], ["a", "b", "c"][owner]);
+    assert_eq!(
+        list.body["rooms"],
+        json!([]),
+        "the room is the owner's only"
+    );
+    let down = nodes[n2].get(&format!("/api/rooms/{room}/events")).await;
+    assert_eq!(
+        (down.status, down.code()),
+        (503, "unavailable"),
+        "{}",
+        down.text
+    );
+
+    nodes[owner].restart().await;
+    watchers[owner] = nodes[owner].client("watcher").await;
+    let list = nodes[n1].get("/api/rooms").await;
+    assert_eq!(list.body["partial"], false, "{}", list.text);
+    // Every node's watcher resumes from where it was, with no gap, as ops keep coming
+    // through every node.
+    for (i, (watcher, mirror)) in watchers.iter_mut().zip(&mut mirrors).enumerate() {
+        let mut node_writer = nodes[i].client("writer").await;
+        node_writer.ack(&format!("after-{i}"), room, incr()).await;
+        let resumed = watcher
+            .sub_msg(json!({"t": "sub", "room": room, "since": {"epoch": mirror.epoch, "seq": mirror.seq}}))
+            .await;
+        assert_eq!(resumed["t"], "resumed", "node {i}: {resumed}");
+        mirror.apply(&resumed);
+    }
+    writer.ack("w3", room, incr()).await;
+    for (watcher, mirror) in watchers.iter_mut().zip(&mut mirrors) {
+        for diff in watcher.diffs_until(room, 7).await {
+            mirror.apply(&diff);
+        }
+        assert_eq!(mirror.seq, 7);
+        assert_eq!(mirror.value("n"), Some(&json!(6)));
+    }
+    let mut stream = Stream::open(
+        &nodes[n2],
+        &format!("/api/rooms/{room}/stream"),
+        &[("Last-Event-ID", &last_id)],
+    )
+    .await;
+    let resumed = stream.event().await;
+    assert_eq!(resumed.event, "resumed");
+    assert_eq!(
+        (&resumed.data["from"], &resumed.data["to"]),
+        (&json!(4), &json!(7))
+    );
+}
+
+#[tokio::test]
+async fn a_poll_voted_through_every_node_converges_with_the_right_counts() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "poll:lunch-across";
+    let owner = owner_of(3, room);
+    let host_node = (owner + 1) % 3;
+    let mut host = nodes[host_node].client("host").await;
+    host.create_ok(
+        room,
+        "poll",
+        json!({"question": "Lunch?", "options": ["pizza", "sushi", "tacos"]}),
+    )
+    .await;
+    let mut watchers = Vec::new();
+    let mut mirrors = Vec::new();
+    for node in &nodes {
+        let mut watcher = node.client("watcher").await;
+        mirrors.push(Mirror::from_snapshot(&watcher.sub(room).await));
+        watchers.push(watcher);
+    }
+    // Four voters on each node vote at once; then each node's first voter moves its
+    // vote to tacos through another node, and its second retracts.
+    let mut voters = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..4 {
+            voters.push((i, j, node.client(&format!("voter{i}{j}")).await));
+        }
+    }
+    for (i, j, voter) in voters.iter_mut() {
+        let op = json!({"type": "vote", "option": (*i + *j) % 3});
+        voter.send_op("v1", room, op).await;
+    }
+    for (_, _, voter) in voters.iter_mut() {
+        let reply = voter.reply("v1").await;
+        assert_eq!(reply["t"], "ack", "{reply}");
+    }
+    let mut expected = [0u64; 3];
+    for (i, j, _) in &voters {
+        expected[(i + j) % 3] += 1;
+    }
+    for i in 0..3 {
+        let mut moved = nodes[(i + 1) % 3].client(&format!("voter{i}0")).await;
+        moved
+            .ack("v2", room, json!({"type": "vote", "option": 2}))
+            .await;
+        expected[i % 3] -= 1;
+        expected[2] += 1;
+        let mut retracting = nodes[(i + 2) % 3].client(&format!("voter{i}1")).await;
+        retracting.ack("r", room, json!({"type": "retract"})).await;
+        expected[(i + 1) % 3] -= 1;
+    }
+    // Voting again through a third node is still one vote per user.
+    let mut again = nodes[host_node].client("voter23").await;
+    again
+        .ack("v3", room, json!({"type": "vote", "option": 1}))
+        .await;
+    expected[(2 + 3) % 3] -= 1;
+    expected[1] += 1;
+    // 1 create + 12 votes + 3 moves + 3 retracts + 1 vote.
+    let head = 20;
+    for (watcher, mirror) in watchers.iter_mut().zip(&mut mirrors) {
+        for diff in watcher.diffs_until(room, head).await {
+            mirror.apply(&diff);
+        }
+        for (option, count) in expected.iter().enumerate() {
+            assert_eq!(
+                mirror.value(&format!("count/{option}")),
+                Some(&json!(count)),
+                "count/{option}"
+            );
+        }
+        assert_eq!(mirror.value("total"), Some(&json!(9)));
+    }
+    assert_eq!(mirrors[0].entries, mirrors[1].entries);
+    assert_eq!(mirrors[1].entries, mirrors[2].entries);
+    let state = same_everywhere(&nodes, owner, &format!("/api/rooms/{room}")).await;
+    assert_eq!(state["seq"], head);
+
+    // The creator closes it through a non-owner; a vote through any node is refused.
+    host.ack("close", room, json!({"type": "close"})).await;
+    for node in &nodes {
+        let mut late = node.client("late").await;
+        let code = late
+            .nack("v", room, json!({"type": "vote", "option": 0}))
+            .await;
+        assert_eq!(code, "closed");
+    }
+}
+
+/// Starts node `id` of `a,b,c` as the rock-paper-scissors example (`examples/rps.rs`,
+/// built on `roomd::Server`, so it takes the cluster flags like `roomd`).
+async fn start_rps_node(nats: &Nats, id: &str) -> Server {
+    let args = node_args(nats, id, "a,b,c");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start_example("rps", None, &args).await
+}
+
+#[tokio::test]
+async fn rps_across_nodes_hides_the_first_move_on_every_node_and_read_path() {
+    use crate::rps::{
+        acked, assert_no_trace, check_http_paths, check_round_events, diffs_through, entry, nacked,
+        play, sub, ROOM,
+    };
+    let nats = Nats::start().await;
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        nodes.push(start_rps_node(&nats, id).await);
+    }
+    let owner = owner_of(3, ROOM);
+    let (n1, n2) = ((owner + 1) % 3, (owner + 2) % 3);
+    // The players on the two other nodes, the spectator on the owner.
+    let mut alice = nodes[n1].client("alice").await;
+    let mut bob = nodes[n2].client("bob").await;
+    let mut carol = nodes[owner].client("carol").await;
+    alice
+        .send_json(json!({"t": "create", "id": "c", "room": ROOM, "kind": "rps", "init": {}}))
+        .await;
+    let created = alice.recv_until(|v| v["id"] == "c").await;
+    assert_eq!(created["t"], "ack", "{created}");
+    for client in [&mut alice, &mut bob, &mut carol] {
+        let snapshot = sub(client, None).await;
+        assert_eq!(snapshot["kind"], "rps");
+    }
+    acked(&mut alice, "j1", json!({"type": "join"})).await;
+    let joined = acked(&mut bob, "j1", json!({"type": "join"})).await;
+    assert_eq!(
+        nacked(&mut carol, "j1", json!({"type": "join"})).await,
+        "forbidden"
+    );
+
+    // Round 1: alice moves first; only she sees it, on any node.
+    let first = acked(&mut alice, "m1", play("rock")).await;
+    let seen = diffs_through(&mut alice, first).await;
+    let mine = seen.last().expect("a diff");
+    assert_eq!(
+        entry(&mine["changes"], "move/alice").expect("her move")["v"],
+        "rock"
+    );
+    let hidden = ["move/alice", "rock"];
+    for (name, client) in [("bob", &mut bob), ("carol", &mut carol)] {
+        let frames = diffs_through(client, first).await;
+        assert_no_trace(
+            &serde_json::Value::Array(frames),
+            &hidden,
+            &format!("diffs to {name}"),
+        );
+        let snapshot = sub(client, None).await;
+        assert_no_trace(&snapshot, &hidden, &format!("snapshot to {name}"));
+        let epoch = snapshot["epoch"].clone();
+        let resumed = sub(client, Some(json!({"epoch": epoch, "seq": joined}))).await;
+        assert_eq!(resumed["t"], "resumed", "{resumed}");
+        assert_no_trace(&resumed, &hidden, &format!("resumed to {name}"));
+        for node in &nodes {
+            check_http_paths(node, name, first, &hidden).await;
+        }
+    }
+    for node in &nodes {
+        let own = node.get(&format!("/api/rooms/{ROOM}?user=alice")).await;
+        assert_eq!(
+            entry(&own.body["entries"], "move/alice").expect("her move")["v"],
+            "rock"
+        );
+    }
+
+    // Bob's move ends the round, seen by all on every node.
+    let second = acked(&mut bob, "m1", play("paper")).await;
+    for client in [&mut alice, &mut bob, &mut carol] {
+        let frames = diffs_through(client, second).await;
+        let changes = &frames.last().expect("a diff")["changes"];
+        assert_eq!(
+            entry(changes, "last").expect("the round's result")["v"],
+            json!({"round": 1, "moves": {"alice": "rock", "bob": "paper"}, "winner": "bob"})
+        );
+    }
+    for node in &nodes {
+        check_round_events(node, joined, first, second).await;
+    }
+
+    // Round 2: bob moves first, then the owner is killed and restarted.
+    let hidden = ["move/bob", "scissors"];
+    let third = acked(&mut bob, "m2", play("scissors")).await;
+    let _ = diffs_through(&mut bob, third).await;
+    nodes[owner].kill9().await;
+    nodes[owner].restart().await;
+    for node in &nodes {
+        for name in ["alice", "carol"] {
+            check_http_paths(node, name, third, &hidden).await;
+        }
+    }
+    let fourth = acked(&mut alice, "m2", play("rock")).await;
+    let mut watcher = nodes[n2].client("carol").await;
+    let snapshot = sub(&mut watcher, None).await;
+    assert_eq!(snapshot["seq"], fourth);
+    assert_eq!(
+        entry(&snapshot["entries"], "last").expect("the round's result")["v"],
+        json!({"round": 2, "moves": {"alice": "rock", "bob": "scissors"}, "winner": "alice"})
+    );
 }

@@ -13,7 +13,7 @@ use roomd::protocol::{binary, SUBPROTOCOL_RKYV};
 use crate::sse::Stream;
 use crate::support::{Client, Connect, Event, Server, TIMEOUT};
 
-const ROOM: &str = "rps:game";
+pub(crate) const ROOM: &str = "rps:game";
 
 /// Sends op `op` as `id` and returns the `ack` or `nack`.
 async fn op(client: &mut Client, id: &str, op: Value) -> Value {
@@ -25,24 +25,24 @@ async fn op(client: &mut Client, id: &str, op: Value) -> Value {
         .await
 }
 
-async fn acked(client: &mut Client, id: &str, body: Value) -> u64 {
+pub(crate) async fn acked(client: &mut Client, id: &str, body: Value) -> u64 {
     let reply = op(client, id, body).await;
     assert_eq!(reply["t"], "ack", "{reply}");
     reply["seq"].as_u64().expect("an ack carries its seq")
 }
 
-async fn nacked(client: &mut Client, id: &str, body: Value) -> String {
+pub(crate) async fn nacked(client: &mut Client, id: &str, body: Value) -> String {
     let reply = op(client, id, body).await;
     assert_eq!(reply["t"], "nack", "{reply}");
     reply["code"].as_str().expect("a nack code").to_owned()
 }
 
-fn play(choice: &str) -> Value {
+pub(crate) fn play(choice: &str) -> Value {
     json!({"type": "move", "move": choice})
 }
 
 /// Subscribes and returns the snapshot (or resumed) answer.
-async fn sub(client: &mut Client, since: Option<Value>) -> Value {
+pub(crate) async fn sub(client: &mut Client, since: Option<Value>) -> Value {
     let mut msg = json!({"t": "sub", "room": ROOM});
     if let Some(since) = since {
         msg["since"] = since;
@@ -54,14 +54,14 @@ async fn sub(client: &mut Client, since: Option<Value>) -> Value {
 }
 
 /// Every frame up to the diff that reaches `seq`, as text for leak checks.
-async fn diffs_through(client: &mut Client, seq: u64) -> Vec<Value> {
+pub(crate) async fn diffs_through(client: &mut Client, seq: u64) -> Vec<Value> {
     client
         .collect_until(|v| v["t"] == "diff" && v["to"].as_u64().is_some_and(|to| to >= seq))
         .await
 }
 
 /// Panics when `what` (any JSON) mentions a key or value of the hidden move.
-fn assert_no_trace(what: &Value, hidden: &[&str], context: &str) {
+pub(crate) fn assert_no_trace(what: &Value, hidden: &[&str], context: &str) {
     let text = what.to_string();
     for needle in hidden {
         assert!(
@@ -72,7 +72,7 @@ fn assert_no_trace(what: &Value, hidden: &[&str], context: &str) {
 }
 
 /// The entry `key` of a list of entries, if present.
-fn entry<'a>(entries: &'a Value, key: &str) -> Option<&'a Value> {
+pub(crate) fn entry<'a>(entries: &'a Value, key: &str) -> Option<&'a Value> {
     entries
         .as_array()
         .expect("entries are a list")
@@ -81,7 +81,7 @@ fn entry<'a>(entries: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 /// Reads every HTTP path as `user` and checks none shows the hidden move.
-async fn check_http_paths(server: &Server, user: &str, at: u64, hidden: &[&str]) {
+pub(crate) async fn check_http_paths(server: &Server, user: &str, at: u64, hidden: &[&str]) {
     let state = server.get(&format!("/api/rooms/{ROOM}?user={user}")).await;
     assert_eq!(state.status, 200, "{}", state.text);
     assert_no_trace(&state.body, hidden, &format!("GET as {user}"));
@@ -112,7 +112,7 @@ async fn check_http_paths(server: &Server, user: &str, at: u64, hidden: &[&str])
 /// Bob and carol get alice's move as `hidden` and the move that ends the round as the
 /// changes they may see, without author or op (the deletion of alice's hidden move is
 /// not among them).
-async fn check_round_events(server: &Server, joined: u64, first: u64, second: u64) {
+pub(crate) async fn check_round_events(server: &Server, joined: u64, first: u64, second: u64) {
     let last = json!({"round": 1, "moves": {"alice": "rock", "bob": "paper"}, "winner": "bob"});
     let whole = |seq: u64, user: &str, choice: &str| json!({"seq": seq, "user": user, "op": {"type": "move", "move": choice}});
     let redacted = json!({"seq": second, "changes": [

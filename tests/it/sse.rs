@@ -12,7 +12,7 @@ use crate::support::{jwt, Server, TIMEOUT};
 #[derive(Debug, Default, Clone)]
 pub(crate) struct SseEvent {
     pub(crate) event: String,
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     pub(crate) data: Value,
     /// A `: ping` comment (no event).
     ping: bool,
