@@ -386,6 +386,78 @@ impl AckOrder {
 mod tests {
     use super::*;
 
+    fn waiter() -> (Waiter, oneshot::Receiver<Result<Reply, RoomError>>) {
+        let (tx, rx) = oneshot::channel();
+        let waiter = Waiter {
+            owner: "b".into(),
+            tx,
+            parts: Vec::new(),
+            next_part: 0,
+        };
+        (waiter, rx)
+    }
+
+    fn message(part: Option<&str>, payload: &[u8]) -> async_nats::Message {
+        let headers = part.map(|part| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(super::super::rpc::PART_HEADER, part);
+            headers
+        });
+        async_nats::Message {
+            subject: "r.1".into(),
+            reply: None,
+            payload: bytes::Bytes::copy_from_slice(payload),
+            headers,
+            status: None,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    #[test]
+    fn an_answer_in_parts_is_joined_in_order_and_a_lost_part_fails_it() {
+        let reply = Reply::Http {
+            status: 200,
+            body: Some(serde_json::json!({"entries": ["x".repeat(100)]})),
+        };
+        let text = serde_json::to_vec(&reply).expect("serializable");
+        let thirds: Vec<&[u8]> = text.chunks(text.len().div_ceil(3)).collect();
+        assert_eq!(thirds.len(), 3);
+
+        let (mut whole, _rx) = waiter();
+        assert!(
+            matches!(receive(&mut whole, &message(None, &text)), Received::Whole(Ok(r)) if r == reply)
+        );
+
+        let (mut joined, _rx) = waiter();
+        assert!(matches!(
+            receive(&mut joined, &message(Some("0/3"), thirds[0])),
+            Received::Part
+        ));
+        assert!(matches!(
+            receive(&mut joined, &message(Some("1/3"), thirds[1])),
+            Received::Part
+        ));
+        assert!(matches!(
+            receive(&mut joined, &message(Some("2/3"), thirds[2])),
+            Received::Whole(Ok(r)) if r == reply
+        ));
+
+        // Part 1 lost: part 2 fails the answer instead of joining a cut body.
+        let (mut gappy, _rx) = waiter();
+        assert!(matches!(
+            receive(&mut gappy, &message(Some("0/3"), thirds[0])),
+            Received::Part
+        ));
+        match receive(&mut gappy, &message(Some("2/3"), thirds[2])) {
+            Received::Whole(Err(e)) => {
+                assert_eq!(e.code(), Code::Unavailable);
+                assert!(e.to_string().contains("NATS lost one"), "{e}");
+            }
+            _ => panic!("a gap must fail the answer"),
+        }
+    }
+
     #[test]
     fn answers_go_out_in_the_order_the_ops_were_sent() {
         let mut order = AckOrder::default();
