@@ -45,9 +45,13 @@
 //!   a room ([`cluster::hrw`], rendezvous hashing), the startup agreement on the
 //!   member list ([`cluster::membership`]), ops forwarded to a room's owner
 //!   ([`cluster::forward`] sends, [`cluster::rpc`] answers on the owner through its
-//!   normal room path), and subscriptions to rooms owned elsewhere (a relay on the
-//!   owner, [`cluster::relay`], sends numbered frames to [`cluster::remote`]). Absent
-//!   without `--cluster-nats`.
+//!   normal room path), and subscriptions to rooms owned elsewhere: the owner publishes
+//!   each batch of such a room once on the room's subject ([`cluster::feed`], fed by
+//!   [`room::tap`]), each node with subscribers joins it once and fans it out
+//!   ([`cluster::mirror`], catching up from the owner after a gap), and a relay per
+//!   remote connection on the owner ([`cluster::relay`]) answers the subscription and
+//!   carries presence and signals to [`cluster::remote`]. Absent without
+//!   `--cluster-nats`.
 //! - [`config`]: every flag and `ROOMD_*` variable, validated into one `Config`;
 //!   [`auth`]: who a caller is (JWT with a secret, a PEM key or a JWKS; the API key;
 //!   `?user=`) and what it may do (`rooms` patterns compiled once per token), and the

@@ -71,6 +71,13 @@ pub mod names {
     pub const ROOMS_LIVE: &str = "roomd_rooms_live";
     /// 1 while the store accepts writes, 0 after a failed commit.
     pub const STORE_HEALTHY: &str = "roomd_store_healthy";
+    /// Cluster mode: diffs this owner published on room subjects (one per batch of a
+    /// room other nodes subscribe to, whatever their number of subscribers).
+    pub const CLUSTER_FEED_MESSAGES: &str = "roomd_cluster_feed_messages_total";
+    /// Cluster mode: the payload bytes of those messages.
+    pub const CLUSTER_FEED_BYTES: &str = "roomd_cluster_feed_bytes_total";
+    /// Cluster mode: catch-ups this node asked an owner for after a gap in a room's feed.
+    pub const CLUSTER_CATCHUPS: &str = "roomd_cluster_catchups_total";
 }
 
 /// The commit-time buckets, in seconds: 100 µs to 1 s.
@@ -205,6 +212,19 @@ fn describe() {
     describe_gauge!(names::CONNECTIONS, "Open WebSocket connections.");
     describe_gauge!(names::ROOMS_LIVE, "Room actors running.");
     describe_gauge!(names::STORE_HEALTHY, "1 while the store accepts writes.");
+    describe_counter!(
+        names::CLUSTER_FEED_MESSAGES,
+        "Diffs published once per batch on room subjects for other nodes."
+    );
+    describe_counter!(
+        names::CLUSTER_FEED_BYTES,
+        Unit::Bytes,
+        "Payload bytes of the diffs published on room subjects."
+    );
+    describe_counter!(
+        names::CLUSTER_CATCHUPS,
+        "Catch-ups asked of owners after a gap in a room's feed."
+    );
 }
 
 /// The handles of the unlabelled figures recorded on hot paths, registered once.
@@ -222,6 +242,9 @@ pub struct Hot {
     pub room_loads_failed: Counter,
     pub signals_dropped_room_busy: Counter,
     pub signals_dropped_queue_full: Counter,
+    pub cluster_feed_messages: Counter,
+    pub cluster_feed_bytes: Counter,
+    pub cluster_catchups: Counter,
 }
 
 /// The hot-path handles (installing the recorder first, so they are never the no-op
@@ -250,6 +273,9 @@ pub fn hot() -> &'static Hot {
                 names::SIGNALS_DROPPED,
                 "reason" => "queue_full"
             ),
+            cluster_feed_messages: metrics::counter!(names::CLUSTER_FEED_MESSAGES),
+            cluster_feed_bytes: metrics::counter!(names::CLUSTER_FEED_BYTES),
+            cluster_catchups: metrics::counter!(names::CLUSTER_CATCHUPS),
         }
     })
 }

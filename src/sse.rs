@@ -116,6 +116,7 @@ pub async fn stream(
         session,
         presence,
         since,
+        relayed: None,
     };
     let mut addr = shared.registry.get(&room);
     let subscribed = match addr.send(msg.clone()).await {

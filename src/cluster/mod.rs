@@ -18,13 +18,18 @@
 //! - `{cluster}.node.{id}.rpc`: requests to node `id` (forwarded ops, creates, HTTP
 //!   calls, and the control requests of remote subscriptions);
 //! - `{cluster}.reply.{id}.{instance}.{token}`: their answers;
-//! - `{cluster}.deliver.{id}.{instance}.{session}.{owner}`: frames of remote
-//!   subscriptions, from the owner's relay ([`relay`]) to the subscriber's node
-//!   ([`remote`]).
+//! - `{cluster}.room.{hex of the room id}`: a room's diffs, published once per batch
+//!   by its owner ([`feed`]) while other nodes have subscribers in it, each batch with
+//!   its distinct views; every such node joins it once and fans it out ([`mirror`]);
+//! - `{cluster}.deliver.{id}.{instance}.{session}.{owner}`: the rest of a remote
+//!   subscription (presence changes, signals, errors), from the owner's relay of the
+//!   connection ([`relay`]) to the subscriber's node ([`remote`]).
 
+pub mod feed;
 pub mod forward;
 pub mod hrw;
 pub mod membership;
+pub mod mirror;
 pub mod relay;
 pub mod remote;
 pub mod rpc;
@@ -131,6 +136,10 @@ impl Cluster {
             forwarder,
             remote,
         });
+        cluster
+            .remote
+            .mirrors()
+            .set_cluster(Arc::downgrade(&cluster));
         let pinging = Arc::downgrade(&cluster);
         actix_rt::spawn(async move {
             loop {

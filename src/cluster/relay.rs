@@ -1,25 +1,34 @@
 //! Remote subscriptions, the owner's side: a connection on another node subscribes to a
-//! room here through a relay, a stand-in connection whose frames go to that node over
-//! NATS instead of to a socket.
+//! room here through a relay, a stand-in connection that is the room's member for that
+//! connection and whose frames go to that node over NATS instead of to a socket.
 //!
 //! A relay is one [`SessionRef`] per (remote connection, this owner), with its own
-//! byte-bounded [`Outbound`]: the room treats it as any subscriber (snapshot, resume,
-//! per-viewer views, presence, signals, deletion), so nothing in the room knows about
-//! the cluster. A pump drains the relay's queue and publishes each frame, already
-//! encoded for the client, to `{cluster}.deliver.{node}.{instance}.{session}.{owner}`,
-//! prefixed with a sequence number (8 bytes, big endian, from 1) so the receiving node
-//! detects a frame NATS dropped (core NATS is at-most-once) and closes that client with
-//! 4001: the client resumes from the log without a gap.
+//! byte-bounded [`Outbound`]. The room treats it as a subscriber in all but two things
+//! (it is *relayed*, `room::messages::Subscribe::relayed`): its answer (`snapshot` or
+//! `resumed`, and the member list) comes back in the reply to the subscribe request,
+//! with the seq it brings the client to, and it gets no diffs: the room publishes each
+//! diff once, with all its views, on the room's feed ([`super::feed`]) for as long as
+//! any of its subscribers is relayed, and the connection's node fans it out
+//! ([`super::mirror`]). What still travels through the relay is per connection by
+//! nature: presence changes (the relay is a member, so presence is cluster-wide),
+//! signals, and the room's errors (deletion). A pump drains the relay's queue and
+//! publishes each frame, already encoded for the client, to
+//! `{cluster}.deliver.{node}.{instance}.{session}.{owner}`, prefixed with a sequence
+//! number (8 bytes, big endian, from 1) so the receiving node detects a frame NATS
+//! dropped (core NATS is at-most-once) and closes that client with 4001: the client
+//! resumes from the log without a gap.
 //!
 //! Overflow policy: the relay's queue has the connection's `--outbound-queue` limit; on
 //! overflow the relay closes with 4001 and the pump publishes an empty frame (the
 //! sequence number alone), which closes the client with 4001 too.
 //!
 //! Relays of a node that stopped pinging (see `remote`) for [`RELAY_EXPIRY`] are closed,
-//! so a node killed with its subscribers leaves nothing behind here.
+//! so a node killed with its subscribers leaves nothing behind here, and the room stops
+//! publishing its feed once its last relay is gone.
 //!
-//! Known cost, to be replaced by one NATS subscription per node and room: the owner
-//! publishes each frame once per remote subscriber, not once per node.
+//! Known cost: the owner's room keeps one relay per remote subscriber in its subscriber
+//! map (skipped when it fans a diff out), so a room's memory on its owner still grows
+//! with its subscribers on every node; its diffs do not.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +48,10 @@ use crate::room::Room;
 
 /// How long a node may go without a ping before its relays here are closed.
 pub const RELAY_EXPIRY: Duration = Duration::from_secs(5);
+
+/// How long a relayed subscription's answer may take (it waits only for a creation
+/// being committed).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Relay session ids have the top bit set: local session ids count up from 1, so the
 /// two never meet in a room's subscriber map.
@@ -104,21 +117,23 @@ impl Relays {
         relays
     }
 
-    /// Subscribes `conn` to `room`: the room answers on the relay (snapshot, resumed or
-    /// error) and the result says whether the subscription exists.
+    /// Subscribes `conn` to `room`: the room's answer (snapshot or resumed, and the
+    /// member list), or None when it refused (its `error` went through the relay).
     pub async fn subscribe(
         &self,
         conn: RemoteConn,
         room: &RoomId,
         presence: bool,
         since: Option<Since>,
-    ) -> bool {
+    ) -> Option<room_msg::Answered> {
         self.seen.lock().insert(conn.node.clone(), Instant::now());
         let session = self.relay(&conn);
+        let (answer_to, answer) = room_msg::RelayAnswer::new();
         let msg = room_msg::Subscribe {
             session,
             presence,
             since,
+            relayed: Some(answer_to),
         };
         let mut addr = self.registry.get(room);
         let ok = match addr.send(msg.clone()).await {
@@ -129,12 +144,21 @@ impl Relays {
                 addr.send(msg).await.unwrap_or(false)
             }
         };
-        if ok {
-            if let Some(relay) = self.relays.lock().get_mut(&conn.deliver) {
-                relay.rooms.insert(room.to_string(), addr);
+        if !ok {
+            return None;
+        }
+        if let Some(relay) = self.relays.lock().get_mut(&conn.deliver) {
+            relay.rooms.insert(room.to_string(), addr.clone());
+        }
+        // Answered at once, or once the room's creation is durable (a subscription
+        // that arrived while it was being committed).
+        match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+            Ok(Ok(answered)) => Some(answered),
+            _ => {
+                self.unsubscribe(&conn.deliver, room);
+                None
             }
         }
-        ok
     }
 
     /// The relay of `conn`, made (with its pump) on its first subscription.

@@ -1,18 +1,20 @@
 //! Remote subscriptions, the subscriber's side: this node's connections subscribed to
-//! rooms other nodes own, and the frames those owners' relays (`relay`) send them.
+//! rooms other nodes own. Their diffs come from the room's mirror here
+//! ([`super::mirror`], one feed per room and node); the rest (presence changes,
+//! signals, the room's errors) from the owner's relay of each connection (`relay`).
 //!
-//! Frames arrive on one NATS subscription per process,
+//! Relay frames arrive on one NATS subscription per process,
 //! `{cluster}.deliver.{node}.{instance}.{session}.{owner}`, already encoded for the
 //! client; each is checked against its relay's sequence number and queued to the
 //! connection's outbound queue as it is. A missing number (NATS dropped a frame) or an
 //! owner's overflow closes the connection with 4001, so the client resumes from the log
-//! instead of missing a diff.
+//! instead of missing a frame.
 //!
 //! Every second this node pings each owner it has subscriptions on (which also keeps
-//! its relays there alive). An owner that does not answer, or answers as a new process
-//! (it restarted and its relays are gone), has its subscriptions here ended with
-//! `error` `unavailable` for each room: the client subscribes again (with `since`) and
-//! resumes once the owner is back.
+//! its relays there alive, and so the owner's feed of the room). An owner that does not
+//! answer, or answers as a new process (it restarted and its relays are gone), has its
+//! subscriptions here ended with `error` `unavailable` for each room: the client
+//! subscribes again (with `since`) and resumes once the owner is back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,10 +23,100 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 
+use super::mirror::Mirrors;
+use super::rpc::{Reply, Request, What};
+use super::Cluster;
 use crate::outbound::{Charge, Frame, SessionRef};
 use crate::protocol::codes::close::SLOW_CONSUMER;
 use crate::protocol::codes::Code;
+use crate::protocol::ids::RoomId;
 use crate::protocol::message::ServerMsg;
+use crate::protocol::{Encoding, Since};
+use crate::room::RoomError;
+
+/// Subscribes `session` (a WebSocket connection, or an SSE stream when not a
+/// `member`) to `room`, owned by another node: the room's feed is joined here first,
+/// then the owner is asked through the connection's relay there; its answer (`snapshot`
+/// or `resumed`, and the member list) is queued to the session and its diffs follow
+/// from the room's mirror. Ok(true): subscribed; Ok(false): the owner refused, and its
+/// `error` frame is on its way through the relay; Err: the owner was not reached or
+/// answered unreadably (`unavailable`).
+pub async fn subscribe(
+    cluster: &Cluster,
+    session: &SessionRef,
+    room: &RoomId,
+    presence: bool,
+    since: Option<Since>,
+    member: bool,
+) -> Result<bool, RoomError> {
+    let remote = cluster.remote();
+    remote.register(session);
+    let owner = cluster.owner(room).to_owned();
+    let request = Request {
+        room: room.to_string(),
+        user: session.user.to_string(),
+        op_id: None,
+        now_ms: 0,
+        what: What::Subscribe {
+            deliver: remote.deliver_subject(session.session_id, &owner),
+            node: remote.node_key().to_owned(),
+            dedup: session.dedup,
+            rkyv: session.encoding == Encoding::Rkyv,
+            presence,
+            since: since.map(|s| (s.epoch, s.seq)),
+            member,
+        },
+        refusal: None,
+    };
+    // The room's feed is joined before the owner is asked, so the diffs after its
+    // answer reach this node.
+    remote.mirrors.join(room, &owner).await;
+    let reply = match cluster.forwarder().send(&owner, &request).await {
+        Ok(ticket) => ticket.reply().await,
+        Err(e) => Err(e),
+    };
+    let unavailable = |msg: String| RoomError::Rejected(Code::Unavailable, msg);
+    let (instance, epoch, seq, frames) = match reply {
+        Ok(Reply::Subscribed {
+            instance,
+            epoch,
+            seq,
+            frames,
+        }) => (instance, epoch, seq, frames),
+        Ok(Reply::Done { ok: false, .. }) => {
+            remote.mirrors.abandon(room);
+            remote.remove_room(session.session_id, room);
+            return Ok(false);
+        }
+        Ok(_) => {
+            remote.mirrors.abandon(room);
+            return Err(unavailable(format!(
+                "node {owner} answered the subscription as something else"
+            )));
+        }
+        Err(e) => {
+            remote.mirrors.abandon(room);
+            return Err(e);
+        }
+    };
+    let answer: Result<Vec<ServerMsg>, _> = frames
+        .iter()
+        .map(|frame| crate::client::decode_server(frame))
+        .collect();
+    match answer {
+        Ok(answer) => {
+            remote.mirrors.activate(room, session, epoch, seq, &answer);
+            remote.add_room(session.session_id, room, &owner, instance);
+            Ok(true)
+        }
+        Err(e) => {
+            remote.mirrors.abandon(room);
+            Err(unavailable(format!(
+                "node {owner} answered unreadably: {e}"
+            )))
+        }
+    }
+}
 
 /// How often owners are pinged (and so how soon a dead owner's subscribers hear of it).
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,6 +137,8 @@ pub struct Remote {
     /// `{node}.{instance}`: how owners know this process (relay expiry).
     node_key: String,
     targets: Mutex<HashMap<u64, Target>>,
+    /// The rooms mirrored here, where remote subscriptions get their diffs.
+    mirrors: Arc<Mirrors>,
 }
 
 impl Remote {
@@ -62,6 +156,7 @@ impl Remote {
             prefix,
             node_key,
             targets: Mutex::default(),
+            mirrors: Mirrors::new(client.clone(), cluster_name.to_owned()),
         });
         let routing = Arc::downgrade(&remote);
         actix_rt::spawn(async move {
@@ -146,11 +241,18 @@ impl Remote {
         }
     }
 
-    /// Forgets a subscription; the owner it was on, if it existed.
+    /// Forgets a subscription (and its place in the room's mirror); the owner it was
+    /// on, if it existed.
     pub fn remove_room(&self, session_id: u64, room: &str) -> Option<String> {
+        self.mirrors.leave(room, session_id);
         let mut targets = self.targets.lock();
         let target = targets.get_mut(&session_id)?;
         target.rooms.remove(room).map(|(owner, _)| owner)
+    }
+
+    /// The rooms mirrored here.
+    pub fn mirrors(&self) -> &Arc<Mirrors> {
+        &self.mirrors
     }
 
     pub fn is_subscribed(&self, session_id: u64, room: &str) -> bool {
@@ -179,11 +281,13 @@ impl Remote {
     /// The connection ended: forgotten here; the owners it had relays on are returned
     /// (to be told).
     pub fn drop_session(&self, session_id: u64) -> Vec<String> {
-        self.targets
-            .lock()
-            .remove(&session_id)
-            .map(|t| t.next_seq.into_keys().collect())
-            .unwrap_or_default()
+        let Some(target) = self.targets.lock().remove(&session_id) else {
+            return Vec::new();
+        };
+        for room in target.rooms.keys() {
+            self.mirrors.leave(room, session_id);
+        }
+        target.next_seq.into_keys().collect()
     }
 
     /// The owners this process has relays on (to ping).
@@ -213,6 +317,7 @@ impl Remote {
             target.next_seq.remove(owner);
             for room in lost {
                 target.rooms.remove(&room);
+                self.mirrors.leave(&room, target.session.session_id);
                 target.session.send(
                     &ServerMsg::Error {
                         code: Code::Unavailable,
@@ -235,11 +340,18 @@ mod tests {
     use crate::outbound::{KillSwitch, Outbound};
     use crate::protocol::Encoding;
 
-    fn remote() -> Remote {
+    /// A Remote whose NATS client never connects (nothing here publishes).
+    async fn remote() -> Remote {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("retry_on_initial_connect returns at once");
         Remote {
             prefix: "c.deliver.a.1".into(),
             node_key: "a.1".into(),
             targets: Mutex::default(),
+            mirrors: Mirrors::new(client, "c".into()),
         }
     }
 
@@ -261,9 +373,9 @@ mod tests {
         payload.into()
     }
 
-    #[test]
-    fn a_lost_frame_or_an_owner_overflow_closes_with_4001() {
-        let remote = remote();
+    #[tokio::test]
+    async fn a_lost_frame_or_an_owner_overflow_closes_with_4001() {
+        let remote = remote().await;
         let (gappy, overflowed) = (session(1), session(2));
         remote.register(&gappy);
         remote.register(&overflowed);
@@ -283,9 +395,9 @@ mod tests {
         assert_eq!(overflowed.outbound.sent().close_code, Some(SLOW_CONSUMER));
     }
 
-    #[test]
-    fn an_owner_restarted_or_gone_ends_its_subscriptions_with_unavailable() {
-        let remote = remote();
+    #[tokio::test]
+    async fn an_owner_restarted_or_gone_ends_its_subscriptions_with_unavailable() {
+        let remote = remote().await;
         let conn = session(1);
         remote.register(&conn);
         remote.add_room(1, "r1", "b", 7);

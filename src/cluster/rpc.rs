@@ -3,7 +3,9 @@
 //! (subscribe, unsubscribe, signal, close, ping) travel the same way and are answered
 //! by the owner's relays (`relay`); the HTTP API's other calls (time travel, events,
 //! delete, signal, presence, each node's own rooms) travel as [`What::Call`] and are
-//! answered by the HTTP API's code on the owner ([`Calls`], handed in at startup).
+//! answered by the HTTP API's code on the owner ([`Calls`], handed in at startup);
+//! the catch-ups of nodes that missed part of a room's feed (`mirror`) are answered
+//! by the room.
 //!
 //! A reply larger than the NATS server's `max_payload` goes in numbered parts
 //! ([`publish_reply`]); the sender joins them or fails the call `unavailable` when
@@ -99,6 +101,11 @@ pub enum What {
     Ping {
         node: String,
     },
+    /// A node mirroring the room missed diffs after `since` (`mirror`): answered with
+    /// [`Reply::CaughtUp`].
+    CatchUp {
+        since: u64,
+    },
     /// `GET /api/rooms/{room}` for `user` (the viewer): answered with [`Reply::View`].
     Read,
     /// Any other HTTP call of the room's owner (time travel, events, delete, signal,
@@ -135,6 +142,23 @@ pub enum Reply {
     Done {
         ok: bool,
         instance: u64,
+    },
+    /// A remote subscription made: its answer (`snapshot` or `resumed`, then the
+    /// member list if asked for), each as the contract's JSON, and the epoch and seq it
+    /// brings the subscriber to; the subscriber's diffs come from the room's feed.
+    Subscribed {
+        instance: u64,
+        epoch: u64,
+        seq: u64,
+        frames: Vec<String>,
+    },
+    /// The changes since a catch-up's `since`, up to `to`: each view's `diff` as the
+    /// contract's JSON, public first (user None); a view None needs a snapshot; `views`
+    /// None when the room's history no longer reaches back.
+    CaughtUp {
+        epoch: u64,
+        to: u64,
+        views: Option<Vec<(Option<String>, Option<String>)>>,
     },
     /// A room's committed state as `user` may see it (entries as the contract's JSON).
     View {
@@ -195,12 +219,14 @@ impl Reply {
         match self {
             Reply::Ack { seq, epoch } => Ok(OpDone { seq, epoch }),
             Reply::Nack(e) => Err(e.into_room_error()),
-            Reply::Done { .. } | Reply::View { .. } | Reply::Http { .. } => {
-                Err(RoomError::Rejected(
-                    Code::Unavailable,
-                    "the owner answered an op as something else".into(),
-                ))
-            }
+            Reply::Done { .. }
+            | Reply::View { .. }
+            | Reply::Http { .. }
+            | Reply::Subscribed { .. }
+            | Reply::CaughtUp { .. } => Err(RoomError::Rejected(
+                Code::Unavailable,
+                "the owner answered an op as something else".into(),
+            )),
         }
     }
 }
@@ -260,6 +286,11 @@ pub async fn serve(
     // it is up finds it.
     cluster.client().flush().await?;
     let relays = Relays::new(cluster.client().clone(), registry.clone(), queue_limit);
+    super::feed::start(
+        cluster.client().clone(),
+        cluster.settings().name.clone(),
+        &registry,
+    );
     actix_rt::spawn(async move {
         while let Some(message) = requests.next().await {
             let Some(reply_to) = message.reply.clone() else {
@@ -274,6 +305,9 @@ pub async fn serve(
                     // Answered beside this loop: a call may read the store for a while.
                     What::Call { call } => {
                         Answer::Task(calls.answer(request.room, request.user, call))
+                    }
+                    What::CatchUp { since } => {
+                        Answer::Now(catch_up(&cluster, &registry, &request.room, since).await)
                     }
                     _ => Answer::Now(control(&cluster, &relays, request).await),
                 },
@@ -392,7 +426,19 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
                 member,
             };
             let since = since.map(|(epoch, seq)| Since { epoch, seq });
-            done(relays.subscribe(conn, &room, presence, since).await)
+            match relays.subscribe(conn, &room, presence, since).await {
+                Some(answered) => Reply::Subscribed {
+                    instance,
+                    epoch: answered.epoch,
+                    seq: answered.seq,
+                    frames: answered
+                        .msgs
+                        .iter()
+                        .map(crate::protocol::json::encode)
+                        .collect(),
+                },
+                None => done(false),
+            }
         }
         What::Unsubscribe { deliver } => {
             relays.unsubscribe(&deliver, &request.room);
@@ -412,7 +458,58 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
             relays.ping(&node);
             done(true)
         }
-        What::Submit { .. } | What::Create { .. } | What::Read | What::Call { .. } => done(false),
+        What::Submit { .. }
+        | What::Create { .. }
+        | What::Read
+        | What::Call { .. }
+        | What::CatchUp { .. } => done(false),
+    }
+}
+
+/// A catch-up for a node whose feed of `room` has a gap after `since`.
+async fn catch_up(cluster: &Cluster, registry: &Arc<Registry>, room: &str, since: u64) -> Reply {
+    let refused = |e: RoomError| Reply::Nack(WireError::of(&e));
+    let room = match RoomId::parse(room) {
+        Ok(room) if cluster.owns(&room) => room,
+        Ok(room) => {
+            return refused(RoomError::Rejected(
+                Code::Unavailable,
+                format!("node {} does not own room {room}", cluster.node_id()),
+            ))
+        }
+        Err(e) => return refused(RoomError::Rejected(Code::Invalid, e.to_string())),
+    };
+    let result = match registry.get(&room).send(room_msg::CatchUp { since }).await {
+        Ok(result) => result,
+        Err(_) => registry
+            .get(&room)
+            .send(room_msg::CatchUp { since })
+            .await
+            .unwrap_or(Err(RoomError::Restarted)),
+    };
+    match result {
+        Ok(caught_up) => {
+            let diff = |changes| {
+                crate::protocol::json::encode(&crate::protocol::message::ServerMsg::Diff {
+                    room: room.to_string(),
+                    epoch: caught_up.epoch,
+                    from: since + 1,
+                    to: caught_up.to,
+                    changes,
+                })
+            };
+            Reply::CaughtUp {
+                epoch: caught_up.epoch,
+                to: caught_up.to,
+                views: caught_up.views.map(|views| {
+                    views
+                        .into_iter()
+                        .map(|(user, changes)| (user, changes.map(diff)))
+                        .collect()
+                }),
+            }
+        }
+        Err(e) => refused(e),
     }
 }
 

@@ -2,8 +2,9 @@
 //! the owner like a WebSocket's remote subscription (`remote`, `relay`), for a stand-in
 //! that is not a room member (not in presence, not counted as a subscriber).
 //!
-//! The stream's [`SessionRef`] is registered with [`super::remote::Remote`], so the
-//! owner's frames reach its outbound queue exactly as they reach a WebSocket's: numbered,
+//! The stream's [`SessionRef`] is subscribed through [`super::remote::subscribe`], so
+//! its diffs come from the room's mirror on this node and the owner's other frames
+//! reach its outbound queue exactly as they reach a WebSocket's: numbered,
 //! a lost one or an overflow on the owner closing it (the SSE body ends, the client
 //! reconnects with its `Last-Event-ID`), and an owner that dies or restarts ending it
 //! with `error` `unavailable`. The SSE body (`sse`) reads that queue the same way
@@ -11,10 +12,9 @@
 
 use std::sync::Arc;
 
-use super::rpc::{Reply, Request, What};
+use super::rpc::{Request, What};
 use super::Cluster;
 use crate::outbound::SessionRef;
-use crate::protocol::codes::Code;
 use crate::protocol::ids::RoomId;
 use crate::protocol::Since;
 use crate::room::RoomError;
@@ -29,41 +29,7 @@ pub async fn subscribe(
     presence: bool,
     since: Option<Since>,
 ) -> Result<bool, RoomError> {
-    let remote = cluster.remote();
-    remote.register(session);
-    let owner = cluster.owner(room);
-    let request = Request {
-        room: room.to_string(),
-        user: session.user.to_string(),
-        op_id: None,
-        now_ms: 0,
-        what: What::Subscribe {
-            deliver: remote.deliver_subject(session.session_id, owner),
-            node: remote.node_key().to_owned(),
-            dedup: session.dedup,
-            rkyv: false,
-            presence,
-            since: since.map(|s| (s.epoch, s.seq)),
-            member: false,
-        },
-        refusal: None,
-    };
-    let reply = match cluster.forwarder().send(owner, &request).await {
-        Ok(ticket) => ticket.reply().await,
-        Err(e) => Err(e),
-    };
-    match reply {
-        Ok(Reply::Done { ok: true, instance }) => {
-            remote.add_room(session.session_id, room, owner, instance);
-            Ok(true)
-        }
-        Ok(Reply::Done { ok: false, .. }) => Ok(false),
-        Ok(_) => Err(RoomError::Rejected(
-            Code::Unavailable,
-            format!("node {owner} answered the subscription as an op"),
-        )),
-        Err(e) => Err(e),
-    }
+    super::remote::subscribe(cluster, session, room, presence, since, false).await
 }
 
 /// The stream ended (or was refused): forgotten here, and its relay on the owner closed

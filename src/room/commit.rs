@@ -263,6 +263,13 @@ impl Room {
             sub.session.evict(&self.room_id);
             sub.session.send(&gone, Charge::Full);
         }
+        if std::mem::take(&mut self.n_relayed) > 0 {
+            if let Some(tap) = self.registry.tap() {
+                tap.send(super::tap::Tapped::Deleted {
+                    room: self.room_id.clone(),
+                });
+            }
+        }
         self.presence = Presence::default();
         self.unsent = None;
         self.status = Status::Absent;

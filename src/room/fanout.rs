@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::messages::Subscribe;
+use super::messages::{Answered, Subscribe};
+use super::tap::{TapView, Tapped};
 use super::views::DiffChanges;
 use super::{batch, presence, Room, RoomError, Status};
 use crate::outbound::{encode, Charge, Frame, Pushed, SessionRef};
@@ -17,6 +18,9 @@ use crate::protocol::Encoding;
 pub(super) struct Subscriber {
     pub(super) session: SessionRef,
     pub(super) presence: bool,
+    /// A connection on another node (a cluster relay): it gets no diff from here; its
+    /// node gets the room's diffs once through the tap (`room::tap`).
+    pub(super) relayed: bool,
     /// Counts this subscription in `roomd_subscriptions` for as long as it exists,
     /// whichever way it ends (unsubscribe, overflow, deletion, the room stopping).
     _counted: OpenSubscription,
@@ -134,8 +138,9 @@ impl Room {
         let Some(unsent) = self.unsent.take() else {
             return;
         };
+        let room = self.room_id.to_string();
         let diff = |changes| ServerMsg::Diff {
-            room: self.room_id.to_string(),
+            room: room.clone(),
             epoch: unsent.epoch,
             from: unsent.from,
             to: unsent.to,
@@ -149,10 +154,19 @@ impl Room {
         if unsent.changes.is_shared() {
             // Every viewer sees the same diff: encoded once per encoding.
             let msg = diff(unsent.changes.shared_entries());
-            self.broadcast(&msg, Charge::Bulk, None);
+            self.broadcast(&msg, Charge::Bulk, Some(|sub| !sub.relayed));
+            if self.n_relayed > 0 {
+                let views = vec![TapView { user: None, msg }];
+                self.tap_diff(&unsent, views);
+            }
             return;
         }
-        let ids: Vec<u64> = self.subscribers.keys().copied().collect();
+        let ids: Vec<u64> = self
+            .subscribers
+            .iter()
+            .filter(|(_, sub)| !sub.relayed)
+            .map(|(id, _)| *id)
+            .collect();
         let plan = unsent
             .changes
             .plan(ids.iter().map(|id| &*self.subscribers[id].session.user));
@@ -180,6 +194,31 @@ impl Room {
         for id in gone {
             self.remove_subscriber(id);
         }
+        if self.n_relayed > 0 {
+            let views = unsent
+                .changes
+                .all_views()
+                .into_iter()
+                .map(|(user, changes)| TapView {
+                    user,
+                    msg: diff(changes),
+                })
+                .collect();
+            self.tap_diff(&unsent, views);
+        }
+    }
+
+    /// Hands a diff, in all its views, to the tap for the nodes of relayed subscribers.
+    fn tap_diff(&self, unsent: &UnsentDiff, views: Vec<TapView>) {
+        if let Some(tap) = self.registry.tap() {
+            tap.send(Tapped::Diff {
+                room: self.room_id.clone(),
+                epoch: unsent.epoch,
+                from: unsent.from,
+                to: unsent.to,
+                views,
+            });
+        }
     }
 
     /// Queues one message to every subscriber (or those wanting presence), encoding it
@@ -192,12 +231,14 @@ impl Room {
     ) {
         let mut encoded: [Option<Frame>; 2] = [None, None];
         let mut gone = Vec::new();
+        let mut pushed = 0;
         for (id, sub) in &self.subscribers {
             if let Some(only) = only {
                 if !only(sub) {
                     continue;
                 }
             }
+            pushed += 1;
             let slot = match sub.session.encoding {
                 Encoding::Json => 0,
                 Encoding::Rkyv => 1,
@@ -212,7 +253,7 @@ impl Room {
                 gone.push(*id);
             }
         }
-        crate::metrics::count_deliveries(self.subscribers.len() - gone.len());
+        crate::metrics::count_deliveries(pushed - gone.len());
         for id in gone {
             self.remove_subscriber(id);
         }
@@ -220,6 +261,9 @@ impl Room {
 
     pub(super) fn remove_subscriber(&mut self, session_id: u64) {
         if let Some(sub) = self.subscribers.remove(&session_id) {
+            if sub.relayed {
+                self.n_relayed -= 1;
+            }
             if sub.session.member {
                 self.presence.leave(&sub.session.user);
             }
@@ -265,6 +309,7 @@ impl Room {
                     changes,
                 })
         });
+        let (epoch, seq) = (live.epoch, live.committed);
         let reply = resumed.unwrap_or_else(|| ServerMsg::Snapshot {
             room: self.room_id.to_string(),
             kind: live.kind.name().to_owned(),
@@ -273,14 +318,20 @@ impl Room {
             entries: live.committed_entries(&msg.session.user),
             recovered: false,
         });
-        if matches!(
-            msg.session
-                .outbound
-                .push(encode(&reply, msg.session.encoding), Charge::Bulk),
-            Pushed::Overflowed | Pushed::Closed
-        ) {
-            self.remove_subscriber(msg.session.session_id);
-            return false;
+        let mut answer = Vec::new();
+        match &msg.relayed {
+            Some(_) => answer.push(reply),
+            None => {
+                if matches!(
+                    msg.session
+                        .outbound
+                        .push(encode(&reply, msg.session.encoding), Charge::Bulk),
+                    Pushed::Overflowed | Pushed::Closed
+                ) {
+                    self.remove_subscriber(msg.session.session_id);
+                    return false;
+                }
+            }
         }
         let session_id = msg.session.session_id;
         let user = msg.session.user.clone();
@@ -296,16 +347,34 @@ impl Room {
                 room: self.room_id.to_string(),
                 members: self.presence.members(),
             };
-            msg.session.send(&members, Charge::Full);
+            match &msg.relayed {
+                Some(_) => answer.push(members),
+                None => msg.session.send(&members, Charge::Full),
+            }
         }
-        self.subscribers.insert(
+        let relayed = msg.relayed.is_some();
+        if let Some(to) = &msg.relayed {
+            to.send(Answered {
+                msgs: answer,
+                epoch,
+                seq,
+            });
+        }
+        let replaced = self.subscribers.insert(
             session_id,
             Subscriber {
                 session: msg.session,
                 presence: msg.presence,
+                relayed,
                 _counted: OpenSubscription::new(),
             },
         );
+        if replaced.is_some_and(|old| old.relayed) {
+            self.n_relayed -= 1;
+        }
+        if relayed {
+            self.n_relayed += 1;
+        }
         true
     }
 

@@ -238,6 +238,30 @@ impl Handler<Read> for Room {
     }
 }
 
+impl Handler<CatchUp> for Room {
+    type Result = Result<CaughtUp, RoomError>;
+
+    fn handle(&mut self, msg: CatchUp, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_activity = Instant::now();
+        // What is committed but unsent leaves first, so the answer ends where a diff
+        // ends and the node's next diff starts right after it.
+        self.send_unsent();
+        match self.status.standing(&self.room_id) {
+            Ok(Some(live)) if live.committed > 0 => Ok(CaughtUp {
+                epoch: live.epoch,
+                to: live.committed,
+                views: if msg.since > live.committed {
+                    None
+                } else {
+                    live.committed_views_since(msg.since)
+                },
+            }),
+            Err(e) => Err(e),
+            _ => Err(RoomError::NotFound(self.room_id.clone())),
+        }
+    }
+}
+
 impl Handler<Drain> for Room {
     type Result = Drained;
 

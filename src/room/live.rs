@@ -212,6 +212,41 @@ impl Live {
         since: u64,
         viewer: &str,
     ) -> Option<Vec<WireEntry>> {
+        self.with_changed_since(since, |changed| view_since(changed, since, Some(viewer)))?
+    }
+
+    /// The committed changes since `since` in every distinct view (a catch-up for a
+    /// node that mirrors the room): the public view (a viewer named in no changed
+    /// entry's audience) first, then one per user named in one. Each view is what
+    /// [`Live::committed_changes_since`] answers its viewers; None when tombstones that
+    /// old may be pruned.
+    pub(super) fn committed_views_since(
+        &self,
+        since: u64,
+    ) -> Option<Vec<super::messages::CatchUpView>> {
+        self.with_changed_since(since, |changed| {
+            let mut named = std::collections::BTreeSet::new();
+            for (_, slot) in changed {
+                if let Some(audience) = &slot.audience {
+                    named.extend(audience.users().iter().cloned());
+                }
+            }
+            let mut views = vec![(None, view_since(changed, since, None))];
+            for user in named {
+                let view = view_since(changed, since, Some(&user));
+                views.push((Some(user), view));
+            }
+            views
+        })
+    }
+
+    /// Calls `f` with the committed entries and tombstones with ver > since, or None
+    /// when tombstones that old may be pruned.
+    fn with_changed_since<R>(
+        &self,
+        since: u64,
+        f: impl FnOnce(&[(&str, &Slot)]) -> R,
+    ) -> Option<R> {
         let overlay = self.overlay();
         let working = self.state.changed_since(since)?;
         let mut changed: Vec<(&str, &Slot)> = working
@@ -225,19 +260,7 @@ impl Live {
                 }
             }
         }
-        let mut out = Vec::with_capacity(changed.len());
-        for (key, slot) in changed {
-            match &slot.audience {
-                Some(audience) if !audience.contains(viewer) => {
-                    if audience.narrowed_after(since) {
-                        return None;
-                    }
-                }
-                _ => out.push(wire_entry(key, slot)),
-            }
-        }
-        out.sort_by(|a, b| a.k.cmp(&b.k));
-        Some(out)
+        Some(f(&changed))
     }
 
     /// For each key changed by uncommitted events, its committed slot (None: absent).
@@ -250,6 +273,29 @@ impl Live {
         }
         overlay
     }
+}
+
+/// What `viewer` (None: a viewer named in no audience) may be told of `changed` since
+/// `since`, sorted by key; None when an entry hidden from it was taken from some viewers
+/// after `since` (only a snapshot can tell it the entry is gone).
+fn view_since(
+    changed: &[(&str, &Slot)],
+    since: u64,
+    viewer: Option<&str>,
+) -> Option<Vec<WireEntry>> {
+    let mut out = Vec::with_capacity(changed.len());
+    for (key, slot) in changed {
+        match &slot.audience {
+            Some(audience) if !viewer.is_some_and(|v| audience.contains(v)) => {
+                if audience.narrowed_after(since) {
+                    return None;
+                }
+            }
+            _ => out.push(wire_entry(key, slot)),
+        }
+    }
+    out.sort_by(|a, b| a.k.cmp(&b.k));
+    Some(out)
 }
 
 fn push_live(out: &mut Vec<WireEntry>, key: &str, prior: &Option<Slot>, viewer: &str) {

@@ -191,7 +191,65 @@ pub struct Subscribe {
     pub session: SessionRef,
     pub presence: bool,
     pub since: Option<Since>,
+    /// Set for a connection on another node (a cluster relay): the answer (`snapshot`
+    /// or `resumed`, and the member list) goes here instead of to `session`, and the
+    /// room pushes it no diffs: its node gets them once through the room's tap
+    /// (`room::tap`). Presence changes, signals and errors still go to `session`.
+    pub relayed: Option<RelayAnswer>,
 }
+
+/// Where a relayed subscription's answer goes (see [`Subscribe::relayed`]). Cloneable
+/// with the message; the first answer wins.
+#[derive(Debug, Clone)]
+pub struct RelayAnswer(Arc<parking_lot::Mutex<Option<oneshot::Sender<Answered>>>>);
+
+/// The answer to a relayed subscription.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    /// `snapshot` or `resumed`, then the member list if presence was asked for.
+    pub msgs: Vec<ServerMsg>,
+    pub epoch: u64,
+    /// The seq the answer brings the subscriber to: its diffs continue at `seq + 1`.
+    pub seq: u64,
+}
+
+impl RelayAnswer {
+    pub fn new() -> (RelayAnswer, oneshot::Receiver<Answered>) {
+        let (tx, rx) = oneshot::channel();
+        (RelayAnswer(Arc::new(parking_lot::Mutex::new(Some(tx)))), rx)
+    }
+
+    pub fn send(&self, answer: Answered) {
+        if let Some(tx) = self.0.lock().take() {
+            let _ = tx.send(answer);
+        }
+    }
+}
+
+/// A node that mirrors this room missed diffs after `since` (or fell behind): the
+/// room sends what it holds unsent first (so the answer ends where a diff ends), then
+/// answers with the changes since `since` in every distinct view.
+#[derive(Message)]
+#[rtype(result = "Result<CaughtUp, RoomError>")]
+pub struct CatchUp {
+    pub since: u64,
+}
+
+/// The answer to [`CatchUp`]: the changes of events `since + 1 ..= to`.
+#[derive(Debug, Clone)]
+pub struct CaughtUp {
+    pub epoch: u64,
+    pub to: u64,
+    /// The public view first (user None), then one per user named in a changed entry's
+    /// audience. A view's changes are None when they cannot be told as a diff (its
+    /// viewers need a snapshot); the whole list is None when the room no longer holds
+    /// the tombstones that far back.
+    pub views: Option<Vec<CatchUpView>>,
+}
+
+/// One view of a catch-up: its user (None: the public view) and its changes (None: its
+/// viewers need a snapshot).
+pub type CatchUpView = (Option<String>, Option<Vec<WireEntry>>);
 
 /// Remove a connection's subscription (silently: the session answers `unsub` itself).
 #[derive(Message)]

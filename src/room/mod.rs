@@ -22,7 +22,8 @@
 //! The room's files, one concept each: `handlers` (the messages it accepts, over one
 //! status ladder), `live` (the working state and its committed view), [`op_ids`] (the
 //! window of acked op ids), `commit` (batches to the store and back, trims, deletion),
-//! `fanout` (subscriptions, diff batching, presence) and [`recovery`] (rebuilding a
+//! `fanout` (subscriptions, diff batching, presence), [`tap`] (diffs handed to other
+//! nodes once per batch, in cluster mode) and [`recovery`] (rebuilding a
 //! room from the log without running a reducer, also used by `?at=` and `roomd log`).
 
 pub mod admin;
@@ -37,6 +38,7 @@ pub mod op_ids;
 pub mod presence;
 pub mod recovery;
 pub mod registry;
+pub mod tap;
 pub mod views;
 
 use std::collections::HashMap;
@@ -139,6 +141,9 @@ pub struct Room {
     config: Arc<RoomConfig>,
     status: Status,
     subscribers: HashMap<u64, Subscriber>,
+    /// How many of `subscribers` are relayed (on other nodes): while any is, diffs also
+    /// go to the registry's tap.
+    n_relayed: usize,
     presence: Presence,
     /// Subscriptions that arrived while the creation was being committed.
     deferred_subs: Vec<Subscribe>,
@@ -167,6 +172,7 @@ impl Room {
             config,
             status: Status::Loading,
             subscribers: HashMap::new(),
+            n_relayed: 0,
             presence: Presence::default(),
             deferred_subs: Vec::new(),
             last_activity: Instant::now(),

@@ -26,6 +26,8 @@ pub struct Registry {
     stopped: AtomicUsize,
     store: Store,
     config: Arc<RoomConfig>,
+    /// Where rooms hand diffs for other nodes (cluster mode only; see `tap`).
+    tap: std::sync::OnceLock<super::tap::Tap>,
 }
 
 impl Registry {
@@ -38,6 +40,7 @@ impl Registry {
             stopped: AtomicUsize::new(0),
             store,
             config: Arc::new(config),
+            tap: std::sync::OnceLock::new(),
         })
     }
 
@@ -103,6 +106,17 @@ impl Registry {
     /// After many rooms stopped: gives the map's spare capacity back.
     pub fn shrink(&self) {
         self.rooms.shrink_to_fit();
+    }
+
+    /// Installs the tap rooms hand their relayed subscribers' diffs to (once, at
+    /// cluster start); a second call is ignored.
+    pub fn set_tap(&self, tap: super::tap::Tap) {
+        let _ = self.tap.set(tap);
+    }
+
+    /// The tap, in cluster mode.
+    pub fn tap(&self) -> Option<&super::tap::Tap> {
+        self.tap.get()
     }
 
     /// The room threads.

@@ -108,6 +108,37 @@ impl DiffChanges {
         out
     }
 
+    /// Every distinct view of this diff, whoever subscribes (for other nodes, which
+    /// fan it out to their own subscribers): the public view first (user None), then
+    /// the view of each user named in an audience, now or before, whose view differs
+    /// from the public one. A viewer not listed gets the public view.
+    pub fn all_views(&self) -> Vec<(Option<String>, Vec<WireEntry>)> {
+        let public = self.view_of(None);
+        if self.is_shared() {
+            return vec![(None, public)];
+        }
+        let mut named: BTreeSet<&str> = BTreeSet::new();
+        for slot in self.slots.values() {
+            if let Some(audience) = &slot.audience {
+                named.extend(audience.users().iter().map(String::as_str));
+            }
+        }
+        for seen in self.before.values() {
+            if let Seen::Only(audience) = seen {
+                named.extend(audience.users().iter().map(String::as_str));
+            }
+        }
+        let mut views = Vec::new();
+        for user in named {
+            let view = self.view_of(Some(user));
+            if view != public {
+                views.push((Some(user.to_owned()), view));
+            }
+        }
+        views.insert(0, (None, public));
+        views
+    }
+
     /// Plans the views of this diff for subscribers of the given users: the distinct
     /// views, and for each subscriber (in order) the index of its view. Only users named
     /// in an audience (now or before) get a view of their own; equal views are merged.
@@ -275,5 +306,20 @@ mod tests {
         assert_eq!(view(0), view(1), "alice and bob share a view");
         assert_eq!(view(2), [("last".into(), true)]);
         assert_eq!(plan.views.len(), 2);
+    }
+
+    #[test]
+    fn all_views_are_the_public_one_and_the_named_users_that_differ() {
+        let views = round().all_views();
+        let users: Vec<Option<&str>> = views.iter().map(|(u, _)| u.as_deref()).collect();
+        assert_eq!(users, [None, Some("alice"), Some("bob")]);
+        assert_eq!(keys(&views[0].1), [("round".into(), true)]);
+        assert_eq!(
+            keys(&views[1].1),
+            [("move/alice".into(), true), ("round".into(), true)]
+        );
+        let mut shared = DiffChanges::default();
+        shared.slots.insert("a".into(), slot(Some(1), 2, None));
+        assert_eq!(shared.all_views().len(), 1);
     }
 }

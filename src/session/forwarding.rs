@@ -1,6 +1,7 @@
 //! Cluster mode in the Session: ops and creates for a room another node owns go to
 //! that node (`cluster::forward`), and their answers come back in the order sent;
-//! subscriptions, unsubscriptions and signals for such a room go to its owner's relay.
+//! subscriptions, unsubscriptions and signals for such a room go to its owner's relay,
+//! and a subscription's diffs come from the room's mirror on this node.
 //!
 //! The request is handed to NATS inside `ctx.wait`, so a connection's ops leave in the
 //! order they arrived, as they reach a local room's mailbox in order; the answer is
@@ -13,11 +14,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::Session;
-use crate::cluster::rpc::{Forwardable, Reply, Request, What};
+use crate::cluster::rpc::{Forwardable, Request, What};
 use crate::cluster::Cluster;
-use crate::protocol::codes::Code;
 use crate::protocol::ids::RoomId;
-use crate::protocol::{Encoding, Since};
+use crate::protocol::Since;
 use crate::room::Room;
 use crate::value::Value;
 
@@ -83,50 +83,17 @@ impl Session {
         presence: bool,
         since: Option<Since>,
     ) {
-        let remote = cluster.remote().clone();
-        remote.register(&self.session);
-        let owner = cluster.owner(&room).to_owned();
-        let session_id = self.session.session_id;
-        let request = Request {
-            room: room.to_string(),
-            user: self.session.user.to_string(),
-            op_id: None,
-            now_ms: 0,
-            what: What::Subscribe {
-                deliver: remote.deliver_subject(session_id, &owner),
-                node: remote.node_key().to_owned(),
-                dedup: self.session.dedup,
-                rkyv: self.session.encoding == Encoding::Rkyv,
-                presence,
-                since: since.map(|s| (s.epoch, s.seq)),
-                member: true,
-            },
-            refusal: None,
-        };
+        let session = self.session.clone();
         let asked = async move {
-            let reply = match cluster.forwarder().send(&owner, &request).await {
-                Ok(ticket) => ticket.reply().await,
-                Err(e) => Err(e),
-            };
-            (remote, owner, reply)
+            crate::cluster::remote::subscribe(&cluster, &session, &room, presence, since, true)
+                .await
+                .map_err(|e| (room, e))
         };
-        ctx.wait(asked.into_actor(self).map(
-            move |(remote, owner, reply), session, _ctx| match reply {
-                Ok(Reply::Done { ok: true, instance }) => {
-                    remote.add_room(session_id, &room, &owner, instance)
-                }
-                // The owner's answer (`error`) came through the relay.
-                Ok(Reply::Done { ok: false, .. }) => {
-                    remote.remove_room(session_id, &room);
-                }
-                Ok(_) => session.error(
-                    Code::Unavailable,
-                    Some(&room),
-                    format!("node {owner} answered the subscription as an op"),
-                ),
-                Err(e) => session.error(e.code(), Some(&room), e.to_string()),
-            },
-        ));
+        ctx.wait(asked.into_actor(self).map(|subscribed, session, _ctx| {
+            if let Err((room, e)) = subscribed {
+                session.error(e.code(), Some(&room), e.to_string());
+            }
+        }));
     }
 
     /// Sends a control request about `room` to its owner without waiting for the reply

@@ -242,6 +242,7 @@ impl Session {
                     session: self.session.clone(),
                     presence,
                     since,
+                    relayed: None,
                 };
                 let fut = async move {
                     let addr = registry.get(&room_id);

@@ -1188,3 +1188,210 @@ async fn rps_across_nodes_hides_the_first_move_on_every_node_and_read_path() {
         json!({"round": 2, "moves": {"alice": "rock", "bob": "scissors"}, "winner": "alice"})
     );
 }
+
+/// The diffs of `room` through seq `to`, each reduced to what every subscriber must
+/// agree on (`from`, `to`, `changes`).
+async fn diff_bodies(
+    client: &mut crate::support::Client,
+    room: &str,
+    to: u64,
+) -> Vec<serde_json::Value> {
+    client
+        .diffs_until(room, to)
+        .await
+        .into_iter()
+        .map(|d| json!({"from": d["from"], "to": d["to"], "changes": d["changes"]}))
+        .collect()
+}
+
+#[tokio::test]
+async fn many_subscribers_on_a_non_owner_get_every_diff_once_published_and_identical() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "state:fanned-out";
+    let owner = owner_of(3, room);
+    let (far, writer_node) = ((owner + 1) % 3, (owner + 2) % 3);
+    let mut writer = nodes[writer_node].client("writer").await;
+    writer.create_ok(room, "state", json!({})).await;
+
+    let mut local = nodes[owner].client("local").await;
+    let mut reference = Mirror::from_snapshot(&local.sub(room).await);
+    let mut far_subs = Vec::new();
+    let mut far_mirrors = Vec::new();
+    for i in 0..24 {
+        let mut client = nodes[far].client(&format!("viewer{i}")).await;
+        far_mirrors.push(Mirror::from_snapshot(&client.sub(room).await));
+        far_subs.push(client);
+    }
+    let published_before = nodes[owner]
+        .metric("roomd_cluster_feed_messages_total")
+        .await;
+
+    // 60 ops sent without waiting, so the room batches them into fewer diffs.
+    for i in 0..60 {
+        let op = json!({"type": "incr", "key": format!("k{}", i % 7), "by": 1});
+        writer.send_op(&format!("o{i}"), room, op).await;
+    }
+    for i in 0..60 {
+        let reply = writer.reply(&format!("o{i}")).await;
+        assert_eq!(reply["t"], "ack", "{reply}");
+    }
+    let head = 61;
+    let expected = diff_bodies(&mut local, room, head).await;
+    for diff in &expected {
+        reference.apply(&json!({"t": "diff", "room": room, "epoch": reference.epoch, "from": diff["from"], "to": diff["to"], "changes": diff["changes"]}));
+    }
+    assert_eq!(reference.seq, head);
+    for (i, (client, mirror)) in far_subs.iter_mut().zip(&mut far_mirrors).enumerate() {
+        let got = diff_bodies(client, room, head).await;
+        assert_eq!(
+            got, expected,
+            "viewer{i} on node {far} got other diffs than the owner's own subscriber"
+        );
+        for diff in client_diffs(room, &mirror.epoch.clone(), &got) {
+            mirror.apply(&diff);
+        }
+        assert_eq!(mirror.entries, reference.entries);
+    }
+    // Once per batch on the room's subject, not once per remote subscriber.
+    let published = nodes[owner]
+        .metric("roomd_cluster_feed_messages_total")
+        .await
+        - published_before;
+    assert_eq!(
+        published,
+        expected.len() as f64,
+        "{} diffs, 24 subscribers on node {far}",
+        expected.len()
+    );
+}
+
+/// Diff bodies back as `diff` frames of `room`.
+fn client_diffs(room: &str, epoch: &str, bodies: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    bodies
+        .iter()
+        .map(|d| json!({"t": "diff", "room": room, "epoch": epoch, "from": d["from"], "to": d["to"], "changes": d["changes"]}))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_resume_with_since_on_a_non_owner_is_gapless_beside_other_subscribers() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let room = "state:resume-far";
+    let owner = owner_of(3, room);
+    let far = (owner + 1) % 3;
+    let mut writer = nodes[owner].client("writer").await;
+    writer.create_ok(room, "state", json!({})).await;
+    // Another subscriber keeps the room's mirror on the far node the whole time.
+    let mut steady = nodes[far].client("steady").await;
+    let mut steady_mirror = Mirror::from_snapshot(&steady.sub(room).await);
+
+    let mut leaver = nodes[far].client("leaver").await;
+    let mut mirror = Mirror::from_snapshot(&leaver.sub(room).await);
+    writer.ack("w1", room, incr()).await;
+    for diff in leaver.diffs_until(room, 2).await {
+        mirror.apply(&diff);
+    }
+    drop(leaver);
+    for i in 2..6 {
+        writer.ack(&format!("w{i}"), room, incr()).await;
+    }
+    let mut back = nodes[far].client("leaver").await;
+    let resumed = back
+        .sub_msg(
+            json!({"t": "sub", "room": room, "since": {"epoch": mirror.epoch, "seq": mirror.seq}}),
+        )
+        .await;
+    assert_eq!(resumed["t"], "resumed", "{resumed}");
+    mirror.apply(&resumed);
+    assert_eq!(mirror.seq, 6);
+    for i in 6..9 {
+        writer.ack(&format!("w{i}"), room, incr()).await;
+    }
+    for diff in back.diffs_until(room, 9).await {
+        mirror.apply(&diff);
+    }
+    for diff in steady.diffs_until(room, 9).await {
+        steady_mirror.apply(&diff);
+    }
+    assert_eq!(mirror.value("n"), Some(&json!(8)));
+    assert_eq!(mirror.entries, steady_mirror.entries);
+}
+
+#[tokio::test]
+async fn hidden_entries_stay_hidden_on_every_node() {
+    let nats = Nats::start().await;
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        nodes.push(start_rps_node(&nats, id).await);
+    }
+    let room = "rps:across";
+    let owner = owner_of(3, room);
+    let (far, third) = ((owner + 1) % 3, (owner + 2) % 3);
+    // Alice and a spectator on one non-owner, bob on the other, a spectator at home.
+    let mut alice = nodes[far].client("alice").await;
+    let mut carol = nodes[far].client("carol").await;
+    let mut bob = nodes[third].client("bob").await;
+    let mut dave = nodes[owner].client("dave").await;
+    alice.create_ok(room, "rps", json!({})).await;
+    for client in [&mut alice, &mut carol, &mut bob, &mut dave] {
+        client.sub(room).await;
+    }
+    assert_eq!(alice.ack("j", room, json!({"type": "join"})).await, 2);
+    bob.ack("j", room, json!({"type": "join"})).await;
+    let first = alice
+        .ack("m1", room, json!({"type": "move", "move": "rock"}))
+        .await;
+    let own = alice.diffs_until(room, first).await;
+    let last = own.last().expect("a diff");
+    assert!(
+        last["changes"].to_string().contains("move/alice"),
+        "alice sees her own move on a non-owner: {last}"
+    );
+    for (name, client) in [
+        ("carol", &mut carol),
+        ("bob", &mut bob),
+        ("dave", &mut dave),
+    ] {
+        let seen = client.diffs_until(room, first).await;
+        let text = serde_json::Value::Array(seen).to_string();
+        for needle in ["move/alice", "rock"] {
+            assert!(!text.contains(needle), "{name} saw {needle}: {text}");
+        }
+    }
+    // The round ends: everyone learns both moves, and nobody is told of a deletion of
+    // an entry they never saw.
+    let second = bob
+        .ack("m1", room, json!({"type": "move", "move": "paper"}))
+        .await;
+    for (name, client) in [
+        ("alice", &mut alice),
+        ("carol", &mut carol),
+        ("bob", &mut bob),
+        ("dave", &mut dave),
+    ] {
+        let seen = client.diffs_until(room, second).await;
+        let last = seen.last().expect("a diff");
+        assert_eq!(last["to"], second, "{name}: {last}");
+        let text = last["changes"].to_string();
+        assert!(text.contains("\"winner\":\"bob\""), "{name}: {text}");
+        assert_eq!(
+            text.contains("move/alice"),
+            name == "alice",
+            "only alice saw move/alice, so only she hears of its deletion ({name}): {text}"
+        );
+    }
+    // A new subscription on a non-owner during the next round's first move hides it too.
+    let third_move = bob
+        .ack("m2", room, json!({"type": "move", "move": "scissors"}))
+        .await;
+    let mut erin = nodes[far].client("erin").await;
+    let snapshot = erin.sub(room).await;
+    assert!(snapshot["seq"].as_u64() >= Some(third_move), "{snapshot}");
+    assert!(!snapshot.to_string().contains("scissors"), "{snapshot}");
+    let seen = carol.diffs_until(room, third_move).await;
+    assert!(!serde_json::Value::Array(seen)
+        .to_string()
+        .contains("scissors"));
+}
