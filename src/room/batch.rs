@@ -63,6 +63,10 @@ pub struct Batch {
     bytes: usize,
     /// Set when a snapshot at this seq was submitted with the batch.
     pub snapshot_seq: Option<u64>,
+    /// Set when the batch went to the store: the id its answer comes back with.
+    pub submission: Option<u64>,
+    /// The store's answer, kept until every batch before it has landed.
+    pub outcome: Option<Result<(), String>>,
 }
 
 impl Batch {
@@ -77,6 +81,8 @@ impl Batch {
             op_ids: IndexMap::new(),
             bytes: 0,
             snapshot_seq: None,
+            submission: None,
+            outcome: None,
         }
     }
 

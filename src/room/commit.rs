@@ -1,12 +1,14 @@
-//! The commit pipeline: the oldest batch goes to the store writer, its acks and diff
-//! leave when the commit lands (log before send), a failed commit undoes every
-//! uncommitted event; plus the log trims and the deletion that ride on it.
+//! The commit pipeline: the oldest batches go to the store writer (a second one only
+//! when full, see [`PIPELINE_DEPTH`]), their acks and diff leave when their commit
+//! lands, in seq order (log before send), a failed commit undoes every uncommitted
+//! event; plus the log trims and the deletion that ride on it.
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::batch::Batch;
+use super::live::PIPELINE_DEPTH;
 use super::presence::Presence;
 use super::{messages, Room, RoomError, Status};
 use crate::outbound::Charge;
@@ -20,144 +22,223 @@ fn age_check_every(age: Duration) -> Duration {
 }
 
 impl Room {
-    /// Submits the oldest batch if no commit is in flight, first answering batches that
-    /// hold only replies (nacks, answers to re-sent ids).
+    /// Hands the next batches to the store writer (see [`PIPELINE_DEPTH`]), first
+    /// answering batches that hold only replies (nacks, answers to re-sent ids) when
+    /// nothing is in flight before them.
     pub(super) fn flush(&mut self, ctx: &mut Context<Self>) {
-        let Status::Live(live) = &mut self.status else {
-            return;
-        };
-        if live.in_flight {
-            return;
-        }
-        while live.batches.front().is_some_and(|b| b.events.is_empty()) {
-            if let Some(batch) = live.batches.pop_front() {
-                for reply in batch.replies {
-                    reply.send();
+        self.submit_batches(ctx, true);
+    }
+
+    /// Submits the oldest unsubmitted batch while the pipeline has room; with
+    /// `answer_replies`, also answers the reply-only batches at the front and starts a
+    /// pending delete once nothing is left. Without it (a batch just landed, its replies
+    /// not sent yet) it only submits, so no reply overtakes that batch's.
+    fn submit_batches(&mut self, ctx: &mut Context<Self>, answer_replies: bool) {
+        loop {
+            let Status::Live(live) = &mut self.status else {
+                return;
+            };
+            if answer_replies && live.in_flight == 0 {
+                while live.batches.front().is_some_and(|b| b.events.is_empty()) {
+                    if let Some(batch) = live.batches.pop_front() {
+                        for reply in batch.replies {
+                            reply.send();
+                        }
+                    }
+                }
+                if live.batches.is_empty() {
+                    if live.deleting.is_some() && !live.snapshot_in_flight {
+                        self.start_delete(ctx);
+                    }
+                    return;
                 }
             }
-        }
-        if live.batches.is_empty() {
-            if live.deleting.is_some() && !live.snapshot_in_flight {
-                self.start_delete(ctx);
+            let index = live.in_flight;
+            let Some(next) = live.batches.get(index) else {
+                return;
+            };
+            // Replies behind a batch in flight wait for it; so does a batch of replies;
+            // nothing goes behind a batch already refused.
+            if next.events.is_empty()
+                || live
+                    .batches
+                    .iter()
+                    .take(index)
+                    .any(|b| matches!(b.outcome, Some(Err(_))))
+            {
+                return;
             }
-            return;
-        }
-        // A busy room that is merging ops commits on its diffs' schedule: the batch
-        // waits for the diff timer, commits, and its diff leaves as the commit lands
-        // (`diff_due`). Subscribers get the changes when they would have anyway (a diff
-        // could not leave before the timer); the room pays one commit per interval
-        // instead of one per store round, and its acks wait up to one interval. A room
-        // whose last batch held a single op (one client awaiting each ack, or a
-        // trickle) does not wait, so a sequential client is not slowed to one op per
-        // interval; nor does a full batch or a pending delete.
-        let holds = live.merging
-            && live.deleting.is_none()
-            && live.batches.front().is_some_and(|b| !b.is_full());
-        if let Some(wait) = self.diff_wait().filter(|_| holds) {
-            self.arm_diff_timer(wait, ctx);
-            return;
-        }
-        let Status::Live(live) = &mut self.status else {
-            return;
-        };
-        // A snapshot rides with the batch when it is the only uncommitted one, so the
-        // working state is exactly the state at the batch's last seq.
-        let snapshot_due = live.batches.len() == 1 && {
-            let last = live.head;
-            last >= live.snapshot_seq + self.config.snapshot_every
-                || (last > live.snapshot_seq
-                    && live.snapshot_at.elapsed() >= self.config.snapshot_interval)
-        };
-        let snapshot = snapshot_due.then(|| live.snapshot());
-        let Some(batch) = live.batches.front_mut() else {
-            return;
-        };
-        batch.snapshot_seq = snapshot.as_ref().map(|s| s.seq);
-        // Expiry is decided at submit time so the store forgets ids in the same commit.
-        let expire_through = live
-            .op_ids
-            .expire(batch.op_ids.len(), self.config.op_ids_kept);
-        live.merging = batch.events.len() > 1;
-        let store_batch = store::Batch {
-            room: self.room_id.to_string(),
-            create: batch.create.take(),
-            events: batch.take_records(),
-            expire_op_ids_through: expire_through,
-            snapshot,
-        };
-        live.in_flight = true;
-        match self.store.submit(store_batch) {
-            Ok(done) => {
-                let wait = async move {
-                    match done.await {
-                        Ok(result) => result.map_err(|e| e.to_string()),
-                        Err(_) => Err("the store writer stopped".to_owned()),
-                    }
+            // Behind a batch in flight only a full batch goes (see PIPELINE_DEPTH), and
+            // not behind the creation or while a delete waits.
+            if index > 0
+                && (index >= PIPELINE_DEPTH
+                    || !next.is_full()
+                    || live.committed == 0
+                    || live.deleting.is_some())
+            {
+                return;
+            }
+            // A busy room that is merging ops commits on its diffs' schedule: the batch
+            // waits for the diff timer, commits, and its diff leaves as the commit lands
+            // (`diff_due`). Subscribers get the changes when they would have anyway (a
+            // diff could not leave before the timer); the room pays one commit per
+            // interval instead of one per store round, and its acks wait up to one
+            // interval. A room whose last batch held a single op (one client awaiting
+            // each ack, or a trickle) does not wait, so a sequential client is not slowed
+            // to one op per interval; nor does a full batch or a pending delete.
+            let holds = live.merging && live.deleting.is_none() && !next.is_full();
+            if let Some(wait) = self.diff_wait().filter(|_| holds) {
+                self.arm_diff_timer(wait, ctx);
+                return;
+            }
+            let Status::Live(live) = &mut self.status else {
+                return;
+            };
+            // A snapshot rides with the batch when it is the last uncommitted one (so
+            // the working state is exactly the state at its last seq) and no snapshot is
+            // in flight already.
+            let snapshot_due = live.batches.len() == index + 1
+                && !live
+                    .batches
+                    .iter()
+                    .take(index)
+                    .any(|b| b.snapshot_seq.is_some())
+                && {
+                    let last = live.head;
+                    last >= live.snapshot_seq + self.config.snapshot_every
+                        || (last > live.snapshot_seq
+                            && live.snapshot_at.elapsed() >= self.config.snapshot_interval)
                 };
-                ctx.spawn(
-                    wait.into_actor(self)
-                        .map(|result, room, ctx| room.committed(result, ctx)),
-                );
+            let snapshot = snapshot_due.then(|| live.snapshot());
+            let id = live.next_submission;
+            live.next_submission += 1;
+            let Some(batch) = live.batches.get_mut(index) else {
+                return;
+            };
+            batch.snapshot_seq = snapshot.as_ref().map(|s| s.seq);
+            batch.submission = Some(id);
+            // Expiry is decided at submit time so the store forgets ids in the same
+            // commit.
+            let expire_through = live
+                .op_ids
+                .expire(batch.op_ids.len(), self.config.op_ids_kept);
+            live.merging = batch.events.len() > 1;
+            let store_batch = store::Batch {
+                room: self.room_id.to_string(),
+                create: batch.create.take(),
+                events: batch.take_records(),
+                expire_op_ids_through: expire_through,
+                snapshot,
+            };
+            live.in_flight += 1;
+            match self.store.submit(store_batch) {
+                Ok(done) => {
+                    let wait = async move {
+                        match done.await {
+                            Ok(result) => result.map_err(|e| e.to_string()),
+                            Err(_) => Err("the store writer stopped".to_owned()),
+                        }
+                    };
+                    ctx.spawn(
+                        wait.into_actor(self)
+                            .map(move |result, room, ctx| room.committed(id, result, ctx)),
+                    );
+                }
+                // Refused at once (queue full, writer stopped): the batch's outcome,
+                // taken in its turn like any other.
+                Err(e) => return self.committed(id, Err(e.to_string()), ctx),
             }
-            Err(e) => self.committed(Err(e.to_string()), ctx),
         }
     }
 
-    /// The store answered for the batch in flight.
-    pub(super) fn committed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
+    /// The store answered for the batch submitted as `id`: the outcome waits in the
+    /// batch until the batches before it have landed. A batch no longer there (failed
+    /// with an earlier one) is ignored.
+    pub(super) fn committed(
+        &mut self,
+        id: u64,
+        result: Result<(), String>,
+        ctx: &mut Context<Self>,
+    ) {
         let Status::Live(live) = &mut self.status else {
             return;
         };
-        if !live.in_flight {
-            return;
-        }
-        live.in_flight = false;
-        let Some(mut batch) = live.batches.pop_front() else {
+        let in_flight = live.in_flight;
+        let Some(batch) = live
+            .batches
+            .iter_mut()
+            .take(in_flight)
+            .find(|b| b.submission == Some(id))
+        else {
             return;
         };
-        match result {
-            Ok(()) => {
-                live.committed = batch.last_seq();
-                for (key, seq) in std::mem::take(&mut batch.op_ids) {
-                    live.op_ids.remember(key, seq);
-                }
-                let epoch = live.epoch;
-                for reply in batch.replies.drain(..) {
-                    reply.send();
-                }
-                if let Some(seq) = batch.snapshot_seq {
-                    live.snapshot_seq = seq;
-                    live.snapshot_at = Instant::now();
-                }
-                self.maybe_trim(ctx, batch.snapshot_seq.is_some());
-                let Status::Live(live) = &mut self.status else {
-                    return;
-                };
-                let to = live.committed;
-                self.queue_diff(epoch, batch.first_seq, to, batch.take_coalesced(), ctx);
-                if !self.deferred_subs.is_empty() {
-                    for sub in std::mem::take(&mut self.deferred_subs) {
-                        let _ = self.subscribe(sub, ctx);
-                    }
-                }
+        batch.outcome = Some(result);
+        self.land(ctx);
+    }
+
+    /// Takes the answered batches at the front, oldest first: a committed one sends its
+    /// acks and diff (after the next batch went to the writer, so the writer does not
+    /// wait for them); a failed one undoes every uncommitted event.
+    fn land(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let Status::Live(live) = &mut self.status else {
+                return;
+            };
+            if live.in_flight == 0 || live.batches.front().is_none_or(|b| b.outcome.is_none()) {
+                break;
             }
-            Err(e) => {
-                tracing::error!(room = %self.room_id, error = %e, "commit failed; nacking uncommitted ops");
-                // Undo newest first: later batches were applied on top of earlier ones.
-                let mut failed: Vec<Batch> = live.batches.drain(..).collect();
-                failed.insert(0, batch);
-                for batch in failed.into_iter().rev() {
-                    batch.fail(&mut live.state, live.committed, &e);
-                }
-                live.head = live.committed;
-                if live.committed == 0 {
-                    // The creation itself failed: the room does not exist.
-                    self.status = Status::Absent;
-                    let failed = self.error_msg(&RoomError::CommitFailed(e));
-                    for sub in std::mem::take(&mut self.deferred_subs) {
-                        sub.session.send(&failed, Charge::Full);
+            let Some(mut batch) = live.batches.pop_front() else {
+                return;
+            };
+            live.in_flight -= 1;
+            match batch.outcome.take().unwrap_or(Ok(())) {
+                Ok(()) => {
+                    live.committed = batch.last_seq();
+                    for (key, seq) in std::mem::take(&mut batch.op_ids) {
+                        live.op_ids.remember(key, seq);
                     }
-                    return;
+                    let epoch = live.epoch;
+                    if let Some(seq) = batch.snapshot_seq {
+                        live.snapshot_seq = seq;
+                        live.snapshot_at = Instant::now();
+                    }
+                    self.submit_batches(ctx, false);
+                    for reply in batch.replies.drain(..) {
+                        reply.send();
+                    }
+                    self.maybe_trim(ctx, batch.snapshot_seq.is_some());
+                    let Status::Live(live) = &mut self.status else {
+                        return;
+                    };
+                    let to = live.committed;
+                    self.queue_diff(epoch, batch.first_seq, to, batch.take_coalesced(), ctx);
+                    if !self.deferred_subs.is_empty() {
+                        for sub in std::mem::take(&mut self.deferred_subs) {
+                            let _ = self.subscribe(sub, ctx);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(room = %self.room_id, error = %e, "commit failed; nacking uncommitted ops");
+                    // Undo newest first: later batches were applied on top of earlier
+                    // ones. Batches still with the writer fail there too (see
+                    // PIPELINE_DEPTH); their answers find no batch and are ignored.
+                    let mut failed: Vec<Batch> = live.batches.drain(..).collect();
+                    failed.insert(0, batch);
+                    live.in_flight = 0;
+                    for batch in failed.into_iter().rev() {
+                        batch.fail(&mut live.state, live.committed, &e);
+                    }
+                    live.head = live.committed;
+                    if live.committed == 0 {
+                        // The creation itself failed: the room does not exist.
+                        self.status = Status::Absent;
+                        let failed = self.error_msg(&RoomError::CommitFailed(e));
+                        for sub in std::mem::take(&mut self.deferred_subs) {
+                            sub.session.send(&failed, Charge::Full);
+                        }
+                        return;
+                    }
                 }
             }
         }

@@ -127,7 +127,7 @@ impl Room {
     /// what committed meanwhile leaves now.
     pub(super) fn diff_due(&mut self, ctx: &mut Context<Self>) {
         self.flush(ctx);
-        let commit_coming = matches!(&self.status, Status::Live(live) if live.in_flight);
+        let commit_coming = matches!(&self.status, Status::Live(live) if live.in_flight > 0);
         if !commit_coming {
             self.send_unsent();
         }

@@ -276,7 +276,7 @@ impl Handler<Drain> for Room {
             return DONE;
         };
         let uncommitted: usize = live.batches.iter().map(|b| b.events.len()).sum();
-        if uncommitted > 0 || live.in_flight {
+        if uncommitted > 0 || live.in_flight > 0 {
             return Drained {
                 ops: uncommitted.max(1),
                 snapshot: false,

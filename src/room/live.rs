@@ -19,6 +19,15 @@ use crate::kind::{Changes, KindRef, RoomState, Slot};
 use crate::protocol::message::{WireEntry, WireValue};
 use crate::store::{EventRecord, Snapshot};
 
+/// The most batches of one room with the store writer at once. A second batch goes to
+/// the writer while the first is being committed only when it is full (a busy room), so
+/// the writer commits the room's batches back to back instead of waiting for the room
+/// to hear of each commit before it gets the next; a quieter room keeps one in flight
+/// and its batches as large as before. The store refuses a batch that does not continue
+/// its room's stored head (`StoreError::SeqGap`) and stops all writes after a failed
+/// commit, so a batch behind a failed one never lands: the log stays gapless.
+pub(super) const PIPELINE_DEPTH: usize = 2;
+
 /// A room that exists: its state and its commit pipeline.
 pub(super) struct Live {
     /// The room's kind: its rules judge every op.
@@ -29,12 +38,16 @@ pub(super) struct Live {
     pub(super) head: u64,
     /// Seq of the last committed event; 0 while the creation is being committed.
     pub(super) committed: u64,
-    /// Uncommitted batches, oldest first. The front one is being committed when
-    /// `in_flight` is set (one commit per room at a time, so commits, acks and diffs
-    /// happen in seq order); the others wait their turn. Each batch is capped
-    /// ([`Batch::is_full`]) so a busy room's diffs stay bounded in size.
+    /// Uncommitted batches, oldest first. The first `in_flight` of them are with the
+    /// store writer (at most [`PIPELINE_DEPTH`]: the writer commits them in order, and
+    /// their outcomes are taken in seq order, so acks and diffs leave in seq order); the
+    /// others wait their turn. Each batch is capped ([`Batch::is_full`]) so a busy room's
+    /// diffs stay bounded in size.
     pub(super) batches: VecDeque<Batch>,
-    pub(super) in_flight: bool,
+    pub(super) in_flight: usize,
+    /// The id the next batch handed to the store gets, so an answer finds its batch
+    /// (and the answer of a batch already failed finds none).
+    pub(super) next_submission: u64,
     /// The last batch submitted held more than one event: ops arrive faster than
     /// commits land, so a busy room holds its next batch (see `Room::flush`).
     pub(super) merging: bool,
@@ -63,7 +76,8 @@ impl Live {
             head,
             committed: head,
             batches: VecDeque::new(),
-            in_flight: false,
+            in_flight: 0,
+            next_submission: 0,
             merging: false,
             op_ids: OpIds::default(),
             snapshot_seq: 0,
@@ -136,11 +150,11 @@ impl Live {
         }
     }
 
-    /// The batch new events and replies join: the newest one, unless it is being
-    /// committed or is full.
+    /// The batch new events and replies join: the newest one, unless it is with the
+    /// store writer or is full.
     pub(super) fn open_batch(&mut self) -> &mut Batch {
         let usable = match self.batches.back() {
-            Some(last) => !(last.is_full() || self.in_flight && self.batches.len() == 1),
+            Some(last) => !last.is_full() && self.batches.len() > self.in_flight,
             None => false,
         };
         if !usable {

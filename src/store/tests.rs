@@ -263,6 +263,43 @@ fn batch_that_does_not_continue_the_head_is_refused_whole() {
     commit(&store, batch("a", 3, 3)).unwrap();
 }
 
+/// What a room's commit pipeline relies on (`room::live::PIPELINE_DEPTH`): of two
+/// batches of a room queued back to back (in one transaction or two, as the writer
+/// drains its queue), the second never lands when the first is refused.
+#[test]
+fn a_batch_queued_behind_a_refused_one_is_refused_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch("a", 1, 2)).unwrap();
+    let refused = Batch {
+        // A snapshot past the batch's head: the store refuses the batch alone.
+        snapshot: Some(Snapshot {
+            seq: 99,
+            public: vec![],
+            private: vec![],
+            tombstone_floor: 0,
+        }),
+        ..batch("a", 3, 4)
+    };
+    let first = store.submit(refused).unwrap();
+    let second = store.submit(batch("a", 5, 6)).unwrap();
+    assert!(matches!(
+        first.blocking_recv().unwrap(),
+        Err(StoreError::SnapshotSeq { seq: 99, .. })
+    ));
+    assert!(matches!(
+        second.blocking_recv().unwrap(),
+        Err(StoreError::SeqGap {
+            expected: 3,
+            found: 5,
+            ..
+        })
+    ));
+    assert_eq!(store.load_room("a").unwrap().unwrap().head, 2);
+    assert!(store.is_healthy());
+    commit(&store, batch("a", 3, 4)).unwrap();
+}
+
 #[test]
 fn create_of_existing_room_and_append_to_missing_room_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,11 @@
 //! - `ROOMD_CRASH_CYCLES=N` runs N kill/restart cycles instead of the default
 //!   [`DEFAULT_CYCLES`]. A cycle takes about half a second in a debug build on two cores,
 //!   and longer as the rooms' logs grow (100 cycles: about two minutes).
+//! - `ROOMD_CRASH_OPS=N` has each writer pipeline N new ops per cycle instead of
+//!   [`OPS_PER_CYCLE`] (the server then runs with its op rate and burst raised past
+//!   what the writers send). About 1,400 ops per
+//!   room (N = 1024) fill a room batch while another commits, so the room hands the
+//!   writer two batches at once (`room::live::PIPELINE_DEPTH`) and kills land there.
 //! - `ROOMD_CRASH_SEED=S` replays the op mix and kill delays of a run; every run prints
 //!   its seed, and a failing one repeats it next to the failure. Kill timing still
 //!   depends on the machine, so a seed narrows a failure down rather than replaying it.
@@ -37,8 +42,17 @@ use crate::support::{assert_entries, Mirror, Server, TIMEOUT};
 /// Kill/restart cycles when `ROOMD_CRASH_CYCLES` is not set.
 const DEFAULT_CYCLES: usize = 10;
 
-/// New ops each writer pipelines per cycle, back to back without waiting for replies.
+/// New ops each writer pipelines per cycle, back to back without waiting for replies,
+/// when `ROOMD_CRASH_OPS` is not set.
 const OPS_PER_CYCLE: usize = 32;
+
+/// `ROOMD_CRASH_OPS`, or [`OPS_PER_CYCLE`].
+fn ops_per_cycle() -> usize {
+    std::env::var("ROOMD_CRASH_OPS")
+        .ok()
+        .map(|n| n.parse::<usize>().expect("ROOMD_CRASH_OPS is a number"))
+        .unwrap_or(OPS_PER_CYCLE)
+}
 
 /// Writers `w0`, `w1` speak JSON; `w2`, `w3` speak rkyv.
 const WRITERS: usize = 4;
@@ -92,7 +106,14 @@ async fn crash_loop_loses_no_acked_op_and_applies_resent_ops_once() {
     eprintln!("crash test: seed {seed} (ROOMD_CRASH_SEED={seed}), {cycles} cycles");
     let mut rng = Rng(seed);
 
-    let mut server = Server::start(&[]).await;
+    // More ops than the default burst per connection: none of them is rate limited.
+    let raised = ["--op-rate", "1000000", "--op-burst", "1000000"];
+    let args: &[&str] = if ops_per_cycle() > OPS_PER_CYCLE {
+        &raised
+    } else {
+        &[]
+    };
+    let mut server = Server::start(args).await;
     let mut model = Model::create_rooms(&server).await;
     let mut writers: Vec<Writer> = (0..WRITERS).map(|i| Writer::new(i, i >= 2)).collect();
     let mut stats = Stats::default();
@@ -152,8 +173,8 @@ async fn crash_loop_loses_no_acked_op_and_applies_resent_ops_once() {
         let n_acked: usize = phases.iter().map(|(acks, _)| acks.len()).sum();
         let load = match finished.and_then(|done| done.into_iter().max()) {
             Some(done) => done.duration_since(load_started),
-            None if n_acked * 10 >= WRITERS * OPS_PER_CYCLE => {
-                delay.mul_f64((WRITERS * OPS_PER_CYCLE) as f64 / n_acked as f64)
+            None if n_acked * 10 >= WRITERS * ops_per_cycle() => {
+                delay.mul_f64((WRITERS * ops_per_cycle()) as f64 / n_acked as f64)
             }
             None => window * 2,
         };
@@ -760,10 +781,10 @@ impl Writer {
         self.pipeline(ops, in_flight, false).await.acked
     }
 
-    /// `OPS_PER_CYCLE` new ops, pending until acked.
+    /// [`ops_per_cycle`] new ops, pending until acked.
     fn new_ops(&mut self, rng: &mut Rng) -> Vec<Op> {
         let mut ops = Vec::new();
-        for _ in 0..OPS_PER_CYCLE {
+        for _ in 0..ops_per_cycle() {
             self.next_op += 1;
             let room = rng.below(ROOMS.len() as u64) as usize;
             let change = match (ROOMS[room].1, rng.below(2)) {
