@@ -67,6 +67,12 @@ impl Frame {
         Frame::Data(wire(OpCode::Binary, &payload.into()))
     }
 
+    /// A text or binary frame copied from a payload the caller drops next: one
+    /// allocation, where turning the payload into `Bytes` first may take another.
+    pub fn copied(opcode: OpCode, payload: &[u8]) -> Frame {
+        Frame::Data(wire(opcode, payload))
+    }
+
     /// Bytes charged to the queue: the whole frame for data, the payload for control.
     fn len(&self) -> usize {
         match self {

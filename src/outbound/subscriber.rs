@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use actix_http::ws::OpCode;
+
 use super::{Charge, Frame, Outbound};
 use crate::protocol::message::ServerMsg;
 use crate::protocol::Encoding;
@@ -43,7 +45,9 @@ impl SessionRef {
 /// Encodes one message in one encoding.
 pub fn encode(msg: &ServerMsg, encoding: Encoding) -> Frame {
     match encoding {
-        Encoding::Json => Frame::text(crate::protocol::json::encode(msg)),
-        Encoding::Rkyv => Frame::binary(crate::protocol::binary::encode(msg)),
+        Encoding::Json => {
+            Frame::copied(OpCode::Text, crate::protocol::json::encode(msg).as_bytes())
+        }
+        Encoding::Rkyv => Frame::copied(OpCode::Binary, &crate::protocol::binary::encode(msg)),
     }
 }

@@ -203,12 +203,13 @@ pub(super) fn into_value(tree: Tree, depth: usize) -> Result<Value, String> {
             if depth >= MAX_DEPTH {
                 return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
             }
-            Value::Map(
-                members
-                    .into_iter()
-                    .map(|(key, item)| Ok((key, into_value(item, depth + 1)?)))
-                    .collect::<Result<_, String>>()?,
-            )
+            // Inserted one by one (the keys are distinct, checked by the parse): for the
+            // few members of an op, cheaper than collecting, sorting and bulk-building.
+            let mut map = std::collections::BTreeMap::new();
+            for (key, item) in members {
+                map.insert(key, into_value(item, depth + 1)?);
+            }
+            Value::Map(map)
         }
     })
 }

@@ -136,7 +136,13 @@ impl Batch {
                 .get(key)
                 .cloned()
                 .unwrap_or_else(|| Slot::new(value.clone(), seq));
-            self.coalesced.insert(key.clone(), slot);
+            // A key the batch already changed keeps its entry (no second copy of it).
+            match self.coalesced.get_mut(key) {
+                Some(coalesced) => *coalesced = slot,
+                None => {
+                    self.coalesced.insert(key.clone(), slot);
+                }
+            }
         }
         if let Some(key) = op_key {
             self.op_ids.insert(key, seq);

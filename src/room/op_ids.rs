@@ -6,8 +6,9 @@
 //! it may grow 10% past that before the oldest are forgotten, so expiry happens in
 //! bunches, in the same commit that the store forgets them.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+
+use indexmap::IndexMap;
 
 /// One op id as a room knows it: the id a client chose, scoped to its user (two users'
 /// `"1"` are different ops). Built once where an op enters the room.
@@ -23,13 +24,12 @@ impl OpKey {
     }
 }
 
-/// Acked op ids and their order for expiry.
+/// Acked op ids in the order they were committed (which is seq order), so the oldest
+/// are forgotten first: one map, each key stored once. Who reads: every op with an id,
+/// to answer re-sends. Who writes: commits.
 #[derive(Debug, Default)]
 pub struct OpIds {
-    /// Who reads: every op with an id, to answer re-sends. Who writes: commits.
-    seqs: HashMap<OpKey, u64>,
-    /// The keys of `seqs` in the order they were committed (which is seq order).
-    order: VecDeque<OpKey>,
+    seqs: IndexMap<OpKey, u64>,
 }
 
 impl OpIds {
@@ -38,36 +38,32 @@ impl OpIds {
         self.seqs.get(key).copied()
     }
 
-    /// Remembers a committed op id; ids must arrive in seq order.
+    /// Remembers a committed op id; ids must arrive in seq order. An id already there
+    /// keeps its place.
     pub fn remember(&mut self, key: OpKey, seq: u64) {
-        if self.seqs.insert(key.clone(), seq).is_none() {
-            self.order.push_back(key);
-        }
+        self.seqs.insert(key, seq);
     }
 
     /// Forgets the oldest ids so that, with `adding` more, at most `kept` plus a tenth
     /// remain; returns the seq of the newest id forgotten (0: none), so the store forgets
     /// the same ids in the same commit.
     pub fn expire(&mut self, adding: usize, kept: usize) -> u64 {
-        let mut expire_through = 0;
-        let excess = (self.order.len() + adding).saturating_sub(kept + kept / 10);
-        for _ in 0..excess {
-            if let Some(old) = self.order.pop_front() {
-                if let Some(seq) = self.seqs.remove(&old) {
-                    expire_through = expire_through.max(seq);
-                }
-            }
-        }
-        expire_through
+        let excess = (self.seqs.len() + adding)
+            .saturating_sub(kept + kept / 10)
+            .min(self.seqs.len());
+        // One drain of the oldest: the survivors' index is rebuilt from stored hashes,
+        // no key is hashed or compared again.
+        self.seqs
+            .drain(..excess)
+            .map(|(_, seq)| seq)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The seq of the oldest id still remembered (`u64::MAX`: none): log trims keep the
     /// ids of events from there on.
     pub fn oldest_seq(&self) -> u64 {
-        self.order
-            .front()
-            .and_then(|key| self.seqs.get(key).copied())
-            .unwrap_or(u64::MAX)
+        self.seqs.first().map_or(u64::MAX, |(_, seq)| *seq)
     }
 }
 
