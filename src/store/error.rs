@@ -100,6 +100,9 @@ pub enum StoreError {
     /// head for a batch without events); nothing of the batch was written.
     #[error("batch for room {room} carries a snapshot at seq {seq}, outside 1..={head}")]
     SnapshotSeq { room: String, seq: u64, head: u64 },
+    /// A room import (`Store::submit_import`) was refused before anything was written.
+    #[error("cannot import room {room}: {reason}")]
+    Import { room: String, reason: String },
     /// An event could not be encoded (too deep, too large, not finite); nothing of its
     /// batch was written.
     #[error("cannot encode event {seq} of room {room}: {source}")]

@@ -18,7 +18,8 @@
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
 //! `retention.rs` the trimming and deletion pieces, `reads.rs` the HTTP reads,
-//! `tools.rs` listing, verifying and compacting for `roomd log`, `checksums.rs` the page
+//! `tools.rs` listing, verifying and compacting for `roomd log`, `transfer.rs` a
+//! room's export and import when it moves to another node, `checksums.rs` the page
 //! checksum check `verify` runs on a copy-on-write view of the file, `listing.rs` the
 //! admin room list, `lock.rs` and
 //! `format.rs` the data dir's lock and format version, `epochs.rs` the epoch salt,
@@ -56,6 +57,7 @@ mod record;
 mod retention;
 mod tables;
 mod tools;
+mod transfer;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +83,7 @@ pub use record::{RecordError, MAX_RECORD_BYTES, MAX_SNAPSHOT_BYTES};
 pub use redb::StorageBackend;
 pub use retention::{MAX_PENDING_TRIMS, MAX_PIECE_ROWS};
 pub use tools::{Problem, ProblemKind, MAX_PROBLEMS};
+pub use transfer::{ExportError, RoomExport, MAX_EXPORT_BYTES};
 pub use writer::MAX_GROUP_BATCHES;
 
 use lock::DirLock;

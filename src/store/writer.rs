@@ -59,6 +59,8 @@ pub enum Job {
     Batch(BatchJob),
     Trim(TrimJob),
     Delete(DeleteJob),
+    /// A whole room from another node (`transfer.rs`), in a transaction of its own.
+    Import(super::transfer::ImportJob),
 }
 
 impl Job {
@@ -68,6 +70,7 @@ impl Job {
             Job::Batch(job) => &job.batch.room,
             Job::Trim(job) => &job.room,
             Job::Delete(job) => &job.room,
+            Job::Import(job) => &job.room,
         }
     }
 
@@ -82,6 +85,9 @@ impl Job {
                 let _ = job.reply.send(Err(error));
             }
             Job::Delete(job) => {
+                let _ = job.reply.send(Err(error));
+            }
+            Job::Import(job) => {
                 let _ = job.reply.send(Err(error));
             }
         }
@@ -359,6 +365,7 @@ impl Writer {
             };
             let mut group = Vec::new();
             let mut delete = None;
+            let mut import = None;
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 match job {
@@ -369,6 +376,11 @@ impl Writer {
                         delete = Some(job);
                         break;
                     }
+                    // Likewise for an import, after the batches queued before it.
+                    Job::Import(job) => {
+                        import = Some(job);
+                        break;
+                    }
                 }
                 if group.len() < MAX_GROUP_BATCHES {
                     next = self.queue.try_recv().ok();
@@ -377,6 +389,9 @@ impl Writer {
             self.commit_group(group);
             if let Some(job) = delete {
                 self.delete(job);
+            }
+            if let Some(job) = import {
+                self.import(job);
             }
         }
         // Shutdown does not wait for trims: each committed piece is a consistent state,
@@ -727,6 +742,51 @@ impl Writer {
                     }));
                     return;
                 }
+            }
+        }
+    }
+
+    /// Writes an imported room in one durable transaction of its own and answers it.
+    fn import(&mut self, job: super::transfer::ImportJob) {
+        if let Some(reason) = self.health.failure() {
+            let _ = job.reply.send(Err(self.fail_stopped(reason)));
+            return;
+        }
+        let written = guard::catch(|| {
+            let txn = self.begin(true)?;
+            let outcome = {
+                let mut tables = WriteTables::open(&txn)?;
+                job.write(&mut tables)?
+            };
+            // A refused import writes nothing: the transaction is dropped unwritten.
+            if outcome.is_ok() {
+                txn.commit()?;
+            }
+            Ok::<_, redb::Error>(outcome)
+        })
+        .map_err(WriteError::Panicked)
+        .and_then(|result| result.map_err(WriteError::Redb));
+        match written {
+            Ok(outcome) => {
+                if outcome.is_ok() {
+                    self.committed(true);
+                }
+                let _ = job.reply.send(outcome);
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!(
+                    db = %self.db_path.display(),
+                    room = %job.room,
+                    error = %reason,
+                    "store commit of a room import failed; refusing all further writes until restart"
+                );
+                self.health.fail(reason.clone());
+                let _ = job.reply.send(Err(StoreError::Commit {
+                    path: self.db_path.clone(),
+                    n_batches: 0,
+                    reason,
+                }));
             }
         }
     }
