@@ -255,6 +255,10 @@ impl Room {
     /// full queue skips this round; the next commit asks again (for the count limit
     /// alone, the next snapshot).
     pub(super) fn maybe_trim(&mut self, ctx: &mut Context<Self>, snapshot_moved: bool) {
+        // A frozen room's rows are being copied: nothing of them changes now.
+        if self.registry.moving().is_frozen(&self.room_id) {
+            return;
+        }
         let Status::Live(live) = &mut self.status else {
             return;
         };

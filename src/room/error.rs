@@ -23,6 +23,12 @@ pub enum RoomError {
     /// The room was deleted while this subscriber was subscribed.
     #[error("room {0} was deleted")]
     Deleted(RoomId),
+    /// The room is moving to another node (`roomd cluster rebalance`): re-send with the
+    /// same op id, or subscribe again with `since`, in a moment.
+    #[error(
+        "room {0} is moving to another node; retry in a moment (same op id, or sub with since)"
+    )]
+    Moving(RoomId),
     #[error("room {0} exists")]
     Exists(RoomId),
     /// The store could not load the room; every request is refused until it is retried.
@@ -71,6 +77,7 @@ impl RoomError {
             | RoomError::DeleteRefused(_)
             | RoomError::DeleteFailed(_)
             | RoomError::Restarted
+            | RoomError::Moving(_)
             | RoomError::KindPanicked => Code::Unavailable,
             RoomError::TooManyRooms { .. } => Code::Limit,
             RoomError::UnknownKind(..) => Code::Invalid,

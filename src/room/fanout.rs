@@ -276,7 +276,10 @@ impl Room {
         // Existing subscribers get what is committed but unsent first, so the new
         // subscriber's snapshot and everyone's next diff start at the same seq.
         self.send_unsent();
-        let live = match self.status.standing(&self.room_id) {
+        let live = match self.status.standing(
+            &self.room_id,
+            self.registry.moving().is_frozen(&self.room_id),
+        ) {
             Err(e) => {
                 msg.session.send(&self.error_msg(&e), Charge::Full);
                 return false;

@@ -21,12 +21,18 @@ impl Handler<Create> for Room {
     fn handle(&mut self, mut msg: Create, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
         let op_key = msg.op_id.take().map(|id| OpKey::new(msg.user.clone(), id));
-        let live = match self.status.standing(&self.room_id) {
+        let live = match self.status.standing(
+            &self.room_id,
+            self.registry.moving().is_frozen(&self.room_id),
+        ) {
             Err(RoomError::Deleting(room_id)) => {
                 return msg.reply.nack(RoomError::CreateWhileDeleting(room_id))
             }
             Err(e) => return msg.reply.nack(e),
             Ok(Some(live)) => live,
+            Ok(None) if self.registry.moving().refuses_create(&self.room_id) => {
+                return msg.reply.nack(RoomError::Moving(self.room_id.clone()))
+            }
             Ok(None) => return self.create(msg, op_key, ctx),
         };
         msg.reply.set_kind(live.kind.name());
@@ -116,7 +122,10 @@ impl Handler<Submit> for Room {
         self.last_activity = Instant::now();
         // A live room whose creation is not durable yet takes ops too: they wait in line
         // behind it like any other op, so the client sees no race.
-        let live = match self.status.standing(&self.room_id) {
+        let live = match self.status.standing(
+            &self.room_id,
+            self.registry.moving().is_frozen(&self.room_id),
+        ) {
             Err(e) => return msg.reply.nack(e),
             Ok(None) => {
                 let refusal = msg
@@ -224,7 +233,10 @@ impl Handler<Read> for Room {
 
     fn handle(&mut self, msg: Read, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
-        match self.status.standing(&self.room_id) {
+        match self.status.standing(
+            &self.room_id,
+            self.registry.moving().is_frozen(&self.room_id),
+        ) {
             Ok(Some(live)) if live.committed > 0 => Ok(RoomView {
                 kind: live.kind.name().to_owned(),
                 epoch: live.epoch,
@@ -320,7 +332,10 @@ impl Handler<Delete> for Room {
 
     fn handle(&mut self, msg: Delete, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
-        match self.status.standing(&self.room_id) {
+        match self.status.standing(
+            &self.room_id,
+            self.registry.moving().is_frozen(&self.room_id),
+        ) {
             Err(e) => {
                 let _ = msg.reply.send(Err(e));
             }

@@ -25,7 +25,8 @@
 //! status ladder), `live` (the working state and its committed view), [`op_ids`] (the
 //! window of acked op ids), `commit` (batches to the store and back, trims, deletion),
 //! `fanout` (subscriptions, diff batching, presence), [`tap`] (diffs handed to other
-//! nodes once per batch, in cluster mode) and [`recovery`] (rebuilding a
+//! nodes once per batch, in cluster mode), [`moving`] (a room on its way to another
+//! node: refusals and the freeze before its rows are copied) and [`recovery`] (rebuilding a
 //! room from the log without running a reducer, also used by `?at=` and `roomd log`).
 
 pub mod admin;
@@ -36,6 +37,7 @@ mod fanout;
 mod handlers;
 mod live;
 pub mod messages;
+pub mod moving;
 pub mod op_ids;
 pub mod presence;
 pub mod recovery;
@@ -122,7 +124,11 @@ impl Status {
     /// The status ladder every request climbs, written once: a failed load refuses
     /// everything, an absent room is `Ok(None)` (only `create` goes on), a room being
     /// deleted is as good as gone, and a live room goes on.
-    fn standing(&mut self, room_id: &RoomId) -> Result<Option<&mut Live>, RoomError> {
+    /// A frozen room (on its way to another node, [`moving`]) refuses everything first.
+    fn standing(&mut self, room_id: &RoomId, frozen: bool) -> Result<Option<&mut Live>, RoomError> {
+        if frozen {
+            return Err(RoomError::Moving(room_id.clone()));
+        }
         match self {
             Status::Loading => unreachable!("the mailbox is paused while loading"),
             Status::Failed(e) => Err(RoomError::LoadFailed(e.clone())),

@@ -28,6 +28,8 @@ pub struct Registry {
     config: Arc<RoomConfig>,
     /// Where rooms hand diffs for other nodes (cluster mode only; see `tap`).
     tap: std::sync::OnceLock<super::tap::Tap>,
+    /// Rooms on their way to another node (cluster mode), which rooms refuse to serve.
+    moving: super::moving::Moving,
 }
 
 impl Registry {
@@ -41,6 +43,7 @@ impl Registry {
             store,
             config: Arc::new(config),
             tap: std::sync::OnceLock::new(),
+            moving: Default::default(),
         })
     }
 
@@ -117,6 +120,11 @@ impl Registry {
     /// The tap, in cluster mode.
     pub fn tap(&self) -> Option<&super::tap::Tap> {
         self.tap.get()
+    }
+
+    /// Rooms this node must not serve now (see [`super::moving`]).
+    pub fn moving(&self) -> &super::moving::Moving {
+        &self.moving
     }
 
     /// The room threads.
