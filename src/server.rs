@@ -81,7 +81,7 @@ pub async fn run_with_kinds(
     // Cluster mode: NATS reached and the member list agreed before this node opens its
     // store, so a node that would disagree on who owns a room never serves one.
     let cluster = match config.cluster.clone() {
-        Some(settings) => Some(crate::cluster::Cluster::join(settings).await?),
+        Some(settings) => Some(crate::cluster::Cluster::join(settings, &config.data_dir).await?),
         None => None,
     };
     // Opening takes the lock and may repair the file: blocking work, off this thread.

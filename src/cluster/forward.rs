@@ -266,7 +266,7 @@ pub async fn forward_one<M: Forwardable>(cluster: &Cluster, room: &RoomId, msg: 
     let (request, reply) = msg.into_request(room);
     let answer = match cluster
         .forwarder()
-        .send(cluster.owner(room), &request)
+        .send(&cluster.owner(room), &request)
         .await
     {
         Ok(ticket) => ticket.answer().await,
@@ -300,7 +300,7 @@ pub async fn read(cluster: &Cluster, room: &RoomId, viewer: &str) -> Result<Remo
     };
     let ticket = cluster
         .forwarder()
-        .send(cluster.owner(room), &request)
+        .send(&cluster.owner(room), &request)
         .await?;
     match ticket.reply().await? {
         Reply::View {

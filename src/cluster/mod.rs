@@ -48,6 +48,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// and shared (read-only) by sessions and HTTP handlers through `Shared`.
 pub struct Cluster {
     settings: ClusterSettings,
+    /// The member list in force (who owns what); a rebalance's commit replaces it.
+    members: Arc<membership::MemberState>,
     client: async_nats::Client,
     /// Random per process: tells this process's NATS messages from a restarted one's.
     instance: u64,
@@ -71,6 +73,8 @@ pub enum ClusterError {
     },
     #[error("cluster membership check: {0}")]
     Membership(#[from] membership::AgreeError),
+    #[error("cluster membership: {0}")]
+    Members(String),
     #[error("cannot subscribe on NATS: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot flush to NATS: {0}")]
@@ -82,7 +86,12 @@ impl Cluster {
     /// live node agrees on the list, and starts routing the answers of forwarded ops.
     /// The owner side of forwarding starts later ([`rpc::serve`]), once the registry
     /// exists.
-    pub async fn join(settings: ClusterSettings) -> Result<Arc<Cluster>, ClusterError> {
+    ///
+    /// `data_dir` keeps the member list a rebalance committed (`membership`).
+    pub async fn join(
+        settings: ClusterSettings,
+        data_dir: &std::path::Path,
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let node = settings.node_id.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("roomd {}.{node}", settings.name))
@@ -116,21 +125,55 @@ impl Cluster {
                     reason,
                 })?;
         let instance = rand::random::<u64>();
-        let ours = membership::Announcement::new(&settings, instance);
+        let kept = membership::load(data_dir).map_err(ClusterError::Members)?;
+        let flag = membership::Members::new(0, settings.nodes.clone());
+        let members = Arc::new(membership::MemberState::new(
+            settings.node_id.clone(),
+            instance,
+            kept.clone()
+                .filter(|k| k.nodes == flag.nodes)
+                .unwrap_or_else(|| flag.clone()),
+            Some(data_dir.to_owned()),
+        ));
+        let ours = members.announcement();
         let subject = format!("{}.members", settings.name);
-        membership::answer(client.clone(), subject.clone(), ours.clone()).await?;
-        let agreeing = membership::agree(&client, subject, &ours).await?;
-        tracing::info!(
-            node = %settings.node_id,
-            members = %settings.nodes.join(","),
-            live = %agreeing.join(","),
-            "cluster: joined; the live nodes agree on the member list"
-        );
+        membership::answer(client.clone(), subject.clone(), members.clone()).await?;
+        let live = membership::agree(&client, subject, &ours).await?;
+        let decided = membership::decide(&settings.node_id, &flag, kept.as_ref(), &live)
+            .map_err(|e| ClusterError::Membership(e.into()))?;
+        if decided.contains(&settings.node_id) && kept.as_ref() != Some(&decided) {
+            members.commit(decided.clone()).map_err(|e| {
+                ClusterError::Members(format!(
+                    "cannot keep the member list in {}: {e}",
+                    data_dir.display()
+                ))
+            })?;
+        } else {
+            members.adopt(decided.clone());
+        }
+        let live: Vec<&str> = live.iter().map(|a| a.node.as_str()).collect();
+        if decided.contains(&settings.node_id) {
+            tracing::info!(
+                node = %settings.node_id,
+                members = %decided.nodes.join(","),
+                generation = decided.generation,
+                live = %live.join(","),
+                "cluster: joined; the live nodes agree on the member list"
+            );
+        } else {
+            tracing::warn!(
+                node = %settings.node_id,
+                members = %decided.nodes.join(","),
+                generation = decided.generation,
+                "cluster: this node is outside the live member list: it owns no room and forwards everything until `roomd cluster rebalance --to` adds it"
+            );
+        }
         let forwarder = forward::Forwarder::start(&client, &settings, instance).await?;
         let remote =
             remote::Remote::start(&client, &settings.name, &settings.node_id, instance).await?;
         let cluster = Arc::new(Cluster {
             settings,
+            members,
             client,
             instance,
             forwarder,
@@ -161,15 +204,19 @@ impl Cluster {
         &self.settings
     }
 
-    /// The node that owns `room_id`.
-    pub fn owner(&self, room_id: &str) -> &str {
-        // The list is never empty: `config` requires this node in it.
-        hrw::owner(room_id, &self.settings.nodes).unwrap_or(&self.settings.node_id)
+    /// The node that owns `room_id` under the member list in force.
+    pub fn owner(&self, room_id: &str) -> String {
+        self.members.owner(room_id)
     }
 
     /// Whether this node owns `room_id` (its ops and subscriptions are served here).
     pub fn owns(&self, room_id: &str) -> bool {
         self.owner(room_id) == self.settings.node_id
+    }
+
+    /// The member list in force and its keeper.
+    pub fn members(&self) -> &Arc<membership::MemberState> {
+        &self.members
     }
 
     /// Whether the NATS connection is up now.
@@ -220,9 +267,13 @@ impl Cluster {
 
     /// What `/readyz` says about the cluster.
     pub fn status(&self) -> serde_json::Value {
+        let members = self.members.members();
         serde_json::json!({
             "node": self.settings.node_id,
-            "members": self.settings.nodes,
+            "members": members.nodes,
+            "generation": members.generation,
+            // "outside": not in the member list (joining, or removed): owns no room.
+            "membership": if members.contains(&self.settings.node_id) { "member" } else { "outside" },
             "nats": if self.nats_connected() { "connected" } else { "disconnected" },
         })
     }
