@@ -2,8 +2,8 @@
 //! its room kinds added. The `roomd` binary is this builder with the three built-ins.
 //!
 //! The builder owns what a binary does before the server runs: the command line (every
-//! `serve` flag and `ROOMD_*` variable, `--config`, and the `bench`, `log` and `token`
-//! subcommands), logging, the listening socket and the signals. The server itself is
+//! `serve` flag and `ROOMD_*` variable, `--config`, and the `bench`, `log`, `token` and
+//! `cluster` subcommands), logging, the listening socket and the signals. The server itself is
 //! [`crate::server::run_with_kinds`].
 
 use std::io::Write;
@@ -49,6 +49,9 @@ enum Command {
     /// Mint a development token from the server's key:
     /// `roomd token --sub alice --read 'chat:*' --write chat:general --ttl 1h`.
     Token(crate::token_tool::TokenArgs),
+    /// Cluster operations: `roomd cluster rebalance --cluster-nats URL --to a,b,c` moves
+    /// rooms to a new member list (see README "Running a cluster").
+    Cluster(crate::cluster::rebalance_tool::ClusterArgs),
 }
 
 /// Why [`Server::run`] could not start or ended with an error.
@@ -77,6 +80,8 @@ pub enum RunError {
     Log(#[from] crate::log_tool::LogToolError),
     #[error(transparent)]
     Token(#[from] crate::token_tool::TokenError),
+    #[error(transparent)]
+    Rebalance(#[from] crate::cluster::rebalance_tool::RebalanceError),
 }
 
 /// A roomd server: configuration, room kinds, then [`Server::run`].
@@ -185,6 +190,9 @@ fn command_line() -> Result<Option<Config>, RunError> {
         Some(Command::Bench(args)) => return Ok(crate::bench::run(args).map(|()| None)?),
         Some(Command::Log(args)) => return Ok(crate::log_tool::run(args).map(|()| None)?),
         Some(Command::Token(args)) => return Ok(crate::token_tool::run(args).map(|()| None)?),
+        Some(Command::Cluster(args)) => {
+            return Ok(crate::cluster::rebalance_tool::run(args).map(|()| None)?)
+        }
         None => cli.serve,
     };
     init_logging(&args)?;

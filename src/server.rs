@@ -156,6 +156,7 @@ pub async fn run_with_kinds(
             }),
         )
         .await?;
+        crate::cluster::mover::serve(cluster.clone(), registry.clone(), store.clone()).await?;
     }
 
     // The room threads and (as each builds its app) the HTTP workers.

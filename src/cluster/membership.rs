@@ -94,7 +94,7 @@ impl Announcement {
 
     /// Whether the announcing node is a member of its own list.
     pub fn is_member(&self) -> bool {
-        self.nodes.iter().any(|n| *n == self.node)
+        self.nodes.contains(&self.node)
     }
 }
 

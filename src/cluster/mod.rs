@@ -2,8 +2,9 @@
 //! by one node.
 //!
 //! This module owns the node's NATS connection and everything said over it: which node
-//! owns a room ([`hrw`], rendezvous hashing over the static member list), the startup
-//! agreement on that list ([`membership`]), and ops and creates forwarded from the node
+//! owns a room ([`hrw`], rendezvous hashing over the member list), the startup
+//! agreement on that list and the list in force ([`membership`]), moving rooms when
+//! the list changes ([`rebalance`]), and ops and creates forwarded from the node
 //! a client is connected to to the room's owner ([`forward`] sends them, [`rpc`]
 //! answers them through the owner's normal room path). Nothing about a room lives
 //! anywhere but on its owner: its Room actor, log, op-id window and epoch. The HTTP
@@ -14,7 +15,11 @@
 //! node is exactly as it was.
 //!
 //! Subjects, all under `--cluster-name` (`{cluster}` below):
-//! - `{cluster}.members`: every node answers an announcement with its own (startup check);
+//! - `{cluster}.members`: every node answers an announcement with its own (startup check,
+//!   and the rebalance tool's roll call);
+//! - `{cluster}.node.{id}.move` (and `.move.export`): the steps of moving rooms when the
+//!   member list changes ([`rebalance`] has the design, [`mover`] the node's part,
+//!   [`rebalance_tool`] the operator's `roomd cluster rebalance`);
 //! - `{cluster}.node.{id}.rpc`: requests to node `id` (forwarded ops, creates, HTTP
 //!   calls, and the control requests of remote subscriptions);
 //! - `{cluster}.reply.{id}.{instance}.{token}`: their answers;
@@ -30,6 +35,9 @@ pub mod forward;
 pub mod hrw;
 pub mod membership;
 pub mod mirror;
+pub mod mover;
+pub mod rebalance;
+pub mod rebalance_tool;
 pub mod relay;
 pub mod remote;
 pub mod rpc;
