@@ -149,7 +149,11 @@ impl Cluster {
         let live = membership::agree(&client, subject, &ours).await?;
         let decided = membership::decide(&settings.node_id, &flag, kept.as_ref(), &live)
             .map_err(|e| ClusterError::Membership(e.into()))?;
-        if decided.contains(&settings.node_id) && kept.as_ref() != Some(&decided) {
+        // Only a rebalance's list is kept (generation 0 is the flag's own).
+        if decided.generation > 0
+            && decided.contains(&settings.node_id)
+            && kept.as_ref() != Some(&decided)
+        {
             members.commit(decided.clone()).map_err(|e| {
                 ClusterError::Members(format!(
                     "cannot keep the member list in {}: {e}",

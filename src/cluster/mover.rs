@@ -270,12 +270,14 @@ impl Mover {
                 return refused(msg);
             }
         }
+        tracing::info!(node = %self.node(), rooms = rooms.len(), "cluster: rooms frozen and their actors stopped");
         Answer::Done
     }
 
     /// Stops `room`'s actor here, if one runs (the room must be frozen).
     async fn stop_actor(&self, room: &str) -> Result<(), String> {
         let deadline = Instant::now() + FREEZE_TIMEOUT;
+        tracing::debug!(%room, live = self.registry.live(room).is_some(), "cluster: stopping a frozen room's actor");
         while let Some(addr) = self.registry.live(room) {
             if addr.send(Freeze).await.unwrap_or(true) {
                 // Stopping: wait for the registry to let go of it.

@@ -11,13 +11,13 @@ use crate::sse::Stream;
 use crate::support::{jwt, now_secs, Connect, HttpResponse, Mirror, Server, TIMEOUT};
 
 /// A `nats-server` on 127.0.0.1 (Debian's package; `.ci/run` installs it). Killed on drop.
-struct Nats {
+pub(crate) struct Nats {
     addr: SocketAddr,
     child: Option<Child>,
 }
 
 impl Nats {
-    async fn start() -> Nats {
+    pub(crate) async fn start() -> Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -50,7 +50,7 @@ impl Nats {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://{}", self.addr)
     }
 
@@ -70,7 +70,7 @@ impl Drop for Nats {
 }
 
 /// The flags of node `id` in a cluster of `nodes` on `nats`.
-fn node_args(nats: &Nats, id: &str, nodes: &str) -> Vec<String> {
+pub(crate) fn node_args(nats: &Nats, id: &str, nodes: &str) -> Vec<String> {
     [
         "--cluster-nats",
         &nats.url(),
@@ -85,13 +85,13 @@ fn node_args(nats: &Nats, id: &str, nodes: &str) -> Vec<String> {
     .to_vec()
 }
 
-async fn start_node(nats: &Nats, id: &str, nodes: &str) -> Server {
+pub(crate) async fn start_node(nats: &Nats, id: &str, nodes: &str) -> Server {
     let args = node_args(nats, id, nodes);
     Server::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
 /// Polls `/readyz` until `check` holds for its body, failing after `within`.
-async fn readyz_until(
+pub(crate) async fn readyz_until(
     server: &Server,
     within: Duration,
     check: impl Fn(&serde_json::Value) -> bool,
@@ -120,7 +120,8 @@ async fn a_node_with_another_member_list_or_a_live_id_refuses_to_start() {
     readyz_until(&a, TIMEOUT, |body| {
         body["ready"] == json!(true)
             && body["cluster"]
-                == json!({"node": "a", "members": ["a", "b", "c"], "nats": "connected"})
+                == json!({"node": "a", "members": ["a", "b", "c"], "generation": 0,
+                          "membership": "member", "nats": "connected"})
     })
     .await;
 
@@ -211,7 +212,7 @@ async fn three_nodes(nats: &Nats) -> Vec<Server> {
 /// rendezvous hashing as the README says (FNV-1a over the node id, a 0xff byte and the
 /// room id, then the SplitMix64 finalizer; the highest score owns). The room list's
 /// `node` field is checked against it (`every_http_call_through_a_non_owner_…`).
-fn owner_of(n: usize, room: &str) -> usize {
+pub(crate) fn owner_of(n: usize, room: &str) -> usize {
     let score = |node: &str| {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for &byte in node.as_bytes().iter().chain(&[0xff]).chain(room.as_bytes()) {

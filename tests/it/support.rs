@@ -63,7 +63,7 @@ fn example_bin(name: &str) -> PathBuf {
     bin
 }
 
-fn roomd_bin() -> PathBuf {
+pub fn roomd_bin() -> PathBuf {
     // Inside the roomd package cargo sets CARGO_BIN_EXE_roomd; elsewhere (a scratch crate
     // that only compiles these tests) ROOMD_BIN names the binary.
     if let Some(path) = option_env!("CARGO_BIN_EXE_roomd") {

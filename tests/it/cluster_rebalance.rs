@@ -1,0 +1,398 @@
+//! Moving rooms when the member list changes: `roomd cluster rebalance` run as the
+//! operator would, against real nodes on one real nats-server, while clients keep
+//! writing and subscribing in literal JSON. What must hold: every acked op is in its
+//! room's log exactly once, at its acked seq, on whichever node owns the room after
+//! the move; a re-sent op id gets its original ack; subscribers resume without a gap
+//! (same epoch, seq continuing); a node restarted later comes up with the new list;
+//! a rebalance with a node missing changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::json;
+
+use crate::cluster::{node_args, owner_of, readyz_until, start_node, Nats};
+use crate::support::{roomd_bin, Server, TIMEOUT};
+
+/// How long a client keeps re-sending one op (the same id) while its room moves.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Runs `roomd cluster rebalance ARGS` on `nats` (cluster `test`); (success, output).
+fn rebalance(nats: &Nats, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(roomd_bin())
+        .args(["cluster", "rebalance", "--cluster-nats", &nats.url()])
+        .args(["--cluster-name", "test"])
+        .args(args)
+        .output()
+        .expect("roomd can be run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// An acked op: (room, op id, seq).
+type Acked = Vec<(String, String, u64)>;
+
+/// Writes `set` ops with unique keys to `rooms` in turn through `node` until `stop`,
+/// re-sending an op with its id while it is nacked `unavailable` or `rate_limited`.
+async fn writer(node: &Server, name: String, rooms: Vec<String>, stop: Arc<AtomicBool>) -> Acked {
+    let mut client = node.client(&name).await;
+    let mut acked = Vec::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let room = &rooms[n % rooms.len()];
+        let id = format!("{name}-{n}");
+        let op = json!({"type": "set", "key": id, "value": n});
+        let deadline = Instant::now() + RETRY_FOR;
+        loop {
+            let reply = client.op(&id, room, op.clone()).await;
+            if reply["t"] == "ack" {
+                acked.push((
+                    room.clone(),
+                    id.clone(),
+                    reply["seq"].as_u64().expect("seq"),
+                ));
+                break;
+            }
+            let code = reply["code"].as_str().unwrap_or_default();
+            assert!(
+                code == "unavailable" || code == "rate_limited",
+                "{id} on {room}: {reply}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{id} on {room} never acked: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    acked
+}
+
+/// What a subscriber saw of one room.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    epoch: String,
+    seq: u64,
+    /// Times the room told it `unavailable` (moving) and it subscribed again.
+    resubscribed: u32,
+}
+
+/// Subscribes to `rooms` through `node` and follows them, checking every frame
+/// continues the last (same epoch, `from` = last seq + 1); on `error` `unavailable` it
+/// subscribes again with `since`. Ends once `targets` is set and every room reached
+/// its target seq.
+async fn subscriber(
+    node: &Server,
+    rooms: Vec<String>,
+    targets: Arc<Mutex<Option<HashMap<String, u64>>>>,
+) -> HashMap<String, Seen> {
+    let mut client = node.client("watcher").await;
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    for room in &rooms {
+        let snapshot = client.sub(room).await;
+        seen.insert(
+            room.clone(),
+            Seen {
+                epoch: snapshot["epoch"].as_str().expect("epoch").to_owned(),
+                seq: snapshot["seq"].as_u64().expect("seq"),
+                resubscribed: 0,
+            },
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(targets) = targets.lock().as_ref() {
+            if targets.iter().all(|(room, head)| seen[room].seq >= *head) {
+                return seen;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscriber never caught up: {seen:?}"
+        );
+        let frame = match tokio::time::timeout(Duration::from_millis(200), client.recv_json()).await
+        {
+            Ok(frame) => frame,
+            Err(_) => continue,
+        };
+        let Some(room) = frame["room"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        let Some(state) = seen.get_mut(&room) else {
+            continue;
+        };
+        match frame["t"].as_str() {
+            Some("diff") | Some("resumed") => {
+                assert_eq!(frame["epoch"], json!(state.epoch), "{room}: {frame}");
+                let (from, to) = (frame["from"].as_u64(), frame["to"].as_u64());
+                assert_eq!(from, Some(state.seq + 1), "{room} has a gap: {frame}");
+                state.seq = to.expect("to").max(state.seq);
+            }
+            Some("snapshot") => {
+                panic!("{room}: a snapshot where a gapless resume was due: {frame}")
+            }
+            Some("error") => {
+                assert_eq!(frame["code"], "unavailable", "{room}: {frame}");
+                state.resubscribed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                client
+                    .send_json(json!({"t": "sub", "room": room,
+                        "since": {"epoch": state.epoch, "seq": state.seq}}))
+                    .await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The retained log of `room` (read through `node`, which asks the owner): (op key,
+/// seq) of each event.
+async fn log_of(node: &Server, room: &str) -> Vec<(String, u64)> {
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = node
+            .get(&format!(
+                "/api/rooms/{room}/events?after={after}&limit=1000"
+            ))
+            .await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        let list = page.body["events"].as_array().expect("events").clone();
+        if list.is_empty() {
+            return events;
+        }
+        for event in list {
+            let seq = event["seq"].as_u64().expect("seq");
+            if let Some(key) = event["op"]["key"].as_str() {
+                events.push((key.to_owned(), seq));
+            }
+            after = seq;
+        }
+    }
+}
+
+/// Checks every acked op is in its room's log once, at its seq.
+async fn check_logs(nodes: &[&Server], rooms: &[String], acked: &Acked) -> HashMap<String, u64> {
+    let mut heads = HashMap::new();
+    for room in rooms {
+        let log = log_of(nodes[0], room).await;
+        // Every node reads the same log (each asks the owner).
+        for node in &nodes[1..] {
+            assert_eq!(log_of(node, room).await, log, "{room}");
+        }
+        let mut by_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (key, seq) in &log {
+            by_key.entry(key.as_str()).or_default().push(*seq);
+        }
+        for (_, id, seq) in acked.iter().filter(|(r, _, _)| r == room) {
+            assert_eq!(
+                by_key.get(id.as_str()),
+                Some(&vec![*seq]),
+                "{id} acked at {seq} in {room}"
+            );
+        }
+        heads.insert(room.clone(), log.last().map_or(1, |(_, seq)| *seq));
+    }
+    heads
+}
+
+/// Writers on two nodes and a subscriber on a third follow `rooms` while `change` runs;
+/// then every check of the module docs. Returns the acked ops.
+async fn under_load<F: std::future::Future<Output = ()>>(
+    writers_on: [&Server; 2],
+    watcher_on: &Server,
+    everyone: &[&Server],
+    rooms: &[String],
+    change: F,
+) -> Acked {
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = Arc::new(Mutex::new(None));
+    let watching = subscriber(watcher_on, rooms.to_vec(), targets.clone());
+    let writing = async {
+        let (one, two) = tokio::join!(
+            writer(writers_on[0], "w1".into(), rooms.to_vec(), stop.clone()),
+            writer(
+                writers_on[1],
+                "w2".into(),
+                rooms.iter().rev().cloned().collect(),
+                stop.clone()
+            ),
+        );
+        [one, two].concat()
+    };
+    let driving = async {
+        // Some load before and after the change.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        change.await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    let checking = async {
+        let (acked, _) = tokio::join!(writing, driving);
+        let heads = check_logs(everyone, rooms, &acked).await;
+        *targets.lock() = Some(heads);
+        acked
+    };
+    let (seen, acked) = tokio::join!(watching, checking);
+    let moved: u32 = seen.values().map(|s| s.resubscribed).sum();
+    assert!(moved > 0, "no subscription was moved: {seen:?}");
+    eprintln!(
+        "{} ops acked, {moved} subscriptions resumed after a move",
+        acked.len()
+    );
+    acked
+}
+
+fn rooms() -> Vec<String> {
+    (0..24).map(|i| format!("state:moving-{i}")).collect()
+}
+
+#[tokio::test]
+async fn adding_then_removing_a_node_under_load_loses_and_repeats_no_acked_op() {
+    let nats = Nats::start().await;
+    let a = start_node(&nats, "a", "a,b").await;
+    let b = start_node(&nats, "b", "a,b").await;
+    let rooms = rooms();
+    let mut setup = a.client("setup").await;
+    for room in &rooms {
+        setup.create_ok(room, "state", json!({})).await;
+    }
+    // A third node started with the new list waits outside, owning nothing.
+    let c = start_node(&nats, "c", "a,b,c").await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["membership"] == "outside"
+            && body["cluster"]["members"] == json!(["a", "b"])
+    })
+    .await;
+
+    let acked = under_load([&a, &c], &b, &[&a, &b, &c], &rooms, async {
+        let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
+        eprintln!("{out}");
+        assert!(ok, "{out}");
+        assert!(out.contains("committed generation 1 (a,b,c)"), "{out}");
+    })
+    .await;
+    for node in [&a, &b, &c] {
+        readyz_until(node, TIMEOUT, |body| {
+            body["cluster"]["generation"] == 1 && body["cluster"]["membership"] == "member"
+        })
+        .await;
+    }
+    let nodes = [a, b, c];
+    let on_c: Vec<&String> = rooms.iter().filter(|r| owner_of(3, r) == 2).collect();
+    assert!(!on_c.is_empty(), "no room moved to c");
+
+    // A re-sent op id of a moved room gets its original ack from the new owner.
+    let (room, id, seq) = acked
+        .iter()
+        .find(|(room, _, _)| on_c.contains(&room))
+        .expect("an op acked in a room that moved")
+        .clone();
+    let mut again = nodes[0]
+        .client(if id.starts_with("w1") { "w1" } else { "w2" })
+        .await;
+    let reply = again
+        .op(&id, &room, json!({"type": "set", "key": id, "value": -1}))
+        .await;
+    assert_eq!(reply, json!({"t": "ack", "id": id, "seq": seq}));
+
+    // A node restarted later comes up with the committed list.
+    let [mut a, b, mut c] = nodes;
+    c.kill9().await;
+    c.restart().await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["generation"] == 1 && body["cluster"]["members"] == json!(["a", "b", "c"])
+    })
+    .await;
+
+    // Removing b: its rooms move to a and c, under load again.
+    under_load([&a, &c], &a, &[&a, &b, &c], &rooms, async {
+        let (ok, out) = rebalance(&nats, &["--to", "a,c"]);
+        assert!(ok, "{out}");
+        assert!(out.contains("committed generation 2 (a,c)"), "{out}");
+    })
+    .await;
+    readyz_until(&b, TIMEOUT, |body| {
+        body["cluster"]["membership"] == "outside"
+    })
+    .await;
+
+    // A node restarted with a list other than the one it kept is refused, naming both.
+    a.kill9().await;
+    let stderr = refused_start(&a, &node_args(&nats, "a", "a,b")).await;
+    assert!(
+        stderr.contains("keeps the member list a,c (generation 2")
+            && stderr.contains("start with --cluster-nodes a,c"),
+        "{stderr}"
+    );
+}
+
+/// Runs roomd on `server`'s (stopped) data dir with `args`; it must exit, not serve.
+/// Returns its stderr.
+async fn refused_start(server: &Server, args: &[String]) -> String {
+    let mut child = std::process::Command::new(roomd_bin())
+        .args(["--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(server.data_dir())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("roomd can be run");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("the child can be polled") {
+            assert!(!status.success());
+            let mut stderr = String::new();
+            use std::io::Read;
+            let _ = child
+                .stderr
+                .take()
+                .map(|mut e| e.read_to_string(&mut stderr));
+            return stderr;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("roomd started where it had to refuse");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rebalance_with_a_node_down_refuses_and_changes_nothing() {
+    let nats = Nats::start().await;
+    let a = start_node(&nats, "a", "a,b").await;
+    let _b = start_node(&nats, "b", "a,b").await;
+    let mut client = a.client("u").await;
+    client.create_ok("state:stays", "state", json!({})).await;
+    let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("node c not running") && out.contains("nothing changed"),
+        "{out}"
+    );
+    readyz_until(&a, TIMEOUT, |body| {
+        body["cluster"]["generation"] == 0 && body["cluster"]["members"] == json!(["a", "b"])
+    })
+    .await;
+    assert!(!a.data_dir().join("CLUSTER").exists());
+    assert_eq!(
+        client
+            .ack(
+                "x",
+                "state:stays",
+                json!({"type": "set", "key": "k", "value": 1})
+            )
+            .await,
+        2
+    );
+}
