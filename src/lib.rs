@@ -26,8 +26,9 @@
 //! - `main.rs` (`roomd::Server::new().main()`) and [`builder`]: [`Server`], the builder an
 //!   application uses to be its own roomd with its kinds added (command line, logging,
 //!   socket, signals), and the tools it dispatches to: [`bench`](mod@bench) (`roomd
-//!   bench`, the load generator), [`log_tool`] (`roomd log`) and [`token_tool`] (`roomd
-//!   token`).
+//!   bench`, the load generator), [`log_tool`] (`roomd log`), [`token_tool`] (`roomd
+//!   token`), and the rebalance tool of the cluster module below (`roomd cluster
+//!   rebalance`).
 //! - [`server`]: wires the store, registry, HTTP and WebSocket; owns the shutdown order.
 //! - [`web`]: the browser side: `/client.js`, the demo at `/`, `/dashboard`;
 //!   [`sse`]: `GET /api/rooms/{room}/stream`, a room as Server-Sent Events; [`cors`]:
@@ -43,7 +44,8 @@
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
 //! - [`cluster`]: cluster mode (`--cluster-nats`): the NATS connection, which node owns
 //!   a room ([`cluster::hrw`], rendezvous hashing), the startup agreement on the
-//!   member list ([`cluster::membership`]), ops forwarded to a room's owner
+//!   member list and the list in force ([`cluster::membership`]), moving rooms when it
+//!   changes ([`cluster::rebalance`], [`cluster::mover`]), ops forwarded to a room's owner
 //!   ([`cluster::forward`] sends, [`cluster::rpc`] answers on the owner through its
 //!   normal room path), and subscriptions to rooms owned elsewhere: the owner publishes
 //!   each batch of such a room once on the room's subject ([`cluster::feed`], fed by
