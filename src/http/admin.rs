@@ -55,7 +55,9 @@ pub async fn list_rooms(
         after: after.clone(),
         limit,
     };
-    let pages = futures_util::future::join_all(cluster.settings().nodes.iter().map(|node| {
+    // The member list in force (a rebalance changes it).
+    let members = cluster.members().members().nodes;
+    let pages = futures_util::future::join_all(members.iter().map(|node| {
         let (shared, call) = (shared.clone(), call.clone());
         let (prefix, after) = (prefix.clone(), after.clone());
         async move {

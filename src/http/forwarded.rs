@@ -112,7 +112,7 @@ pub async fn forward(
     user: &str,
     call: &Call,
 ) -> Result<HttpResponse, ApiError> {
-    let (status, body) = ask_http(cluster, cluster.owner(room), room, user, call).await?;
+    let (status, body) = ask_http(cluster, &cluster.owner(room), room, user, call).await?;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Ok(match body {
         Json::Null => HttpResponse::build(status).finish(),

@@ -258,7 +258,10 @@ impl Handler<CatchUp> for Room {
         // What is committed but unsent leaves first, so the answer ends where a diff
         // ends and the node's next diff starts right after it.
         self.send_unsent();
-        match self.status.standing(&self.room_id) {
+        match self.status.standing(
+            &self.room_id,
+            self.registry.moving().is_frozen(&self.room_id),
+        ) {
             Ok(Some(live)) if live.committed > 0 => Ok(CaughtUp {
                 epoch: live.epoch,
                 to: live.committed,
