@@ -431,6 +431,7 @@ impl Mover {
             return Err(format!("asked for room {room}, got {}", export.room));
         }
         let (head, meta) = (export.head, export.meta.clone());
+        self.delete_stale_copy(room).await?;
         let written = match self.store.submit_import(export) {
             Ok(rx) => rx.await.unwrap_or_else(|_| {
                 Err(crate::store::StoreError::ShutDown {
@@ -453,6 +454,35 @@ impl Mover {
             )),
             Ok(Err(e)) => Err(format!("room {room} does not read back: {e}")),
             Err(e) => Err(format!("read-back task failed: {e}")),
+        }
+    }
+
+    /// Deletes this node's rows of `room`, if it has any. They are stale: this node
+    /// does not own the room under the list in force (the room is arriving), so they are
+    /// left from an earlier life here (moved away, or copied by a move that was rolled
+    /// back while this node was unreachable), and nothing serves them.
+    async fn delete_stale_copy(&self, room: &str) -> Result<(), String> {
+        let name = room.to_owned();
+        let listed = self
+            .store
+            .read_blocking(move |store| store.rooms_page(&name, None, 1))
+            .await;
+        let exists = match listed {
+            Ok(Ok((rooms, _))) => rooms.first().is_some_and(|r| r.room == room),
+            Ok(Err(e)) => return Err(format!("room {room}: cannot look for a stale copy: {e}")),
+            Err(e) => return Err(format!("room {room}: lookup task failed: {e}")),
+        };
+        if !exists {
+            return Ok(());
+        }
+        tracing::warn!(node = %self.node(), %room, "cluster: deleting a stale copy of an arriving room");
+        match self.store.submit_delete(room) {
+            Ok(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("room {room}: cannot delete a stale copy: {e}")),
+                Err(_) => Err(format!("room {room}: the store stopped")),
+            },
+            Err(e) => Err(format!("room {room}: cannot delete a stale copy now: {e}")),
         }
     }
 

@@ -396,3 +396,128 @@ async fn a_rebalance_with_a_node_down_refuses_and_changes_nothing() {
         2
     );
 }
+
+/// `n` room names that `a,b,c` gives to `c` (rendezvous hashing, as the README says).
+fn rooms_moving_to_c(prefix: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("state:{prefix}-{i}"))
+        .filter(|room| owner_of(3, room) == 2)
+        .take(n)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_whole() {
+    let nats = Nats::start().await;
+    let a = start_node(&nats, "a", "a,b").await;
+    let b = start_node(&nats, "b", "a,b").await;
+    let mut c = start_node(&nats, "c", "a,b,c").await;
+    // Enough rooms for two batches (one from a, one from b), each with a few ops.
+    let rooms = rooms_moving_to_c("rollback", 40);
+    let mut client = a.client("u").await;
+    let mut acked = Vec::new();
+    for room in &rooms {
+        client.create_ok(room, "state", json!({})).await;
+        let id = format!("{room}-1");
+        let seq = client
+            .ack(&id, room, json!({"type": "set", "key": id, "value": 1}))
+            .await;
+        acked.push((room.clone(), id, seq));
+    }
+    // A room whose export is several pieces (about 750 KB of values).
+    let big = rooms_moving_to_c("big", 1).remove(0);
+    client.create_ok(&big, "state", json!({})).await;
+    let blob = "x".repeat(30_000);
+    for i in 0..25 {
+        client
+            .ack(
+                &format!("big-{i}"),
+                &big,
+                json!({"type": "set", "key": format!("k{i}"), "value": blob}),
+            )
+            .await;
+    }
+    let before = a.get(&format!("/api/rooms/{big}")).await.body;
+
+    // The new node dies after the first batch was copied: the move rolls back.
+    let mut tool = std::process::Command::new(roomd_bin())
+        .args(["cluster", "rebalance", "--cluster-nats", &nats.url()])
+        .args(["--cluster-name", "test", "--to", "a,b,c"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("roomd can be run");
+    let stdout = tool.stdout.take().expect("piped");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = lines_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the tool prints its first batch");
+        if line.starts_with("round 1:") {
+            break;
+        }
+    }
+    c.kill9().await;
+    let status = tokio::task::spawn_blocking(move || tool.wait_with_output())
+        .await
+        .expect("joined")
+        .expect("the tool ends");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(!status.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rolled back: the old member list stays in force and nothing was lost"),
+        "{stderr}"
+    );
+    for node in [&a, &b] {
+        readyz_until(node, TIMEOUT, |body| {
+            body["cluster"]["generation"] == 0 && body["cluster"]["members"] == json!(["a", "b"])
+        })
+        .await;
+    }
+    // Every room serves again on its old owner, with everything acked.
+    check_logs(&[&a, &b], &rooms, &acked).await;
+    for room in &rooms {
+        let id = format!("{room}-2");
+        let seq = client
+            .ack(&id, room, json!({"type": "set", "key": id, "value": 2}))
+            .await;
+        acked.push((room.clone(), id, seq));
+    }
+
+    // Back, c waits outside again (its copies of the first batch are stale); a second
+    // run moves everything, big room included.
+    c.restart().await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["membership"] == "outside"
+    })
+    .await;
+    let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("committed generation 1 (a,b,c): 41 rooms moved"),
+        "{out}"
+    );
+    check_logs(&[&a, &b, &c], &rooms, &acked).await;
+    let after = c.get(&format!("/api/rooms/{big}")).await.body;
+    assert_eq!(after, before);
+    let mut on_c = c.client("u").await;
+    let reply = on_c
+        .op(
+            "big-3",
+            &big,
+            json!({"type": "set", "key": "k3", "value": blob}),
+        )
+        .await;
+    assert_eq!(reply["t"], "ack", "{reply}");
+    assert_eq!(reply["seq"], before["seq"].as_u64().unwrap() - 21);
+}
