@@ -52,6 +52,11 @@ pub enum Frame {
     /// A whole text or binary WebSocket frame, header included ([`Frame::text`],
     /// [`Frame::binary`]).
     Data(Bytes),
+    /// Several whole data frames back to back, `.1` of them: the replies of one batch to
+    /// one connection, queued with one push and written with one write
+    /// ([`ReplyFrames`](crate::room::messages::ReplyFrames) builds them). Only WebSocket
+    /// connections get them (a relay or an SSE stream sends no op).
+    Frames(Bytes, u32),
     Ping,
     Pong(Bytes),
 }
@@ -76,9 +81,36 @@ impl Frame {
     /// Bytes charged to the queue: the whole frame for data, the payload for control.
     fn len(&self) -> usize {
         match self {
-            Frame::Data(b) | Frame::Pong(b) => b.len(),
+            Frame::Data(b) | Frame::Frames(b, _) | Frame::Pong(b) => b.len(),
             Frame::Ping => 0,
         }
+    }
+
+    /// How many WebSocket frames this is.
+    fn count(&self) -> u64 {
+        match self {
+            Frame::Frames(_, n) => u64::from(*n),
+            _ => 1,
+        }
+    }
+}
+
+/// Whole data frames appended one after another, queued as one [`Frame::Frames`].
+#[derive(Debug, Default)]
+pub struct FrameRun {
+    wire: BytesMut,
+    count: u32,
+}
+
+impl FrameRun {
+    /// Appends one unmasked, final frame carrying `payload`.
+    pub fn push(&mut self, opcode: OpCode, payload: &[u8]) {
+        Parser::write_message(&mut self.wire, payload, opcode, true, false);
+        self.count += 1;
+    }
+
+    pub fn into_frame(self) -> Frame {
+        Frame::Frames(self.wire.freeze(), self.count)
     }
 }
 
@@ -288,6 +320,11 @@ impl Outbound {
     /// The body side: the next frame's wire bytes, None once the close was sent. Also
     /// read by the SSE stream's body (`sse.rs`), which re-frames the text payloads.
     pub(crate) fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.poll_frames(cx).map(|next| next.map(|(wire, _)| wire))
+    }
+
+    /// As [`poll_frame`](Self::poll_frame), with how many WebSocket frames the bytes hold.
+    fn poll_frames(&self, cx: &mut Context<'_>) -> Poll<Option<(Bytes, u64)>> {
         let mut inner = self.inner.lock();
         if inner.close_sent {
             return Poll::Ready(None);
@@ -302,21 +339,23 @@ impl Outbound {
             inner.close_sent = true;
             inner.sent_frames += 1;
             inner.sent_bytes += wire.len() as u64;
-            return Poll::Ready(Some(wire.freeze()));
+            return Poll::Ready(Some((wire.freeze(), 1)));
         }
         let Some((frame, charged)) = inner.frames.pop_front() else {
             inner.waker = Some(cx.waker().clone());
             return Poll::Pending;
         };
         inner.charged -= charged;
-        inner.sent_frames += 1;
+        let count = frame.count();
+        inner.sent_frames += count;
         inner.sent_bytes += frame.len() as u64;
         drop(inner);
-        Poll::Ready(Some(match frame {
-            Frame::Data(wire) => wire,
+        let wire = match frame {
+            Frame::Data(wire) | Frame::Frames(wire, _) => wire,
             Frame::Ping => self::wire(OpCode::Ping, b""),
             Frame::Pong(payload) => self::wire(OpCode::Pong, &payload),
-        }))
+        };
+        Poll::Ready(Some((wire, count)))
     }
 }
 
@@ -376,10 +415,10 @@ impl MessageBody for OutboundBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         let this = self.get_mut();
-        match this.outbound.poll_frame(cx) {
-            Poll::Ready(Some(frame)) => {
+        match this.outbound.poll_frames(cx) {
+            Poll::Ready(Some((frame, count))) => {
                 let hot = crate::metrics::hot();
-                hot.frames_sent.increment(1);
+                hot.frames_sent.increment(count);
                 hot.bytes_sent.increment(frame.len() as u64);
                 return Poll::Ready(Some(Ok(frame)));
             }

@@ -414,15 +414,21 @@ pub fn encode(msg: &ServerMsg) -> String {
 
 /// `{"t":"ack","id":…,"seq":…}`, the id escaped as serde_json escapes any string.
 fn encode_ack(id: &str, seq: u64) -> String {
-    use std::io::Write as _;
     let mut out = Vec::with_capacity(id.len() + 40);
-    out.extend_from_slice(br#"{"t":"ack","id":"#);
-    // Writing a string into a Vec cannot fail.
-    serde_json::to_writer(&mut out, id).expect("a string serializes into memory");
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, r#","seq":{seq}}}"#);
+    encode_ack_into(id, seq, &mut out);
     // serde_json writes UTF-8 and the rest is ASCII.
     String::from_utf8(out).expect("JSON is UTF-8")
+}
+
+/// Appends the bytes of `encode(&ServerMsg::Ack { id, seq })` to `out` (a buffer reused
+/// for many acks).
+pub fn encode_ack_into(id: &str, seq: u64, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    out.extend_from_slice(br#"{"t":"ack","id":"#);
+    // Writing a string into a Vec cannot fail.
+    serde_json::to_writer(&mut *out, id).expect("a string serializes into memory");
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, r#","seq":{seq}}}"#);
 }
 
 #[cfg(test)]

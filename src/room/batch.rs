@@ -1,7 +1,7 @@
 //! A room's batch of uncommitted events: what the store commits together and what goes
 //! out together once it has (the acks, in arrival order, and one coalesced diff).
 
-use super::messages::{OpDone, ReplyTo};
+use super::messages::{OpDone, ReplyFrames, ReplyTo};
 use super::op_ids::OpKey;
 use super::views::{DiffChanges, Seen};
 use super::RoomError;
@@ -23,6 +23,14 @@ impl Reply {
         match self {
             Reply::Ack(to, done) => to.ack(done),
             Reply::Nack(to, error) => to.nack(error),
+        }
+    }
+
+    /// Sends the reply, a WebSocket connection's through `frames` (see [`ReplyFrames`]).
+    pub fn send_into(self, frames: &mut ReplyFrames) {
+        match self {
+            Reply::Ack(to, done) => to.ack_into(done, frames),
+            Reply::Nack(to, error) => to.nack_into(error, frames),
         }
     }
 }

@@ -9,6 +9,7 @@ use actix::prelude::*;
 
 use super::batch::Batch;
 use super::live::PIPELINE_DEPTH;
+use super::messages::ReplyFrames;
 use super::presence::Presence;
 use super::{messages, Room, RoomError, Status};
 use crate::outbound::Charge;
@@ -203,9 +204,12 @@ impl Room {
                         live.snapshot_at = Instant::now();
                     }
                     self.submit_batches(ctx, false);
+                    // One push per connection for the batch's replies, before its diff.
+                    let mut frames = ReplyFrames::default();
                     for reply in batch.replies.drain(..) {
-                        reply.send();
+                        reply.send_into(&mut frames);
                     }
+                    frames.send();
                     self.maybe_trim(ctx, batch.snapshot_seq.is_some());
                     let Status::Live(live) = &mut self.status else {
                         return;

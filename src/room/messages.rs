@@ -3,15 +3,17 @@
 //! Replies to ops travel back through [`ReplyTo`], not through the actor response, so a
 //! Room never waits on a caller and acks leave only after their commit (log before send).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::{Message, MessageResponse};
+use actix_http::ws::OpCode;
 use tokio::sync::oneshot;
 
-use crate::outbound::{Charge, SessionRef};
+use crate::outbound::{Charge, FrameRun, SessionRef};
 use crate::protocol::codes::Code;
 use crate::protocol::message::{ServerMsg, WireEntry};
-use crate::protocol::Since;
+use crate::protocol::{Encoding, Since};
 use crate::value::Value;
 
 use super::RoomError;
@@ -92,6 +94,40 @@ impl ReplyTo {
         self.nack_in_place(error);
     }
 
+    /// As [`ack`](Self::ack), but a WebSocket connection's ack joins `frames`, which
+    /// queues it with the connection's other replies of the batch.
+    pub fn ack_into(mut self, done: OpDone, frames: &mut ReplyFrames) {
+        match self.target.take() {
+            Some(Target::Session(session, id)) => {
+                count_op(self.kind, None);
+                frames.ack(session, &id, done.seq);
+            }
+            target => {
+                self.target = target;
+                self.ack(done);
+            }
+        }
+    }
+
+    /// As [`nack`](Self::nack), but a WebSocket connection's nack joins `frames`.
+    pub fn nack_into(mut self, error: RoomError, frames: &mut ReplyFrames) {
+        match self.target.take() {
+            Some(Target::Session(session, id)) => {
+                count_op(self.kind, Some(error.code()));
+                let msg = ServerMsg::Nack {
+                    id,
+                    code: error.code(),
+                    msg: error.to_string(),
+                };
+                frames.message(session, &msg);
+            }
+            target => {
+                self.target = target;
+                self.nack(error);
+            }
+        }
+    }
+
     fn nack_in_place(&mut self, error: RoomError) {
         if self.target.is_some() {
             count_op(self.kind, Some(error.code()));
@@ -109,6 +145,68 @@ impl ReplyTo {
                 let _ = tx.send(Err(error));
             }
             None => {}
+        }
+    }
+}
+
+/// The replies of one landed batch gathered per connection: each connection's acks and
+/// nacks, in the order they were added, become one [`Frame::Frames`] queued with one
+/// push (one lock, one wake, one write on the connection's thread), where each reply
+/// used to be a frame of its own. [`ReplyFrames::send`] queues them; dropping it
+/// unsent loses them, so callers send it before anything else goes to those
+/// connections.
+#[derive(Default)]
+pub struct ReplyFrames {
+    runs: Vec<(SessionRef, FrameRun)>,
+    /// Where each connection's run is in `runs`, by session id.
+    index: HashMap<u64, usize>,
+    /// Reused for every JSON ack.
+    scratch: Vec<u8>,
+}
+
+impl ReplyFrames {
+    fn run(&mut self, session: SessionRef) -> (Encoding, &mut FrameRun) {
+        let encoding = session.encoding;
+        let runs = &mut self.runs;
+        let at = *self.index.entry(session.session_id).or_insert_with(|| {
+            runs.push((session, FrameRun::default()));
+            runs.len() - 1
+        });
+        (encoding, &mut self.runs[at].1)
+    }
+
+    fn ack(&mut self, session: SessionRef, id: &str, seq: u64) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let (encoding, run) = self.run(session);
+        match encoding {
+            Encoding::Json => {
+                scratch.clear();
+                crate::protocol::json::encode_ack_into(id, seq, &mut scratch);
+                run.push(OpCode::Text, &scratch);
+            }
+            Encoding::Rkyv => {
+                let msg = ServerMsg::Ack {
+                    id: id.to_owned(),
+                    seq,
+                };
+                run.push(OpCode::Binary, &crate::protocol::binary::encode(&msg));
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn message(&mut self, session: SessionRef, msg: &ServerMsg) {
+        let (encoding, run) = self.run(session);
+        match encoding {
+            Encoding::Json => run.push(OpCode::Text, crate::protocol::json::encode(msg).as_bytes()),
+            Encoding::Rkyv => run.push(OpCode::Binary, &crate::protocol::binary::encode(msg)),
+        }
+    }
+
+    /// Queues each connection's replies.
+    pub fn send(self) {
+        for (session, run) in self.runs {
+            session.outbound.push(run.into_frame(), Charge::Full);
         }
     }
 }
@@ -316,6 +414,64 @@ pub struct Delete {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session(id: u64, encoding: Encoding) -> SessionRef {
+        SessionRef {
+            session_id: id,
+            user: "u".into(),
+            dedup: true,
+            encoding,
+            outbound: crate::outbound::Outbound::new(
+                1 << 20,
+                crate::outbound::KillSwitch::new(None),
+            ),
+            member: true,
+            evicted: Default::default(),
+        }
+    }
+
+    /// What `outbound` holds, as one byte string, and how many frames it was queued as.
+    fn queued(outbound: &crate::outbound::Outbound) -> (Vec<u8>, usize) {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let (mut bytes, mut pushes) = (Vec::new(), 0);
+        while let std::task::Poll::Ready(Some(wire)) = outbound.poll_frame(&mut cx) {
+            bytes.extend_from_slice(&wire);
+            pushes += 1;
+        }
+        (bytes, pushes)
+    }
+
+    #[test]
+    fn a_batch_s_replies_reach_each_connection_as_one_push_of_the_same_frames() {
+        let (a, b) = (session(1, Encoding::Json), session(2, Encoding::Rkyv));
+        let (a_alone, b_alone) = (session(3, Encoding::Json), session(4, Encoding::Rkyv));
+        let mut frames = ReplyFrames::default();
+        let done = |seq| OpDone { seq, epoch: 9 };
+        ReplyTo::session(a.clone(), "a1".into()).ack_into(done(5), &mut frames);
+        ReplyTo::session(b.clone(), "b1".into()).ack_into(done(6), &mut frames);
+        ReplyTo::session(a.clone(), "a \"2\"".into())
+            .nack_into(RoomError::Rejected(Code::Invalid, "no".into()), &mut frames);
+        ReplyTo::session(a.clone(), "a3".into()).ack_into(done(7), &mut frames);
+        ReplyTo::session(b.clone(), "b2".into()).ack_into(done(8), &mut frames);
+        // Nothing leaves before `send`.
+        assert_eq!(a.outbound.charged(), 0);
+        frames.send();
+        // The same replies one by one, as before.
+        ReplyTo::session(a_alone.clone(), "a1".into()).ack(done(5));
+        ReplyTo::session(b_alone.clone(), "b1".into()).ack(done(6));
+        ReplyTo::session(a_alone.clone(), "a \"2\"".into())
+            .nack(RoomError::Rejected(Code::Invalid, "no".into()));
+        ReplyTo::session(a_alone.clone(), "a3".into()).ack(done(7));
+        ReplyTo::session(b_alone.clone(), "b2".into()).ack(done(8));
+        let (a_bytes, a_pushes) = queued(&a.outbound);
+        let (b_bytes, b_pushes) = queued(&b.outbound);
+        assert_eq!((a_pushes, b_pushes), (1, 1));
+        assert_eq!(queued(&a_alone.outbound), (a_bytes, 3));
+        assert_eq!(queued(&b_alone.outbound), (b_bytes, 2));
+        // Counted as the frames they hold.
+        assert_eq!(a.outbound.sent().frames, 3);
+    }
 
     #[test]
     fn nack_codes_are_listed_in_declaration_order() {
