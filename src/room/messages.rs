@@ -150,9 +150,10 @@ impl ReplyTo {
 }
 
 /// The replies of one landed batch gathered per connection: each connection's acks and
-/// nacks, in the order they were added, become one [`Frame::Frames`] queued with one
-/// push (one lock, one wake, one write on the connection's thread), where each reply
-/// used to be a frame of its own. [`ReplyFrames::send`] queues them; dropping it
+/// nacks, in the order they were added, become one
+/// [`Frame::Frames`](crate::outbound::Frame::Frames) queued with one push (one lock, one
+/// wake, one write on the connection's thread), where each reply used to be a frame of
+/// its own. [`ReplyFrames::send`] queues them; dropping it
 /// unsent loses them, so callers send it before anything else goes to those
 /// connections.
 #[derive(Default)]
