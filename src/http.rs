@@ -813,7 +813,9 @@ fn signal(shared: &Shared, room: &RoomId, data: crate::value::Value) {
 }
 
 /// `POST /api/users/{user}/disconnect` (admin): closes every WebSocket connection of
-/// the user with 4403 and answers `{"closed":N}`.
+/// the user with 4403 and answers `{"closed":N}`. In cluster mode every node closes its
+/// own and `closed` is the sum, with `"partial"` as in the room list (a node that did
+/// not answer closed nothing it told of).
 async fn disconnect_user(
     req: HttpRequest,
     path: web::Path<String>,
@@ -821,6 +823,37 @@ async fn disconnect_user(
 ) -> Result<HttpResponse, ApiError> {
     let user = path.into_inner();
     require_admin(&req, &shared)?;
+    let mut closed = disconnect(&shared, &user);
+    let Some(cluster) = &shared.cluster else {
+        return Ok(HttpResponse::Ok().json(json!({ "closed": closed })));
+    };
+    let call = Call::Disconnect { user: user.clone() };
+    let others = cluster
+        .settings()
+        .nodes
+        .iter()
+        .filter(|node| *node != cluster.node_id());
+    let answers = futures_util::future::join_all(others.map(|node| {
+        let call = &call;
+        async move { (node, forwarded::ask(cluster, node, "", "", call).await) }
+    }))
+    .await;
+    let mut missing = Vec::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok(body) => closed += body["closed"].as_u64().unwrap_or(0) as usize,
+            Err(e) => missing.push(json!({ "node": node, "msg": e.to_string() })),
+        }
+    }
+    let mut body = json!({ "closed": closed, "partial": !missing.is_empty() });
+    if !missing.is_empty() {
+        body["missing"] = json!(missing);
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// Closes this node's WebSocket connections (and streams) of `user` with 4403; how many.
+fn disconnect(shared: &Shared, user: &str) -> usize {
     // Collected first: no map guard is held while closing.
     let targets: Vec<_> = shared
         .sessions
@@ -834,5 +867,5 @@ async fn disconnect_user(
             "disconnected by an admin",
         );
     }
-    Ok(HttpResponse::Ok().json(json!({ "closed": targets.len() })))
+    targets.len()
 }

@@ -109,7 +109,8 @@ pub enum What {
     /// `GET /api/rooms/{room}` for `user` (the viewer): answered with [`Reply::View`].
     Read,
     /// Any other HTTP call of the room's owner (time travel, events, delete, signal,
-    /// presence) or of every node (its own rooms for the cluster-wide list), for `user`.
+    /// presence) or of every node (its own rooms for the cluster-wide list, the admin
+    /// disconnect of a user's connections), for `user`.
     /// What `call` holds is the HTTP API's business ([`Calls`] answers it there): this
     /// module only carries it.
     Call {

@@ -13,8 +13,8 @@
 //!
 //! `GET /api/rooms/{room}` has its own request (`What::Read`, older than this file);
 //! the room list asks every node for its own rooms with [`Call::Rooms`]
-//! (`super::admin`); `POST` of ops and creates are forwarded as room messages
-//! (`cluster::rpc`).
+//! (`super::admin`), and the admin disconnect every node with [`Call::Disconnect`];
+//! `POST` of ops and creates are forwarded as room messages (`cluster::rpc`).
 
 use std::sync::Arc;
 
@@ -50,6 +50,9 @@ pub enum Call {
     Signal { data: Json },
     /// `GET /api/rooms/{room}/presence`.
     Presence,
+    /// `POST /api/users/{user}/disconnect` on every node: each closes its own
+    /// connections of the user and answers `{"closed":N}`.
+    Disconnect { user: String },
     /// The node's own rooms, one page of `GET /api/rooms`: answered
     /// `{"rooms":[…],"more":bool}`.
     Rooms {
@@ -163,6 +166,10 @@ async fn run(
             Some(serde_json::json!({ "rooms": rooms, "more": more })),
         ));
     }
+    if let Call::Disconnect { user } = call {
+        let closed = super::disconnect(shared, &user);
+        return Ok((200, Some(serde_json::json!({ "closed": closed }))));
+    }
     let room = RoomId::parse(room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
     if let Some(cluster) = elsewhere(shared, &room) {
         // Only when two nodes disagree on the member list (refused at startup).
@@ -201,6 +208,8 @@ async fn run(
             Ok((202, Some(serde_json::json!({}))))
         }
         Call::Presence => Ok((200, Some(super::admin::presence_body(shared, &room).await?))),
-        Call::Rooms { .. } => Err(ApiError::new(Code::Invalid, "not a room call")),
+        Call::Rooms { .. } | Call::Disconnect { .. } => {
+            Err(ApiError::new(Code::Invalid, "not a room call"))
+        }
     }
 }

@@ -1396,3 +1396,24 @@ async fn hidden_entries_stay_hidden_on_every_node() {
         .to_string()
         .contains("scissors"));
 }
+
+#[tokio::test]
+async fn an_admin_disconnect_closes_the_users_connections_on_every_node() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let mut on_a = nodes[0].client("mallory").await;
+    let mut on_c = nodes[2].client("mallory").await;
+    let mut other = nodes[2].client("trent").await;
+    let closed = nodes[1]
+        .post("/api/users/mallory/disconnect", &json!({}))
+        .await;
+    assert_eq!(
+        (closed.status, &closed.body),
+        (200, &json!({"closed": 2, "partial": false})),
+        "{}",
+        closed.text
+    );
+    on_a.expect_close(4403).await;
+    on_c.expect_close(4403).await;
+    other.expect_silence(Duration::from_millis(200)).await;
+}
