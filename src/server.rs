@@ -151,9 +151,9 @@ pub async fn run_with_kinds(
             cluster.clone(),
             registry.clone(),
             config.outbound_queue,
-            Arc::new(crate::http::forwarded::OwnerCalls {
-                shared: shared.clone().into_inner(),
-            }),
+            Arc::new(crate::http::forwarded::OwnerCalls::new(
+                shared.clone().into_inner(),
+            )),
         )
         .await?;
         crate::cluster::mover::serve(cluster.clone(), registry.clone(), store.clone()).await?;

@@ -3,8 +3,8 @@
 # the same run: one nats-server and two roomd nodes (a, b) on 127.0.0.1, and
 # `roomd bench ingest` / `roomd bench fanout` pointed at node a with one room each run.
 # Each run's room is owned by a or by b (rendezvous hashing of a random name), so runs
-# are classified afterwards by whether node a lists the room (GET /api/rooms lists the
-# rooms of the node asked): local, or forwarded / relayed through b.
+# are classified afterwards by whether node a owns the room (the cluster-wide
+# GET /api/rooms names each room's `node`): local, or forwarded / relayed through b.
 #
 #   benches/cluster/forwarded.sh [RUNS]     (default 6 runs of each bench; release build)
 set -euo pipefail
@@ -34,7 +34,11 @@ for id in a b; do
 done
 a_pid=${pids[1]}
 url="ws://127.0.0.1:${port[a]}"
-rooms_on_a() { curl -s "http://127.0.0.1:${port[a]}/api/rooms?prefix=$1&limit=1000"; }
+# The rooms node a owns, as {"rooms":[…]}.
+rooms_on_a() {
+  curl -s "http://127.0.0.1:${port[a]}/api/rooms?prefix=$1&limit=1000" |
+    python3 -c 'import json,sys; b=json.load(sys.stdin); print(json.dumps({"rooms": [r for r in b["rooms"] if r.get("node", "a") == "a"]}))'
+}
 
 # server_cpu_s is node a's alone (the node the clients are connected to): for a
 # forwarded op or a relayed delivery the owner (b) does part of the work and is not

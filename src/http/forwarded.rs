@@ -17,12 +17,14 @@
 //! `POST` of ops and creates are forwarded as room messages (`cluster::rpc`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 use futures_util::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+use tokio::sync::Semaphore;
 
 use super::ApiError;
 use crate::cluster::rpc::{Calls, Reply, Request, What, WireError};
@@ -123,16 +125,47 @@ pub async fn forward(
     })
 }
 
+/// How long a read forwarded by another node waits for one of [`OwnerCalls`]'s turns
+/// before it is refused `unavailable`; below `cluster::forward::FORWARD_TIMEOUT`, so
+/// the sender hears the reason rather than a timeout.
+const OWNER_TURN_WAIT: Duration = Duration::from_secs(3);
+
 /// The owner's side: runs [`Call`]s for other nodes through the HTTP API's own code.
 pub struct OwnerCalls {
-    pub shared: Arc<Shared>,
+    shared: Arc<Shared>,
+    /// Turns of the reads other nodes forward here (`?at=`, `/events`), each of which
+    /// holds a copy of what it answers: `--max-reads-in-flight` of them, apart from the
+    /// turns of this node's own clients (a node's turns are held while it waits for an
+    /// owner, so sharing one pool between two nodes asking each other could starve
+    /// both). Full: wait up to [`OWNER_TURN_WAIT`], then refuse `unavailable`.
+    turns: Arc<Semaphore>,
+}
+
+impl OwnerCalls {
+    pub fn new(shared: Arc<Shared>) -> OwnerCalls {
+        let turns = Arc::new(Semaphore::new(shared.config.max_reads_in_flight.max(1)));
+        OwnerCalls { shared, turns }
+    }
 }
 
 impl Calls for OwnerCalls {
     fn answer(&self, room: String, user: String, call: Json) -> LocalBoxFuture<'static, Reply> {
         let shared = self.shared.clone();
+        let turns = self.turns.clone();
         Box::pin(async move {
             let answer = match serde_json::from_value::<Call>(call) {
+                Ok(call @ (Call::At { .. } | Call::Events { .. })) => {
+                    match tokio::time::timeout(OWNER_TURN_WAIT, turns.acquire_owned()).await {
+                        Ok(Ok(_turn)) => run(&shared, &room, user, call).await,
+                        _ => Err(ApiError::new(
+                            Code::Unavailable,
+                            format!(
+                                "the room's owner is building {} reads for other nodes; retry",
+                                shared.config.max_reads_in_flight
+                            ),
+                        )),
+                    }
+                }
                 Ok(call) => run(&shared, &room, user, call).await,
                 Err(e) => Err(ApiError::new(
                     Code::Invalid,
