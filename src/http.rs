@@ -828,11 +828,9 @@ async fn disconnect_user(
         return Ok(HttpResponse::Ok().json(json!({ "closed": closed })));
     };
     let call = Call::Disconnect { user: user.clone() };
-    let others = cluster
-        .settings()
-        .nodes
-        .iter()
-        .filter(|node| *node != cluster.node_id());
+    // The member list in force (a rebalance changes it).
+    let members = cluster.members().members().nodes;
+    let others = members.iter().filter(|node| *node != cluster.node_id());
     let answers = futures_util::future::join_all(others.map(|node| {
         let call = &call;
         async move { (node, forwarded::ask(cluster, node, "", "", call).await) }

@@ -89,6 +89,21 @@ pub async fn list_rooms(
         }
     }
     rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
+    // A room two nodes list (its data is being moved by a rebalance) is listed once, as
+    // its owner lists it.
+    let owned = |room: &Json| {
+        let id = room["room"].as_str().unwrap_or_default();
+        room["node"].as_str() == Some(cluster.owner(id).as_str())
+    };
+    rooms.dedup_by(|later, earlier| {
+        if later["room"] != earlier["room"] {
+            return false;
+        }
+        if owned(later) {
+            std::mem::swap(later, earlier);
+        }
+        true
+    });
     more |= rooms.len() > limit;
     rooms.truncate(limit);
     let next = more
