@@ -77,6 +77,22 @@ pub struct FanoutArgs {
     /// `sub` and `op` pays a realistic permission check.
     #[arg(long, value_name = "SECRET")]
     pub auth_secret: Option<String>,
+
+    /// Connect the subscribers to these servers instead (repeatable; round-robin), e.g.
+    /// the other nodes of a cluster; the publisher stays on --url (or the started
+    /// server). The server cost is then that of every server whose PID is known.
+    #[arg(long, value_name = "URL")]
+    pub subscriber_url: Vec<String>,
+
+    /// PID of each --subscriber-url's server, in the same order, so their CPU time is
+    /// counted with the publisher's server.
+    #[arg(long, value_name = "PID")]
+    pub subscriber_pid: Vec<u32>,
+
+    /// Name the rooms `{PREFIX}-{k}` instead of `chat:fanout-{run}-{k}` (to pick the
+    /// node that owns them in a cluster); they must not exist yet.
+    #[arg(long, value_name = "PREFIX")]
+    pub room_prefix: Option<String>,
 }
 
 /// A token for `user` that may read (subscribers) or also create and write (the
@@ -170,10 +186,56 @@ pub fn run(args: &BenchArgs, fanout: &FanoutArgs, runtime: &Runtime) -> Result<R
     }
     let args = &args;
     let endpoint = Endpoint::open(args)?;
-    let outcome = runtime.block_on(drive(&endpoint, fanout))?;
+    let mut others = Vec::new();
+    for (i, url) in fanout.subscriber_url.iter().enumerate() {
+        let mut other = args.clone();
+        other.url = Some(url.clone());
+        other.server_pid = fanout.subscriber_pid.get(i).copied();
+        others.push(Endpoint::open(&other)?);
+    }
+    let outcome = runtime.block_on(drive(&endpoint, &others, fanout))?;
     let mut report = outcome.report(fanout);
     endpoint.note_log_problems(&mut report);
     Ok(report)
+}
+
+/// Every server's CPU time and memory, added up (None unless every PID is known), and
+/// each one's CPU seconds.
+fn sample_all(endpoints: &[&Endpoint]) -> (Option<ProcSample>, Vec<Option<f64>>) {
+    let samples: Vec<Option<ProcSample>> = endpoints.iter().map(|e| e.sample()).collect();
+    let each = samples.iter().map(|s| s.as_ref().map(|s| s.cpu_s)).collect();
+    let mut total: Option<ProcSample> = None;
+    for (i, sample) in samples.into_iter().enumerate() {
+        let Some(sample) = sample else {
+            return (None, each);
+        };
+        match &mut total {
+            None if endpoints.len() == 1 => total = Some(sample),
+            _ => {
+                let sum = total.get_or_insert_with(|| ProcSample {
+                    cpu_s: 0.0,
+                    rss_mb: 0.0,
+                    threads: Default::default(),
+                });
+                sum.cpu_s += sample.cpu_s;
+                sum.rss_mb += sample.rss_mb;
+                for (name, cpu) in sample.threads {
+                    sum.threads.insert(format!("s{i}:{name}"), cpu);
+                }
+            }
+        }
+    }
+    (total, each)
+}
+
+/// The cluster feed the publisher's server sent (messages, bytes), from its `/metrics`.
+fn feed_counts(endpoint: &Endpoint) -> Option<(f64, f64)> {
+    use crate::metrics::{names, scrape_value};
+    let text = endpoint.scrape_metrics()?;
+    Some((
+        scrape_value(&text, names::CLUSTER_FEED_MESSAGES).unwrap_or(0.0),
+        scrape_value(&text, names::CLUSTER_FEED_BYTES).unwrap_or(0.0),
+    ))
 }
 
 /// What one run measured.
@@ -191,6 +253,10 @@ struct Outcome {
     histogram: Histogram<u64>,
     server_before: Option<ProcSample>,
     server_after: Option<ProcSample>,
+    /// CPU seconds of each server during the run (publisher's first), when several.
+    servers_cpu_s: Vec<Option<f64>>,
+    /// Messages and bytes the publisher's server published on room subjects (cluster).
+    feed: Option<(f64, f64)>,
     generator_cpu_s: f64,
     problems: Vec<String>,
 }
@@ -259,6 +325,33 @@ impl Outcome {
             "deliveries",
             "server_cpu_s_per_million",
         );
+        if self.servers_cpu_s.len() > 1 {
+            let each: Vec<String> = self
+                .servers_cpu_s
+                .iter()
+                .map(|cpu| cpu.map_or_else(|| "?".to_owned(), |c| format!("{c:.2}")))
+                .collect();
+            r.row("CPU per server (s)", each.join(", "));
+            r.field(
+                "servers_cpu_s",
+                self.servers_cpu_s
+                    .iter()
+                    .map(|c| c.map(|c| report::round(c, 3)))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if let Some((messages, bytes)) = self.feed.filter(|(m, _)| *m > 0.0) {
+            r.row(
+                "cluster feed",
+                format!(
+                    "{messages} messages, {} B ({:.0} B per message)",
+                    report::si(bytes),
+                    bytes / messages
+                ),
+            );
+            r.field("feed_messages", messages);
+            r.field("feed_bytes", bytes);
+        }
         r.row("generator CPU", format!("{:.2} s", self.generator_cpu_s));
         r.field("generator_cpu_s", report::round(self.generator_cpu_s, 3));
         if self.lost > 0 || self.duplicated > 0 {
@@ -370,14 +463,28 @@ impl Subscriber {
     }
 }
 
-async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, BenchError> {
+async fn drive(
+    endpoint: &Endpoint,
+    others: &[Endpoint],
+    fanout: &FanoutArgs,
+) -> Result<Outcome, BenchError> {
     let target = fanout.target;
     let run_id = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    let rooms: Vec<String> = (0..fanout.rooms)
-        .map(|k| format!("chat:fanout-{run_id}-{k}"))
-        .collect();
+    let prefix = fanout
+        .room_prefix
+        .clone()
+        .unwrap_or_else(|| format!("chat:fanout-{run_id}"));
+    let rooms: Vec<String> = (0..fanout.rooms).map(|k| format!("{prefix}-{k}")).collect();
+    // Where the subscribers connect: the other servers, or the publisher's.
+    let subscriber_servers: Vec<&Endpoint> = if others.is_empty() {
+        vec![endpoint]
+    } else {
+        others.iter().collect()
+    };
+    let mut every_server = vec![endpoint];
+    every_server.extend(others);
 
     // The publisher first: on roomd it creates the rooms the subscribers join.
     let mut publisher = client::connect(
@@ -393,12 +500,13 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
 
     let connect_started = Instant::now();
     let bar = progress::bar("connecting", fanout.subscribers as u64, "subscribers");
-    let addr = endpoint.addr;
     // Each setup is its own task so handshakes run on every worker thread.
     let mut connecting = futures_util::stream::iter(0..fanout.subscribers)
         .map(|i| {
             let room = i % rooms.len();
-            let url = endpoint.url(&target.path(&format!("s{i}"), fanout.auth_secret.as_deref()));
+            let server = subscriber_servers[i % subscriber_servers.len()];
+            let addr = server.addr;
+            let url = server.url(&target.path(&format!("s{i}"), fanout.auth_secret.as_deref()));
             let room_id = rooms[room].clone();
             tokio::spawn(async move {
                 let mut ws = client::connect(addr, &url, ConnectOptions::receiver()).await?;
@@ -457,7 +565,8 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
         .collect();
 
     let generator_before = ProcSample::read(std::process::id());
-    let server_before = endpoint.sample();
+    let (server_before, servers_before) = sample_all(&every_server);
+    let feed_before = feed_counts(endpoint);
     let start_us = tally.now_us();
     let published = publish(publisher, target, &rooms, fanout, &tally).await?;
 
@@ -480,7 +589,8 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     bar.finish_and_clear();
-    let server_after = endpoint.sample();
+    let (server_after, servers_after) = sample_all(&every_server);
+    let feed_after = feed_counts(endpoint);
     let generator_after = ProcSample::read(std::process::id());
 
     let _ = stop_tx.send(true);
@@ -540,6 +650,14 @@ async fn drive(endpoint: &Endpoint, fanout: &FanoutArgs) -> Result<Outcome, Benc
         histogram,
         server_before,
         server_after,
+        servers_cpu_s: servers_before
+            .iter()
+            .zip(&servers_after)
+            .map(|(b, a)| Some(a.as_ref()? - b.as_ref()?))
+            .collect(),
+        feed: feed_before
+            .zip(feed_after)
+            .map(|((m0, b0), (m1, b1))| (m1 - m0, b1 - b0)),
         generator_cpu_s: match (generator_before, generator_after) {
             (Some(before), Some(after)) => after.cpu_s - before.cpu_s,
             _ => f64::NAN,
