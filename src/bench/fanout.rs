@@ -203,7 +203,10 @@ pub fn run(args: &BenchArgs, fanout: &FanoutArgs, runtime: &Runtime) -> Result<R
 /// each one's CPU seconds.
 fn sample_all(endpoints: &[&Endpoint]) -> (Option<ProcSample>, Vec<Option<f64>>) {
     let samples: Vec<Option<ProcSample>> = endpoints.iter().map(|e| e.sample()).collect();
-    let each = samples.iter().map(|s| s.as_ref().map(|s| s.cpu_s)).collect();
+    let each = samples
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.cpu_s))
+        .collect();
     let mut total: Option<ProcSample> = None;
     for (i, sample) in samples.into_iter().enumerate() {
         let Some(sample) = sample else {

@@ -66,6 +66,8 @@ struct Mirror {
     owner: String,
     /// Reads the room's feed; aborted (which unsubscribes) when the mirror goes.
     reader: Option<tokio::task::JoinHandle<()>>,
+    /// The reader is being started (the NATS subscription is on its way).
+    starting: bool,
     /// Subscriptions asked of the owner and not answered yet: the mirror stays for them.
     joining: usize,
     subs: HashMap<u64, Sub>,
@@ -286,6 +288,7 @@ impl Mirrors {
                             room: room.to_owned(),
                             owner: owner.to_owned(),
                             reader: None,
+                            starting: true,
                             joining: 1,
                             subs: HashMap::new(),
                             epoch: None,
@@ -297,19 +300,32 @@ impl Mirrors {
                 }
             }
         };
-        if !created || self.client.connection_state() != async_nats::connection::State::Connected {
-            // Without NATS the owner cannot be asked either: the subscription is
-            // refused `unavailable` right after this, and abandoned.
-            return;
+        if created {
+            self.start_reader(room).await;
         }
-        let subject = feed::room_subject(&self.cluster, room);
-        let mut fed = match self.client.subscribe(subject).await {
+    }
+
+    /// Subscribes to `room`'s feed and starts reading it. Without NATS (or when the
+    /// subscription fails) the mirror has no reader; the next activation tries again,
+    /// and the diffs missed meanwhile are caught up when the first one arrives.
+    async fn start_reader(self: &Arc<Self>, room: &str) {
+        let subscribed =
+            if self.client.connection_state() == async_nats::connection::State::Connected {
+                let subject = feed::room_subject(&self.cluster, room);
+                self.client
+                    .subscribe(subject)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("NATS is away".to_owned())
+            };
+        let mut fed = match subscribed {
             Ok(fed) => fed,
             Err(e) => {
-                // Diffs then reach nobody here: the subscribers get stuck at the first
-                // one that does arrive... which none will. NATS refused only while it
-                // is away; the owner's pings end these subscriptions then.
-                tracing::warn!(%room, error = %e, "cluster: cannot join a room's feed");
+                tracing::warn!(%room, error = %e, "cluster: cannot join a room's feed yet");
+                if let Some(mirror) = self.mirror(room) {
+                    mirror.lock().starting = false;
+                }
                 return;
             }
         };
@@ -327,7 +343,13 @@ impl Mirrors {
             }
         });
         match self.mirror(room) {
-            Some(mirror) => mirror.lock().reader = Some(reader),
+            Some(mirror) => {
+                let mut mirror = mirror.lock();
+                mirror.starting = false;
+                if let Some(old) = mirror.reader.replace(reader) {
+                    old.abort();
+                }
+            }
             // Everyone left meanwhile.
             None => reader.abort(),
         }
@@ -367,6 +389,12 @@ impl Mirrors {
                     next: seq + 1,
                 },
             );
+            if mirror.reader.is_none() && !mirror.starting {
+                mirror.starting = true;
+                let mirrors = self.clone();
+                let room = room.to_owned();
+                actix_rt::spawn(async move { mirrors.start_reader(&room).await });
+            }
             mirror.advance()
         };
         if let Some(since) = catch_up {
@@ -599,6 +627,7 @@ mod tests {
             room: "r".into(),
             owner: "b".into(),
             reader: None,
+            starting: false,
             joining: 0,
             subs: HashMap::new(),
             epoch: None,
