@@ -19,9 +19,10 @@
 //! affected clients are closed with 4001 and
 //! resume from the log with `since`. One catch-up per room is in flight at a time.
 //!
-//! Bounds: a mirror keeps the last [`MAX_RECENT`] diffs (so a subscriber whose answer
-//! arrives after the diffs that follow it still gets them); older ones are dropped,
-//! and a subscriber that needed one catches up as above. The NATS client buffers at
+//! Bounds: a mirror keeps the last [`MAX_RECENT`] diffs, at most [`MAX_RECENT_BYTES`]
+//! of them (so a subscriber whose answer arrives after the diffs that follow it still
+//! gets them); older ones are dropped, and a subscriber that needed one catches up as
+//! above. The NATS client buffers at
 //! most 65,536 messages per subscription before it drops: a gap again, caught up.
 //! A subscriber's outbound queue overflowing closes it with 4001, as for local rooms.
 //!
@@ -44,8 +45,11 @@ use crate::protocol::codes::close::SLOW_CONSUMER;
 use crate::protocol::message::ServerMsg;
 use crate::protocol::Encoding;
 
-/// Fed diffs a mirror keeps for subscribers whose answer is still on its way.
+/// Fed diffs a mirror keeps for subscribers whose answer is still on its way...
 pub const MAX_RECENT: usize = 256;
+
+/// ...and the most bytes (as fed) they may hold together; the newest is always kept.
+pub const MAX_RECENT_BYTES: usize = 8 << 20;
 
 /// How long joining a feed waits for NATS to confirm the subscription.
 const JOIN_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -75,6 +79,8 @@ struct Mirror {
     epoch: Option<u64>,
     /// The last fed diffs, by `from`.
     recent: BTreeMap<u64, Arc<Batch>>,
+    /// The fed bytes of `recent`.
+    recent_bytes: usize,
     /// The `since` of the catch-up in flight.
     catching_up: Option<u64>,
 }
@@ -102,6 +108,8 @@ pub struct Batch {
     pub from: u64,
     pub to: u64,
     views: Vec<View>,
+    /// Its size as fed (0 for a catch-up, which is never buffered).
+    bytes: usize,
 }
 
 /// One view of a batch, encoded at most once per encoding.
@@ -218,16 +226,29 @@ impl Mirror {
         }
     }
 
-    /// Buffers a fed diff (dropping the oldest past [`MAX_RECENT`]).
+    /// Buffers a fed diff, dropping the oldest past [`MAX_RECENT`] or
+    /// [`MAX_RECENT_BYTES`] (a subscriber that needed one catches up).
     fn buffer(&mut self, batch: Batch) {
         if self.epoch != Some(batch.epoch) {
-            self.recent.clear();
+            self.clear_recent();
             self.epoch = Some(batch.epoch);
         }
-        self.recent.insert(batch.from, Arc::new(batch));
-        while self.recent.len() > MAX_RECENT {
-            self.recent.pop_first();
+        self.recent_bytes += batch.bytes;
+        if let Some(replaced) = self.recent.insert(batch.from, Arc::new(batch)) {
+            self.recent_bytes -= replaced.bytes;
         }
+        while self.recent.len() > MAX_RECENT
+            || (self.recent_bytes > MAX_RECENT_BYTES && self.recent.len() > 1)
+        {
+            if let Some((_, dropped)) = self.recent.pop_first() {
+                self.recent_bytes -= dropped.bytes;
+            }
+        }
+    }
+
+    fn clear_recent(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
     }
 
     fn is_unused(&self) -> bool {
@@ -293,6 +314,7 @@ impl Mirrors {
                             subs: HashMap::new(),
                             epoch: None,
                             recent: BTreeMap::new(),
+                            recent_bytes: 0,
                             catching_up: None,
                         })),
                     );
@@ -378,7 +400,7 @@ impl Mirrors {
             }
             if mirror.epoch.is_some_and(|e| e != epoch) {
                 // The answer is newer than what is buffered (the room was recreated).
-                mirror.recent.clear();
+                mirror.clear_recent();
                 mirror.epoch = Some(epoch);
             }
             mirror.subs.insert(
@@ -455,7 +477,7 @@ impl Mirrors {
                 Fed::Deleted { .. } => {
                     // Each subscriber was told through its relay (`error`, `not_found`).
                     mirror.subs.clear();
-                    mirror.recent.clear();
+                    mirror.clear_recent();
                     None
                 }
                 Fed::Diff {
@@ -474,6 +496,7 @@ impl Mirrors {
                         from,
                         to,
                         views,
+                        bytes: payload.len(),
                     });
                     mirror.advance()
                 }
@@ -579,6 +602,7 @@ fn caught_up_with(mirror: &mut Mirror, since: u64, caught_up: CaughtUp) -> Optio
                 from: since + 1,
                 to,
                 views,
+                bytes: 0,
             };
             for id in stuck {
                 let Some(sub) = mirror.subs.get_mut(&id) else {
@@ -632,6 +656,7 @@ mod tests {
             subs: HashMap::new(),
             epoch: None,
             recent: BTreeMap::new(),
+            recent_bytes: 0,
             catching_up: None,
         }
     }
@@ -653,6 +678,7 @@ mod tests {
     fn batch(from: u64, to: u64) -> Batch {
         Batch {
             epoch: 7,
+            bytes: 100,
             from,
             to,
             views: vec![
