@@ -138,6 +138,11 @@ impl MemberState {
         Announcement::of(&self.node, &self.members.read(), self.instance)
     }
 
+    /// Where the committed list is kept (None in tests).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
+    }
+
     /// Puts `members` in force without writing it (the startup decision).
     pub fn adopt(&self, members: Members) {
         *self.members.write() = members;
@@ -169,15 +174,24 @@ pub fn load(dir: &Path) -> Result<Option<Members>, String> {
 /// Writes `members` to `dir` durably: a temporary file, fsync'd, renamed over the old
 /// one, and the dir fsync'd, so a crash leaves the old list or the new one.
 pub fn persist(dir: &Path, members: &Members) -> std::io::Result<()> {
+    // Integers and strings: always serializable.
+    write_durably(
+        dir,
+        MEMBERS_FILE,
+        &serde_json::to_vec(members).unwrap_or_default(),
+    )
+}
+
+/// Writes `bytes` to `dir/name` durably (a temporary file, fsync'd, renamed over the
+/// old one, the dir fsync'd): a crash leaves the old contents or the new ones.
+pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(MEMBERS_FILE);
-    let tmp = dir.join(format!("{MEMBERS_FILE}.tmp"));
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
-    // Integers and strings: always serializable.
-    file.write_all(&serde_json::to_vec(members).unwrap_or_default())?;
+    file.write_all(bytes)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -11,6 +11,12 @@
 //!
 //! Memory is bounded by one batch: an export is held encoded only from its first piece
 //! to its last, and a pull holds one room at a time.
+//!
+//! The pending move (its lists, the rooms frozen and imported here) is kept in
+//! `DIR/CLUSTER.move` from Begin until the commit or the abort, written before each
+//! step is answered. A node restarted in the middle of a move comes back with the same
+//! rooms frozen and the move pending, so it never serves a room whose copy another node
+//! may be about to serve; the tool's commit or abort then finishes it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,6 +26,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
 use super::membership::Members;
 use super::rebalance::{self, Answer, Step};
@@ -31,6 +38,19 @@ use crate::store::{RoomExport, Store};
 
 /// How long a freeze waits for a room's in-flight commits before it gives up.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The file in the data dir that keeps the pending move.
+pub const MOVE_FILE: &str = "CLUSTER.move";
+
+/// The pending move as kept in [`MOVE_FILE`].
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptMove {
+    move_id: u64,
+    from: Members,
+    to: Members,
+    frozen: Vec<String>,
+    imported: Vec<String>,
+}
 
 /// The move this node takes part in.
 struct Pending {
@@ -75,6 +95,7 @@ pub async fn serve(
         pending: Mutex::new(None),
         committed: Mutex::new(None),
     });
+    mover.restore();
     let serving = mover.clone();
     actix_rt::spawn(async move {
         while let Some(message) = steps.next().await {
@@ -107,6 +128,84 @@ fn refused(msg: String) -> Answer {
 }
 
 impl Mover {
+    /// Takes back a move left pending by the previous process (see the module docs).
+    fn restore(&self) {
+        let Some(dir) = self.cluster.members().data_dir() else {
+            return;
+        };
+        let path = dir.join(MOVE_FILE);
+        let kept = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<KeptMove>(&bytes) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cluster: unreadable pending move ignored");
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        if self.cluster.members().members().nodes == kept.to.nodes {
+            // The move was committed (this node started with its list): nothing is
+            // pending. Copies of rooms that left stay on disk, never served, and are
+            // deleted if one of them moves back here.
+            if let Err(msg) = self.keep() {
+                tracing::error!("cluster: {msg}");
+            }
+            return;
+        }
+        let moving = self.registry.moving();
+        for room in kept.frozen.iter().chain(&kept.imported) {
+            moving.freeze(room);
+        }
+        let node = self.node().to_owned();
+        let (old, new) = (kept.from.nodes.clone(), kept.to.nodes.clone());
+        moving.set_leaving(Some(Arc::new(move |room: &str| {
+            rebalance::leaves(room, &node, &old, &new)
+        })));
+        tracing::warn!(
+            node = %self.node(),
+            move_id = format_args!("{:016x}", kept.move_id),
+            frozen = kept.frozen.len(),
+            imported = kept.imported.len(),
+            "cluster: a rebalance was pending when this node stopped; its rooms stay frozen until the tool commits or aborts it (`roomd cluster rebalance --abort`)"
+        );
+        *self.pending.lock() = Some(Pending {
+            move_id: kept.move_id,
+            from: kept.from,
+            to: kept.to,
+            frozen: kept.frozen.into_iter().collect(),
+            imported: kept.imported.into_iter().collect(),
+            exports: HashMap::new(),
+        });
+    }
+
+    /// Writes the pending move to the data dir (None: removes it). Err: the step must
+    /// be refused.
+    fn keep(&self) -> Result<(), String> {
+        let Some(dir) = self.cluster.members().data_dir() else {
+            return Ok(());
+        };
+        let bytes = self.pending.lock().as_ref().map(|p| {
+            let kept = KeptMove {
+                move_id: p.move_id,
+                from: p.from.clone(),
+                to: p.to.clone(),
+                frozen: p.frozen.iter().cloned().collect(),
+                imported: p.imported.iter().cloned().collect(),
+            };
+            // Integers and strings: always serializable.
+            serde_json::to_vec(&kept).unwrap_or_default()
+        });
+        let written = match bytes {
+            Some(bytes) => super::membership::write_durably(dir, MOVE_FILE, &bytes),
+            None => match std::fs::remove_file(dir.join(MOVE_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        written.map_err(|e| format!("node {} cannot keep the pending move: {e}", self.node()))
+    }
+
     async fn reply(&self, to: Option<async_nats::Subject>, answer: &Answer) {
         if let Some(to) = to {
             let payload = serde_json::to_vec(answer).unwrap_or_default();
@@ -201,7 +300,11 @@ impl Mover {
             imported: HashSet::new(),
             exports: HashMap::new(),
         });
-        Answer::Done
+        drop(pending);
+        match self.keep() {
+            Ok(()) => Answer::Done,
+            Err(msg) => refused(msg),
+        }
     }
 
     /// The (from, to) lists of the pending move.
@@ -264,6 +367,9 @@ impl Mover {
             if let Some(pending) = self.pending.lock().as_mut() {
                 pending.frozen.insert(room.clone());
             }
+        }
+        if let Err(msg) = self.keep() {
+            return refused(msg);
         }
         for room in &rooms {
             if let Err(msg) = self.stop_actor(room).await {
@@ -371,6 +477,9 @@ impl Mover {
             self.registry.moving().freeze(room);
             if let Some(pending) = self.pending.lock().as_mut() {
                 pending.imported.insert(room.clone());
+            }
+            if let Err(msg) = self.keep() {
+                return refused(msg);
             }
             if let Err(msg) = self.pull_one(move_id, from, room).await {
                 return refused(msg);
@@ -533,6 +642,11 @@ impl Mover {
         let Some(pending) = self.pending.lock().take() else {
             return Answer::Done;
         };
+        if let Err(msg) = self.keep() {
+            // The list is committed; a leftover file is taken back as a pending move at
+            // the next start, where the tool's --abort finds nothing to undo here.
+            tracing::error!("cluster: {msg}");
+        }
         self.registry.moving().set_leaving(None);
         tracing::info!(
             node = %self.node(),
@@ -582,6 +696,9 @@ impl Mover {
         let Some(pending) = pending else {
             return Answer::Done;
         };
+        if let Err(msg) = self.keep() {
+            return refused(msg);
+        }
         self.registry.moving().set_leaving(None);
         for room in &pending.frozen {
             self.registry.moving().thaw(room);

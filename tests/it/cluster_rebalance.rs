@@ -521,3 +521,95 @@ async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_wh
     assert_eq!(reply["t"], "ack", "{reply}");
     assert_eq!(reply["seq"], before["seq"].as_u64().unwrap() - 21);
 }
+
+/// Starts `roomd cluster rebalance --to LIST` and returns once it printed its first
+/// batch, with the running tool.
+fn rebalance_until_first_batch(nats: &Nats, to: &str) -> std::process::Child {
+    let mut tool = std::process::Command::new(roomd_bin())
+        .args(["cluster", "rebalance", "--cluster-nats", &nats.url()])
+        .args(["--cluster-name", "test", "--to", to])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("roomd can be run");
+    let stdout = tool.stdout.take().expect("piped");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = lines_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the tool prints its first batch");
+        if line.starts_with("round 1:") {
+            return tool;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_old_owner_restarted_mid_move_keeps_its_rooms_frozen_until_the_move_is_aborted() {
+    let nats = Nats::start().await;
+    let mut a = start_node(&nats, "a", "a,b").await;
+    let b = start_node(&nats, "b", "a,b").await;
+    let _c = start_node(&nats, "c", "a,b,c").await;
+    let rooms = rooms_moving_to_c("restart", 40);
+    let mut client = b.client("u").await;
+    let mut acked = Vec::new();
+    for room in &rooms {
+        client.create_ok(room, "state", json!({})).await;
+        let id = format!("{room}-1");
+        let seq = client
+            .ack(&id, room, json!({"type": "set", "key": id, "value": 1}))
+            .await;
+        acked.push((room.clone(), id, seq));
+    }
+    // The first batch comes from a (batches go in node order); a dies right after it.
+    let tool = rebalance_until_first_batch(&nats, "a,b,c");
+    a.kill9().await;
+    let output = tokio::task::spawn_blocking(move || tool.wait_with_output())
+        .await
+        .expect("joined")
+        .expect("the tool ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rolled back") && stderr.contains("--abort"),
+        "{stderr}"
+    );
+
+    // Restarted, a takes the pending move back: the rooms it had frozen stay frozen.
+    a.restart().await;
+    let frozen: Vec<&String> = rooms.iter().filter(|r| owner_of(2, r) == 0).collect();
+    assert!(!frozen.is_empty());
+    let reply = client
+        .op(
+            "probe",
+            frozen[0],
+            json!({"type": "set", "key": "probe", "value": 0}),
+        )
+        .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    assert!(a.data_dir().join("CLUSTER.move").exists());
+
+    // --abort finishes the rollback: everything serves again, nothing acked is lost.
+    let (ok, out) = rebalance(&nats, &["--abort"]);
+    assert!(ok, "{out}");
+    assert!(!a.data_dir().join("CLUSTER.move").exists());
+    let reply = client
+        .op(
+            "probe",
+            frozen[0],
+            json!({"type": "set", "key": "probe", "value": 0}),
+        )
+        .await;
+    assert_eq!(reply["t"], "ack", "{reply}");
+    check_logs(&[&a, &b], &rooms, &acked).await;
+}
