@@ -440,33 +440,7 @@ async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_wh
     let before = a.get(&format!("/api/rooms/{big}")).await.body;
 
     // The new node dies after the first batch was copied: the move rolls back.
-    let mut tool = std::process::Command::new(roomd_bin())
-        .args(["cluster", "rebalance", "--cluster-nats", &nats.url()])
-        .args(["--cluster-name", "test", "--to", "a,b,c"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("roomd can be run");
-    let stdout = tool.stdout.take().expect("piped");
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = lines_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the tool prints its first batch");
-        if line.starts_with("round 1:") {
-            break;
-        }
-    }
+    let tool = rebalance_until_first_batch(&nats, "a,b,c");
     c.kill9().await;
     let status = tokio::task::spawn_blocking(move || tool.wait_with_output())
         .await
@@ -545,11 +519,14 @@ fn rebalance_until_first_batch(nats: &Nats, to: &str) -> std::process::Child {
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = lines_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the tool prints its first batch");
-        if line.starts_with("round 1:") {
-            return tool;
+        match lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.starts_with("round 1:") => return tool,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = tool.kill();
+                let _ = tool.wait();
+                panic!("the tool printed no batch");
+            }
         }
     }
 }
