@@ -468,13 +468,18 @@ async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_wh
         acked.push((room.clone(), id, seq));
     }
 
-    // Back, c waits outside again (its copies of the first batch are stale); a second
-    // run moves everything, big room included.
+    // Back, c waits outside again, with the move it missed the end of still pending
+    // (kept in its data dir): a new run is refused until `--abort`, as the tool said.
     c.restart().await;
     readyz_until(&c, TIMEOUT, |body| {
         body["cluster"]["membership"] == "outside"
     })
     .await;
+    let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
+    assert!(!ok && out.contains("node c is already in move"), "{out}");
+    let (ok, out) = rebalance(&nats, &["--abort"]);
+    assert!(ok, "{out}");
+    // A second run moves everything, big room included.
     let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
     assert!(ok, "{out}");
     assert!(
