@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 rooms=${1:-2000}
 ops=${2:-20}
-bin=target/release/roomd
+bin=${ROOMD_BIN:-target/release/roomd}
 [ -x "$bin" ] || cargo build --release --bin roomd
 nats=$(command -v nats-server || echo /usr/sbin/nats-server)
 work=$(mktemp -d)
