@@ -261,7 +261,7 @@ fn serve(config: Config, kinds: Kinds) -> Result<(), RunError> {
         ..config
     };
     let system = actix_rt::System::new();
-    system.block_on(async move {
+    let served = system.block_on(async move {
         // Installed before the server starts, so a signal at any moment gets the
         // orderly shutdown.
         let signal = crate::server::shutdown_signal().map_err(RunError::Signals)?;
@@ -273,5 +273,15 @@ fn serve(config: Config, kinds: Kinds) -> Result<(), RunError> {
         })
         .await?;
         Ok(())
-    })
+    });
+    // Tasks still pending when the server returns (in cluster mode, the readers of NATS
+    // subscriptions) are dropped with actix's LocalSet, before its tokio runtime and
+    // outside its context; async-nats unsubscribes in `Subscriber::drop` with
+    // `tokio::spawn`, which then panics ("no reactor running"), once per subscription,
+    // on every shutdown. Dropped inside the runtime's context, those unsubscribes are
+    // queued instead (and dropped with the runtime: NATS sees the connection close).
+    let runtime = system.runtime().tokio_runtime().handle().clone();
+    let _context = runtime.enter();
+    drop(system);
+    served
 }

@@ -1417,3 +1417,27 @@ async fn an_admin_disconnect_closes_the_users_connections_on_every_node() {
     on_c.expect_close(4403).await;
     other.expect_silence(Duration::from_millis(200)).await;
 }
+
+#[tokio::test]
+async fn nodes_stop_on_sigterm_with_exit_0_and_no_panic() {
+    let nats = Nats::start().await;
+    let mut nodes = three_nodes(&nats).await;
+    let room = "state:stopping";
+    let owner = owner_of(nodes.len(), room);
+    let other = (owner + 1) % 3;
+    // Every kind of NATS subscription a node holds: the member check, forwarded ops and
+    // their answers, and a remote subscription.
+    let mut writer = nodes[other].client("writer").await;
+    writer.create_ok(room, "state", json!({})).await;
+    writer.ack("w1", room, incr()).await;
+    let mut watcher = nodes[other].client("watcher").await;
+    watcher.sub(room).await;
+
+    for node in [other, owner, (owner + 2) % 3] {
+        nodes[node].terminate();
+        let status = nodes[node].wait_exit(Duration::from_secs(20)).await;
+        let stderr = nodes[node].stderr();
+        assert!(status.success(), "node exited with {status}:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -331,6 +331,11 @@ impl Server {
         self.spawn().await;
     }
 
+    /// Everything the server wrote to stderr, across restarts.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     pub fn stderr_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
