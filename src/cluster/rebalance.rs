@@ -46,8 +46,9 @@
 //! room is served by its old owner until frozen there, and by its new owner only after
 //! the new owner committed the new list, by which time the old owner has it frozen.
 //! A failure *during* the commit (a node dies between two commits) is reported with
-//! what reached whom; running the tool again with the same `--to` finishes it (a node
-//! restarted after the commit takes the list the live members agree on).
+//! what reached whom; restarting the nodes it did not reach with the new list finishes
+//! it (a restarted node takes the list the live members agree on at the newer
+//! generation, and a move it kept pending is then over).
 
 use std::time::Duration;
 

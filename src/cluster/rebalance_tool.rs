@@ -69,8 +69,8 @@ pub enum RebalanceError {
     },
     #[error(
         "the new member list (generation {generation}) is committed on {done} but not on \
-         {missing}: {reason}. Run the same command again to finish, or restart those nodes \
-         with --cluster-nodes {nodes}"
+         {missing}: {reason}. Restart those nodes with --cluster-nodes {nodes}: a node \
+         takes the list the live members agree on at the newer generation"
     )]
     PartialCommit {
         generation: u64,
