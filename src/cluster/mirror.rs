@@ -67,7 +67,6 @@ pub struct Mirrors {
 /// One room's mirror.
 struct Mirror {
     room: String,
-    owner: String,
     /// Reads the room's feed; aborted (which unsubscribes) when the mirror goes.
     reader: Option<tokio::task::JoinHandle<()>>,
     /// The reader is being started (the NATS subscription is on its way).
@@ -290,11 +289,11 @@ impl Mirrors {
         self.rooms.lock().get(room).cloned()
     }
 
-    /// A connection is about to ask `owner` to subscribe it to `room`: the room's feed
+    /// A connection is about to ask the owner to subscribe it to `room`: the room's feed
     /// is joined first (if this node has not yet), so the diffs after the owner's
     /// answer are not missed. Every `join` is followed by one [`Mirrors::activate`] or
     /// [`Mirrors::abandon`].
-    pub async fn join(self: &Arc<Self>, room: &str, owner: &str) {
+    pub async fn join(self: &Arc<Self>, room: &str) {
         let created = {
             let mut rooms = self.rooms.lock();
             match rooms.get(room) {
@@ -307,7 +306,6 @@ impl Mirrors {
                         room.to_owned(),
                         Arc::new(Mutex::new(Mirror {
                             room: room.to_owned(),
-                            owner: owner.to_owned(),
                             reader: None,
                             starting: true,
                             joining: 1,
@@ -511,13 +509,13 @@ impl Mirrors {
     /// Asks the owner for the changes since `since` and delivers them to the
     /// subscribers stuck there (see the module docs).
     fn catch_up(self: &Arc<Self>, mirror: &Arc<Mutex<Mirror>>, since: u64) {
-        let (room, owner) = {
+        let room = {
             let mut locked = mirror.lock();
             if locked.catching_up.is_some() {
                 return;
             }
             locked.catching_up = Some(since);
-            (locked.room.clone(), locked.owner.clone())
+            locked.room.clone()
         };
         crate::metrics::hot().cluster_catchups.increment(1);
         tracing::debug!(%room, since, "cluster: a gap in the room's feed; catching up");
@@ -526,7 +524,8 @@ impl Mirrors {
         let mirror = mirror.clone();
         actix_rt::spawn(async move {
             let caught_up = match node.and_then(|n| n.upgrade()) {
-                Some(cluster) => ask_catch_up(&cluster, &owner, &room, since).await,
+                // The owner in force now (a rebalance may have moved the room).
+                Some(cluster) => ask_catch_up(&cluster, &cluster.owner(&room), &room, since).await,
                 None => Err("the node is shutting down".into()),
             };
             let Some(mirrors) = mirrors.upgrade() else {
@@ -649,7 +648,6 @@ mod tests {
     fn mirror() -> Mirror {
         Mirror {
             room: "r".into(),
-            owner: "b".into(),
             reader: None,
             starting: false,
             joining: 0,

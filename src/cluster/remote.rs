@@ -70,7 +70,7 @@ pub async fn subscribe(
     };
     // The room's feed is joined before the owner is asked, so the diffs after its
     // answer reach this node.
-    remote.mirrors.join(room, &owner).await;
+    remote.mirrors.join(room).await;
     let reply = match cluster.forwarder().send(&owner, &request).await {
         Ok(ticket) => ticket.reply().await,
         Err(e) => Err(e),
