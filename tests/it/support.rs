@@ -28,6 +28,13 @@ use tokio_tungstenite::WebSocketStream;
 /// How long a test waits for an expected frame or response before failing.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a test waits for the ack or nack of an op or create: the ack leaves only once
+/// the op's batch is durable (log before send), and an fsync of the shared disk of a
+/// loaded two-core machine has been seen to take most of a second per commit, so this
+/// is longer than [`TIMEOUT`]. Only the wait for a reply gets it; a frame that needs no
+/// commit (a snapshot, an error) still has [`TIMEOUT`].
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long the server may take to print its listening line (a debug build recovering a
 /// store on a busy two-core machine is not instant).
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -813,17 +820,28 @@ impl Client {
     /// The first frame matching `pred` (within TIMEOUT); frames skipped on the way stay
     /// pending for later reads.
     pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.recv_until_within(TIMEOUT, "a frame", pred).await
+    }
+
+    /// As [`recv_until`](Self::recv_until), waiting up to `timeout` for `what` (named in
+    /// the failure, so a timeout says which frame did not come).
+    pub async fn recv_until_within(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         if let Some(pos) = self.pending.iter().position(&pred) {
             return self.pending.remove(pos).expect("the position is in range");
         }
-        let deadline = Instant::now() + TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_event(left).await {
                 Event::Json(v) if pred(&v) => return v,
                 Event::Json(v) => self.pending.push_back(v),
                 other => panic!(
-                    "waiting for a frame, got {other:?}; unmatched: {:?}",
+                    "waiting for {what}, got {other:?}; unmatched: {:?}",
                     self.pending
                 ),
             }
@@ -918,8 +936,11 @@ impl Client {
 
     /// Waits for the `ack` or `nack` of `id`.
     pub async fn reply(&mut self, id: &str) -> Value {
-        self.recv_until(|v| (v["t"] == "ack" || v["t"] == "nack") && v["id"] == id)
-            .await
+        let what = format!("the ack or nack of {id:?}");
+        self.recv_until_within(REPLY_TIMEOUT, &what, |v| {
+            (v["t"] == "ack" || v["t"] == "nack") && v["id"] == id
+        })
+        .await
     }
 
     /// Sends an op that must be acked; returns the ack's seq.
