@@ -83,7 +83,7 @@ fn coalesce(c: &mut Criterion) {
                     b.iter_batched(
                         || events(n_events, n_keys),
                         |events| {
-                            let mut batch = Batch::new(FIRST_SEQ);
+                            let mut batch = Batch::new(FIRST_SEQ, 0);
                             for e in events {
                                 // The state the events were applied to: empty here, so
                                 // each slot is rebuilt from the record.

@@ -39,8 +39,8 @@
 //!   Origin rules, JSON bodies, body deadline) and the `{"code","msg"}` shape of every
 //!   error; [`http::reads`]: a read's streamed reply; [`http::forwarded`]: cluster
 //!   mode's calls about a room another node owns, answered there as if local.
-//!   [`session`]: the Session actor, the upgrade and the frame guard in front of
-//!   actix-ws.
+//!   [`session`]: the Session actor, the upgrade, the frame guard and the decoder of
+//!   the client's messages (actix-http's WebSocket codec; no actix-ws).
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
 //! - [`cluster`]: cluster mode (`--cluster-nats`): the NATS connection, which node owns
 //!   a room ([`cluster::hrw`], rendezvous hashing), the startup agreement on the

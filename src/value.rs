@@ -116,14 +116,17 @@ fn format_len(f: f64) -> usize {
 
 /// Length of `s` as a JSON string literal, counting escapes.
 fn quoted_len(s: &str) -> usize {
-    2 + s
-        .chars()
-        .map(|c| match c {
-            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
-            c if (c as u32) < 0x20 => 6,
-            c => c.len_utf8(),
+    // By bytes, not chars: a char's UTF-8 length is its bytes, and every escaped char is
+    // one ASCII byte (no byte of a multi-byte char is below 0x80).
+    let escapes: usize = s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            b if b < 0x20 => 5,
+            _ => 0,
         })
-        .sum::<usize>()
+        .sum();
+    2 + s.len() + escapes
 }
 
 #[cfg(test)]
@@ -147,5 +150,21 @@ mod tests {
         ]);
         let exact = r#"{"a":-120,"b":"x\"y","c":[true,null]}"#;
         assert_eq!(v.json_size(), exact.len());
+    }
+
+    #[test]
+    fn string_sizes_count_escapes_and_multibyte_chars_as_serde_json_writes_them() {
+        let all_low: String = (0u8..0x20).map(char::from).collect();
+        for s in [
+            "",
+            "plain",
+            "q\"b\\",
+            "é€😀",
+            "\u{7f}\u{80}",
+            all_low.as_str(),
+        ] {
+            let written = serde_json::to_string(s).expect("a string serializes");
+            assert_eq!(quoted_len(s), written.len(), "{s:?}");
+        }
     }
 }

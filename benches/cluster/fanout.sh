@@ -13,62 +13,30 @@
 #
 #   benches/cluster/fanout.sh [ROUNDS] [SUBSCRIBERS] [RATE] [DURATION]
 #   (defaults: 3 rounds, 2000 subscribers in one room, 100 posts/s, 10s)
-set -euo pipefail
-cd "$(git rev-parse --show-toplevel)"
 rounds=${1:-3}
 subs=${2:-2000}
 rate=${3:-100}
 duration=${4:-10s}
-bin=target/release/roomd
-[ -x "$bin" ] || cargo build --release --bin roomd
-nats=$(command -v nats-server || echo /usr/sbin/nats-server)
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 ulimit -n 20000 2>/dev/null || true
 
-nats_port=$(free_port)
-nats_mon=$(free_port)
-"$nats" -a 127.0.0.1 -p "$nats_port" -m "$nats_mon" >/dev/null 2>&1 & nats_pid=$!
-pids+=("$nats_pid")
-sleep 0.5
-limits=(--op-rate 100000 --op-burst 100000 --handshakes-per-ip 1000000 --handshakes-total 1000000)
-declare -A port pid
-start() { # id, extra flags...
-  local id=$1; shift
-  port[$id]=$(free_port)
-  "$bin" --bind "127.0.0.1:${port[$id]}" --data-dir "$work/$id" "${limits[@]}" "$@" \
-    >"$work/$id.out" 2>"$work/$id.err" &
-  pid[$id]=$!
-  pids+=("${pid[$id]}")
-}
-start s
+start_nats monitor
+node_limits+=(--handshakes-per-ip 1000000 --handshakes-total 1000000)
+start_node s
 for id in a b c; do
-  start "$id" --cluster-nats "nats://127.0.0.1:$nats_port" --node-id "$id" --cluster-nodes a,b,c
-done
-for id in s a b c; do
-  for _ in $(seq 100); do grep -q listening "$work/$id.out" 2>/dev/null && break; sleep 0.1; done
+  start_node "$id" --cluster-nats "nats://127.0.0.1:$nats_port" --node-id "$id" --cluster-nodes a,b,c
 done
 url() { echo "ws://127.0.0.1:${port[$1]}"; }
 
 # A room prefix P whose room P-0 node a owns.
 owned_by_a() {
-  python3 - "$1" <<'PY'
+  PYTHONPATH=benches/cluster python3 - "$1" <<'PY'
 import sys
-M = (1 << 64) - 1
-def score(node, room):
-    h = 0xcbf29ce484222325
-    for b in node.encode() + b"\xff" + room.encode():
-        h = ((h ^ b) * 0x100000001b3) & M
-    h = ((h ^ (h >> 30)) * 0xbf58476d1ce4e5b9) & M
-    h = ((h ^ (h >> 27)) * 0x94d049bb133111eb) & M
-    return h ^ (h >> 31)
+from hrw import owner
 base = sys.argv[1]
 for i in range(1000):
     prefix = f"{base}{i}"
-    if max("abc", key=lambda n: score(n, prefix + "-0")) == "a":
+    if owner(prefix + "-0", "abc") == "a":
         print(prefix)
         break
 PY

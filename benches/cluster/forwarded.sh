@@ -9,32 +9,14 @@
 # fans it out to its subscribers.
 #
 #   benches/cluster/forwarded.sh [RUNS]     (default 6 runs of each bench; release build)
-set -euo pipefail
-cd "$(git rev-parse --show-toplevel)"
 runs=${1:-6}
-bin=target/release/roomd
-[ -x "$bin" ] || cargo build --release
-nats=$(command -v nats-server || echo /usr/sbin/nats-server)
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 
-nats_port=$(free_port)
-"$nats" -a 127.0.0.1 -p "$nats_port" >/dev/null 2>&1 & pids+=($!)
-sleep 0.5
-declare -A port
+start_nats
 for id in a b; do
-  port[$id]=$(free_port)
-  "$bin" --bind "127.0.0.1:${port[$id]}" --data-dir "$work/$id" --op-rate 100000 --op-burst 100000 \
-    --cluster-nats "nats://127.0.0.1:$nats_port" --node-id "$id" --cluster-nodes a,b \
-    >"$work/$id.out" 2>"$work/$id.err" & pids+=($!)
+  start_node "$id" --cluster-nats "nats://127.0.0.1:$nats_port" --node-id "$id" --cluster-nodes a,b
 done
-for id in a b; do
-  for _ in $(seq 100); do grep -q listening "$work/$id.out" 2>/dev/null && break; sleep 0.1; done
-done
-a_pid=${pids[1]}
+a_pid=${pid[a]}
 url="ws://127.0.0.1:${port[a]}"
 rooms_on_a() { curl -s "http://127.0.0.1:${port[a]}/api/rooms?prefix=$1&limit=1000" >"$work/rooms-$2.json"; }
 # "local" when the room that appeared between the two listings is a's, else $1.

@@ -9,29 +9,14 @@
 # back, probed the same way.
 #
 #   benches/cluster/rebalance.sh [ROOMS] [OPS]     (default 2000 rooms, 20 ops; release build)
-set -euo pipefail
-cd "$(git rev-parse --show-toplevel)"
 rooms=${1:-2000}
 ops=${2:-20}
-bin=${ROOMD_BIN:-target/release/roomd}
-[ -x "$bin" ] || cargo build --release --bin roomd
-nats=$(command -v nats-server || echo /usr/sbin/nats-server)
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 
-nats_port=$(free_port)
-"$nats" -a 127.0.0.1 -p "$nats_port" >/dev/null 2>&1 & pids+=($!)
-sleep 0.5
-declare -A port
+start_nats
 start() { # id list
-  port[$1]=$(free_port)
-  "$bin" --bind "127.0.0.1:${port[$1]}" --data-dir "$work/$1" --op-rate 100000 --op-burst 100000 \
-    --cluster-nats "nats://127.0.0.1:$nats_port" --cluster-name bench --node-id "$1" --cluster-nodes "$2" \
-    >"$work/$1.out" 2>"$work/$1.err" & pids+=($!)
-  for _ in $(seq 100); do grep -q listening "$work/$1.out" 2>/dev/null && break; sleep 0.1; done
+  start_node "$1" --cluster-nats "nats://127.0.0.1:$nats_port" --cluster-name bench --node-id "$1" \
+    --cluster-nodes "$2"
 }
 start a a,b
 start b a,b
@@ -56,21 +41,13 @@ with ThreadPoolExecutor(16) as pool:
 print(f"filled {rooms} rooms with {ops} ops each")
 EOF
 
-# The prober: FNV-1a + SplitMix64 rendezvous hashing (src/cluster/hrw.rs) picks rooms
+# The prober: rendezvous hashing (hrw.py, as src/cluster/hrw.rs) picks rooms
 # that move; it writes to them until told to stop and prints the refusal windows.
 probe() { # nodes_before nodes_after stop_file
-  python3 - "${port[a]}" "$rooms" "$1" "$2" "$3" <<'EOF'
+  PYTHONPATH=benches/cluster python3 - "${port[a]}" "$rooms" "$1" "$2" "$3" <<'EOF'
 import json, sys, time, os, threading, urllib.request, urllib.error
+from hrw import owner
 port, rooms, before, after, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(","), sys.argv[5]
-M = (1 << 64) - 1
-def score(node, room):
-    h = 0xcbf29ce484222325
-    for b in node.encode() + b"\xff" + room.encode():
-        h = ((h ^ b) * 0x100000001b3) & M
-    h = ((h ^ (h >> 30)) * 0xbf58476d1ce4e5b9) & M
-    h = ((h ^ (h >> 27)) * 0x94d049bb133111eb) & M
-    return h ^ (h >> 31)
-owner = lambda room, nodes: max(nodes, key=lambda n: score(n, room))
 moving = [r for r in (f"state:bench-{i}" for i in range(rooms)) if owner(r, before) != owner(r, after)][:32]
 windows, acked, lock = [], [0], threading.Lock()
 def run(room, k):

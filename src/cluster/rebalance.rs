@@ -17,7 +17,9 @@
 //!    From now on an old owner refuses the *creation* of any room that leaves it, so no
 //!    room appears there that the move would not copy.
 //! 3. **Plan.** Each old owner lists, from its store, the rooms it owns that leave it,
-//!    and to whom ([`leaves`]), a bounded page at a time.
+//!    and to whom ([`leaves`]), a bounded page at a time; the last page adds the rooms
+//!    its running actors hold that the store may not list yet (a creation accepted just
+//!    before Begin, still being committed: `room::moving::Holds`).
 //! 4. **Move, in batches** of at most [`ROOMS_PER_BATCH`] rooms from one node to one
 //!    node:
 //!    - *Freeze* on the old owner: the rooms refuse everything with `unavailable` (ops
@@ -31,8 +33,8 @@
 //!      in one transaction, checked, and reads it back (same head, same epoch). The
 //!      room is not the new owner's yet: every node still routes it to the old owner,
 //!      where it is frozen.
-//! 5. **Verify.** Each old owner checks that every room leaving it is frozen (a room
-//!    created just before Begin is found by a second Plan round).
+//! 5. **Verify.** Each old owner checks, as a Plan would list them, that every room
+//!    leaving it is frozen; a room that appeared meanwhile is moved by another round.
 //! 6. **Commit.** Every node writes the new list with the next generation to
 //!    `DIR/CLUSTER` and puts it in force. From then on a node routes a moved room to its
 //!    new owner; the old owner answers stale forwards `unavailable` (it owns it no

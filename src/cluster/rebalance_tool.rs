@@ -349,6 +349,7 @@ impl Move<'_> {
     /// The rooms leaving each old owner, by (old owner, new owner).
     async fn plan(&self) -> Result<BTreeMap<(String, String), Vec<String>>, String> {
         let mut plan: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
         for node in &self.from.nodes {
             let mut after = None;
             loop {
@@ -359,7 +360,10 @@ impl Move<'_> {
                 match self.ask(node, step).await? {
                     Answer::Rooms { rooms, next } => {
                         for (room, target) in rooms {
-                            plan.entry((node.clone(), target)).or_default().push(room);
+                            // A room may be named twice (stored, and held by its actor).
+                            if seen.insert(room.clone()) {
+                                plan.entry((node.clone(), target)).or_default().push(room);
+                            }
                         }
                         match next {
                             Some(next) => after = Some(next),

@@ -4,8 +4,8 @@
 //! body ([`OutboundBody`]) pulls them when actix-http asks for more, which it does only
 //! while its write buffer is small, so the bytes charged here are what this connection
 //! holds in memory (plus one write buffer and the kernel's socket buffer). That is why
-//! frames do not go through `actix_ws::Session`: its channel holds 32 frames of any size
-//! that no byte limit sees. Data frames are whole WebSocket frames (header included:
+//! frames do not go through a channel of frames (actix-ws's holds 32 of any size, which
+//! no byte limit sees). Data frames are whole WebSocket frames (header included:
 //! server frames are unmasked, so the bytes are the same for every receiver), encoded
 //! once and shared by reference: a diff is queued to every subscriber for a refcount,
 //! and the body hands the same bytes to actix-http without another copy.
@@ -40,7 +40,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
-use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::body::{BodySize, MessageBody};
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 
@@ -155,7 +155,7 @@ pub struct Outbound {
 
 #[derive(Debug, Default)]
 struct Inner {
-    frames: VecDeque<(Frame, usize)>,
+    frames: Queue,
     charged: usize,
     /// Set once: the close code and reason to send before the body ends.
     close: Option<(u16, String)>,
@@ -170,6 +170,39 @@ struct Inner {
     /// included), for the connection's log line.
     sent_frames: u64,
     sent_bytes: u64,
+}
+
+/// The frames waiting, oldest first, each with what it was charged.
+///
+/// The oldest is kept inline: most connections, idle or not, have at most one frame
+/// waiting at a time and then never allocate the queue behind it (an idle connection
+/// kept a `VecDeque` of 4 slots, 192 bytes, from its `welcome` on).
+#[derive(Debug, Default)]
+struct Queue {
+    first: Option<(Frame, usize)>,
+    /// Only used while `first` is taken.
+    rest: VecDeque<(Frame, usize)>,
+}
+
+impl Queue {
+    fn push_back(&mut self, frame: (Frame, usize)) {
+        if self.first.is_none() {
+            self.first = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<(Frame, usize)> {
+        let first = self.first.take()?;
+        self.first = self.rest.pop_front();
+        Some(first)
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
 }
 
 /// What a connection has sent, for its log line at close.
@@ -370,40 +403,31 @@ fn truncate(text: &str, max: usize) -> String {
 
 /// The upgrade response body: frames pulled from the [`Outbound`] queue, then, after the
 /// close frame, the drain of the inbound side (see the module docs). Ending the body is
-/// what closes the TCP connection.
-///
-/// It also keeps actix-ws's own response body alive, unpolled: dropping that body is
-/// how actix-ws tells its message stream that the connection ended.
-pub struct OutboundBody {
+/// what closes the TCP connection; dropping it drops the drain, which tells the inbound
+/// side's reader that the connection is over.
+pub struct OutboundBody<D> {
     outbound: Arc<Outbound>,
     /// The connection's raw inbound side, shared with the frame guard in front of the
     /// codec.
-    inbound: Box<dyn InboundDrain>,
+    inbound: D,
     /// The drain's deadline, armed when the close frame has been handed over.
     drain_until: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Counts this connection among the open ones until the body is dropped.
     _open: OpenConnection,
-    _actix_ws_body: BoxBody,
 }
 
-impl OutboundBody {
-    pub fn new(
-        outbound: Arc<Outbound>,
-        inbound: Box<dyn InboundDrain>,
-        open: OpenConnection,
-        actix_ws_body: BoxBody,
-    ) -> OutboundBody {
+impl<D: InboundDrain> OutboundBody<D> {
+    pub fn new(outbound: Arc<Outbound>, inbound: D, open: OpenConnection) -> OutboundBody<D> {
         OutboundBody {
             outbound,
             inbound,
             drain_until: None,
             _open: open,
-            _actix_ws_body: actix_ws_body,
         }
     }
 }
 
-impl MessageBody for OutboundBody {
+impl<D: InboundDrain + Unpin> MessageBody for OutboundBody<D> {
     type Error = std::convert::Infallible;
 
     fn size(&self) -> BodySize {
@@ -440,7 +464,9 @@ impl MessageBody for OutboundBody {
 }
 
 /// A connection's inbound side once the server has sent its close frame: read and
-/// discarded until the client's close frame (RFC 6455 §7.1.1).
+/// discarded until the client's close frame (RFC 6455 §7.1.1). The body holds it for the
+/// connection's life; dropping it is how the inbound side's reader learns that the
+/// connection is over.
 pub trait InboundDrain {
     /// Reads and discards what the client sends; ready once its close frame has been read
     /// or the stream ended. The caller bounds how long it waits.
@@ -529,6 +555,28 @@ mod tests {
         assert_eq!(q.push(text(45), Charge::Full), Pushed::Queued);
         assert_eq!(q.push(text(10), Charge::Droppable), Pushed::Dropped);
         assert!(!q.is_closing());
+    }
+
+    #[test]
+    fn frames_leave_in_the_order_they_were_queued() {
+        let q = Outbound::new(1000, KillSwitch::default());
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut next = || match q.poll_frame(&mut cx) {
+            Poll::Ready(Some(wire)) => Some(wire.len()),
+            _ => None,
+        };
+        for n in [1, 2, 3] {
+            q.push(text(n), Charge::Full);
+        }
+        assert_eq!(next(), Some(3));
+        q.push(text(4), Charge::Full);
+        assert_eq!(
+            [next(), next(), next(), next()],
+            [Some(4), Some(5), Some(6), None]
+        );
+        q.push(text(5), Charge::Full);
+        assert_eq!(next(), Some(7));
+        assert_eq!(q.charged(), 0);
     }
 
     #[test]

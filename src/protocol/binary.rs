@@ -61,6 +61,17 @@ pub fn encode(msg: &ServerMsg) -> Bytes {
     Bytes::from(bytes.into_vec())
 }
 
+/// Encodes one server message into `out` (cleared first), the same bytes as
+/// [`encode`]: for a buffer reused across many messages.
+pub fn encode_into(msg: &ServerMsg, out: &mut Vec<u8>) {
+    let mut buffer = std::mem::take(out);
+    buffer.clear();
+    // The format is unaligned (alignment 1 throughout), so a plain Vec holds the archive
+    // as well as an aligned one; serializing into memory cannot fail.
+    *out = rkyv::api::high::to_bytes_in::<_, RkyvError>(msg, buffer)
+        .expect("rkyv serialization into memory");
+}
+
 /// Encodes a client message; used by clients, fixtures and tests.
 pub fn encode_client(msg: &ClientMsg) -> Bytes {
     // Same as `encode`: in-memory serialization cannot fail.
@@ -83,6 +94,17 @@ mod tests {
     fn garbage_is_a_bad_frame_not_a_panic() {
         for frame in [&b""[..], b"\x00", &[0xff; 64], &[0; 3]] {
             assert!(decode(frame).is_err());
+        }
+    }
+
+    #[test]
+    fn encoding_into_a_reused_buffer_gives_the_same_bytes() {
+        let mut buffer = b"left over".to_vec();
+        for (id, seq) in [("c1", 1), ("a much longer op id, past the first", u64::MAX)] {
+            let msg = ServerMsg::Ack { id: id.into(), seq };
+            encode_into(&msg, &mut buffer);
+            assert_eq!(buffer, encode(&msg).to_vec());
+            assert_eq!(decode_server(&buffer).ok(), Some(msg));
         }
     }
 

@@ -10,12 +10,14 @@
 //! `op`, `init` or `data` makes that value `invalid`, like any other malformed value.
 //! [`parse_object`] applies the same rule to HTTP bodies.
 
+use std::borrow::Cow;
+
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Number, Value as Json};
 
-use super::frame_tree::{self, ParsedTree, Tree};
+use super::frame_tree::{self, Members, ParsedTree, Tree};
 use super::ids::{epoch_hex, parse_epoch};
 use super::message::{ServerMsg, WireEntry, WireValue};
 use super::{BadFrame, Inbound, Since};
@@ -36,7 +38,7 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
     let members = frame.member_duplicates;
     // A value with a repeated key inside is `invalid` (nacked under the op's id); a
     // repeated key anywhere else in the frame makes the frame unusable.
-    let value_of = |obj: &mut Vec<(String, Tree)>, name: &str| -> Option<Result<Value, String>> {
+    let value_of = |obj: &mut Members<'_>, name: &str| -> Option<Result<Value, String>> {
         let tree = frame_tree::take(obj, name)?;
         Some(match duplicate_in(&members, name) {
             Some(key) => Err(format!("duplicate key `{key}`")),
@@ -49,8 +51,8 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
     {
         return Err(BadFrame(format!("duplicate key `{key}` in `{field}`")));
     }
-    let tag = take_str(&mut obj, "t")?;
-    let inbound = match tag.as_str() {
+    let tag = take_field(&mut obj, "t")?;
+    let inbound = match &*tag {
         "create" => Inbound::Create {
             id: take_str(&mut obj, "id")?,
             room: take_str(&mut obj, "room")?,
@@ -224,8 +226,9 @@ impl<'de> Visitor<'de> for ParsedVisitor {
     }
 }
 
-/// A string field of the frame, moved out of it.
-fn take_str(obj: &mut Vec<(String, Tree)>, name: &str) -> Result<String, BadFrame> {
+/// A string field of the frame, moved out of it (still borrowed from the frame unless
+/// it had escapes).
+fn take_field<'de>(obj: &mut Members<'de>, name: &str) -> Result<Cow<'de, str>, BadFrame> {
     match frame_tree::take(obj, name) {
         Some(Tree::Str(s)) => Ok(s),
         Some(_) => Err(BadFrame(format!("`{name}` must be a string"))),
@@ -233,7 +236,12 @@ fn take_str(obj: &mut Vec<(String, Tree)>, name: &str) -> Result<String, BadFram
     }
 }
 
-fn decode_since(since: &[(String, Tree)]) -> Result<Since, BadFrame> {
+/// A string field of the frame, moved out of it and owned.
+fn take_str(obj: &mut Members<'_>, name: &str) -> Result<String, BadFrame> {
+    take_field(obj, name).map(Cow::into_owned)
+}
+
+fn decode_since(since: &[(Cow<'_, str>, Tree<'_>)]) -> Result<Since, BadFrame> {
     let epoch = match frame_tree::get(since, "epoch") {
         Some(Tree::Str(s)) => parse_epoch(s),
         _ => return Err(BadFrame("`since.epoch` must be a string".into())),

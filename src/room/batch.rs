@@ -2,12 +2,11 @@
 //! out together once it has (the acks, in arrival order, and one coalesced diff).
 
 use super::messages::{OpDone, ReplyFrames, ReplyTo};
-use super::op_ids::OpKey;
+use super::op_ids::{OpKey, OpKeyMap};
 use super::views::{DiffChanges, Seen};
 use super::RoomError;
 use crate::kind::{Changes, RoomState, Slot, Undo};
 use crate::store::{EventRecord, RoomMeta};
-use indexmap::IndexMap;
 use std::collections::BTreeMap;
 
 /// A reply held back until the batch it follows is committed, so replies to one caller
@@ -49,6 +48,11 @@ pub const MAX_BATCH_EVENTS: usize = 1024;
 /// Most bytes of changed values (as JSON) in one batch, which bounds a diff frame.
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 
+/// The most events a new batch makes room for up front: a busy room's batches grow past
+/// it as they would have anyway, and a room whose last batch was large does not hold a
+/// large allocation for a batch of one op.
+pub const EXPECTED_EVENTS_CAP: usize = 64;
+
 /// Events applied to the working state and not yet committed.
 pub struct Batch {
     /// Seq of the first event (the previous batch's last + 1).
@@ -66,7 +70,7 @@ pub struct Batch {
     /// Op ids of this batch's events with their seqs, in seq order, remembered once
     /// committed. Indexed: every op with an id asks whether its id is in flight, and a
     /// scan would cost as many comparisons as a busy room has ops in flight.
-    pub op_ids: IndexMap<OpKey, u64>,
+    pub op_ids: OpKeyMap<u64>,
     /// Approximate JSON size of the changed values, for [`MAX_BATCH_BYTES`].
     bytes: usize,
     /// Set when a snapshot at this seq was submitted with the batch.
@@ -78,15 +82,18 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(first_seq: u64) -> Batch {
+    /// An empty batch with room for `expected` events without growing (the room's
+    /// previous batch size, see [`EXPECTED_EVENTS_CAP`]).
+    pub fn new(first_seq: u64, expected: usize) -> Batch {
+        let expected = expected.min(EXPECTED_EVENTS_CAP);
         Batch {
             first_seq,
             create: None,
-            events: Vec::new(),
-            replies: Vec::new(),
+            events: Vec::with_capacity(expected),
+            replies: Vec::with_capacity(expected),
             priors: BTreeMap::new(),
             coalesced: BTreeMap::new(),
-            op_ids: IndexMap::new(),
+            op_ids: OpKeyMap::with_capacity_and_hasher(expected, Default::default()),
             bytes: 0,
             snapshot_seq: None,
             submission: None,
@@ -101,10 +108,9 @@ impl Batch {
 
     /// Moves the log records out, for the store.
     pub fn take_records(&mut self) -> Vec<EventRecord> {
-        self.events
-            .iter_mut()
-            .filter_map(|e| e.record.take())
-            .collect()
+        let mut records = Vec::with_capacity(self.events.len());
+        records.extend(self.events.iter_mut().filter_map(|e| e.record.take()));
+        records
     }
 
     pub fn is_empty(&self) -> bool {

@@ -124,6 +124,7 @@ impl Room {
                 .op_ids
                 .expire(batch.op_ids.len(), self.config.op_ids_kept);
             live.merging = batch.events.len() > 1;
+            live.last_batch_events = batch.events.len();
             let store_batch = store::Batch {
                 room: self.room_id.to_string(),
                 create: batch.create.take(),

@@ -138,6 +138,11 @@ impl Room {
         let Some(unsent) = self.unsent.take() else {
             return;
         };
+        // Nobody to tell (no subscriber here, none relayed to another node): the changes
+        // are dropped unencoded; a later subscriber starts from a snapshot of them.
+        if self.subscribers.is_empty() && self.n_relayed == 0 {
+            return;
+        }
         let room = self.room_id.to_string();
         let diff = |changes| ServerMsg::Diff {
             room: room.clone(),

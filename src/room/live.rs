@@ -51,6 +51,9 @@ pub(super) struct Live {
     /// The last batch submitted held more than one event: ops arrive faster than
     /// commits land, so a busy room holds its next batch (see `Room::flush`).
     pub(super) merging: bool,
+    /// Events in the last batch submitted: the room a new batch makes for events up
+    /// front, so a busy room's batches do not grow step by step.
+    pub(super) last_batch_events: usize,
     /// Acked op ids, to answer re-sent ops.
     pub(super) op_ids: OpIds,
     /// Seq and time of the newest snapshot written (0: none yet).
@@ -79,6 +82,7 @@ impl Live {
             in_flight: 0,
             next_submission: 0,
             merging: false,
+            last_batch_events: 0,
             op_ids: OpIds::default(),
             snapshot_seq: 0,
             snapshot_at: Instant::now(),
@@ -158,7 +162,8 @@ impl Live {
             None => false,
         };
         if !usable {
-            self.batches.push_back(Batch::new(self.head + 1));
+            self.batches
+                .push_back(Batch::new(self.head + 1, self.last_batch_events));
         }
         // Just ensured non-empty.
         self.batches.back_mut().expect("a batch was just pushed")

@@ -159,20 +159,41 @@ impl ReplyTo {
 #[derive(Default)]
 pub struct ReplyFrames {
     runs: Vec<(SessionRef, FrameRun)>,
-    /// Where each connection's run is in `runs`, by session id.
+    /// Where each connection's run is in `runs`, by session id; empty (and `runs`
+    /// scanned) until more than [`SCANNED_RUNS`] connections have replies.
     index: HashMap<u64, usize>,
-    /// Reused for every JSON ack.
+    /// Reused for every ack.
     scratch: Vec<u8>,
 }
+
+/// Up to this many connections per batch, finding a connection's run is a scan of the
+/// runs (a batch's replies usually go to a few connections), past it a hash lookup.
+const SCANNED_RUNS: usize = 16;
 
 impl ReplyFrames {
     fn run(&mut self, session: SessionRef) -> (Encoding, &mut FrameRun) {
         let encoding = session.encoding;
-        let runs = &mut self.runs;
-        let at = *self.index.entry(session.session_id).or_insert_with(|| {
-            runs.push((session, FrameRun::default()));
-            runs.len() - 1
-        });
+        let id = session.session_id;
+        let found = if self.index.is_empty() {
+            self.runs.iter().position(|(s, _)| s.session_id == id)
+        } else {
+            self.index.get(&id).copied()
+        };
+        let at = match found {
+            Some(at) => at,
+            None => {
+                self.runs.push((session, FrameRun::default()));
+                let at = self.runs.len() - 1;
+                if !self.index.is_empty() {
+                    self.index.insert(id, at);
+                } else if self.runs.len() > SCANNED_RUNS {
+                    self.index = (self.runs.iter().enumerate())
+                        .map(|(at, (s, _))| (s.session_id, at))
+                        .collect();
+                }
+                at
+            }
+        };
         (encoding, &mut self.runs[at].1)
     }
 
@@ -190,7 +211,8 @@ impl ReplyFrames {
                     id: id.to_owned(),
                     seq,
                 };
-                run.push(OpCode::Binary, &crate::protocol::binary::encode(&msg));
+                crate::protocol::binary::encode_into(&msg, &mut scratch);
+                run.push(OpCode::Binary, &scratch);
             }
         }
         self.scratch = scratch;

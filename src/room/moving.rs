@@ -12,8 +12,13 @@
 //!   node) that do not exist yet refuse their creation, so no room appears here after
 //!   the move listed what to copy.
 //!
+//! The move lists the rooms to copy from the store and from the running actors
+//! ([`Holds`]): a room whose creation was accepted just before the move began is not in
+//! the store until that creation commits, but its actor holds it already.
+//!
 //! Nothing here knows about NATS or the member list: the cluster decides, the rooms obey.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -30,20 +35,29 @@ pub type Leaving = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 #[derive(Default)]
 pub struct Moving {
     frozen: DashSet<String>,
+    /// `frozen.len()`, kept beside it so the check every request makes costs one load
+    /// while nothing is frozen (`DashSet::is_empty` locks every shard).
+    n_frozen: AtomicUsize,
     leaving: RwLock<Option<Leaving>>,
 }
 
 impl Moving {
+    /// Freezes `room`. Its actor learns it at its next request: the caller then sends
+    /// it [`Freeze`] (a message, so the actor sees the count raised here).
     pub fn freeze(&self, room: &str) {
-        self.frozen.insert(room.to_owned());
+        if self.frozen.insert(room.to_owned()) {
+            self.n_frozen.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     pub fn thaw(&self, room: &str) {
-        self.frozen.remove(room);
+        if self.frozen.remove(room).is_some() {
+            self.n_frozen.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     pub fn is_frozen(&self, room: &str) -> bool {
-        !self.frozen.is_empty() && self.frozen.contains(room)
+        self.n_frozen.load(Ordering::SeqCst) != 0 && self.frozen.contains(room)
     }
 
     /// Sets (Some) or clears (None) the rooms whose creation is refused.
@@ -86,5 +100,44 @@ impl Handler<Freeze> for Room {
             ctx.stop();
         }
         stopped
+    }
+}
+
+/// Whether the room exists on this node, counting a creation accepted but not yet
+/// committed (the store does not list such a room yet). A loading actor answers once
+/// its load ends.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "bool")]
+pub struct Holds;
+
+impl Handler<Holds> for Room {
+    type Result = bool;
+
+    fn handle(&mut self, _msg: Holds, _ctx: &mut Context<Self>) -> bool {
+        matches!(self.status, super::Status::Live(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_rooms_are_counted_once_and_thawed_once() {
+        let moving = Moving::default();
+        assert!(!moving.is_frozen("state:a"));
+        moving.freeze("state:a");
+        moving.freeze("state:a");
+        moving.freeze("state:b");
+        assert!(moving.is_frozen("state:a") && moving.is_frozen("state:b"));
+        assert!(!moving.is_frozen("state:c"));
+        moving.thaw("state:a");
+        moving.thaw("state:a");
+        moving.thaw("state:c");
+        assert!(!moving.is_frozen("state:a"));
+        assert!(moving.is_frozen("state:b"));
+        moving.thaw("state:b");
+        assert!(!moving.is_frozen("state:b"));
+        assert_eq!(moving.n_frozen.load(Ordering::SeqCst), 0);
     }
 }

@@ -6,30 +6,82 @@
 //! it may grow 10% past that before the oldest are forgotten, so expiry happens in
 //! bunches, in the same commit that the store forgets them.
 
-use std::sync::Arc;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
 
 use indexmap::IndexMap;
 
 /// One op id as a room knows it: the id a client chose, scoped to its user (two users'
-/// `"1"` are different ops). Built once where an op enters the room.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// `"1"` are different ops). Built once where an op enters the room, and hashed once
+/// there: a room looks an id up in its window and in every batch in flight, adds it to
+/// its batch and remembers it on commit, and each of those reuses this hash.
+#[derive(Debug, Clone)]
 pub struct OpKey {
     pub user: Arc<str>,
     pub id: String,
+    /// SipHash of `(user, id)` with this process's random keys ([`op_key_hasher`]), so
+    /// clients cannot choose ids that collide.
+    hash: u64,
 }
 
 impl OpKey {
     pub fn new(user: Arc<str>, id: String) -> OpKey {
-        OpKey { user, id }
+        let hash = op_key_hasher().hash_one((&*user, id.as_str()));
+        OpKey { user, id, hash }
     }
 }
+
+impl PartialEq for OpKey {
+    fn eq(&self, other: &OpKey) -> bool {
+        self.hash == other.hash && self.id == other.id && self.user == other.user
+    }
+}
+
+impl Eq for OpKey {}
+
+impl Hash for OpKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The keys of every op id hash in this process: drawn once, like a `HashMap`'s.
+fn op_key_hasher() -> &'static RandomState {
+    static KEYS: OnceLock<RandomState> = OnceLock::new();
+    KEYS.get_or_init(RandomState::new)
+}
+
+/// Hashes an [`OpKey`] by the hash it carries: the maps of op ids do not hash again.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyedHasher(u64);
+
+impl Hasher for KeyedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `OpKey` is hashed with this hasher, and it writes one u64; fold anything
+        // else in anyway so a misuse degrades to a poor hash, not a wrong map.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by op ids, hashed by [`OpKey`]'s own hash.
+pub type OpKeyMap<V> = IndexMap<OpKey, V, BuildHasherDefault<KeyedHasher>>;
 
 /// Acked op ids in the order they were committed (which is seq order), so the oldest
 /// are forgotten first: one map, each key stored once. Who reads: every op with an id,
 /// to answer re-sends. Who writes: commits.
 #[derive(Debug, Default)]
 pub struct OpIds {
-    seqs: IndexMap<OpKey, u64>,
+    seqs: OpKeyMap<u64>,
 }
 
 impl OpIds {
@@ -101,6 +153,19 @@ mod tests {
     #[test]
     fn an_empty_window_keeps_every_trimmed_event_free_of_ids() {
         assert_eq!(OpIds::default().oldest_seq(), u64::MAX);
+    }
+
+    #[test]
+    fn keys_are_equal_exactly_when_user_and_id_are() {
+        assert_eq!(key("u", "a"), key("u", "a"));
+        assert_ne!(key("u", "a"), key("u", "b"));
+        assert_ne!(key("u", "a"), key("v", "a"));
+        // The pair is hashed as a pair: moving a byte across the boundary is another key.
+        assert_ne!(key("ab", "c"), key("a", "bc"));
+        let mut ids = OpIds::default();
+        ids.remember(key("ab", "c"), 1);
+        assert_eq!(ids.get(&key("a", "bc")), None);
+        assert_eq!(ids.get(&key("ab", "c")), Some(1));
     }
 
     #[test]

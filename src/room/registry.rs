@@ -97,6 +97,16 @@ impl Registry {
         self.stopped.load(Ordering::Relaxed)
     }
 
+    /// Every running room with its id whose id passes `keep` (one shard locked at a
+    /// time, nothing awaited while iterating).
+    pub fn live_rooms(&self, keep: impl Fn(&str) -> bool) -> Vec<(RoomId, Addr<Room>)> {
+        self.rooms
+            .iter()
+            .filter(|e| e.value().connected() && keep(e.key().as_str()))
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
     /// Addresses of every running room (for shutdown).
     pub fn all(&self) -> Vec<Addr<Room>> {
         self.rooms.iter().map(|e| e.value().clone()).collect()

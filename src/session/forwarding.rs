@@ -43,7 +43,7 @@ impl Session {
         msg: M,
     ) {
         let (request, reply) = msg.into_request(&room);
-        let slot = self.forwards.push(&room, reply);
+        let slot = self.forwards().push(&room, reply);
         let sent = async move {
             let owner = cluster.owner(&request.room).to_owned();
             cluster.forwarder().send(&owner, &request).await
@@ -51,11 +51,11 @@ impl Session {
         ctx.wait(
             sent.into_actor(self)
                 .map(move |sent, session, ctx| match sent {
-                    Err(e) => session.forwards.answer(&room, slot, Err(e)),
+                    Err(e) => session.forwards().answer(&room, slot, Err(e)),
                     Ok(ticket) => {
                         ctx.spawn(ticket.answer().into_actor(session).map(
                             move |answer, session, _ctx| {
-                                session.forwards.answer(&room, slot, answer)
+                                session.forwards().answer(&room, slot, answer)
                             },
                         ));
                     }

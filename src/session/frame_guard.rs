@@ -5,7 +5,7 @@
 //! A client that sends a header declaring a 1 GiB payload, then trickles bytes, makes the
 //! server buffer all of them; `max_frame_size` only fires once the memory is spent.
 //!
-//! [`FrameGuard`] wraps the raw payload stream before actix-ws sees it. It reads just enough
+//! [`FrameGuard`] wraps the raw payload stream before the codec sees it. It reads just enough
 //! of each RFC 6455 frame header to learn where the frame's payload ends, and passes every
 //! byte through unchanged. A frame or fragmented message declared larger than the limit
 //! stops the stream at that frame's header, before any of its payload is read from the
@@ -26,6 +26,13 @@
 //! (which would make it discard the close frame it had not read yet). The guard notes a
 //! close frame passing through it to the codec too, so a close the codec buffered but the
 //! session never read still counts.
+//!
+//! Last, the guard tells the reader when the connection is over although the raw stream
+//! did not say so: when the drain takes the stream over, and when the response body (and
+//! with it the [`FrameDrain`]) is dropped, the guard ends and wakes its reader. actix-http
+//! drops the raw stream's sending side with the connection without waking the reader, so
+//! without this a session whose connection ended by the server's close would wait for its
+//! next heartbeat to notice.
 
 use std::{
     cell::RefCell,
@@ -33,7 +40,7 @@ use std::{
     pin::Pin,
     rc::Rc,
     sync::{Arc, OnceLock},
-    task::{ready, Context, Poll},
+    task::{ready, Context, Poll, Waker},
 };
 
 use actix_http::error::PayloadError;
@@ -80,6 +87,8 @@ pub fn guard<S>(inner: S, max_message: usize) -> (FrameGuard<S>, FrameDrain<S>, 
         phase: Phase::Running,
         close_seen: false,
         draining: false,
+        body_gone: false,
+        reader: None,
     }));
     (FrameGuard(core.clone()), FrameDrain(core), handle)
 }
@@ -161,6 +170,12 @@ struct Core<S> {
     close_seen: bool,
     /// Set by the drain when it takes over; the codec gets no more bytes.
     draining: bool,
+    /// Set when the [`FrameDrain`] is dropped, which the response body does when the
+    /// connection ends: the guard yields nothing more.
+    body_gone: bool,
+    /// The guard's reader, as of its last `Pending`: woken when the drain takes over or
+    /// the body is gone, which the raw stream does not signal.
+    reader: Option<Waker>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,7 +291,13 @@ where
     /// The caller bounds how long it waits.
     fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut core = self.0.borrow_mut();
-        core.draining = true;
+        if !core.draining {
+            core.draining = true;
+            // The reader gets nothing more: let it see its end now.
+            if let Some(reader) = core.reader.take() {
+                reader.wake();
+            }
+        }
         loop {
             core.skip();
             if core.client_done() || core.inner_ended {
@@ -294,6 +315,19 @@ where
     }
 }
 
+impl<S> Drop for FrameDrain<S> {
+    fn drop(&mut self) {
+        let reader = {
+            let mut core = self.0.borrow_mut();
+            core.body_gone = true;
+            core.reader.take()
+        };
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+}
+
 impl<S> Stream for FrameGuard<S>
 where
     S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
@@ -303,7 +337,7 @@ where
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut core = self.0.borrow_mut();
         let this = &mut *core;
-        if this.draining {
+        if this.draining || this.body_gone {
             return Poll::Ready(None);
         }
         loop {
@@ -334,7 +368,16 @@ where
                 continue;
             }
 
-            match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
+            let polled = Pin::new(&mut this.inner).poll_next(cx);
+            if polled.is_pending()
+                && !this
+                    .reader
+                    .as_ref()
+                    .is_some_and(|r| r.will_wake(cx.waker()))
+            {
+                this.reader = Some(cx.waker().clone());
+            }
+            match ready!(polled) {
                 Some(Ok(chunk)) => this.input = chunk,
                 Some(Err(err)) => return Poll::Ready(Some(Err(err))),
                 None => {

@@ -14,6 +14,7 @@
 
 mod forwarding;
 pub mod frame_guard;
+pub mod messages;
 pub mod upgrade;
 
 use std::collections::{HashMap, VecDeque};
@@ -21,10 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, ProtocolError};
+use actix_http::ws::ProtocolError;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use self::frame_guard::GuardHandle;
+use self::messages::ClientMessage;
 use crate::auth::{Identity, Permission};
 use crate::outbound::{Charge, Frame, SessionRef};
 use crate::protocol::codes::{close, Code};
@@ -48,7 +50,8 @@ pub struct Session {
     shared: Arc<Shared>,
     /// Rooms this connection subscribes to (address kept for unsubscribe on close).
     subs: HashMap<String, Addr<Room>>,
-    limiter: DefaultDirectRateLimiter,
+    /// The op rate limit; made at the first op (see the note after this struct).
+    limiter: Option<Box<DefaultDirectRateLimiter>>,
     /// Times of recent bad frames, oldest first, at most [`MAX_BAD_FRAMES`].
     bad_frames: VecDeque<Instant>,
     /// Last time the client sent anything (a pong counts).
@@ -67,9 +70,15 @@ pub struct Session {
     opened: Instant,
     frames_in: u64,
     bytes_in: u64,
-    /// Cluster mode: this connection's ops forwarded to other nodes, awaiting answers.
-    forwards: crate::cluster::forward::AckOrder,
+    /// Cluster mode: this connection's ops forwarded to other nodes, awaiting answers;
+    /// made at the first forwarded op.
+    forwards: Option<Box<crate::cluster::forward::AckOrder>>,
 }
+
+// Idle memory: the Session lives in every connection's actor task, so what only a busy
+// client needs (the op limiter, 72 bytes; cluster mode's forwarded ops, 56) is boxed and
+// made on first use, which keeps 112 bytes out of each idle connection
+// (benches/README.md, "Idle connections").
 
 impl Session {
     pub fn new(
@@ -80,18 +89,9 @@ impl Session {
         permit: crate::admission::Permit,
         peer: Option<std::net::IpAddr>,
     ) -> Session {
-        let config = &shared.config;
-        let quota = Quota::per_second(
-            std::num::NonZeroU32::new(config.op_rate).unwrap_or(std::num::NonZeroU32::MIN),
-        )
-        .allow_burst(
-            std::num::NonZeroU32::new(config.op_burst).unwrap_or(std::num::NonZeroU32::MIN),
-        );
         Session {
             session,
-            // One clock for every session: building a clock per connection costs a CPUID
-            // instruction, measured at 18% of the server's CPU in a connect storm.
-            limiter: RateLimiter::direct_with_clock(quota, shared.clock.clone()),
+            limiter: None,
             shared,
             subs: HashMap::new(),
             bad_frames: VecDeque::new(),
@@ -104,8 +104,31 @@ impl Session {
             opened: Instant::now(),
             frames_in: 0,
             bytes_in: 0,
-            forwards: Default::default(),
+            forwards: None,
         }
+    }
+
+    /// Whether the op rate limit lets one more op through now.
+    fn op_allowed(&mut self) -> bool {
+        let shared = &self.shared;
+        let limiter = self.limiter.get_or_insert_with(|| {
+            let config = &shared.config;
+            let quota = Quota::per_second(
+                std::num::NonZeroU32::new(config.op_rate).unwrap_or(std::num::NonZeroU32::MIN),
+            )
+            .allow_burst(
+                std::num::NonZeroU32::new(config.op_burst).unwrap_or(std::num::NonZeroU32::MIN),
+            );
+            // One clock for every session: building a clock per connection costs a CPUID
+            // instruction, measured at 18% of the server's CPU in a connect storm.
+            Box::new(RateLimiter::direct_with_clock(quota, shared.clock.clone()))
+        });
+        limiter.check().is_ok()
+    }
+
+    /// This connection's forwarded ops awaiting answers (cluster mode).
+    fn forwards(&mut self) -> &mut crate::cluster::forward::AckOrder {
+        self.forwards.get_or_insert_with(Default::default)
     }
 
     fn send(&self, msg: &ServerMsg) {
@@ -138,17 +161,17 @@ impl Session {
 
     fn bad_frame(&mut self, ctx: &mut Context<Self>, why: String) {
         let now = Instant::now();
-        while self
-            .bad_frames
+        let bad_frames = &mut self.bad_frames;
+        while bad_frames
             .front()
             .is_some_and(|t| now.duration_since(*t) > BAD_FRAME_WINDOW)
         {
-            self.bad_frames.pop_front();
+            bad_frames.pop_front();
         }
-        if self.bad_frames.len() + 1 >= MAX_BAD_FRAMES {
+        if bad_frames.len() + 1 >= MAX_BAD_FRAMES {
             return self.close(ctx, close::PROTOCOL_VIOLATION, "too many bad frames");
         }
-        self.bad_frames.push_back(now);
+        bad_frames.push_back(now);
         self.error(Code::BadFrame, None, why);
     }
 
@@ -412,7 +435,7 @@ impl Session {
                 return None;
             }
         };
-        if self.limiter.check().is_err() {
+        if !self.op_allowed() {
             let (rate, burst) = (self.shared.config.op_rate, self.shared.config.op_burst);
             return Some((
                 room,
@@ -530,16 +553,14 @@ impl Actor for Session {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+impl StreamHandler<Result<ClientMessage, ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<ClientMessage, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_seen = Instant::now();
         self.frames_in += 1;
         self.bytes_in += match &item {
-            Ok(AggregatedMessage::Text(text)) => text.len() as u64,
-            Ok(AggregatedMessage::Binary(bytes)) => bytes.len() as u64,
-            Ok(AggregatedMessage::Ping(bytes) | AggregatedMessage::Pong(bytes)) => {
-                bytes.len() as u64
-            }
+            Ok(ClientMessage::Text(text)) => text.len() as u64,
+            Ok(ClientMessage::Binary(bytes)) => bytes.len() as u64,
+            Ok(ClientMessage::Ping(bytes) | ClientMessage::Pong(bytes)) => bytes.len() as u64,
             _ => 0,
         };
         let msg = match item {
@@ -551,7 +572,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             }
         };
         match msg {
-            AggregatedMessage::Text(text) => match self.session.encoding {
+            ClientMessage::Text(text) => match self.session.encoding {
                 Encoding::Json => match crate::protocol::json::decode(&text) {
                     Ok(inbound) => self.handle_inbound(inbound, ctx),
                     Err(bad) => self.bad_frame(ctx, bad.0),
@@ -561,7 +582,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
                     "this connection speaks roomd.v1.rkyv: send binary frames".into(),
                 ),
             },
-            AggregatedMessage::Binary(bytes) => match self.session.encoding {
+            ClientMessage::Binary(bytes) => match self.session.encoding {
                 Encoding::Rkyv => match crate::protocol::binary::decode(&bytes) {
                     Ok(inbound) => self.handle_inbound(inbound, ctx),
                     Err(bad) => self.bad_frame(ctx, bad.0),
@@ -571,11 +592,11 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
                     "this connection speaks roomd.v1.json: send text frames".into(),
                 ),
             },
-            AggregatedMessage::Ping(bytes) => {
+            ClientMessage::Ping(bytes) => {
                 self.session.outbound.push(Frame::Pong(bytes), Charge::Full);
             }
-            AggregatedMessage::Pong(_) => {}
-            AggregatedMessage::Close(reason) => {
+            ClientMessage::Pong(_) => {}
+            ClientMessage::Close(reason) => {
                 self.close(ctx, upgrade::reply_close_code(reason.as_ref()), "");
             }
         }

@@ -1,8 +1,9 @@
 //! The WebSocket upgrade: `/ws` (rooms) and `/ws/echo` (conformance testing).
 //!
 //! Both go through the same path: Origin check, subprotocol choice, identity, the
-//! [`frame_guard`] in front of actix-ws, and the byte-bounded outbound
-//! queue as the response body. Every close, whoever starts it, is
+//! handshake (actix-http's), the [`frame_guard`] in front of the message decoder
+//! ([`messages`](super::messages)), and the byte-bounded outbound queue as the response
+//! body. Every close, whoever starts it, is
 //! [`Outbound::close`]: the body sends the close frame, drains the inbound side until the
 //! client's close frame (or 2 s), then ends; a [`KillSwitch`] cuts the socket of a
 //! client that does not read.
@@ -11,14 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::{Actor, AsyncContext};
-use actix_http::BoxedPayloadStream;
+use actix_http::ws::{CloseReason, ProtocolError};
 use actix_web::dev::Payload as DevPayload;
 use actix_web::http::header;
-use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, ProtocolError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 
 use super::frame_guard::{self, GuardHandle};
+use super::messages::{ClientMessage, ClientMessages};
 use super::Session;
 use crate::auth::origin_allowed;
 use crate::outbound::{
@@ -59,49 +60,37 @@ fn error_response(status: u16, code: &str, msg: impl Into<String>) -> HttpRespon
 struct Upgraded {
     response: HttpResponse,
     outbound: Arc<Outbound>,
-    messages: AggregatedMessageStream,
+    messages: ClientMessages<DevPayload>,
     guard: GuardHandle,
 }
 
 /// Performs the upgrade with the frame guard in front and the writer task started.
-async fn upgrade(
+fn upgrade(
     req: &HttpRequest,
     payload: web::Payload,
     protocol: Option<&'static str>,
     shared: &Shared,
 ) -> Result<Upgraded, actix_web::Error> {
-    let max = shared.config.max_frame;
-    let (guarded, inbound, guard) = frame_guard::guard(payload.into_inner(), max);
-    let mut dev_payload = DevPayload::from(Box::pin(guarded) as BoxedPayloadStream);
-    let payload = web::Payload::from_request(req, &mut dev_payload).await?;
-    let protocols: Vec<&str> = protocol.into_iter().collect();
-    let (response, ws_session, messages) =
-        actix_ws::handle_with_protocols(req, payload, &protocols)?;
+    let mut handshake = actix_http::ws::handshake(req.head())?;
+    if let Some(protocol) = protocol {
+        handshake.insert_header((header::SEC_WEBSOCKET_PROTOCOL, protocol));
+    }
     // From here the connection is a WebSocket: the WebSocket caps count it, not the
     // HTTP connection cap it was held to while it was a request.
     if let Some(slot) = req.conn_data::<crate::admission::http_conns::ConnSlot>() {
         slot.release();
     }
-    // Frames go out through our byte-bounded queue and body, not actix-ws's session
-    // (see `outbound`); the session handle is dropped unused.
-    drop(ws_session);
+    let max = shared.config.max_frame;
+    let (guarded, drain, guard) = frame_guard::guard(payload.into_inner(), max);
     let kill = KillSwitch::new(req.conn_data::<ConnSocket>().copied());
     let outbound = Outbound::new(shared.config.outbound_queue, kill);
     let open = OpenConnection::new(&shared.open_connections);
-    let response = response
-        .map_body({
-            let outbound = outbound.clone();
-            move |_, body| OutboundBody::new(outbound, Box::new(inbound), open, body)
-        })
-        .map_into_boxed_body();
-    let messages = messages
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
+    let body = OutboundBody::new(outbound.clone(), drain, open);
+    let response = HttpResponse::from(handshake.message_body(body)?).map_into_boxed_body();
     Ok(Upgraded {
         response,
         outbound,
-        messages,
+        messages: ClientMessages::new(guarded, max),
         guard,
     })
 }
@@ -136,7 +125,7 @@ pub async fn ws_rooms(
             return Ok(error_response(400, "invalid", e.to_string()));
         }
     }
-    let up = upgrade(&req, payload, protocol, &shared).await?;
+    let up = upgrade(&req, payload, protocol, &shared)?;
     let identity = match identity {
         Ok(identity) => identity,
         Err(e) => {
@@ -198,7 +187,7 @@ pub fn close_for(err: &ProtocolError, guard: &GuardHandle, max_frame: usize) -> 
 
 /// The code to answer a client's close with: its own code when valid (RFC 6455 7.4),
 /// 1000 when it sent none, 1002 for a code no endpoint may send.
-pub fn reply_close_code(reason: Option<&actix_ws::CloseReason>) -> u16 {
+pub fn reply_close_code(reason: Option<&CloseReason>) -> u16 {
     let Some(reason) = reason else { return 1000 };
     let code = u16::from(reason.code);
     match code {
@@ -215,7 +204,7 @@ pub async fn ws_echo(
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let shared = shared.into_inner();
-    let up = upgrade(&req, payload, None, &shared).await?;
+    let up = upgrade(&req, payload, None, &shared)?;
     let Upgraded {
         response,
         outbound,
@@ -226,11 +215,11 @@ pub async fn ws_echo(
     actix_rt::spawn(async move {
         while let Some(item) = messages.next().await {
             let frame = match item {
-                Ok(AggregatedMessage::Text(text)) => Frame::text(text.into_bytes()),
-                Ok(AggregatedMessage::Binary(bytes)) => Frame::binary(bytes),
-                Ok(AggregatedMessage::Ping(bytes)) => Frame::Pong(bytes),
-                Ok(AggregatedMessage::Pong(_)) => continue,
-                Ok(AggregatedMessage::Close(reason)) => {
+                Ok(ClientMessage::Text(text)) => Frame::text(text.into_bytes()),
+                Ok(ClientMessage::Binary(bytes)) => Frame::binary(bytes),
+                Ok(ClientMessage::Ping(bytes)) => Frame::Pong(bytes),
+                Ok(ClientMessage::Pong(_)) => continue,
+                Ok(ClientMessage::Close(reason)) => {
                     outbound.close(reply_close_code(reason.as_ref()), "");
                     return;
                 }

@@ -812,8 +812,25 @@ fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
 
 /// [`flatten`], borrowing the value's strings.
 fn flatten_ref(value: &Value) -> Result<FlatValueRef<'_>, RecordError> {
-    let mut nodes = Vec::new();
-    let mut stack = vec![Pending::Value(value, 0)];
+    // Most values of an op or a change are one scalar, or a small map of scalars: a
+    // scalar needs neither the stack nor a growing list, a container starts with room
+    // for a few members.
+    let scalar = match value {
+        Value::Null => Some(NodeRef::Null),
+        Value::Bool(b) => Some(NodeRef::Bool(*b)),
+        Value::Int(n) => Some(NodeRef::Int(*n)),
+        Value::Float(f) if f.is_finite() => Some(NodeRef::Float(*f)),
+        Value::Float(f) => return Err(RecordError::NonFinite { value: *f }),
+        Value::Str(s) => Some(NodeRef::Str(s)),
+        Value::Bytes(b) => Some(NodeRef::Bytes(b)),
+        Value::List(_) | Value::Map(_) => None,
+    };
+    if let Some(node) = scalar {
+        return Ok(FlatValueRef { nodes: vec![node] });
+    }
+    let mut nodes = Vec::with_capacity(16);
+    let mut stack = Vec::with_capacity(16);
+    stack.push(Pending::Value(value, 0));
     while let Some(next) = stack.pop() {
         let (value, depth) = match next {
             Pending::Key(key) => {

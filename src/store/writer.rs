@@ -30,6 +30,11 @@
 //! process restarts and rebuilds state from the log. Which batches exist and what they
 //! hold is the Room's business; the table layout is `tables.rs`'s, the pieces
 //! `retention.rs`'s.
+//!
+//! Test hook: [`COMMIT_DELAY_ENV`] (milliseconds, read once at start) holds every group
+//! of batches that long before writing it, so black-box tests can widen the window
+//! between a room accepting an op and the store having it (a rebalance beginning in
+//! that window). Unset, as in every real deployment, it costs nothing.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -278,6 +283,9 @@ enum Next {
 /// reopen failed).
 pub type DbSlot = RwLock<Option<Arc<redb::Database>>>;
 
+/// The test hook of the module docs: a delay before each group of batches is written.
+pub const COMMIT_DELAY_ENV: &str = "ROOMD_TEST_COMMIT_DELAY_MS";
+
 /// The open database and what the writer needs to reopen it.
 pub struct Opened {
     pub db: Arc<redb::Database>,
@@ -309,6 +317,8 @@ pub struct Writer {
     /// Whether the database was reopened (and freed memory handed back) since the last
     /// job.
     released: bool,
+    /// The test hook ([`COMMIT_DELAY_ENV`]).
+    commit_delay: Option<Duration>,
 }
 
 impl Writer {
@@ -334,6 +344,10 @@ impl Writer {
             unsynced_since: None,
             // Nothing to give back until a job has run.
             released: true,
+            commit_delay: std::env::var(COMMIT_DELAY_ENV)
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
         }
     }
 
@@ -565,6 +579,9 @@ impl Writer {
                 }));
             }
             return;
+        }
+        if let (Some(delay), false) = (self.commit_delay, group.is_empty()) {
+            std::thread::sleep(delay);
         }
         let group = self.probe_batches(group);
         let mut trim = self.trims.pop_front();

@@ -14,16 +14,24 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::cluster::{node_args, owner_of, readyz_until, start_node, Nats};
-use crate::support::{roomd_bin, Server, TIMEOUT};
+use crate::cluster::{node_args, owner_of, readyz_until, start_node, start_node_with_env, Nats};
+use crate::support::{roomd_bin, Client, Server, TIMEOUT};
+
+/// The test hook that holds each of a node's commits this many milliseconds.
+const COMMIT_DELAY: &str = "ROOMD_TEST_COMMIT_DELAY_MS";
 
 /// How long a client keeps re-sending one op (the same id) while its room moves.
 const RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// Runs `roomd cluster rebalance ARGS` on `nats` (cluster `test`); (success, output).
 fn rebalance(nats: &Nats, args: &[&str]) -> (bool, String) {
+    rebalance_at(&nats.url(), args)
+}
+
+/// [`rebalance`] on the NATS at `url`.
+fn rebalance_at(url: &str, args: &[&str]) -> (bool, String) {
     let output = std::process::Command::new(roomd_bin())
-        .args(["cluster", "rebalance", "--cluster-nats", &nats.url()])
+        .args(["cluster", "rebalance", "--cluster-nats", url])
         .args(["--cluster-name", "test"])
         .args(args)
         .output()
@@ -406,6 +414,20 @@ fn rooms_moving_to_c(prefix: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Creates each of `rooms` as a `state` room with one acked op; returns those ops.
+async fn create_with_one_op(client: &mut Client, rooms: &[String]) -> Acked {
+    let mut acked = Vec::new();
+    for room in rooms {
+        client.create_ok(room, "state", json!({})).await;
+        let id = format!("{room}-1");
+        let seq = client
+            .ack(&id, room, json!({"type": "set", "key": id, "value": 1}))
+            .await;
+        acked.push((room.clone(), id, seq));
+    }
+    acked
+}
+
 #[tokio::test]
 async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_whole() {
     let nats = Nats::start().await;
@@ -415,15 +437,7 @@ async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_wh
     // Enough rooms for two batches (one from a, one from b), each with a few ops.
     let rooms = rooms_moving_to_c("rollback", 40);
     let mut client = a.client("u").await;
-    let mut acked = Vec::new();
-    for room in &rooms {
-        client.create_ok(room, "state", json!({})).await;
-        let id = format!("{room}-1");
-        let seq = client
-            .ack(&id, room, json!({"type": "set", "key": id, "value": 1}))
-            .await;
-        acked.push((room.clone(), id, seq));
-    }
+    let mut acked = create_with_one_op(&mut client, &rooms).await;
     // A room whose export is several pieces (about 750 KB of values).
     let big = rooms_moving_to_c("big", 1).remove(0);
     client.create_ok(&big, "state", json!({})).await;
@@ -442,12 +456,7 @@ async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_wh
     // The new node dies after the first batch was copied: the move rolls back.
     let tool = rebalance_until_first_batch(&nats, "a,b,c");
     c.kill9().await;
-    let status = tokio::task::spawn_blocking(move || tool.wait_with_output())
-        .await
-        .expect("joined")
-        .expect("the tool ends");
-    let stderr = String::from_utf8_lossy(&status.stderr);
-    assert!(!status.status.success(), "{stderr}");
+    let stderr = failed_tool(tool).await;
     assert!(
         stderr.contains("rolled back: the old member list stays in force and nothing was lost"),
         "{stderr}"
@@ -501,6 +510,17 @@ async fn a_move_that_fails_midway_rolls_back_and_a_second_run_moves_big_rooms_wh
     assert_eq!(reply["seq"], before["seq"].as_u64().unwrap() - 21);
 }
 
+/// Waits for a running tool to end, which must be a failure; returns its stderr.
+async fn failed_tool(tool: std::process::Child) -> String {
+    let output = tokio::task::spawn_blocking(move || tool.wait_with_output())
+        .await
+        .expect("joined")
+        .expect("the tool ends");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    stderr
+}
+
 /// Starts `roomd cluster rebalance --to LIST` and returns once it printed its first
 /// batch, with the running tool.
 fn rebalance_until_first_batch(nats: &Nats, to: &str) -> std::process::Child {
@@ -544,24 +564,11 @@ async fn an_old_owner_restarted_mid_move_keeps_its_rooms_frozen_until_the_move_i
     let _c = start_node(&nats, "c", "a,b,c").await;
     let rooms = rooms_moving_to_c("restart", 40);
     let mut client = b.client("u").await;
-    let mut acked = Vec::new();
-    for room in &rooms {
-        client.create_ok(room, "state", json!({})).await;
-        let id = format!("{room}-1");
-        let seq = client
-            .ack(&id, room, json!({"type": "set", "key": id, "value": 1}))
-            .await;
-        acked.push((room.clone(), id, seq));
-    }
+    let acked = create_with_one_op(&mut client, &rooms).await;
     // The first batch comes from a (batches go in node order); a dies right after it.
     let tool = rebalance_until_first_batch(&nats, "a,b,c");
     a.kill9().await;
-    let output = tokio::task::spawn_blocking(move || tool.wait_with_output())
-        .await
-        .expect("joined")
-        .expect("the tool ends");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = failed_tool(tool).await;
     assert!(
         stderr.contains("rolled back") && stderr.contains("--abort"),
         "{stderr}"
@@ -594,4 +601,96 @@ async fn an_old_owner_restarted_mid_move_keeps_its_rooms_frozen_until_the_move_i
         .await;
     assert_eq!(reply["t"], "ack", "{reply}");
     check_logs(&[&a, &b], &rooms, &acked).await;
+}
+
+#[tokio::test]
+async fn a_room_whose_creation_is_still_being_committed_when_the_move_begins_moves_too() {
+    let nats = Nats::start().await;
+    // a holds each commit 3 s (a test hook), so the creations sent below are accepted
+    // by their rooms but not yet in a's store when the rebalance lists what to move.
+    let a = start_node_with_env(&nats, "a", "a,b", &[(COMMIT_DELAY, "3000")]).await;
+    let b = start_node(&nats, "b", "a,b").await;
+    let c = start_node(&nats, "c", "a,b,c").await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["membership"] == "outside"
+    })
+    .await;
+    // Rooms a owns now and c owns after the move.
+    let rooms: Vec<String> = rooms_moving_to_c("racing", 40)
+        .into_iter()
+        .filter(|room| owner_of(2, room) == 0)
+        .take(6)
+        .collect();
+    assert_eq!(rooms.len(), 6);
+    let mut client = a.client("u").await;
+    for room in &rooms {
+        client
+            .send_json(
+                json!({"t": "create", "id": format!("create-{room}"), "room": room,
+                "kind": "state", "init": {}}),
+            )
+            .await;
+    }
+    // Their rooms take them in well under this; their commits are still held.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let url = nats.url();
+    let (ok, out) = tokio::task::spawn_blocking(move || rebalance_at(&url, &["--to", "a,b,c"]))
+        .await
+        .expect("joined");
+    assert!(ok, "{out}");
+    assert!(out.contains("committed generation 1 (a,b,c)"), "{out}");
+    assert!(
+        out.contains("a -> c"),
+        "the held rooms were not moved: {out}"
+    );
+
+    let mut acked = Vec::new();
+    for room in &rooms {
+        let reply = client.reply(&format!("create-{room}")).await;
+        match reply["t"].as_str() {
+            Some("ack") => {
+                assert_eq!(reply["seq"], 1, "{reply}");
+                acked.push(room.clone());
+            }
+            // Accepted after the move began: refused, which is the contract too.
+            _ => assert_eq!(reply["code"], "unavailable", "{reply}"),
+        }
+    }
+    assert!(
+        !acked.is_empty(),
+        "no creation was accepted before the move began"
+    );
+    // Every acked creation is on c, the new owner, read through every node; an op on it
+    // through a is served by c and continues the log.
+    for room in &acked {
+        for node in [&a, &b, &c] {
+            let state = node.get(&format!("/api/rooms/{room}")).await;
+            assert_eq!(
+                state.status, 200,
+                "{room} through {}: {}",
+                node.addr, state.text
+            );
+            assert_eq!(state.body["seq"], 1, "{room}: {}", state.text);
+        }
+        let id = format!("{room}-after");
+        let reply = client
+            .op(&id, room, json!({"type": "set", "key": "k", "value": 1}))
+            .await;
+        assert_eq!(reply["t"], "ack", "{room}: {reply}");
+        assert_eq!(reply["seq"], 2, "{room}: {reply}");
+    }
+    // The room list (cluster-wide) names each once, on c.
+    let listed = b.get("/api/rooms?prefix=state:racing").await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    for room in &acked {
+        let entries: Vec<&serde_json::Value> = listed.body["rooms"]
+            .as_array()
+            .expect("rooms")
+            .iter()
+            .filter(|r| r["room"] == json!(room))
+            .collect();
+        assert_eq!(entries.len(), 1, "{room}: {}", listed.text);
+        assert_eq!(entries[0]["node"], "c", "{room}: {}", listed.text);
+    }
 }

@@ -20,6 +20,8 @@ mod bad_input_store;
 mod client;
 // Cluster mode over NATS: membership agreement, /readyz, forwarded ops.
 mod cluster;
+// A room's batch lost on NATS on its way to a subscribing node: caught up from the owner.
+mod cluster_gap;
 // Moving rooms when the member list changes (`roomd cluster rebalance`), under load.
 mod cluster_rebalance;
 // Crash loop: kill -9 under pipelined JSON and rkyv load, checked against a model of the acks.

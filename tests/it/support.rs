@@ -120,6 +120,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Flags given after `--bind` and `--data-dir`, reused by `restart`.
     args: Vec<String>,
+    /// Environment variables set for the process (test hooks), reused by `restart`.
+    env: Vec<(String, String)>,
     data_dir: PathBuf,
     child: Option<Child>,
     /// The server's stderr (its logs), appended across restarts, shown when a test fails.
@@ -134,6 +136,19 @@ impl Server {
         let tmp = tempfile::tempdir().expect("a temporary directory can be created");
         let data_dir = tmp.path().to_path_buf();
         Self::start_inner(data_dir, Some(tmp), args).await
+    }
+
+    /// Starts a server on a fresh temporary data directory with `env` set for it (and
+    /// for its restarts).
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().expect("a temporary directory can be created");
+        let mut server = Self::prepare(tmp.path().to_path_buf(), Some(tmp), args);
+        server.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        server.spawn().await;
+        server
     }
 
     /// Starts a server on a data directory the test owns (to reuse it afterwards).
@@ -173,6 +188,7 @@ impl Server {
             bin: roomd_bin(),
             addr: "127.0.0.1:0".parse().expect("a literal address"),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             data_dir,
             child: None,
             log_path: log_tmp.path().join("roomd.stderr"),
@@ -192,6 +208,7 @@ impl Server {
             .open(&self.log_path)
             .expect("the log file can be opened");
         let mut child = command(&self.bin, "127.0.0.1:0", &self.data_dir, &self.args, log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .expect("the roomd binary can be spawned");
         let stdout = child.stdout.take().expect("stdout is piped");

@@ -521,19 +521,34 @@ async fn the_per_ip_connection_cap_and_the_frame_guard_hold_under_tls() {
         "an oversize message closes with 1009"
     );
     // The per-IP cap (counted from the TCP socket under TLS): one TLS connection holds
-    // the address's only slot, stalled in a request body; the next is refused.
-    let mut held = tls_connect(&server, &ca.pem).await.expect("TLS connect");
-    held.write_all(
-        format!(
-            "POST /api/rooms HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: 1000\r\n\r\n{{\"room\":",
-            server.host()
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("the head is sent");
-    held.flush().await.expect("flushed");
+    // the address's only slot, stalled in a request body; the next is refused. The
+    // closed WebSocket's slot is given back once the server has seen its socket end,
+    // which may be just after our side of the close: a held connection that is answered
+    // at once (refused) is tried again until one stays unanswered, holding the slot.
+    drop(ws);
+    let head = format!(
+        "POST /api/rooms HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{\"room\":",
+        server.host()
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let held = loop {
+        let mut held = tls_connect(&server, &ca.pem).await.expect("TLS connect");
+        held.write_all(head.as_bytes())
+            .await
+            .expect("the head is sent");
+        held.flush().await.expect("flushed");
+        let mut byte = [0u8; 1];
+        let answered = tokio::time::timeout(Duration::from_millis(300), held.read(&mut byte)).await;
+        if answered.is_err() {
+            break held;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection could hold the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let refused = https(&server, &ca.pem, "GET", "/api/rooms/chat:absent", &[], None).await;
     assert_eq!(refused.status, 429, "{}", refused.text);
     assert_eq!(refused.code(), "rate_limited");
