@@ -40,7 +40,9 @@
 //!   error; [`http::reads`]: a read's streamed reply; [`http::forwarded`]: cluster
 //!   mode's calls about a room another node owns, answered there as if local.
 //!   [`session`]: the Session actor, the upgrade, the frame guard and the decoder of
-//!   the client's messages (actix-http's WebSocket codec; no actix-ws).
+//!   the client's messages (actix-http's WebSocket codec; no actix-ws), the heartbeat
+//!   (one timer per worker thread). `vendor/actix-http` is actix-http with one change:
+//!   an idle connection holds no read or write buffer (`vendor/README.md`).
 //! - [`shared`]: the state handlers and sessions share (config, registry, store, limiters).
 //! - [`cluster`]: cluster mode (`--cluster-nats`): the NATS connection, which node owns
 //!   a room ([`cluster::hrw`], rendezvous hashing), the startup agreement on the

@@ -14,6 +14,7 @@
 
 mod forwarding;
 pub mod frame_guard;
+mod heartbeat;
 pub mod messages;
 pub mod upgrade;
 
@@ -497,7 +498,8 @@ impl Actor for Session {
             encoding = ?self.session.encoding,
             "connection open"
         );
-        // Control messages only (close requests at shutdown); frames never go through it.
+        // Control messages only (heartbeats, close requests at shutdown); frames never go
+        // through it.
         ctx.set_mailbox_capacity(16);
         let config = &self.shared.config;
         self.send(&ServerMsg::Welcome {
@@ -507,13 +509,7 @@ impl Actor for Session {
             heartbeat_ms: config.heartbeat.as_millis() as u64,
             max_frame: config.max_frame as u32,
         });
-        let heartbeat = config.heartbeat;
-        ctx.run_interval(heartbeat, move |session, ctx| {
-            if session.last_seen.elapsed() >= heartbeat * 2 {
-                return session.close(ctx, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
-            }
-            session.session.outbound.push(Frame::Ping, Charge::Full);
-        });
+        heartbeat::register(ctx.address().downgrade(), config.heartbeat);
         self.schedule_expiry(ctx);
         self.shared.sessions.insert(
             self.session.session_id,
@@ -649,6 +645,18 @@ pub fn count_close(code: Option<u16>) {
             .unwrap_or(known.len()),
     };
     closed.get(index).increment(1);
+}
+
+impl Handler<heartbeat::Heartbeat> for Session {
+    type Result = ();
+
+    /// Once per interval: close a client silent for two intervals (4008), else ping it.
+    fn handle(&mut self, _: heartbeat::Heartbeat, ctx: &mut Context<Self>) {
+        if self.last_seen.elapsed() >= self.shared.config.heartbeat * 2 {
+            return self.close(ctx, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+        }
+        self.session.outbound.push(Frame::Ping, Charge::Full);
+    }
 }
 
 /// Asks a session to close (shutdown: 4002).
