@@ -7,50 +7,54 @@
 use bytes::Bytes;
 use rkyv::rancor::Error as RkyvError;
 
-use super::message::{ClientMsg, ServerMsg};
+use super::message::{ArchivedClientMsg, ClientMsg, ServerMsg};
 use super::{BadFrame, Inbound, Since};
 
-/// Decodes one client binary frame (already bounded in size by the frame guard).
+/// Decodes one client binary frame (already bounded in size by the frame guard). The
+/// validated archive is read in place: its strings are copied once, into the request
+/// and the domain value, with no owned `ClientMsg` in between.
 pub fn decode(frame: &[u8]) -> Result<Inbound, BadFrame> {
-    let archived = rkyv::access::<rkyv::Archived<ClientMsg>, RkyvError>(frame)
+    let archived = rkyv::access::<ArchivedClientMsg, RkyvError>(frame)
         .map_err(|e| BadFrame(format!("not a valid rkyv ClientMsg: {e}")))?;
-    let msg: ClientMsg = rkyv::deserialize::<ClientMsg, RkyvError>(archived)
-        .map_err(|e| BadFrame(format!("rkyv ClientMsg does not deserialize: {e}")))?;
-    Ok(match msg {
-        ClientMsg::Create {
+    Ok(match archived {
+        ArchivedClientMsg::Create {
             id,
             room,
             kind,
             init,
         } => Inbound::Create {
-            id,
-            room,
-            kind,
+            id: id.as_str().to_owned(),
+            room: room.as_str().to_owned(),
+            kind: kind.as_str().to_owned(),
             init: init.to_value(),
         },
-        ClientMsg::Sub {
+        ArchivedClientMsg::Sub {
             room,
             presence,
             since,
         } => Inbound::Sub {
-            room,
-            presence,
-            since: since.map(|s| Since {
-                epoch: Some(s.epoch),
-                seq: Some(s.seq),
+            room: room.as_str().to_owned(),
+            presence: *presence,
+            since: since.as_ref().map(|s| Since {
+                epoch: Some(s.epoch.to_native()),
+                seq: Some(s.seq.to_native()),
             }),
         },
-        ClientMsg::Unsub { room } => Inbound::Unsub { room },
-        ClientMsg::Op { id, room, op } => Inbound::Op {
-            id,
-            room,
+        ArchivedClientMsg::Unsub { room } => Inbound::Unsub {
+            room: room.as_str().to_owned(),
+        },
+        ArchivedClientMsg::Op { id, room, op } => Inbound::Op {
+            id: id.as_str().to_owned(),
+            room: room.as_str().to_owned(),
             op: op.to_value(),
         },
-        ClientMsg::Signal { room, data } => Inbound::Signal {
-            room,
+        ArchivedClientMsg::Signal { room, data } => Inbound::Signal {
+            room: room.as_str().to_owned(),
             data: data.to_value(),
         },
-        ClientMsg::Auth { token } => Inbound::Auth { token },
+        ArchivedClientMsg::Auth { token } => Inbound::Auth {
+            token: token.as_str().to_owned(),
+        },
     })
 }
 
@@ -106,6 +110,104 @@ mod tests {
             assert_eq!(buffer, encode(&msg).to_vec());
             assert_eq!(decode_server(&buffer).ok(), Some(msg));
         }
+    }
+
+    /// The decoder before frames were read in place: the owned `ClientMsg` first.
+    fn decode_owned(frame: &[u8]) -> Result<Inbound, BadFrame> {
+        let msg = rkyv::from_bytes::<ClientMsg, RkyvError>(frame)
+            .map_err(|e| BadFrame(format!("not a valid rkyv ClientMsg: {e}")))?;
+        Ok(match msg {
+            ClientMsg::Create {
+                id,
+                room,
+                kind,
+                init,
+            } => Inbound::Create {
+                id,
+                room,
+                kind,
+                init: init.to_value(),
+            },
+            ClientMsg::Sub {
+                room,
+                presence,
+                since,
+            } => Inbound::Sub {
+                room,
+                presence,
+                since: since.map(|s| Since {
+                    epoch: Some(s.epoch),
+                    seq: Some(s.seq),
+                }),
+            },
+            ClientMsg::Unsub { room } => Inbound::Unsub { room },
+            ClientMsg::Op { id, room, op } => Inbound::Op {
+                id,
+                room,
+                op: op.to_value(),
+            },
+            ClientMsg::Signal { room, data } => Inbound::Signal {
+                room,
+                data: data.to_value(),
+            },
+            ClientMsg::Auth { token } => Inbound::Auth { token },
+        })
+    }
+
+    #[test]
+    fn frames_read_in_place_decode_as_owned_ones_did() {
+        let dirs = [
+            concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/decode_rkyv"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rkyv/client"),
+        ];
+        let mut n = 0;
+        for dir in dirs {
+            let entries = std::fs::read_dir(dir).expect("the committed corpus is there");
+            for entry in entries {
+                let bytes = std::fs::read(entry.expect("a directory entry").path())
+                    .expect("a committed file reads");
+                assert_eq!(decode(&bytes), decode_owned(&bytes));
+                n += 1;
+            }
+        }
+        assert!(n > 40, "only {n} frames");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary node lists, well-formed or not, as `op` frames.
+        #[test]
+        fn node_lists_read_in_place_decode_as_owned_ones_did(
+            nodes in proptest::collection::vec(node(), 0..24),
+        ) {
+            let frame = encode_client(&ClientMsg::Op {
+                id: "c1".into(),
+                room: "r".into(),
+                op: WireValue { nodes },
+            });
+            proptest::prop_assert_eq!(decode(&frame), decode_owned(&frame));
+        }
+    }
+
+    fn node() -> impl proptest::strategy::Strategy<Value = Node> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Node::Null),
+            any::<bool>().prop_map(Node::Bool),
+            any::<i64>().prop_map(Node::Int),
+            prop_oneof![Just(f64::NAN), Just(f64::INFINITY), any::<f64>()].prop_map(Node::Float),
+            prop_oneof![
+                Just("$b64".to_owned()),
+                Just("AAE=".to_owned()),
+                "[a-c]{0,2}"
+            ]
+            .prop_map(Node::Str),
+            proptest::collection::vec(any::<u8>(), 0..3).prop_map(Node::Bytes),
+            (0u32..4).prop_map(Node::List),
+            (0u32..4).prop_map(Node::Map),
+            Just(Node::List(u32::MAX)),
+        ]
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The `roomd.v1.json` codec: one JSON object per text frame.
 //!
-//! Decoding goes through a light parsed tree (`frame_tree`) and explicit field checks,
-//! so every malformed frame becomes a [`BadFrame`] with a reason and never a panic. Encoding writes
-//! [`ServerMsg`] as the JSON shapes of PROTOCOL.md "Server to client".
+//! Decoding goes through `frame_tree` (the frame's fields as a light tree, its value
+//! built into the domain `Value` as it is parsed) and explicit field checks, so every
+//! malformed frame becomes a [`BadFrame`] with a reason and never a panic. Encoding
+//! writes [`ServerMsg`] as the JSON shapes of PROTOCOL.md "Server to client".
 //!
 //! Parsing refuses duplicate object keys, which serde_json would silently resolve to the
 //! last value (a client and the server could then read one message two ways): a key
@@ -17,32 +18,35 @@ use base64::Engine as _;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Number, Value as Json};
 
-use super::frame_tree::{self, Members, ParsedTree, Tree};
+use super::frame_tree::{self, Field, ParsedFrame, Tree};
 use super::ids::{epoch_hex, parse_epoch};
 use super::message::{ServerMsg, WireEntry, WireValue};
 use super::{BadFrame, Inbound, Since};
 use crate::value::{Value, MAX_DEPTH};
 
-/// Decodes one client text frame. It is parsed into a `frame_tree` tree rather than
-/// a `serde_json::Value`: no hash map per object, and the fields and the op's strings
-/// move into the request instead of being copied (this is most of a JSON op's cost).
+/// Decodes one client text frame. The frame's own fields are parsed into a light tree
+/// (`frame_tree`: no hash map per object, keys and strings borrowed from the frame),
+/// and its value (`op`, `init`, `data`) straight into the domain `Value` as it is parsed,
+/// with no tree in between; the value rules and their messages are those of
+/// [`to_value`].
 pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
-    let frame: ParsedTree =
+    let frame: ParsedFrame =
         serde_json::from_str(text).map_err(|e| BadFrame(format!("not JSON: {e}")))?;
-    let Tree::Object(mut obj) = frame.tree else {
+    let ParsedFrame::Object(frame) = frame else {
         return Err(BadFrame("a frame must be a JSON object".into()));
     };
+    let mut obj = frame.members;
     if let Some(key) = frame.own_duplicate {
         return Err(BadFrame(format!("duplicate key `{key}`")));
     }
     let members = frame.member_duplicates;
     // A value with a repeated key inside is `invalid` (nacked under the op's id); a
     // repeated key anywhere else in the frame makes the frame unusable.
-    let value_of = |obj: &mut Members<'_>, name: &str| -> Option<Result<Value, String>> {
-        let tree = frame_tree::take(obj, name)?;
+    let value_of = |obj: &mut FrameMembers<'_>, name: &str| -> Option<Result<Value, String>> {
+        let field = frame_tree::take(obj, name)?;
         Some(match duplicate_in(&members, name) {
             Some(key) => Err(format!("duplicate key `{key}`")),
-            None => frame_tree::into_value(tree, 0),
+            None => field.into_value(),
         })
     };
     if let Some((field, key)) = members
@@ -61,12 +65,12 @@ pub fn decode(text: &str) -> Result<Inbound, BadFrame> {
         },
         "sub" => Inbound::Sub {
             room: take_str(&mut obj, "room")?,
-            presence: match frame_tree::get(&obj, "presence") {
+            presence: match tree(&obj, "presence") {
                 None | Some(Tree::Null) => false,
                 Some(Tree::Bool(b)) => *b,
                 Some(_) => return Err(BadFrame("`presence` must be a boolean".into())),
             },
-            since: match frame_tree::get(&obj, "since") {
+            since: match tree(&obj, "since") {
                 None | Some(Tree::Null) => None,
                 Some(Tree::Object(since)) => Some(decode_since(since)?),
                 Some(_) => return Err(BadFrame("`since` must be an object".into())),
@@ -226,18 +230,30 @@ impl<'de> Visitor<'de> for ParsedVisitor {
     }
 }
 
+/// A frame's members: its value fields built, the others as trees.
+type FrameMembers<'de> = Vec<(Cow<'de, str>, Field<'de>)>;
+
 /// A string field of the frame, moved out of it (still borrowed from the frame unless
 /// it had escapes).
-fn take_field<'de>(obj: &mut Members<'de>, name: &str) -> Result<Cow<'de, str>, BadFrame> {
+fn take_field<'de>(obj: &mut FrameMembers<'de>, name: &str) -> Result<Cow<'de, str>, BadFrame> {
     match frame_tree::take(obj, name) {
-        Some(Tree::Str(s)) => Ok(s),
+        Some(Field::Tree(Tree::Str(s))) => Ok(s),
         Some(_) => Err(BadFrame(format!("`{name}` must be a string"))),
         None => Err(BadFrame(format!("missing `{name}`"))),
     }
 }
 
+/// A field of the frame that is not a value field, as parsed.
+fn tree<'a, 'de>(obj: &'a FrameMembers<'de>, name: &str) -> Option<&'a Tree<'de>> {
+    match frame_tree::get(obj, name)? {
+        Field::Tree(tree) => Some(tree),
+        // Only `op`, `init` and `data` are built, and they are read as values.
+        Field::Value(_) => None,
+    }
+}
+
 /// A string field of the frame, moved out of it and owned.
-fn take_str(obj: &mut Members<'_>, name: &str) -> Result<String, BadFrame> {
+fn take_str(obj: &mut FrameMembers<'_>, name: &str) -> Result<String, BadFrame> {
     take_field(obj, name).map(Cow::into_owned)
 }
 

@@ -173,91 +173,148 @@ impl WireValue {
     /// most [`MAX_DEPTH`], finite floats, string map keys. Iterative, so hostile input
     /// cannot exhaust the stack.
     pub fn to_value(&self) -> Result<Value, String> {
-        let mut stack: Vec<Open> = Vec::new();
-        let mut root: Option<Value> = None;
-        for node in &self.nodes {
-            if root.is_some() {
-                return Err("trailing nodes after the value".into());
-            }
-            // A map between entries takes the next node as a key.
-            if let Some(Open::Map {
-                key: key @ None, ..
-            }) = stack.last_mut()
-            {
-                let Node::Str(s) = node else {
-                    return Err("map key is not a string".into());
-                };
-                *key = Some(s.clone());
+        rebuild(self.nodes.iter().map(Node::view), self.nodes.len())
+    }
+}
+
+impl ArchivedWireValue {
+    /// [`WireValue::to_value`] of the archived value, read in place: the same rules and
+    /// messages, and each string copied once, into the domain value (a decoded frame's
+    /// value is not deserialized into nodes first).
+    pub fn to_value(&self) -> Result<Value, String> {
+        rebuild(self.nodes.iter().map(ArchivedNode::view), self.nodes.len())
+    }
+}
+
+/// One node of a [`WireValue`], owned or archived, as [`rebuild`] reads it.
+#[derive(Clone, Copy)]
+enum NodeView<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    Bytes(&'a [u8]),
+    List(u32),
+    Map(u32),
+}
+
+impl Node {
+    fn view(&self) -> NodeView<'_> {
+        match self {
+            Node::Null => NodeView::Null,
+            Node::Bool(b) => NodeView::Bool(*b),
+            Node::Int(n) => NodeView::Int(*n),
+            Node::Float(f) => NodeView::Float(*f),
+            Node::Str(s) => NodeView::Str(s),
+            Node::Bytes(b) => NodeView::Bytes(b),
+            Node::List(n) => NodeView::List(*n),
+            Node::Map(n) => NodeView::Map(*n),
+        }
+    }
+}
+
+impl ArchivedNode {
+    fn view(&self) -> NodeView<'_> {
+        match self {
+            ArchivedNode::Null => NodeView::Null,
+            ArchivedNode::Bool(b) => NodeView::Bool(*b),
+            ArchivedNode::Int(n) => NodeView::Int(n.to_native()),
+            ArchivedNode::Float(f) => NodeView::Float(f.to_native()),
+            ArchivedNode::Str(s) => NodeView::Str(s.as_str()),
+            ArchivedNode::Bytes(b) => NodeView::Bytes(b.as_slice()),
+            ArchivedNode::List(n) => NodeView::List(n.to_native()),
+            ArchivedNode::Map(n) => NodeView::Map(n.to_native()),
+        }
+    }
+}
+
+/// The domain value of `n_nodes` nodes (see [`WireValue::to_value`]).
+fn rebuild<'a>(nodes: impl Iterator<Item = NodeView<'a>>, n_nodes: usize) -> Result<Value, String> {
+    let mut stack: Vec<Open> = Vec::new();
+    let mut root: Option<Value> = None;
+    for node in nodes {
+        if root.is_some() {
+            return Err("trailing nodes after the value".into());
+        }
+        // A map between entries takes the next node as a key.
+        if let Some(Open::Map {
+            key: key @ None, ..
+        }) = stack.last_mut()
+        {
+            let NodeView::Str(s) = node else {
+                return Err("map key is not a string".into());
+            };
+            *key = Some(s.to_owned());
+            continue;
+        }
+        let mut value = match node {
+            NodeView::Null => Value::Null,
+            NodeView::Bool(b) => Value::Bool(b),
+            NodeView::Int(n) => Value::Int(n),
+            NodeView::Float(f) if f.is_finite() => Value::Float(f),
+            NodeView::Float(_) => return Err("NaN and infinities are not values".into()),
+            NodeView::Str(s) => Value::Str(s.to_owned()),
+            NodeView::Bytes(b) => Value::Bytes(b.to_vec()),
+            NodeView::List(0) => Value::List(Vec::new()),
+            NodeView::Map(0) => Value::Map(Default::default()),
+            NodeView::List(n) | NodeView::Map(n) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
+                }
+                let left = n as usize;
+                // Every item takes at least one node, so a larger count is a lie; this
+                // also bounds the preallocation below.
+                if left > n_nodes {
+                    return Err(format!("container of {left} items exceeds the node count"));
+                }
+                stack.push(match node {
+                    NodeView::List(_) => Open::List {
+                        left,
+                        items: Vec::with_capacity(left.min(256)),
+                    },
+                    _ => Open::Map {
+                        left,
+                        map: Default::default(),
+                        key: None,
+                    },
+                });
                 continue;
             }
-            let mut value = match node {
-                Node::Null => Value::Null,
-                Node::Bool(b) => Value::Bool(*b),
-                Node::Int(n) => Value::Int(*n),
-                Node::Float(f) if f.is_finite() => Value::Float(*f),
-                Node::Float(_) => return Err("NaN and infinities are not values".into()),
-                Node::Str(s) => Value::Str(s.clone()),
-                Node::Bytes(b) => Value::Bytes(b.clone()),
-                Node::List(0) => Value::List(Vec::new()),
-                Node::Map(0) => Value::Map(Default::default()),
-                Node::List(n) | Node::Map(n) => {
-                    if stack.len() >= MAX_DEPTH {
-                        return Err(format!("value nested deeper than {MAX_DEPTH} levels"));
-                    }
-                    let left = *n as usize;
-                    // Every item takes at least one node, so a larger count is a lie; this
-                    // also bounds the preallocation below.
-                    if left > self.nodes.len() {
-                        return Err(format!("container of {left} items exceeds the node count"));
-                    }
-                    stack.push(match node {
-                        Node::List(_) => Open::List {
-                            left,
-                            items: Vec::with_capacity(left.min(256)),
-                        },
-                        _ => Open::Map {
-                            left,
-                            map: Default::default(),
-                            key: None,
-                        },
-                    });
-                    continue;
+        };
+        // Hand the finished value to its parent, closing every parent it completes.
+        loop {
+            let Some(top) = stack.last_mut() else {
+                root = Some(value);
+                break;
+            };
+            let left = match top {
+                Open::List { left, items } => {
+                    items.push(value);
+                    left
+                }
+                Open::Map { left, map, key } => {
+                    // The key check above guarantees a key is waiting here.
+                    let key = key.take().ok_or("map value without a key")?;
+                    map.insert(key, value);
+                    left
                 }
             };
-            // Hand the finished value to its parent, closing every parent it completes.
-            loop {
-                let Some(top) = stack.last_mut() else {
-                    root = Some(value);
-                    break;
-                };
-                let left = match top {
-                    Open::List { left, items } => {
-                        items.push(value);
-                        left
-                    }
-                    Open::Map { left, map, key } => {
-                        // The key check above guarantees a key is waiting here.
-                        let key = key.take().ok_or("map value without a key")?;
-                        map.insert(key, value);
-                        left
-                    }
-                };
-                *left -= 1;
-                if *left > 0 {
-                    break;
-                }
-                value = match stack.pop() {
-                    Some(Open::List { items, .. }) => Value::List(items),
-                    Some(Open::Map { map, .. }) if is_b64_lookalike(&map) => {
-                        return Err(B64_LOOKALIKE.into());
-                    }
-                    Some(Open::Map { map, .. }) => Value::Map(map),
-                    None => unreachable!("stack.last_mut() was Some just above"),
-                };
+            *left -= 1;
+            if *left > 0 {
+                break;
             }
+            value = match stack.pop() {
+                Some(Open::List { items, .. }) => Value::List(items),
+                Some(Open::Map { map, .. }) if is_b64_lookalike(&map) => {
+                    return Err(B64_LOOKALIKE.into());
+                }
+                Some(Open::Map { map, .. }) => Value::Map(map),
+                None => unreachable!("stack.last_mut() was Some just above"),
+            };
         }
-        root.ok_or_else(|| "value ends early".into())
     }
+    root.ok_or_else(|| "value ends early".into())
 }
 
 /// JSON reads an object whose only key is `$b64` with a string value as bytes, so such
