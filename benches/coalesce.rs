@@ -1,11 +1,15 @@
 //! The cost of coalescing a batch's diff: N accepted events (N = 1, 16, 256), each a
-//! `set` of a small map to one of K keys (K = 1, 16, N, up to N), added to a room batch
-//! with `Batch::add_event`, then `Batch::take_coalesced` moves out the K-entry diff.
+//! `set` of a small map to one of K keys (K = 1, 16, N, up to N), applied to the room's
+//! state with `RoomState::apply_handing_back` (each key's slot from before the batch
+//! kept by `Batch::note_prior`) and added to a room batch with `Batch::add_event`, then
+//! `Batch::take_changes` builds the K-entry diff from the priors' keys and the state.
 //!
-//! This is the per-event bookkeeping of a Room between apply and commit: the coalesced
-//! map, the batch byte count, the reply list and the op ids. The event records, undos
-//! and reply handles are built before the clock starts (in the room they already exist
-//! by then), and the batch is dropped after it stops. Throughput is in events.
+//! This is the per-event bookkeeping of a Room between the reducer and the commit: the
+//! apply, the priors (the batch's undo and the keys of its diff), the batch byte count
+//! and the reply list, and the diff built once the batch lands (only when someone is
+//! told). The event records, the state and the reply handles are built before the
+//! clock starts (in the room they already exist by then), and the batch and state are
+//! dropped after it stops. Throughput is in events.
 //!
 //! Run: `cargo bench --bench coalesce` (add `-- --quick` for a shorter run).
 
@@ -13,14 +17,12 @@
 #[allow(dead_code)]
 mod rooms;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use roomd::kind::{Changes, RoomState, Undo};
+use roomd::kind::{Changes, RoomState};
 use roomd::room::batch::Batch;
 use roomd::room::messages::ReplyTo;
-use roomd::room::op_ids::OpKey;
 use roomd::store::EventRecord;
 use tokio::sync::oneshot;
 
@@ -33,15 +35,11 @@ const FIRST_SEQ: u64 = 1_001;
 /// One accepted event as the room hands it to its batch.
 struct Event {
     record: EventRecord,
-    undo: Undo,
-    op_key: Option<OpKey>,
     reply: ReplyTo,
 }
 
 /// `n_events` events writing keys `0..n_keys` round robin.
 fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
-    // `add_event` only stores the undo; an empty one costs what any other does to move.
-    let mut scratch = RoomState::new();
     (0..n_events)
         .map(|i| {
             let key = object_key(i % n_keys);
@@ -51,7 +49,7 @@ fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
             Event {
                 record: EventRecord {
                     seq: FIRST_SEQ + i,
-                    user: user.clone(),
+                    user,
                     ts_ms: 1_750_000_000_000 + i as i64,
                     op: set_op(&key, value.clone()),
                     changes: Changes {
@@ -60,8 +58,6 @@ fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
                     },
                     op_id: Some(format!("c{i}")),
                 },
-                undo: scratch.apply(0, &Changes::default()),
-                op_key: Some(OpKey::new(Arc::from(user), format!("c{i}"))),
                 reply: ReplyTo::http(reply),
             }
         })
@@ -69,7 +65,6 @@ fn events(n_events: u64, n_keys: u64) -> Vec<Event> {
 }
 
 fn coalesce(c: &mut Criterion) {
-    let applied = RoomState::new();
     let mut group = c.benchmark_group("coalesce");
     for n_events in [1u64, 16, 256] {
         let mut key_counts = vec![1u64, 16, n_events];
@@ -81,19 +76,22 @@ fn coalesce(c: &mut Criterion) {
                 BenchmarkId::new(format!("events_{n_events}"), format!("keys_{n_keys}")),
                 |b| {
                     b.iter_batched(
-                        || events(n_events, n_keys),
-                        |events| {
+                        // An empty room: every key of the batch is new to it.
+                        || (events(n_events, n_keys), RoomState::new()),
+                        |(events, mut state)| {
                             let mut batch = Batch::new(FIRST_SEQ, 0);
                             for e in events {
-                                // The state the events were applied to: empty here, so
-                                // each slot is rebuilt from the record.
-                                batch.add_event(
-                                    e.record, e.undo, e.op_key, e.reply, EPOCH, &applied,
+                                let undo = state.apply_handing_back(
+                                    e.record.seq,
+                                    &e.record.changes,
+                                    |key, before| batch.note_prior(key, before),
                                 );
+                                batch.add_event(e.record, undo, e.reply, EPOCH);
                             }
-                            let diff = batch.take_coalesced();
+                            // No batch after this one changed a key again.
+                            let diff = batch.take_changes(std::iter::empty(), &state);
                             assert_eq!(diff.len() as u64, n_keys);
-                            (batch, diff)
+                            (batch, diff, state)
                         },
                         BatchSize::SmallInput,
                     )

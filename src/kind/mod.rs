@@ -227,6 +227,14 @@ pub struct Undo {
     private: Vec<(String, Option<Value>)>,
 }
 
+impl Undo {
+    /// True when undoing changes nothing (an event that touched no private fact,
+    /// applied by [`RoomState::apply_handing_back`]), so there is nothing to keep.
+    pub fn is_empty(&self) -> bool {
+        self.public.is_empty() && self.private.is_empty()
+    }
+}
+
 /// The state of one room: what the log's events add up to.
 ///
 /// Invariant: `live_keys`, `live_bytes` and `chat_messages` are always what a full
@@ -270,43 +278,61 @@ impl RoomState {
     /// and no clock. Public keys get `Slot { value, ver: seq }` (a `None` value leaves a
     /// tombstone with `ver: seq`); private keys are set or removed.
     pub fn apply(&mut self, seq: u64, changes: &Changes) -> Undo {
+        let mut public = Vec::with_capacity(changes.public.len());
+        let mut undo = self.apply_handing_back(seq, changes, |key, before| {
+            public.push((key.to_owned(), before));
+        });
+        undo.public = public;
+        undo
+    }
+
+    /// [`RoomState::apply`], handing each public key's slot from before the event to
+    /// `before` (in the order of `changes.public`) instead of keeping it in the returned
+    /// [`Undo`], which then restores the private facts alone. For a caller that keeps
+    /// the slots it needs itself and puts them back with [`RoomState::restore_public`]
+    /// (a room's batch keeps each key's slot from before the batch), so no key is
+    /// copied for an undo it already has; recovery, which undoes nothing, drops them.
+    pub fn apply_handing_back(
+        &mut self,
+        seq: u64,
+        changes: &Changes,
+        mut before: impl FnMut(&str, Option<Slot>),
+    ) -> Undo {
         // Only events that record an audience pay for looking one up.
         let has_audiences = changes
             .private
             .iter()
             .any(|(key, _)| key.starts_with(audience::AUDIENCE_PREFIX));
-        let public = changes
-            .public
-            .iter()
-            .map(|(key, value)| {
-                let before = self.public.get(key);
-                let recorded = match has_audiences {
-                    false => None,
-                    true => {
-                        let fact = audience::fact_key(key);
-                        changes.private.iter().find(|(k, _)| *k == fact)
-                    }
-                };
-                let audience = match recorded {
-                    Some((_, Some(fact))) => {
-                        let mut audience = Audience::from_value(fact);
-                        audience.narrowed_at = audience::narrowed_at(before, &audience, seq);
-                        Some(Arc::new(audience))
-                    }
-                    Some((_, None)) => None,
-                    // Not recorded: a write shows the entry to everyone, a deletion keeps
-                    // the audience (`complete_audiences` records both explicitly).
-                    None if value.is_some() => None,
-                    None => before.and_then(|slot| slot.audience.clone()),
-                };
-                let slot = Slot {
-                    value: value.clone(),
-                    ver: seq,
-                    audience,
-                };
-                (key.clone(), self.put_public(key, Some(slot)))
-            })
-            .collect();
+        for (key, value) in &changes.public {
+            let recorded = match has_audiences {
+                false => None,
+                true => {
+                    let fact = audience::fact_key(key);
+                    changes.private.iter().find(|(k, _)| *k == fact)
+                }
+            };
+            // The slot before is looked up only where the audience depends on it: a
+            // plain write, the common case, costs the one lookup of `put_public`.
+            let audience = match recorded {
+                Some((_, Some(fact))) => {
+                    let mut audience = Audience::from_value(fact);
+                    audience.narrowed_at =
+                        audience::narrowed_at(self.public.get(key), &audience, seq);
+                    Some(Arc::new(audience))
+                }
+                Some((_, None)) => None,
+                // Not recorded: a write shows the entry to everyone, a deletion keeps
+                // the audience (`complete_audiences` records both explicitly).
+                None if value.is_some() => None,
+                None => self.public.get(key).and_then(|slot| slot.audience.clone()),
+            };
+            let slot = Slot {
+                value: value.clone(),
+                ver: seq,
+                audience,
+            };
+            before(key, self.put_public(key, Some(slot)));
+        }
         let private = changes
             .private
             .iter()
@@ -318,7 +344,18 @@ impl RoomState {
                 (key.clone(), before)
             })
             .collect();
-        Undo { public, private }
+        Undo {
+            public: Vec::new(),
+            private,
+        }
+    }
+
+    /// Puts back a public key's slot as it was before the applies handed it back (see
+    /// [`RoomState::apply_handing_back`]); `None`: the key was absent. With the private
+    /// facts' undos, the same rules as [`RoomState::undo`]: newest first, no
+    /// `prune_tombstones` in between.
+    pub fn restore_public(&mut self, key: &str, slot: Option<Slot>) {
+        self.put_public(key, slot);
     }
 
     /// Records in `changes` the audience of every public key it touches whose audience
@@ -491,7 +528,12 @@ impl RoomState {
             self.live_bytes += entry_bytes(key, value);
         }
         let before = match slot {
-            Some(slot) => self.public.insert(key.to_owned(), slot),
+            // A key already there is overwritten in place: no copy of the key, and one
+            // lookup.
+            Some(slot) => match self.public.get_mut(key) {
+                Some(existing) => Some(std::mem::replace(existing, slot)),
+                None => self.public.insert(key.to_owned(), slot),
+            },
             None => self.public.remove(key),
         };
         if before.as_ref().is_some_and(|slot| slot.audience.is_some()) {

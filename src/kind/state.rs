@@ -10,6 +10,7 @@
 
 use super::{
     entry_bytes, rules, Changes, Ctx, Fields, Limits, Refusal, RefuseCode, RoomKind, RoomState,
+    Slot,
 };
 use crate::value::Value;
 
@@ -80,9 +81,13 @@ fn create(init: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> 
 
 fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<Changes, Refusal> {
     let (kind, fields) = Fields::op(op)?;
-    let may_write = |key: &str| {
-        let creator = state.private("creator").and_then(Value::as_str);
-        rules::check_write(state.private("rules"), creator, ctx.user, key)
+    // The creator matters only to rules, which most rooms do not have.
+    let may_write = |key: &str| match state.private("rules") {
+        None => Ok(()),
+        rules => {
+            let creator = state.private("creator").and_then(Value::as_str);
+            rules::check_write(rules, creator, ctx.user, key)
+        }
     };
     match kind {
         "set" => {
@@ -92,9 +97,11 @@ fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<C
             let if_ver = if_ver(&fields)?;
             check_key(key, limits)?;
             may_write(key)?;
-            check_value_size(value, limits)?;
-            check_if_ver(state, key, if_ver)?;
-            check_room_limits(state, key, value, limits)?;
+            let size = check_value_size(value, limits)?;
+            // One lookup of the key serves every check below.
+            let slot = state.get(key);
+            check_if_ver(slot, key, if_ver)?;
+            check_room_limits(state, slot, key, size, limits)?;
             Ok(one_change(key, Some(value.clone())))
         }
         "del" => {
@@ -103,7 +110,8 @@ fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<C
             let if_ver = if_ver(&fields)?;
             check_key(key, limits)?;
             may_write(key)?;
-            if state.live(key).is_none() {
+            let slot = state.get(key);
+            if live(slot).is_none() {
                 // Deleting what is not there is a mistake, unless the client expected a
                 // specific version, in which case its view is stale.
                 return Err(match if_ver {
@@ -111,7 +119,7 @@ fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<C
                     Some(expected) => conflict(key, 0, expected),
                 });
             }
-            check_if_ver(state, key, if_ver)?;
+            check_if_ver(slot, key, if_ver)?;
             Ok(one_change(key, None))
         }
         "incr" => {
@@ -121,8 +129,9 @@ fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<C
             let if_ver = if_ver(&fields)?;
             check_key(key, limits)?;
             may_write(key)?;
-            check_if_ver(state, key, if_ver)?;
-            let current = match state.live(key) {
+            let slot = state.get(key);
+            check_if_ver(slot, key, if_ver)?;
+            let current = match live(slot) {
                 None => 0,
                 Some(Value::Int(n)) => *n,
                 Some(_) => {
@@ -135,8 +144,8 @@ fn reduce(state: &RoomState, op: &Value, ctx: &Ctx, limits: &Limits) -> Result<C
                 Refusal::invalid(format!("{current} + {by} overflows a 64-bit integer"))
             })?;
             let value = Value::Int(sum);
-            check_value_size(&value, limits)?;
-            check_room_limits(state, key, &value, limits)?;
+            let size = check_value_size(&value, limits)?;
+            check_room_limits(state, slot, key, size, limits)?;
             Ok(one_change(key, Some(value)))
         }
         other => Err(Refusal::invalid(format!(
@@ -163,7 +172,8 @@ fn check_key(key: &str, limits: &Limits) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn check_value_size(value: &Value, limits: &Limits) -> Result<(), Refusal> {
+/// Refuses a value whose JSON size is over the limit; returns the size.
+fn check_value_size(value: &Value, limits: &Limits) -> Result<usize, Refusal> {
     let size = value.json_size();
     if size > limits.max_value_bytes {
         return Err(Refusal::new(
@@ -174,7 +184,7 @@ fn check_value_size(value: &Value, limits: &Limits) -> Result<(), Refusal> {
             ),
         ));
     }
-    Ok(())
+    Ok(size)
 }
 
 /// The optional `if_ver` field: an integer >= 0.
@@ -187,9 +197,15 @@ fn if_ver(fields: &Fields) -> Result<Option<u64>, Refusal> {
     }
 }
 
-/// Compares `if_ver` with the key's version, 0 for an absent key or a tombstone.
-fn check_if_ver(state: &RoomState, key: &str, if_ver: Option<u64>) -> Result<(), Refusal> {
-    let current = match state.get(key) {
+/// The live value of a key's slot (`None` for an absent key or a tombstone).
+fn live(slot: Option<&Slot>) -> Option<&Value> {
+    slot.and_then(|slot| slot.value.as_ref())
+}
+
+/// Compares `if_ver` with the version of the key's `slot`, 0 for an absent key or a
+/// tombstone.
+fn check_if_ver(slot: Option<&Slot>, key: &str, if_ver: Option<u64>) -> Result<(), Refusal> {
+    let current = match slot {
         Some(slot) if slot.value.is_some() => slot.ver,
         _ => 0,
     };
@@ -206,17 +222,19 @@ fn conflict(key: &str, current: u64, expected: u64) -> Refusal {
     )
 }
 
-/// Refuses a write that would take the room past `max_keys` or `max_room_bytes`. A write
-/// that does not grow the room is always allowed, so a room left over its limits (the
-/// limits were lowered) can still shrink.
+/// Refuses a write of a value of `size` JSON bytes over the key's `slot` that would take
+/// the room past `max_keys` or `max_room_bytes`. A write that does not grow the room is
+/// always allowed, so a room left over its limits (the limits were lowered) can still
+/// shrink.
 fn check_room_limits(
     state: &RoomState,
+    slot: Option<&Slot>,
     key: &str,
-    value: &Value,
+    size: usize,
     limits: &Limits,
 ) -> Result<(), Refusal> {
-    let old_bytes = state.live(key).map_or(0, |old| entry_bytes(key, old));
-    if old_bytes == 0 {
+    let old = live(slot);
+    if old.is_none() {
         let keys = state.live_keys().saturating_add(1);
         if keys > limits.max_keys {
             return Err(Refusal::new(
@@ -228,10 +246,17 @@ fn check_room_limits(
             ));
         }
     }
+    let new_bytes = key.len().saturating_add(size);
+    // Within the limit even if the old value freed nothing: the old value is not sized
+    // (a walk of it, and a first touch of its memory, on every write).
+    if state.live_bytes().saturating_add(new_bytes) <= limits.max_room_bytes {
+        return Ok(());
+    }
+    let old_bytes = old.map_or(0, |old| entry_bytes(key, old));
     let bytes = state
         .live_bytes()
         .saturating_sub(old_bytes)
-        .saturating_add(entry_bytes(key, value));
+        .saturating_add(new_bytes);
     if bytes > limits.max_room_bytes && bytes > state.live_bytes() {
         return Err(Refusal::new(
             RefuseCode::Limit,

@@ -2,10 +2,9 @@
 //! out together once it has (the acks, in arrival order, and one coalesced diff).
 
 use super::messages::{OpDone, ReplyFrames, ReplyTo};
-use super::op_ids::{OpKey, OpKeyMap};
 use super::views::{DiffChanges, Seen};
 use super::RoomError;
-use crate::kind::{Changes, RoomState, Slot, Undo};
+use crate::kind::{RoomState, Slot, Undo};
 use crate::store::{EventRecord, RoomMeta};
 use std::collections::BTreeMap;
 
@@ -34,15 +33,6 @@ impl Reply {
     }
 }
 
-/// One accepted event waiting for its commit.
-pub struct BatchEvent {
-    pub seq: u64,
-    /// The log record; moved to the store when the batch is submitted.
-    pub record: Option<EventRecord>,
-    /// Restores the working state if the commit fails.
-    pub undo: Undo,
-}
-
 /// Most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1024;
 /// Most bytes of changed values (as JSON) in one batch, which bounds a diff frame.
@@ -59,18 +49,25 @@ pub struct Batch {
     pub first_seq: u64,
     /// Set in the batch that creates the room.
     pub create: Option<RoomMeta>,
-    pub events: Vec<BatchEvent>,
+    /// How many events the batch holds (seqs `first_seq..first_seq + n_events`).
+    n_events: usize,
+    /// The events' log records in seq order, moved to the store (all at once, no copy)
+    /// when the batch is submitted.
+    records: Vec<EventRecord>,
+    /// What restores the private facts of the events that changed any, oldest first, if
+    /// the commit fails (public keys are restored from [`Batch::priors`]).
+    undos: Vec<Undo>,
     /// Acks and nacks in arrival order; sent after the commit.
     pub replies: Vec<Reply>,
     /// Each public key this batch changed, with its slot before the batch (None: the
-    /// key did not exist). Lays the committed view over the working state.
+    /// key did not exist). Lays the committed view over the working state, puts the
+    /// keys back if the commit fails ([`Batch::fail`]), and names the keys of the
+    /// batch's diff ([`Batch::take_changes`]). The slots are the ones the first apply
+    /// of each key replaced, moved here, not copied.
     pub priors: BTreeMap<String, Option<Slot>>,
-    /// Each public key this batch changed, at its last value: the batch's diff.
-    pub coalesced: BTreeMap<String, Slot>,
-    /// Op ids of this batch's events with their seqs, in seq order, remembered once
-    /// committed. Indexed: every op with an id asks whether its id is in flight, and a
-    /// scan would cost as many comparisons as a busy room has ops in flight.
-    pub op_ids: OpKeyMap<u64>,
+    /// How many of this batch's events carry an op id: the room's window holds them
+    /// (`OpIds`), counted as acked when the batch lands.
+    pub n_op_ids: usize,
     /// Approximate JSON size of the changed values, for [`MAX_BATCH_BYTES`].
     bytes: usize,
     /// Set when a snapshot at this seq was submitted with the batch.
@@ -89,11 +86,12 @@ impl Batch {
         Batch {
             first_seq,
             create: None,
-            events: Vec::with_capacity(expected),
+            n_events: 0,
+            records: Vec::with_capacity(expected),
+            undos: Vec::new(),
             replies: Vec::with_capacity(expected),
             priors: BTreeMap::new(),
-            coalesced: BTreeMap::new(),
-            op_ids: OpKeyMap::with_capacity_and_hasher(expected, Default::default()),
+            n_op_ids: 0,
             bytes: 0,
             snapshot_seq: None,
             submission: None,
@@ -103,97 +101,104 @@ impl Batch {
 
     /// A full batch takes no more events; the next one opens.
     pub fn is_full(&self) -> bool {
-        self.events.len() >= MAX_BATCH_EVENTS || self.bytes >= MAX_BATCH_BYTES
+        self.n_events >= MAX_BATCH_EVENTS || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    /// How many events the batch holds (0: only replies).
+    pub fn n_events(&self) -> usize {
+        self.n_events
     }
 
     /// Moves the log records out, for the store.
     pub fn take_records(&mut self) -> Vec<EventRecord> {
-        let mut records = Vec::with_capacity(self.events.len());
-        records.extend(self.events.iter_mut().filter_map(|e| e.record.take()));
-        records
+        std::mem::take(&mut self.records)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.replies.is_empty()
+        self.n_events == 0 && self.replies.is_empty()
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.events
-            .last()
-            .map_or(self.first_seq.saturating_sub(1), |e| e.seq)
+        (self.first_seq + self.n_events as u64).saturating_sub(1)
     }
 
-    /// Records the prior slot of every public key `changes` touches, before they apply.
-    pub fn note_priors(&mut self, state: &RoomState, changes: &Changes) {
-        for (key, _) in &changes.public {
-            if !self.priors.contains_key(key) {
-                self.priors.insert(key.clone(), state.get(key).cloned());
-            }
+    /// Keeps the slot an apply of this batch replaced under `key`, if it is the
+    /// batch's first change of the key (`None`: the key was absent); a later change's
+    /// is dropped.
+    pub fn note_prior(&mut self, key: &str, before: Option<Slot>) {
+        if !self.priors.contains_key(key) {
+            self.priors.insert(key.to_owned(), before);
         }
     }
 
-    /// Adds an event applied to `state`, its ack (in arrival order) and its op id.
-    pub fn add_event(
-        &mut self,
-        record: EventRecord,
-        undo: Undo,
-        op_key: Option<OpKey>,
-        reply: ReplyTo,
-        epoch: u64,
-        state: &RoomState,
-    ) {
+    /// Adds an event applied to the working state (its public keys' slots from before
+    /// noted with [`Batch::note_prior`], its op id, if any, added to the room's window)
+    /// and its ack, in arrival order.
+    pub fn add_event(&mut self, record: EventRecord, undo: Undo, reply: ReplyTo, epoch: u64) {
         let seq = record.seq;
         for (key, value) in &record.changes.public {
             self.bytes += key.len() + value.as_ref().map_or(4, |v| v.json_size());
-            // The slot as `apply` left it, audience included.
-            let slot = state
-                .get(key)
-                .cloned()
-                .unwrap_or_else(|| Slot::new(value.clone(), seq));
-            // A key the batch already changed keeps its entry (no second copy of it).
-            match self.coalesced.get_mut(key) {
-                Some(coalesced) => *coalesced = slot,
-                None => {
-                    self.coalesced.insert(key.clone(), slot);
-                }
-            }
         }
-        if let Some(key) = op_key {
-            self.op_ids.insert(key, seq);
+        if record.op_id.is_some() {
+            self.n_op_ids += 1;
         }
-        self.replies.push(Reply::Ack(reply, OpDone { seq, epoch }));
-        self.events.push(BatchEvent {
+        debug_assert_eq!(
             seq,
-            record: Some(record),
-            undo,
-        });
+            self.first_seq + self.n_events as u64,
+            "seqs run gaplessly"
+        );
+        self.n_events += 1;
+        self.replies.push(Reply::Ack(reply, OpDone { seq, epoch }));
+        self.records.push(record);
+        if !undo.is_empty() {
+            self.undos.push(undo);
+        }
     }
 
-    /// The seq of an uncommitted event carrying this op id.
-    pub fn seq_of(&self, key: &OpKey) -> Option<u64> {
-        self.op_ids.get(key).copied()
-    }
-
-    /// Moves out the batch's changes, each key at its last value: its part of a diff,
-    /// with who could see each key that ends hidden before the batch.
-    pub fn take_coalesced(&mut self) -> DiffChanges {
-        let slots = std::mem::take(&mut self.coalesced);
-        let before = slots
-            .iter()
-            .filter(|(_, slot)| slot.audience.is_some())
-            .map(|(key, _)| {
-                let prior = self.priors.get(key).and_then(Option::as_ref);
-                (key.clone(), Seen::of(prior))
-            })
-            .collect();
+    /// The batch's changes, each key at its last value: its part of a diff, with who
+    /// could see each key that ends hidden before the batch. Taken when the batch has
+    /// landed and someone is told, so a room nobody watches copies no slot per op.
+    ///
+    /// A key's last value in this batch is the slot before the first later batch that
+    /// changed it again (its prior there), else the working state's slot: `later` are
+    /// the room's uncommitted batches after this one, oldest first. Every key a batch
+    /// changed holds a slot afterwards (a deletion leaves a tombstone, and a trim
+    /// prunes none newer than the commit that asked for it), so both are found.
+    pub fn take_changes<'a>(
+        &mut self,
+        later: impl Iterator<Item = &'a Batch> + Clone,
+        state: &RoomState,
+    ) -> DiffChanges {
+        let priors = std::mem::take(&mut self.priors);
+        let last_seq = self.last_seq();
+        let mut slots = BTreeMap::new();
+        let mut before = BTreeMap::new();
+        for (key, prior) in priors {
+            let last = later
+                .clone()
+                .find_map(|batch| batch.priors.get(&key))
+                .map_or_else(|| state.get(&key), Option::as_ref)
+                .cloned()
+                // Not reached (see above); a tombstone is the safe reading of a key
+                // that holds nothing.
+                .unwrap_or_else(|| Slot::new(None, last_seq));
+            if last.audience.is_some() {
+                before.insert(key.clone(), Seen::of(prior.as_ref()));
+            }
+            slots.insert(key, last);
+        }
         DiffChanges { slots, before }
     }
 
-    /// The commit failed: undo this batch's events (newest first) and answer every
-    /// reply; acks of events that are not committed become `unavailable` nacks.
+    /// The commit failed: undo this batch's events (their private facts newest first,
+    /// their public keys from the slots before the batch) and answer every reply; acks
+    /// of events that are not committed become `unavailable` nacks.
     pub fn fail(self, state: &mut RoomState, committed: u64, store_error: &str) {
-        for event in self.events.into_iter().rev() {
-            state.undo(event.undo);
+        for undo in self.undos.into_iter().rev() {
+            state.undo(undo);
+        }
+        for (key, prior) in self.priors {
+            state.restore_public(&key, prior);
         }
         for reply in self.replies {
             match reply {

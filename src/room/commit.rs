@@ -11,6 +11,7 @@ use super::batch::Batch;
 use super::live::PIPELINE_DEPTH;
 use super::messages::ReplyFrames;
 use super::presence::Presence;
+use super::views::DiffChanges;
 use super::{messages, Room, RoomError, Status};
 use crate::outbound::Charge;
 use crate::store::{self, TrimOutcome, TrimPolicy};
@@ -40,7 +41,7 @@ impl Room {
                 return;
             };
             if answer_replies && live.in_flight == 0 {
-                while live.batches.front().is_some_and(|b| b.events.is_empty()) {
+                while live.batches.front().is_some_and(|b| b.n_events() == 0) {
                     if let Some(batch) = live.batches.pop_front() {
                         for reply in batch.replies {
                             reply.send();
@@ -60,7 +61,7 @@ impl Room {
             };
             // Replies behind a batch in flight wait for it; so does a batch of replies;
             // nothing goes behind a batch already refused.
-            if next.events.is_empty()
+            if next.n_events() == 0
                 || live
                     .batches
                     .iter()
@@ -120,11 +121,9 @@ impl Room {
             batch.submission = Some(id);
             // Expiry is decided at submit time so the store forgets ids in the same
             // commit.
-            let expire_through = live
-                .op_ids
-                .expire(batch.op_ids.len(), self.config.op_ids_kept);
-            live.merging = batch.events.len() > 1;
-            live.last_batch_events = batch.events.len();
+            let expire_through = live.op_ids.expire(batch.n_op_ids, self.config.op_ids_kept);
+            live.merging = batch.n_events() > 1;
+            live.last_batch_events = batch.n_events();
             let store_batch = store::Batch {
                 room: self.room_id.to_string(),
                 create: batch.create.take(),
@@ -196,9 +195,7 @@ impl Room {
             match batch.outcome.take().unwrap_or(Ok(())) {
                 Ok(()) => {
                     live.committed = batch.last_seq();
-                    for (key, seq) in std::mem::take(&mut batch.op_ids) {
-                        live.op_ids.remember(key, seq);
-                    }
+                    live.op_ids.committed(batch.n_op_ids);
                     let epoch = live.epoch;
                     if let Some(seq) = batch.snapshot_seq {
                         live.snapshot_seq = seq;
@@ -216,7 +213,14 @@ impl Room {
                         return;
                     };
                     let to = live.committed;
-                    self.queue_diff(epoch, batch.first_seq, to, batch.take_coalesced(), ctx);
+                    // Changes nobody is told of (no subscriber here, none relayed to
+                    // another node) are not built: `send_unsent` would drop them.
+                    let changes = if self.subscribers.is_empty() && self.n_relayed == 0 {
+                        DiffChanges::default()
+                    } else {
+                        batch.take_changes(live.batches.iter(), &live.state)
+                    };
+                    self.queue_diff(epoch, batch.first_seq, to, changes, ctx);
                     if !self.deferred_subs.is_empty() {
                         for sub in std::mem::take(&mut self.deferred_subs) {
                             let _ = self.subscribe(sub, ctx);
@@ -231,6 +235,8 @@ impl Room {
                     let mut failed: Vec<Batch> = live.batches.drain(..).collect();
                     failed.insert(0, batch);
                     live.in_flight = 0;
+                    // Their ops are nacked: a re-send is a new op.
+                    live.op_ids.forget_uncommitted();
                     for batch in failed.into_iter().rev() {
                         batch.fail(&mut live.state, live.committed, &e);
                     }

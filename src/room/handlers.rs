@@ -8,7 +8,7 @@ use actix::prelude::*;
 use super::live::Live;
 use super::messages::*;
 use super::op_ids::OpKey;
-use super::{batch, Room, RoomError, Status};
+use super::{Room, RoomError, Status};
 use crate::kind::{catch_panic, Ctx, RoomState};
 use crate::outbound::{encode, Charge, Frame, Pushed};
 use crate::protocol::message::{ServerMsg, WireValue};
@@ -36,13 +36,11 @@ impl Handler<Create> for Room {
             Ok(None) => return self.create(msg, op_key, ctx),
         };
         msg.reply.set_kind(live.kind.name());
-        // A re-sent create is answered from the op-id record, with seq 1.
+        // A re-sent create is answered from the op-id record, with seq 1 (after the
+        // creation's own ack if it is still in flight).
         if let Some(key) = &op_key {
             if let Some(seq) = live.op_ids.get(key) {
                 return live.reply_ack(msg.reply, seq);
-            }
-            if let Some(seq) = live.uncommitted_seq(key) {
-                return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
             }
         }
         let refusal = msg
@@ -138,12 +136,10 @@ impl Handler<Submit> for Room {
         msg.reply.set_kind(live.kind.name());
         let op_key = msg.op_id.map(|id| OpKey::new(msg.user.clone(), id));
         if let Some(key) = &op_key {
+            // A re-send of an op still in flight is answered when the original is: its
+            // reply waits behind the original's.
             if let Some(seq) = live.op_ids.get(key) {
                 return live.reply_ack(msg.reply, seq);
-            }
-            // A re-send of an op still in flight is answered when the original is.
-            if let Some(seq) = live.uncommitted_seq(key) {
-                return live.reply_later(batch::Reply::Ack(msg.reply, live.done(seq)));
             }
         }
         if let Some(refusal) = msg.refusal {
@@ -290,7 +286,7 @@ impl Handler<Drain> for Room {
         let Status::Live(live) = &mut self.status else {
             return DONE;
         };
-        let uncommitted: usize = live.batches.iter().map(|b| b.events.len()).sum();
+        let uncommitted: usize = live.batches.iter().map(|b| b.n_events()).sum();
         if uncommitted > 0 || live.in_flight > 0 {
             return Drained {
                 ops: uncommitted.max(1),

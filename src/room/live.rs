@@ -129,10 +129,13 @@ impl Live {
         self.head += 1;
         let seq = self.head;
         self.state.complete_audiences(&mut changes);
-        if let Some(batch) = self.batches.back_mut() {
-            batch.note_priors(&self.state, &changes);
-        }
-        let undo = self.state.apply(seq, &changes);
+        // `open_batch` just made sure there is one.
+        let batch = self.batches.back_mut().expect("a batch is open");
+        // The slots the apply replaces become the batch's priors (moved, not copied),
+        // which also undo its public keys if the commit fails.
+        let undo = self
+            .state
+            .apply_handing_back(seq, &changes, |key, before| batch.note_prior(key, before));
         let record = EventRecord {
             seq,
             user: user.to_string(),
@@ -141,9 +144,9 @@ impl Live {
             changes,
             op_id: op_key.as_ref().map(|key| key.id.clone()),
         };
-        let epoch = self.epoch;
-        if let Some(batch) = self.batches.back_mut() {
-            batch.add_event(record, undo, op_key, reply, epoch, &self.state);
+        batch.add_event(record, undo, reply, self.epoch);
+        if let Some(key) = op_key {
+            self.op_ids.add_uncommitted(key, seq);
         }
     }
 
@@ -167,11 +170,6 @@ impl Live {
         }
         // Just ensured non-empty.
         self.batches.back_mut().expect("a batch was just pushed")
-    }
-
-    /// The seq of an op id that is applied but not yet committed.
-    pub(super) fn uncommitted_seq(&self, key: &OpKey) -> Option<u64> {
-        self.batches.iter().find_map(|batch| batch.seq_of(key))
     }
 
     /// Sends a reply now if nothing is in line before it, else after the newest batch.
@@ -349,6 +347,89 @@ mod tests {
             state.apply(seq, &changes);
         }
         Live::new(Arc::new(StateKind), 1, state, events.len() as u64)
+    }
+
+    /// Applies `changes` as the room's next event, in its open batch.
+    fn apply(live: &mut Live, changes: Changes) {
+        let (reply, _answer) = oneshot::channel();
+        let user: Arc<str> = Arc::from("u");
+        live.apply_event(&user, 0, Value::Null, changes, None, ReplyTo::http(reply));
+    }
+
+    fn slot_of(changes: &crate::room::views::DiffChanges, key: &str) -> (Option<Value>, u64) {
+        let slot = &changes.slots[key];
+        (slot.value.clone(), slot.ver)
+    }
+
+    #[test]
+    fn a_landed_batchs_diff_holds_its_own_last_values_not_a_later_batchs() {
+        let mut live = room(&[
+            Changes::default().put("a", Value::Int(0)),
+            Changes::default().put("b", Value::Int(0)),
+        ]);
+        apply(&mut live, Changes::default().put("a", Value::Int(1)));
+        apply(
+            &mut live,
+            Changes::default()
+                .put("a", Value::Int(2))
+                .put("c", Value::Int(2)),
+        );
+        // The first batch is with the writer: the next event opens a second one.
+        live.in_flight = 1;
+        apply(
+            &mut live,
+            Changes::default().put("a", Value::Int(3)).delete("b"),
+        );
+        assert_eq!(live.batches.len(), 2);
+        let mut first = live.batches.pop_front().expect("two batches");
+        let changes = first.take_changes(live.batches.iter(), &live.state);
+        assert_eq!(changes.len(), 2, "a and c, each once");
+        assert_eq!(slot_of(&changes, "a"), (Some(Value::Int(2)), 4));
+        assert_eq!(slot_of(&changes, "c"), (Some(Value::Int(2)), 4));
+        assert!(changes.is_shared());
+        let mut second = live.batches.pop_front().expect("the second batch");
+        let changes = second.take_changes(live.batches.iter(), &live.state);
+        assert_eq!(slot_of(&changes, "a"), (Some(Value::Int(3)), 5));
+        assert_eq!(
+            slot_of(&changes, "b"),
+            (None, 5),
+            "a deletion is a tombstone"
+        );
+    }
+
+    #[test]
+    fn failed_batches_put_back_every_public_key_and_private_fact() {
+        let mut live = room(&[
+            Changes::default().put("a", Value::Int(0)),
+            Changes::default().put("msg/1", Value::Int(0)),
+            Changes::default().put_for("hand", Value::Int(0), ["alice"]),
+        ]);
+        let before = live.state.clone();
+        apply(
+            &mut live,
+            Changes::default()
+                .put("a", Value::Int(1))
+                .delete("msg/1")
+                .put("msg/2", Value::Int(1))
+                .put_private("x", Value::Int(1)),
+        );
+        apply(&mut live, Changes::default().put("hand", Value::Int(1)));
+        live.in_flight = 1;
+        apply(
+            &mut live,
+            Changes::default()
+                .put("a", Value::Int(2))
+                .delete("msg/2")
+                .put_for("new", Value::Int(2), ["bob"])
+                .delete_private("x"),
+        );
+        assert_ne!(live.state, before);
+        let committed = live.committed;
+        for batch in live.batches.drain(..).rev() {
+            batch.fail(&mut live.state, committed, "disk gone");
+        }
+        assert_eq!(live.state, before);
+        assert_eq!(format!("{:?}", live.state), format!("{before:?}"));
     }
 
     /// The same room rebuilt from a snapshot of it (after a restart).

@@ -23,11 +23,12 @@
 //!
 //! The room's files, one concept each: `handlers` (the messages it accepts, over one
 //! status ladder), `live` (the working state and its committed view), [`op_ids`] (the
-//! window of acked op ids), `commit` (batches to the store and back, trims, deletion),
-//! `fanout` (subscriptions, diff batching, presence), [`tap`] (diffs handed to other
-//! nodes once per batch, in cluster mode), [`moving`] (a room on its way to another
-//! node: refusals and the freeze before its rows are copied) and [`recovery`] (rebuilding a
-//! room from the log without running a reducer, also used by `?at=` and `roomd log`).
+//! window of op ids, acked and in flight), `commit` (batches to the store and back,
+//! trims, deletion), `fanout` (subscriptions, diff batching, presence), [`tap`] (diffs
+//! handed to other nodes once per batch, in cluster mode), [`moving`] (a room on its
+//! way to another node: refusals and the freeze before its rows are copied) and
+//! [`recovery`] (rebuilding a room from the log without running a reducer, also used by
+//! `?at=` and `roomd log`).
 
 pub mod admin;
 pub mod batch;

@@ -1,10 +1,13 @@
-//! The window of acked op ids a room deduplicates against: `(user, op id)` -> seq, in
-//! commit order so the oldest are forgotten first.
+//! The window of op ids a room deduplicates against: `(user, op id)` -> seq, in seq
+//! order so the oldest are forgotten first: the acked ids, then those of applied ops
+//! still in flight.
 //!
 //! A re-sent op whose id is here is answered with its original seq and not applied again
-//! (effectively-once, PROTOCOL.md "Ops"). The window keeps at least `op_ids_kept` ids;
-//! it may grow 10% past that before the oldest are forgotten, so expiry happens in
-//! bunches, in the same commit that the store forgets them.
+//! (effectively-once, PROTOCOL.md "Ops"); the answer to an op in flight leaves when the
+//! original's does. The window keeps at least `op_ids_kept` acked ids; it may grow 10%
+//! past that before the oldest are forgotten, so expiry happens in bunches, in the same
+//! commit that the store forgets them. The ids of ops whose commit failed are forgotten
+//! with them (a re-send is a new op).
 
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::sync::{Arc, OnceLock};
@@ -76,33 +79,61 @@ impl Hasher for KeyedHasher {
 /// A map keyed by op ids, hashed by [`OpKey`]'s own hash.
 pub type OpKeyMap<V> = IndexMap<OpKey, V, BuildHasherDefault<KeyedHasher>>;
 
-/// Acked op ids in the order they were committed (which is seq order), so the oldest
-/// are forgotten first: one map, each key stored once. Who reads: every op with an id,
-/// to answer re-sends. Who writes: commits.
+/// Op ids in seq order, so the oldest are forgotten first: the acked ones, then the
+/// `uncommitted` newest, one map, each key stored once. An op's id goes in as the op is
+/// applied, so the lookup that found it absent and the insert touch the same memory
+/// once (a window of 10,000 ids per room is far out of the caches), and the commit adds
+/// nothing. Who reads: every op with an id, to answer re-sends. Who writes: applied ops,
+/// commits (which count their ids as acked) and failed commits (which drop theirs).
 #[derive(Debug, Default)]
 pub struct OpIds {
     seqs: OpKeyMap<u64>,
+    /// How many of the newest ids belong to ops not committed yet.
+    uncommitted: usize,
 }
 
 impl OpIds {
-    /// The seq an op id was committed as.
+    /// The seq an op id was applied as, committed or not.
     pub fn get(&self, key: &OpKey) -> Option<u64> {
         self.seqs.get(key).copied()
     }
 
-    /// Remembers a committed op id; ids must arrive in seq order. An id already there
-    /// keeps its place.
+    /// Remembers a committed op id (a room being loaded, nothing in flight); ids must
+    /// arrive in seq order. An id already there keeps its place.
     pub fn remember(&mut self, key: OpKey, seq: u64) {
+        debug_assert_eq!(self.uncommitted, 0, "committed ids come before uncommitted");
         self.seqs.insert(key, seq);
     }
 
-    /// Forgets the oldest ids so that, with `adding` more, at most `kept` plus a tenth
-    /// remain; returns the seq of the newest id forgotten (0: none), so the store forgets
-    /// the same ids in the same commit.
+    /// Adds the id of an op just applied as `seq` (after every id there, in seq order),
+    /// not committed yet. An id already there keeps its place and is not counted again
+    /// (the caller looked it up first, so this does not happen).
+    pub fn add_uncommitted(&mut self, key: OpKey, seq: u64) {
+        if self.seqs.insert_full(key, seq).1.is_none() {
+            self.uncommitted += 1;
+        }
+    }
+
+    /// The oldest `n` uncommitted ids were committed (a batch landed, in seq order).
+    pub fn committed(&mut self, n: usize) {
+        self.uncommitted = self.uncommitted.saturating_sub(n);
+    }
+
+    /// Every uncommitted op failed (a failed commit fails all that follow it): their
+    /// ids are forgotten, so a re-send is applied as a new op.
+    pub fn forget_uncommitted(&mut self) {
+        let committed = self.seqs.len() - self.uncommitted;
+        self.seqs.truncate(committed);
+        self.uncommitted = 0;
+    }
+
+    /// Forgets the oldest acked ids so that, with `adding` more, at most `kept` plus a
+    /// tenth of them remain (uncommitted ids are neither counted nor forgotten); returns
+    /// the seq of the newest id forgotten (0: none), so the store forgets the same ids
+    /// in the same commit.
     pub fn expire(&mut self, adding: usize, kept: usize) -> u64 {
-        let excess = (self.seqs.len() + adding)
-            .saturating_sub(kept + kept / 10)
-            .min(self.seqs.len());
+        let acked = self.seqs.len() - self.uncommitted;
+        let excess = (acked + adding).saturating_sub(kept + kept / 10).min(acked);
         // One drain of the oldest: the survivors' index is rebuilt from stored hashes,
         // no key is hashed or compared again.
         self.seqs
@@ -112,9 +143,12 @@ impl OpIds {
             .unwrap_or(0)
     }
 
-    /// The seq of the oldest id still remembered (`u64::MAX`: none): log trims keep the
-    /// ids of events from there on.
+    /// The seq of the oldest acked id still remembered (`u64::MAX`: none): log trims
+    /// keep the ids of events from there on.
     pub fn oldest_seq(&self) -> u64 {
+        if self.seqs.len() == self.uncommitted {
+            return u64::MAX;
+        }
         self.seqs.first().map_or(u64::MAX, |(_, seq)| *seq)
     }
 }
@@ -166,6 +200,40 @@ mod tests {
         ids.remember(key("ab", "c"), 1);
         assert_eq!(ids.get(&key("a", "bc")), None);
         assert_eq!(ids.get(&key("ab", "c")), Some(1));
+    }
+
+    #[test]
+    fn uncommitted_ids_answer_re_sends_and_are_forgotten_if_their_commit_fails() {
+        let mut ids = OpIds::default();
+        ids.remember(key("u", "1"), 1);
+        ids.add_uncommitted(key("u", "2"), 2);
+        ids.add_uncommitted(key("u", "3"), 3);
+        assert_eq!(ids.get(&key("u", "2")), Some(2));
+        // The batch of 2 landed; 3 failed with the batch after it.
+        ids.committed(1);
+        ids.forget_uncommitted();
+        assert_eq!(ids.get(&key("u", "2")), Some(2));
+        assert_eq!(ids.get(&key("u", "3")), None);
+        ids.add_uncommitted(key("u", "3"), 4);
+        assert_eq!(ids.get(&key("u", "3")), Some(4));
+    }
+
+    #[test]
+    fn expiry_counts_and_forgets_acked_ids_only() {
+        let mut ids = OpIds::default();
+        for seq in 1..=3 {
+            ids.add_uncommitted(key("u", &seq.to_string()), seq);
+        }
+        assert_eq!(ids.oldest_seq(), u64::MAX, "nothing acked yet");
+        // Nothing acked: nothing to forget, however many are in flight.
+        assert_eq!(ids.expire(1, 0), 0);
+        ids.committed(2);
+        assert_eq!(ids.oldest_seq(), 1);
+        // Window 1 (and no tenth): of the 2 acked ids with 1 more coming, both go.
+        assert_eq!(ids.expire(1, 1), 2);
+        assert_eq!(ids.get(&key("u", "2")), None);
+        assert_eq!(ids.get(&key("u", "3")), Some(3), "in flight: kept");
+        assert_eq!(ids.oldest_seq(), u64::MAX);
     }
 
     #[test]

@@ -32,8 +32,9 @@ pub fn replay(snapshot: Option<&Snapshot>, events: &[EventRecord]) -> RoomState 
 /// Applies recorded changes in order.
 pub fn apply_all(state: &mut RoomState, events: &[EventRecord]) {
     for event in events {
-        // Undo records are only needed for uncommitted events.
-        let _ = state.apply(event.seq, &event.changes);
+        // Undo records are only needed for uncommitted events: the slots handed back
+        // are dropped, and no key is copied for them.
+        let _ = state.apply_handing_back(event.seq, &event.changes, |_, _| {});
     }
 }
 

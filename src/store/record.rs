@@ -813,20 +813,27 @@ fn flatten(value: &Value) -> Result<FlatValue, RecordError> {
 /// [`flatten`], borrowing the value's strings.
 fn flatten_ref(value: &Value) -> Result<FlatValueRef<'_>, RecordError> {
     // Most values of an op or a change are one scalar, or a small map of scalars: a
-    // scalar needs neither the stack nor a growing list, a container starts with room
-    // for a few members.
-    let scalar = match value {
-        Value::Null => Some(NodeRef::Null),
-        Value::Bool(b) => Some(NodeRef::Bool(*b)),
-        Value::Int(n) => Some(NodeRef::Int(*n)),
-        Value::Float(f) if f.is_finite() => Some(NodeRef::Float(*f)),
-        Value::Float(f) => return Err(RecordError::NonFinite { value: *f }),
-        Value::Str(s) => Some(NodeRef::Str(s)),
-        Value::Bytes(b) => Some(NodeRef::Bytes(b)),
-        Value::List(_) | Value::Map(_) => None,
-    };
-    if let Some(node) = scalar {
+    // scalar needs neither the stack nor a growing list, a map of scalars (an op) is its
+    // members in order without the stack, and any other container starts with room for
+    // a few members.
+    if let Some(node) = scalar_node(value)? {
         return Ok(FlatValueRef { nodes: vec![node] });
+    }
+    if let Value::Map(map) = value {
+        let mut nodes = Vec::with_capacity(1 + 2 * map.len());
+        nodes.push(NodeRef::Map(item_count(map.len())?));
+        let mut flat = true;
+        for (key, item) in map {
+            let Some(node) = scalar_node(item)? else {
+                flat = false;
+                break;
+            };
+            nodes.push(NodeRef::Str(key));
+            nodes.push(node);
+        }
+        if flat {
+            return Ok(FlatValueRef { nodes });
+        }
     }
     let mut nodes = Vec::with_capacity(16);
     let mut stack = Vec::with_capacity(16);
@@ -871,6 +878,20 @@ fn flatten_ref(value: &Value) -> Result<FlatValueRef<'_>, RecordError> {
         nodes.push(node);
     }
     Ok(FlatValueRef { nodes })
+}
+
+/// The one node of a scalar value (`None`: a list or map); refuses a non-finite float.
+fn scalar_node(value: &Value) -> Result<Option<NodeRef<'_>>, RecordError> {
+    Ok(match value {
+        Value::Null => Some(NodeRef::Null),
+        Value::Bool(b) => Some(NodeRef::Bool(*b)),
+        Value::Int(n) => Some(NodeRef::Int(*n)),
+        Value::Float(f) if f.is_finite() => Some(NodeRef::Float(*f)),
+        Value::Float(f) => return Err(RecordError::NonFinite { value: *f }),
+        Value::Str(s) => Some(NodeRef::Str(s)),
+        Value::Bytes(b) => Some(NodeRef::Bytes(b)),
+        Value::List(_) | Value::Map(_) => None,
+    })
 }
 
 fn item_count(len: usize) -> Result<u32, RecordError> {
