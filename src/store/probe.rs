@@ -13,7 +13,7 @@
 //! Not here: what a damaged room means for its jobs (`writer.rs`), which rows exist
 //! (`tables.rs`).
 
-use redb::ReadTransaction;
+use redb::{ReadOnlyTable, ReadTransaction};
 
 use super::error::redb_corruption;
 use super::guard;
@@ -30,32 +30,64 @@ pub struct BatchKeys<'a> {
     pub expire_op_ids_through: u64,
 }
 
-/// Reads the paths to every key `keys` names. `Err(detail)` when a page on them is
-/// damaged (redb panicked or reported corruption); other errors (I/O) are left for the
-/// write itself to meet and report.
-pub fn batch(txn: &ReadTransaction, keys: &BatchKeys) -> Result<(), String> {
-    let room = keys.room;
-    settle(guard::catch(|| -> Result<(), redb::Error> {
-        txn.open_table(META)?.get(room)?;
-        if keys.creates {
-            txn.open_table(CREATORS)?.get(room)?;
+/// One read transaction and the two tables every batch of a commit probes, opened by
+/// the first batch that needs them and kept for the others: opening a table is a
+/// lookup in redb's table tree, and opened per batch it cost a fifth of the probes
+/// (`benches/README.md`, issue 14, fifth pass).
+pub struct BatchProbe {
+    txn: ReadTransaction,
+    meta: Option<ReadOnlyTable<&'static str, &'static [u8]>>,
+    events: Option<ReadOnlyTable<(&'static str, u64), &'static [u8]>>,
+}
+
+impl BatchProbe {
+    pub fn new(txn: ReadTransaction) -> Self {
+        BatchProbe {
+            txn,
+            meta: None,
+            events: None,
         }
-        let events = txn.open_table(EVENTS)?;
-        if let Some((first, last)) = keys.events {
-            events.get((room, first))?;
-            events.get((room, last))?;
-        }
-        if let Some(seq) = keys.snapshot {
-            txn.open_table(SNAPSHOTS)?.get((room, seq))?;
-        }
-        if keys.expire_op_ids_through > 0 {
-            let op_ids = txn.open_table(OP_IDS)?;
-            for entry in op_ids.range((room, 0)..=(room, keys.expire_op_ids_through))? {
-                entry?;
+    }
+
+    /// Reads the paths to every key `keys` names. `Err(detail)` when a page on them is
+    /// damaged (redb panicked or reported corruption); other errors (I/O) are left for
+    /// the write itself to meet and report. After an `Err` the caller drops this probe:
+    /// a transaction that panicked is not reused.
+    pub fn batch(&mut self, keys: &BatchKeys) -> Result<(), String> {
+        let room = keys.room;
+        let BatchProbe { txn, meta, events } = self;
+        settle(guard::catch(|| -> Result<(), redb::Error> {
+            let meta = match meta {
+                Some(table) => table,
+                None => meta.insert(txn.open_table(META)?),
+            };
+            meta.get(room)?;
+            if keys.creates {
+                txn.open_table(CREATORS)?.get(room)?;
             }
-        }
-        Ok(())
-    }))
+            if let Some((first, last)) = keys.events {
+                let events = match events {
+                    Some(table) => table,
+                    None => events.insert(txn.open_table(EVENTS)?),
+                };
+                events.get((room, first))?;
+                // A batch of one row (nearly all) has one key: the same path twice.
+                if last != first {
+                    events.get((room, last))?;
+                }
+            }
+            if let Some(seq) = keys.snapshot {
+                txn.open_table(SNAPSHOTS)?.get((room, seq))?;
+            }
+            if keys.expire_op_ids_through > 0 {
+                let op_ids = txn.open_table(OP_IDS)?;
+                for entry in op_ids.range((room, 0)..=(room, keys.expire_op_ids_through))? {
+                    entry?;
+                }
+            }
+            Ok(())
+        }))
+    }
 }
 
 /// Reads every row of `room` in every table, as trimming and deletion may touch any of

@@ -851,7 +851,7 @@ impl Writer {
         let Some(db) = self.db.as_ref() else {
             return group;
         };
-        let mut txn = None;
+        let mut probe = None;
         let mut kept = Vec::with_capacity(group.len());
         for job in group {
             let room = job.batch.room.as_str();
@@ -859,12 +859,12 @@ impl Writer {
                 let _ = job.reply.send(Err(self.damaged(room, detail)));
                 continue;
             }
-            if txn.is_none() {
+            if probe.is_none() {
                 // A read transaction that cannot begin is an I/O failure the write
                 // meets too; it is reported there.
-                txn = db.begin_read().ok();
+                probe = db.begin_read().ok().map(probe::BatchProbe::new);
             }
-            let Some(read) = txn.as_ref() else {
+            let Some(reader) = probe.as_mut() else {
                 kept.push(job);
                 continue;
             };
@@ -880,13 +880,13 @@ impl Writer {
                 snapshot: job.snapshot.as_ref().map(|(seq, _)| *seq),
                 expire_op_ids_through: job.batch.expire_op_ids_through,
             };
-            match probe::batch(read, &keys) {
+            match reader.batch(&keys) {
                 Ok(()) => kept.push(job),
                 Err(detail) => {
                     self.note_damage(room, &detail);
                     let _ = job.reply.send(Err(self.damaged(room, detail)));
                     // Not reused after a panic inside it.
-                    txn = None;
+                    probe = None;
                 }
             }
         }
