@@ -447,12 +447,14 @@ fn encode_ack(id: &str, seq: u64) -> String {
 /// Appends the bytes of `encode(&ServerMsg::Ack { id, seq })` to `out` (a buffer reused
 /// for many acks).
 pub fn encode_ack_into(id: &str, seq: u64, out: &mut Vec<u8>) {
-    use std::io::Write as _;
     out.extend_from_slice(br#"{"t":"ack","id":"#);
     // Writing a string into a Vec cannot fail.
     serde_json::to_writer(&mut *out, id).expect("a string serializes into memory");
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, r#","seq":{seq}}}"#);
+    out.extend_from_slice(br#","seq":"#);
+    // serde_json writes integers with itoa, not the formatter `write!` goes through;
+    // writing one into a Vec cannot fail.
+    serde_json::to_writer(&mut *out, &seq).expect("an integer serializes into memory");
+    out.push(b'}');
 }
 
 #[cfg(test)]

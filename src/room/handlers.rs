@@ -167,6 +167,14 @@ impl Handler<Submit> for Room {
     }
 }
 
+impl Handler<super::idle::CheckIdle> for Room {
+    type Result = ();
+
+    fn handle(&mut self, _: super::idle::CheckIdle, ctx: &mut Context<Self>) {
+        self.check_idle(ctx);
+    }
+}
+
 impl Handler<Subscribe> for Room {
     type Result = bool;
 

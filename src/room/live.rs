@@ -138,7 +138,7 @@ impl Live {
             .apply_handing_back(seq, &changes, |key, before| batch.note_prior(key, before));
         let record = EventRecord {
             seq,
-            user: user.to_string(),
+            user: String::from(&**user),
             ts_ms: now_ms,
             op,
             changes,

@@ -162,8 +162,13 @@ pub struct ReplyFrames {
     /// Where each connection's run is in `runs`, by session id; empty (and `runs`
     /// scanned) until more than [`SCANNED_RUNS`] connections have replies.
     index: HashMap<u64, usize>,
-    /// Reused for every ack.
-    scratch: Vec<u8>,
+}
+
+thread_local! {
+    /// Where an ack is encoded before it is framed: one per room thread, reused by every
+    /// batch of every room on it. One per `ReplyFrames` was an allocation per landed
+    /// batch, which at 10,000 rooms is one per op.
+    static ACK_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Up to this many connections per batch, finding a connection's run is a scan of the
@@ -198,24 +203,22 @@ impl ReplyFrames {
     }
 
     fn ack(&mut self, session: SessionRef, id: &str, seq: u64) {
-        let mut scratch = std::mem::take(&mut self.scratch);
         let (encoding, run) = self.run(session);
-        match encoding {
+        ACK_SCRATCH.with_borrow_mut(|scratch| match encoding {
             Encoding::Json => {
                 scratch.clear();
-                crate::protocol::json::encode_ack_into(id, seq, &mut scratch);
-                run.push(OpCode::Text, &scratch);
+                crate::protocol::json::encode_ack_into(id, seq, scratch);
+                run.push(OpCode::Text, scratch);
             }
             Encoding::Rkyv => {
                 let msg = ServerMsg::Ack {
                     id: id.to_owned(),
                     seq,
                 };
-                crate::protocol::binary::encode_into(&msg, &mut scratch);
-                run.push(OpCode::Binary, &scratch);
+                crate::protocol::binary::encode_into(&msg, scratch);
+                run.push(OpCode::Binary, scratch);
             }
-        }
-        self.scratch = scratch;
+        });
     }
 
     fn message(&mut self, session: SessionRef, msg: &ServerMsg) {

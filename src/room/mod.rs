@@ -22,7 +22,8 @@
 //! byte-bounded [`Outbound`](crate::outbound::Outbound) queue.
 //!
 //! The room's files, one concept each: `handlers` (the messages it accepts, over one
-//! status ladder), `live` (the working state and its committed view), [`op_ids`] (the
+//! status ladder), `idle` (one timer per room thread that asks each of its rooms
+//! whether it is unused), `live` (the working state and its committed view), [`op_ids`] (the
 //! window of op ids, acked and in flight), `commit` (batches to the store and back,
 //! trims, deletion), `fanout` (subscriptions, diff batching, presence), [`tap`] (diffs
 //! handed to other nodes once per batch, in cluster mode), [`moving`] (a room on its
@@ -36,6 +37,7 @@ mod commit;
 pub mod error;
 mod fanout;
 mod handlers;
+mod idle;
 mod live;
 pub mod messages;
 pub mod moving;
@@ -261,7 +263,7 @@ impl Actor for Room {
         // the mailbox full wait (`Addr::send`) or drop the message (signals).
         ctx.set_mailbox_capacity(256);
         let every = (self.config.idle_timeout.min(ABSENT_IDLE) / 2).max(Duration::from_millis(50));
-        ctx.run_interval(every, |room, ctx| room.check_idle(ctx));
+        idle::register(ctx.address().downgrade(), every);
         let store = self.store.clone();
         let room_id = self.room_id.clone();
         let started = Instant::now();

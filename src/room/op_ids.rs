@@ -127,13 +127,26 @@ impl OpIds {
         self.uncommitted = 0;
     }
 
-    /// Forgets the oldest acked ids so that, with `adding` more, at most `kept` plus a
-    /// tenth of them remain (uncommitted ids are neither counted nor forgotten); returns
-    /// the seq of the newest id forgotten (0: none), so the store forgets the same ids
-    /// in the same commit.
+    /// Once `adding` more would take the acked ids past `kept` plus a tenth, forgets the
+    /// oldest acked ids down to `kept` (or further if `adding` alone is more than the
+    /// tenth), so at most `kept` plus a tenth remain (uncommitted ids are neither counted
+    /// nor forgotten); returns the seq of the newest id forgotten (0: none), so the store
+    /// forgets the same ids in the same commit.
+    ///
+    /// A drain shifts every surviving id and rebuilds the index (the cost of the whole
+    /// window, ~11,000 ids), so it happens once per tenth of a window, not once per
+    /// batch: trimmed to `kept + kept / 10 - adding` instead, a full window paid that
+    /// cost on every commit (a third of the room threads at 10 busy rooms,
+    /// benches/README.md, "Sixth pass").
     pub fn expire(&mut self, adding: usize, kept: usize) -> u64 {
         let acked = self.seqs.len() - self.uncommitted;
-        let excess = (acked + adding).saturating_sub(kept + kept / 10).min(acked);
+        let most = kept + kept / 10;
+        if acked + adding <= most {
+            return 0;
+        }
+        let excess = (acked.saturating_sub(kept))
+            .max(acked + adding - most)
+            .min(acked);
         // One drain of the oldest: the survivors' index is rebuilt from stored hashes,
         // no key is hashed or compared again.
         self.seqs
@@ -182,6 +195,32 @@ mod tests {
         assert_eq!(ids.get(&key("u", "1")), None);
         assert_eq!(ids.get(&key("u", "2")), Some(2));
         assert_eq!(ids.oldest_seq(), 2);
+    }
+
+    #[test]
+    fn a_full_window_forgets_a_tenth_at_once_then_nothing_until_full_again() {
+        let mut ids = OpIds::default();
+        for seq in 1..=110 {
+            ids.remember(key("u", &seq.to_string()), seq);
+        }
+        // 110 acked, window 100 with a tenth of slack: full, nothing goes yet.
+        assert_eq!(ids.expire(0, 100), 0);
+        // One more coming: back down to 100 at once (the oldest 10).
+        assert_eq!(ids.expire(1, 100), 10);
+        assert_eq!(ids.get(&key("u", "10")), None);
+        assert_eq!(ids.get(&key("u", "11")), Some(11));
+        ids.add_uncommitted(key("u", "111"), 111);
+        ids.committed(1);
+        // The next ten ids fit in the slack: no drain per batch.
+        for seq in 112..=120 {
+            assert_eq!(ids.expire(1, 100), 0, "seq {seq}");
+            ids.add_uncommitted(key("u", &seq.to_string()), seq);
+            ids.committed(1);
+        }
+        assert_eq!(ids.oldest_seq(), 11);
+        // A batch larger than the slack still leaves at most the window plus its tenth.
+        assert_eq!(ids.expire(30, 100), 40);
+        assert_eq!(ids.oldest_seq(), 41);
     }
 
     #[test]
