@@ -71,8 +71,9 @@
 //!   handle rooms push frames through; it knows nothing of sessions or rooms. Every close
 //!   the server starts is `Outbound::close`: the close frame, then the client's remaining
 //!   frames read and discarded until its close frame (or 2 s), then a clean TCP close.
-//! - [`store`]: redb: the writer thread (group commit, snapshots, trimming, deletion in
-//!   bounded pieces), record formats, reads for recovery, history and time travel.
+//! - [`store`]: redb: the writer thread (group commit to a journal folded into the
+//!   rooms' rows later, snapshots, trimming, deletion in bounded pieces), record formats,
+//!   reads for recovery, history and time travel.
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids, `wss://`).
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
 //!   codes, room ids and epochs. Nothing else serializes a wire message.

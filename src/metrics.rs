@@ -36,6 +36,11 @@ pub mod names {
     /// Seconds from beginning a write transaction to its commit returning (fsync
     /// included under `immediate`), for commits that carry batches.
     pub const STORE_COMMIT_SECONDS: &str = "roomd_store_commit_seconds";
+    /// Bytes of room batches in the store's journal not yet folded into their rooms'
+    /// rows (bounded by the fold policy, `store/journal.rs`); what a restart replays.
+    pub const STORE_JOURNAL_BYTES: &str = "roomd_store_journal_bytes";
+    /// Rooms folded out of the journal (one per room per fold).
+    pub const STORE_FOLDS: &str = "roomd_store_folds_total";
     /// Frames a room queued to its subscribers (`snapshot`s excluded: one `diff` or
     /// `presence` to 100 subscribers counts 100). The dashboard's deliveries/s.
     pub const DELIVERIES: &str = "roomd_deliveries_total";
@@ -169,6 +174,15 @@ fn describe() {
         "Room batches written by the store writer."
     );
     describe_counter!(names::STORE_EVENTS, "Events appended to room logs.");
+    describe_gauge!(
+        names::STORE_JOURNAL_BYTES,
+        Unit::Bytes,
+        "Bytes of room batches journaled and not yet folded into their rooms."
+    );
+    describe_counter!(
+        names::STORE_FOLDS,
+        "Rooms folded out of the store's journal."
+    );
     describe_histogram!(
         names::STORE_COMMIT_SECONDS,
         Unit::Seconds,

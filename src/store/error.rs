@@ -83,6 +83,18 @@ pub enum StoreError {
         expected: u64,
         found: u64,
     },
+    /// The journal left by the last run cannot be replayed (`journal.rs`); the store
+    /// does not open rather than serve a room without events it acked.
+    #[error("journal row {key} of {} cannot be replayed into room {room}: {detail}", .path.display())]
+    Journal {
+        path: PathBuf,
+        key: u64,
+        room: String,
+        detail: String,
+    },
+    /// A read needed a pending room folded, but the writer queue stayed full.
+    #[error("store {} is busy: the writer queue stayed full for {waited_ms} ms", .path.display())]
+    Busy { path: PathBuf, waited_ms: u64 },
     /// A batch carried `create` for a room that already exists; nothing of it was written.
     #[error("batch creates room {room}, which already exists with head seq {head}")]
     RoomExists { room: String, head: u64 },

@@ -18,10 +18,13 @@ use super::StoreError;
 /// wrote one row per event; a row of one event reads as a batch of one, so a version 2
 /// dir is read as it is and its FORMAT file says 3 from the first open on (a build
 /// that reads version 2 only would misread the new rows, and refuses the dir by name).
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 adds the `journal` table (`journal.rs`): acked events may sit there until
+/// they are folded into their rooms' rows, so a build that does not replay it must not
+/// open the dir. A version 2 or 3 dir is upgraded by creating the empty table.
+pub const FORMAT_VERSION: u32 = 4;
 
-/// The older format this build still reads, upgrading the FORMAT file on open.
-const UPGRADABLE_VERSION: u32 = 2;
+/// The older formats this build still reads, upgrading the FORMAT file on open.
+const UPGRADABLE_VERSIONS: [u32; 2] = [2, 3];
 
 /// The database file's name inside the data dir.
 pub const DB_FILE: &str = "roomd.redb";
@@ -35,13 +38,13 @@ pub fn check_or_write(dir: &Path) -> Result<(), StoreError> {
             let found = text.trim();
             match found.parse::<u32>() {
                 Ok(FORMAT_VERSION) => Ok(()),
-                Ok(UPGRADABLE_VERSION) => {
+                Ok(version) if UPGRADABLE_VERSIONS.contains(&version) => {
                     tracing::info!(
                         dir = %dir.display(),
-                        from = UPGRADABLE_VERSION,
+                        from = version,
                         to = FORMAT_VERSION,
-                        "data dir format upgraded: its event rows are read as they are, \
-                         new events are written one row per room batch"
+                        "data dir format upgraded: its rows are read as they are, new \
+                         events are written one row per room batch, through the journal"
                     );
                     write_atomically(dir, &path)
                 }
@@ -107,22 +110,24 @@ mod tests {
         fs::write(dir.path().join("FORMAT"), "1\n").unwrap();
         let err = check_or_write(dir.path()).unwrap_err();
         let expected = format!(
-            "{} says format version \"1\", but this roomd reads format version 3",
+            "{} says format version \"1\", but this roomd reads format version 4",
             dir.path().join("FORMAT").display()
         );
         assert_eq!(err.to_string(), expected);
     }
 
     #[test]
-    fn format_2_dir_is_read_and_upgraded_to_3() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("FORMAT"), "2\n").unwrap();
-        fs::write(dir.path().join(DB_FILE), b"").unwrap();
-        check_or_write(dir.path()).unwrap();
-        assert_eq!(
-            fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-            "3\n"
-        );
+    fn format_2_and_3_dirs_are_read_and_upgraded_to_4() {
+        for old in ["2\n", "3\n"] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("FORMAT"), old).unwrap();
+            fs::write(dir.path().join(DB_FILE), b"").unwrap();
+            check_or_write(dir.path()).unwrap();
+            assert_eq!(
+                fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+                "4\n"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! [`SubmitError::Full`], so the room nacks with `unavailable` instead of buffering. The
 //! writer thread (`writer.rs`) commits queued batches from all rooms together (group
 //! commit) and answers each batch only after its transaction committed, which is what
-//! lets rooms log before they send. Maintenance goes through the same queue and thread:
+//! lets rooms log before they send. A plain batch is committed to the journal, in
+//! commit order, and folded into its room's rows later, many commits' worth at once
+//! (`journal.rs`); reads of a room with journaled batches fold it first. Maintenance goes through the same queue and thread:
 //! trimming ([`Store::submit_trim`]) in bounded pieces interleaved with batches, and room
 //! deletion ([`Store::submit_delete`]) in bounded pieces, in queue order with batches.
 //! Reads ([`Store::load_room`], [`Store::read_events`], [`Store::read_at`] and the
@@ -17,6 +19,7 @@
 //!
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
+//! `journal.rs` the journal's pending batches, folds and replay,
 //! `retention.rs` the trimming and deletion pieces, `reads.rs` the HTTP reads,
 //! `tools.rs` listing, verifying and compacting for `roomd log`, `transfer.rs` a
 //! room's export and import when it moves to another node, `checksums.rs` the page
@@ -28,8 +31,13 @@
 //! Architecture invariants:
 //! - Only the writer thread writes to the database, in bounded transactions (at most
 //!   [`MAX_GROUP_BATCHES`] batches plus [`MAX_PIECE_ROWS`] rows of maintenance).
-//! - A room's head seq and its events change in the same transaction; a batch that does
-//!   not continue the stored head gaplessly is refused whole.
+//! - A room's head seq and its events change in the same transaction: in the journal
+//!   (an entry holds a batch's events and says where they start), then moved together
+//!   into `events` and `meta` by a fold. A batch that does not continue the room's head
+//!   (its pending head when it has journaled batches) gaplessly is refused whole.
+//! - Every batch answered Ok is in the rows or in the journal; an open replays the
+//!   journal before the writer takes a job, and reads see a room's journaled batches
+//!   (the writer folds the room for them first).
 //! - A room's first retained seq moves in the same transaction as the trimming that
 //!   deletes the events before it, and never past a stored snapshot: events
 //!   `first_retained..=head` are always stored, and when `first_retained > 1` a snapshot
@@ -49,6 +57,7 @@ mod epochs;
 mod error;
 mod format;
 mod guard;
+mod journal;
 mod listing;
 mod lock;
 mod probe;
@@ -87,7 +96,7 @@ pub use transfer::{ExportError, RoomExport, MAX_EXPORT_BYTES};
 pub use writer::MAX_GROUP_BATCHES;
 
 use lock::DirLock;
-use writer::{BatchJob, DbSlot, DeleteJob, Health, Job, TrimJob, Writer};
+use writer::{BatchJob, DbSlot, DeleteJob, FoldJob, Health, Job, TrimJob, Writer};
 
 /// Whether write transactions save redb's allocator state ("quick repair"), so a
 /// reopen after a crash needs no full repair. Measured with redb 4.6 on this project's
@@ -120,6 +129,10 @@ pub const MAX_CONCURRENT_READS: usize = 16;
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// The default [`StoreConfig::quiet_reopen`].
 pub const DEFAULT_QUIET_REOPEN: Duration = Duration::from_secs(5);
+/// How long a read that needs a fold retries a full writer queue before it answers
+/// [`StoreError::Busy`] (see `Store::ensure_folded`).
+pub const FOLD_QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// The default writer queue bound, in batches.
 pub const DEFAULT_QUEUE_LEN: usize = 4096;
 
@@ -423,9 +436,11 @@ struct Inner {
 impl Store {
     /// Creates the dir if needed, takes an exclusive lock (flock on DIR/LOCK; a second
     /// instance fails with a clear StoreError naming the dir), checks/writes DIR/FORMAT
-    /// ([`FORMAT_VERSION`]; a version 2 dir is read and upgraded, any other fails clearly), opens DIR/roomd.redb with
-    /// the cache size set explicitly, finishes any room deletion a crash interrupted,
-    /// and spawns the one writer thread.
+    /// ([`FORMAT_VERSION`]; a version 2 or 3 dir is read and upgraded, any other fails
+    /// clearly), opens DIR/roomd.redb with the cache size set explicitly, finishes any
+    /// room deletion a crash interrupted, replays the journal (the batches acked but not
+    /// yet folded into their rooms' rows when the last run stopped), and spawns the one
+    /// writer thread.
     ///
     /// `roomd log` opens the store this way too: a running server holds the lock, so
     /// the tool fails clearly instead of reading a log that is being written.
@@ -474,6 +489,7 @@ impl Store {
         tables::create_all(&txn).map_err(|e| init_error(e.into()))?;
         txn.commit().map_err(|e| init_error(e.into()))?;
         retention::finish_deletions(&db, QUICK_REPAIR).map_err(init_error)?;
+        let journal_key = journal::replay(&db, &db_path, QUICK_REPAIR)?;
 
         // The counts only bound rooms per user: a damaged `creators` table costs that
         // bound (logged), not the rooms.
@@ -502,6 +518,7 @@ impl Store {
             writer::Opened {
                 db,
                 slot: slot.clone(),
+                journal_key,
                 cache_bytes: config.cache_bytes,
                 quiet_reopen: config.quiet_reopen,
             },
@@ -749,6 +766,7 @@ impl Store {
     /// is none) in seq order, and its op ids. Ok(None) if the room does not exist. Sees
     /// every batch whose receiver has resolved Ok.
     pub fn load_room(&self, room: &str) -> Result<Option<LoadedRoom>, StoreError> {
+        self.ensure_folded(Some(room))?;
         let path = &self.inner.db_path;
         let mut loaded = self.guarded_read(room, |db| tables::read_room(db, path, room))?;
         if let Some(room) = loaded.as_mut() {
@@ -767,6 +785,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Option<EventsPage>, StoreError> {
+        self.ensure_folded(Some(room))?;
         let path = &self.inner.db_path;
         self.guarded_read(room, |db| reads::read_events(db, path, room, after, limit))
     }
@@ -774,6 +793,7 @@ impl Store {
     /// Blocking: what rebuilds the room's state at `seq` (see [`AtSeq`] for the three
     /// cases). Ok(None) if the room does not exist.
     pub fn read_at(&self, room: &str, seq: u64) -> Result<Option<AtSeq>, StoreError> {
+        self.ensure_folded(Some(room))?;
         let path = &self.inner.db_path;
         let mut at = self.guarded_read(room, |db| reads::read_at(db, path, room, seq))?;
         if let Some(at) = at.as_mut() {
@@ -785,8 +805,77 @@ impl Store {
     /// Blocking: every stored snapshot of `room`, oldest first (empty for an absent
     /// room). Each holds a whole room, so this is for `roomd log verify`, not serving.
     pub fn room_snapshots(&self, room: &str) -> Result<Vec<Snapshot>, StoreError> {
+        self.ensure_folded(Some(room))?;
         let path = &self.inner.db_path;
         self.guarded_read(room, |db| reads::room_snapshots(db, path, room))
+    }
+
+    /// Blocking: when `room` (None: any room) has journaled batches not yet folded into
+    /// its rows, asks the writer to fold them and waits until that committed, so the
+    /// read that follows sees every batch answered before it was called. Reads of
+    /// rooms with nothing pending (nearly all) only look the room up in memory.
+    ///
+    /// A full writer queue is retried for [`FOLD_QUEUE_WAIT`], then answered
+    /// [`StoreError::Busy`], which callers answer `unavailable` like any store failure
+    /// of a read: a read must not see the room without its acked events, and blocking
+    /// without bound would hold a read permit while the writer is behind. After a
+    /// failed commit a room with journaled batches answers the failure (its batches
+    /// are in the journal, and the restart replays them).
+    fn ensure_folded(&self, room: Option<&str>) -> Result<(), StoreError> {
+        let health = &self.inner.health;
+        let needed = match room {
+            Some(room) => health.is_journaled(room),
+            None => health.any_journaled(),
+        };
+        if !needed {
+            return Ok(());
+        }
+        let (reply, answer) = mpsc::sync_channel(1);
+        let mut job = Job::Fold(FoldJob {
+            room: room.map(str::to_owned),
+            reply,
+        });
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(reason) = health.failure() {
+                return Err(StoreError::FailStopped {
+                    path: self.inner.db_path.clone(),
+                    reason,
+                });
+            }
+            let queue = self.inner.queue.read();
+            let Some(sender) = queue.as_ref() else {
+                return Err(StoreError::ShutDown {
+                    path: self.inner.db_path.clone(),
+                });
+            };
+            match sender.try_send(job) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if started.elapsed() < FOLD_QUEUE_WAIT => {
+                    job = back;
+                    drop(queue);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(StoreError::Busy {
+                        path: self.inner.db_path.clone(),
+                        waited_ms: FOLD_QUEUE_WAIT.as_millis() as u64,
+                    })
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(StoreError::ShutDown {
+                        path: self.inner.db_path.clone(),
+                    })
+                }
+            }
+        }
+        // The writer answers every job it takes, and answers queued ones before it
+        // exits; a closed channel means it died.
+        answer.recv().unwrap_or_else(|_| {
+            Err(StoreError::ShutDown {
+                path: self.inner.db_path.clone(),
+            })
+        })
     }
 
     /// Runs a blocking read of `room`'s rows. A room already known damaged is refused at
@@ -839,6 +928,7 @@ impl Store {
     /// Blocking: every room with its counts and sizes, in room order, for `roomd log`.
     /// Reads every event row's size, so its cost grows with the whole log.
     pub fn list_rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        self.ensure_folded(None)?;
         let mut rooms = tools::list_rooms(&*self.db()?, &self.inner.db_path)?;
         for room in &mut rooms {
             room.epoch ^= self.inner.epoch_salt;
@@ -854,6 +944,7 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<ListedRoom>, bool), StoreError> {
+        self.ensure_folded(None)?;
         let db = self.db()?;
         let path = &self.inner.db_path;
         // A damaged meta page makes redb panic: answered as damage, never unwound.
@@ -874,6 +965,7 @@ impl Store {
     /// Blocking: checks every row of the log (see [`ProblemKind`] for what) and returns
     /// what is wrong, at most [`MAX_PROBLEMS`] of it; empty means the log is sound.
     pub fn verify(&self) -> Result<Vec<Problem>, StoreError> {
+        self.ensure_folded(None)?;
         tools::verify(&*self.db()?, &self.inner.db_path)
     }
 
@@ -985,5 +1077,7 @@ impl Drop for Inner {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_journal;
 #[cfg(test)]
 mod tests_maintenance;

@@ -701,6 +701,120 @@ fn kind_from_code(code: u8) -> Result<&'static str, RecordError> {
     }
 }
 
+/// The version byte of journal rows (`tables.rs`, `journal.rs`).
+pub const JOURNAL_VERSION: u8 = 1;
+
+/// The largest journal row this store reads. The writer starts a new row once one
+/// passes the row cap of `journal.rs` (1 MiB), and journals only batches whose
+/// log rows are small (64 KiB), so a row stays well under this.
+pub const MAX_JOURNAL_ROW_BYTES: usize = 4 * 1024 * 1024;
+
+/// The stored form of one journal row: the room batches of one commit (or part of
+/// one), in commit order, one entry per room with that room's batches run together.
+// Only its archived form is read (rows are written as [`JournalRowRef`]).
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct JournalRow {
+    entries: Vec<JournalEntry>,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct JournalEntry {
+    room: String,
+    /// The room's stored epoch (salted) when the entry was written.
+    epoch: u64,
+    first: u64,
+    events: u64,
+    expire_op_ids_through: u64,
+    rows: Vec<JournalLogRow>,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct JournalLogRow {
+    last: u64,
+    row: Vec<u8>,
+}
+
+/// [`JournalRow`] borrowing the writer's bytes: the same archive, nothing copied
+/// before serialization.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+pub struct JournalRowRef<'a> {
+    pub entries: Vec<JournalEntryRef<'a>>,
+}
+
+/// One room's entry of a [`JournalRowRef`]: its log rows exactly as
+/// `tables::encode_events` made them, `first..first + events`.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+pub struct JournalEntryRef<'a> {
+    #[rkyv(with = rkyv::with::Inline)]
+    pub room: &'a String,
+    pub epoch: u64,
+    pub first: u64,
+    pub events: u64,
+    pub expire_op_ids_through: u64,
+    pub rows: Vec<JournalLogRowRef<'a>>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+pub struct JournalLogRowRef<'a> {
+    pub last: u64,
+    #[rkyv(with = rkyv::with::Inline)]
+    pub row: &'a Vec<u8>,
+}
+
+/// Encodes one journal row.
+pub fn encode_journal_row(row: &JournalRowRef) -> Result<Vec<u8>, RecordError> {
+    let bytes = vec![JOURNAL_VERSION];
+    let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(row, bytes).map_err(|e| {
+        RecordError::Serialize {
+            reason: e.to_string(),
+        }
+    })?;
+    if bytes.len() > MAX_JOURNAL_ROW_BYTES {
+        return Err(RecordError::TooLarge {
+            len: bytes.len(),
+            limit: MAX_JOURNAL_ROW_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// One entry of a journal row as read back: the log rows are borrowed from the row
+/// and still undecoded (`log_row` checks each when it is applied or read).
+#[derive(Debug)]
+pub struct JournalEntryView<'a> {
+    pub room: &'a str,
+    pub epoch: u64,
+    pub first: u64,
+    pub events: u64,
+    pub expire_op_ids_through: u64,
+    /// `(last seq, log row)`, in seq order.
+    pub rows: Vec<(u64, &'a [u8])>,
+}
+
+/// Decodes a journal row (size, version, then validated access) into its entries.
+pub fn decode_journal_row(bytes: &[u8]) -> Result<Vec<JournalEntryView<'_>>, RecordError> {
+    let row: &ArchivedJournalRow = access(bytes, JOURNAL_VERSION, MAX_JOURNAL_ROW_BYTES)?;
+    Ok(row
+        .entries
+        .iter()
+        .map(|entry| JournalEntryView {
+            room: entry.room.as_str(),
+            epoch: entry.epoch.to_native(),
+            first: entry.first.to_native(),
+            events: entry.events.to_native(),
+            expire_op_ids_through: entry.expire_op_ids_through.to_native(),
+            rows: entry
+                .rows
+                .iter()
+                .map(|row| (row.last.to_native(), row.row.as_slice()))
+                .collect(),
+        })
+        .collect())
+}
+
 /// Serializes `row` behind `version`, refusing rows over `limit` bytes.
 fn versioned<T>(row: &T, version: u8, limit: usize) -> Result<Vec<u8>, RecordError>
 where
@@ -1218,6 +1332,66 @@ mod tests {
         };
         let expected = versioned(&owned, BATCH_VERSION, MAX_LOG_ROW_BYTES).unwrap();
         assert_eq!(encode_log_row(&events).unwrap(), expected);
+    }
+
+    #[test]
+    fn journal_rows_borrowing_the_writers_bytes_match_the_owned_layout_and_read_back() {
+        let room = "room-1".to_owned();
+        let (a, b) = (vec![1u8, 2, 3], vec![4u8; 300]);
+        let borrowed = JournalRowRef {
+            entries: vec![JournalEntryRef {
+                room: &room,
+                epoch: 9,
+                first: 4,
+                events: 5,
+                expire_op_ids_through: 2,
+                rows: vec![
+                    JournalLogRowRef { last: 6, row: &a },
+                    JournalLogRowRef { last: 8, row: &b },
+                ],
+            }],
+        };
+        let owned = JournalRow {
+            entries: vec![JournalEntry {
+                room: room.clone(),
+                epoch: 9,
+                first: 4,
+                events: 5,
+                expire_op_ids_through: 2,
+                rows: vec![
+                    JournalLogRow {
+                        last: 6,
+                        row: a.clone(),
+                    },
+                    JournalLogRow {
+                        last: 8,
+                        row: b.clone(),
+                    },
+                ],
+            }],
+        };
+        let bytes = encode_journal_row(&borrowed).unwrap();
+        assert_eq!(
+            bytes,
+            versioned(&owned, JOURNAL_VERSION, MAX_JOURNAL_ROW_BYTES).unwrap()
+        );
+        let entries = decode_journal_row(&bytes).unwrap();
+        assert_eq!(entries.len(), 1);
+        let entry = &entries[0];
+        assert_eq!(
+            (entry.room, entry.epoch, entry.first, entry.events),
+            ("room-1", 9, 4, 5)
+        );
+        assert_eq!(entry.expire_op_ids_through, 2);
+        assert_eq!(entry.rows, vec![(6, a.as_slice()), (8, b.as_slice())]);
+        // Damaged bytes are refused, never trusted.
+        let mut bad = bytes.clone();
+        bad.truncate(bytes.len() - 3);
+        assert!(decode_journal_row(&bad).is_err());
+        assert!(matches!(
+            decode_journal_row(&[JOURNAL_VERSION + 1, 0, 0]),
+            Err(RecordError::Version { .. })
+        ));
     }
 
     #[test]

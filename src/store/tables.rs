@@ -26,10 +26,14 @@
 //!   (`--max-rooms-per-user`).
 //! - `deleting`: `room` -> (), rooms whose deletion has removed their meta row but not
 //!   yet all their other rows (`retention.rs`).
+//! - `journal`: increasing key -> journal row (`record.rs`): plain room batches in
+//!   commit order, each with its room, the room's stored epoch and its log rows as
+//!   they go into `events`, not yet folded into `events` and `meta` (`journal.rs`). A
+//!   room's `meta` head and `events` lag its journaled batches until the fold.
 //!
 //! Writing a batch checks it against the stored head before touching any table, so a
 //! batch that would break gapless seq is refused whole while the rest of its transaction
-//! commits. When and how transactions commit is `writer.rs`'s business.
+//! commits; a fold ([`WriteTables::append_run`]) checks its run the same way. When and how transactions commit is `writer.rs`'s business.
 
 use std::path::Path;
 
@@ -47,6 +51,7 @@ pub(super) const OP_IDS: TableDefinition<(&str, u64), (&str, &str)> =
 pub(super) const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
 pub(super) const DELETING: TableDefinition<&str, ()> = TableDefinition::new("deleting");
 pub(super) const CREATORS: TableDefinition<&str, &str> = TableDefinition::new("creators");
+pub(super) const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 
 /// Creates any missing table, so read transactions on a new database find them all.
 pub fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
@@ -56,6 +61,7 @@ pub fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
     txn.open_table(SNAPSHOTS)?;
     txn.open_table(DELETING)?;
     txn.open_table(CREATORS)?;
+    txn.open_table(JOURNAL)?;
     Ok(())
 }
 
@@ -68,6 +74,7 @@ pub struct WriteTables<'txn> {
     pub snapshots: Table<'txn, (&'static str, u64), &'static [u8]>,
     pub deleting: Table<'txn, &'static str, ()>,
     pub creators: Table<'txn, &'static str, &'static str>,
+    pub journal: Table<'txn, u64, &'static [u8]>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -79,6 +86,7 @@ impl<'txn> WriteTables<'txn> {
             snapshots: txn.open_table(SNAPSHOTS)?,
             deleting: txn.open_table(DELETING)?,
             creators: txn.open_table(CREATORS)?,
+            journal: txn.open_table(JOURNAL)?,
         })
     }
 
@@ -180,6 +188,49 @@ impl<'txn> WriteTables<'txn> {
             head: new_head,
             first_retained,
         };
+        self.put_meta(room, &stored)?;
+        Ok(Ok(()))
+    }
+}
+
+impl WriteTables<'_> {
+    /// Moves a run of journaled events `first..=last` of `room` into `events` and its
+    /// meta row (one meta write for the whole run), and forgets trimmed op ids through
+    /// `expire_op_ids_through`: a fold (`journal.rs`). The run must continue the stored
+    /// head of the room with the epoch it was journaled under; anything else is
+    /// refused, before anything is written, with the inner error.
+    pub fn append_run<'r>(
+        &mut self,
+        room: &str,
+        epoch: u64,
+        (first, last): (u64, u64),
+        rows: impl IntoIterator<Item = (u64, &'r [u8])>,
+        expire_op_ids_through: u64,
+    ) -> Result<Result<(), StoreError>, redb::StorageError> {
+        let mut stored = match self.stored_meta(room)? {
+            Ok(Some(stored)) if stored.meta.epoch == epoch => stored,
+            Ok(_) => {
+                return Ok(Err(StoreError::NoSuchRoom {
+                    room: room.to_owned(),
+                }))
+            }
+            Err(corrupt) => return Ok(Err(corrupt)),
+        };
+        if first != stored.head + 1 || last < first {
+            return Ok(Err(StoreError::SeqGap {
+                room: room.to_owned(),
+                expected: stored.head + 1,
+                found: first,
+            }));
+        }
+        for (row_last, row) in rows {
+            self.events.insert((room, row_last), row)?;
+        }
+        if expire_op_ids_through > 0 {
+            self.op_ids
+                .retain_in((room, 0)..=(room, expire_op_ids_through), |_, _| false)?;
+        }
+        stored.head = last;
         self.put_meta(room, &stored)?;
         Ok(Ok(()))
     }

@@ -306,6 +306,7 @@ impl Store {
     /// Blocking: everything the store keeps of `room`, read in one read transaction;
     /// Ok(None) if it does not exist. Holds the whole retained room in memory.
     pub fn export_room(&self, room: &str) -> Result<Option<RoomExport>, StoreError> {
+        self.ensure_folded(Some(room))?;
         let path = &self.inner.db_path;
         let export = self.guarded_read(room, |db| {
             let reads = RoomReads::open(db, path, room)?;

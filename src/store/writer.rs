@@ -2,8 +2,9 @@
 //! and fail-stop.
 //!
 //! The writer blocks for the first queued job, drains whatever else is queued (up to
-//! [`MAX_GROUP_BATCHES`] batches), writes the batches in one redb write transaction,
-//! commits once, and then answers every batch in queue order. Under load this pays one
+//! [`MAX_GROUP_BATCHES`] batches), writes the batches in one redb write transaction
+//! (plain ones to the journal, the others directly after folding their room, see
+//! `journal.rs`), commits once, and then answers every batch in queue order. Under load this pays one
 //! fsync for many batches from many rooms; redb allows only one write transaction at a
 //! time anyway.
 //!
@@ -16,10 +17,15 @@
 //! - A delete job ends the drain: the batches drained before it commit first, then the
 //!   deletion runs in pieces, back to back, and only then does the writer take the next
 //!   job, so batches queued after it find the room absent.
+//! - Folds ride with batch commits by the journal's policy (age, pending bytes, a
+//!   bounded number of rooms per transaction); a read's fold request of one room rides
+//!   with the next commit, of every room it runs like a deletion; with no job for
+//!   `IDLE_FOLD` the writer commits folds alone, and at shutdown it folds everything.
 //!
-//! Commits that hold only maintenance are not fsync'd on their own (losing one to a
-//! crash loses progress, never consistency, as each piece is a consistent state), except
-//! a deletion's last piece, which is made durable like a batch before it is answered.
+//! Commits that hold only maintenance or folds are not fsync'd on their own (losing one
+//! to a crash loses progress, never consistency, as each piece is a consistent state and
+//! a fold's rows stay in the journal until the fold is durable), except a deletion's
+//! last piece, which is made durable like a batch before it is answered.
 //!
 //! Under `Durability::None` commits skip the fsync, and an fsync'd commit follows the
 //! first unsynced one within `sync_interval`: by piggybacking on the next group if one
@@ -50,6 +56,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::names;
 
+use super::journal::{Pending, IDLE_FOLD, MAX_FOLD_ROOMS};
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
 use super::tables::{LogRows, WriteTables};
 use super::{guard, probe};
@@ -66,6 +73,8 @@ pub enum Job {
     Delete(DeleteJob),
     /// A whole room from another node (`transfer.rs`), in a transaction of its own.
     Import(super::transfer::ImportJob),
+    /// A read needs a room (or every room) folded out of the journal (`journal.rs`).
+    Fold(FoldJob),
 }
 
 impl Job {
@@ -76,6 +85,7 @@ impl Job {
             Job::Trim(job) => &job.room,
             Job::Delete(job) => &job.room,
             Job::Import(job) => &job.room,
+            Job::Fold(job) => job.room.as_deref().unwrap_or(""),
         }
     }
 
@@ -93,6 +103,9 @@ impl Job {
                 let _ = job.reply.send(Err(error));
             }
             Job::Import(job) => {
+                let _ = job.reply.send(Err(error));
+            }
+            Job::Fold(job) => {
                 let _ = job.reply.send(Err(error));
             }
         }
@@ -121,6 +134,16 @@ pub struct TrimJob {
     /// Holds one of the [`MAX_PENDING_TRIMS`] places until the job is dropped, however
     /// it ends.
     pub _slot: TrimSlot,
+}
+
+/// A read's request for a fold: of one room (folded in the next transaction, with
+/// whatever batches are queued), or of every pending room (None: in transactions of
+/// their own before the next job). Answered after the fold committed.
+pub struct FoldJob {
+    pub room: Option<String>,
+    /// Bounded (1): the one answer, sent once. A std channel, so the reader blocks on
+    /// it from any thread (tokio's `blocking_recv` refuses to run inside a runtime).
+    pub reply: std::sync::mpsc::SyncSender<Result<(), StoreError>>,
 }
 
 /// A queued room deletion; see `Store::submit_delete`.
@@ -156,6 +179,15 @@ pub struct Health {
     /// then refused without touching the file. Never cleared: the damage stays until the
     /// file is restored, and a restart finds it again.
     damaged: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Rooms with journaled batches not yet folded (`journal.rs`). Written by the writer
+    /// only: a room is added after the commit that journaled it and before its batch is
+    /// answered, and removed after the commit that folded it; reads of a room in it ask
+    /// for a fold first.
+    journaled: Mutex<std::collections::HashSet<String>>,
+    /// Test hook: the writer folds only when asked (a read, a direct batch of the room)
+    /// and not at shutdown, which leaves the journal as a crash would.
+    #[cfg(test)]
+    pub(super) hold_folds: AtomicBool,
 }
 
 impl Health {
@@ -242,6 +274,34 @@ impl Health {
             .collect()
     }
 
+    /// Whether `room` has journaled batches not yet folded.
+    pub fn is_journaled(&self, room: &str) -> bool {
+        self.journaled.lock().contains(room)
+    }
+
+    /// Whether any room has.
+    pub fn any_journaled(&self) -> bool {
+        !self.journaled.lock().is_empty()
+    }
+
+    /// Applies a commit's folds and newly pending rooms to the published set.
+    fn publish(&self, folded: &[String], journaled: &[String], pending: &Pending) {
+        if folded.is_empty() && journaled.is_empty() {
+            return;
+        }
+        let mut set = self.journaled.lock();
+        for room in folded {
+            if !pending.contains(room) {
+                set.remove(room);
+            }
+        }
+        for room in journaled {
+            if pending.contains(room) {
+                set.insert(room.clone());
+            }
+        }
+    }
+
     pub(super) fn fail(&self, reason: String) {
         self.failure.lock().get_or_insert(reason);
         self.failed.store(true, Ordering::Release);
@@ -275,6 +335,8 @@ enum Next {
     TrimPiece,
     /// The oldest unsynced commit is `sync_interval` old: sync now.
     Sync,
+    /// Rooms are pending in the journal and no job came for [`IDLE_FOLD`]: fold some.
+    FoldPiece,
     /// The queue is closed and empty.
     Closed,
 }
@@ -291,6 +353,8 @@ pub struct Opened {
     pub db: Arc<redb::Database>,
     /// Where readers get the database; shared with the `Store` handle.
     pub slot: Arc<DbSlot>,
+    /// The first journal key the writer may use (past every row replay kept).
+    pub journal_key: u64,
     pub cache_bytes: usize,
     /// See `StoreConfig::quiet_reopen`.
     pub quiet_reopen: Option<Duration>,
@@ -319,6 +383,13 @@ pub struct Writer {
     released: bool,
     /// The test hook ([`COMMIT_DELAY_ENV`]).
     commit_delay: Option<Duration>,
+    /// Journaled batches not yet folded (`journal.rs`).
+    pending: Pending,
+    /// Fold requests of single rooms taken from the queue, answered by the next commit.
+    fold_requests: Vec<FoldJob>,
+    /// Set while every pending room is being folded (a request for all, shutdown), so
+    /// the test hook that holds folds does not hold these.
+    folding_all: bool,
 }
 
 impl Writer {
@@ -333,6 +404,9 @@ impl Writer {
         Writer {
             db: Some(opened.db),
             slot: opened.slot,
+            pending: Pending::new(opened.journal_key),
+            fold_requests: Vec::new(),
+            folding_all: false,
             cache_bytes: opened.cache_bytes,
             quiet_reopen: opened.quiet_reopen,
             db_path,
@@ -375,11 +449,16 @@ impl Writer {
                     self.sync();
                     continue;
                 }
+                Next::FoldPiece => {
+                    self.commit_group(Vec::new());
+                    continue;
+                }
                 Next::Closed => break,
             };
             let mut group = Vec::new();
             let mut delete = None;
             let mut import = None;
+            let mut fold_all = None;
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 match job {
@@ -395,6 +474,13 @@ impl Writer {
                         import = Some(job);
                         break;
                     }
+                    // One room's fold rides with this group's transaction.
+                    Job::Fold(job) if job.room.is_some() => self.fold_requests.push(job),
+                    // Every room's takes transactions of its own, like a deletion.
+                    Job::Fold(job) => {
+                        fold_all = Some(job);
+                        break;
+                    }
                 }
                 if group.len() < MAX_GROUP_BATCHES {
                     next = self.queue.try_recv().ok();
@@ -407,6 +493,22 @@ impl Writer {
             if let Some(job) = import {
                 self.import(job);
             }
+            if let Some(job) = fold_all {
+                self.fold_everything();
+                let outcome = match self.health.failure() {
+                    Some(reason) => Err(self.fail_stopped(reason)),
+                    None => Ok(()),
+                };
+                let _ = job.reply.send(outcome);
+            }
+        }
+        // Folded now, so the next start has nothing to replay (the test hook skips
+        // this to leave the journal as a crash would).
+        if !self.folds_held() {
+            self.fold_everything();
+        }
+        for job in self.fold_requests.drain(..) {
+            let _ = job.reply.send(Ok(()));
         }
         // Shutdown does not wait for trims: each committed piece is a consistent state,
         // and the room asks again after the restart.
@@ -425,6 +527,14 @@ impl Writer {
                 Ok(job) => Next::Job(job),
                 Err(TryRecvError::Empty) => Next::TrimPiece,
                 Err(TryRecvError::Disconnected) => Next::Closed,
+            };
+        }
+        // A fold piece also carries a sync that falls due meanwhile (`commit_group`).
+        if !self.pending.is_empty() && !self.folds_held() {
+            return match self.queue.recv_timeout(IDLE_FOLD) {
+                Ok(job) => Next::Job(job),
+                Err(RecvTimeoutError::Timeout) => Next::FoldPiece,
+                Err(RecvTimeoutError::Disconnected) => Next::Closed,
             };
         }
         match (self.sync_interval(), self.unsynced_since) {
@@ -467,6 +577,14 @@ impl Writer {
     fn reopen(&mut self) -> bool {
         if self.health.failure().is_some() {
             return true;
+        }
+        // Fold and trim commits are not fsync'd on their own; one that the close
+        // dropped would take back a fold the writer already counts as done.
+        if self.unsynced_since.is_some() {
+            self.sync();
+            if self.health.failure().is_some() {
+                return true;
+            }
         }
         let mut slot = self.slot.write();
         let Some(current) = slot.as_ref() else {
@@ -565,11 +683,16 @@ impl Writer {
         self.trims.push_back(Trim::new(job));
     }
 
-    /// Commits the group's batches and one piece of the front trim in one transaction,
-    /// and answers them. Does nothing for an empty group with no trim running.
+    /// Commits the group's batches, the folds due (`journal.rs`) and one piece of the
+    /// front trim in one transaction, and answers them. Does nothing for an empty group
+    /// with no fold due and no trim running.
     fn commit_group(&mut self, group: Vec<BatchJob>) {
+        let requests = std::mem::take(&mut self.fold_requests);
         if let Some(reason) = self.health.failure() {
             for job in group {
+                let _ = job.reply.send(Err(self.fail_stopped(reason.clone())));
+            }
+            for job in requests {
                 let _ = job.reply.send(Err(self.fail_stopped(reason.clone())));
             }
             for trim in self.trims.drain(..) {
@@ -583,26 +706,65 @@ impl Writer {
         if let (Some(delay), false) = (self.commit_delay, group.is_empty()) {
             std::thread::sleep(delay);
         }
-        let group = self.probe_batches(group);
+        let mut group = self.probe_batches(group);
+        let mut folds: Vec<String> = Vec::new();
+        for job in &requests {
+            if let Some(room) = job.room.as_ref() {
+                if self.pending.contains(room) && !folds.contains(room) {
+                    folds.push(room.clone());
+                }
+            }
+        }
+        if !self.folds_held() {
+            let idle = group.is_empty();
+            self.pending.due(
+                Instant::now(),
+                idle,
+                folds.len() + MAX_FOLD_ROOMS,
+                &mut folds,
+            );
+        }
+        let folds = self.probe_folds(folds);
         let mut trim = self.trims.pop_front();
-        if group.is_empty() && trim.is_none() {
+        if group.is_empty() && trim.is_none() && folds.is_empty() {
+            for job in requests {
+                let _ = job.reply.send(Ok(()));
+            }
             return;
         }
-        // Under Immediate only batches need the fsync; under None a trim piece is as good
-        // a carrier for the due sync as anything.
+        // Under Immediate only batches need the fsync (a fold moves rows that are
+        // durable in the journal until the fold is); under None a trim or fold piece
+        // is as good a carrier for the due sync as anything.
         let durable = match self.sync_interval() {
             None => !group.is_empty(),
             Some(_) => self.answer_durably(),
         };
+        let events: u64 = group.iter().map(|job| job.rows.events).sum();
         let started = Instant::now();
-        let written = guard::catch(|| self.write_group(&group, trim.as_mut(), durable))
-            .map_err(WriteError::Panicked)
-            .and_then(|result| result.map_err(WriteError::Redb));
+        let mut pending = std::mem::take(&mut self.pending);
+        let written = guard::catch(|| {
+            self.write_group(&mut pending, &mut group, &folds, trim.as_mut(), durable)
+        })
+        .map_err(WriteError::Panicked)
+        .and_then(|result| result.map_err(WriteError::Redb));
+        self.pending = pending;
         match written {
-            Ok(outcomes) => {
+            Ok((outcomes, report)) => {
                 self.committed(durable);
+                for (room, detail) in &report.damaged {
+                    self.note_damage(room, detail);
+                }
+                // Before any answer, so a read issued after an ack finds its room.
+                self.health
+                    .publish(&report.folded, &report.journaled, &self.pending);
+                if !report.folded.is_empty() {
+                    metrics::counter!(names::STORE_FOLDS).increment(report.folded.len() as u64);
+                }
+                metrics::gauge!(names::STORE_JOURNAL_BYTES).set(self.pending.bytes() as f64);
+                for job in requests {
+                    let _ = job.reply.send(Ok(()));
+                }
                 if !group.is_empty() {
-                    let events: u64 = group.iter().map(|job| job.rows.events).sum();
                     metrics::counter!(names::STORE_BATCH_COMMITS).increment(1);
                     metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
                     metrics::counter!(names::STORE_EVENTS).increment(events);
@@ -649,6 +811,9 @@ impl Writer {
                 for job in group {
                     let _ = job.reply.send(Err(commit_error()));
                 }
+                for job in requests {
+                    let _ = job.reply.send(Err(commit_error()));
+                }
                 for trim in trim.into_iter().chain(self.trims.drain(..)) {
                     trim.finish(Err(commit_error()));
                 }
@@ -656,24 +821,51 @@ impl Writer {
         }
     }
 
-    /// Writes every batch of the group and one trim piece in one transaction and
-    /// commits it. Returns each batch's outcome (a batch may be refused alone), or the
-    /// error that failed them all.
+    /// Writes the folds, every batch of the group (journaled or directly) and one trim
+    /// piece in one transaction and commits it. Returns each batch's outcome (a batch
+    /// may be refused alone) and what the folds did, or the error that failed them all
+    /// (the pending state is then moot: the store stops writing, a restart replays).
     fn write_group(
         &self,
-        group: &[BatchJob],
+        pending: &mut Pending,
+        group: &mut [BatchJob],
+        folds: &[String],
         trim: Option<&mut Trim>,
         durable: bool,
-    ) -> Result<Vec<Result<(), StoreError>>, redb::Error> {
+    ) -> Result<(Vec<Result<(), StoreError>>, FoldReport), redb::Error> {
         let txn = self.begin(durable)?;
+        let mut report = FoldReport::default();
         let outcomes = {
             let mut tables = WriteTables::open(&txn)?;
+            pending.begin_commit();
+            for room in folds {
+                report.fold(pending, &mut tables, room)?;
+            }
             let mut outcomes = Vec::with_capacity(group.len());
-            for job in group {
+            for job in group.iter_mut() {
+                let room = job.batch.room.as_str();
                 let snapshot = job
                     .snapshot
                     .as_ref()
                     .map(|(seq, row)| (*seq, row.as_slice()));
+                if Pending::journals(job.batch.create.is_some(), &job.rows) {
+                    let outcome = pending.journal(
+                        &mut tables,
+                        room,
+                        &mut job.rows,
+                        job.batch.expire_op_ids_through,
+                        snapshot,
+                    )?;
+                    if let Ok(true) = outcome {
+                        report.journaled.push(room.to_owned());
+                    }
+                    outcomes.push(outcome.map(|_| ()));
+                    continue;
+                }
+                // Written directly: after the room's journaled batches.
+                if pending.contains(room) {
+                    report.fold(pending, &mut tables, room)?;
+                }
                 outcomes.push(tables.apply(
                     &job.batch,
                     &job.rows,
@@ -685,10 +877,74 @@ impl Writer {
             if let Some(trim) = trim {
                 trim.piece(&mut tables)?;
             }
+            pending.end_commit(&mut tables)?;
             outcomes
         };
         txn.commit()?;
-        Ok(outcomes)
+        Ok((outcomes, report))
+    }
+
+    /// Folds every pending room, [`MAX_FOLD_ROOMS`] per transaction, before the next
+    /// job (a read of every room asked for it, or shutdown). Ends early only if a
+    /// commit fails (fail-stop).
+    fn fold_everything(&mut self) {
+        self.folding_all = true;
+        while !self.pending.is_empty() && self.health.failure().is_none() {
+            self.commit_group(Vec::new());
+        }
+        self.folding_all = false;
+    }
+
+    /// Whether the test hook holds folds that are not asked for.
+    fn folds_held(&self) -> bool {
+        #[cfg(test)]
+        if !self.folding_all && self.health.hold_folds.load(Ordering::Relaxed) {
+            return true;
+        }
+        false
+    }
+
+    /// Probes the pages a fold of each room will touch; a damaged room is marked,
+    /// dropped from the pending set with its journal rows kept, and not folded.
+    fn probe_folds(&mut self, folds: Vec<String>) -> Vec<String> {
+        let Some(db) = self.db.clone() else {
+            return folds;
+        };
+        let mut probe = None;
+        let mut kept = Vec::with_capacity(folds.len());
+        for room in folds {
+            let Some((first, last, expire_op_ids_through)) = self.pending.probe_keys(&room) else {
+                continue;
+            };
+            if probe.is_none() {
+                // A read transaction that cannot begin is an I/O failure the write
+                // meets too; it is reported there.
+                probe = db.begin_read().ok().map(probe::BatchProbe::new);
+            }
+            let Some(reader) = probe.as_mut() else {
+                kept.push(room);
+                continue;
+            };
+            let keys = probe::BatchKeys {
+                room: &room,
+                creates: false,
+                events: Some((first, last)),
+                snapshot: None,
+                expire_op_ids_through,
+            };
+            match reader.batch(&keys) {
+                Ok(()) => kept.push(room),
+                Err(detail) => {
+                    self.note_damage(&room, &detail);
+                    self.pending.abandon(&room);
+                    self.health
+                        .publish(std::slice::from_ref(&room), &[], &self.pending);
+                    // Not reused after a panic inside it.
+                    probe = None;
+                }
+            }
+        }
+        kept
     }
 
     /// Runs a deletion to its end, one piece per transaction, and answers it after the
@@ -706,9 +962,19 @@ impl Writer {
             trim.finish(Ok(TrimOutcome::Cancelled));
         }
         if let Err(error) = self.probe_room(&job.room) {
+            // Damaged: its journal rows stay with it (`journal.rs`).
+            self.pending.abandon(&job.room);
+            self.health
+                .publish(std::slice::from_ref(&job.room), &[], &self.pending);
             let _ = job.reply.send(Err(error));
             return;
         }
+        // Its journaled batches go unwritten: the deletion removes the room anyway, and
+        // until its first piece commits a replay would still apply them to the room.
+        // The room leaves the published set once the deletion is done, so a read in
+        // between waits for it (its fold request queues behind) instead of reading a
+        // room without its journaled events.
+        self.pending.discard(&job.room);
         let mut deletion = Deletion::new(&job.room);
         // Each piece deletes rows or finishes, and the room's rows are finite, so this
         // ends; a room holds about history + snapshot interval events, a few pieces.
@@ -739,6 +1005,8 @@ impl Writer {
                         if let Some(creator) = deletion.creator() {
                             self.health.count_deleted(creator);
                         }
+                        self.health
+                            .publish(std::slice::from_ref(&job.room), &[], &self.pending);
                         let _ = job.reply.send(Ok(()));
                         return;
                     }
@@ -859,6 +1127,15 @@ impl Writer {
                 let _ = job.reply.send(Err(self.damaged(room, detail)));
                 continue;
             }
+            // A journaled batch of a pending room touches no page of the room at commit
+            // (its fold probes them later), unless it carries a snapshot. The first one after a fold is probed like a
+            // direct batch: the pages its fold will touch are the same, so damage is
+            // found before the batch is acked, as before the journal.
+            let journaled = Pending::journals(job.batch.create.is_some(), &job.rows);
+            if journaled && job.snapshot.is_none() && self.pending.contains(room) {
+                kept.push(job);
+                continue;
+            }
             if probe.is_none() {
                 // A read transaction that cannot begin is an I/O failure the write
                 // meets too; it is reported there.
@@ -928,6 +1205,37 @@ impl Writer {
             path: self.db_path.clone(),
             reason,
         }
+    }
+}
+
+/// What the folds of one transaction did, applied to the published pending set once
+/// it committed.
+#[derive(Default)]
+struct FoldReport {
+    /// Rooms folded, or found damaged while folding: unpublished unless pending again.
+    folded: Vec<String>,
+    /// Rooms that became pending: published.
+    journaled: Vec<String>,
+    /// Rooms whose stored rows refused their fold, with why.
+    damaged: Vec<(String, String)>,
+}
+
+impl FoldReport {
+    fn fold(
+        &mut self,
+        pending: &mut Pending,
+        tables: &mut WriteTables,
+        room: &str,
+    ) -> Result<(), redb::StorageError> {
+        match pending.fold(tables, room)? {
+            None => {}
+            Some(Ok(())) => self.folded.push(room.to_owned()),
+            Some(Err(error)) => {
+                self.folded.push(room.to_owned());
+                self.damaged.push((room.to_owned(), error.to_string()));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,653 @@
+//! The journal: plain room batches written in commit order to one table, and moved
+//! later into their rooms' rows by a fold.
+//!
+//! Why: a batch written straight into its room dirties the room's `events` leaf and a
+//! `meta` leaf, and redb copies, checksums and writes each dirty page per commit; with
+//! many rooms every op is its own room batch and that page work was 85-90% of the
+//! writer (`benches/README.md`, issue 14). A commit instead appends its plain batches
+//! to the `journal` table as one or a few rows under increasing keys (one or two dirty
+//! leaves, always the rightmost), and answers them after that commit as before. A fold
+//! later writes many commits' worth of one room at once ([`WriteTables::append_run`]):
+//! one leaf copy per fold instead of one per batch.
+//!
+//! What is journaled: batches with events and without `create`, whose log rows are
+//! small ([`MAX_JOURNALED_BATCH_BYTES`]); a snapshot riding with one is written to
+//! `snapshots` directly (see [`Pending::journal`]), an expiry of op ids rides in the
+//! entry and is applied by the fold. Any other batch of a pending room (one without events
+//! or with a large row; a `create`, which is then refused) folds the room first, in
+//! the same transaction, and is then written directly as before; a deletion drops the room's pending batches (the deletion removes the room in order
+//! after them either way). Trimming needs no fold: it reads and moves only the folded
+//! part of a room (events up to a stored snapshot, the head of the meta row), and a
+//! fold reads the meta row afresh, so neither undoes the other.
+//!
+//! [`Pending`] is the writer's view of what is journaled and not yet folded: per room
+//! the epoch and pending head (the gapless check of a journaled batch runs against it,
+//! so a refused batch is still refused whole), the pending batches' rows in order with
+//! their journal key, and per journal row how many of its batches are unfolded; a row
+//! is deleted in the transaction that folds its last batch. Only the writer thread
+//! touches it. Readers see folded rows only: the writer publishes the set of pending
+//! rooms (`Health`), adding a room after the commit that journaled it and before its
+//! batch is answered, and removing it after the commit that folded it; a read of a
+//! pending room asks the writer for a fold first (`Store::ensure_folded`).
+//!
+//! Fold policy ([`Pending::due`]): a room is folded when its oldest pending batch is
+//! [`FOLD_AGE`] old, while the pending bytes pass [`FOLD_BYTES`] (oldest rooms first;
+//! it is also what a restart replays at most, plus one commit), when the writer has
+//! had no job for [`IDLE_FOLD`], on demand, and at shutdown; by policy at most
+//! [`MAX_FOLD_ROOMS`] rooms and about [`MAX_FOLD_BYTES`] per transaction (more while
+//! past [`FOLD_BYTES`]) besides the rooms asked for, so a fold does not hold up the acks
+//! of its commit for long.
+//!
+//! Replay ([`replay`], at open, before the writer serves): every journal row in key
+//! order; an entry is applied when its room exists with the epoch it was journaled
+//! under and its events are past the stored head (those at or below it were folded
+//! before the stop). Epochs are drawn at random per creation (64 bits,
+//! `room/handlers.rs`) and moved whole with an import, so an entry of a deleted room
+//! does not land in a room created again under its name, and a room that left and came
+//! back (export, deletion, import) has a head at or past every old entry of it. An entry that would leave a gap refuses the open,
+//! naming the row and room.
+//!
+//! Damage: a fold probes the room's pages first (`probe.rs`). A damaged room is marked
+//! as today and dropped from [`Pending`] without counting its batches folded, so its
+//! journal rows stay (a replay after the file is restored applies them); the room then
+//! answers `unavailable` like any damaged room. Replay probes likewise and keeps the
+//! rows that hold entries of damaged rooms.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use redb::{ReadableDatabase, ReadableTable};
+
+use super::probe;
+use super::record::{self, JournalEntryRef, JournalLogRowRef, JournalRowRef};
+use super::tables::{LogRows, WriteTables, JOURNAL};
+use super::StoreError;
+
+/// Pending bytes past which the oldest rooms are folded in every commit until they are
+/// back under it. It bounds the writer's memory for pending rows and what a restart
+/// replays.
+pub const FOLD_BYTES: usize = 32 * 1024 * 1024;
+/// A room whose oldest pending batch is this old is folded at the next commit.
+pub const FOLD_AGE: Duration = Duration::from_secs(2);
+/// The most pending bytes one transaction folds by policy (at least one room) while
+/// the pending bytes are under [`FOLD_BYTES`]: the rows of a fold are B-tree inserts
+/// like any others, and 2 MiB per commit held acks up by tens of ms (ack p99 at 100
+/// rooms 37 -> 90-170 ms, `benches/README.md`); spread thin over commits, rooms also
+/// fall due at different times.
+pub const MAX_FOLD_BYTES: usize = 256 * 1024;
+/// Without a job for this long, the writer folds (up to [`MAX_FOLD_ROOMS`] rooms per
+/// transaction) until nothing is pending.
+pub const IDLE_FOLD: Duration = Duration::from_millis(20);
+/// The most rooms one transaction folds by policy (rooms a read asks for come on top).
+pub const MAX_FOLD_ROOMS: usize = 256;
+/// Batches whose log rows are larger are written directly: a journal row stays small,
+/// and a large batch dirties its own leaves anyway.
+pub const MAX_JOURNALED_BATCH_BYTES: usize = 64 * 1024;
+/// A commit starts another journal row once its current one holds this much.
+const ROW_CAP: usize = 1024 * 1024;
+/// What an entry costs in a journal row besides its log rows (room name aside): the
+/// archive's integers and offsets, rounded up.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// One journaled batch not yet folded.
+struct PendingBatch {
+    /// The journal row holding it.
+    key: u64,
+    rows: LogRows,
+    expire_op_ids_through: u64,
+}
+
+/// A room with journaled batches not yet folded.
+pub struct PendingRoom {
+    /// The stored (salted) epoch of the room when its first pending batch was journaled.
+    epoch: u64,
+    /// The seq of its last pending event: the next batch must start right after it.
+    head: u64,
+    /// In seq order, gapless from the folded head + 1 to `head`.
+    batches: Vec<PendingBatch>,
+    bytes: usize,
+    /// When its first pending batch was journaled.
+    since: Instant,
+    /// Which of the room's entries in [`Pending::order`] is current.
+    generation: u64,
+}
+
+impl PendingRoom {
+    fn first(&self) -> u64 {
+        self.batches
+            .first()
+            .map_or(self.head + 1, |batch| batch.rows.first)
+    }
+
+    fn expire_op_ids_through(&self) -> u64 {
+        self.batches
+            .iter()
+            .map(|batch| batch.expire_op_ids_through)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn rows(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.batches
+            .iter()
+            .flat_map(|batch| batch.rows.rows.iter())
+            .map(|(last, row)| (*last, row.as_slice()))
+    }
+}
+
+/// The writer's pending (journaled, not yet folded) batches; see the module docs.
+#[derive(Default)]
+pub struct Pending {
+    rooms: HashMap<String, PendingRoom>,
+    /// Rooms in the order they became pending, oldest first; an entry whose room is no
+    /// longer pending, or pending again under a newer generation, is skipped.
+    order: VecDeque<(String, u64)>,
+    /// Journal rows on disk (or being written) with unfolded batches: key -> how many.
+    unfolded: BTreeMap<u64, usize>,
+    /// Journal rows written by earlier commits whose batches are all folded: deleted by
+    /// the next transaction.
+    emptied: Vec<u64>,
+    next_key: u64,
+    bytes: usize,
+    generation: u64,
+    commit: CommitRows,
+}
+
+/// The journal rows the current transaction writes.
+#[derive(Default)]
+struct CommitRows {
+    /// Keys from here on belong to the current transaction (not yet on disk).
+    first_key: u64,
+    /// The row being filled and its bytes so far.
+    open: Option<(u64, usize)>,
+    /// `(key, room)` in the order batches were journaled, a pair once per run.
+    entries: Vec<(u64, String)>,
+}
+
+impl Pending {
+    /// Nothing pending; journal keys start at `next_key` (past every row on disk).
+    pub fn new(next_key: u64) -> Pending {
+        Pending {
+            next_key,
+            commit: CommitRows {
+                first_key: next_key,
+                ..CommitRows::default()
+            },
+            ..Pending::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    pub fn contains(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Bytes of pending log rows (with a per-entry estimate), for the fold policy and
+    /// the gauge.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether a batch is journaled (true) or written directly.
+    pub fn journals(create: bool, rows: &LogRows) -> bool {
+        !create
+            && rows.events > 0
+            && rows.rows.iter().map(|(_, row)| row.len()).sum::<usize>()
+                <= MAX_JOURNALED_BATCH_BYTES
+    }
+
+    /// Starts a transaction's journal rows.
+    pub fn begin_commit(&mut self) {
+        self.commit = CommitRows {
+            first_key: self.next_key,
+            ..CommitRows::default()
+        };
+    }
+
+    /// Journals one batch of `room` in the current transaction, taking its rows, and
+    /// writes its snapshot `(seq, row)` to `snapshots` directly. The gapless check
+    /// runs against the pending head, or the meta row when the room has nothing
+    /// pending; a refused batch (inner error) is left untouched. Inner Ok(true) when
+    /// the room became pending.
+    ///
+    /// A snapshot past the room's folded head is safe to store early: loads and
+    /// time travel fold the room first, trims only use snapshots up to the folded head
+    /// (`retention.rs` reads the head from the meta row), and a replay brings the head
+    /// past it again. Folding the room instead (as for `create`) put every room's
+    /// fold into the commits that carried snapshots, which come in waves (every
+    /// `--snapshot-every` events per room): 40-50 rooms folded in one commit, 30-60 ms.
+    pub fn journal(
+        &mut self,
+        tables: &mut WriteTables,
+        room: &str,
+        rows: &mut LogRows,
+        expire_op_ids_through: u64,
+        snapshot: Option<(u64, &[u8])>,
+    ) -> Result<Result<bool, StoreError>, redb::StorageError> {
+        let (epoch, head, new) = match self.rooms.get(room) {
+            Some(pending) => (pending.epoch, pending.head, false),
+            None => match tables.stored_meta(room)? {
+                Ok(Some(stored)) => (stored.meta.epoch, stored.head, true),
+                Ok(None) => {
+                    return Ok(Err(StoreError::NoSuchRoom {
+                        room: room.to_owned(),
+                    }))
+                }
+                Err(corrupt) => return Ok(Err(corrupt)),
+            },
+        };
+        if rows.first != head + 1 {
+            return Ok(Err(StoreError::SeqGap {
+                room: room.to_owned(),
+                expected: head + 1,
+                found: rows.first,
+            }));
+        }
+        let last = rows.first + rows.events - 1;
+        if let Some((seq, row)) = snapshot {
+            if seq == 0 || seq > last {
+                return Ok(Err(StoreError::SnapshotSeq {
+                    room: room.to_owned(),
+                    seq,
+                    head: last,
+                }));
+            }
+            tables.snapshots.insert((room, seq), row)?;
+        }
+        let bytes = ENTRY_OVERHEAD
+            + room.len()
+            + rows
+                .rows
+                .iter()
+                .map(|(_, row)| row.len() + 16)
+                .sum::<usize>();
+        let key = self.row_key(bytes);
+        let rows = std::mem::take(rows);
+        *self.unfolded.entry(key).or_insert(0) += 1;
+        self.bytes += bytes;
+        if self
+            .commit
+            .entries
+            .last()
+            .is_none_or(|(k, r)| *k != key || r != room)
+        {
+            self.commit.entries.push((key, room.to_owned()));
+        }
+        let batch = PendingBatch {
+            key,
+            rows,
+            expire_op_ids_through,
+        };
+        match self.rooms.get_mut(room) {
+            Some(pending) => {
+                pending.head = last;
+                pending.bytes += bytes;
+                pending.batches.push(batch);
+            }
+            None => {
+                self.generation += 1;
+                self.order.push_back((room.to_owned(), self.generation));
+                self.rooms.insert(
+                    room.to_owned(),
+                    PendingRoom {
+                        epoch,
+                        head: last,
+                        batches: vec![batch],
+                        bytes,
+                        since: Instant::now(),
+                        generation: self.generation,
+                    },
+                );
+            }
+        }
+        Ok(Ok(new))
+    }
+
+    /// The key of the journal row a batch of `bytes` goes into in this transaction.
+    fn row_key(&mut self, bytes: usize) -> u64 {
+        if let Some((key, filled)) = self.commit.open.as_mut() {
+            if *filled + bytes <= ROW_CAP {
+                *filled += bytes;
+                return *key;
+            }
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        self.commit.open = Some((key, bytes));
+        key
+    }
+
+    /// Folds `room` in the current transaction: its pending batches go to `events` and
+    /// `meta` in one run, and journal rows left without unfolded batches are deleted
+    /// (now, or by [`Pending::end_commit`]). None when nothing of it was pending; an
+    /// inner error when the stored room does not take the run (damage: the room is
+    /// dropped from the pending set with its journal rows kept).
+    pub fn fold(
+        &mut self,
+        tables: &mut WriteTables,
+        room: &str,
+    ) -> Result<Option<Result<(), StoreError>>, redb::StorageError> {
+        let Some(pending) = self.rooms.remove(room) else {
+            return Ok(None);
+        };
+        self.bytes -= pending.bytes;
+        let outcome = tables.append_run(
+            room,
+            pending.epoch,
+            (pending.first(), pending.head),
+            pending.rows(),
+            pending.expire_op_ids_through(),
+        )?;
+        if outcome.is_ok() {
+            self.release(&pending);
+        }
+        Ok(Some(outcome))
+    }
+
+    /// Drops `room`'s pending batches unwritten (its deletion is next) and counts them
+    /// as folded, so their journal rows go. True if it had any.
+    pub fn discard(&mut self, room: &str) -> bool {
+        let Some(pending) = self.rooms.remove(room) else {
+            return false;
+        };
+        self.bytes -= pending.bytes;
+        self.release(&pending);
+        true
+    }
+
+    /// Drops a damaged room without counting its batches folded: its journal rows stay.
+    pub fn abandon(&mut self, room: &str) {
+        if let Some(pending) = self.rooms.remove(room) {
+            self.bytes -= pending.bytes;
+        }
+    }
+
+    fn release(&mut self, pending: &PendingRoom) {
+        for batch in &pending.batches {
+            let Some(count) = self.unfolded.get_mut(&batch.key) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.unfolded.remove(&batch.key);
+                // A row of the current transaction is simply not written.
+                if batch.key < self.commit.first_key {
+                    self.emptied.push(batch.key);
+                }
+            }
+        }
+    }
+
+    /// The keys of `room`'s pending batches' log rows, first and last, and its expiry,
+    /// for the probe before a fold.
+    pub fn probe_keys(&self, room: &str) -> Option<(u64, u64, u64)> {
+        let pending = self.rooms.get(room)?;
+        let first = pending.batches.first()?.rows.rows.first()?.0;
+        let last = pending.batches.last()?.rows.rows.last()?.0;
+        Some((first, last, pending.expire_op_ids_through()))
+    }
+
+    /// Appends to `out` the rooms due for a fold by policy, oldest first, up to `max`
+    /// in all and about [`MAX_FOLD_BYTES`] (more past [`FOLD_BYTES`]): those pending
+    /// for [`FOLD_AGE`], any while
+    /// the pending bytes not yet chosen pass [`FOLD_BYTES`], or any at all when `idle`.
+    pub fn due(&mut self, now: Instant, idle: bool, max: usize, out: &mut Vec<String>) {
+        let mut chosen = 0;
+        // Past the bound the budget grows with the excess, so folds outpace any
+        // ingest rate and the pending bytes come back under it.
+        let budget = MAX_FOLD_BYTES + self.bytes.saturating_sub(FOLD_BYTES) / 4;
+        while out.len() < max && chosen < budget {
+            let Some((room, generation)) = self.order.front() else {
+                break;
+            };
+            let pending = match self.rooms.get(room) {
+                Some(pending) if pending.generation == *generation => pending,
+                _ => {
+                    self.order.pop_front();
+                    continue;
+                }
+            };
+            let due = idle
+                || self.bytes - chosen > FOLD_BYTES
+                || now.saturating_duration_since(pending.since) >= FOLD_AGE;
+            if !due {
+                break;
+            }
+            chosen += pending.bytes;
+            let Some((room, _)) = self.order.pop_front() else {
+                break;
+            };
+            if !out.contains(&room) {
+                out.push(room);
+            }
+        }
+    }
+
+    /// Writes the current transaction's journal rows (only those with a batch still
+    /// unfolded) and deletes the rows emptied by folds.
+    pub fn end_commit(&mut self, tables: &mut WriteTables) -> Result<(), redb::StorageError> {
+        let entries = std::mem::take(&mut self.commit.entries);
+        let mut start = 0;
+        while start < entries.len() {
+            let key = entries[start].0;
+            let end = start
+                + entries[start..]
+                    .iter()
+                    .take_while(|(k, _)| *k == key)
+                    .count();
+            if self.unfolded.contains_key(&key) {
+                let mut seen = HashSet::new();
+                let mut row = JournalRowRef {
+                    entries: Vec::with_capacity(end - start),
+                };
+                for (_, room) in &entries[start..end] {
+                    let Some(pending) = self.rooms.get(room) else {
+                        continue;
+                    };
+                    if !seen.insert(room.as_str()) {
+                        continue;
+                    }
+                    // Keys only grow, so the room's batches in this row are one run.
+                    let from = pending.batches.partition_point(|batch| batch.key < key);
+                    let to = pending.batches.partition_point(|batch| batch.key <= key);
+                    let batches = &pending.batches[from..to];
+                    let Some(first) = batches.first() else {
+                        continue;
+                    };
+                    row.entries.push(JournalEntryRef {
+                        room,
+                        epoch: pending.epoch,
+                        first: first.rows.first,
+                        events: batches.iter().map(|batch| batch.rows.events).sum(),
+                        expire_op_ids_through: batches
+                            .iter()
+                            .map(|batch| batch.expire_op_ids_through)
+                            .max()
+                            .unwrap_or(0),
+                        rows: batches
+                            .iter()
+                            .flat_map(|batch| batch.rows.rows.iter())
+                            .map(|(last, row)| JournalLogRowRef { last: *last, row })
+                            .collect(),
+                    });
+                }
+                let bytes = record::encode_journal_row(&row).expect(
+                    "a journal row holds at most ROW_CAP bytes of rows and their framing, \
+                     below MAX_JOURNAL_ROW_BYTES, and integers and bytes always serialize",
+                );
+                tables.journal.insert(key, bytes.as_slice())?;
+            }
+            start = end;
+        }
+        for key in self.emptied.drain(..) {
+            tables.journal.remove(key)?;
+        }
+        self.commit = CommitRows {
+            first_key: self.next_key,
+            ..CommitRows::default()
+        };
+        Ok(())
+    }
+}
+
+/// Applies the journal left by the last run (see the module docs) in one durable
+/// transaction and returns the first key the writer may use.
+pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u64, StoreError> {
+    let init_error = |source: redb::Error| StoreError::Init {
+        path: path.to_owned(),
+        source: Box::new(source),
+    };
+    let rows: Vec<(u64, Vec<u8>)> = {
+        let txn = db.begin_read().map_err(|e| init_error(e.into()))?;
+        let table = txn.open_table(JOURNAL).map_err(|e| init_error(e.into()))?;
+        let mut rows = Vec::new();
+        for entry in table.iter().map_err(|e| init_error(e.into()))? {
+            let (key, value) = entry.map_err(|e| init_error(e.into()))?;
+            rows.push((key.value(), value.value().to_vec()));
+        }
+        rows
+    };
+    let Some(next_key) = rows.last().map(|(key, _)| key + 1) else {
+        return Ok(0);
+    };
+    let journal_error = |key: u64, room: &str, detail: String| StoreError::Journal {
+        path: path.to_owned(),
+        key,
+        room: room.to_owned(),
+        detail,
+    };
+    // Probe every room first, so a damaged page is met by a read, not inside the write
+    // transaction (`probe.rs`).
+    let mut damaged = HashSet::new();
+    {
+        let begin = || db.begin_read().map(probe::BatchProbe::new);
+        let mut reader = begin().map_err(|e| init_error(e.into()))?;
+        for (key, bytes) in &rows {
+            let entries = record::decode_journal_row(bytes)
+                .map_err(|e| journal_error(*key, "(unknown)", e.to_string()))?;
+            for entry in entries {
+                if damaged.contains(entry.room) {
+                    continue;
+                }
+                let keys = probe::BatchKeys {
+                    room: entry.room,
+                    creates: false,
+                    events: entry
+                        .rows
+                        .first()
+                        .zip(entry.rows.last())
+                        .map(|(a, b)| (a.0, b.0)),
+                    snapshot: None,
+                    expire_op_ids_through: entry.expire_op_ids_through,
+                };
+                if let Err(detail) = reader.batch(&keys) {
+                    tracing::error!(
+                        room = %entry.room,
+                        db = %path.display(),
+                        damage = %detail,
+                        "room is damaged: its journaled events are kept in the journal until the file is restored"
+                    );
+                    damaged.insert(entry.room.to_owned());
+                    reader = begin().map_err(|e| init_error(e.into()))?;
+                }
+            }
+        }
+    }
+    let mut txn = db.begin_write().map_err(|e| init_error(e.into()))?;
+    txn.set_quick_repair(quick_repair);
+    let mut applied = 0usize;
+    {
+        let mut tables = WriteTables::open(&txn).map_err(|e| init_error(e.into()))?;
+        for (key, bytes) in &rows {
+            let entries = record::decode_journal_row(bytes)
+                .map_err(|e| journal_error(*key, "(unknown)", e.to_string()))?;
+            let mut keep = false;
+            for entry in &entries {
+                if damaged.contains(entry.room) {
+                    keep = true;
+                    continue;
+                }
+                let last =
+                    check_entry(entry).map_err(|detail| journal_error(*key, entry.room, detail))?;
+                let stored = match tables
+                    .stored_meta(entry.room)
+                    .map_err(|e| init_error(e.into()))?
+                {
+                    Ok(Some(stored)) => stored,
+                    // Deleted since: its entries went with it.
+                    Ok(None) => continue,
+                    Err(corrupt) => {
+                        tracing::error!(room = %entry.room, error = %corrupt, "cannot replay the journal into a room whose meta row is corrupt; its journal row is kept");
+                        keep = true;
+                        continue;
+                    }
+                };
+                // Another room under the same name, or already folded.
+                if stored.meta.epoch != entry.epoch || last <= stored.head {
+                    continue;
+                }
+                if entry.first != stored.head + 1 {
+                    return Err(journal_error(
+                        *key,
+                        entry.room,
+                        format!(
+                            "its events {}..={last} do not continue the stored head {}",
+                            entry.first, stored.head
+                        ),
+                    ));
+                }
+                tables
+                    .append_run(
+                        entry.room,
+                        entry.epoch,
+                        (entry.first, last),
+                        entry.rows.iter().copied(),
+                        entry.expire_op_ids_through,
+                    )
+                    .map_err(|e| init_error(e.into()))?
+                    .map_err(|e| journal_error(*key, entry.room, e.to_string()))?;
+                applied += 1;
+            }
+            if !keep {
+                tables
+                    .journal
+                    .remove(*key)
+                    .map_err(|e| init_error(e.into()))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| init_error(e.into()))?;
+    tracing::info!(db = %path.display(), rows = rows.len(), applied, "journal replayed");
+    Ok(next_key)
+}
+
+/// Checks that an entry's log rows decode and run gaplessly over its events; returns
+/// its last seq.
+fn check_entry(entry: &record::JournalEntryView) -> Result<u64, String> {
+    if entry.events == 0 || entry.first == 0 {
+        return Err("the entry holds no events".to_owned());
+    }
+    let last = entry.first + entry.events - 1;
+    let mut next = entry.first;
+    for (row_last, bytes) in &entry.rows {
+        let row = record::log_row(*row_last, bytes).map_err(|e| e.to_string())?;
+        if row.first() != next {
+            return Err(format!(
+                "a log row starts at {} where {next} was next",
+                row.first()
+            ));
+        }
+        next = row_last + 1;
+    }
+    if next != last + 1 {
+        return Err(format!(
+            "its log rows end at {} but its events at {last}",
+            next - 1
+        ));
+    }
+    Ok(last)
+}

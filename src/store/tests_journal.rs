@@ -1,0 +1,421 @@
+//! Tests of the journal (`journal.rs`) through the store's handle: reads right after
+//! an ack fold on demand, a stop without a fold is replayed (twice alike), batches
+//! that are not journaled, trims and deletions of rooms with pending batches, a room
+//! created again under the name of a deleted one, gaps against the pending head, and
+//! folds spread over several transactions. The writer's test hook `hold_folds` keeps
+//! it from folding unless asked (and at shutdown), so a test decides what is pending.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::record::{self, JournalEntryRef, JournalLogRowRef, JournalRowRef};
+use super::tables::JOURNAL;
+use super::tests::{batch, commit, event, open};
+use super::*;
+
+fn hold_folds(store: &Store) {
+    store.inner.health.hold_folds.store(true, Ordering::Relaxed);
+}
+
+/// Journal rows in the open store's database.
+fn journal_rows(store: &Store) -> u64 {
+    let db = store.db().unwrap();
+    let txn = db.begin_read().unwrap();
+    txn.open_table(JOURNAL).unwrap().len().unwrap()
+}
+
+/// The journal rows of a closed data dir, read with redb directly.
+fn journal_of(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+    let db = redb::Database::open(dir.join(format::DB_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let table = txn.open_table(JOURNAL).unwrap();
+    table
+        .iter()
+        .unwrap()
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            (key.value(), value.value().to_vec())
+        })
+        .collect()
+}
+
+/// Writes journal rows into a closed data dir, as a crash would have left them.
+fn put_journal(dir: &Path, rows: &[(u64, Vec<u8>)]) {
+    let db = redb::Database::open(dir.join(format::DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(JOURNAL).unwrap();
+        for (key, row) in rows {
+            table.insert(*key, row.as_slice()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+/// A journal row of one entry: `room`'s events `first..=last` under stored `epoch`.
+fn journal_row(room: &str, epoch: u64, first: u64, last: u64) -> Vec<u8> {
+    let events: Vec<EventRecord> = (first..=last).map(event).collect();
+    let row = encode_log_row(&events).unwrap();
+    let room = room.to_owned();
+    record::encode_journal_row(&JournalRowRef {
+        entries: vec![JournalEntryRef {
+            room: &room,
+            epoch,
+            first,
+            events: last - first + 1,
+            expire_op_ids_through: 0,
+            rows: vec![JournalLogRowRef { last, row: &row }],
+        }],
+    })
+    .unwrap()
+}
+
+fn with_op_id(mut batch: Batch, op_id: &str) -> Batch {
+    batch.events[0].op_id = Some(op_id.to_owned());
+    batch
+}
+
+fn seqs(events: &[EventRecord]) -> Vec<u64> {
+    events.iter().map(|event| event.seq).collect()
+}
+
+#[test]
+fn journaled_batches_are_read_back_right_after_their_ack_with_their_op_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    hold_folds(&store);
+    commit(&store, batch("a", 1, 1)).unwrap();
+    commit(&store, with_op_id(batch("a", 2, 3), "op-2")).unwrap();
+    commit(&store, batch("a", 4, 5)).unwrap();
+    assert!(store.inner.health.is_journaled("a"));
+    assert!(journal_rows(&store) > 0);
+
+    let page = store.read_events("a", 0, 100).unwrap().unwrap();
+    assert_eq!(page.head, 5);
+    assert_eq!(seqs(&page.events), vec![1, 2, 3, 4, 5]);
+    assert_eq!(page.events[1].op_id.as_deref(), Some("op-2"));
+    assert!(!store.inner.health.is_journaled("a"));
+    assert_eq!(
+        journal_rows(&store),
+        0,
+        "a fold deletes the rows it emptied"
+    );
+
+    commit(&store, batch("a", 6, 7)).unwrap();
+    let at = store.read_at("a", 7).unwrap().unwrap();
+    assert_eq!((at.head, seqs(&at.events)), (7, (1..=7).collect()));
+    commit(&store, batch("a", 8, 8)).unwrap();
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(loaded.head, 8);
+    assert_eq!(seqs(&loaded.events), (1..=8).collect::<Vec<_>>());
+    assert_eq!(loaded.op_ids.len(), 1);
+    assert_eq!(loaded.op_ids[0].seq, 2);
+    commit(&store, batch("a", 9, 9)).unwrap();
+    let listed = store.list_rooms().unwrap();
+    assert_eq!(listed[0].head, 9);
+    assert!(!store.inner.health.any_journaled());
+    store.shutdown();
+}
+
+#[test]
+fn a_stop_without_a_fold_is_replayed_and_a_second_replay_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    hold_folds(&store);
+    commit(&store, batch("a", 1, 1)).unwrap();
+    commit(&store, batch("b", 1, 2)).unwrap();
+    commit(&store, with_op_id(batch("a", 2, 4), "op-a2")).unwrap();
+    commit(&store, batch("b", 3, 3)).unwrap();
+    // "a" folded on demand while later batches of both stay journaled.
+    assert_eq!(store.load_room("a").unwrap().unwrap().head, 4);
+    commit(&store, with_op_id(batch("a", 5, 6), "op-a5")).unwrap();
+    commit(&store, batch("b", 4, 5)).unwrap();
+    let before: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|room| {
+            let db = store.db().unwrap();
+            // Read past the fold, as a crash sees the file: only what is in the rows.
+            tables::read_room(&db, store.db_path(), room)
+                .unwrap()
+                .unwrap()
+                .head
+        })
+        .collect();
+    assert_eq!(
+        before,
+        vec![4, 2],
+        "the journaled batches are not in the rows yet"
+    );
+    store.shutdown();
+    drop(store);
+    let journal = journal_of(dir.path());
+    assert!(!journal.is_empty());
+
+    let check = |store: &Store, b_head: u64| {
+        let a = store.load_room("a").unwrap().unwrap();
+        assert_eq!(a.head, 6);
+        assert_eq!(seqs(&a.events), (1..=6).collect::<Vec<_>>());
+        let ids: Vec<_> = a.op_ids.iter().map(|op| op.op_id.as_str()).collect();
+        assert_eq!(ids, vec!["op-a2", "op-a5"]);
+        let b = store.load_room("b").unwrap().unwrap();
+        assert_eq!((b.head, seqs(&b.events)), (b_head, (1..=b_head).collect()));
+        assert!(store.verify().unwrap().is_empty());
+        assert_eq!(journal_rows(store), 0);
+    };
+    let store = open(dir.path());
+    check(&store, 5);
+    // The rows keep taking batches where the replay left them.
+    commit(&store, batch("b", 6, 6)).unwrap();
+    store.shutdown();
+    drop(store);
+
+    // The same journal again, over rows that already hold it: every entry is at or
+    // below its room's head and is skipped.
+    put_journal(dir.path(), &journal);
+    let store = open(dir.path());
+    check(&store, 6);
+    store.shutdown();
+}
+
+fn snapshot_at(seq: u64) -> Snapshot {
+    Snapshot {
+        seq,
+        public: vec![(
+            format!("key{seq}"),
+            crate::kind::Slot::new(Some(Value::Int(seq as i64)), seq),
+        )],
+        private: Vec::new(),
+        tombstone_floor: 0,
+    }
+}
+
+#[test]
+fn snapshots_trims_and_op_id_expiry_keep_their_order_with_pending_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    hold_folds(&store);
+    commit(&store, batch("a", 1, 1)).unwrap();
+    commit(&store, with_op_id(batch("a", 2, 3), "op-2")).unwrap();
+    // A snapshot riding with journaled events is stored at once, ahead of the rows.
+    let mut snapshotted = batch("a", 4, 4);
+    snapshotted.snapshot = Some(snapshot_at(4));
+    commit(&store, snapshotted).unwrap();
+    assert!(store.inner.health.is_journaled("a"));
+    let refused = batch("a", 5, 5);
+    let refused = Batch {
+        snapshot: Some(snapshot_at(6)),
+        ..refused
+    };
+    assert!(matches!(
+        commit(&store, refused),
+        Err(StoreError::SnapshotSeq {
+            seq: 6,
+            head: 5,
+            ..
+        })
+    ));
+    commit(&store, batch("a", 5, 6)).unwrap();
+    // A batch without events is written directly, after the room's pending batches.
+    commit(
+        &store,
+        Batch {
+            snapshot: Some(snapshot_at(6)),
+            ..Batch::new("a")
+        },
+    )
+    .unwrap();
+    assert!(
+        !store.inner.health.is_journaled("a"),
+        "the direct batch folded it"
+    );
+    commit(&store, batch("a", 7, 8)).unwrap();
+    commit(&store, batch("a", 9, 9)).unwrap();
+    assert!(store.inner.health.is_journaled("a"));
+
+    // A trim while 7..9 are pending: it moves only the folded part (head 6 in the
+    // rows), so events up to the snapshot at 4 go.
+    let trimmed = store
+        .submit_trim("a", TrimPolicy::history_events(1))
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let TrimOutcome::Done(report) = trimmed else {
+        panic!("the trim ran: {trimmed:?}");
+    };
+    assert_eq!(report.first_retained, 5);
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.head, loaded.first_retained), (9, 5));
+    assert_eq!(loaded.snapshot.as_ref().map(|s| s.seq), Some(6));
+    assert_eq!(seqs(&loaded.events), vec![7, 8, 9]);
+    let ids: Vec<_> = loaded.op_ids.iter().map(|op| op.seq).collect();
+    assert_eq!(
+        ids,
+        vec![2],
+        "the trim kept the trimmed event's op id apart"
+    );
+    let snapshots = store.room_snapshots("a").unwrap();
+    assert_eq!(snapshots.iter().map(|s| s.seq).collect::<Vec<_>>(), [4, 6]);
+
+    // Expiry rides in the journal and is applied by the fold.
+    commit(
+        &store,
+        Batch {
+            expire_op_ids_through: 2,
+            ..batch("a", 10, 10)
+        },
+    )
+    .unwrap();
+    assert!(store.inner.health.is_journaled("a"));
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(loaded.head, 10);
+    assert!(loaded.op_ids.is_empty(), "{:?}", loaded.op_ids);
+    let mut snapshotted = batch("a", 11, 11);
+    snapshotted.snapshot = Some(snapshot_at(11));
+    commit(&store, snapshotted).unwrap();
+    store.shutdown();
+    drop(store);
+
+    // On disk the snapshot at 11 is past the folded head until the replay.
+    assert!(!journal_of(dir.path()).is_empty());
+    let store = open(dir.path());
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!((loaded.head, loaded.first_retained), (11, 5));
+    assert_eq!(loaded.snapshot.as_ref().map(|s| s.seq), Some(11));
+    check_events(&store, "a", 5, 11);
+    store.shutdown();
+}
+
+fn check_events(store: &Store, room: &str, from: u64, to: u64) {
+    let page = store.read_events(room, from - 1, 1000).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), (from..=to).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_deleted_room_drops_its_pending_batches_and_a_new_one_under_its_name_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    hold_folds(&store);
+    commit(&store, batch("r", 1, 1)).unwrap();
+    commit(&store, batch("r", 2, 3)).unwrap();
+    store
+        .submit_delete("r")
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert!(!store.inner.health.is_journaled("r"));
+    assert!(store.load_room("r").unwrap().is_none());
+    assert!(matches!(
+        commit(&store, batch("r", 4, 4)),
+        Err(StoreError::NoSuchRoom { .. })
+    ));
+    let mut again = batch("r", 1, 1);
+    again.create = Some(RoomMeta {
+        kind: "state".to_owned(),
+        epoch: 8,
+    });
+    commit(&store, again).unwrap();
+    commit(&store, batch("r", 2, 2)).unwrap();
+    store.shutdown();
+    drop(store);
+
+    // The journal of the old room, as a crash right after its batches were acked would
+    // leave it (stored epoch 7, `meta()`), and one row of the new room's epoch that
+    // would leave a gap.
+    let new_room_key = journal_of(dir.path()).last().map_or(0, |(key, _)| key + 1);
+    put_journal(dir.path(), &[(new_room_key, journal_row("r", 7, 2, 6))]);
+    let store = open(dir.path());
+    let loaded = store.load_room("r").unwrap().unwrap();
+    assert_eq!((loaded.meta.epoch, loaded.head), (8, 2));
+    store.shutdown();
+    drop(store);
+
+    put_journal(dir.path(), &[(100, journal_row("r", 8, 5, 6))]);
+    let refused = match Store::open(StoreConfig::new(dir.path())) {
+        Ok(_) => panic!("a journal entry that leaves a gap must refuse the open"),
+        Err(refused) => refused,
+    };
+    assert!(
+        matches!(refused, StoreError::Journal { key: 100, .. }),
+        "{refused}"
+    );
+    let text = refused.to_string();
+    assert!(
+        text.contains("journal row 100") && text.contains("room r"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_gap_against_the_pending_head_is_refused_whole() {
+    let store = Store::open_with_backend(
+        redb::backends::InMemoryBackend::new(),
+        Durability::Immediate,
+    )
+    .unwrap();
+    hold_folds(&store);
+    commit(&store, batch("a", 1, 1)).unwrap();
+    commit(&store, batch("a", 2, 3)).unwrap();
+    let refused = commit(&store, batch("a", 5, 6)).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StoreError::SeqGap {
+                expected: 4,
+                found: 5,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert!(matches!(
+        commit(&store, batch("a", 3, 3)),
+        Err(StoreError::SeqGap { expected: 4, .. })
+    ));
+    assert!(matches!(
+        commit(&store, batch("nobody", 2, 2)),
+        Err(StoreError::NoSuchRoom { .. })
+    ));
+    commit(&store, batch("a", 4, 4)).unwrap();
+    let page = store.read_events("a", 0, 100).unwrap().unwrap();
+    assert_eq!(seqs(&page.events), vec![1, 2, 3, 4]);
+    store.shutdown();
+}
+
+#[test]
+fn folding_many_pending_rooms_takes_several_bounded_transactions_and_loses_nothing() {
+    let store = Store::open_with_backend(
+        redb::backends::InMemoryBackend::new(),
+        Durability::Immediate,
+    )
+    .unwrap();
+    hold_folds(&store);
+    let rooms: Vec<String> = (0..600).map(|n| format!("room-{n:04}")).collect();
+    let submit_all = |first: u64, last: u64| {
+        let answers: Vec<_> = rooms
+            .iter()
+            .map(|room| store.submit(batch(room, first, last)).unwrap())
+            .collect();
+        for answer in answers {
+            answer.blocking_recv().unwrap().unwrap();
+        }
+    };
+    submit_all(1, 1);
+    submit_all(2, 3);
+    submit_all(4, 4);
+    assert!(store.inner.health.any_journaled());
+    let commits = store.commits();
+    let listed = store.list_rooms().unwrap();
+    let folds = store.commits() - commits;
+    assert!(
+        folds >= 600usize.div_ceil(journal::MAX_FOLD_ROOMS) as u64,
+        "600 rooms folded in {folds} transactions"
+    );
+    assert_eq!(listed.len(), 600);
+    assert!(listed.iter().all(|room| room.head == 4 && room.events == 4));
+    assert_eq!(journal_rows(&store), 0);
+    store.shutdown();
+}
