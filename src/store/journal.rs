@@ -189,6 +189,11 @@ impl Pending {
         self.rooms.contains_key(room)
     }
 
+    /// The seq of `room`'s last pending event, if it has pending batches.
+    pub fn head(&self, room: &str) -> Option<u64> {
+        self.rooms.get(room).map(|pending| pending.head)
+    }
+
     /// Bytes of pending log rows (with a per-entry estimate), for the fold policy and
     /// the gauge.
     pub fn bytes(&self) -> usize {

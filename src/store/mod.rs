@@ -937,14 +937,17 @@ impl Store {
     }
 
     /// Blocking: one page of the admin room list (ids after `after` starting with
-    /// `prefix`, at most `limit`), and whether more follow. Reads meta rows only.
+    /// `prefix`, at most `limit`), and whether more follow. Reads meta rows only, and
+    /// takes a room's head from the writer's journaled heads when it has batches not
+    /// yet folded (creations are never journaled, so every room has its meta row); it
+    /// asks for no fold, so a dashboard refreshing the list every second does not make
+    /// the writer fold every room each time.
     pub fn rooms_page(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<ListedRoom>, bool), StoreError> {
-        self.ensure_folded(None)?;
         let db = self.db()?;
         let path = &self.inner.db_path;
         // A damaged meta page makes redb panic: answered as damage, never unwound.
@@ -958,6 +961,12 @@ impl Store {
         let (mut rooms, more) = page?;
         for room in &mut rooms {
             room.epoch ^= self.inner.epoch_salt;
+            // The larger of the two is the head. A fold committed between the meta
+            // read and this one leaves the meta row's older head: a head the room had
+            // a moment ago, never one it did not have (the next page is current).
+            if let Some(head) = self.inner.health.journaled_head(&room.room) {
+                room.head = room.head.max(head);
+            }
         }
         Ok((rooms, more))
     }

@@ -419,3 +419,34 @@ fn folding_many_pending_rooms_takes_several_bounded_transactions_and_loses_nothi
     assert_eq!(journal_rows(&store), 0);
     store.shutdown();
 }
+
+#[test]
+fn the_room_list_shows_journaled_heads_without_asking_for_a_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    hold_folds(&store);
+    commit(&store, batch("a", 1, 1)).unwrap();
+    commit(&store, batch("a", 2, 3)).unwrap();
+    commit(&store, batch("b", 1, 2)).unwrap();
+    commit(&store, batch("b", 3, 3)).unwrap();
+    commit(&store, batch("c", 1, 1)).unwrap();
+    assert!(store.inner.health.is_journaled("a") && store.inner.health.is_journaled("b"));
+    let (commits, rows) = (store.commits(), journal_rows(&store));
+
+    let (listed, more) = store.rooms_page("", None, 10).unwrap();
+    let heads: Vec<(&str, u64)> = listed.iter().map(|r| (r.room.as_str(), r.head)).collect();
+    assert_eq!(heads, vec![("a", 3), ("b", 3), ("c", 1)]);
+    assert!(!more);
+    assert_eq!(store.commits(), commits, "the listing committed nothing");
+    assert_eq!(journal_rows(&store), rows, "the listing folded nothing");
+    assert!(store.inner.health.is_journaled("a") && store.inner.health.is_journaled("b"));
+
+    // After a fold the meta rows carry the same heads and the journaled ones are gone.
+    store.read_events("a", 0, 10).unwrap().unwrap();
+    store.read_events("b", 0, 10).unwrap().unwrap();
+    assert!(!store.inner.health.any_journaled());
+    let (listed, _) = store.rooms_page("", Some("a"), 10).unwrap();
+    let heads: Vec<(&str, u64)> = listed.iter().map(|r| (r.room.as_str(), r.head)).collect();
+    assert_eq!(heads, vec![("b", 3), ("c", 1)]);
+    store.shutdown();
+}

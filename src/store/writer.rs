@@ -179,11 +179,13 @@ pub struct Health {
     /// then refused without touching the file. Never cleared: the damage stays until the
     /// file is restored, and a restart finds it again.
     damaged: Mutex<std::collections::BTreeMap<String, String>>,
-    /// Rooms with journaled batches not yet folded (`journal.rs`). Written by the writer
-    /// only: a room is added after the commit that journaled it and before its batch is
-    /// answered, and removed after the commit that folded it; reads of a room in it ask
-    /// for a fold first.
-    journaled: Mutex<std::collections::HashSet<String>>,
+    /// Rooms with journaled batches not yet folded (`journal.rs`), with their pending
+    /// head. Written by the writer only: a room is added (or its head moved) after the
+    /// commit that journaled it and before its batch is answered, and removed after the
+    /// commit that folded it; reads of a room in it ask for a fold first, and the room
+    /// list reads the head here instead (a fold of every room per listing would stall
+    /// the writer each time a dashboard refreshes).
+    journaled: Mutex<std::collections::HashMap<String, u64>>,
     /// Test hook: the writer folds only when asked (a read, a direct batch of the room)
     /// and not at shutdown, which leaves the journal as a crash would.
     #[cfg(test)]
@@ -276,7 +278,13 @@ impl Health {
 
     /// Whether `room` has journaled batches not yet folded.
     pub fn is_journaled(&self, room: &str) -> bool {
-        self.journaled.lock().contains(room)
+        self.journaled.lock().contains_key(room)
+    }
+
+    /// The head of `room` counting its journaled batches not yet folded; None when it
+    /// has none (its meta row's head is current).
+    pub fn journaled_head(&self, room: &str) -> Option<u64> {
+        self.journaled.lock().get(room).copied()
     }
 
     /// Whether any room has.
@@ -291,13 +299,18 @@ impl Health {
         }
         let mut set = self.journaled.lock();
         for room in folded {
-            if !pending.contains(room) {
-                set.remove(room);
+            match pending.head(room) {
+                Some(head) => {
+                    set.insert(room.clone(), head);
+                }
+                None => {
+                    set.remove(room);
+                }
             }
         }
         for room in journaled {
-            if pending.contains(room) {
-                set.insert(room.clone());
+            if let Some(head) = pending.head(room) {
+                set.insert(room.clone(), head);
             }
         }
     }
