@@ -8,7 +8,9 @@
 //! to the `journal` table as one or a few rows under increasing keys (one or two dirty
 //! leaves, always the rightmost), and answers them after that commit as before. A fold
 //! later writes many commits' worth of one room at once ([`WriteTables::append_run`]):
-//! one leaf copy per fold instead of one per batch.
+//! one leaf copy per fold instead of one per batch. A journal row is serialized
+//! straight into the value redb reserves for it (`record::write_journal_row`), so the
+//! log rows are copied once on the writer thread.
 //!
 //! What is journaled: batches with events and without `create`, whose log rows are
 //! small ([`MAX_JOURNALED_BATCH_BYTES`]); a snapshot riding with one is written to
@@ -26,9 +28,10 @@
 //! their journal key, and per journal row how many of its batches are unfolded; a row
 //! is deleted in the transaction that folds its last batch. Only the writer thread
 //! touches it. Readers see folded rows only: the writer publishes the set of pending
-//! rooms (`Health`), adding a room after the commit that journaled it and before its
-//! batch is answered, and removing it after the commit that folded it; a read of a
-//! pending room asks the writer for a fold first (`Store::ensure_folded`).
+//! rooms with their pending heads (`Health`), adding a room or moving its head after
+//! the commit that journaled its batch and before the batch is answered, and removing
+//! it after the commit that folded its last pending batch; a read of a pending room
+//! asks the writer for a fold first (`Store::ensure_folded`), which folds it whole.
 //!
 //! Fold policy ([`Pending::due`]): a room is folded about [`FOLD_AGE`] after its first
 //! pending batch, while the pending bytes pass [`FOLD_BYTES`] (earliest due first;
@@ -36,12 +39,16 @@
 //! had no job for [`IDLE_FOLD`], on demand, and at shutdown; by policy at most
 //! [`MAX_FOLD_ROOMS`] rooms and about [`MAX_FOLD_BYTES`] per transaction (more while
 //! past [`FOLD_BYTES`]) besides the rooms asked for, so a fold does not hold up the acks
-//! of its commit for long.
+//! of its commit for long. A fold by policy may take a prefix of a room's pending
+//! batches (whole batches, in seq order, at least one), so one big room is folded over
+//! several commits within that bound; the rest stays pending and due, first in line.
+//! Its journal rows stay until their last batch is folded.
 //!
 //! Replay ([`replay`], at open, before the writer serves): every journal row in key
 //! order; an entry is applied when its room exists with the epoch it was journaled
 //! under and its events are past the stored head (those at or below it were folded
-//! before the stop). Epochs are drawn at random per creation (64 bits,
+//! before the stop; a partial fold may have folded the first of an entry's log rows,
+//! which then end exactly at the head, and only the rows after it are applied). Epochs are drawn at random per creation (64 bits,
 //! `room/handlers.rs`) and moved whole with an import, so an entry of a deleted room
 //! does not land in a room created again under its name, and a room that left and came
 //! back (export, deletion, import) has a head at or past every old entry of it. An entry that would leave a gap refuses the open,
@@ -53,7 +60,7 @@
 //! answers `unavailable` like any damaged room. Replay probes likewise and keeps the
 //! rows that hold entries of damaged rooms.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -100,6 +107,21 @@ struct PendingBatch {
     key: u64,
     rows: LogRows,
     expire_op_ids_through: u64,
+    /// Its share of the pending bytes.
+    bytes: usize,
+}
+
+impl PendingBatch {
+    fn last(&self) -> u64 {
+        self.rows.first + self.rows.events - 1
+    }
+}
+
+/// A room to fold in the current transaction: whole (a read asked for it), or a prefix
+/// of its pending batches of about `at_most` bytes (by policy, see [`Pending::due`]).
+pub struct Fold {
+    pub room: String,
+    pub at_most: Option<usize>,
 }
 
 /// A room with journaled batches not yet folded.
@@ -108,33 +130,32 @@ pub struct PendingRoom {
     epoch: u64,
     /// The seq of its last pending event: the next batch must start right after it.
     head: u64,
-    /// In seq order, gapless from the folded head + 1 to `head`.
-    batches: Vec<PendingBatch>,
+    /// In seq order, gapless from the folded head + 1 to `head`; never empty.
+    batches: VecDeque<PendingBatch>,
     bytes: usize,
-    /// Which of the room's entries in [`Pending::order`] is current.
+    /// When it falls due, and which of the room's entries in [`Pending::order`] is
+    /// current (a room partly folded goes back under the same entry).
+    due: Instant,
     generation: u64,
 }
 
 impl PendingRoom {
-    fn first(&self) -> u64 {
-        self.batches
-            .first()
-            .map_or(self.head + 1, |batch| batch.rows.first)
-    }
-
-    fn expire_op_ids_through(&self) -> u64 {
-        self.batches
-            .iter()
-            .map(|batch| batch.expire_op_ids_through)
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn rows(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.batches
-            .iter()
-            .flat_map(|batch| batch.rows.rows.iter())
-            .map(|(last, row)| (*last, row.as_slice()))
+    /// How many of its first batches a fold of at most `at_most` bytes takes: whole
+    /// batches, at least one.
+    fn prefix(&self, at_most: Option<usize>) -> usize {
+        let Some(limit) = at_most else {
+            return self.batches.len();
+        };
+        let mut bytes = 0;
+        let mut take = 0;
+        for batch in &self.batches {
+            if take > 0 && bytes + batch.bytes > limit {
+                break;
+            }
+            bytes += batch.bytes;
+            take += 1;
+        }
+        take
     }
 }
 
@@ -219,8 +240,7 @@ impl Pending {
     /// Journals one batch of `room` in the current transaction, taking its rows, and
     /// writes its snapshot `(seq, row)` to `snapshots` directly. The gapless check
     /// runs against the pending head, or the meta row when the room has nothing
-    /// pending; a refused batch (inner error) is left untouched. Inner Ok(true) when
-    /// the room became pending.
+    /// pending; a refused batch (inner error) is left untouched.
     ///
     /// A snapshot past the room's folded head is safe to store early: loads and
     /// time travel fold the room first, trims only use snapshots up to the folded head
@@ -235,11 +255,11 @@ impl Pending {
         rows: &mut LogRows,
         expire_op_ids_through: u64,
         snapshot: Option<(u64, &[u8])>,
-    ) -> Result<Result<bool, StoreError>, redb::StorageError> {
-        let (epoch, head, new) = match self.rooms.get(room) {
-            Some(pending) => (pending.epoch, pending.head, false),
+    ) -> Result<Result<(), StoreError>, redb::StorageError> {
+        let (epoch, head) = match self.rooms.get(room) {
+            Some(pending) => (pending.epoch, pending.head),
             None => match tables.stored_meta(room)? {
-                Ok(Some(stored)) => (stored.meta.epoch, stored.head, true),
+                Ok(Some(stored)) => (stored.meta.epoch, stored.head),
                 Ok(None) => {
                     return Ok(Err(StoreError::NoSuchRoom {
                         room: room.to_owned(),
@@ -289,12 +309,13 @@ impl Pending {
             key,
             rows,
             expire_op_ids_through,
+            bytes,
         };
         match self.rooms.get_mut(room) {
             Some(pending) => {
                 pending.head = last;
                 pending.bytes += bytes;
-                pending.batches.push(batch);
+                pending.batches.push_back(batch);
             }
             None => {
                 self.generation += 1;
@@ -305,14 +326,15 @@ impl Pending {
                     PendingRoom {
                         epoch,
                         head: last,
-                        batches: vec![batch],
+                        batches: VecDeque::from([batch]),
                         bytes,
+                        due,
                         generation: self.generation,
                     },
                 );
             }
         }
-        Ok(Ok(new))
+        Ok(Ok(()))
     }
 
     /// The key of the journal row a batch of `bytes` goes into in this transaction.
@@ -329,30 +351,57 @@ impl Pending {
         key
     }
 
-    /// Folds `room` in the current transaction: its pending batches go to `events` and
-    /// `meta` in one run, and journal rows left without unfolded batches are deleted
-    /// (now, or by [`Pending::end_commit`]). None when nothing of it was pending; an
+    /// Folds `room` in the current transaction: its first pending batches (all of them
+    /// when `at_most` is None, else whole batches of about that many bytes, at least
+    /// one) go to `events` and `meta` in one run, and journal rows left without
+    /// unfolded batches are deleted (now, or by [`Pending::end_commit`]). A room left
+    /// with batches stays pending and due. None when nothing of it was pending; an
     /// inner error when the stored room does not take the run (damage: the room is
     /// dropped from the pending set with its journal rows kept).
     pub fn fold(
         &mut self,
         tables: &mut WriteTables,
         room: &str,
+        at_most: Option<usize>,
     ) -> Result<Option<Result<(), StoreError>>, redb::StorageError> {
-        let Some(pending) = self.rooms.remove(room) else {
+        let Some(pending) = self.rooms.get_mut(room) else {
             return Ok(None);
         };
-        self.bytes -= pending.bytes;
+        let take = pending.prefix(at_most);
+        let batches = pending.batches.range(..take);
+        let first = pending.batches[0].rows.first;
+        let last = pending.batches[take - 1].last();
+        let expire_op_ids_through = batches
+            .clone()
+            .map(|batch| batch.expire_op_ids_through)
+            .max()
+            .unwrap_or(0);
+        let rows = batches
+            .flat_map(|batch| batch.rows.rows.iter())
+            .map(|(last, row)| (*last, row.as_slice()));
         let outcome = tables.append_run(
             room,
             pending.epoch,
-            (pending.first(), pending.head),
-            pending.rows(),
-            pending.expire_op_ids_through(),
+            (first, last),
+            rows,
+            expire_op_ids_through,
         )?;
-        if outcome.is_ok() {
-            self.release(&pending);
+        if outcome.is_err() {
+            self.abandon(room);
+            return Ok(Some(outcome));
         }
+        let folded: Vec<PendingBatch> = pending.batches.drain(..take).collect();
+        let bytes: usize = folded.iter().map(|batch| batch.bytes).sum();
+        pending.bytes -= bytes;
+        self.bytes -= bytes;
+        if pending.batches.is_empty() {
+            self.rooms.remove(room);
+        } else {
+            // Still due: first again in the next transaction's folds.
+            self.order
+                .insert((pending.due, pending.generation), room.to_owned());
+        }
+        self.release(folded.iter().map(|batch| batch.key));
         Ok(Some(outcome))
     }
 
@@ -363,7 +412,7 @@ impl Pending {
             return false;
         };
         self.bytes -= pending.bytes;
-        self.release(&pending);
+        self.release(pending.batches.iter().map(|batch| batch.key));
         true
     }
 
@@ -374,36 +423,45 @@ impl Pending {
         }
     }
 
-    fn release(&mut self, pending: &PendingRoom) {
-        for batch in &pending.batches {
-            let Some(count) = self.unfolded.get_mut(&batch.key) else {
+    /// Counts the batches in the journal rows `keys` (one key per batch) folded.
+    fn release(&mut self, keys: impl Iterator<Item = u64>) {
+        for key in keys {
+            let Some(count) = self.unfolded.get_mut(&key) else {
                 continue;
             };
             *count -= 1;
             if *count == 0 {
-                self.unfolded.remove(&batch.key);
+                self.unfolded.remove(&key);
                 // A row of the current transaction is simply not written.
-                if batch.key < self.commit.first_key {
-                    self.emptied.push(batch.key);
+                if key < self.commit.first_key {
+                    self.emptied.push(key);
                 }
             }
         }
     }
 
     /// The keys of `room`'s pending batches' log rows, first and last, and its expiry,
-    /// for the probe before a fold.
+    /// for the probe before a fold (of all of them: a partial fold touches a part).
     pub fn probe_keys(&self, room: &str) -> Option<(u64, u64, u64)> {
         let pending = self.rooms.get(room)?;
-        let first = pending.batches.first()?.rows.rows.first()?.0;
-        let last = pending.batches.last()?.rows.rows.last()?.0;
-        Some((first, last, pending.expire_op_ids_through()))
+        let first = pending.batches.front()?.rows.rows.first()?.0;
+        let last = pending.batches.back()?.rows.rows.last()?.0;
+        let expire = pending
+            .batches
+            .iter()
+            .map(|batch| batch.expire_op_ids_through)
+            .max()
+            .unwrap_or(0);
+        Some((first, last, expire))
     }
 
     /// Appends to `out` the rooms due for a fold by policy, earliest due first, up to
     /// `max` in all and about [`MAX_FOLD_BYTES`] (more past [`FOLD_BYTES`]): those
     /// pending for their share of [`FOLD_AGE`], any while
     /// the pending bytes not yet chosen pass [`FOLD_BYTES`], or any at all when `idle`.
-    pub fn due(&mut self, now: Instant, idle: bool, max: usize, out: &mut Vec<String>) {
+    /// The last room may be folded in part, a prefix of its batches that fills the
+    /// budget; the rest stays due and goes first in the next transaction.
+    pub fn due(&mut self, now: Instant, idle: bool, max: usize, out: &mut Vec<Fold>) {
         let mut chosen = 0;
         // Past the bound the budget grows with the excess, so folds outpace any
         // ingest rate and the pending bytes come back under it.
@@ -423,10 +481,12 @@ impl Pending {
             if !(idle || self.bytes - chosen > FOLD_BYTES || now >= due_at) {
                 break;
             }
-            chosen += pending.bytes;
+            let left = budget - chosen;
+            let at_most = (pending.bytes > left).then_some(left);
+            chosen += pending.bytes.min(left);
             let room = entry.remove();
-            if !out.contains(&room) {
-                out.push(room);
+            if !out.iter().any(|fold| fold.room == room) {
+                out.push(Fold { room, at_most });
             }
         }
     }
@@ -458,32 +518,32 @@ impl Pending {
                     // Keys only grow, so the room's batches in this row are one run.
                     let from = pending.batches.partition_point(|batch| batch.key < key);
                     let to = pending.batches.partition_point(|batch| batch.key <= key);
-                    let batches = &pending.batches[from..to];
-                    let Some(first) = batches.first() else {
+                    let batches = pending.batches.range(from..to);
+                    let Some(first) = batches.clone().next() else {
                         continue;
                     };
                     row.entries.push(JournalEntryRef {
                         room,
                         epoch: pending.epoch,
                         first: first.rows.first,
-                        events: batches.iter().map(|batch| batch.rows.events).sum(),
+                        events: batches.clone().map(|batch| batch.rows.events).sum(),
                         expire_op_ids_through: batches
-                            .iter()
+                            .clone()
                             .map(|batch| batch.expire_op_ids_through)
                             .max()
                             .unwrap_or(0),
                         rows: batches
-                            .iter()
                             .flat_map(|batch| batch.rows.rows.iter())
                             .map(|(last, row)| JournalLogRowRef { last: *last, row })
                             .collect(),
                     });
                 }
-                let bytes = record::encode_journal_row(&row).expect(
-                    "a journal row holds at most ROW_CAP bytes of rows and their framing, \
-                     below MAX_JOURNAL_ROW_BYTES, and integers and bytes always serialize",
-                );
-                tables.journal.insert(key, bytes.as_slice())?;
+                const FITS: &str = "a journal row holds at most ROW_CAP bytes of rows and \
+                     their framing, below MAX_JOURNAL_ROW_BYTES, and integers and bytes \
+                     always serialize into the length measured";
+                let len = record::journal_row_len(&row).expect(FITS);
+                let mut value = tables.journal.insert_reserve(key, len)?;
+                record::write_journal_row(&row, value.as_mut()).expect(FITS);
             }
             start = end;
         }
@@ -603,13 +663,22 @@ pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u6
                 if stored.meta.epoch != entry.epoch || last <= stored.head {
                     continue;
                 }
-                if entry.first != stored.head + 1 {
+                // A partial fold took whole batches, so a head inside the entry ends
+                // one of its log rows: those rows are folded, the rest is applied.
+                let folded = entry
+                    .rows
+                    .partition_point(|(row_last, _)| *row_last <= stored.head);
+                let first = match folded {
+                    0 => entry.first,
+                    n => entry.rows[n - 1].0 + 1,
+                };
+                if first != stored.head + 1 {
                     return Err(journal_error(
                         *key,
                         entry.room,
                         format!(
-                            "its events {}..={last} do not continue the stored head {}",
-                            entry.first, stored.head
+                            "its events {first}..={last} do not continue the stored head {}",
+                            stored.head
                         ),
                     ));
                 }
@@ -617,8 +686,8 @@ pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u6
                     .append_run(
                         entry.room,
                         entry.epoch,
-                        (entry.first, last),
-                        entry.rows.iter().copied(),
+                        (first, last),
+                        entry.rows[folded..].iter().copied(),
                         entry.expire_op_ids_through,
                     )
                     .map_err(|e| init_error(e.into()))?

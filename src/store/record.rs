@@ -764,21 +764,70 @@ pub struct JournalLogRowRef<'a> {
     pub row: &'a Vec<u8>,
 }
 
-/// Encodes one journal row.
-pub fn encode_journal_row(row: &JournalRowRef) -> Result<Vec<u8>, RecordError> {
-    let bytes = vec![JOURNAL_VERSION];
-    let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(row, bytes).map_err(|e| {
-        RecordError::Serialize {
-            reason: e.to_string(),
-        }
-    })?;
-    if bytes.len() > MAX_JOURNAL_ROW_BYTES {
+/// The stored length of one journal row, measured by serializing it without writing a
+/// byte, so the writer can reserve the row's value in redb and serialize straight into
+/// it ([`write_journal_row`]): the log rows are copied once, into the page, instead of
+/// into a growing buffer first and then into the page.
+pub fn journal_row_len(row: &JournalRowRef) -> Result<usize, RecordError> {
+    let measured =
+        rkyv::api::high::to_bytes_in::<_, rancor::Error>(row, Measure(1)).map_err(|e| {
+            RecordError::Serialize {
+                reason: e.to_string(),
+            }
+        })?;
+    if measured.0 > MAX_JOURNAL_ROW_BYTES {
         return Err(RecordError::TooLarge {
-            len: bytes.len(),
+            len: measured.0,
             limit: MAX_JOURNAL_ROW_BYTES,
         });
     }
+    Ok(measured.0)
+}
+
+/// Writes one journal row into `out`, which holds exactly [`journal_row_len`] bytes.
+pub fn write_journal_row(row: &JournalRowRef, out: &mut [u8]) -> Result<(), RecordError> {
+    let len = out.len();
+    let mut writer = rkyv::ser::writer::Buffer::from(out);
+    // The version byte first, through the writer, so positions are those of the
+    // measuring pass.
+    rkyv::ser::Writer::<rancor::Error>::write(&mut writer, &[JOURNAL_VERSION])
+        .and_then(|()| rkyv::api::high::to_bytes_in::<_, rancor::Error>(row, writer))
+        .map_err(|e| RecordError::Serialize {
+            reason: e.to_string(),
+        })
+        .and_then(|written| {
+            if written.len() == len {
+                Ok(())
+            } else {
+                Err(RecordError::Serialize {
+                    reason: format!("wrote {} of the {len} bytes measured", written.len()),
+                })
+            }
+        })
+}
+
+/// Encodes one journal row into a buffer of its own (tests, and rows written by hand).
+#[cfg(test)]
+pub fn encode_journal_row(row: &JournalRowRef) -> Result<Vec<u8>, RecordError> {
+    let mut bytes = vec![0; journal_row_len(row)?];
+    write_journal_row(row, &mut bytes)?;
     Ok(bytes)
+}
+
+/// A writer that only counts: the length a serialization would take.
+struct Measure(usize);
+
+impl rkyv::ser::Positional for Measure {
+    fn pos(&self) -> usize {
+        self.0
+    }
+}
+
+impl<E> rkyv::ser::Writer<E> for Measure {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        self.0 += bytes.len();
+        Ok(())
+    }
 }
 
 /// One entry of a journal row as read back: the log rows are borrowed from the row
@@ -1375,6 +1424,11 @@ mod tests {
             bytes,
             versioned(&owned, JOURNAL_VERSION, MAX_JOURNAL_ROW_BYTES).unwrap()
         );
+        // The writer reserves exactly the measured length; any other is refused.
+        assert_eq!(journal_row_len(&borrowed).unwrap(), bytes.len());
+        for len in [bytes.len() - 1, bytes.len() + 1] {
+            assert!(write_journal_row(&borrowed, &mut vec![0; len]).is_err());
+        }
         let entries = decode_journal_row(&bytes).unwrap();
         assert_eq!(entries.len(), 1);
         let entry = &entries[0];

@@ -18,7 +18,8 @@
 //!   deletion runs in pieces, back to back, and only then does the writer take the next
 //!   job, so batches queued after it find the room absent.
 //! - Folds ride with batch commits by the journal's policy (age, pending bytes, a
-//!   bounded number of rooms per transaction); a read's fold request of one room rides
+//!   bounded number of rooms and bytes per transaction, a big room in parts over
+//!   several); a read's fold request of one room rides
 //!   with the next commit, of every room it runs like a deletion; with no job for
 //!   `IDLE_FOLD` the writer commits folds alone, and at shutdown it folds everything.
 //!
@@ -56,7 +57,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::names;
 
-use super::journal::{Pending, IDLE_FOLD, MAX_FOLD_ROOMS};
+use super::journal::{Fold, Pending, IDLE_FOLD, MAX_FOLD_ROOMS};
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
 use super::tables::{LogRows, WriteTables};
 use super::{guard, probe};
@@ -292,25 +293,21 @@ impl Health {
         !self.journaled.lock().is_empty()
     }
 
-    /// Applies a commit's folds and newly pending rooms to the published set.
+    /// Applies a commit's folds and journaled batches to the published set and heads.
     fn publish(&self, folded: &[String], journaled: &[String], pending: &Pending) {
         if folded.is_empty() && journaled.is_empty() {
             return;
         }
         let mut set = self.journaled.lock();
-        for room in folded {
-            match pending.head(room) {
-                Some(head) => {
+        for room in folded.iter().chain(journaled) {
+            match (pending.head(room), set.get_mut(room)) {
+                (Some(head), Some(published)) => *published = head,
+                (Some(head), None) => {
                     set.insert(room.clone(), head);
                 }
-                None => {
+                (None, _) => {
                     set.remove(room);
                 }
-            }
-        }
-        for room in journaled {
-            if let Some(head) = pending.head(room) {
-                set.insert(room.clone(), head);
             }
         }
     }
@@ -720,11 +717,15 @@ impl Writer {
             std::thread::sleep(delay);
         }
         let mut group = self.probe_batches(group);
-        let mut folds: Vec<String> = Vec::new();
+        let mut folds: Vec<Fold> = Vec::new();
         for job in &requests {
             if let Some(room) = job.room.as_ref() {
-                if self.pending.contains(room) && !folds.contains(room) {
-                    folds.push(room.clone());
+                if self.pending.contains(room) && !folds.iter().any(|fold| &fold.room == room) {
+                    // A read folds its room whole.
+                    folds.push(Fold {
+                        room: room.clone(),
+                        at_most: None,
+                    });
                 }
             }
         }
@@ -842,7 +843,7 @@ impl Writer {
         &self,
         pending: &mut Pending,
         group: &mut [BatchJob],
-        folds: &[String],
+        folds: &[Fold],
         trim: Option<&mut Trim>,
         durable: bool,
     ) -> Result<(Vec<Result<(), StoreError>>, FoldReport), redb::Error> {
@@ -851,8 +852,8 @@ impl Writer {
         let outcomes = {
             let mut tables = WriteTables::open(&txn)?;
             pending.begin_commit();
-            for room in folds {
-                report.fold(pending, &mut tables, room)?;
+            for fold in folds {
+                report.fold(pending, &mut tables, &fold.room, fold.at_most)?;
             }
             let mut outcomes = Vec::with_capacity(group.len());
             for job in group.iter_mut() {
@@ -869,15 +870,15 @@ impl Writer {
                         job.batch.expire_op_ids_through,
                         snapshot,
                     )?;
-                    if let Ok(true) = outcome {
+                    if outcome.is_ok() && report.journaled.last().is_none_or(|last| last != room) {
                         report.journaled.push(room.to_owned());
                     }
-                    outcomes.push(outcome.map(|_| ()));
+                    outcomes.push(outcome);
                     continue;
                 }
                 // Written directly: after the room's journaled batches.
                 if pending.contains(room) {
-                    report.fold(pending, &mut tables, room)?;
+                    report.fold(pending, &mut tables, room, None)?;
                 }
                 outcomes.push(tables.apply(
                     &job.batch,
@@ -897,9 +898,9 @@ impl Writer {
         Ok((outcomes, report))
     }
 
-    /// Folds every pending room, [`MAX_FOLD_ROOMS`] per transaction, before the next
-    /// job (a read of every room asked for it, or shutdown). Ends early only if a
-    /// commit fails (fail-stop).
+    /// Folds every pending room, in transactions bounded by the journal's policy,
+    /// before the next job (a read of every room asked for it, or shutdown). Ends early
+    /// only if a commit fails (fail-stop).
     fn fold_everything(&mut self) {
         self.folding_all = true;
         while !self.pending.is_empty() && self.health.failure().is_none() {
@@ -919,14 +920,15 @@ impl Writer {
 
     /// Probes the pages a fold of each room will touch; a damaged room is marked,
     /// dropped from the pending set with its journal rows kept, and not folded.
-    fn probe_folds(&mut self, folds: Vec<String>) -> Vec<String> {
+    fn probe_folds(&mut self, folds: Vec<Fold>) -> Vec<Fold> {
         let Some(db) = self.db.clone() else {
             return folds;
         };
         let mut probe = None;
         let mut kept = Vec::with_capacity(folds.len());
-        for room in folds {
-            let Some((first, last, expire_op_ids_through)) = self.pending.probe_keys(&room) else {
+        for fold in folds {
+            let room = &fold.room;
+            let Some((first, last, expire_op_ids_through)) = self.pending.probe_keys(room) else {
                 continue;
             };
             if probe.is_none() {
@@ -935,23 +937,23 @@ impl Writer {
                 probe = db.begin_read().ok().map(probe::BatchProbe::new);
             }
             let Some(reader) = probe.as_mut() else {
-                kept.push(room);
+                kept.push(fold);
                 continue;
             };
             let keys = probe::BatchKeys {
-                room: &room,
+                room,
                 creates: false,
                 events: Some((first, last)),
                 snapshot: None,
                 expire_op_ids_through,
             };
             match reader.batch(&keys) {
-                Ok(()) => kept.push(room),
+                Ok(()) => kept.push(fold),
                 Err(detail) => {
-                    self.note_damage(&room, &detail);
-                    self.pending.abandon(&room);
+                    self.note_damage(room, &detail);
+                    self.pending.abandon(room);
                     self.health
-                        .publish(std::slice::from_ref(&room), &[], &self.pending);
+                        .publish(std::slice::from_ref(room), &[], &self.pending);
                     // Not reused after a panic inside it.
                     probe = None;
                 }
@@ -1225,9 +1227,10 @@ impl Writer {
 /// it committed.
 #[derive(Default)]
 struct FoldReport {
-    /// Rooms folded, or found damaged while folding: unpublished unless pending again.
+    /// Rooms folded (whole or in part), or found damaged while folding: unpublished
+    /// unless still or again pending, else published with their pending head.
     folded: Vec<String>,
-    /// Rooms that became pending: published.
+    /// Rooms with batches journaled: published with their pending head.
     journaled: Vec<String>,
     /// Rooms whose stored rows refused their fold, with why.
     damaged: Vec<(String, String)>,
@@ -1239,8 +1242,9 @@ impl FoldReport {
         pending: &mut Pending,
         tables: &mut WriteTables,
         room: &str,
+        at_most: Option<usize>,
     ) -> Result<(), redb::StorageError> {
-        match pending.fold(tables, room)? {
+        match pending.fold(tables, room, at_most)? {
             None => {}
             Some(Ok(())) => self.folded.push(room.to_owned()),
             Some(Err(error)) => {
