@@ -67,6 +67,13 @@ use super::{Batch, Durability, StoreError, TrimOutcome, TrimPolicy};
 /// first batch of a long queue is not kept waiting for the last.
 pub const MAX_GROUP_BATCHES: usize = 1024;
 
+/// A commit at least this long is logged (a warning with what it carried and how long
+/// redb's own commit took), so a stall shows in the log with its cause: on a shared
+/// virtual disk commits of 100-500 ms were seen a few times a minute under load
+/// (`benches/README.md`). Each such commit takes this long, so they log at most ten
+/// times a second.
+pub const SLOW_COMMIT: Duration = Duration::from_millis(100);
+
 /// One unit of work in the writer queue.
 pub enum Job {
     Batch(BatchJob),
@@ -713,6 +720,8 @@ impl Writer {
             }
             return;
         }
+        // From here on the group waits for its commit (the slow-commit warning counts it).
+        let held = Instant::now();
         if let (Some(delay), false) = (self.commit_delay, group.is_empty()) {
             std::thread::sleep(delay);
         }
@@ -763,8 +772,26 @@ impl Writer {
         .and_then(|result| result.map_err(WriteError::Redb));
         self.pending = pending;
         match written {
-            Ok((outcomes, report)) => {
+            Ok(Written {
+                outcomes,
+                report,
+                committing,
+            }) => {
                 self.committed(durable);
+                let took = held.elapsed();
+                if took >= SLOW_COMMIT {
+                    tracing::warn!(
+                        ms = took.as_millis() as u64,
+                        redb_commit_ms = committing.as_millis() as u64,
+                        batches = group.len(),
+                        events,
+                        rooms_folded = report.folded.len(),
+                        trim = trim.is_some(),
+                        durable,
+                        journal_bytes = self.pending.bytes(),
+                        "slow store commit"
+                    );
+                }
                 for (room, detail) in &report.damaged {
                     self.note_damage(room, detail);
                 }
@@ -837,8 +864,9 @@ impl Writer {
 
     /// Writes the folds, every batch of the group (journaled or directly) and one trim
     /// piece in one transaction and commits it. Returns each batch's outcome (a batch
-    /// may be refused alone) and what the folds did, or the error that failed them all
-    /// (the pending state is then moot: the store stops writing, a restart replays).
+    /// may be refused alone), what the folds did and how long redb's commit took, or the
+    /// error that failed them all (the pending state is then moot: the store stops
+    /// writing, a restart replays).
     fn write_group(
         &self,
         pending: &mut Pending,
@@ -846,7 +874,7 @@ impl Writer {
         folds: &[Fold],
         trim: Option<&mut Trim>,
         durable: bool,
-    ) -> Result<(Vec<Result<(), StoreError>>, FoldReport), redb::Error> {
+    ) -> Result<Written, redb::Error> {
         let txn = self.begin(durable)?;
         let mut report = FoldReport::default();
         let outcomes = {
@@ -894,8 +922,13 @@ impl Writer {
             pending.end_commit(&mut tables)?;
             outcomes
         };
+        let committing = Instant::now();
         txn.commit()?;
-        Ok((outcomes, report))
+        Ok(Written {
+            outcomes,
+            report,
+            committing: committing.elapsed(),
+        })
     }
 
     /// Folds every pending room, in transactions bounded by the journal's policy,
@@ -1221,6 +1254,14 @@ impl Writer {
             reason,
         }
     }
+}
+
+/// What one group's transaction did: each batch's outcome, what the folds did, and how
+/// long redb's own commit (page writes and fsync) took.
+struct Written {
+    outcomes: Vec<Result<(), StoreError>>,
+    report: FoldReport,
+    committing: Duration,
 }
 
 /// What the folds of one transaction did, applied to the published pending set once

@@ -111,3 +111,39 @@ async fn the_logged_peer_is_the_client_named_by_a_trusted_proxy_and_text_has_no_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_slow_store_commit_is_logged_with_what_it_carried() {
+    // The test hook holds every group of batches 150 ms before its commit.
+    let server = Server::start_with_env(
+        &["--log-format", "json"],
+        &[("ROOMD_TEST_COMMIT_DELAY_MS", "150")],
+    )
+    .await;
+    let mut alice = Connect::new().user("alice").connect(&server).await;
+    alice.create_ok("chat:slow", "chat", json!({})).await;
+    alice
+        .ack("1", "chat:slow", json!({"type": "post", "text": "hello"}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let slow = loop {
+        let lines = lines_with(&server, "slow store commit");
+        // The op's commit: one batch of one event (the creation's had no event).
+        if let Some(line) = lines.into_iter().find(|l| l["fields"]["events"] == 1) {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `slow store commit` line for the op:\n{}",
+            server.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(slow["level"], "WARN", "{slow}");
+    let fields = &slow["fields"];
+    assert!(fields["ms"].as_u64().unwrap() >= 150, "{slow}");
+    assert_eq!(fields["batches"], 1, "{slow}");
+    assert_eq!(fields["durable"], true, "{slow}");
+    assert!(fields["redb_commit_ms"].as_u64().is_some(), "{slow}");
+    alice.close().await;
+}
