@@ -84,6 +84,8 @@
 //!   (every figure's name, the recorder, its upkeep, handles registered once);
 //!   [`memory`]: quiet threads hand freed memory back to the OS (mimalloc, glibc);
 //!   [`peer_errors`]: actix-http's per-request parse errors as a once-a-minute summary.
+//!   [`ticker`]: one timer per thread for every actor of a kind on it (connection
+//!   heartbeats, room idle checks), beats spread over the period.
 //!
 //! # Architecture invariants
 //!
@@ -156,6 +158,8 @@ pub mod shared;
 pub mod sse;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod ticker;
 #[cfg(feature = "server")]
 pub mod tls;
 #[cfg(feature = "server")]
