@@ -577,6 +577,15 @@ impl Job {
         })
     }
 
+    /// Open loop: how many ops are due at `now`, the ops numbered below it: op `n` is
+    /// due once `now` reaches [`Job::scheduled`]`(n)`, so op 0 is due at the start.
+    fn due_by(&self, now: Instant) -> u64 {
+        // Op n is due once elapsed >= floor(n * 1e9 / rate), that is for every n below
+        // (elapsed + 1) * rate / 1e9, rounded up (the exact inverse of `scheduled`).
+        let elapsed = now.saturating_duration_since(self.start).as_nanos();
+        ((elapsed + 1) * u128::from(self.rate)).div_ceil(1_000_000_000) as u64
+    }
+
     fn op(&self, n: u64) -> Message {
         let room = &self.rooms[(self.index + n as usize) % self.rooms.len()];
         let key = n % self.keys;
@@ -716,7 +725,7 @@ async fn pump_open(
                 if now >= job.deadline {
                     break;
                 }
-                let due = (now - job.start).as_micros() as u64 * job.rate / 1_000_000;
+                let due = job.due_by(now);
                 let mut sent = false;
                 while in_flight.next < due {
                     if in_flight.sent_at.len() >= job.window {
@@ -844,5 +853,37 @@ mod tests {
             Some(("ack", None))
         );
         assert_eq!(parse_reply("not json"), None);
+    }
+
+    /// Op `n` is sent by the first tick at or after its scheduled time, not one op
+    /// interval later (the count of due ops once left out the op due right now).
+    #[test]
+    fn an_open_loop_op_is_due_at_its_scheduled_time() {
+        for rate in [3, 250, 2_500, 2_501, 1_000_000] {
+            let start = Instant::now();
+            let job = Job {
+                index: 0,
+                rooms: Arc::new(vec!["r".into()]),
+                window: 1,
+                keys: 1,
+                value: Arc::from("v"),
+                encoding: WireEncoding::Json,
+                start,
+                deadline: start,
+                rate,
+                acked_so_far: Arc::default(),
+            };
+            assert_eq!(job.due_by(start), 1, "op 0 is due at the start");
+            for n in 1..2_000 {
+                let at = job.scheduled(n).expect("open loop");
+                assert_eq!(job.due_by(at), n + 1, "rate {rate}: op {n} due at its time");
+                let before = at - Duration::from_nanos(1);
+                assert_eq!(
+                    job.due_by(before),
+                    n,
+                    "rate {rate}: op {n} not due before it"
+                );
+            }
+        }
     }
 }
