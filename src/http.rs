@@ -742,12 +742,22 @@ async fn delete(shared: &Arc<Shared>, room: &RoomId) -> Result<(), ApiError> {
 /// owner over NATS elsewhere (cluster mode); either way answered through its `ReplyTo`.
 async fn send_op_to_room<M>(shared: &Arc<Shared>, room: &RoomId, msg: M)
 where
-    M: actix::Message<Result = ()> + crate::cluster::rpc::Forwardable + Send + 'static,
+    M: actix::Message<Result = ()>
+        + crate::cluster::rpc::Forwardable
+        + crate::room::messages::Queued
+        + Send
+        + 'static,
     crate::room::Room: actix::Handler<M>,
 {
     match shared.cluster.as_ref().filter(|c| !c.owns(room)) {
         Some(cluster) => crate::cluster::forward::forward_one(cluster, room, msg).await,
-        None => send_to_room(shared, room, msg).await,
+        // Waits while the room holds its most unanswered ops (`room/backlog.rs`).
+        None => {
+            if let crate::room::registry::Delivery::Wait(wait) = shared.registry.deliver(room, msg)
+            {
+                wait.await;
+            }
+        }
     }
 }
 

@@ -66,6 +66,7 @@
 //! - [`tls`]: the server's certificate (`--tls-cert`, `--tls-key`): loading and checking
 //!   it, and the rustls resolver that swaps it on SIGHUP under open connections.
 //! - [`room`]: the Room actor, its batches, presence and the registry;
+//!   [`room::backlog`]: the bound on a room's unanswered ops, which its senders wait on;
 //!   [`room::views`]: a diff's per-viewer views, planned once per distinct view.
 //! - [`outbound`]: a connection's byte-bounded outbound queue (its response body) and the
 //!   handle rooms push frames through; it knows nothing of sessions or rooms. Every close

@@ -48,6 +48,8 @@ pub mod names {
     /// `none` when refused before a room of a known kind saw it) and `result` (`ack`
     /// or the nack code).
     pub const OPS: &str = "roomd_ops_total";
+    /// Ops and creates that waited for their room's backlog bound (`room/backlog.rs`).
+    pub const BACKLOG_WAITS: &str = "roomd_room_backlog_waits_total";
     /// WebSocket frames handed to connections' sockets (close frames included).
     pub const FRAMES_SENT: &str = "roomd_frames_sent_total";
     /// The wire bytes of those frames (headers included).
@@ -195,6 +197,10 @@ fn describe() {
     describe_counter!(
         names::OPS,
         "Ops and creates answered, by room kind and result (ack or nack code)."
+    );
+    describe_counter!(
+        names::BACKLOG_WAITS,
+        "Ops and creates that waited because their room held its most unanswered ops."
     );
     describe_counter!(names::FRAMES_SENT, "WebSocket frames handed to sockets.");
     describe_counter!(

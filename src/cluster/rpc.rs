@@ -635,19 +635,16 @@ fn value_of(
     }
 }
 
-/// Sends a message to its room, starting the room if it stopped meanwhile; a message
+/// Sends an op or a create to its room, starting the room if it stopped meanwhile, and
+/// waiting while the room holds its most unanswered ops (`room/backlog.rs`); a message
 /// that cannot be delivered answers `unavailable` through its `ReplyTo`.
 async fn deliver<M>(registry: &Arc<Registry>, room: &RoomId, msg: M)
 where
-    M: actix::Message<Result = ()> + Send + 'static,
+    M: actix::Message<Result = ()> + crate::room::messages::Queued + Send + 'static,
     Room: actix::Handler<M>,
 {
-    let addr = registry.get(room);
-    match addr.try_send(msg) {
-        Ok(()) => {}
-        Err(actix::prelude::SendError::Full(msg) | actix::prelude::SendError::Closed(msg)) => {
-            let _ = registry.get(room).send(msg).await;
-        }
+    if let crate::room::registry::Delivery::Wait(wait) = registry.deliver(room, msg) {
+        wait.await;
     }
 }
 

@@ -16,6 +16,7 @@ use crate::protocol::message::{ServerMsg, WireEntry};
 use crate::protocol::{Encoding, Since};
 use crate::value::Value;
 
+use super::backlog::Slot;
 use super::RoomError;
 
 /// The wall-clock time an op is stamped with when it arrives, in ms since the epoch
@@ -37,6 +38,8 @@ pub struct ReplyTo {
     target: Option<Target>,
     /// The position of the room's kind in `OP_KINDS`.
     kind: Option<usize>,
+    /// The op's place in its room's backlog (`backlog.rs`), given back with the answer.
+    slot: Option<Slot>,
 }
 
 #[derive(Debug)]
@@ -59,6 +62,7 @@ impl ReplyTo {
         ReplyTo {
             target: Some(Target::Session(session, id)),
             kind: None,
+            slot: None,
         }
     }
 
@@ -66,7 +70,13 @@ impl ReplyTo {
         ReplyTo {
             target: Some(Target::Http(tx)),
             kind: None,
+            slot: None,
         }
+    }
+
+    /// Holds the op's place in its room's backlog until the op is answered.
+    pub fn hold(&mut self, slot: Slot) {
+        self.slot = Some(slot);
     }
 
     /// The kind of the room answering, for `roomd_ops_total`.
@@ -292,6 +302,24 @@ pub struct Create {
     /// answers a re-sent op id from its record first.
     pub refusal: Option<RoomError>,
     pub reply: ReplyTo,
+}
+
+/// A message that counts against its room's backlog (`backlog.rs`): an op or a create,
+/// whose place is held by its `ReplyTo` until it is answered.
+pub trait Queued {
+    fn reply_mut(&mut self) -> &mut ReplyTo;
+}
+
+impl Queued for Create {
+    fn reply_mut(&mut self) -> &mut ReplyTo {
+        &mut self.reply
+    }
+}
+
+impl Queued for Submit {
+    fn reply_mut(&mut self) -> &mut ReplyTo {
+        &mut self.reply
+    }
 }
 
 /// Apply an op. Answered through `reply`, in arrival order per caller.

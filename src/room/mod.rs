@@ -32,6 +32,7 @@
 //! `?at=` and `roomd log`).
 
 pub mod admin;
+pub mod backlog;
 pub mod batch;
 mod commit;
 pub mod error;

@@ -1,25 +1,57 @@
-//! The room registry: room id -> `Addr<Room>`, and where new rooms are started.
+//! The room registry: room id -> `Addr<Room>` and the room's backlog bound, where new
+//! rooms are started, and how ops are handed to them ([`Registry::deliver`]).
 //!
 //! Architecture invariant: the map holds addresses only, never state, and no map guard
 //! lives across an await or an actor send (DashMap shards are locked only inside the
 //! synchronous calls below).
 
 use std::borrow::Borrow;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use actix::{Actor, Addr, ArbiterHandle};
+use actix::prelude::SendError;
+use actix::{Actor, Addr, ArbiterHandle, Handler, Message};
 use dashmap::DashMap;
 
+use crate::metrics::names;
 use crate::protocol::ids::RoomId;
 
+use super::backlog::{Backlog, Slot};
+use super::messages::Queued;
 use super::{Room, RoomConfig};
 use crate::store::Store;
 
+/// A running room: its actor and its backlog bound.
+struct Entry {
+    addr: Addr<Room>,
+    backlog: Backlog,
+}
+
+impl Entry {
+    fn new(addr: Addr<Room>) -> Entry {
+        Entry {
+            addr,
+            backlog: Backlog::default(),
+        }
+    }
+}
+
+/// How [`Registry::deliver`] handed an op to its room.
+pub enum Delivery {
+    /// In the room's mailbox.
+    Sent,
+    /// The room holds [`MAX_BACKLOG`](super::backlog::MAX_BACKLOG) unanswered ops: this
+    /// future sends the op once one of them is answered. The sender awaits it before
+    /// taking its next op (a connection stops reading meanwhile), which is the bound.
+    Wait(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
 /// Every live Room actor, by room id.
 pub struct Registry {
-    rooms: DashMap<Key, Addr<Room>>,
+    rooms: DashMap<Key, Entry>,
     /// One arbiter (thread) per core; rooms are spread round-robin.
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
@@ -51,26 +83,92 @@ impl Registry {
 
     /// The room's actor, started (and loading from the store) if it is not running.
     pub fn get(self: &Arc<Self>, room_id: &RoomId) -> Addr<Room> {
-        if let Some(addr) = self.rooms.get(room_id.as_bytes()) {
-            if addr.connected() {
-                return addr.clone();
+        self.admit(room_id, |entry| entry.addr.clone())
+    }
+
+    /// Runs `f` on the room's entry, starting the room if it is not running (under the
+    /// map's shard lock: `f` must not block).
+    fn admit<T>(self: &Arc<Self>, room_id: &RoomId, f: impl FnOnce(&Entry) -> T) -> T {
+        if let Some(entry) = self.rooms.get(room_id.as_bytes()) {
+            if entry.addr.connected() {
+                return f(&entry);
             }
         }
         let mut entry = self
             .rooms
             .entry(Key::new(room_id))
-            .or_insert_with(|| self.start(room_id));
-        if !entry.connected() {
-            *entry = self.start(room_id);
+            .or_insert_with(|| Entry::new(self.start(room_id)));
+        if !entry.addr.connected() {
+            *entry = Entry::new(self.start(room_id));
         }
-        entry.clone()
+        f(&entry)
+    }
+
+    /// Hands an op or a create to its room (started if need be), counted against the
+    /// room's backlog bound (`backlog.rs`). When the room is at its bound the op is not
+    /// sent yet: the caller awaits [`Delivery::Wait`], which sends it in its turn.
+    /// Either way the op is answered through its `ReplyTo`, also if the room stops.
+    pub fn deliver<M>(self: &Arc<Self>, room_id: &RoomId, msg: M) -> Delivery
+    where
+        M: Message<Result = ()> + Queued + Send + 'static,
+        Room: Handler<M>,
+    {
+        let (addr, slot) = self.admit(room_id, |entry| {
+            let slot = entry
+                .backlog
+                .try_take()
+                .ok_or_else(|| entry.backlog.clone());
+            (entry.addr.clone(), slot)
+        });
+        match slot {
+            Ok(slot) => {
+                self.send_held(room_id, addr, msg, slot);
+                Delivery::Sent
+            }
+            Err(backlog) => {
+                metrics::counter!(names::BACKLOG_WAITS).increment(1);
+                let registry = self.clone();
+                let room_id = room_id.clone();
+                Delivery::Wait(Box::pin(async move {
+                    match backlog.take().await {
+                        Some(slot) => registry.send_held(&room_id, addr, msg, slot),
+                        // Never: the semaphore is not closed. Sent unbounded, not lost.
+                        None => registry.send(&room_id, addr, msg),
+                    }
+                }))
+            }
+        }
+    }
+
+    fn send_held<M>(self: &Arc<Self>, room_id: &RoomId, addr: Addr<Room>, mut msg: M, slot: Slot)
+    where
+        M: Message<Result = ()> + Queued + Send + 'static,
+        Room: Handler<M>,
+    {
+        msg.reply_mut().hold(slot);
+        self.send(room_id, addr, msg);
+    }
+
+    /// Queues `msg` whatever the mailbox holds (the backlog is the bound, see
+    /// `backlog.rs`); a room that stopped meanwhile is started again and gets it. If
+    /// that fails too, the message is dropped and its `ReplyTo` answers `unavailable`.
+    fn send<M>(self: &Arc<Self>, room_id: &RoomId, addr: Addr<Room>, msg: M)
+    where
+        M: Message<Result = ()> + Send + 'static,
+        Room: Handler<M>,
+    {
+        match addr.try_send(msg) {
+            Ok(()) => {}
+            Err(SendError::Full(msg)) => addr.do_send(msg),
+            Err(SendError::Closed(msg)) => self.get(room_id).do_send(msg),
+        }
     }
 
     /// The room's actor if it is running; never starts one.
     pub fn live(&self, room_id: &str) -> Option<Addr<Room>> {
         self.rooms
             .get(room_id.as_bytes())
-            .map(|addr| addr.clone())
+            .map(|entry| entry.addr.clone())
             .filter(|addr| addr.connected())
     }
 
@@ -88,7 +186,7 @@ impl Registry {
     /// Forgets a stopping room, unless the id already maps to a newer actor.
     pub fn remove(&self, room_id: &RoomId, addr: &Addr<Room>) {
         self.rooms
-            .remove_if(room_id.as_bytes(), |_, current| current == addr);
+            .remove_if(room_id.as_bytes(), |_, current| current.addr == *addr);
     }
 
     pub fn note_stopped(&self) {
@@ -105,14 +203,14 @@ impl Registry {
     pub fn live_rooms(&self, keep: impl Fn(&str) -> bool) -> Vec<(RoomId, Addr<Room>)> {
         self.rooms
             .iter()
-            .filter(|e| e.value().connected() && keep(e.key().as_str()))
-            .map(|e| (e.key().room_id(), e.value().clone()))
+            .filter(|e| e.value().addr.connected() && keep(e.key().as_str()))
+            .map(|e| (e.key().room_id(), e.value().addr.clone()))
             .collect()
     }
 
     /// Addresses of every running room (for shutdown).
     pub fn all(&self) -> Vec<Addr<Room>> {
-        self.rooms.iter().map(|e| e.value().clone()).collect()
+        self.rooms.iter().map(|e| e.value().addr.clone()).collect()
     }
 
     pub fn len(&self) -> usize {

@@ -18,6 +18,7 @@ use crate::cluster::rpc::{Forwardable, Request, What};
 use crate::cluster::Cluster;
 use crate::protocol::ids::RoomId;
 use crate::protocol::Since;
+use crate::room::messages::Queued;
 use crate::room::Room;
 use crate::value::Value;
 
@@ -26,7 +27,7 @@ impl Session {
     /// no cluster), else to its owner.
     pub(super) fn route<M>(&mut self, ctx: &mut Context<Self>, room: RoomId, msg: M)
     where
-        M: Message<Result = ()> + Forwardable + Send + 'static,
+        M: Message<Result = ()> + Forwardable + Queued + Send + 'static,
         Room: Handler<M>,
     {
         match self.shared.cluster.clone().filter(|c| !c.owns(&room)) {

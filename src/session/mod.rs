@@ -34,8 +34,8 @@ use crate::protocol::codes::{close, Code};
 use crate::protocol::ids::{self, RoomId};
 use crate::protocol::message::ServerMsg;
 use crate::protocol::{Encoding, Inbound};
-use crate::room::messages::{self as room_msg, ReplyTo};
-use crate::room::registry::Registry;
+use crate::room::messages::{self as room_msg, Queued, ReplyTo};
+use crate::room::registry::Delivery;
 use crate::room::{Room, RoomError};
 use crate::shared::Shared;
 use crate::value::Value;
@@ -446,27 +446,17 @@ impl Session {
         Some((room, None))
     }
 
-    /// Sends an op-like message to its room. The mailbox keeps arrival order; when it
-    /// is full the session waits (and stops reading the socket) until there is room. A
-    /// room that stopped meanwhile is started again and gets the message.
+    /// Sends an op or a create to its room. When the room holds its most unanswered
+    /// ops (`room/backlog.rs`), the session waits for a slot and reads nothing from the
+    /// socket meanwhile, so TCP pushes back on the client and arrival order holds.
     fn deliver<M>(&mut self, ctx: &mut Context<Self>, room: RoomId, msg: M)
     where
-        M: Message<Result = ()> + Send + 'static,
+        M: Message<Result = ()> + Queued + Send + 'static,
         Room: Handler<M>,
     {
-        let registry: Arc<Registry> = self.shared.registry.clone();
-        let addr = registry.get(&room);
-        let msg = match addr.try_send(msg) {
-            Ok(()) => return,
-            Err(SendError::Full(msg)) => msg,
-            Err(SendError::Closed(msg)) => msg,
-        };
-        // If this send fails too, the message is dropped and its `ReplyTo` answers the
-        // client `unavailable` on drop.
-        let fut = async move {
-            let _ = registry.get(&room).send(msg).await;
-        };
-        ctx.wait(fut.into_actor(self));
+        if let Delivery::Wait(wait) = self.shared.registry.deliver(&room, msg) {
+            ctx.wait(wait.into_actor(self));
+        }
     }
 }
 

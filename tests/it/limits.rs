@@ -202,6 +202,53 @@ async fn ops_over_the_rate_are_nacked_rate_limited_and_not_applied() {
         .await;
 }
 
+/// A room holds at most 4,096 unanswered ops (README "Limits"). Commits held 400 ms each
+/// (the test hook) let one fast connection get that far ahead; it then waits, unread,
+/// until earlier ops are answered: nothing is refused or lost, and the ops land gapless
+/// in the order sent.
+#[tokio::test]
+async fn a_room_far_behind_on_commits_makes_its_writer_wait_and_loses_nothing() {
+    let server = Server::start_with_env(
+        &["--op-rate", "100000", "--op-burst", "100000"],
+        &[("ROOMD_TEST_COMMIT_DELAY_MS", "400")],
+    )
+    .await;
+    let waits = "roomd_room_backlog_waits_total";
+    let mut alice = server.client("alice").await;
+    alice.create_ok("state:backlog", "state", json!({})).await;
+    assert_eq!(server.metric(waits).await, 0.0);
+    const N: u64 = 5_000;
+    for i in 0..N {
+        alice
+            .send_op(
+                &format!("b{i}"),
+                "state:backlog",
+                json!({"type": "incr", "key": "n"}),
+            )
+            .await;
+    }
+    let mut last = None;
+    for i in 0..N {
+        let reply = alice.reply(&format!("b{i}")).await;
+        assert_eq!(reply["t"], "ack", "op b{i}: {reply}");
+        let seq = reply["seq"].as_u64().expect("ack seq");
+        if let Some(last) = last {
+            assert_eq!(seq, last + 1, "op b{i} lands right after b{}", i - 1);
+        }
+        last = Some(seq);
+    }
+    assert!(
+        server.metric(waits).await >= 1.0,
+        "the connection waited for the room's backlog"
+    );
+    let state = server.room_state("state:backlog").await;
+    let n = state["entries"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["k"] == "n"))
+        .map(|e| e["v"].clone());
+    assert_eq!(n, Some(json!(N)), "{state}");
+}
+
 #[tokio::test]
 async fn create_counts_as_an_op_for_the_rate_limit() {
     let server = Server::start(&["--op-rate", "1", "--op-burst", "2"]).await;
