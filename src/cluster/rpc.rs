@@ -21,9 +21,11 @@
 //!
 //! The owner reads its requests in arrival order and hands each to its room before it
 //! reads the next, so ops from one connection (published in order on one NATS
-//! connection) reach their room in order. A room whose mailbox is full therefore holds
-//! up this node's requests for other rooms until it takes the message; that is the
-//! same back-pressure a local connection meets, shared by the node. Requests NATS could
+//! connection) reach their room in order. A room that holds its most unanswered ops
+//! (`room/backlog.rs`) therefore holds up this node's requests for other rooms until
+//! one of them is answered; that is the same back-pressure a local connection meets,
+//! shared by the node (every room's commits go through the one store writer, so when
+//! one room is that far behind the others mostly are too). Requests NATS could
 //! not hand over while this loop waits are buffered by the NATS client (65,536 messages
 //! per subscription); past that NATS drops them, and their senders time out with
 //! `unavailable` (see `forward::FORWARD_TIMEOUT`).
@@ -554,8 +556,8 @@ async fn read(cluster: &Cluster, registry: &Arc<Registry>, request: Request) -> 
     }
 }
 
-/// Hands one request to its room (waiting while the room's mailbox is full); the
-/// receiver gets the room's answer.
+/// Hands one request to its room (waiting while the room holds its most unanswered
+/// ops); the receiver gets the room's answer.
 async fn run(
     cluster: &Cluster,
     registry: &Arc<Registry>,

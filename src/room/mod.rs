@@ -260,8 +260,9 @@ impl Actor for Room {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Bounded: rooms answer quickly and never wait on a socket; senders that find
-        // the mailbox full wait (`Addr::send`) or drop the message (signals).
+        // The capacity the idle checks and signals test (they skip or drop when it is
+        // reached). Ops and creates are bounded by the room's backlog instead
+        // (`backlog.rs`): actix queues a `try_send` over capacity anyway.
         ctx.set_mailbox_capacity(256);
         let every = (self.config.idle_timeout.min(ABSENT_IDLE) / 2).max(Duration::from_millis(50));
         idle::register(ctx.address().downgrade(), every);
