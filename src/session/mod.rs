@@ -449,13 +449,19 @@ impl Session {
     /// Sends an op or a create to its room. When the room holds its most unanswered
     /// ops (`room/backlog.rs`), the session waits for a slot and reads nothing from the
     /// socket meanwhile, so TCP pushes back on the client and arrival order holds.
+    /// The client's silence during the wait is the server's doing: the heartbeat's
+    /// silence check counts from the wait's end (a beat queued meanwhile runs before
+    /// the frames the client sent during it are read).
     fn deliver<M>(&mut self, ctx: &mut Context<Self>, room: RoomId, msg: M)
     where
         M: Message<Result = ()> + Queued + Send + 'static,
         Room: Handler<M>,
     {
         if let Delivery::Wait(wait) = self.shared.registry.deliver(&room, msg) {
-            ctx.wait(wait.into_actor(self));
+            ctx.wait(
+                wait.into_actor(self)
+                    .map(|(), session, _| session.last_seen = Instant::now()),
+            );
         }
     }
 }

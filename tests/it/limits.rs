@@ -249,6 +249,46 @@ async fn a_room_far_behind_on_commits_makes_its_writer_wait_and_loses_nothing() 
     assert_eq!(n, Some(json!(N)), "{state}");
 }
 
+/// A connection waiting for a room's backlog is not read, so its client looks silent; that
+/// silence is the server's doing and must not close it for a missed heartbeat (4008).
+/// Heartbeat 500 ms (silence limit 1 s), commits held 2.5 s: the first wait lasts well
+/// over the limit.
+#[tokio::test]
+async fn a_wait_for_the_backlog_longer_than_the_heartbeat_does_not_close_the_client() {
+    let server = Server::start_with_env(
+        &[
+            "--op-rate",
+            "100000",
+            "--op-burst",
+            "100000",
+            "--heartbeat",
+            "500ms",
+        ],
+        &[("ROOMD_TEST_COMMIT_DELAY_MS", "2500")],
+    )
+    .await;
+    let mut alice = server.client("alice").await;
+    alice
+        .create_ok("state:slow-backlog", "state", json!({}))
+        .await;
+    const N: u64 = 4_400;
+    for i in 0..N {
+        alice
+            .send_op(
+                &format!("h{i}"),
+                "state:slow-backlog",
+                json!({"type": "incr", "key": "n"}),
+            )
+            .await;
+    }
+    for i in 0..N {
+        let reply = alice.reply(&format!("h{i}")).await;
+        assert_eq!(reply["t"], "ack", "op h{i}: {reply}");
+    }
+    assert!(server.metric("roomd_room_backlog_waits_total").await >= 1.0);
+    alice.expect_silence(Duration::from_millis(300)).await;
+}
+
 #[tokio::test]
 async fn create_counts_as_an_op_for_the_rate_limit() {
     let server = Server::start(&["--op-rate", "1", "--op-burst", "2"]).await;
