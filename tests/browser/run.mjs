@@ -426,7 +426,12 @@ test("demo_two_browsers_see_votes_chat_presence_typing_and_board_conflicts", asy
   await a.locator("#board-card").screenshot({ path: join(SHOTS, "demo-conflict-1440.png") });
   await a.click('[data-note="0"] .overwrite');
   await waitText(b, '[data-note="0"] .note-text', /Write the docs/);
-  assert(!(await a.$('[data-note="0"].conflict')), "the conflict clears after overwrite");
+  // Alice's page clears the conflict when her overwrite is acked, which may reach her
+  // after Bob's page saw the diff: wait for it (it fails if it never clears).
+  await a
+    .waitForSelector('[data-note="0"].conflict', { state: "detached", timeout: WAIT_MS })
+    .catch(() => assert(false, "the conflict clears after overwrite"));
+  await waitText(a, '[data-note="0"] .note-text', /Write the docs/);
   // A few more notes so the screenshots show a lived-in board.
   for (const [i, text] of [[1, "Try kill -9 and watch this page resume"], [2, "Votes cast while offline land once"]]) {
     await b.click(`[data-note="${i}"] .edit`);
