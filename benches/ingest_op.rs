@@ -7,8 +7,10 @@
 //! - `encode_event_row`: its log record encoded as the store writes it (a log row of
 //!   one event; a room batch's row holds its events alike).
 //! - `encode_ack`: its `ack`, as a whole WebSocket frame in each encoding.
-//! - `per_op`: the four in a row (JSON), what one op costs outside the mailboxes, the
-//!   store and the socket.
+//! - `backlog_slot`: the op's place in its room's backlog (`room/backlog.rs`), taken
+//!   on the connection thread and given back with the answer; uncontended here.
+//! - `per_op`: the four in a row (JSON, the slot not included), what one op costs
+//!   outside the mailboxes, the store and the socket.
 //!
 //! Run: `cargo bench --bench ingest_op` (add `-- --quick` for a shorter run).
 
@@ -149,6 +151,15 @@ fn pieces(c: &mut Criterion) {
             })
         });
     }
+
+    let backlog = roomd::room::backlog::Backlog::default();
+    group.bench_function("backlog_slot", |b| {
+        b.iter(|| {
+            drop(black_box(
+                backlog.try_take().expect("an empty backlog has room"),
+            ))
+        })
+    });
 
     let mut room = state_room(1_000);
     group.bench_function("per_op/json", |b| {
