@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Connect, Event, Mirror, RawWs, Server, TIMEOUT};
+use crate::support::{Client, Connect, Event, Mirror, RawWs, Server, TIMEOUT};
 
 #[tokio::test]
 async fn unparseable_frame_gets_bad_frame_error_and_connection_stays_open() {
@@ -218,24 +218,9 @@ async fn a_room_far_behind_on_commits_makes_its_writer_wait_and_loses_nothing() 
     alice.create_ok("state:backlog", "state", json!({})).await;
     assert_eq!(server.metric(waits).await, 0.0);
     const N: u64 = 5_000;
-    for i in 0..N {
-        alice
-            .send_op(
-                &format!("b{i}"),
-                "state:backlog",
-                json!({"type": "incr", "key": "n"}),
-            )
-            .await;
-    }
-    let mut last = None;
-    for i in 0..N {
-        let reply = alice.reply(&format!("b{i}")).await;
-        assert_eq!(reply["t"], "ack", "op b{i}: {reply}");
-        let seq = reply["seq"].as_u64().expect("ack seq");
-        if let Some(last) = last {
-            assert_eq!(seq, last + 1, "op b{i} lands right after b{}", i - 1);
-        }
-        last = Some(seq);
+    let seqs = incr_all_acked(&mut alice, "state:backlog", "b", N).await;
+    for (i, pair) in seqs.windows(2).enumerate() {
+        assert_eq!(pair[1], pair[0] + 1, "op b{} lands right after b{i}", i + 1);
     }
     assert!(
         server.metric(waits).await >= 1.0,
@@ -271,22 +256,25 @@ async fn a_wait_for_the_backlog_longer_than_the_heartbeat_does_not_close_the_cli
     alice
         .create_ok("state:slow-backlog", "state", json!({}))
         .await;
-    const N: u64 = 4_400;
-    for i in 0..N {
-        alice
-            .send_op(
-                &format!("h{i}"),
-                "state:slow-backlog",
-                json!({"type": "incr", "key": "n"}),
-            )
-            .await;
-    }
-    for i in 0..N {
-        let reply = alice.reply(&format!("h{i}")).await;
-        assert_eq!(reply["t"], "ack", "op h{i}: {reply}");
-    }
+    incr_all_acked(&mut alice, "state:slow-backlog", "h", 4_400).await;
     assert!(server.metric("roomd_room_backlog_waits_total").await >= 1.0);
     alice.expect_silence(Duration::from_millis(300)).await;
+}
+
+/// Sends `n` `incr` ops (ids `{prefix}0`...) back to back without reading, then reads
+/// their replies in order; each must be an ack. Their seqs, in the order sent.
+async fn incr_all_acked(client: &mut Client, room: &str, prefix: &str, n: u64) -> Vec<u64> {
+    for i in 0..n {
+        let op = json!({"type": "incr", "key": "n"});
+        client.send_op(&format!("{prefix}{i}"), room, op).await;
+    }
+    let mut seqs = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let reply = client.reply(&format!("{prefix}{i}")).await;
+        assert_eq!(reply["t"], "ack", "op {prefix}{i}: {reply}");
+        seqs.push(reply["seq"].as_u64().expect("ack seq"));
+    }
+    seqs
 }
 
 #[tokio::test]
