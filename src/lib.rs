@@ -91,7 +91,9 @@
 //! # Architecture invariants
 //!
 //! 1. Only a Room actor mutates its room's state; everything else holds an `Addr`. The
-//!    registry holds addresses only; no map guard lives across an await or a send.
+//!    registry holds addresses (and each room's backlog semaphore, flow control that
+//!    no reader sees) and never room state; no map guard lives across an await or a
+//!    send.
 //! 2. Log before send: acks and diffs leave from the commit callback, never before.
 //! 3. Seq is gapless per room and survives restarts; the epoch changes only when events
 //!    a client may have seen are lost (deletion, unclean stop under `--durability none`).

@@ -1,9 +1,12 @@
 //! The room registry: room id -> `Addr<Room>` and the room's backlog bound, where new
 //! rooms are started, and how ops are handed to them ([`Registry::deliver`]).
 //!
-//! Architecture invariant: the map holds addresses only, never state, and no map guard
+//! Architecture invariant: the map holds addresses, never room state, and no map guard
 //! lives across an await or an actor send (DashMap shards are locked only inside the
-//! synchronous calls below).
+//! synchronous calls below). Beside each address it keeps the room's backlog semaphore
+//! (`backlog.rs`): flow control every sender must reach before the room, not state
+//! anything reads, so it lives where the senders look the room up. DESIGN.md's
+//! registry line (`DashMap<RoomId, Addr<Room>>`, addresses only) predates it.
 
 use std::borrow::Borrow;
 use std::future::Future;
