@@ -63,8 +63,9 @@ done
 python3 - "$results" "$rooms_list" "$window" "$rate" <<'PY'
 import json, sys
 results, rooms_list, window, rate = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
-print(f"| rooms | durability | load | acked ops/s | ack p50 / p99 ms | server CPU µs per op | commits/s | events / batches per commit | host load |")
-print("|---|---|---|---|---|---|---|---|---|")
+print(f"| rooms | durability | load | acked ops/s | ack p50 / p99 ms | server CPU µs per op | generator CPU µs per op | host busy / stolen | commits/s | events / batches per commit | host load |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+pct = lambda v: "-" if v is None else f"{v * 100:.0f}%"
 for rooms in rooms_list:
     for durability in ("immediate", "none"):
         for mode in ("closed", "open"):
@@ -74,6 +75,8 @@ for rooms in rooms_list:
             load = f"{window} in flight x 8" if mode == "closed" else f"{rate}/s offered"
             print(f"| {rooms} | {durability} | {load} | {r['acked_ops_per_s']:,.0f} "
                   f"| {lat['p50']} / {lat['p99']} | {r.get('server_cpu_s_per_million_ops', '-')} "
+                  f"| {r.get('generator_cpu_s_per_million_ops', '-')} "
+                  f"| {pct(r.get('host_busy'))} / {pct(r.get('host_steal'))} "
                   f"| {r.get('store_commits_per_s', '-')} "
                   f"| {r.get('events_per_commit', '-')} / {r.get('batches_per_commit', '-')} "
                   f"| {r.get('host_load_1m', '-')} |")

@@ -29,6 +29,7 @@ use tokio::runtime::Runtime;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::client::{self, ConnectOptions, Ws};
+use super::proc_stats::{HostCpu, ProcSample};
 use super::report::{self, Report};
 use super::server::Endpoint;
 use super::{fd_limit, progress, BenchArgs, BenchError};
@@ -181,6 +182,7 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
         "acked ops",
         "server_cpu_s_per_million_ops",
     );
+    r.generator_and_host(outcome.generator_cpu_s, outcome.host, outcome.acked, "ops");
     if let Some(store) = &outcome.store {
         let commits = store.batch_commits.max(1.0);
         r.row(
@@ -273,6 +275,10 @@ struct Outcome {
     send_lag: Histogram<u64>,
     server_before: Option<super::proc_stats::ProcSample>,
     server_after: Option<super::proc_stats::ProcSample>,
+    /// This process's CPU seconds over the run (the load generator's threads).
+    generator_cpu_s: Option<f64>,
+    /// The machine's CPU over the run, all processes.
+    host: Option<HostCpu>,
     problems: Vec<String>,
 }
 
@@ -391,6 +397,8 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
 
     let acked_so_far = Arc::new(AtomicU64::new(0));
     let server_before = endpoint.sample();
+    let generator_before = ProcSample::read(std::process::id());
+    let host_before = HostCpu::read();
     let store_before = StoreCounts::scrape(endpoint);
     let start = Instant::now();
     let deadline = start + ingest.duration;
@@ -456,6 +464,8 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
         }
     }
     let server_after = endpoint.sample();
+    let generator_after = ProcSample::read(std::process::id());
+    let host_after = HostCpu::read();
     let store = StoreCounts::scrape(endpoint)
         .zip(store_before)
         .map(|(after, before)| after.minus(&before));
@@ -471,6 +481,12 @@ async fn drive(endpoint: &Endpoint, ingest: &IngestArgs) -> Result<Outcome, Benc
         send_lag,
         server_before,
         server_after,
+        generator_cpu_s: generator_after
+            .zip(generator_before)
+            .map(|(after, before)| (after.cpu_s - before.cpu_s).max(0.0)),
+        host: host_after
+            .zip(host_before)
+            .map(|(after, before)| after.since(&before)),
         problems,
     })
 }

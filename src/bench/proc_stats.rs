@@ -4,6 +4,10 @@
 //! have ended); RSS is `VmRSS` of `/proc/PID/status`. Per-thread CPU comes from
 //! `/proc/PID/task/*/stat`, so a report can show where the server's time went and
 //! whether one thread is saturated (connection workers, rooms, the store writer).
+//!
+//! [`HostCpu`] reads the machine's own counters (`/proc/stat`): whether the cores were
+//! saturated during a run, and how much the hypervisor took (steal), which tells a run
+//! bound by CPU from one bound by waiting, and a slow machine from a slow server.
 
 use std::collections::BTreeMap;
 
@@ -67,6 +71,58 @@ impl ProcSample {
     }
 }
 
+/// The machine's CPU time over all cores, in seconds, from the first line of
+/// `/proc/stat` (`cpu  user nice system idle iowait irq softirq steal ...`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostCpu {
+    /// Every counted state, steal included.
+    pub total_s: f64,
+    /// Not idle and not waiting for I/O (steal excluded).
+    pub busy_s: f64,
+    /// Time the hypervisor ran something else while this machine had work.
+    pub steal_s: f64,
+}
+
+impl HostCpu {
+    /// Reads `/proc/stat`; None when it is not readable.
+    pub fn read() -> Option<HostCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        HostCpu::parse(stat.lines().next()?, clock_ticks_per_second())
+    }
+
+    /// Parses the aggregate `cpu` line; `ticks` per second (`_SC_CLK_TCK`).
+    pub fn parse(line: &str, ticks: f64) -> Option<HostCpu> {
+        let mut fields = line.split_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        // user nice system idle iowait irq softirq steal; guest time is already in
+        // user and nice, so the later columns are not added again.
+        let n: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = n[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq;
+        Some(HostCpu {
+            total_s: (busy + idle + iowait + steal) as f64 / ticks,
+            busy_s: busy as f64 / ticks,
+            steal_s: steal as f64 / ticks,
+        })
+    }
+
+    /// The time spent between `earlier` and `self`.
+    pub fn since(&self, earlier: &HostCpu) -> HostCpu {
+        HostCpu {
+            total_s: (self.total_s - earlier.total_s).max(0.0),
+            busy_s: (self.busy_s - earlier.busy_s).max(0.0),
+            steal_s: (self.steal_s - earlier.steal_s).max(0.0),
+        }
+    }
+}
+
 /// `(comm, utime + stime in seconds)` of one stat file.
 fn read_stat(path: &str) -> Option<(String, f64)> {
     let stat = std::fs::read_to_string(path).ok()?;
@@ -102,5 +158,35 @@ mod tests {
         assert!(sample.rss_mb > 0.0);
         assert!(sample.cpu_s >= 0.0);
         assert!(!sample.threads.is_empty());
+    }
+
+    #[test]
+    fn the_host_line_splits_into_busy_idle_and_steal() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let line = "cpu  700 100 200 5000 300 40 60 250 90 10";
+        let host = HostCpu::parse(line, 100.0).expect("a cpu line");
+        assert_eq!(
+            host,
+            HostCpu {
+                total_s: 66.5,
+                busy_s: 11.0,
+                steal_s: 2.5,
+            }
+        );
+        assert_eq!(HostCpu::parse("cpu0 1 2 3 4 5 6 7 8", 100.0), None);
+        assert_eq!(HostCpu::parse("cpu  1 2 3", 100.0), None);
+        let later = HostCpu::parse("cpu  800 100 200 5100 300 40 60 260", 100.0).unwrap();
+        let spent = later.since(&host);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(spent.busy_s, 1.0) && close(spent.steal_s, 0.1) && close(spent.total_s, 2.1),
+            "{spent:?}"
+        );
+    }
+
+    #[test]
+    fn this_machine_reports_its_cpu() {
+        let host = HostCpu::read().expect("/proc/stat is readable");
+        assert!(host.total_s > 0.0 && host.busy_s <= host.total_s);
     }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde_json::{Map, Value};
 
-use super::proc_stats::ProcSample;
+use super::proc_stats::{HostCpu, ProcSample};
 
 pub struct Report {
     title: String,
@@ -93,6 +93,45 @@ impl Report {
                 .map(|(name, s)| (name, Value::from(round(s, 3))))
                 .collect();
             self.field("server_cpu_by_thread_s", Value::Object(map));
+        }
+    }
+
+    /// The load generator's CPU (this process) and the machine's over a run, beside
+    /// the server's: `generator_cpu_s_per_million_<unit>`, `host_busy` (the share of
+    /// all cores' time spent running anything) and `host_steal` (the share the
+    /// hypervisor took). With the generator on the same cores, a host near 1.0 busy
+    /// means the run was bound by CPU; well under it, by waiting (commits, a pipeline).
+    pub fn generator_and_host(
+        &mut self,
+        generator_cpu_s: Option<f64>,
+        host: Option<HostCpu>,
+        units: u64,
+        unit_name: &str,
+    ) {
+        if let Some(cpu) = generator_cpu_s {
+            let per_million = cpu / (units.max(1) as f64 / 1e6);
+            self.row(
+                "generator CPU (this process)",
+                format!("{cpu:.2} s, {per_million:.2} s per 1M {unit_name}"),
+            );
+            self.field(
+                &format!("generator_cpu_s_per_million_{unit_name}"),
+                finite(round(per_million, 3)),
+            );
+        }
+        if let Some(host) = host.filter(|host| host.total_s > 0.0) {
+            let busy = host.busy_s / host.total_s;
+            let steal = host.steal_s / host.total_s;
+            self.row(
+                "host CPU",
+                format!(
+                    "{:.0}% busy, {:.0}% stolen by the hypervisor",
+                    busy * 100.0,
+                    steal * 100.0
+                ),
+            );
+            self.field("host_busy", round(busy, 3));
+            self.field("host_steal", round(steal, 3));
         }
     }
 
