@@ -4,7 +4,7 @@
 # rounds and B then A in even ones. Prints each build's medians and the median of the
 # per-round ratios B/A of server CPU per op and of acked ops/s.
 #
-#   benches/ingest/pairs.sh A_BIN B_BIN N [roomd bench ingest flags...]
+#   benches/ingest/pairs.sh A_BIN B_BIN N [roomd bench ingest flags...]   (8 writers unless said)
 #   benches/ingest/pairs.sh /tmp/roomd-main target/release/roomd 6 --rooms 100 --window 256 --duration 4s
 #
 # An A/A run (one build against a copy of itself) shows the noise to beat: on the
@@ -23,7 +23,7 @@ for i in $(seq 1 "$n"); do
   for tag in $order; do
     bin=$a
     [ "$tag" = B ] && bin=$b
-    "$bin" bench ingest --json --writers 8 "$@" >"$out.json" 2>/dev/null
+    "$bin" bench ingest --json "$@" >"$out.json" 2>/dev/null
     python3 - "$out.json" "$i" "$tag" >>"$out" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -41,8 +41,8 @@ for line in open(sys.argv[1]):
 for tag in "AB":
     runs = [r[tag] for r in rounds.values()]
     print(f"{tag}: acked ops/s {st.median(x[0] for x in runs):,.0f}, server CPU µs per op "
-          f"{st.median(x[1] for x in runs):.2f}, ack p50 / p99 {st.median(x[2] for x in runs)} / "
-          f"{st.median(x[3] for x in runs)} ms (medians), lost {sum(x[4] for x in runs)}")
+          f"{st.median(x[1] for x in runs):.2f}, ack p50 / p99 {st.median(x[2] for x in runs):.2f} / "
+          f"{st.median(x[3] for x in runs):.2f} ms (medians), lost {sum(x[4] for x in runs)}")
 cpu = [r["B"][1] / r["A"][1] for r in rounds.values()]
 ops = [r["B"][0] / r["A"][0] for r in rounds.values()]
 print("B/A server CPU per op:", " ".join(f"{x:.3f}" for x in cpu), f"median {st.median(cpu):.3f}")

@@ -109,7 +109,12 @@ impl Report {
         unit_name: &str,
     ) {
         if let Some(cpu) = generator_cpu_s {
-            let per_million = cpu / (units.max(1) as f64 / 1e6);
+            // As for the server's: no figure per op when nothing was answered.
+            let per_million = if units > 0 {
+                cpu / (units as f64 / 1e6)
+            } else {
+                f64::NAN
+            };
             self.row(
                 "generator CPU (this process)",
                 format!("{cpu:.2} s, {per_million:.2} s per 1M {unit_name}"),
