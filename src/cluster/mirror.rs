@@ -27,7 +27,9 @@
 //! A subscriber's outbound queue overflowing closes it with 4001, as for local rooms.
 //!
 //! The owner pushes a relayed subscriber no diff; presence, signals and the room's
-//! errors (deletion) still come through its relay, one per connection.
+//! errors (deletion, moving) still come through its relay, one per connection, and a
+//! subscription such an error ends leaves the mirror before the client reads it
+//! ([`super::remote`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock, Weak};

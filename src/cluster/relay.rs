@@ -18,6 +18,12 @@
 //! dropped (core NATS is at-most-once) and closes that client with 4001: the client
 //! resumes from the log without a gap.
 //!
+//! A room that ends the relay's subscription on its own (it moves or is deleted) marks
+//! the relay's session evicted before it queues the `error` saying so; the pump names
+//! such rooms in the [`ENDED_HEADER`] of the next frame it publishes (that `error`, or
+//! a frame queued before it), so the connection's node ends the subscription there
+//! before the client reads the `error`, and the room's mirror sends it nothing more.
+//!
 //! Overflow policy: the relay's queue has the connection's `--outbound-queue` limit; on
 //! overflow the relay closes with 4001 and the pump publishes an empty frame (the
 //! sequence number alone), which closes the client with 4001 too.
@@ -45,6 +51,10 @@ use crate::protocol::{Encoding, Since};
 use crate::room::messages as room_msg;
 use crate::room::registry::Registry;
 use crate::room::Room;
+
+/// The header naming the rooms that ended the connection's subscription (one value
+/// per room), on the frame numbered after them; see the module docs.
+pub const ENDED_HEADER: &str = "Roomd-Ended";
 
 /// How long a node may go without a ping before its relays here are closed.
 pub const RELAY_EXPIRY: Duration = Duration::from_secs(5);
@@ -186,7 +196,12 @@ impl Relays {
                 rooms: HashMap::new(),
             },
         );
-        actix_rt::spawn(pump(self.client.clone(), conn.deliver.clone(), outbound));
+        actix_rt::spawn(pump(
+            self.client.clone(),
+            conn.deliver.clone(),
+            outbound,
+            session.evicted.clone(),
+        ));
         session
     }
 
@@ -265,8 +280,14 @@ fn end(relay: Relay) {
     relay.session.outbound.close(1000, "");
 }
 
-/// Publishes the relay's frames, numbered, until it closes; see the module docs.
-async fn pump(client: async_nats::Client, deliver: String, outbound: Arc<Outbound>) {
+/// Publishes the relay's frames, numbered, until it closes, each with the rooms that
+/// ended the subscription since the last one; see the module docs.
+async fn pump(
+    client: async_nats::Client,
+    deliver: String,
+    outbound: Arc<Outbound>,
+    evicted: Arc<Mutex<Vec<String>>>,
+) {
     let mut seq: u64 = 0;
     while let Some(frame) = std::future::poll_fn(|cx| outbound.poll_frame(cx)).await {
         seq += 1;
@@ -283,7 +304,21 @@ async fn pump(client: async_nats::Client, deliver: String, outbound: Arc<Outboun
         let mut payload = Vec::with_capacity(8 + frame.len());
         payload.extend_from_slice(&seq.to_be_bytes());
         payload.extend_from_slice(&frame);
+        // Taken after the frame: a room marks the eviction before it queues its `error`,
+        // so the mark rides on that `error` at the latest.
+        let ended = std::mem::take(&mut *evicted.lock());
         // A publish fails only while NATS is away; the receiver sees the gap.
-        let _ = client.publish(deliver.clone(), payload.into()).await;
+        let _ = if ended.is_empty() {
+            client.publish(deliver.clone(), payload.into()).await
+        } else {
+            let mut headers = async_nats::HeaderMap::new();
+            for room in ended {
+                // Room ids are letters, digits and `_.:-`: a valid header value.
+                headers.append(ENDED_HEADER, room);
+            }
+            client
+                .publish_with_headers(deliver.clone(), headers, payload.into())
+                .await
+        };
     }
 }

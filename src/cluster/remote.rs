@@ -10,6 +10,13 @@
 //! owner's overflow closes the connection with 4001, so the client resumes from the log
 //! instead of missing a frame.
 //!
+//! A room that ends a subscription on its own (it moves or is deleted) says so through
+//! the relay ([`ENDED_HEADER`], on its `error` at the latest): the subscription ends
+//! here, and leaves the room's mirror, before that frame is queued, so nothing of the
+//! room reaches the client between the `error` and the answer to its next `sub`, just
+//! as for a local room. A subscription whose answer is still on its way when that word
+//! comes is void: the client gets the `error` alone.
+//!
 //! Every second this node pings each owner it has subscriptions on (which also keeps
 //! its relays there alive, and so the owner's feed of the room). An owner that does not
 //! answer, or answers as a new process (it restarted and its relays are gone), has its
@@ -24,6 +31,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::mirror::Mirrors;
+use super::relay::ENDED_HEADER;
 use super::rpc::{Reply, Request, What};
 use super::Cluster;
 use crate::outbound::{Charge, Frame, SessionRef};
@@ -38,9 +46,10 @@ use crate::room::RoomError;
 /// `member`) to `room`, owned by another node: the room's feed is joined here first,
 /// then the owner is asked through the connection's relay there; its answer (`snapshot`
 /// or `resumed`, and the member list) is queued to the session and its diffs follow
-/// from the room's mirror. Ok(true): subscribed; Ok(false): the owner refused, and its
-/// `error` frame is on its way through the relay; Err: the owner was not reached or
-/// answered unreadably (`unavailable`).
+/// from the room's mirror. Ok(true): subscribed; Ok(false): the owner refused, or the
+/// room ended the subscription before its answer arrived here, and its `error` frame is
+/// on its way through the relay; Err: the owner was not reached or answered unreadably
+/// (`unavailable`).
 pub async fn subscribe(
     cluster: &Cluster,
     session: &SessionRef,
@@ -71,49 +80,41 @@ pub async fn subscribe(
     // The room's feed is joined before the owner is asked, so the diffs after its
     // answer reach this node.
     remote.mirrors.join(room).await;
+    remote.ask(session.session_id, room, &owner);
     let reply = match cluster.forwarder().send(&owner, &request).await {
         Ok(ticket) => ticket.reply().await,
         Err(e) => Err(e),
     };
     let unavailable = |msg: String| RoomError::Rejected(Code::Unavailable, msg);
-    let (instance, epoch, seq, frames) = match reply {
+    let answered = match reply {
         Ok(Reply::Subscribed {
             instance,
             epoch,
             seq,
             frames,
-        }) => (instance, epoch, seq, frames),
+        }) => frames
+            .iter()
+            .map(|frame| crate::client::decode_server(frame))
+            .collect::<Result<Vec<ServerMsg>, _>>()
+            .map(|answer| (instance, epoch, seq, answer))
+            .map_err(|e| unavailable(format!("node {owner} answered unreadably: {e}"))),
         Ok(Reply::Done { ok: false, .. }) => {
-            remote.mirrors.abandon(room);
+            remote.unanswered(session.session_id, room);
             remote.remove_room(session.session_id, room);
             return Ok(false);
         }
-        Ok(_) => {
-            remote.mirrors.abandon(room);
-            return Err(unavailable(format!(
-                "node {owner} answered the subscription as something else"
-            )));
-        }
-        Err(e) => {
-            remote.mirrors.abandon(room);
-            return Err(e);
-        }
+        Ok(_) => Err(unavailable(format!(
+            "node {owner} answered the subscription as something else"
+        ))),
+        Err(e) => Err(e),
     };
-    let answer: Result<Vec<ServerMsg>, _> = frames
-        .iter()
-        .map(|frame| crate::client::decode_server(frame))
-        .collect();
-    match answer {
-        Ok(answer) => {
-            remote.mirrors.activate(room, session, epoch, seq, &answer);
-            remote.add_room(session.session_id, room, &owner, instance);
-            Ok(true)
+    match answered {
+        Ok((instance, epoch, seq, answer)) => {
+            Ok(remote.answered(session, room, &owner, instance, epoch, seq, &answer))
         }
         Err(e) => {
-            remote.mirrors.abandon(room);
-            Err(unavailable(format!(
-                "node {owner} answered unreadably: {e}"
-            )))
+            remote.unanswered(session.session_id, room);
+            Err(e)
         }
     }
 }
@@ -128,6 +129,9 @@ struct Target {
     next_seq: HashMap<String, u64>,
     /// Subscribed rooms: room -> (owner, the owner's process instance).
     rooms: HashMap<String, (String, u64)>,
+    /// Subscriptions asked of their owner and not answered yet: room -> (owner, whether
+    /// the owner's relay has said meanwhile that the room ended the subscription).
+    asked: HashMap<String, (String, bool)>,
 }
 
 /// This node's remote subscriptions (one per process, in `Cluster`).
@@ -164,13 +168,13 @@ impl Remote {
                 let Some(remote) = routing.upgrade() else {
                     return;
                 };
-                remote.route(&message.subject, message.payload);
+                remote.route(&message.subject, message.headers.as_ref(), message.payload);
             }
         });
         Ok(remote)
     }
 
-    fn route(&self, subject: &str, payload: bytes::Bytes) {
+    fn route(&self, subject: &str, headers: Option<&async_nats::HeaderMap>, payload: bytes::Bytes) {
         let mut tokens = subject.rsplit('.');
         let (Some(owner), Some(session)) = (tokens.next(), tokens.next()) else {
             return;
@@ -204,6 +208,18 @@ impl Remote {
             );
             return;
         }
+        for room in headers.into_iter().flat_map(|h| h.get_all(ENDED_HEADER)) {
+            let room = room.as_str();
+            // Only the owner a subscription is on ends it: a late word from the old
+            // owner of a moved room leaves the subscription made since on the new one.
+            if target.rooms.get(room).is_some_and(|(o, _)| o == owner) {
+                target.rooms.remove(room);
+                self.mirrors.leave(room, session_id);
+            }
+            if let Some((_, ended)) = target.asked.get_mut(room).filter(|(o, _)| o == owner) {
+                *ended = true;
+            }
+        }
         target
             .session
             .outbound
@@ -229,11 +245,65 @@ impl Remote {
                 session: session.clone(),
                 next_seq: HashMap::new(),
                 rooms: HashMap::new(),
+                asked: HashMap::new(),
             });
     }
 
-    /// Records a subscription the owner confirmed.
-    pub fn add_room(&self, session_id: u64, room: &str, owner: &str, instance: u64) {
+    /// Notes that `owner` is being asked to subscribe `session_id` to `room` (after
+    /// [`Mirrors::join`]; followed by [`Remote::answered`] or [`Remote::unanswered`]).
+    fn ask(&self, session_id: u64, room: &str, owner: &str) {
+        if let Some(target) = self.targets.lock().get_mut(&session_id) {
+            target
+                .asked
+                .insert(room.to_owned(), (owner.to_owned(), false));
+        }
+    }
+
+    /// The owner answered the subscription: unless its relay said meanwhile that the
+    /// room ended it, or the connection is gone, the answer is queued to `session`, the
+    /// room's mirror gives it the diffs after `seq`, and true is returned. False: the
+    /// subscription is over, and the owner's `error` told the client.
+    ///
+    /// Done under the lock `route` takes, so a word from the relay either finds the
+    /// subscription asked or finds it in the mirror.
+    #[allow(clippy::too_many_arguments)] // One answer's parts, each from the reply.
+    fn answered(
+        &self,
+        session: &SessionRef,
+        room: &str,
+        owner: &str,
+        instance: u64,
+        epoch: u64,
+        seq: u64,
+        answer: &[ServerMsg],
+    ) -> bool {
+        let mut targets = self.targets.lock();
+        let Some(target) = targets.get_mut(&session.session_id) else {
+            self.mirrors.abandon(room);
+            return false;
+        };
+        if let Some((_, true)) = target.asked.remove(room) {
+            self.mirrors.abandon(room);
+            return false;
+        }
+        self.mirrors.activate(room, session, epoch, seq, answer);
+        target
+            .rooms
+            .insert(room.to_owned(), (owner.to_owned(), instance));
+        true
+    }
+
+    /// The subscription asked with [`Remote::ask`] was not made.
+    fn unanswered(&self, session_id: u64, room: &str) {
+        if let Some(target) = self.targets.lock().get_mut(&session_id) {
+            target.asked.remove(room);
+        }
+        self.mirrors.abandon(room);
+    }
+
+    /// Records a subscription the owner confirmed (without its answer: tests).
+    #[cfg(test)]
+    fn add_room(&self, session_id: u64, room: &str, owner: &str, instance: u64) {
         if let Some(target) = self.targets.lock().get_mut(&session_id) {
             target
                 .rooms
@@ -379,20 +449,74 @@ mod tests {
         let (gappy, overflowed) = (session(1), session(2));
         remote.register(&gappy);
         remote.register(&overflowed);
-        remote.route("c.deliver.a.1.1.b", numbered(1, b"one"));
-        remote.route("c.deliver.a.1.1.b", numbered(2, b"two"));
+        remote.route("c.deliver.a.1.1.b", None, numbered(1, b"one"));
+        remote.route("c.deliver.a.1.1.b", None, numbered(2, b"two"));
         assert_eq!(gappy.outbound.charged(), 6);
         assert!(!gappy.outbound.is_closing());
         // Frames from another owner are numbered on their own.
-        remote.route("c.deliver.a.1.1.c", numbered(1, b"x"));
+        remote.route("c.deliver.a.1.1.c", None, numbered(1, b"x"));
         assert!(!gappy.outbound.is_closing());
         // 3 is missing.
-        remote.route("c.deliver.a.1.1.b", numbered(4, b"four"));
+        remote.route("c.deliver.a.1.1.b", None, numbered(4, b"four"));
         assert_eq!(gappy.outbound.sent().close_code, Some(SLOW_CONSUMER));
 
-        remote.route("c.deliver.a.1.2.b", numbered(1, b"one"));
-        remote.route("c.deliver.a.1.2.b", numbered(2, b""));
+        remote.route("c.deliver.a.1.2.b", None, numbered(1, b"one"));
+        remote.route("c.deliver.a.1.2.b", None, numbered(2, b""));
         assert_eq!(overflowed.outbound.sent().close_code, Some(SLOW_CONSUMER));
+    }
+
+    fn ended(rooms: &[&str]) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        for room in rooms {
+            headers.append(ENDED_HEADER, *room);
+        }
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_subscription_its_owner_says_ended_ends_here_before_the_frame_is_queued() {
+        let remote = remote().await;
+        let conn = session(1);
+        remote.register(&conn);
+        remote.add_room(1, "r1", "b", 7);
+        remote.add_room(1, "r2", "c", 9);
+        // A word from b about a room subscribed on c (b owned it before a move): ignored.
+        remote.route(
+            "c.deliver.a.1.1.b",
+            Some(&ended(&["r2"])),
+            numbered(1, b"x"),
+        );
+        assert!(remote.is_subscribed(1, "r2"));
+        remote.route(
+            "c.deliver.a.1.1.b",
+            Some(&ended(&["r1"])),
+            numbered(2, b"error"),
+        );
+        assert!(!remote.is_subscribed(1, "r1"));
+        assert_eq!(conn.outbound.charged(), 1 + 5, "both frames are passed on");
+        assert_eq!(remote.rooms(1), vec!["r2".to_owned()]);
+
+        // A subscription being answered when the word comes is void; one that is not,
+        // is made.
+        remote.ask(1, "r3", "c");
+        remote.ask(1, "r4", "c");
+        remote.route(
+            "c.deliver.a.1.1.c",
+            Some(&ended(&["r3"])),
+            numbered(1, b"error"),
+        );
+        assert!(!remote.answered(&conn, "r3", "c", 9, 7, 4, &[]));
+        assert!(remote.answered(&conn, "r4", "c", 9, 7, 4, &[]));
+        assert!(!remote.is_subscribed(1, "r3"));
+        assert!(remote.is_subscribed(1, "r4"));
+        // Nothing is left asked: a later word about r3 or r4 from c ends only r4.
+        remote.route(
+            "c.deliver.a.1.1.c",
+            Some(&ended(&["r3", "r4"])),
+            numbered(2, b"e"),
+        );
+        assert_eq!(remote.rooms(1), vec!["r2".to_owned()]);
+        assert!(remote.targets.lock()[&1].asked.is_empty());
     }
 
     #[tokio::test]

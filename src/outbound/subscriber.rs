@@ -25,8 +25,9 @@ pub struct SessionRef {
     /// room member: it is not in presence, gets no signals, and is not counted in the
     /// admin room list's `subscribers`.
     pub member: bool,
-    /// Rooms that dropped this connection's subscription on their own (deleted); the
-    /// session forgets them before it handles its next message.
+    /// Rooms that dropped this connection's subscription on their own (deleted, moving),
+    /// marked before their `error` is queued: the session forgets them before it
+    /// handles its next message; a cluster relay tells the connection's node.
     pub evicted: Arc<parking_lot::Mutex<Vec<String>>>,
 }
 

@@ -414,6 +414,90 @@ fn rooms_moving_to_c(prefix: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+fn set(key: &str) -> serde_json::Value {
+    json!({"type": "set", "key": key, "value": 1})
+}
+
+/// A subscription made through a node that does not own the room ends at the move like
+/// a local one: after its `error` `unavailable`, nothing of the room reaches the client
+/// until the answer to its new `sub`, even while that node follows the room for another
+/// subscriber and the new owner commits in between; the resume continues the seq with
+/// no gap and no repeat.
+#[tokio::test]
+async fn a_subscription_through_another_node_hears_nothing_of_its_moved_room_until_it_resumes() {
+    let nats = Nats::start().await;
+    let a = start_node(&nats, "a", "a,b").await;
+    let b = start_node(&nats, "b", "a,b").await;
+    let c = start_node(&nats, "c", "a,b,c").await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["membership"] == "outside"
+    })
+    .await;
+    // A room a owns now and c after the move, watched through b.
+    let room = rooms_moving_to_c("relayed", 40)
+        .into_iter()
+        .find(|room| owner_of(2, room) == 0)
+        .expect("a room that moves from a to c");
+    let of_room = |v: &serde_json::Value| v["room"] == json!(room);
+    let mut writer = a.client("w").await;
+    writer.create_ok(&room, "state", json!({})).await;
+    let mut watcher = b.client("watcher").await;
+    let epoch = watcher.sub(&room).await["epoch"].clone();
+    assert_eq!(writer.ack("w-2", &room, set("k2")).await, 2);
+    let diff = watcher.recv_until(of_room).await;
+    assert_eq!(
+        (&diff["t"], &diff["to"]),
+        (&json!("diff"), &json!(2)),
+        "{diff}"
+    );
+
+    let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
+    assert!(
+        ok && out.contains("committed generation 1 (a,b,c)"),
+        "{out}"
+    );
+    let error = watcher.recv_until(of_room).await;
+    assert_eq!(
+        (&error["t"], &error["code"]),
+        (&json!("error"), &json!("unavailable")),
+        "{error}"
+    );
+
+    // Another subscriber on b: c feeds the room to b again, and commits seq 3.
+    let mut other = b.client("other").await;
+    assert_eq!(other.sub(&room).await["seq"], 2);
+    let mut on_c = c.client("w").await;
+    assert_eq!(on_c.ack("w-3", &room, set("k3")).await, 3);
+    let diff = other.recv_until(of_room).await;
+    assert_eq!(
+        (&diff["from"], &diff["to"]),
+        (&json!(3), &json!(3)),
+        "{diff}"
+    );
+
+    // The watcher resumes from the last seq it saw: the answer is the first frame of
+    // the room since the error (b fanned seq 3 out to `other` before the `sub` left).
+    watcher
+        .send_json(json!({"t": "sub", "room": room, "since": {"epoch": epoch, "seq": 2}}))
+        .await;
+    let frames = watcher.collect_until(of_room).await;
+    let answer = frames.last().expect("collected up to the answer");
+    assert_eq!(
+        (&answer["t"], &answer["from"], &answer["to"]),
+        (&json!("resumed"), &json!(3), &json!(3)),
+        "the first frame of {room} after its error: {frames:?}"
+    );
+    assert_eq!(answer["epoch"], epoch);
+    // Then the next diff, once.
+    assert_eq!(on_c.ack("w-4", &room, set("k4")).await, 4);
+    let diff = watcher.recv_until(of_room).await;
+    assert_eq!(
+        (&diff["t"], &diff["from"], &diff["to"]),
+        (&json!("diff"), &json!(4), &json!(4)),
+        "{diff}"
+    );
+}
+
 /// Creates each of `rooms` as a `state` room with one acked op; returns those ops.
 async fn create_with_one_op(client: &mut Client, rooms: &[String]) -> Acked {
     let mut acked = Vec::new();
