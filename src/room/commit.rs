@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::batch::Batch;
-use super::live::PIPELINE_DEPTH;
+use super::live::{FULL_PIPELINE_DEPTH, PIPELINE_DEPTH, SMALL_BATCH_EVENTS};
 use super::messages::ReplyFrames;
 use super::presence::Presence;
 use super::views::DiffChanges;
@@ -70,13 +70,15 @@ impl Room {
             {
                 return;
             }
-            // Behind a batch in flight only a full batch goes (see PIPELINE_DEPTH), and
-            // not behind the creation or while a delete waits.
+            // Behind a batch in flight only a full batch goes, or any batch of a room
+            // whose batches are small (see PIPELINE_DEPTH), and not behind the creation
+            // or while a delete waits.
             if index > 0
                 && (index >= PIPELINE_DEPTH
-                    || !next.is_full()
                     || live.committed == 0
-                    || live.deleting.is_some())
+                    || live.deleting.is_some()
+                    || !((next.is_full() && index < FULL_PIPELINE_DEPTH)
+                        || live.last_batch_events <= SMALL_BATCH_EVENTS))
             {
                 return;
             }

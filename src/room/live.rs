@@ -19,14 +19,31 @@ use crate::kind::{Changes, KindRef, RoomState, Slot};
 use crate::protocol::message::{WireEntry, WireValue};
 use crate::store::{EventRecord, Snapshot};
 
-/// The most batches of one room with the store writer at once. A second batch goes to
-/// the writer while the first is being committed only when it is full (a busy room), so
-/// the writer commits the room's batches back to back instead of waiting for the room
-/// to hear of each commit before it gets the next; a quieter room keeps one in flight
-/// and its batches as large as before. The store refuses a batch that does not continue
-/// its room's stored head (`StoreError::SeqGap`) and stops all writes after a failed
-/// commit, so a batch behind a failed one never lands: the log stays gapless.
-pub(super) const PIPELINE_DEPTH: usize = 2;
+/// The most batches of one room with the store writer at once. A batch goes to the
+/// writer behind one being committed in two cases:
+/// - it is full (a busy room): the writer commits the room's batches back to back
+///   instead of waiting for the room to hear of each commit before it gets the next;
+/// - the room's last batch was small (at most [`SMALL_BATCH_EVENTS`]: ops arrive a few
+///   at a time, as in a burst from several clients): such a room's latency is its
+///   commits', so its next op goes to the writer at once and joins the next commit,
+///   instead of waiting for the room to hear of the one running (a whole commit cycle
+///   more) and then for the commit after.
+///
+/// A room whose batches are larger (ops arrive faster than commits land, a closed loop)
+/// keeps one in flight so its next batch grows and its per-batch cost stays spread over
+/// many ops; a small room's extra batches fill the pipeline and then grow the same way.
+/// The store refuses a batch that does not continue its room's stored head
+/// (`StoreError::SeqGap`) and stops all writes after a failed commit, so a batch behind
+/// a failed one never lands: the log stays gapless.
+pub(super) const PIPELINE_DEPTH: usize = 4;
+
+/// Full batches behind one in flight: two keep the writer busy with a busy room
+/// (`benches/README.md`, issue 14: more did not help).
+pub(super) const FULL_PIPELINE_DEPTH: usize = 2;
+
+/// A room whose last batch held at most this many events sends its next one without
+/// waiting for the one in flight (see [`PIPELINE_DEPTH`]).
+pub(super) const SMALL_BATCH_EVENTS: usize = 4;
 
 /// A room that exists: its state and its commit pipeline.
 pub(super) struct Live {

@@ -5,9 +5,10 @@
 //! [`crate::kind`], assigns seq, hands the resulting events to the store writer, and only when
 //! the writer confirms the commit does it send acks and the batch's diff (log before
 //! send). While a batch is being committed, new ops keep being validated and applied on
-//! top (the in-flight part); they form the next batch, which a busy room hands to the
-//! writer while the first is still committing once it is full (`live::PIPELINE_DEPTH`),
-//! so the writer commits the room's batches back to back. A failed commit nacks every
+//! top (the in-flight part); they form the next batch, which goes to the writer while
+//! the first is still committing once it is full, or at once when the room's batches
+//! are small (`live::PIPELINE_DEPTH`), so the writer commits the room's batches back to
+//! back. A failed commit nacks every
 //! uncommitted op `unavailable` and undoes them, in reverse order. A busy room (one
 //! with subscribers that sent a diff less than `batch_interval` ago, whose last batch
 //! merged several ops) holds its next batch until the interval is up, so it commits at

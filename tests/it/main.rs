@@ -24,6 +24,8 @@ mod cluster;
 mod cluster_gap;
 // Moving rooms when the member list changes (`roomd cluster rebalance`), under load.
 mod cluster_rebalance;
+// When an op commits: a quiet room's next op joins the next group commit.
+mod commits;
 // Crash loop: kill -9 under pipelined JSON and rkyv load, checked against a model of the acks.
 mod crash;
 // Restarts, kill -9 and SIGTERM: acked ops, epochs and op ids survive.
