@@ -37,8 +37,8 @@ use crate::store::{EventRecord, Snapshot};
 /// a failed one never lands: the log stays gapless.
 pub(super) const PIPELINE_DEPTH: usize = 4;
 
-/// Full batches behind one in flight: two keep the writer busy with a busy room
-/// (`benches/README.md`, issue 14: more did not help).
+/// The most batches in flight with a full one among them: two keep the writer
+/// committing a busy room's batches back to back, each as large as a batch gets.
 pub(super) const FULL_PIPELINE_DEPTH: usize = 2;
 
 /// A room whose last batch held at most this many events sends its next one without
