@@ -38,8 +38,11 @@
 //! 6. **Commit.** Every node writes the new list with the next generation to
 //!    `DIR/CLUSTER` and puts it in force. From then on a node routes a moved room to its
 //!    new owner; the old owner answers stale forwards `unavailable` (it owns it no
-//!    more), and deletes its copy. Clients re-send and re-subscribe (with `since`) and
-//!    resume gaplessly on the new owner: same epoch, same seq, same op-id window.
+//!    more), and deletes its copy. The nodes commit one after another: meanwhile a
+//!    node that has the new list forwards to a new owner that does not yet, which
+//!    answers `unavailable` too (`rpc::not_owned`: every request, a `sub` included).
+//!    Clients re-send and re-subscribe (with `since`) and resume gaplessly on the new
+//!    owner: same epoch, same seq, same op-id window.
 //!
 //! A failure before the commit (a node down, a refused import, a timeout) *aborts*:
 //! every node forgets the move, old owners unfreeze their rooms, new owners delete the

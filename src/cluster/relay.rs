@@ -46,11 +46,12 @@ use parking_lot::Mutex;
 
 use crate::outbound::{KillSwitch, Outbound, SessionRef};
 use crate::protocol::codes::close::SLOW_CONSUMER;
+use crate::protocol::codes::Code;
 use crate::protocol::ids::RoomId;
 use crate::protocol::{Encoding, Since};
 use crate::room::messages as room_msg;
 use crate::room::registry::Registry;
-use crate::room::Room;
+use crate::room::{Room, RoomError};
 
 /// The header naming the rooms that ended the connection's subscription (one value
 /// per room), on the frame numbered after them; see the module docs.
@@ -128,14 +129,22 @@ impl Relays {
     }
 
     /// Subscribes `conn` to `room`: the room's answer (snapshot or resumed, and the
-    /// member list), or None when it refused (its `error` went through the relay).
+    /// member list); Err(None) when the room refused it (its `error` went through the
+    /// relay), Err(Some) when nothing told the client (the room could not be reached or
+    /// did not answer in time): the caller's reply must.
     pub async fn subscribe(
         &self,
         conn: RemoteConn,
         room: &RoomId,
         presence: bool,
         since: Option<Since>,
-    ) -> Option<room_msg::Answered> {
+    ) -> Result<room_msg::Answered, Option<RoomError>> {
+        let untold = |why: &str| {
+            Some(RoomError::Rejected(
+                Code::Unavailable,
+                format!("room {room} {why}; subscribe again (with since)"),
+            ))
+        };
         self.seen.lock().insert(conn.node.clone(), Instant::now());
         let session = self.relay(&conn);
         let (answer_to, answer) = room_msg::RelayAnswer::new();
@@ -151,11 +160,14 @@ impl Relays {
             // The room stopped between lookup and send: start it again once.
             Err(_) => {
                 addr = self.registry.get(room);
-                addr.send(msg).await.unwrap_or(false)
+                match addr.send(msg).await {
+                    Ok(ok) => ok,
+                    Err(_) => return Err(untold("stopped twice while subscribing")),
+                }
             }
         };
         if !ok {
-            return None;
+            return Err(None);
         }
         if let Some(relay) = self.relays.lock().get_mut(&conn.deliver) {
             relay.rooms.insert(room.to_string(), addr.clone());
@@ -163,10 +175,18 @@ impl Relays {
         // Answered at once, or once the room's creation is durable (a subscription
         // that arrived while it was being committed).
         match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
-            Ok(Ok(answered)) => Some(answered),
-            _ => {
+            Ok(Ok(answered)) => Ok(answered),
+            // Dropped unanswered: the room sent its `error` instead (the creation failed,
+            // or the room is moving).
+            Ok(Err(_)) => {
                 self.unsubscribe(&conn.deliver, room);
-                None
+                Err(None)
+            }
+            Err(_) => {
+                self.unsubscribe(&conn.deliver, room);
+                Err(untold(&format!(
+                    "did not answer within {ANSWER_TIMEOUT:?} (its creation is still being committed)"
+                )))
             }
         }
     }

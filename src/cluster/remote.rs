@@ -46,10 +46,11 @@ use crate::room::RoomError;
 /// `member`) to `room`, owned by another node: the room's feed is joined here first,
 /// then the owner is asked through the connection's relay there; its answer (`snapshot`
 /// or `resumed`, and the member list) is queued to the session and its diffs follow
-/// from the room's mirror. Ok(true): subscribed; Ok(false): the owner refused, or the
-/// room ended the subscription before its answer arrived here, and its `error` frame is
-/// on its way through the relay; Err: the owner was not reached or answered unreadably
-/// (`unavailable`).
+/// from the room's mirror. Ok(true): subscribed; Ok(false): the room refused, or ended
+/// the subscription before its answer arrived here, and its `error` frame is on its way
+/// through the relay; Err: the error the caller sends the client, when the node asked
+/// refused without the room (it does not own the room: the member list is changing),
+/// was not reached, or answered unreadably (`unavailable`).
 pub async fn subscribe(
     cluster: &Cluster,
     session: &SessionRef,
@@ -103,6 +104,9 @@ pub async fn subscribe(
             remote.remove_room(session.session_id, room);
             return Ok(false);
         }
+        // Refused before any relay there could carry an `error`: the client hears it
+        // from here.
+        Ok(Reply::Nack(refusal)) => Err(refusal.into_room_error()),
         Ok(_) => Err(unavailable(format!(
             "node {owner} answered the subscription as something else"
         ))),

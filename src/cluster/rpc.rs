@@ -7,6 +7,14 @@
 //! the catch-ups of nodes that missed part of a room's feed (`mirror`) are answered
 //! by the room.
 //!
+//! A request that reaches a node that does not own its room (the nodes route by two
+//! member lists: between two nodes' commits of a rebalance, or after one that did not
+//! reach every node) is refused `unavailable` ([`not_owned`]), whatever it is: an op is
+//! nacked, a subscription or a read refused, so the client always hears an answer and
+//! retries as for a moving room. Only a subscription the room itself refused is
+//! answered [`Reply::Done`] `false`: the room's `error` went to the client through
+//! its relay.
+//!
 //! A reply larger than the NATS server's `max_payload` goes in numbered parts
 //! ([`publish_reply`]); the sender joins them or fails the call `unavailable` when
 //! one is lost, so a body is never cut short. A request larger than `max_payload` is
@@ -402,10 +410,26 @@ pub async fn publish_reply(
     }
 }
 
+/// Why this node refuses a request about `room`, which it does not own by its member
+/// list (`unavailable`: the client retries, as for a moving room).
+pub fn not_owned(cluster: &Cluster, room: &RoomId) -> RoomError {
+    RoomError::Rejected(
+        Code::Unavailable,
+        format!(
+            "node {} does not own room {room} (its member list gives it to node {}): the \
+             nodes' member lists differ while `roomd cluster rebalance` commits a new one; \
+             retry in a moment (same op id, or sub with since)",
+            cluster.node_id(),
+            cluster.owner(room)
+        ),
+    )
+}
+
 /// The requests of remote subscriptions, answered by the relays.
 async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply {
     let instance = cluster.instance();
     let done = |ok| Reply::Done { ok, instance };
+    let refused = |e: RoomError| Reply::Nack(WireError::of(&e));
     match request.what {
         What::Subscribe {
             deliver,
@@ -416,9 +440,12 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
             since,
             member,
         } => {
+            // Refused here, the subscription has no relay to carry an `error`: the
+            // refusal is the reply, and the subscriber's node tells the client.
             let room = match RoomId::parse(&request.room) {
                 Ok(room) if cluster.owns(&room) => room,
-                _ => return done(false),
+                Ok(room) => return refused(not_owned(cluster, &room)),
+                Err(e) => return refused(RoomError::Rejected(Code::Invalid, e.to_string())),
             };
             let conn = RemoteConn {
                 deliver,
@@ -430,7 +457,7 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
             };
             let since = since.map(|(epoch, seq)| Since { epoch, seq });
             match relays.subscribe(conn, &room, presence, since).await {
-                Some(answered) => Reply::Subscribed {
+                Ok(answered) => Reply::Subscribed {
                     instance,
                     epoch: answered.epoch,
                     seq: answered.seq,
@@ -440,7 +467,9 @@ async fn control(cluster: &Cluster, relays: &Relays, request: Request) -> Reply 
                         .map(crate::protocol::json::encode)
                         .collect(),
                 },
-                None => done(false),
+                // The room's `error` is on its way through the relay.
+                Err(None) => done(false),
+                Err(Some(e)) => refused(e),
             }
         }
         What::Unsubscribe { deliver } => {
@@ -474,12 +503,7 @@ async fn catch_up(cluster: &Cluster, registry: &Arc<Registry>, room: &str, since
     let refused = |e: RoomError| Reply::Nack(WireError::of(&e));
     let room = match RoomId::parse(room) {
         Ok(room) if cluster.owns(&room) => room,
-        Ok(room) => {
-            return refused(RoomError::Rejected(
-                Code::Unavailable,
-                format!("node {} does not own room {room}", cluster.node_id()),
-            ))
-        }
+        Ok(room) => return refused(not_owned(cluster, &room)),
         Err(e) => return refused(RoomError::Rejected(Code::Invalid, e.to_string())),
     };
     let result = match registry.get(&room).send(room_msg::CatchUp { since }).await {
@@ -521,12 +545,7 @@ async fn read(cluster: &Cluster, registry: &Arc<Registry>, request: Request) -> 
     let refused = |e: RoomError| Reply::Nack(WireError::of(&e));
     let room = match RoomId::parse(&request.room) {
         Ok(room) if cluster.owns(&room) => room,
-        Ok(room) => {
-            return refused(RoomError::Rejected(
-                Code::Unavailable,
-                format!("node {} does not own room {room}", cluster.node_id()),
-            ))
-        }
+        Ok(room) => return refused(not_owned(cluster, &room)),
         Err(e) => return refused(RoomError::Rejected(Code::Invalid, e.to_string())),
     };
     let read = || room_msg::Read {
@@ -573,15 +592,7 @@ async fn run(
         }
     };
     if !cluster.owns(&room) {
-        // Only when two nodes disagree on the member list (refused at startup).
-        reply.nack(RoomError::Rejected(
-            Code::Unavailable,
-            format!(
-                "node {} does not own room {room} (its owner is {}); check --cluster-nodes",
-                cluster.node_id(),
-                cluster.owner(&room)
-            ),
-        ));
+        reply.nack(not_owned(cluster, &room));
         return rx;
     }
     let refusal = request.refusal.map(WireError::into_room_error);

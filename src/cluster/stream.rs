@@ -21,7 +21,8 @@ use crate::room::RoomError;
 
 /// Subscribes the stream `session` to `room` on the room's owner. Ok(true): subscribed;
 /// Ok(false): the owner refused it, and its `error` frame (`not_found`, …) is on its way
-/// to the stream's queue; Err: the owner was not reached (`unavailable`).
+/// to the stream's queue; Err: the owner was not reached, or the node asked does not
+/// own the room (`unavailable`, see [`super::remote::subscribe`]).
 pub async fn subscribe(
     cluster: &Cluster,
     session: &SessionRef,

@@ -205,15 +205,7 @@ async fn run(
     }
     let room = RoomId::parse(room).map_err(|e| ApiError::new(Code::Invalid, e.to_string()))?;
     if let Some(cluster) = elsewhere(shared, &room) {
-        // Only when two nodes disagree on the member list (refused at startup).
-        return Err(ApiError::new(
-            Code::Unavailable,
-            format!(
-                "node {} does not own room {room} (its owner is {}); check --cluster-nodes",
-                cluster.node_id(),
-                cluster.owner(&room)
-            ),
-        ));
+        return Err(crate::cluster::rpc::not_owned(cluster, &room).into());
     }
     let viewer: Arc<str> = user.into();
     match call {

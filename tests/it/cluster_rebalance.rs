@@ -498,6 +498,110 @@ async fn a_subscription_through_another_node_hears_nothing_of_its_moved_room_unt
     );
 }
 
+/// A commit that reaches some nodes and not others leaves them routing a moved room by
+/// two member lists, as between two nodes' commits of any rebalance (held open here:
+/// `c` cannot write its list, so only `a` and `b` take it). A request that reaches a
+/// node that does not own its room is answered there, never dropped: through every
+/// node, a `sub` gets an `error` `unavailable` for the room saying why, an op a `nack`
+/// `unavailable`, a read and an SSE stream a 503 with the same reason; once `c` has the
+/// list, the same requests re-sent get the room, gaplessly, with the op applied once.
+#[tokio::test]
+async fn requests_a_node_routes_to_a_non_owner_by_another_member_list_are_refused_unavailable() {
+    let nats = Nats::start().await;
+    let a = start_node(&nats, "a", "a,b").await;
+    let b = start_node(&nats, "b", "a,b").await;
+    let mut c = start_node(&nats, "c", "a,b,c").await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["membership"] == "outside"
+    })
+    .await;
+    let room = rooms_moving_to_c("split", 40)
+        .into_iter()
+        .find(|room| owner_of(2, room) == 0)
+        .expect("a room that moves from a to c");
+    let of_room = |v: &serde_json::Value| v["room"] == json!(room);
+    let mut writer = a.client("w").await;
+    writer.create_ok(&room, "state", json!({})).await;
+    assert_eq!(writer.ack("w-2", &room, set("k2")).await, 2);
+    let epoch = a.get(&format!("/api/rooms/{room}")).await.body["epoch"].clone();
+
+    // Where c would write its list, a directory: its commit fails, a's and b's do not.
+    let blocker = c.data_dir().join("CLUSTER.tmp");
+    std::fs::create_dir(&blocker).expect("c's data dir is writable");
+    let (ok, out) = rebalance(&nats, &["--to", "a,b,c"]);
+    assert!(
+        !ok && out.contains("committed on a,b but not on c"),
+        "{out}"
+    );
+    // a and b route the room to c, which routes it to a by the list it keeps.
+    let sub = json!({"t": "sub", "room": room, "since": {"epoch": epoch, "seq": 2}});
+    for (node, not_owner) in [(&a, "c"), (&b, "c"), (&c, "a")] {
+        let mut client = node.client("late").await;
+        let answer = client.sub_msg(sub.clone()).await;
+        assert_eq!(
+            (&answer["t"], &answer["code"]),
+            (&json!("error"), &json!("unavailable")),
+            "sub through {}: {answer}",
+            node.host()
+        );
+        let msg = answer["msg"].as_str().expect("a message");
+        assert!(
+            msg.contains(&format!("node {not_owner} does not own room {room}"))
+                && msg.contains("retry"),
+            "{msg}"
+        );
+        let nack = client.op("w-3", &room, set("k3")).await;
+        assert_eq!(
+            (&nack["t"], &nack["code"]),
+            (&json!("nack"), &json!("unavailable")),
+            "{nack}"
+        );
+        let read = node.get(&format!("/api/rooms/{room}")).await;
+        assert_eq!(
+            (read.status, read.code()),
+            (503, "unavailable"),
+            "{}",
+            read.text
+        );
+        let stream = node.get(&format!("/api/rooms/{room}/stream")).await;
+        assert_eq!(stream.status, 503, "{}", stream.text);
+        assert!(
+            stream.body["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("node {not_owner} does not own room"))),
+            "{}",
+            stream.text
+        );
+    }
+
+    // c restarted with the list, as the tool says: the same requests get the room.
+    std::fs::remove_dir(&blocker).expect("the blocker is removed");
+    c.restart().await;
+    readyz_until(&c, TIMEOUT, |body| {
+        body["cluster"]["generation"] == 1 && body["cluster"]["membership"] == "member"
+    })
+    .await;
+    let mut late = b.client("late").await;
+    let answer = late.sub_msg(sub).await;
+    assert_eq!(
+        (
+            &answer["t"],
+            &answer["from"],
+            &answer["to"],
+            &answer["epoch"]
+        ),
+        (&json!("resumed"), &json!(3), &json!(2), &epoch),
+        "{answer}"
+    );
+    assert_eq!(writer.ack("w-3", &room, set("k3")).await, 3);
+    let diff = late.recv_until(of_room).await;
+    assert_eq!(
+        (&diff["t"], &diff["from"], &diff["to"]),
+        (&json!("diff"), &json!(3), &json!(3)),
+        "{diff}"
+    );
+}
+
 /// Creates each of `rooms` as a `state` room with one acked op; returns those ops.
 async fn create_with_one_op(client: &mut Client, rooms: &[String]) -> Acked {
     let mut acked = Vec::new();
