@@ -21,10 +21,14 @@ use super::StoreError;
 /// Version 4 adds the `journal` table (`journal.rs`): acked events may sit there until
 /// they are folded into their rooms' rows, so a build that does not replay it must not
 /// open the dir. A version 2 or 3 dir is upgraded by creating the empty table.
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 5 journals to segment files in `DIR/journal/` (`journal_file.rs`) instead of
+/// the table: a build that reads only the table would miss acked events. A version 4
+/// dir is upgraded as it is: its table rows are replayed at the open, and the table
+/// stays empty from then on.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// The older formats this build still reads, upgrading the FORMAT file on open.
-const UPGRADABLE_VERSIONS: [u32; 2] = [2, 3];
+const UPGRADABLE_VERSIONS: [u32; 3] = [2, 3, 4];
 
 /// The database file's name inside the data dir.
 pub const DB_FILE: &str = "roomd.redb";
@@ -44,7 +48,8 @@ pub fn check_or_write(dir: &Path) -> Result<(), StoreError> {
                         from = version,
                         to = FORMAT_VERSION,
                         "data dir format upgraded: its rows are read as they are, new \
-                         events are written one row per room batch, through the journal"
+                         events are written one row per room batch, through the journal's \
+                         segment files"
                     );
                     write_atomically(dir, &path)
                 }
@@ -110,22 +115,22 @@ mod tests {
         fs::write(dir.path().join("FORMAT"), "1\n").unwrap();
         let err = check_or_write(dir.path()).unwrap_err();
         let expected = format!(
-            "{} says format version \"1\", but this roomd reads format version 4",
+            "{} says format version \"1\", but this roomd reads format version 5",
             dir.path().join("FORMAT").display()
         );
         assert_eq!(err.to_string(), expected);
     }
 
     #[test]
-    fn format_2_and_3_dirs_are_read_and_upgraded_to_4() {
-        for old in ["2\n", "3\n"] {
+    fn format_2_3_and_4_dirs_are_read_and_upgraded_to_5() {
+        for old in ["2\n", "3\n", "4\n"] {
             let dir = tempfile::tempdir().unwrap();
             fs::write(dir.path().join("FORMAT"), old).unwrap();
             fs::write(dir.path().join(DB_FILE), b"").unwrap();
             check_or_write(dir.path()).unwrap();
             assert_eq!(
                 fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
-                "4\n"
+                "5\n"
             );
         }
     }

@@ -1,16 +1,19 @@
-//! The journal: plain room batches written in commit order to one table, and moved
-//! later into their rooms' rows by a fold.
+//! The journal: plain room batches written in commit order, and moved later into
+//! their rooms' rows by a fold.
 //!
 //! Why: a batch written straight into its room dirties the room's `events` leaf and a
 //! `meta` leaf, and redb copies, checksums and writes each dirty page per commit; with
 //! many rooms every op is its own room batch and that page work was 85-90% of the
 //! writer (`benches/README.md`, issue 14). A commit instead appends its plain batches
-//! to the `journal` table as one or a few rows under increasing keys (one or two dirty
-//! leaves, always the rightmost), and answers them after that commit as before. A fold
-//! later writes many commits' worth of one room at once ([`WriteTables::append_run`]):
-//! one leaf copy per fold instead of one per batch. A journal row is serialized
-//! straight into the value redb reserves for it (`record::write_journal_row`), so the
-//! log rows are copied once on the writer thread.
+//! to the journal as one or a few rows under increasing keys, and answers them after
+//! that append is durable. The rows go to the segment files of `journal_file.rs` (a
+//! store with a data dir: one `fdatasync` per commit, no redb transaction unless
+//! something else needs one), or to the `journal` table of the commit's transaction (a
+//! store over a redb backend, for tests and the fuzz target; and what a version 4 data
+//! dir holds). A fold later writes many commits' worth of one room at once
+//! ([`WriteTables::append_run`]): one leaf copy per fold instead of one per batch. A
+//! journal row is serialized straight into its destination (`record::write_journal_row`),
+//! so the log rows are copied once on the writer thread.
 //!
 //! What is journaled: batches with events and without `create`, whose log rows are
 //! small ([`MAX_JOURNALED_BATCH_BYTES`]); a snapshot riding with one is written to
@@ -25,8 +28,9 @@
 //! [`Pending`] is the writer's view of what is journaled and not yet folded: per room
 //! the epoch and pending head (the gapless check of a journaled batch runs against it,
 //! so a refused batch is still refused whole), the pending batches' rows in order with
-//! their journal key, and per journal row how many of its batches are unfolded; a row
-//! is deleted in the transaction that folds its last batch. Only the writer thread
+//! their journal key, and per journal row how many of its batches are unfolded; a table
+//! row is deleted in the transaction that folds its last batch, a segment file once
+//! every row in it is folded and the fold is durable. Only the writer thread
 //! touches it. Readers see folded rows only: the writer publishes the set of pending
 //! rooms with their pending heads (`Health`), adding a room or moving its head after
 //! the commit that journaled its batch and before the batch is answered, and removing
@@ -45,7 +49,7 @@
 //! Its journal rows stay until their last batch is folded.
 //!
 //! Replay ([`replay`], at open, before the writer serves): every journal row in key
-//! order; an entry is applied when its room exists with the epoch it was journaled
+//! order, the table's first, then the segment files'; an entry is applied when its room exists with the epoch it was journaled
 //! under and its events are past the stored head (those at or below it were folded
 //! before the stop; a partial fold may have folded the first of an entry's log rows,
 //! which then end exactly at the head, and only the rows after it are applied). Epochs are drawn at random per creation (64 bits,
@@ -66,6 +70,7 @@ use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTable};
 
+use super::journal_file::{self, JournalFile};
 use super::probe;
 use super::record::{self, JournalEntryRef, JournalLogRowRef, JournalRowRef};
 use super::tables::{LogRows, WriteTables, JOURNAL};
@@ -100,6 +105,17 @@ const ROW_CAP: usize = 1024 * 1024;
 /// What an entry costs in a journal row besides its log rows (room name aside): the
 /// archive's integers and offsets, rounded up.
 const ENTRY_OVERHEAD: usize = 64;
+
+/// Where a commit's journal rows go: the `journal` table of its transaction (a store
+/// without a data dir, `Store::open_with_backend`), or the segment files.
+pub enum Sink<'a, 'txn> {
+    Table(&'a mut WriteTables<'txn>),
+    File(&'a mut JournalFile),
+}
+
+/// A room's meta row as [`WriteTables::stored_meta`] reads it.
+pub type StoredMetaResult =
+    Result<Result<Option<record::StoredMeta>, StoreError>, redb::StorageError>;
 
 /// One journaled batch not yet folded.
 struct PendingBatch {
@@ -237,10 +253,11 @@ impl Pending {
         };
     }
 
-    /// Journals one batch of `room` in the current transaction, taking its rows, and
-    /// writes its snapshot `(seq, row)` to `snapshots` directly. The gapless check
-    /// runs against the pending head, or the meta row when the room has nothing
-    /// pending; a refused batch (inner error) is left untouched.
+    /// Journals one batch of `room` in the current commit, taking its rows; the caller
+    /// writes its snapshot (at seq `snapshot`) to `snapshots` directly when this
+    /// answers Ok. The gapless check runs against the pending head, or the meta row
+    /// (`stored`) when the room has nothing pending; a refused batch (inner error) is
+    /// left untouched.
     ///
     /// A snapshot past the room's folded head is safe to store early: loads and
     /// time travel fold the room first, trims only use snapshots up to the folded head
@@ -250,15 +267,15 @@ impl Pending {
     /// `--snapshot-every` events per room): 40-50 rooms folded in one commit, 30-60 ms.
     pub fn journal(
         &mut self,
-        tables: &mut WriteTables,
+        stored: impl FnOnce(&str) -> StoredMetaResult,
         room: &str,
         rows: &mut LogRows,
         expire_op_ids_through: u64,
-        snapshot: Option<(u64, &[u8])>,
+        snapshot: Option<u64>,
     ) -> Result<Result<(), StoreError>, redb::StorageError> {
         let (epoch, head) = match self.rooms.get(room) {
             Some(pending) => (pending.epoch, pending.head),
-            None => match tables.stored_meta(room)? {
+            None => match stored(room)? {
                 Ok(Some(stored)) => (stored.meta.epoch, stored.head),
                 Ok(None) => {
                     return Ok(Err(StoreError::NoSuchRoom {
@@ -276,7 +293,7 @@ impl Pending {
             }));
         }
         let last = rows.first + rows.events - 1;
-        if let Some((seq, row)) = snapshot {
+        if let Some(seq) = snapshot {
             if seq == 0 || seq > last {
                 return Ok(Err(StoreError::SnapshotSeq {
                     room: room.to_owned(),
@@ -284,7 +301,6 @@ impl Pending {
                     head: last,
                 }));
             }
-            tables.snapshots.insert((room, seq), row)?;
         }
         let bytes = ENTRY_OVERHEAD
             + room.len()
@@ -491,9 +507,15 @@ impl Pending {
         }
     }
 
-    /// Writes the current transaction's journal rows (only those with a batch still
-    /// unfolded) and deletes the rows emptied by folds.
-    pub fn end_commit(&mut self, tables: &mut WriteTables) -> Result<(), redb::StorageError> {
+    /// The lowest journal key that still holds unfolded batches (None: none does).
+    pub fn min_unfolded(&self) -> Option<u64> {
+        self.unfolded.keys().next().copied()
+    }
+
+    /// Writes the current commit's journal rows (only those with a batch still
+    /// unfolded) to `sink`, and deletes the table rows emptied by folds (segment
+    /// files go whole, see `journal_file.rs`).
+    pub fn end_commit(&mut self, mut sink: Sink) -> Result<(), redb::StorageError> {
         let entries = std::mem::take(&mut self.commit.entries);
         let mut start = 0;
         while start < entries.len() {
@@ -542,13 +564,25 @@ impl Pending {
                      their framing, below MAX_JOURNAL_ROW_BYTES, and integers and bytes \
                      always serialize into the length measured";
                 let len = record::journal_row_len(&row).expect(FITS);
-                let mut value = tables.journal.insert_reserve(key, len)?;
-                record::write_journal_row(&row, value.as_mut()).expect(FITS);
+                match &mut sink {
+                    Sink::Table(tables) => {
+                        let mut value = tables.journal.insert_reserve(key, len)?;
+                        record::write_journal_row(&row, value.as_mut()).expect(FITS);
+                    }
+                    Sink::File(file) => file
+                        .append(key, len, |out| record::write_journal_row(&row, out))
+                        .expect(FITS),
+                }
             }
             start = end;
         }
-        for key in self.emptied.drain(..) {
-            tables.journal.remove(key)?;
+        match sink {
+            Sink::Table(tables) => {
+                for key in self.emptied.drain(..) {
+                    tables.journal.remove(key)?;
+                }
+            }
+            Sink::File(_) => self.emptied.clear(),
         }
         self.commit = CommitRows {
             first_key: self.next_key,
@@ -567,25 +601,76 @@ fn fold_age(generation: u64) -> Duration {
     FOLD_AGE.mul_f64(0.5 + spread)
 }
 
+/// Where a replayed journal row came from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The `journal` table (a store without a data dir, or a version 4 dir).
+    Table,
+    /// The segment file of this index in [`journal_file::Replayed::segments`].
+    Segment(usize),
+}
+
 /// Applies the journal left by the last run (see the module docs) in one durable
-/// transaction and returns the first key the writer may use.
-pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u64, StoreError> {
+/// transaction: the `journal` table's rows, then, for a store with a data dir
+/// (`segments`: its journal directory), the segment files' records. Returns the first
+/// key the writer may use and, with a data dir, the segment file it appends to (the
+/// replayed segments deleted, except those holding rows of damaged rooms).
+pub fn replay(
+    db: &redb::Database,
+    path: &Path,
+    segments: Option<&Path>,
+    quick_repair: bool,
+) -> Result<(u64, Option<JournalFile>), StoreError> {
     let init_error = |source: redb::Error| StoreError::Init {
         path: path.to_owned(),
         source: Box::new(source),
     };
-    let rows: Vec<(u64, Vec<u8>)> = {
+    let mut rows: Vec<(u64, Vec<u8>, Source)> = {
         let txn = db.begin_read().map_err(|e| init_error(e.into()))?;
         let table = txn.open_table(JOURNAL).map_err(|e| init_error(e.into()))?;
         let mut rows = Vec::new();
         for entry in table.iter().map_err(|e| init_error(e.into()))? {
             let (key, value) = entry.map_err(|e| init_error(e.into()))?;
-            rows.push((key.value(), value.value().to_vec()));
+            rows.push((key.value(), value.value().to_vec(), Source::Table));
         }
         rows
     };
-    let Some(next_key) = rows.last().map(|(key, _)| key + 1) else {
-        return Ok(0);
+    let read = match segments {
+        Some(dir) => {
+            let read = journal_file::read_all(dir)?;
+            rows.extend(
+                read.rows
+                    .into_iter()
+                    .map(|row| (row.key, row.bytes, Source::Segment(row.segment))),
+            );
+            Some((dir, read.segments, read.next_segment))
+        }
+        None => None,
+    };
+    let next_key = rows.iter().map(|(key, _, _)| key + 1).max().unwrap_or(0);
+    let kept = if rows.is_empty() {
+        Vec::new()
+    } else {
+        apply(db, path, &rows, quick_repair)?
+    };
+    let file = match read {
+        Some((dir, segments, number)) => Some(JournalFile::start(dir, &segments, &kept, number)?),
+        None => None,
+    };
+    Ok((next_key, file))
+}
+
+/// Applies `rows` in one durable transaction, deleting the table rows it applied;
+/// returns the indexes of the segments holding rows it kept (of damaged rooms).
+fn apply(
+    db: &redb::Database,
+    path: &Path,
+    rows: &[(u64, Vec<u8>, Source)],
+    quick_repair: bool,
+) -> Result<Vec<usize>, StoreError> {
+    let init_error = |source: redb::Error| StoreError::Init {
+        path: path.to_owned(),
+        source: Box::new(source),
     };
     let journal_error = |key: u64, room: &str, detail: String| StoreError::Journal {
         path: path.to_owned(),
@@ -599,7 +684,7 @@ pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u6
     {
         let begin = || db.begin_read().map(probe::BatchProbe::new);
         let mut reader = begin().map_err(|e| init_error(e.into()))?;
-        for (key, bytes) in &rows {
+        for (key, bytes, _) in rows {
             let entries = record::decode_journal_row(bytes)
                 .map_err(|e| journal_error(*key, "(unknown)", e.to_string()))?;
             for entry in entries {
@@ -633,9 +718,10 @@ pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u6
     let mut txn = db.begin_write().map_err(|e| init_error(e.into()))?;
     txn.set_quick_repair(quick_repair);
     let mut applied = 0usize;
+    let mut kept = Vec::new();
     {
         let mut tables = WriteTables::open(&txn).map_err(|e| init_error(e.into()))?;
-        for (key, bytes) in &rows {
+        for (key, bytes, source) in rows {
             let entries = record::decode_journal_row(bytes)
                 .map_err(|e| journal_error(*key, "(unknown)", e.to_string()))?;
             let mut keep = false;
@@ -694,17 +780,21 @@ pub fn replay(db: &redb::Database, path: &Path, quick_repair: bool) -> Result<u6
                     .map_err(|e| journal_error(*key, entry.room, e.to_string()))?;
                 applied += 1;
             }
-            if !keep {
-                tables
-                    .journal
-                    .remove(*key)
-                    .map_err(|e| init_error(e.into()))?;
+            match (keep, source) {
+                (false, Source::Table) => {
+                    tables
+                        .journal
+                        .remove(*key)
+                        .map_err(|e| init_error(e.into()))?;
+                }
+                (true, Source::Segment(index)) if !kept.contains(index) => kept.push(*index),
+                _ => {}
             }
         }
     }
     txn.commit().map_err(|e| init_error(e.into()))?;
     tracing::info!(db = %path.display(), rows = rows.len(), applied, "journal replayed");
-    Ok(next_key)
+    Ok(kept)
 }
 
 /// Checks that an entry's log rows decode and run gaplessly over its events; returns

@@ -19,7 +19,8 @@
 //!
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
-//! `journal.rs` the journal's pending batches, folds and replay,
+//! `journal.rs` the journal's pending batches, folds and replay, `journal_file.rs` its
+//! segment files,
 //! `retention.rs` the trimming and deletion pieces, `reads.rs` the HTTP reads,
 //! `tools.rs` listing, verifying and compacting for `roomd log`, `transfer.rs` a
 //! room's export and import when it moves to another node, `checksums.rs` the page
@@ -58,6 +59,7 @@ mod error;
 mod format;
 mod guard;
 mod journal;
+mod journal_file;
 mod listing;
 mod lock;
 mod probe;
@@ -436,7 +438,7 @@ struct Inner {
 impl Store {
     /// Creates the dir if needed, takes an exclusive lock (flock on DIR/LOCK; a second
     /// instance fails with a clear StoreError naming the dir), checks/writes DIR/FORMAT
-    /// ([`FORMAT_VERSION`]; a version 2 or 3 dir is read and upgraded, any other fails
+    /// ([`FORMAT_VERSION`]; a version 2, 3 or 4 dir is read and upgraded, any other fails
     /// clearly), opens DIR/roomd.redb with the cache size set explicitly, finishes any
     /// room deletion a crash interrupted, replays the journal (the batches acked but not
     /// yet folded into their rooms' rows when the last run stopped), and spawns the one
@@ -464,19 +466,31 @@ impl Store {
         };
         let db =
             guard::catch(|| open_database(&db_path, config.cache_bytes)).map_err(damaged)??;
-        let store =
-            guard::catch(|| Store::start(db, db_path.clone(), Some(lock), &config, epoch_salt))
-                .map_err(damaged)??;
+        let store = guard::catch(|| {
+            let journal_dir = dir.join(journal_file::DIR);
+            Store::start(
+                db,
+                db_path.clone(),
+                Some(lock),
+                Some(journal_dir),
+                &config,
+                epoch_salt,
+            )
+        })
+        .map_err(damaged)??;
         tracing::info!(data_dir = %dir.display(), durability = ?config.durability, "store open");
         Ok(store)
     }
 
-    /// Creates missing tables, finishes interrupted deletions and spawns the writer over
-    /// an open database.
+    /// Creates missing tables, finishes interrupted deletions, replays the journal and
+    /// spawns the writer over an open database. `journal_dir` holds the journal's
+    /// segment files (None: journal rows go to the `journal` table, for a store over a
+    /// backend).
     fn start(
         db: redb::Database,
         db_path: PathBuf,
         lock: Option<DirLock>,
+        journal_dir: Option<PathBuf>,
         config: &StoreConfig,
         epoch_salt: u64,
     ) -> Result<Store, StoreError> {
@@ -489,7 +503,8 @@ impl Store {
         tables::create_all(&txn).map_err(|e| init_error(e.into()))?;
         txn.commit().map_err(|e| init_error(e.into()))?;
         retention::finish_deletions(&db, QUICK_REPAIR).map_err(init_error)?;
-        let journal_key = journal::replay(&db, &db_path, QUICK_REPAIR)?;
+        let (journal_key, journal_file) =
+            journal::replay(&db, &db_path, journal_dir.as_deref(), QUICK_REPAIR)?;
 
         // The counts only bound rooms per user: a damaged `creators` table costs that
         // bound (logged), not the rooms.
@@ -519,6 +534,7 @@ impl Store {
                 db,
                 slot: slot.clone(),
                 journal_key,
+                journal_file,
                 cache_bytes: config.cache_bytes,
                 quiet_reopen: config.quiet_reopen,
             },
@@ -576,7 +592,8 @@ impl Store {
                 })
         })
         .map_err(damaged)??;
-        guard::catch(|| Store::start(db, db_path.clone(), None, &config, 0)).map_err(damaged)?
+        guard::catch(|| Store::start(db, db_path.clone(), None, None, &config, 0))
+            .map_err(damaged)?
     }
 
     /// Non-blocking: queues a batch for the writer (bounded; Full when the queue is full

@@ -65,6 +65,24 @@ pub fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
     Ok(())
 }
 
+/// Reads a room's meta row from `meta` (of a write or a read transaction); the inner
+/// error is a corrupt row.
+pub fn stored_meta_in(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    room: &str,
+) -> Result<Result<Option<StoredMeta>, StoreError>, redb::StorageError> {
+    let Some(row) = meta.get(room)? else {
+        return Ok(Ok(None));
+    };
+    Ok(decode_meta(row.value())
+        .map(Some)
+        .map_err(|source| StoreError::Corrupt {
+            room: room.to_owned(),
+            seq: None,
+            source,
+        }))
+}
+
 /// Every table, open in one write transaction for the batches and maintenance pieces
 /// of one commit.
 pub struct WriteTables<'txn> {
@@ -95,16 +113,7 @@ impl<'txn> WriteTables<'txn> {
         &self,
         room: &str,
     ) -> Result<Result<Option<StoredMeta>, StoreError>, redb::StorageError> {
-        let Some(row) = self.meta.get(room)? else {
-            return Ok(Ok(None));
-        };
-        Ok(decode_meta(row.value())
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                room: room.to_owned(),
-                seq: None,
-                source,
-            }))
+        stored_meta_in(&self.meta, room)
     }
 
     /// Writes a room's meta row.

@@ -487,7 +487,8 @@ fn failed_commit_fails_its_batches_and_every_later_one() {
     let db = redb::Builder::new().create_with_backend(backend).unwrap();
     let lock = DirLock::acquire(dir.path()).unwrap();
     let config = StoreConfig::new(dir.path());
-    let store = Store::start(db, dir.path().join("memory"), Some(lock), &config, 0).unwrap();
+    // No segment files: every batch meets the failing backend.
+    let store = Store::start(db, dir.path().join("memory"), Some(lock), None, &config, 0).unwrap();
     commit(&store, batch("a", 1, 1)).unwrap();
 
     failing.store(true, Ordering::Relaxed);

@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableDatabase, ReadableTableMetadata};
 
+use super::journal_file;
 use super::record::{self, JournalEntryRef, JournalLogRowRef, JournalRowRef};
 use super::tables::JOURNAL;
 use super::tests::{batch, commit, event, open};
@@ -30,30 +31,38 @@ fn release_folds(store: &Store, room: &str) {
     commit(store, batch(room, 1, 1)).unwrap();
 }
 
-/// Journal rows in the open store's database.
+/// Journal rows in the open store's segment files.
 fn journal_rows(store: &Store) -> u64 {
-    let db = store.db().unwrap();
-    let txn = db.begin_read().unwrap();
-    txn.open_table(JOURNAL).unwrap().len().unwrap()
+    let dir = store
+        .inner
+        .db_path
+        .parent()
+        .unwrap()
+        .join(journal_file::DIR);
+    journal_file::read_all(&dir).unwrap().rows.len() as u64
 }
 
-/// The journal rows of a closed data dir, read with redb directly.
+/// The journal rows of a closed data dir's segment files.
 fn journal_of(dir: &Path) -> Vec<(u64, Vec<u8>)> {
-    let db = redb::Database::open(dir.join(format::DB_FILE)).unwrap();
-    let txn = db.begin_read().unwrap();
-    let table = txn.open_table(JOURNAL).unwrap();
-    table
-        .iter()
+    journal_file::read_all(&dir.join(journal_file::DIR))
         .unwrap()
-        .map(|entry| {
-            let (key, value) = entry.unwrap();
-            (key.value(), value.value().to_vec())
-        })
+        .rows
+        .into_iter()
+        .map(|row| (row.key, row.bytes))
         .collect()
 }
 
-/// Writes journal rows into a closed data dir, as a crash would have left them.
+/// Writes journal rows into a closed data dir, as a crash would have left them: a
+/// segment after the ones there.
 fn put_journal(dir: &Path, rows: &[(u64, Vec<u8>)]) {
+    let journal = dir.join(journal_file::DIR);
+    let number = journal_file::read_all(&journal).unwrap().next_segment;
+    journal_file::write_segment(&journal, number, rows);
+}
+
+/// Writes journal rows into a closed data dir's `journal` table, as a crash of a
+/// version 4 build (which journaled there) would have left them.
+fn put_journal_table(dir: &Path, rows: &[(u64, Vec<u8>)]) {
     let db = redb::Database::open(dir.join(format::DB_FILE)).unwrap();
     let txn = db.begin_write().unwrap();
     {
@@ -63,6 +72,13 @@ fn put_journal(dir: &Path, rows: &[(u64, Vec<u8>)]) {
         }
     }
     txn.commit().unwrap();
+}
+
+/// Rows in a closed data dir's `journal` table.
+fn journal_table_rows(dir: &Path) -> u64 {
+    let db = redb::Database::open(dir.join(format::DB_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    txn.open_table(JOURNAL).unwrap().len().unwrap()
 }
 
 /// A journal row of one entry: `room`'s events `first..=last` under stored `epoch`.
@@ -666,4 +682,31 @@ fn a_journal_entry_across_the_stored_head_is_applied_from_the_head_and_a_gap_ref
         matches!(refused, StoreError::Journal { key: 1, .. }),
         "{refused}"
     );
+}
+
+#[test]
+fn a_version_4_dirs_journal_table_is_replayed_at_the_open_and_left_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch("r", 1, 1)).unwrap();
+    store.shutdown();
+    drop(store);
+    // What a version 4 build's crash left: events 2..=4 acked in its journal table.
+    put_journal_table(dir.path(), &[(0, journal_row("r", 7, 2, 4))]);
+    std::fs::write(dir.path().join("FORMAT"), "4\n").unwrap();
+
+    let store = open(dir.path());
+    let loaded = store.load_room("r").unwrap().unwrap();
+    assert_eq!((loaded.head, seqs(&loaded.events)), (4, vec![1, 2, 3, 4]));
+    commit(&store, batch("r", 5, 5)).unwrap();
+    store.shutdown();
+    drop(store);
+    assert_eq!(journal_table_rows(dir.path()), 0);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+        format!("{FORMAT_VERSION}\n")
+    );
+    let store = open(dir.path());
+    assert_eq!(store.load_room("r").unwrap().unwrap().head, 5);
+    store.shutdown();
 }

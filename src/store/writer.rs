@@ -2,11 +2,17 @@
 //! and fail-stop.
 //!
 //! The writer blocks for the first queued job, drains whatever else is queued (up to
-//! [`MAX_GROUP_BATCHES`] batches), writes the batches in one redb write transaction
-//! (plain ones to the journal, the others directly after folding their room, see
-//! `journal.rs`), commits once, and then answers every batch in queue order. Under load this pays one
-//! fsync for many batches from many rooms; redb allows only one write transaction at a
-//! time anyway.
+//! [`MAX_GROUP_BATCHES`] batches), writes the plain batches to the journal (its segment
+//! file, one write and one `fdatasync`, `journal_file.rs`) and the others directly
+//! after folding their room, in one redb write transaction that also carries the folds
+//! due, snapshots and a trim piece (`journal.rs`), and then answers every batch in
+//! queue order. Under load this pays one fsync for many batches from many rooms; redb
+//! allows only one write transaction at a time anyway. A group whose batches are all
+//! journaled opens no redb transaction unless folds, snapshots or a trim need one, and
+//! is answered as soon as the segment is synced, before that transaction commits; a
+//! group with a direct batch is answered after redb's commit. Under `Immediate` every
+//! redb commit of a store with segment files is durable (a fold's segment is deleted
+//! only after that).
 //!
 //! Maintenance shares the queue and the thread:
 //! - A trim job joins the writer's list of running trims (at most
@@ -23,10 +29,11 @@
 //!   with the next commit, of every room it runs like a deletion; with no job for
 //!   `IDLE_FOLD` the writer commits folds alone, and at shutdown it folds everything.
 //!
-//! Commits that hold only maintenance or folds are not fsync'd on their own (losing one
-//! to a crash loses progress, never consistency, as each piece is a consistent state and
-//! a fold's rows stay in the journal until the fold is durable), except a deletion's
-//! last piece, which is made durable like a batch before it is answered.
+//! Commits that hold only maintenance or folds are not fsync'd on their own in a store
+//! without segment files (losing one to a crash loses progress, never consistency, as
+//! each piece is a consistent state and a fold's rows stay in the journal until the
+//! fold is durable), except a deletion's last piece, which is made durable like a batch
+//! before it is answered.
 //!
 //! Under `Durability::None` commits skip the fsync, and an fsync'd commit follows the
 //! first unsynced one within `sync_interval`: by piggybacking on the next group if one
@@ -57,9 +64,10 @@ use tokio::sync::oneshot;
 
 use crate::metrics::names;
 
-use super::journal::{Fold, Pending, IDLE_FOLD, MAX_FOLD_ROOMS};
+use super::journal::{Fold, Pending, Sink, IDLE_FOLD, MAX_FOLD_ROOMS};
+use super::journal_file::JournalFile;
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
-use super::tables::{LogRows, WriteTables};
+use super::tables::{self, LogRows, WriteTables};
 use super::{guard, probe};
 use super::{Batch, Durability, StoreError, TrimOutcome, TrimPolicy};
 
@@ -372,6 +380,9 @@ pub struct Opened {
     pub slot: Arc<DbSlot>,
     /// The first journal key the writer may use (past every row replay kept).
     pub journal_key: u64,
+    /// The journal's segment files (`journal_file.rs`); None for a store without a data
+    /// dir, whose journal rows go to the `journal` table.
+    pub journal_file: Option<JournalFile>,
     pub cache_bytes: usize,
     /// See `StoreConfig::quiet_reopen`.
     pub quiet_reopen: Option<Duration>,
@@ -402,6 +413,8 @@ pub struct Writer {
     commit_delay: Option<Duration>,
     /// Journaled batches not yet folded (`journal.rs`).
     pending: Pending,
+    /// Where journal rows are appended, when not to the `journal` table.
+    journal_file: Option<JournalFile>,
     /// Fold requests of single rooms taken from the queue, answered by the next commit.
     fold_requests: Vec<FoldJob>,
     /// Set while every pending room is being folded (a request for all, shutdown), so
@@ -422,6 +435,7 @@ impl Writer {
             db: Some(opened.db),
             slot: opened.slot,
             pending: Pending::new(opened.journal_key),
+            journal_file: opened.journal_file,
             fold_requests: Vec::new(),
             folding_all: false,
             cache_bytes: opened.cache_bytes,
@@ -539,6 +553,15 @@ impl Writer {
     }
 
     fn next(&mut self) -> Next {
+        // Folded segments wait for a durable commit to be deleted (`journal_file.rs`).
+        if self.health.failure().is_none()
+            && self
+                .journal_file
+                .as_ref()
+                .is_some_and(|file| file.releasable(self.pending.min_unfolded()))
+        {
+            return Next::Sync;
+        }
         if !self.trims.is_empty() {
             return match self.queue.try_recv() {
                 Ok(job) => Next::Job(job),
@@ -672,14 +695,31 @@ impl Writer {
         }
     }
 
-    /// Records a commit for the sync policy.
+    /// Records a commit for the sync policy; after a durable one, deletes the journal
+    /// segments its folds (and earlier ones) emptied.
     fn committed(&mut self, durable: bool) {
         self.health.commits.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::STORE_COMMITS).increment(1);
         if durable {
             self.unsynced_since = None;
+            self.release_segments();
         } else {
             self.unsynced_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Right after a durable commit: syncs the journal segment too (under
+    /// Durability::None it may hold unsynced rows), and deletes the segments whose
+    /// batches are all folded durably. A failure fail-stops.
+    fn release_segments(&mut self) {
+        let min_unfolded = self.pending.min_unfolded();
+        let Some(file) = self.journal_file.as_mut() else {
+            return;
+        };
+        if let Err(error) = file.sync().and_then(|()| file.release(min_unfolded)) {
+            tracing::error!(db = %self.db_path.display(), %error, "cannot sync or empty the journal segment; refusing all further writes until restart");
+            self.health
+                .fail(format!("cannot sync or empty the journal segment: {error}"));
         }
     }
 
@@ -765,123 +805,230 @@ impl Writer {
         let events: u64 = group.iter().map(|job| job.rows.events).sum();
         let started = Instant::now();
         let mut pending = std::mem::take(&mut self.pending);
+        let mut file = self.journal_file.take();
         let written = guard::catch(|| {
-            self.write_group(&mut pending, &mut group, &folds, trim.as_mut(), durable)
+            self.write_group(
+                &mut pending,
+                file.as_mut(),
+                &mut group,
+                &folds,
+                trim.as_mut(),
+                durable,
+            )
         })
         .map_err(WriteError::Panicked)
         .and_then(|result| result.map_err(WriteError::Redb));
         self.pending = pending;
-        match written {
-            Ok(Written {
-                outcomes,
-                report,
-                committing,
-            }) => {
-                self.committed(durable);
-                let took = held.elapsed();
-                if took >= SLOW_COMMIT {
-                    tracing::warn!(
-                        ms = took.as_millis() as u64,
-                        redb_commit_ms = committing.as_millis() as u64,
-                        batches = group.len(),
-                        events,
-                        rooms_folded = report.folded.len(),
-                        trim = trim.is_some(),
-                        durable,
-                        journal_bytes = self.pending.bytes(),
-                        "slow store commit"
-                    );
-                }
-                for (room, detail) in &report.damaged {
-                    self.note_damage(room, detail);
-                }
-                // Before any answer, so a read issued after an ack finds its room.
-                self.health
-                    .publish(&report.folded, &report.journaled, &self.pending);
-                if !report.folded.is_empty() {
-                    metrics::counter!(names::STORE_FOLDS).increment(report.folded.len() as u64);
-                }
-                metrics::gauge!(names::STORE_JOURNAL_BYTES).set(self.pending.bytes() as f64);
-                for job in requests {
-                    let _ = job.reply.send(Ok(()));
-                }
-                if !group.is_empty() {
-                    metrics::counter!(names::STORE_BATCH_COMMITS).increment(1);
-                    metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
-                    metrics::counter!(names::STORE_EVENTS).increment(events);
-                    crate::metrics::hot()
-                        .store_commit_seconds
-                        .record(started.elapsed().as_secs_f64());
-                }
-                // A dropped receiver means the room gave up waiting; nothing to tell it.
-                for (job, outcome) in group.into_iter().zip(outcomes) {
-                    if let (Ok(()), Some(creator)) = (&outcome, &job.creator) {
-                        self.health.count_created(creator);
-                    }
-                    if let Err(error) = &outcome {
-                        if error.is_damage() {
-                            self.note_damage(&job.batch.room, &error.to_string());
-                        }
-                    }
-                    let _ = job.reply.send(outcome);
-                }
-                if let Some(trim) = trim {
-                    self.health.pieces.fetch_add(1, Ordering::Relaxed);
-                    if trim.is_done() {
-                        trim.finish_done();
-                    } else {
-                        self.trims.push_back(trim);
-                    }
+        if let (Some(file), Err(_)) = (file.as_mut(), &written) {
+            file.discard();
+        }
+        self.journal_file = file;
+        let (written, txn) = match written {
+            Ok(written) => written,
+            Err(e) => {
+                self.fail_group(e.to_string(), group, requests, trim);
+                return;
+            }
+        };
+        // Batches that are all journaled are durable in the segment file already: they
+        // are answered before redb's transaction (folds, snapshots, a trim piece)
+        // commits, so their acks do not wait for its fsyncs.
+        let Written {
+            mut outcomes,
+            report,
+            direct,
+            appending,
+            redb_durable,
+        } = written;
+        let early = txn.is_some() && self.journal_file.is_some() && !direct;
+        if early {
+            self.health.publish(&[], &report.journaled, &self.pending);
+            self.answer(&mut group, std::mem::take(&mut outcomes), events, started);
+        }
+        let committing = Instant::now();
+        let committed = match txn {
+            Some(txn) => guard::catch(|| txn.commit())
+                .map_err(WriteError::Panicked)
+                .and_then(|result| result.map_err(|e| WriteError::Redb(e.into()))),
+            None => Ok(()),
+        };
+        let committing = committing.elapsed();
+        if let Err(e) = committed {
+            self.fail_group(e.to_string(), group, requests, trim);
+            return;
+        }
+        match redb_durable {
+            Some(durable) => self.committed(durable),
+            // Only journal segments were written: synced when `durable`, which leaves
+            // redb's own unsynced commits as they were.
+            None => {
+                self.health.commits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::STORE_COMMITS).increment(1);
+                if !durable {
+                    self.unsynced_since.get_or_insert_with(Instant::now);
                 }
             }
-            Err(e) => {
-                let reason = e.to_string();
-                let n_batches = group.len();
-                tracing::error!(
-                    db = %self.db_path.display(),
-                    n_batches,
-                    error = %reason,
-                    "store commit failed; refusing all further writes until restart"
-                );
-                self.health.fail(reason.clone());
-                let commit_error = || StoreError::Commit {
-                    path: self.db_path.clone(),
-                    n_batches,
-                    reason: reason.clone(),
-                };
-                for job in group {
-                    let _ = job.reply.send(Err(commit_error()));
-                }
-                for job in requests {
-                    let _ = job.reply.send(Err(commit_error()));
-                }
-                for trim in trim.into_iter().chain(self.trims.drain(..)) {
-                    trim.finish(Err(commit_error()));
-                }
+        }
+        let took = held.elapsed();
+        if took >= SLOW_COMMIT {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                redb_commit_ms = committing.as_millis() as u64,
+                journal_append_ms = appending.as_millis() as u64,
+                batches = if early { 0 } else { group.len() },
+                answered_before_redb_commit = early,
+                events,
+                rooms_folded = report.folded.len(),
+                trim = trim.is_some(),
+                durable,
+                journal_bytes = self.pending.bytes(),
+                "slow store commit"
+            );
+        }
+        for (room, detail) in &report.damaged {
+            self.note_damage(room, detail);
+        }
+        // Before any answer, so a read issued after an ack finds its room.
+        self.health
+            .publish(&report.folded, &report.journaled, &self.pending);
+        if !report.folded.is_empty() {
+            metrics::counter!(names::STORE_FOLDS).increment(report.folded.len() as u64);
+        }
+        metrics::gauge!(names::STORE_JOURNAL_BYTES).set(self.pending.bytes() as f64);
+        for job in requests {
+            let _ = job.reply.send(Ok(()));
+        }
+        if !early {
+            self.answer(&mut group, outcomes, events, started);
+        }
+        if let Some(trim) = trim {
+            self.health.pieces.fetch_add(1, Ordering::Relaxed);
+            if trim.is_done() {
+                trim.finish_done();
+            } else {
+                self.trims.push_back(trim);
             }
         }
     }
 
+    /// Answers a committed group's batches (leaving `group` empty) and counts them.
+    fn answer(
+        &self,
+        group: &mut Vec<BatchJob>,
+        outcomes: Vec<Result<(), StoreError>>,
+        events: u64,
+        started: Instant,
+    ) {
+        if !group.is_empty() {
+            metrics::counter!(names::STORE_BATCH_COMMITS).increment(1);
+            metrics::counter!(names::STORE_BATCHES).increment(group.len() as u64);
+            metrics::counter!(names::STORE_EVENTS).increment(events);
+            crate::metrics::hot()
+                .store_commit_seconds
+                .record(started.elapsed().as_secs_f64());
+        }
+        // A dropped receiver means the room gave up waiting; nothing to tell it.
+        for (job, outcome) in group.drain(..).zip(outcomes) {
+            if let (Ok(()), Some(creator)) = (&outcome, &job.creator) {
+                self.health.count_created(creator);
+            }
+            if let Err(error) = &outcome {
+                if error.is_damage() {
+                    self.note_damage(&job.batch.room, &error.to_string());
+                }
+            }
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    /// A group's write or commit failed: fail-stop, and every job of it (those not
+    /// answered yet) and every running trim gets the error.
+    fn fail_group(
+        &mut self,
+        reason: String,
+        group: Vec<BatchJob>,
+        requests: Vec<FoldJob>,
+        trim: Option<Trim>,
+    ) {
+        let n_batches = group.len();
+        tracing::error!(
+            db = %self.db_path.display(),
+            n_batches,
+            error = %reason,
+            "store commit failed; refusing all further writes until restart"
+        );
+        self.health.fail(reason.clone());
+        let commit_error = || StoreError::Commit {
+            path: self.db_path.clone(),
+            n_batches,
+            reason: reason.clone(),
+        };
+        for job in group {
+            let _ = job.reply.send(Err(commit_error()));
+        }
+        for job in requests {
+            let _ = job.reply.send(Err(commit_error()));
+        }
+        for trim in trim.into_iter().chain(self.trims.drain(..)) {
+            trim.finish(Err(commit_error()));
+        }
+    }
+
     /// Writes the folds, every batch of the group (journaled or directly) and one trim
-    /// piece in one transaction and commits it. Returns each batch's outcome (a batch
-    /// may be refused alone), what the folds did and how long redb's commit took, or the
-    /// error that failed them all (the pending state is then moot: the store stops
-    /// writing, a restart replays).
+    /// piece: in one redb transaction, with the journal rows in its `journal` table when
+    /// the store has no segment files (`file`); else the journal rows go to the segment
+    /// file (written, and synced when `durable`) and redb's transaction is opened only
+    /// when something else needs it. Returns each batch's outcome (a batch may be
+    /// refused alone), what the folds did, whether redb's commit will be durable (None:
+    /// no transaction), and the transaction for the caller to commit; or the error
+    /// that failed them all (the pending state is then moot: the store stops writing, a
+    /// restart replays).
     fn write_group(
         &self,
         pending: &mut Pending,
+        mut file: Option<&mut JournalFile>,
         group: &mut [BatchJob],
         folds: &[Fold],
         trim: Option<&mut Trim>,
         durable: bool,
-    ) -> Result<Written, redb::Error> {
-        let txn = self.begin(durable)?;
+    ) -> Result<(Written, Option<redb::WriteTransaction>), redb::Error> {
+        let direct = group
+            .iter()
+            .any(|job| !Pending::journals(job.batch.create.is_some(), &job.rows));
+        // Under Durability::None a due sync needs redb's commit too.
+        let needs_txn = file.is_none()
+            || direct
+            || !folds.is_empty()
+            || trim.is_some()
+            || group.iter().any(|job| job.snapshot.is_some())
+            || (durable && self.sync_interval().is_some());
+        // With segment files under Immediate every redb commit is durable, folds
+        // included: a durable commit after many that were not writes all their pages
+        // at once (130-180 ms at 20,000 ops/s, `benches/README.md`), and a segment is
+        // deleted only once its folds are durable. Batches that are all journaled do
+        // not wait for it (`commit_group`).
+        let redb_durable = match (file.is_some(), self.sync_interval()) {
+            (true, None) => true,
+            _ => durable,
+        };
+        let mut txn = if needs_txn {
+            Some(self.begin(redb_durable)?)
+        } else {
+            None
+        };
+        // Meta rows of rooms journaled without a write transaction, read once per commit.
+        let mut meta_reader: Option<redb::ReadOnlyTable<&'static str, &'static [u8]>> = None;
         let mut report = FoldReport::default();
         let outcomes = {
-            let mut tables = WriteTables::open(&txn)?;
+            let mut tables = match txn.as_ref() {
+                Some(txn) => Some(WriteTables::open(txn)?),
+                None => None,
+            };
             pending.begin_commit();
-            for fold in folds {
-                report.fold(pending, &mut tables, &fold.room, fold.at_most)?;
+            if let Some(tables) = tables.as_mut() {
+                for fold in folds {
+                    report.fold(pending, tables, &fold.room, fold.at_most)?;
+                }
             }
             let mut outcomes = Vec::with_capacity(group.len());
             for job in group.iter_mut() {
@@ -891,22 +1038,46 @@ impl Writer {
                     .as_ref()
                     .map(|(seq, row)| (*seq, row.as_slice()));
                 if Pending::journals(job.batch.create.is_some(), &job.rows) {
-                    let outcome = pending.journal(
-                        &mut tables,
-                        room,
-                        &mut job.rows,
-                        job.batch.expire_op_ids_through,
-                        snapshot,
-                    )?;
+                    let outcome = match tables.as_mut() {
+                        Some(tables) => {
+                            let outcome = pending.journal(
+                                |room| tables.stored_meta(room),
+                                room,
+                                &mut job.rows,
+                                job.batch.expire_op_ids_through,
+                                snapshot.map(|(seq, _)| seq),
+                            )?;
+                            if let (Ok(()), Some((seq, row))) = (&outcome, snapshot) {
+                                tables.snapshots.insert((room, seq), row)?;
+                            }
+                            outcome
+                        }
+                        None => pending.journal(
+                            |room| {
+                                if meta_reader.is_none() {
+                                    meta_reader = Some(self.meta_reader()?);
+                                }
+                                let meta = meta_reader.as_ref().expect("opened above");
+                                tables::stored_meta_in(meta, room)
+                            },
+                            room,
+                            &mut job.rows,
+                            job.batch.expire_op_ids_through,
+                            None,
+                        )?,
+                    };
                     if outcome.is_ok() && report.journaled.last().is_none_or(|last| last != room) {
                         report.journaled.push(room.to_owned());
                     }
                     outcomes.push(outcome);
                     continue;
                 }
+                let tables = tables
+                    .as_mut()
+                    .expect("a batch written directly opens the transaction");
                 // Written directly: after the room's journaled batches.
                 if pending.contains(room) {
-                    report.fold(pending, &mut tables, room, None)?;
+                    report.fold(pending, tables, room, None)?;
                 }
                 outcomes.push(tables.apply(
                     &job.batch,
@@ -917,18 +1088,57 @@ impl Writer {
             }
             // After the batches, so a piece sees (and keeps) the heads they moved.
             if let Some(trim) = trim {
-                trim.piece(&mut tables)?;
+                let tables = tables.as_mut().expect("a trim piece opens the transaction");
+                trim.piece(tables)?;
             }
-            pending.end_commit(&mut tables)?;
+            match (file.as_deref_mut(), tables.as_mut()) {
+                (Some(file), _) => pending.end_commit(Sink::File(file))?,
+                (None, Some(tables)) => pending.end_commit(Sink::Table(tables))?,
+                (None, None) => unreachable!("a store without segment files opens the transaction"),
+            }
             outcomes
         };
-        let committing = Instant::now();
-        txn.commit()?;
-        Ok(Written {
-            outcomes,
-            report,
-            committing: committing.elapsed(),
-        })
+        drop(meta_reader);
+        let mut redb_durable = txn.as_ref().map(|_| redb_durable);
+        if let (Some(txn), Some(file)) = (txn.as_mut(), file.as_deref()) {
+            // A segment whose batches this transaction folds is deleted after it, so
+            // the transaction must be durable (`journal_file.rs`).
+            if redb_durable == Some(false) && file.releasable(pending.min_unfolded()) {
+                txn.set_durability(redb::Durability::Immediate)?;
+                redb_durable = Some(true);
+            }
+        }
+        let appending = Instant::now();
+        if let Some(file) = file {
+            file.flush(durable || redb_durable == Some(true))
+                .map_err(redb::Error::Io)?;
+        }
+        let appending = appending.elapsed();
+        Ok((
+            Written {
+                outcomes,
+                report,
+                direct,
+                appending,
+                redb_durable,
+            },
+            txn,
+        ))
+    }
+
+    /// The `meta` table in a read transaction, for the gapless check of journaled
+    /// batches in a commit that opens no write transaction.
+    fn meta_reader(
+        &self,
+    ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, redb::StorageError> {
+        let db = self.db.as_ref().ok_or_else(|| {
+            redb::StorageError::Io(std::io::Error::other("the database could not be reopened"))
+        })?;
+        let txn = db
+            .begin_read()
+            .map_err(|e| redb::StorageError::Io(std::io::Error::other(e.to_string())))?;
+        txn.open_table(tables::META)
+            .map_err(|e| redb::StorageError::Io(std::io::Error::other(e.to_string())))
     }
 
     /// Folds every pending room, in transactions bounded by the journal's policy,
@@ -1256,12 +1466,18 @@ impl Writer {
     }
 }
 
-/// What one group's transaction did: each batch's outcome, what the folds did, and how
-/// long redb's own commit (page writes and fsync) took.
+/// What one group's write did: each batch's outcome, what the folds did, and how long
+/// the journal segment's write took.
 struct Written {
     outcomes: Vec<Result<(), StoreError>>,
     report: FoldReport,
-    committing: Duration,
+    /// Whether a batch was written directly (not journaled).
+    direct: bool,
+    /// How long writing (and syncing) the journal segment took.
+    appending: Duration,
+    /// Whether redb's commit was durable; None when the commit wrote only journal
+    /// segments.
+    redb_durable: Option<bool>,
 }
 
 /// What the folds of one transaction did, applied to the published pending set once
