@@ -192,6 +192,8 @@ pub struct Pending {
     bytes: usize,
     generation: u64,
     commit: CommitRows,
+    set_aside: bool,
+    aside: Vec<(u64, Vec<u8>)>,
 }
 
 /// The journal rows the current transaction writes.
@@ -207,9 +209,11 @@ struct CommitRows {
 
 impl Pending {
     /// Nothing pending; journal keys start at `next_key` (past every row on disk).
-    pub fn new(next_key: u64) -> Pending {
+    /// `set_aside`: journal rows go to segment files (see [`Pending::abandon`]).
+    pub fn new(next_key: u64, set_aside: bool) -> Pending {
         Pending {
             next_key,
+            set_aside,
             commit: CommitRows {
                 first_key: next_key,
                 ..CommitRows::default()
@@ -432,11 +436,56 @@ impl Pending {
         true
     }
 
-    /// Drops a damaged room without counting its batches folded: its journal rows stay.
+    /// Drops a damaged room. With the `journal` table its batches are not counted
+    /// folded, so their rows stay; with segment files (`set_aside`) they are encoded
+    /// into one row for a file of its own ([`Pending::take_aside`], written before any
+    /// segment is deleted) and counted folded, so a damaged room does not keep every
+    /// later segment on disk until the restart.
     pub fn abandon(&mut self, room: &str) {
-        if let Some(pending) = self.rooms.remove(room) {
-            self.bytes -= pending.bytes;
+        let Some(pending) = self.rooms.remove(room) else {
+            return;
+        };
+        self.bytes -= pending.bytes;
+        if !self.set_aside {
+            return;
         }
+        let owned = room.to_owned();
+        let row = JournalRowRef {
+            entries: vec![JournalEntryRef {
+                room: &owned,
+                epoch: pending.epoch,
+                first: pending.batches[0].rows.first,
+                events: pending.batches.iter().map(|batch| batch.rows.events).sum(),
+                expire_op_ids_through: pending
+                    .batches
+                    .iter()
+                    .map(|batch| batch.expire_op_ids_through)
+                    .max()
+                    .unwrap_or(0),
+                rows: pending
+                    .batches
+                    .iter()
+                    .flat_map(|batch| batch.rows.rows.iter())
+                    .map(|(last, row)| JournalLogRowRef { last: *last, row })
+                    .collect(),
+            }],
+        };
+        match record::encode_journal_row(&row) {
+            Ok(bytes) => {
+                self.aside.push((pending.batches[0].key, bytes));
+                self.release(pending.batches.iter().map(|batch| batch.key));
+            }
+            // Too large for one row (a room pending past 4 MiB): its rows stay in
+            // their segments, which then stay until the restart.
+            Err(error) => {
+                tracing::warn!(room, %error, "cannot set a damaged room's journaled batches aside; the journal segments holding them stay until the restart")
+            }
+        }
+    }
+
+    /// The rows of damaged rooms set aside since the last call, `(key, row)`.
+    pub fn take_aside(&mut self) -> Vec<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.aside)
     }
 
     /// Counts the batches in the journal rows `keys` (one key per batch) folded.

@@ -61,6 +61,8 @@ const PREPARE_CHUNK: usize = 512 * 1024;
 /// Length, checksum and key.
 const HEADER: usize = 16;
 const SUFFIX: &str = ".seg";
+/// The name prefix of a file holding a damaged room's rows set aside.
+const ASIDE: &str = "aside-";
 
 /// One record read back at open.
 pub struct Row {
@@ -164,13 +166,47 @@ pub fn read_all(dir: &Path) -> Result<Replayed, StoreError> {
         Err(e) => return Err(io_error("cannot list the journal directory", dir)(e)),
     }
     numbered.sort();
-    let next_segment = numbered.last().map_or(0, |(number, _)| number + 1);
-    let mut rows = Vec::new();
     let mut segments = Vec::with_capacity(numbered.len());
+    let mut rows = Vec::new();
+    // Rows of damaged rooms set aside: older than every segment's, one file each.
+    let mut aside: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with(ASIDE) && name.ends_with(SUFFIX))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    aside.sort();
+    for path in aside {
+        let bytes = fs::read(&path).map_err(io_error("cannot read the journal file", &path))?;
+        let mut at = 0;
+        while let Some((key, payload)) =
+            record_at(&bytes, at, None).map_err(|detail| StoreError::Journal {
+                path: path.clone(),
+                key: 0,
+                room: "(unknown)".to_owned(),
+                detail: format!("the record at offset {at} is damaged: {detail}"),
+            })?
+        {
+            rows.push(Row {
+                key,
+                bytes: payload.to_vec(),
+                segment: segments.len(),
+            });
+            at += HEADER + payload.len();
+        }
+        segments.push(path);
+    }
+    let next_segment = numbered.last().map_or(0, |(number, _)| number + 1);
     let mut last_key: Option<u64> = None;
     // A segment whose records ended in a cut record: only fine if nothing follows.
     let mut cut: Option<(PathBuf, usize, String)> = None;
-    for (index, (_, path)) in numbered.into_iter().enumerate() {
+    for (_, path) in numbered {
+        let index = segments.len();
         let mut bytes = Vec::new();
         File::open(&path)
             .and_then(|mut file| file.read_to_end(&mut bytes))
@@ -409,6 +445,22 @@ impl JournalFile {
             next_size(self.size),
         )?);
         Ok(())
+    }
+
+    /// Writes a damaged room's journal row `(key, row)` to a file of its own
+    /// (`aside-{key}.seg`), durably, so the segments it came from can go: it is read
+    /// (first) at every open and kept until its room is restored.
+    pub fn set_aside(&mut self, key: u64, row: &[u8]) -> io::Result<()> {
+        let path = self.dir.join(format!("{ASIDE}{key:020}{SUFFIX}"));
+        let mut bytes = Vec::with_capacity(HEADER + row.len());
+        bytes.extend_from_slice(&(row.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&checksum(key, row).to_le_bytes());
+        bytes.extend_from_slice(&key.to_le_bytes());
+        bytes.extend_from_slice(row);
+        let mut file = File::create(&path)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        sync_dir(&self.dir)
     }
 
     /// Drops the current commit's records unwritten (its transaction failed).

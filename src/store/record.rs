@@ -806,8 +806,8 @@ pub fn write_journal_row(row: &JournalRowRef, out: &mut [u8]) -> Result<(), Reco
         })
 }
 
-/// Encodes one journal row into a buffer of its own (tests, and rows written by hand).
-#[cfg(test)]
+/// Encodes one journal row into a buffer of its own (a damaged room's rows set aside,
+/// tests).
 pub fn encode_journal_row(row: &JournalRowRef) -> Result<Vec<u8>, RecordError> {
     let mut bytes = vec![0; journal_row_len(row)?];
     write_journal_row(row, &mut bytes)?;

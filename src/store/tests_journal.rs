@@ -15,6 +15,7 @@ use super::record::{self, JournalEntryRef, JournalLogRowRef, JournalRowRef};
 use super::tables::JOURNAL;
 use super::tests::{batch, commit, event, open};
 use super::*;
+use super::{journal, tables};
 
 fn hold_folds(store: &Store) {
     store.inner.health.hold_folds.store(true, Ordering::Relaxed);
@@ -709,4 +710,85 @@ fn a_version_4_dirs_journal_table_is_replayed_at_the_open_and_left_empty() {
     let store = open(dir.path());
     assert_eq!(store.load_room("r").unwrap().unwrap().head, 5);
     store.shutdown();
+}
+
+#[test]
+fn a_damaged_rooms_pending_batches_are_set_aside_in_one_row_and_its_keys_count_folded() {
+    let stored = |_: &str| -> journal::StoredMetaResult {
+        Ok(Ok(Some(record::StoredMeta {
+            meta: RoomMeta {
+                kind: "state".to_owned(),
+                epoch: 7,
+            },
+            head: 1,
+            first_retained: 1,
+        })))
+    };
+    for set_aside in [true, false] {
+        let mut pending = journal::Pending::new(0, set_aside);
+        pending.begin_commit();
+        for (first, last) in [(2, 3), (4, 4)] {
+            let events: Vec<EventRecord> = (first..=last).map(event).collect();
+            let mut rows = tables::encode_events("bad", &events).unwrap();
+            pending
+                .journal(stored, "bad", &mut rows, 0, None)
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(pending.min_unfolded(), Some(0));
+        pending.abandon("bad");
+        assert!(!pending.contains("bad"));
+        let aside = pending.take_aside();
+        if !set_aside {
+            // The journal table keeps the rows: they stay unfolded.
+            assert!(aside.is_empty());
+            assert_eq!(pending.min_unfolded(), Some(0));
+            continue;
+        }
+        assert_eq!(
+            pending.min_unfolded(),
+            None,
+            "nothing holds the segments now"
+        );
+        assert_eq!(aside.len(), 1);
+        let entries = record::decode_journal_row(&aside[0].1).unwrap();
+        assert_eq!(entries.len(), 1);
+        let entry = &entries[0];
+        assert_eq!(
+            (entry.room, entry.epoch, entry.first, entry.events),
+            ("bad", 7, 2, 3)
+        );
+        assert_eq!(entry.rows.len(), 2);
+    }
+}
+
+#[test]
+fn rows_set_aside_are_replayed_before_the_segments_and_deleted_once_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch("r", 1, 1)).unwrap();
+    store.shutdown();
+    drop(store);
+    // A set-aside row of events 2..=3 and a segment with 4..=5 after it.
+    let journal = dir.path().join(journal_file::DIR);
+    {
+        let read = journal_file::read_all(&journal).unwrap();
+        let mut file =
+            journal_file::JournalFile::start(&journal, &read.segments, &[], read.next_segment)
+                .unwrap();
+        file.set_aside(10, &journal_row("r", 7, 2, 3)).unwrap();
+    }
+    put_journal(dir.path(), &[(11, journal_row("r", 7, 4, 5))]);
+    let read = journal_file::read_all(&journal).unwrap();
+    assert_eq!(
+        read.rows.iter().map(|row| row.key).collect::<Vec<_>>(),
+        vec![10, 11]
+    );
+    let store = open(dir.path());
+    let loaded = store.load_room("r").unwrap().unwrap();
+    assert_eq!((loaded.head, seqs(&loaded.events)), (5, (1..=5).collect()));
+    store.shutdown();
+    drop(store);
+    // Applied, so deleted with the segments it was read with.
+    assert!(journal_of(dir.path()).is_empty());
 }

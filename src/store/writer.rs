@@ -434,7 +434,7 @@ impl Writer {
         Writer {
             db: Some(opened.db),
             slot: opened.slot,
-            pending: Pending::new(opened.journal_key),
+            pending: Pending::new(opened.journal_key, opened.journal_file.is_some()),
             journal_file: opened.journal_file,
             fold_requests: Vec::new(),
             folding_all: false,
@@ -716,7 +716,14 @@ impl Writer {
         let Some(file) = self.journal_file.as_mut() else {
             return;
         };
-        if let Err(error) = file.sync().and_then(|()| file.release(min_unfolded)) {
+        // Damaged rooms' rows set aside first: their segments may go now.
+        let aside = self.pending.take_aside();
+        if let Err(error) = aside
+            .iter()
+            .try_for_each(|(key, row)| file.set_aside(*key, row))
+            .and_then(|()| file.sync())
+            .and_then(|()| file.release(min_unfolded))
+        {
             tracing::error!(db = %self.db_path.display(), %error, "cannot sync or empty the journal segment; refusing all further writes until restart");
             self.health
                 .fail(format!("cannot sync or empty the journal segment: {error}"));
