@@ -9,7 +9,7 @@
 //! ```text
 //! client ──ws──> Session actor ──op──> Room actor ──batch──> store writer thread (redb)
 //!    ^               (one per              (one per room:           │ group commit:
-//!    │                connection)           state, seq, reducers)   │ one transaction,
+//!    │                connection)           state, seq, reducers)   │ one journal append,
 //!    │                                                              │ one fsync
 //!    └── response body <── byte-bounded queue <── diff, encoded once <── commit confirmed
 //! ```
@@ -72,8 +72,9 @@
 //!   handle rooms push frames through; it knows nothing of sessions or rooms. Every close
 //!   the server starts is `Outbound::close`: the close frame, then the client's remaining
 //!   frames read and discarded until its close frame (or 2 s), then a clean TCP close.
-//! - [`store`]: redb: the writer thread (group commit to a journal folded into the
-//!   rooms' rows later, snapshots, trimming, deletion in bounded pieces), record formats,
+//! - [`store`]: redb and the journal's segment files: the writer thread (group commit
+//!   to the journal, folded into the rooms' rows in redb later, snapshots, trimming,
+//!   deletion in bounded pieces), record formats,
 //!   reads for recovery, history and time travel.
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids, `wss://`).
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,
