@@ -21,9 +21,11 @@
 //! entry and is applied by the fold. Any other batch of a pending room (one without events
 //! or with a large row; a `create`, which is then refused) folds the room first, in
 //! the same transaction, and is then written directly as before; a deletion drops the room's pending batches (the deletion removes the room in order
-//! after them either way). Trimming needs no fold: it reads and moves only the folded
-//! part of a room (events up to a stored snapshot, the head of the meta row), and a
-//! fold reads the meta row afresh, so neither undoes the other.
+//! after them either way). A trim reads and moves only the folded part of a room
+//! (events up to a stored snapshot, the head of the meta row), so the writer folds
+//! its room in the transaction of its first piece, before it plans (else a room whose
+//! events were all journaled when it asked would trim nothing until its next
+//! snapshot); a fold reads the meta row afresh, so neither undoes the other.
 //!
 //! [`Pending`] is the writer's view of what is journaled and not yet folded: per room
 //! the epoch and pending head (the gapless check of a journaled batch runs against it,

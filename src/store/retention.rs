@@ -87,6 +87,13 @@ impl Trim {
         &self.job.room
     }
 
+    /// Whether its next piece is its first, which reads the room's meta row: the room's
+    /// journaled batches must be folded before it (`writer.rs`), or it would plan
+    /// against a head that leaves out what they hold.
+    pub fn is_planning(&self) -> bool {
+        matches!(self.state, TrimState::Planning)
+    }
+
     pub fn is_done(&self) -> bool {
         matches!(self.state, TrimState::Finished(_))
     }

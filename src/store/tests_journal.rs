@@ -262,8 +262,8 @@ fn snapshots_trims_and_op_id_expiry_keep_their_order_with_pending_batches() {
     commit(&store, batch("a", 9, 9)).unwrap();
     assert!(store.inner.health.is_journaled("a"));
 
-    // A trim while 7..9 are pending: it moves only the folded part (head 6 in the
-    // rows), so events up to the snapshot at 4 go.
+    // A trim while 7..9 are pending folds them first (it plans from the folded head),
+    // so events up to the newest snapshot, at 6, go.
     let trimmed = store
         .submit_trim("a", TrimPolicy::history_events(1))
         .unwrap()
@@ -273,9 +273,10 @@ fn snapshots_trims_and_op_id_expiry_keep_their_order_with_pending_batches() {
     let TrimOutcome::Done(report) = trimmed else {
         panic!("the trim ran: {trimmed:?}");
     };
-    assert_eq!(report.first_retained, 5);
+    assert_eq!(report.first_retained, 7);
+    assert!(!store.inner.health.is_journaled("a"), "the trim folded it");
     let loaded = store.load_room("a").unwrap().unwrap();
-    assert_eq!((loaded.head, loaded.first_retained), (9, 5));
+    assert_eq!((loaded.head, loaded.first_retained), (9, 7));
     assert_eq!(loaded.snapshot.as_ref().map(|s| s.seq), Some(6));
     assert_eq!(seqs(&loaded.events), vec![7, 8, 9]);
     let ids: Vec<_> = loaded.op_ids.iter().map(|op| op.seq).collect();
@@ -285,7 +286,11 @@ fn snapshots_trims_and_op_id_expiry_keep_their_order_with_pending_batches() {
         "the trim kept the trimmed event's op id apart"
     );
     let snapshots = store.room_snapshots("a").unwrap();
-    assert_eq!(snapshots.iter().map(|s| s.seq).collect::<Vec<_>>(), [4, 6]);
+    assert_eq!(
+        snapshots.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        [6],
+        "the snapshot before the new base went with the events"
+    );
 
     // Expiry rides in the journal and is applied by the fold.
     commit(
@@ -310,9 +315,9 @@ fn snapshots_trims_and_op_id_expiry_keep_their_order_with_pending_batches() {
     assert!(!journal_of(dir.path()).is_empty());
     let store = open(dir.path());
     let loaded = store.load_room("a").unwrap().unwrap();
-    assert_eq!((loaded.head, loaded.first_retained), (11, 5));
+    assert_eq!((loaded.head, loaded.first_retained), (11, 7));
     assert_eq!(loaded.snapshot.as_ref().map(|s| s.seq), Some(11));
-    check_events(&store, "a", 5, 11);
+    check_events(&store, "a", 7, 11);
     store.shutdown();
 }
 

@@ -794,8 +794,23 @@ impl Writer {
                 &mut folds,
             );
         }
-        let folds = self.probe_folds(folds);
         let mut trim = self.trims.pop_front();
+        // A trim plans from the folded head, so its room is folded first (in this
+        // transaction, before the piece): else a room whose events were all journaled
+        // when it asked would trim nothing, and ask again only at its next snapshot.
+        if let Some(room) = trim
+            .as_ref()
+            .filter(|trim| trim.is_planning())
+            .map(Trim::room)
+        {
+            if self.pending.contains(room) && !folds.iter().any(|fold| fold.room == room) {
+                folds.push(Fold {
+                    room: room.to_owned(),
+                    at_most: None,
+                });
+            }
+        }
+        let folds = self.probe_folds(folds);
         if group.is_empty() && trim.is_none() && folds.is_empty() {
             for job in requests {
                 let _ = job.reply.send(Ok(()));
