@@ -9,7 +9,7 @@
 //! batches are all journaled (the common case) now opens no redb transaction at all;
 //! folds, snapshots, trims and direct batches still go through redb.
 //!
-//! Layout: numbered segments (`{n:020}.seg`) of 1 MiB after an open, each next one twice
+//! Layout: numbered segments (`{n:020}.seg`) of 256 KiB after an open, each next one twice
 //! as large up to [`SEGMENT_BYTES`], zero-filled before use, each a run of records `payload length: u32 LE | CRC-32 of key and payload: u32
 //! LE | key: u64 LE | payload` (the payload a journal row, `record::write_journal_row`).
 //! Keys increase from record to record and from segment to segment; a zero header ends
@@ -55,7 +55,7 @@ pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
 /// The size of the first segments after an open: each next one is twice as large, up to
 /// [`SEGMENT_BYTES`], so a quiet server (or a test) zero-fills little and a busy one
 /// rotates rarely.
-pub const FIRST_SEGMENT_BYTES: u64 = 1024 * 1024;
+pub const FIRST_SEGMENT_BYTES: u64 = 256 * 1024;
 /// How much of a segment being prepared is written (zeros) and synced at a time.
 const PREPARE_CHUNK: usize = 512 * 1024;
 /// Length, checksum and key.
@@ -565,13 +565,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join(DIR);
         let mut file = fresh(&dir);
-        // 40 commits of 100 KiB: past the first segment (1 MiB) and the second (2 MiB).
+        // 40 commits of 100 KiB: past the first segments (256 KiB, 512 KiB, ...).
         for commit_no in 0..40u64 {
             commit(&mut file, [commit_no * 2, commit_no * 2 + 1], 50 * 1024);
         }
         assert_eq!(keys(&dir), (0..80).collect::<Vec<_>>());
         assert!(file.closed.len() >= 2, "{} closed", file.closed.len());
-        assert_eq!(file.size, 4 * FIRST_SEGMENT_BYTES);
+        assert_eq!(
+            file.size,
+            16 * FIRST_SEGMENT_BYTES,
+            "each one twice the last"
+        );
 
         // Keys below 30 folded: the segments holding only those go, the rest stay.
         assert!(file.releasable(Some(30)));
