@@ -512,6 +512,16 @@ impl JournalFile {
     }
 }
 
+impl Drop for JournalFile {
+    /// Waits for the segment being prepared: a store opened again on the same dir (in
+    /// this process) must not find it half made, or prepare the same number alongside.
+    fn drop(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.join();
+        }
+    }
+}
+
 /// Writes `rows` as segment `number` of a closed data dir's journal, as a crash would
 /// have left them (tests).
 #[cfg(test)]
