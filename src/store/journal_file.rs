@@ -92,8 +92,9 @@ type Spare = JoinHandle<io::Result<(File, PathBuf)>>;
 /// The segment being written, the next one, and the closed ones the writer will delete.
 pub struct JournalFile {
     dir: PathBuf,
-    file: File,
-    path: PathBuf,
+    /// The segment being written, prepared at the first write after an open (an idle
+    /// store writes no segment at all).
+    current: Option<(File, PathBuf)>,
     /// This segment's number and size.
     number: u64,
     size: u64,
@@ -334,7 +335,7 @@ fn next_size(size: u64) -> u64 {
 impl JournalFile {
     /// Deletes the segments [`read_all`] found (`read`) except those whose index is in
     /// `keep` (they hold rows of damaged rooms: read again at every open until the room
-    /// is restored), then prepares segment `number` to write and the one after it.
+    /// is restored); the first write prepares segment `number` and the one after it.
     pub fn start(
         dir: &Path,
         read: &[PathBuf],
@@ -348,21 +349,15 @@ impl JournalFile {
                     .map_err(io_error("cannot delete the journal segment", path))?;
             }
         }
-        let size = FIRST_SEGMENT_BYTES;
-        let (file, path) = prepare(dir, number, size)
-            .map_err(io_error("cannot create a journal segment in", dir))?;
-        let spare = prepare_spare(dir, number + 1, next_size(size))
-            .map_err(io_error("cannot start preparing a journal segment in", dir))?;
         Ok(JournalFile {
             dir: dir.to_owned(),
-            file,
-            path,
+            current: None,
             number,
-            size,
+            size: FIRST_SEGMENT_BYTES,
             len: 0,
             last_key: None,
             closed: Vec::new(),
-            spare: Some(spare),
+            spare: None,
             buf: Vec::new(),
             buf_last_key: None,
             unsynced: false,
@@ -394,6 +389,14 @@ impl JournalFile {
     /// this one), and syncs them with anything written unsynced before when `sync`.
     pub fn flush(&mut self, sync: bool) -> io::Result<()> {
         if !self.buf.is_empty() {
+            if self.current.is_none() {
+                self.current = Some(prepare(&self.dir, self.number, self.size)?);
+                self.spare = Some(prepare_spare(
+                    &self.dir,
+                    self.number + 1,
+                    next_size(self.size),
+                )?);
+            }
             let records = self.buf.len() as u64;
             if self.len > 0 && self.len + records + HEADER as u64 > self.size {
                 self.rotate()?;
@@ -401,7 +404,8 @@ impl JournalFile {
             // A zero header after the records ends them, whatever an earlier use of
             // the segment left there (a commit larger than a segment grows the file).
             self.buf.extend_from_slice(&[0; HEADER]);
-            self.file.write_all_at(&self.buf, self.len)?;
+            let (file, _) = self.current.as_ref().expect("prepared above");
+            file.write_all_at(&self.buf, self.len)?;
             self.len += records;
             self.last_key = self.buf_last_key.take();
             self.unsynced = true;
@@ -425,8 +429,10 @@ impl JournalFile {
             Some(Err(_)) => return Err(io::Error::other("the journal segment helper panicked")),
             None => prepare(&self.dir, self.number + 1, next_size(self.size))?,
         };
-        let old = std::mem::replace(&mut self.path, path);
-        self.file = file;
+        let (_, old) = self
+            .current
+            .replace((file, path))
+            .expect("a segment with records is open");
         self.number += 1;
         self.size = next_size(self.size);
         self.len = 0;
@@ -472,7 +478,9 @@ impl JournalFile {
     /// Syncs what was written since the last sync.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {
-            self.file.sync_data()?;
+            if let Some((file, _)) = &self.current {
+                file.sync_data()?;
+            }
             self.unsynced = false;
         }
         Ok(())
@@ -504,7 +512,9 @@ impl JournalFile {
         if min_unfolded.is_none() && self.len > 0 {
             // Its first header zeroed: the next records start at offset 0. Unsynced: a
             // crash that keeps the old records keeps only folded ones.
-            self.file.write_all_at(&[0; HEADER], 0)?;
+            if let Some((file, _)) = &self.current {
+                file.write_all_at(&[0; HEADER], 0)?;
+            }
             self.len = 0;
             self.last_key = None;
         }
@@ -610,7 +620,7 @@ mod tests {
         let dir = tmp.path().join(DIR);
         let mut file = fresh(&dir);
         commit(&mut file, [1, 2], 100);
-        let path = file.path.clone();
+        let path = file.current.as_ref().unwrap().1.clone();
         drop(file);
         // The commit a crash interrupted: its header and half its payload.
         let mut bytes = fs::read(&path).unwrap();
@@ -661,7 +671,12 @@ mod tests {
         assert_eq!(read.next_segment, 6);
         let mut file = JournalFile::start(&dir, &read.segments, &[1], read.next_segment).unwrap();
         assert_eq!(file.number, 6);
+        assert!(
+            !segment_path(&dir, 6).exists(),
+            "nothing is prepared before the first write"
+        );
         commit(&mut file, [3], 30);
+        assert!(segment_path(&dir, 6).exists());
         assert_eq!(keys(&dir), vec![2, 3], "segment 5 kept, segment 4 deleted");
     }
 }
