@@ -690,13 +690,19 @@ fn a_journal_entry_across_the_stored_head_is_applied_from_the_head_and_a_gap_ref
     );
 }
 
-#[test]
-fn a_version_4_dirs_journal_table_is_replayed_at_the_open_and_left_empty() {
+/// A closed data dir holding room "r" (stored epoch 7) with its creation, event 1.
+fn closed_dir_with_room_r() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     commit(&store, batch("r", 1, 1)).unwrap();
     store.shutdown();
     drop(store);
+    dir
+}
+
+#[test]
+fn a_version_4_dirs_journal_table_is_replayed_at_the_open_and_left_empty() {
+    let dir = closed_dir_with_room_r();
     // What a version 4 build's crash left: events 2..=4 acked in its journal table.
     put_journal_table(dir.path(), &[(0, journal_row("r", 7, 2, 4))]);
     std::fs::write(dir.path().join("FORMAT"), "4\n").unwrap();
@@ -769,11 +775,7 @@ fn a_damaged_rooms_pending_batches_are_set_aside_in_one_row_and_its_keys_count_f
 
 #[test]
 fn rows_set_aside_are_replayed_before_the_segments_and_deleted_once_applied() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    commit(&store, batch("r", 1, 1)).unwrap();
-    store.shutdown();
-    drop(store);
+    let dir = closed_dir_with_room_r();
     // A set-aside row of events 2..=3 and a segment with 4..=5 after it.
     let journal = dir.path().join(journal_file::DIR);
     {
