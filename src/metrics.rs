@@ -41,6 +41,9 @@ pub mod names {
     pub const STORE_JOURNAL_BYTES: &str = "roomd_store_journal_bytes";
     /// Rooms folded out of the journal (one per room per fold).
     pub const STORE_FOLDS: &str = "roomd_store_folds_total";
+    /// Store commits of any kind (journal appends, folds, trims, syncs) that took
+    /// `store::writer::SLOW_COMMIT` or more; each also logs `slow store commit`.
+    pub const STORE_SLOW_COMMITS: &str = "roomd_store_slow_commits_total";
     /// Frames a room queued to its subscribers (`snapshot`s excluded: one `diff` or
     /// `presence` to 100 subscribers counts 100). The dashboard's deliveries/s.
     pub const DELIVERIES: &str = "roomd_deliveries_total";
@@ -184,6 +187,10 @@ fn describe() {
     describe_counter!(
         names::STORE_FOLDS,
         "Rooms folded out of the store's journal."
+    );
+    describe_counter!(
+        names::STORE_SLOW_COMMITS,
+        "Store commits of any kind that took 100 ms or more."
     );
     describe_histogram!(
         names::STORE_COMMIT_SECONDS,

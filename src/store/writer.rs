@@ -893,6 +893,7 @@ impl Writer {
         }
         let took = held.elapsed();
         if took >= SLOW_COMMIT {
+            metrics::counter!(names::STORE_SLOW_COMMITS).increment(1);
             tracing::warn!(
                 ms = took.as_millis() as u64,
                 redb_commit_ms = committing.as_millis() as u64,

@@ -145,5 +145,12 @@ async fn a_slow_store_commit_is_logged_with_what_it_carried() {
     assert_eq!(fields["batches"], 1, "{slow}");
     assert_eq!(fields["durable"], true, "{slow}");
     assert!(fields["redb_commit_ms"].as_u64().is_some(), "{slow}");
+    // Each line is counted in /metrics too (the creation's commit and the op's at least).
+    let logged = lines_with(&server, "slow store commit").len() as f64;
+    let counted = server.metric("roomd_store_slow_commits_total").await;
+    assert!(
+        counted >= logged.max(2.0),
+        "{counted} counted, {logged} logged"
+    );
     alice.close().await;
 }

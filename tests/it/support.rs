@@ -439,7 +439,6 @@ impl Server {
             .await
     }
 
-    /// `GET /api/rooms/{room}`, asserting 200.
     /// The value of the unlabelled metric `name` from `GET /metrics` (0 if absent).
     pub async fn metric(&self, name: &str) -> f64 {
         let response = self.get("/metrics").await;
@@ -447,6 +446,7 @@ impl Server {
         sample(&response.text, name).unwrap_or(0.0)
     }
 
+    /// `GET /api/rooms/{room}`, asserting 200.
     pub async fn room_state(&self, room: &str) -> Value {
         let response = self.get(&format!("/api/rooms/{room}")).await;
         assert_eq!(response.status, 200, "GET room {room}: {}", response.text);
