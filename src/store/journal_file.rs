@@ -657,6 +657,16 @@ mod tests {
         (0..len).map(|i| (key as usize + i) as u8 | 1).collect()
     }
 
+    /// The record of `key` with a payload of `len` bytes, only `written` of them there.
+    fn record(key: u64, len: usize, written: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(len as u32).to_le_bytes());
+        bytes.extend_from_slice(&checksum(key, &payload(key, len)).to_le_bytes());
+        bytes.extend_from_slice(&key.to_le_bytes());
+        bytes.extend_from_slice(&payload(key, len)[..written]);
+        bytes
+    }
+
     /// Writes one commit of one record per key.
     fn commit(file: &mut JournalFile, keys: impl IntoIterator<Item = u64>, len: usize) {
         for key in keys {
@@ -782,11 +792,7 @@ mod tests {
         // A commit a crash interrupted after its records reached the disk but before
         // the zero header behind them did: what follows is the first use's bytes. Where
         // an older record starts there, the segment ends cleanly (an older key) ...
-        let mut old = Vec::new();
-        old.extend_from_slice(&8u32.to_le_bytes());
-        old.extend_from_slice(&checksum(7, &payload(7, 8)).to_le_bytes());
-        old.extend_from_slice(&7u64.to_le_bytes());
-        old.extend_from_slice(&payload(7, 8));
+        let old = record(7, 8, 8);
         bytes[tail..tail + old.len()].copy_from_slice(&old);
         fs::write(&five, &bytes).unwrap();
         assert_eq!(keys(&dir), (24..70).collect::<Vec<_>>());
@@ -808,11 +814,7 @@ mod tests {
         // The commit a crash interrupted: its header and half its payload.
         let mut bytes = fs::read(&path).unwrap();
         let end = 2 * (HEADER + 100);
-        let mut cut = Vec::new();
-        cut.extend_from_slice(&100u32.to_le_bytes());
-        cut.extend_from_slice(&checksum(3, &payload(3, 100)).to_le_bytes());
-        cut.extend_from_slice(&3u64.to_le_bytes());
-        cut.extend_from_slice(&payload(3, 50));
+        let cut = record(3, 100, 50);
         bytes[end..end + cut.len()].copy_from_slice(&cut);
         fs::write(&path, &bytes).unwrap();
         assert_eq!(keys(&dir), vec![1, 2], "the cut record is left out");
