@@ -41,8 +41,10 @@ pub mod names {
     pub const STORE_JOURNAL_BYTES: &str = "roomd_store_journal_bytes";
     /// Rooms folded out of the journal (one per room per fold).
     pub const STORE_FOLDS: &str = "roomd_store_folds_total";
-    /// Store commits of any kind (journal appends, folds, trims, syncs) that took
-    /// `store::writer::SLOW_COMMIT` or more; each also logs `slow store commit`.
+    /// Store group commits (journal appends, folds, snapshots, trim pieces) and syncs
+    /// (the durable commit after unsynced ones) that took `store::writer::SLOW_COMMIT`
+    /// or more; each also logs `slow store commit`. A room deletion's pieces and a
+    /// cluster import are not counted.
     pub const STORE_SLOW_COMMITS: &str = "roomd_store_slow_commits_total";
     /// Frames a room queued to its subscribers (`snapshot`s excluded: one `diff` or
     /// `presence` to 100 subscribers counts 100). The dashboard's deliveries/s.
@@ -190,7 +192,7 @@ fn describe() {
     );
     describe_counter!(
         names::STORE_SLOW_COMMITS,
-        "Store commits of any kind that took 100 ms or more."
+        "Store group commits and syncs that took 100 ms or more."
     );
     describe_histogram!(
         names::STORE_COMMIT_SECONDS,

@@ -241,7 +241,7 @@ pub fn run(args: &BenchArgs, ingest: &IngestArgs, runtime: &Runtime) -> Result<R
             // Folds answered after their group are not in the histogram: a fold the
             // disk held up shows here (and in the server's log) only.
             r.row(
-                "store commits of any kind over 100 ms",
+                "store commits and syncs over 100 ms",
                 format!("{}", store.slow_commits),
             );
             r.field("slow_commits_any_kind", store.slow_commits);
@@ -303,8 +303,8 @@ struct StoreCounts {
     commit_count: f64,
     /// The commit-time histogram: `(upper bound in seconds, commits at or below it)`.
     commit_buckets: Vec<(f64, f64)>,
-    /// Commits of any kind that took 100 ms or more (folds answered after their group
-    /// included, which the histogram does not time).
+    /// Group commits and syncs that took 100 ms or more (folds answered after their
+    /// group included, which the histogram does not time).
     slow_commits: f64,
 }
 

@@ -10,7 +10,7 @@
 //! folds, snapshots, trims and direct batches still go through redb.
 //!
 //! Layout: numbered segments (`{n:020}.seg`) of 256 KiB after an open, each next one twice
-//! as large up to [`SEGMENT_BYTES`], zero-filled before use, each a run of records `payload length: u32 LE | CRC-32 of key and payload: u32
+//! as large up to [`SEGMENT_BYTES`], zero-filled before use (or reused, see "Recycling"), each a run of records `payload length: u32 LE | CRC-32 of key and payload: u32
 //! LE | key: u64 LE | payload` (the payload a journal row, `record::write_journal_row`).
 //! Keys increase from record to record and from segment to segment; a zero header ends
 //! a segment's records.

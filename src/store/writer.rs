@@ -1377,9 +1377,19 @@ impl Writer {
         if self.health.failure().is_some() {
             return;
         }
+        let started = Instant::now();
         let result = guard::catch(|| self.begin(true).and_then(|txn| Ok(txn.commit()?)))
             .map_err(WriteError::Panicked)
             .and_then(|result| result.map_err(WriteError::Redb));
+        let took = started.elapsed();
+        if took >= SLOW_COMMIT {
+            metrics::counter!(names::STORE_SLOW_COMMITS).increment(1);
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                sync = true,
+                "slow store commit"
+            );
+        }
         match result {
             Ok(()) => self.committed(true),
             Err(e) => {
