@@ -74,7 +74,8 @@
 //!   frames read and discarded until its close frame (or 2 s), then a clean TCP close.
 //! - [`store`]: redb and the journal's segment files: the writer thread (group commit
 //!   to the journal, folded into the rooms' rows in redb later, snapshots, trimming,
-//!   deletion in bounded pieces), record formats,
+//!   deletion in bounded pieces) and its committer (a fold's redb commit beside the
+//!   next journal groups), record formats,
 //!   reads for recovery, history and time travel.
 //! - [`client`]: the Rust client SDK (reconnect, resume, re-sent op ids, `wss://`).
 //! - [`protocol`]: the wire boundary: published message types, JSON and rkyv codecs,

@@ -2,7 +2,7 @@
 # Compares two roomd builds with `roomd bench ingest`, alternated so that a machine that
 # changes speed during the comparison weighs on both alike: N rounds, A then B in odd
 # rounds and B then A in even ones. Prints each build's medians and the median of the
-# per-round ratios B/A of server CPU per op and of acked ops/s.
+# per-round ratios B/A of server CPU per op, of acked ops/s and of the ack p99.
 #
 #   benches/ingest/pairs.sh A_BIN B_BIN N [roomd bench ingest flags...]   (8 writers unless said)
 #   benches/ingest/pairs.sh /tmp/roomd-main target/release/roomd 6 --rooms 100 --window 256 --duration 4s
@@ -47,4 +47,6 @@ cpu = [r["B"][1] / r["A"][1] for r in rounds.values()]
 ops = [r["B"][0] / r["A"][0] for r in rounds.values()]
 print("B/A server CPU per op:", " ".join(f"{x:.3f}" for x in cpu), f"median {st.median(cpu):.3f}")
 print("B/A acked ops/s:      ", " ".join(f"{x:.3f}" for x in ops), f"median {st.median(ops):.3f}")
+p99 = [r["B"][3] / r["A"][3] for r in rounds.values()]
+print("B/A ack p99:          ", " ".join(f"{x:.3f}" for x in p99), f"median {st.median(p99):.3f}")
 PY

@@ -19,6 +19,7 @@
 //!
 //! Codemap: `tables.rs` owns the table layout, batch writes and room loads, `record.rs`
 //! the row bytes, `writer.rs` the thread, its jobs and the durability policy,
+//! `committer.rs` the thread that commits a transaction beside the writer's next groups,
 //! `journal.rs` the journal's pending batches, folds and replay, `journal_file.rs` its
 //! segment files,
 //! `retention.rs` the trimming and deletion pieces, `reads.rs` the HTTP reads,
@@ -31,7 +32,8 @@
 //!
 //! Architecture invariants:
 //! - Only the writer thread writes to the database, in bounded transactions (at most
-//!   [`MAX_GROUP_BATCHES`] batches plus [`MAX_PIECE_ROWS`] rows of maintenance).
+//!   [`MAX_GROUP_BATCHES`] batches plus [`MAX_PIECE_ROWS`] rows of maintenance); the
+//!   committer thread only commits one the writer filled and handed it, one at a time.
 //! - A room's head seq and its events change in the same transaction: in the journal
 //!   (an entry holds a batch's events and says where they start), then moved together
 //!   into `events` and `meta` by a fold. A batch that does not continue the room's head
@@ -54,6 +56,7 @@
 //! records, and mapping errors to wire codes.
 
 mod checksums;
+mod committer;
 mod epochs;
 mod error;
 mod format;

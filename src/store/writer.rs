@@ -12,7 +12,12 @@
 //! is answered as soon as the segment is synced, before that transaction commits; a
 //! group with a direct batch is answered after redb's commit. Under `Immediate` every
 //! redb commit of a store with segment files is durable (a fold's segment is deleted
-//! only after that).
+//! only after that), and a transaction whose batches were answered before it is
+//! committed by the committer thread (`committer.rs`): meanwhile the writer writes the
+//! next groups whose batches are all journaled, of rooms with batches pending, with no
+//! snapshot (`overlaps_commit`), and anything else (another transaction, a fold
+//! request, a trim, a deletion, a sync, shutdown) first waits for that commit's end,
+//! where its folds are published and the segments it emptied deleted.
 //!
 //! Maintenance shares the queue and the thread:
 //! - A trim job joins the writer's list of running trims (at most
@@ -64,6 +69,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::names;
 
+use super::committer::{Committed, Committer, Poll};
 use super::journal::{Fold, Pending, Sink, IDLE_FOLD, MAX_FOLD_ROOMS};
 use super::journal_file::JournalFile;
 use super::retention::{Deletion, Trim, MAX_PENDING_TRIMS};
@@ -81,6 +87,10 @@ pub const MAX_GROUP_BATCHES: usize = 1024;
 /// (`benches/README.md`). Each such commit takes this long, so they log at most ten
 /// times a second.
 pub const SLOW_COMMIT: Duration = Duration::from_millis(100);
+
+/// How long the writer waits for a handed-over commit (`committer.rs`) before it looks
+/// at the queue again: the most a job that arrives meanwhile waits to be seen.
+const IN_FLIGHT_POLL: Duration = Duration::from_micros(100);
 
 /// One unit of work in the writer queue.
 pub enum Job {
@@ -420,6 +430,32 @@ pub struct Writer {
     /// Set while every pending room is being folded (a request for all, shutdown), so
     /// the test hook that holds folds does not hold these.
     folding_all: bool,
+    /// The thread that commits a transaction whose group was answered before it
+    /// (`committer.rs`); None if it could not be started (the writer commits itself).
+    committer: Option<Committer>,
+    /// The group whose transaction the committer holds: what its end still has to do.
+    in_flight: Option<AfterCommit>,
+}
+
+/// What a group still has to do once redb's transaction has committed (or failed).
+struct AfterCommit {
+    /// When the group started waiting for its commit.
+    held: Instant,
+    /// When redb's commit started.
+    committing: Instant,
+    appending: Duration,
+    redb_durable: Option<bool>,
+    durable: bool,
+    /// Whether the batches were answered before the commit.
+    early: bool,
+    report: FoldReport,
+    requests: Vec<FoldJob>,
+    trim: Option<Trim>,
+    /// The batches not answered yet (empty when `early`), and their outcomes.
+    group: Vec<BatchJob>,
+    outcomes: Vec<Result<(), StoreError>>,
+    events: u64,
+    started: Instant,
 }
 
 impl Writer {
@@ -438,6 +474,10 @@ impl Writer {
             journal_file: opened.journal_file,
             fold_requests: Vec::new(),
             folding_all: false,
+            committer: Committer::spawn()
+                .map_err(|error| tracing::warn!(%error, "cannot start the store's committer thread; the writer commits folds itself"))
+                .ok(),
+            in_flight: None,
             cache_bytes: opened.cache_bytes,
             quiet_reopen: opened.quiet_reopen,
             db_path,
@@ -518,6 +558,9 @@ impl Writer {
                 }
             }
             self.commit_group(group);
+            if delete.is_some() || import.is_some() || fold_all.is_some() {
+                self.finish_commit();
+            }
             if let Some(job) = delete {
                 self.delete(job);
             }
@@ -533,6 +576,7 @@ impl Writer {
                 let _ = job.reply.send(outcome);
             }
         }
+        self.finish_commit();
         // Folded now, so the next start has nothing to replay (the test hook skips
         // this to leave the journal as a crash would).
         if !self.folds_held() {
@@ -541,6 +585,7 @@ impl Writer {
         for job in self.fold_requests.drain(..) {
             let _ = job.reply.send(Ok(()));
         }
+        self.finish_commit();
         // Shutdown does not wait for trims: each committed piece is a consistent state,
         // and the room asks again after the restart.
         for trim in self.trims.drain(..) {
@@ -553,6 +598,17 @@ impl Writer {
     }
 
     fn next(&mut self) -> Next {
+        // A job that comes while a handed-over commit runs may be written beside it
+        // (`overlaps_commit`); everything below waits for the commit's end first.
+        while !self.poll_commit(Duration::ZERO) {
+            match self.queue.try_recv() {
+                Ok(job) => return Next::Job(job),
+                Err(TryRecvError::Disconnected) => self.finish_commit(),
+                Err(TryRecvError::Empty) => {
+                    self.poll_commit(IN_FLIGHT_POLL);
+                }
+            }
+        }
         // Folded segments wait for a durable commit to be deleted (`journal_file.rs`).
         if self.health.failure().is_none()
             && self
@@ -751,6 +807,9 @@ impl Writer {
     /// front trim in one transaction, and answers them. Does nothing for an empty group
     /// with no fold due and no trim running.
     fn commit_group(&mut self, group: Vec<BatchJob>) {
+        if self.in_flight.is_some() && !self.overlaps_commit(&group) {
+            self.finish_commit();
+        }
         let requests = std::mem::take(&mut self.fold_requests);
         if let Some(reason) = self.health.failure() {
             for job in group {
@@ -785,7 +844,8 @@ impl Writer {
                 }
             }
         }
-        if !self.folds_held() {
+        // No new fold while one is being committed: it needs the next transaction.
+        if !self.folds_held() && self.in_flight.is_none() {
             let idle = group.is_empty();
             self.pending.due(
                 Instant::now(),
@@ -863,18 +923,118 @@ impl Writer {
             redb_durable,
         } = written;
         let early = txn.is_some() && self.journal_file.is_some() && !direct;
+        // Only a commit that answered batches runs beside the next groups; maintenance
+        // commits alone (idle folds, trim pieces, shutdown's folds) keep the thread.
+        let hand_over = early && !group.is_empty() && self.sync_interval().is_none();
         if early {
             self.health.publish(&[], &report.journaled, &self.pending);
             self.answer(&mut group, std::mem::take(&mut outcomes), events, started);
         }
-        let committing = Instant::now();
-        let committed = match txn {
-            Some(txn) => guard::catch(|| txn.commit())
-                .map_err(WriteError::Panicked)
-                .and_then(|result| result.map_err(|e| WriteError::Redb(e.into()))),
-            None => Ok(()),
+        let after = AfterCommit {
+            held,
+            committing: Instant::now(),
+            appending,
+            redb_durable,
+            durable,
+            early,
+            report,
+            requests,
+            trim,
+            group,
+            outcomes,
+            events,
+            started,
         };
+        match txn {
+            // Answered already: the commit runs beside the next journal-only groups.
+            Some(txn) if hand_over => {
+                let left = match self.committer.as_ref() {
+                    Some(committer) => committer.hand(txn),
+                    None => Some(txn),
+                };
+                match left {
+                    None => self.in_flight = Some(after),
+                    Some(txn) => {
+                        let committed = guard::catch(|| txn.commit());
+                        self.after_commit(after, committed);
+                    }
+                }
+            }
+            Some(txn) => {
+                let committed = guard::catch(|| txn.commit());
+                self.after_commit(after, committed);
+            }
+            None => self.after_commit(after, Ok(Ok(()))),
+        }
+    }
+
+    /// Waits for the transaction handed to the committer, if any, and finishes its
+    /// group (`after_commit`).
+    fn finish_commit(&mut self) {
+        if let (Some(after), Some(committer)) = (self.in_flight.take(), self.committer.as_ref()) {
+            let committed = committer.wait();
+            self.after_commit(after, committed);
+        }
+    }
+
+    /// Finishes the handed-over commit if it has ended; true when nothing is in flight
+    /// any more.
+    fn poll_commit(&mut self, wait: Duration) -> bool {
+        let (Some(_), Some(committer)) = (self.in_flight.as_ref(), self.committer.as_ref()) else {
+            return true;
+        };
+        match committer.poll_for(wait) {
+            Poll::Done(committed) => {
+                if let Some(after) = self.in_flight.take() {
+                    self.after_commit(after, committed);
+                }
+                true
+            }
+            Poll::Running => false,
+        }
+    }
+
+    /// Whether `group` may be written while a handed-over commit runs: batches that
+    /// are all journaled, of rooms with batches pending (so their gapless check reads
+    /// no meta row the commit changes), with no snapshot, fold request or trim, under
+    /// Immediate. Anything else waits for the commit first.
+    fn overlaps_commit(&self, group: &[BatchJob]) -> bool {
+        !group.is_empty()
+            && self.fold_requests.is_empty()
+            && self.trims.is_empty()
+            && self.journal_file.is_some()
+            && self.sync_interval().is_none()
+            && self.commit_delay.is_none()
+            && group.iter().all(|job| {
+                job.snapshot.is_none()
+                    && Pending::journals(job.batch.create.is_some(), &job.rows)
+                    && self.pending.contains(&job.batch.room)
+            })
+    }
+
+    /// The end of a group once redb's transaction (if any) committed or failed: the
+    /// sync policy, the slow-commit warning, what readers see, and the answers not
+    /// given before the commit.
+    fn after_commit(&mut self, after: AfterCommit, committed: Committed) {
+        let AfterCommit {
+            held,
+            committing,
+            appending,
+            redb_durable,
+            durable,
+            early,
+            report,
+            requests,
+            trim,
+            mut group,
+            outcomes,
+            events,
+            started,
+        } = after;
         let committing = committing.elapsed();
+        let committed = committed
+            .map_err(WriteError::Panicked)
+            .and_then(|result| result.map_err(|e| WriteError::Redb(e.into())));
         if let Err(e) = committed {
             self.fail_group(e.to_string(), group, requests, trim);
             return;
