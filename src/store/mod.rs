@@ -1027,6 +1027,12 @@ impl Store {
         self.inner.health.reopens()
     }
 
+    /// Groups of batches the writer wrote to the journal while the committer thread
+    /// committed an earlier group's redb transaction (`committer.rs`).
+    pub fn beside_commits(&self) -> u64 {
+        self.inner.health.beside_commits()
+    }
+
     /// Trimming and deletion pieces committed so far (each at most [`MAX_PIECE_ROWS`]
     /// row deletions).
     pub fn maintenance_pieces(&self) -> u64 {

@@ -194,6 +194,8 @@ pub struct Health {
     pieces: AtomicU64,
     /// Times the writer reopened the database.
     reopens: AtomicU64,
+    /// Groups written while the committer ran an earlier group's transaction.
+    beside_commits: AtomicU64,
     /// Trim jobs queued or running, bounded by [`MAX_PENDING_TRIMS`].
     trims: AtomicUsize,
     /// Rooms per creating user (users with none have no entry): filled from the
@@ -237,6 +239,10 @@ impl Health {
 
     pub fn reopens(&self) -> u64 {
         self.reopens.load(Ordering::Relaxed)
+    }
+
+    pub fn beside_commits(&self) -> u64 {
+        self.beside_commits.load(Ordering::Relaxed)
     }
 
     pub fn pieces(&self) -> u64 {
@@ -807,8 +813,12 @@ impl Writer {
     /// front trim in one transaction, and answers them. Does nothing for an empty group
     /// with no fold due and no trim running.
     fn commit_group(&mut self, group: Vec<BatchJob>) {
-        if self.in_flight.is_some() && !self.overlaps_commit(&group) {
-            self.finish_commit();
+        if self.in_flight.is_some() {
+            if self.overlaps_commit(&group) {
+                self.health.beside_commits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.finish_commit();
+            }
         }
         let requests = std::mem::take(&mut self.fold_requests);
         if let Some(reason) = self.health.failure() {
