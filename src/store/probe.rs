@@ -6,9 +6,11 @@
 //! fails while the damaged page is reachable (`guard.rs`): one room's damage would keep
 //! the whole server from starting. So the writer probes first: the B-tree paths to every
 //! key a batch inserts or removes (a lookup walks the same branch and leaf pages the
-//! insertion does), and for maintenance every row of the room. Splits and merges can
-//! still touch a neighbouring leaf the probe did not read; that residue is fail-stop
-//! (`writer.rs`).
+//! insertion does), and for maintenance every row of the room: before a deletion, and
+//! before a trim unless the same room was probed for one within the last minute (its
+//! pages are then in redb's cache, `TRIM_PROBE_EVERY` in `writer.rs`). Splits and
+//! merges can still touch a neighbouring leaf the probe did not read; that residue is
+//! fail-stop (`writer.rs`).
 //!
 //! Not here: what a damaged room means for its jobs (`writer.rs`), which rows exist
 //! (`tables.rs`).

@@ -1083,3 +1083,40 @@ fn a_batch_too_large_for_one_row_is_written_as_several() {
     assert_eq!(seqs(&page.events), vec![2, 3]);
     assert!(store.verify().unwrap().is_empty());
 }
+
+/// A room is probed whole (`probe::room`) before its first trim, not again before the
+/// next ones within `TRIM_PROBE_EVERY` (its pages are in redb's cache); a room deleted
+/// and made again under the same name is probed afresh.
+#[test]
+fn a_room_is_probed_whole_before_its_first_trim_not_before_every_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let probes = || {
+        store
+            .inner
+            .health
+            .trim_probes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    fill(&store, "a", 300, 10, &[100, 200, 300]);
+    let TrimOutcome::Done(first) = trim(&store, "a", 150) else {
+        panic!("the first trim ran")
+    };
+    assert_eq!(first.first_retained, 101);
+    fill_more(&store, "a", 300, 400);
+    let TrimOutcome::Done(second) = trim(&store, "a", 150) else {
+        panic!("the second trim ran")
+    };
+    assert_eq!(second.first_retained, 201);
+    assert_eq!(probes(), 1, "probed again within the period");
+    delete(&store, "a");
+    fill(&store, "a", 300, 10, &[100, 200, 300]);
+    assert!(matches!(trim(&store, "a", 150), TrimOutcome::Done(_)));
+    assert_eq!(probes(), 2, "a room made again is probed afresh");
+    store.shutdown();
+}
+
+/// Commits events `from + 1..=head` of `room` in one batch with a snapshot at `head`.
+fn fill_more(store: &Store, room: &str, from: u64, head: u64) {
+    commit(store, batch_with_snapshot(room, from + 1, head, head)).unwrap();
+}
