@@ -498,7 +498,12 @@ impl Writer {
             fold_requests: Vec::new(),
             folding_all: false,
             committer: Committer::spawn()
-                .map_err(|error| tracing::warn!(%error, "cannot start the store's committer thread; the writer commits folds itself"))
+                .map_err(|error| {
+                    tracing::warn!(
+                        %error,
+                        "cannot start the store's committer thread; the writer commits folds itself"
+                    )
+                })
                 .ok(),
             in_flight: None,
             trim_probed: HashMap::new(),
@@ -827,13 +832,12 @@ impl Writer {
             .trim_probed
             .get(&job.room)
             .is_some_and(|at| now.duration_since(*at) < TRIM_PROBE_EVERY);
-        let probed = match self.health.damage_of(&job.room) {
-            Some(detail) => Err(self.damaged(&job.room, detail)),
-            None if probed_lately => Ok(()),
-            None => {
-                self.health.trim_probes.fetch_add(1, Ordering::Relaxed);
-                self.probe_room(&job.room)
-            }
+        // A room known to be damaged is refused whatever the record says.
+        let probed = if probed_lately && self.health.damage_of(&job.room).is_none() {
+            Ok(())
+        } else {
+            self.health.trim_probes.fetch_add(1, Ordering::Relaxed);
+            self.probe_room(&job.room)
         };
         if let Err(error) = probed {
             let _ = job.reply.send(Err(error));
@@ -1000,6 +1004,10 @@ impl Writer {
         match txn {
             // Answered already: the commit runs beside the next journal-only groups.
             Some(txn) if hand_over => {
+                // One transaction in flight at most (`overlaps_commit` keeps a group
+                // that opens one from running beside another); kept true here too, so
+                // no commit's end is ever dropped.
+                self.finish_commit();
                 let left = match self.committer.as_ref() {
                     Some(committer) => committer.hand(txn),
                     None => Some(txn),
