@@ -266,23 +266,20 @@ impl Trim {
         let room = self.job.room.as_str();
         let keep_from = self.job.policy.keep_op_ids_from;
         // Rows are keyed by their last seq: those up to `base` hold only due events.
-        let lasts = first_keys(&tables.events, room, 0, base, *budget)?;
-        let mut deleted_through = lasts.last().copied();
-        for &last in &lasts {
+        let mut deleted_through = None;
+        let op_ids = &mut tables.op_ids;
+        *budget -= take_first(&mut tables.events, room, 0, base, *budget, |last, row| {
+            deleted_through = Some(last);
             // An event's op id outlives its row while the room still dedups against
             // it; ids that cannot be read are dropped with their row (verify reports
             // corrupt rows; dedup of those ops is all that is lost).
-            let Some(removed) = tables.events.remove((room, last))? else {
-                continue;
-            };
-            if last < keep_from {
-                continue;
+            if last >= keep_from {
+                if let Ok(row) = record::log_row(last, row) {
+                    keep_op_ids(op_ids, room, &row, keep_from, last)?;
+                }
             }
-            if let Ok(row) = record::log_row(last, removed.value()) {
-                keep_op_ids(&mut tables.op_ids, room, &row, keep_from, last)?;
-            }
-        }
-        *budget -= lasts.len();
+            Ok(())
+        })?;
         // Every row up to `base` is gone: the row holding `base` (if it holds more)
         // keeps its events after `base`, rewritten under the same key.
         if *budget > 0 {
@@ -340,12 +337,11 @@ impl Trim {
         }
 
         if *budget > 0 && base > 0 {
-            let seqs = first_keys(&tables.snapshots, room, 0, base - 1, *budget)?;
-            for &seq in &seqs {
-                tables.snapshots.remove((room, seq))?;
-            }
-            *budget -= seqs.len();
-            self.report.snapshots_deleted += seqs.len() as u64;
+            let n = take_first(&mut tables.snapshots, room, 0, base - 1, *budget, |_, _| {
+                Ok(())
+            })?;
+            *budget -= n;
+            self.report.snapshots_deleted += n as u64;
         }
 
         // Budget left over means both ranges ran out within this piece.
@@ -387,23 +383,37 @@ fn newest_snapshot(
         .map(|(key, _)| key.value().1))
 }
 
-/// The first at most `limit` seqs of `room` in `lo..=hi` in a `(room, seq)` table.
-fn first_keys(
-    table: &redb::Table<(&'static str, u64), &'static [u8]>,
+/// Removes the first at most `limit` rows of `room` in `lo..=hi` from a `(room, seq)`
+/// table, oldest first, handing each (seq, bytes) to `each` as it goes; returns how many.
+///
+/// One pass of a cursor takes them off, each leaf rewritten once. Reading the keys first
+/// and removing them one lookup each cost twice the CPU: the two were a third of the
+/// store writer in a steady ingest past `--history-events` (benches/README.md,
+/// "Fourteenth pass").
+fn take_first(
+    table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
     room: &str,
     lo: u64,
     hi: u64,
     limit: usize,
-) -> Result<Vec<u64>, redb::StorageError> {
-    let mut seqs = Vec::new();
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), redb::StorageError>,
+) -> Result<usize, redb::StorageError> {
     if lo > hi || limit == 0 {
-        return Ok(seqs);
+        return Ok(0);
     }
-    for entry in table.range((room, lo)..=(room, hi))?.take(limit) {
-        let (key, _) = entry?;
-        seqs.push(key.value().1);
+    let mut taken = 0;
+    // Only the rows the iterator yields are removed.
+    let mut rows = table.extract_from_if((room, lo)..=(room, hi), |_, _| true)?;
+    while taken < limit {
+        let Some(entry) = rows.next() else {
+            break;
+        };
+        let (key, row) = entry?;
+        taken += 1;
+        each(key.value().1, row.value())?;
     }
-    Ok(seqs)
+    rows.close()?;
+    Ok(taken)
 }
 
 /// What a deletion removes next.
@@ -471,11 +481,8 @@ impl Deletion {
                     Phase::Events
                 }
                 Phase::Events => {
-                    let seqs = first_keys(&tables.events, room, 0, u64::MAX, budget)?;
-                    for &seq in &seqs {
-                        tables.events.remove((room, seq))?;
-                    }
-                    budget -= seqs.len();
+                    budget -=
+                        take_first(&mut tables.events, room, 0, u64::MAX, budget, |_, _| Ok(()))?;
                     if budget > 0 {
                         Phase::Snapshots
                     } else {
@@ -483,11 +490,10 @@ impl Deletion {
                     }
                 }
                 Phase::Snapshots => {
-                    let seqs = first_keys(&tables.snapshots, room, 0, u64::MAX, budget)?;
-                    for &seq in &seqs {
-                        tables.snapshots.remove((room, seq))?;
-                    }
-                    budget -= seqs.len();
+                    budget -=
+                        take_first(&mut tables.snapshots, room, 0, u64::MAX, budget, |_, _| {
+                            Ok(())
+                        })?;
                     if budget > 0 {
                         Phase::OpIds
                     } else {
