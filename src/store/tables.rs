@@ -35,6 +35,7 @@
 //! batch that would break gapless seq is refused whole while the rest of its transaction
 //! commits; a fold ([`WriteTables::append_run`]) checks its run the same way. When and how transactions commit is `writer.rs`'s business.
 
+use std::ops::Bound;
 use std::path::Path;
 
 use redb::{
@@ -232,9 +233,27 @@ impl WriteTables<'_> {
                 found: first,
             }));
         }
+        // Every row goes after the room's stored ones, in seq order: through one cursor
+        // at the end of the room, whose inserts land a leaf at a time, not one lookup
+        // from the root each (benches/README.md, "Fourteenth pass").
+        let end = Bound::Included((room, u64::MAX));
+        let mut cursor = self.events.upper_bound_mut(end)?;
         for (row_last, row) in rows {
-            self.events.insert((room, row_last), row)?;
+            match cursor.insert_before((room, row_last), row) {
+                Ok(()) => {}
+                Err(redb::CursorError::Storage(e)) => return Err(e),
+                // A row already stored under that key (the head check above rules it
+                // out): replaced, as a plain insert would, and the run goes on after it.
+                Err(redb::CursorError::UnorderedKey) => {
+                    cursor.close()?;
+                    self.events.insert((room, row_last), row)?;
+                    cursor = self.events.upper_bound_mut(end)?;
+                }
+                // Errors of later redb versions.
+                Err(e) => return Err(redb::StorageError::Io(std::io::Error::other(e))),
+            }
         }
+        cursor.close()?;
         if expire_op_ids_through > 0 {
             self.op_ids
                 .retain_in((room, 0)..=(room, expire_op_ids_through), |_, _| false)?;

@@ -1120,3 +1120,65 @@ fn a_room_is_probed_whole_before_its_first_trim_not_before_every_one() {
 fn fill_more(store: &Store, room: &str, from: u64, head: u64) {
     commit(store, batch_with_snapshot(room, from + 1, head, head)).unwrap();
 }
+
+#[test]
+fn a_fold_puts_its_rows_after_the_room_and_replaces_a_stray_row_in_its_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit(&store, batch("a", 1, 1)).unwrap();
+    commit(&store, batch("b", 1, 1)).unwrap();
+    drop(store);
+    let row = |seq: u64, user: &str| {
+        let mut event = event(seq);
+        event.user = user.to_owned();
+        record::encode_log_row(&[event]).unwrap()
+    };
+    with_closed_db(dir.path(), |tables| {
+        // A row past the head, which no build writes: the run's cursor meets it.
+        tables
+            .events
+            .insert(("a", 3), row(3, "stray").as_slice())
+            .unwrap();
+        let epoch = tables
+            .stored_meta("a")
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .meta
+            .epoch;
+        let rows = [(2, row(2, "run")), (3, row(3, "run")), (4, row(4, "run"))];
+        tables
+            .append_run(
+                "a",
+                epoch,
+                (2, 4),
+                rows.iter().map(|(seq, row)| (*seq, row.as_slice())),
+                0,
+            )
+            .unwrap()
+            .unwrap();
+        let stored: Vec<(u64, String)> = tables
+            .events
+            .range(("a", 0)..=("a", u64::MAX))
+            .unwrap()
+            .map(|entry| {
+                let (key, value) = entry.unwrap();
+                let last = key.value().1;
+                let event = record::log_row(last, value.value())
+                    .unwrap()
+                    .event(last)
+                    .unwrap();
+                (last, event.user)
+            })
+            .collect();
+        let run = |seq: u64| (seq, "run".to_owned());
+        assert_eq!(stored[1..], [run(2), run(3), run(4)]);
+        assert_eq!(tables.stored_meta("a").unwrap().unwrap().unwrap().head, 4);
+        // The next room's rows are where they were.
+        assert!(tables.events.get(("b", 1)).unwrap().is_some());
+    });
+    let store = open(dir.path());
+    let loaded = store.load_room("a").unwrap().unwrap();
+    assert_eq!(seqs(&loaded.events), vec![1, 2, 3, 4]);
+    assert!(store.verify().unwrap().is_empty());
+}
