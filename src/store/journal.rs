@@ -284,7 +284,20 @@ impl Pending {
         expire_op_ids_through: u64,
         snapshot: Option<u64>,
     ) -> Result<Result<(), StoreError>, redb::StorageError> {
-        let (epoch, head) = match self.rooms.get(room) {
+        // One lookup of the room for the check and the update: with 10,000 rooms every
+        // batch is a room's, and the lookups of room names were a fifth of the writer.
+        let Pending {
+            rooms,
+            order,
+            unfolded,
+            next_key,
+            bytes: total_bytes,
+            generation,
+            commit,
+            ..
+        } = self;
+        let known = rooms.get_mut(room);
+        let (epoch, head) = match &known {
             Some(pending) => (pending.epoch, pending.head),
             None => match stored(room)? {
                 Ok(Some(stored)) => (stored.meta.epoch, stored.head),
@@ -320,17 +333,16 @@ impl Pending {
                 .iter()
                 .map(|(_, row)| row.len() + 16)
                 .sum::<usize>();
-        let key = self.row_key(bytes);
+        let key = row_key(commit, next_key, bytes);
         let rows = std::mem::take(rows);
-        *self.unfolded.entry(key).or_insert(0) += 1;
-        self.bytes += bytes;
-        if self
-            .commit
+        *unfolded.entry(key).or_insert(0) += 1;
+        *total_bytes += bytes;
+        if commit
             .entries
             .last()
             .is_none_or(|(k, r)| *k != key || r != room)
         {
-            self.commit.entries.push((key, room.to_owned()));
+            commit.entries.push((key, room.to_owned()));
         }
         let batch = PendingBatch {
             key,
@@ -338,17 +350,17 @@ impl Pending {
             expire_op_ids_through,
             bytes,
         };
-        match self.rooms.get_mut(room) {
+        match known {
             Some(pending) => {
                 pending.head = last;
                 pending.bytes += bytes;
                 pending.batches.push_back(batch);
             }
             None => {
-                self.generation += 1;
-                let due = Instant::now() + fold_age(self.generation);
-                self.order.insert((due, self.generation), room.to_owned());
-                self.rooms.insert(
+                *generation += 1;
+                let due = Instant::now() + fold_age(*generation);
+                order.insert((due, *generation), room.to_owned());
+                rooms.insert(
                     room.to_owned(),
                     PendingRoom {
                         epoch,
@@ -356,26 +368,12 @@ impl Pending {
                         batches: VecDeque::from([batch]),
                         bytes,
                         due,
-                        generation: self.generation,
+                        generation: *generation,
                     },
                 );
             }
         }
         Ok(Ok(()))
-    }
-
-    /// The key of the journal row a batch of `bytes` goes into in this transaction.
-    fn row_key(&mut self, bytes: usize) -> u64 {
-        if let Some((key, filled)) = self.commit.open.as_mut() {
-            if *filled + bytes <= ROW_CAP {
-                *filled += bytes;
-                return *key;
-            }
-        }
-        let key = self.next_key;
-        self.next_key += 1;
-        self.commit.open = Some((key, bytes));
-        key
     }
 
     /// Folds `room` in the current transaction: its first pending batches (all of them
@@ -662,6 +660,21 @@ impl Pending {
         };
         Ok(())
     }
+}
+
+/// The key of the journal row a batch of `bytes` goes into in the current transaction
+/// (`commit`), opening the next one (`next_key`) when the open row is full.
+fn row_key(commit: &mut CommitRows, next_key: &mut u64, bytes: usize) -> u64 {
+    if let Some((key, filled)) = commit.open.as_mut() {
+        if *filled + bytes <= ROW_CAP {
+            *filled += bytes;
+            return *key;
+        }
+    }
+    let key = *next_key;
+    *next_key += 1;
+    commit.open = Some((key, bytes));
+    key
 }
 
 /// The age at which the room that became pending `generation`-th falls due: spread

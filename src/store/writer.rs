@@ -339,13 +339,22 @@ impl Health {
         !self.journaled.lock().is_empty()
     }
 
-    /// Applies a commit's folds and journaled batches to the published set and heads.
-    fn publish(&self, folded: &[String], journaled: &[String], pending: &Pending) {
+    /// Applies a commit's journaled batches (each room with the head its batches moved
+    /// it to) and folds to the published set and heads.
+    fn publish(&self, folded: &[String], journaled: &[(String, u64)], pending: &Pending) {
         if folded.is_empty() && journaled.is_empty() {
             return;
         }
         let mut set = self.journaled.lock();
-        for room in folded.iter().chain(journaled) {
+        for (room, head) in journaled {
+            match set.get_mut(room.as_str()) {
+                Some(published) => *published = *head,
+                None => {
+                    set.insert(room.clone(), *head);
+                }
+            }
+        }
+        for room in folded {
             match (pending.head(room), set.get_mut(room)) {
                 (Some(head), Some(published)) => *published = head,
                 (Some(head), None) => {
@@ -983,6 +992,8 @@ impl Writer {
         // commits alone (idle folds, trim pieces, shutdown's folds) keep the thread.
         let hand_over = early && !group.is_empty() && self.sync_interval().is_none();
         if early {
+            // Published once: beside this commit later groups may move the same rooms'
+            // heads further, which its end must not set back.
             self.health.publish(&[], &report.journaled, &self.pending);
             self.answer(&mut group, std::mem::take(&mut outcomes), events, started);
         }
@@ -1131,9 +1142,11 @@ impl Writer {
         for (room, detail) in &report.damaged {
             self.note_damage(room, detail);
         }
-        // Before any answer, so a read issued after an ack finds its room.
+        // Before any answer, so a read issued after an ack finds its room; a group
+        // answered early published its journaled rooms then.
+        let journaled: &[(String, u64)] = if early { &[] } else { &report.journaled };
         self.health
-            .publish(&report.folded, &report.journaled, &self.pending);
+            .publish(&report.folded, journaled, &self.pending);
         if !report.folded.is_empty() {
             metrics::counter!(names::STORE_FOLDS).increment(report.folded.len() as u64);
         }
@@ -1281,6 +1294,8 @@ impl Writer {
                     .as_ref()
                     .map(|(seq, row)| (*seq, row.as_slice()));
                 if Pending::journals(job.batch.create.is_some(), &job.rows) {
+                    // The room's head once this batch is journaled (it has events).
+                    let last = job.rows.first + job.rows.events - 1;
                     let outcome = match tables.as_mut() {
                         Some(tables) => {
                             let outcome = pending.journal(
@@ -1309,8 +1324,11 @@ impl Writer {
                             None,
                         )?,
                     };
-                    if outcome.is_ok() && report.journaled.last().is_none_or(|last| last != room) {
-                        report.journaled.push(room.to_owned());
+                    if outcome.is_ok() {
+                        match report.journaled.last_mut() {
+                            Some((last_room, head)) if last_room == room => *head = last,
+                            _ => report.journaled.push((room.to_owned(), last)),
+                        }
                     }
                     outcomes.push(outcome);
                     continue;
@@ -1741,8 +1759,9 @@ struct FoldReport {
     /// Rooms folded (whole or in part), or found damaged while folding: unpublished
     /// unless still or again pending, else published with their pending head.
     folded: Vec<String>,
-    /// Rooms with batches journaled: published with their pending head.
-    journaled: Vec<String>,
+    /// Rooms with batches journaled, each with the head its batches moved it to, in
+    /// the order journaled (a room again later has a higher head): published so.
+    journaled: Vec<(String, u64)>,
     /// Rooms whose stored rows refused their fold, with why.
     damaged: Vec<(String, String)>,
 }
