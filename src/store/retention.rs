@@ -386,10 +386,10 @@ fn newest_snapshot(
 /// Removes the first at most `limit` rows of `room` in `lo..=hi` from a `(room, seq)`
 /// table, oldest first, handing each (seq, bytes) to `each` as it goes; returns how many.
 ///
-/// One pass of a cursor takes them off, each leaf rewritten once. Reading the keys first
-/// and removing them one lookup each cost twice the CPU: the two were a third of the
-/// store writer in a steady ingest past `--history-events` (benches/README.md,
-/// "Fourteenth pass").
+/// One pass of a cursor takes them off, each leaf rewritten once. Read first and then
+/// removed one by one, each from the B-tree's root, trims took a third of the store
+/// writer in a steady ingest past `--history-events`, and a quarter this way
+/// (benches/README.md, "Fourteenth pass").
 fn take_first(
     table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
     room: &str,
